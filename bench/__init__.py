@@ -1,0 +1,1 @@
+"""Benchmarks: offline throughput, serving load, kernel micro-benchmarks."""

@@ -1,0 +1,1 @@
+"""Model implementations driven by the engine."""

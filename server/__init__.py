@@ -1,0 +1,1 @@
+"""Entry points: the `diffgentor` CLI, the OpenAI-compatible server, batch jobs."""
