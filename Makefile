@@ -1,0 +1,39 @@
+# The two commands the README promises: `make demo` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.diffgentor-installed
+GOLDEN ?= ../shared/golden
+DEMO_DIR ?= demo_out
+
+.PHONY: install test lint pytest verify-golden demo clean
+
+$(STAMP): pyproject.toml constraints-cpu.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints-cpu.txt -e '.[dev]'
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+pytest: $(STAMP)
+	$(VENV)/bin/pytest -q
+
+# Every golden set under $(GOLDEN) must verify; skipped (loudly) only when ../shared is absent.
+verify-golden: $(STAMP)
+	@if [ -d "$(GOLDEN)" ]; then \
+	  set -e; for d in $(GOLDEN)/*/; do \
+	    if [ -f "$$d/manifest.json" ]; then echo "== verify-golden $$d"; $(VENV)/bin/diffgentor verify-golden "$$d"; fi; \
+	  done; \
+	else echo "SKIP verify-golden: $(GOLDEN) not found (../shared is absent)"; fi
+
+test: lint pytest verify-golden
+
+demo: $(STAMP)
+	$(VENV)/bin/diffgentor demo --out $(DEMO_DIR)
+
+clean:
+	rm -rf build dist *.egg-info $(DEMO_DIR)

@@ -1,0 +1,78 @@
+"""Paged KV-cache storage: one [num_blocks, 2, block_size, n_kv_heads, head_dim] tensor per layer.
+
+The NHD page layout is the one FlashInfer's paged wrappers read directly (index 0 = K, 1 = V), so a later
+GPU backend can use these tensors without copies. This class is storage only: which request owns which block
+is the block manager's business (a later engine issue); here a "slot" is simply page * block_size + offset.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+
+class PagedKVCache:
+    """Per-layer paged K/V pages with slot-addressed writes and per-sequence gathers."""
+
+    def __init__(
+        self,
+        num_layers: int,
+        num_blocks: int,
+        block_size: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        if min(num_layers, num_blocks, block_size, num_kv_heads, head_dim) <= 0:
+            raise ValueError("PagedKVCache dimensions must all be positive")
+        self.num_layers = num_layers
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.dtype = dtype
+        self.device = torch.device(device)
+        shape = (num_blocks, 2, block_size, num_kv_heads, head_dim)
+        self.kv: list[Tensor] = [
+            torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(num_layers)
+        ]
+
+    @property
+    def num_slots(self) -> int:
+        return self.num_blocks * self.block_size
+
+    def layer(self, layer: int) -> Tensor:
+        """The raw page tensor of one layer ([num_blocks, 2, block_size, n_kv, D], NHD)."""
+        return self.kv[layer]
+
+    def write(self, layer: int, slot_mapping: Tensor, k: Tensor, v: Tensor) -> None:
+        """Store k, v [N, n_kv, D] at flat slots [N]; slot -1 means "do not store this token"."""
+        if k.shape != v.shape or k.shape[0] != slot_mapping.shape[0]:
+            raise ValueError(
+                f"write: k {tuple(k.shape)}, v {tuple(v.shape)}, slots {tuple(slot_mapping.shape)}"
+            )
+        keep = slot_mapping >= 0
+        slots = slot_mapping[keep].long()
+        if slots.numel() == 0:
+            return
+        if int(slots.max()) >= self.num_slots:
+            raise IndexError(f"slot {int(slots.max())} out of range for {self.num_slots} slots")
+        pages = slots // self.block_size
+        offsets = slots % self.block_size
+        cache = self.kv[layer]
+        cache[pages, 0, offsets] = k[keep].to(cache.dtype)
+        cache[pages, 1, offsets] = v[keep].to(cache.dtype)
+
+    def gather(self, layer: int, block_table_row: Tensor, kv_len: int) -> tuple[Tensor, Tensor]:
+        """Contiguous k, v [kv_len, n_kv, D] of one sequence from its page list (-1 padded)."""
+        n_pages = math.ceil(kv_len / self.block_size)
+        pages = block_table_row[:n_pages].long()
+        if pages.numel() < n_pages or bool((pages < 0).any()):
+            raise IndexError(f"block table covers fewer than the {n_pages} pages needed for kv_len {kv_len}")
+        sel = self.kv[layer].index_select(0, pages)  # [n_pages, 2, block_size, n_kv, D]
+        k = sel[:, 0].reshape(-1, self.num_kv_heads, self.head_dim)[:kv_len]
+        v = sel[:, 1].reshape(-1, self.num_kv_heads, self.head_dim)[:kv_len]
+        return k, v

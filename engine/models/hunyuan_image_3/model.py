@@ -1,0 +1,169 @@
+"""The whole HunyuanImage-3.0 model: backbone, text head, image I/O modules, ViT and VAE.
+
+`HunyuanImage3ForCausalMM` only composes the parts under the official attribute names (so its
+`state_dict()` names are the checkpoint keys) and offers the per-phase entry points the engine calls:
+token embeddings, condition-image tokens (VAE latents through `patch_embed` at t=0, SigLIP2 features
+through the aligner), generated-image tokens for a timestep, the flat-batch backbone forward, text logits
+(`ln_f` + `lm_head`, fp32) and the diffusion velocity (`final_layer` on the pre-`ln_f` hidden states).
+Where embeddings are placed in a sequence is the caller's business (prompt spans), which keeps this class
+free of any batching layout.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from diffgentor.engine.kv_cache import PagedKVCache
+from diffgentor.kernels.attention import AttentionMetadata
+
+from .backbone import HunyuanImage3Backbone, keep_fp32_param
+from .config import HunyuanImage3Config
+from .image_embed import TimestepEmbedder, UNetDown, UNetUp
+from .vae import AutoencoderKLConv3D, DiagonalGaussian
+from .vision import VisionAligner, build_vision_tower, run_vision_tower
+from .weights import hunyuan_key_transforms, load_state_into
+
+
+def keep_fp32_for_model(name: str) -> bool:
+    """Routers (official fp32 module) and the VAE (official config says fp32; it runs under fp16 autocast)."""
+    return keep_fp32_param(name) or name.startswith("vae.")
+
+
+class HunyuanImage3ForCausalMM(nn.Module):
+    def __init__(self, config: HunyuanImage3Config, attn_backend: str = "torch") -> None:
+        super().__init__()
+        self.config = config
+        hidden = config.hidden_size
+        self.model = HunyuanImage3Backbone(config, attn_backend=attn_backend)
+        self.lm_head = nn.Linear(hidden, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.wte.weight
+        self.vae = AutoencoderKLConv3D(config.vae)
+        if config.has_vision:
+            self.vision_model = build_vision_tower(config.vit)
+            self.vision_aligner = VisionAligner(config.vit_aligner)
+        self.patch_embed = UNetDown.from_config(config)
+        self.final_layer = UNetUp.from_config(config)
+        self.timestep_emb = TimestepEmbedder(hidden)
+        self.time_embed = TimestepEmbedder(hidden)
+        self.time_embed_2 = TimestepEmbedder(hidden)
+        if config.cfg_distilled:
+            self.guidance_emb = TimestepEmbedder(hidden)
+        if config.use_meanflow:
+            self.timestep_r_emb = TimestepEmbedder(hidden)
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_pretrained(
+        cls,
+        ckpt_dir: str | Path,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+        attn_backend: str = "torch",
+    ) -> HunyuanImage3ForCausalMM:
+        """Build from `config.json` and load every tensor strictly (any folder name, dots included)."""
+        config = HunyuanImage3Config.from_pretrained(ckpt_dir)
+        with torch.device("meta"):  # no memory until the loader assigns the checkpoint's tensors
+            model = cls(config, attn_backend=attn_backend)
+        load_state_into(
+            model,
+            ckpt_dir,
+            dtype=dtype,
+            device=device,
+            keep_fp32=keep_fp32_for_model,
+            key_transforms=hunyuan_key_transforms(config),
+        )
+        return model.eval()
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.wte.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.wte.weight.device
+
+    def make_kv_cache(self, num_blocks: int, block_size: int) -> PagedKVCache:
+        return self.model.make_kv_cache(num_blocks, block_size, device=self.device)
+
+    # ------------------------------------------------------------------ embeddings
+    def embed_tokens(self, input_ids: Tensor) -> Tensor:
+        return self.model.embed_tokens(input_ids)
+
+    def timestep_tokens(self, t: Tensor) -> Tensor:
+        """`<timestep>` slot embeddings for noise levels t (=1000*sigma; 0 for condition images)."""
+        return self.timestep_emb(t).to(self.dtype)
+
+    def guidance_tokens(self, g: Tensor) -> Tensor:
+        return self.guidance_emb(g).to(self.dtype)
+
+    def timestep_r_tokens(self, r: Tensor) -> Tensor:
+        return self.timestep_r_emb(r).to(self.dtype)
+
+    def image_tokens(self, latents: Tensor, t: Tensor) -> Tensor:
+        """Latents [B, C, h, w] at noise level t [B] -> `<img>` slot embeddings [B, h*w, H]."""
+        t_emb = self.time_embed(t)
+        return self.patch_embed(latents.to(self.dtype), t_emb).to(self.dtype)
+
+    def encode_condition_vae(self, pixels: Tensor) -> DiagonalGaussian:
+        """VAE pixels [B, 3, H, W] in [-1, 1] -> the posterior (unscaled), fp16 autocast on CUDA."""
+        autocast = getattr(torch, self.config.vae_autocast_dtype, torch.float16)
+        return self.vae.encode(pixels.to(self.vae_dtype), autocast_dtype=autocast)
+
+    def scale_latents(self, sample: Tensor) -> Tensor:
+        """Posterior sample -> the model's latent space (shift then scale, as officially)."""
+        shift = self.config.vae_shift_factor
+        if shift:
+            sample = sample - shift
+        return sample * self.config.vae_scaling_factor
+
+    def condition_vit_tokens(
+        self, pixel_values: Tensor, pixel_attention_mask: Tensor, spatial_shapes: Tensor
+    ) -> Tensor:
+        """SigLIP2 NaFlex patches [B, P, 3*p*p] -> aligned `<img>` embeddings [B, P, H] (padding kept)."""
+        feats = run_vision_tower(
+            self.vision_model,
+            pixel_values.to(self.vision_dtype),
+            pixel_attention_mask,
+            spatial_shapes,
+        )
+        return self.vision_aligner(feats).to(self.dtype)
+
+    @property
+    def vae_dtype(self) -> torch.dtype:
+        return self.vae.decoder.conv_in.weight.dtype
+
+    @property
+    def vision_dtype(self) -> torch.dtype:
+        return next(self.vision_model.parameters()).dtype
+
+    # ------------------------------------------------------------------ backbone and heads
+    def forward(
+        self,
+        hidden_states: Tensor,
+        positions: Tensor,
+        attn_metadata: AttentionMetadata,
+        kv_cache: PagedKVCache,
+    ) -> Tensor:
+        """Flat batch of assembled embeddings [N, H] -> last hidden states [N, H] (no ln_f)."""
+        return self.model(hidden_states, positions, attn_metadata, kv_cache)
+
+    def logits(self, hidden_states: Tensor) -> Tensor:
+        """Text logits (fp32) for hidden states [n, H]."""
+        return self.lm_head(self.model.final_norm(hidden_states)).float()
+
+    def velocity(self, image_hidden: Tensor, grid_hw: tuple[int, int], t: Tensor) -> Tensor:
+        """Image-token hidden states [B, h*w, H] at noise level t [B] -> velocity [B, C, h, w] (fp32)."""
+        t_emb = self.time_embed_2(t)
+        return self.final_layer(image_hidden, grid_hw, t_emb).float()
+
+    def decode_latents(self, latents: Tensor) -> Tensor:
+        """Model-space latents [B, C, h, w] -> the last decoded frame [B, 3, H, W] in [-1, 1] (fp32)."""
+        z = latents / self.config.vae_scaling_factor
+        shift = self.config.vae_shift_factor
+        if shift:
+            z = z + shift
+        return self.vae.decode_image(z.to(self.vae_dtype), autocast_dtype=torch.float16).float()

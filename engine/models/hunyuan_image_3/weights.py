@@ -1,0 +1,347 @@
+"""Strict loader for official HunyuanImage-3.0 safetensors checkpoints (sharded with an index, or one file).
+
+Loading 160 GB and finding a problem halfway leaves a half-initialised model, so the loader has two phases:
+1. validate everything from the shard headers alone (no tensor data read): every shard present and intact
+   (header parses, offsets consistent, file exactly covered, i.e. not truncated), every index key present in
+   its shard, checkpoint keys == module keys, shapes equal. All problems go into ONE `CheckpointError`;
+2. read every tensor (memory-mapped via `safe_open`) into fresh tensors of the target dtype/device, apply
+   the key transforms (our fused-QKV row order), and only then assign them all into the module at once.
+Module keys are `module.state_dict()` names, so the same function loads the backbone alone, a test harness or
+the whole top-level model. Nothing is ever imported from the checkpoint folder, so any folder name works.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from safetensors import safe_open
+from torch import Tensor, nn
+
+from .backbone import keep_fp32_param
+from .config import HunyuanImage3Config
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+
+_DTYPE_BYTES = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+    "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8,
+}
+_FLOAT_DTYPES = {"F8_E5M2", "F8_E4M3", "F16", "BF16", "F32", "F64"}
+_MAX_HEADER_BYTES = 100_000_000  # the safetensors format's own limit
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that does not fit the module; lists every problem found, not just the first."""
+
+    def __init__(
+        self,
+        where: str,
+        missing: Sequence[str] = (),
+        unexpected: Sequence[str] = (),
+        mismatched: Sequence[tuple[str, tuple[int, ...], tuple[int, ...]]] = (),
+        bad_shards: Sequence[str] = (),
+        other: Sequence[str] = (),
+    ) -> None:
+        self.missing = list(missing)
+        self.unexpected = list(unexpected)
+        self.mismatched = list(mismatched)
+        self.bad_shards = list(bad_shards)
+        self.other = list(other)
+        lines = [f"checkpoint {where} cannot be loaded:"]
+        if self.bad_shards:
+            lines.append(f"  bad shard files ({len(self.bad_shards)}):")
+            lines += [f"    {s}" for s in self.bad_shards]
+        if self.missing:
+            lines.append(f"  missing keys ({len(self.missing)}): " + ", ".join(self.missing))
+        if self.unexpected:
+            lines.append(f"  unexpected keys ({len(self.unexpected)}): " + ", ".join(self.unexpected))
+        if self.mismatched:
+            lines.append(f"  mis-shaped tensors ({len(self.mismatched)}):")
+            lines += [f"    {n}: expected {list(e)}, found {list(f)}" for n, e, f in self.mismatched]
+        if self.other:
+            lines += [f"  {o}" for o in self.other]
+        super().__init__("\n".join(lines))
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """What a shard header says about one tensor."""
+
+    shard: str
+    dtype: str
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class KeyTransform:
+    """A tensor rewrite applied at load to every key ending in `suffix` (must keep the shape)."""
+
+    suffix: str
+    fn: Callable[[Tensor], Tensor]
+
+
+class _HeadLayout(Protocol):
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+
+
+# ---------------------------------------------------------------------------------------------- QKV layout
+def qkv_official_to_ours(w: Tensor, cfg: _HeadLayout) -> Tensor:
+    """Official rows (per KV group g: its q heads, then k_g, then v_g) -> ours [all q; all k; all v].
+
+    Works for the weight [rows, in] and a bias [rows].
+    """
+    n_kv, d = cfg.num_key_value_heads, cfg.head_dim
+    q_per_kv = cfg.num_attention_heads // n_kv
+    rest = tuple(w.shape[1:])
+    g = w.reshape(n_kv, q_per_kv + 2, d, *rest)
+    q = g[:, :q_per_kv].reshape(n_kv * q_per_kv * d, *rest)
+    k = g[:, q_per_kv].reshape(n_kv * d, *rest)
+    v = g[:, q_per_kv + 1].reshape(n_kv * d, *rest)
+    return torch.cat([q, k, v], dim=0)
+
+
+def qkv_ours_to_official(w: Tensor, cfg: _HeadLayout) -> Tensor:
+    """Inverse of `qkv_official_to_ours` (used to write checkpoints in the official layout)."""
+    n_kv, d = cfg.num_key_value_heads, cfg.head_dim
+    q_per_kv = cfg.num_attention_heads // n_kv
+    rest = tuple(w.shape[1:])
+    nq_rows = n_kv * q_per_kv * d
+    q = w[:nq_rows].reshape(n_kv, q_per_kv, d, *rest)
+    k = w[nq_rows : nq_rows + n_kv * d].reshape(n_kv, 1, d, *rest)
+    v = w[nq_rows + n_kv * d :].reshape(n_kv, 1, d, *rest)
+    return torch.cat([q, k, v], dim=1).reshape(w.shape)
+
+
+def hunyuan_key_transforms(cfg: HunyuanImage3Config) -> list[KeyTransform]:
+    """The load-time rewrites of the official checkpoint: the fused-QKV row order (weight and bias)."""
+    fn = lambda w: qkv_official_to_ours(w, cfg)
+    return [KeyTransform("self_attn.qkv_proj.weight", fn), KeyTransform("self_attn.qkv_proj.bias", fn)]
+
+
+# ------------------------------------------------------------------------------------------ checkpoint scan
+def read_checkpoint_index(ckpt_dir: str | Path) -> dict[str, str]:
+    """Checkpoint key -> shard file name, from the index's weight_map or the single file's header."""
+    root = Path(ckpt_dir)
+    index = root / INDEX_FILE
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(str(root), other=[f"{INDEX_FILE} is not a valid index: {e!r}"]) from None
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(str(root), other=[f"{INDEX_FILE}: weight_map is not an object"])
+        return {str(k): str(v) for k, v in weight_map.items()}
+    single = root / SINGLE_FILE
+    if single.is_file():
+        try:
+            header = read_shard_header(single)
+        except ValueError as e:
+            raise CheckpointError(str(root), bad_shards=[f"{SINGLE_FILE}: {e}"]) from None
+        return {k: SINGLE_FILE for k in header}
+    raise CheckpointError(str(root), other=[f"neither {INDEX_FILE} nor {SINGLE_FILE} found"])
+
+
+def read_shard_header(path: Path) -> dict[str, TensorInfo]:
+    """Parse and check one safetensors header without reading data; ValueError says what is wrong."""
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        prefix = f.read(8)
+        if len(prefix) < 8:
+            raise ValueError(f"truncated: {size} bytes, no header")
+        n = int.from_bytes(prefix, "little")
+        if n > _MAX_HEADER_BYTES:
+            raise ValueError(f"corrupt: header length {n} exceeds the format's limit")
+        if n > size - 8:
+            raise ValueError(f"truncated: header claims {n} bytes but the file has {size}")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"corrupt header: {e}") from None
+    if not isinstance(header, dict):
+        raise ValueError("corrupt header: not a JSON object")
+    data_len = size - 8 - n
+    out: dict[str, TensorInfo] = {}
+    end_max = 0
+    for key, meta in header.items():
+        if key == "__metadata__":
+            continue
+        try:
+            dtype, shape = meta["dtype"], tuple(int(s) for s in meta["shape"])
+            begin, end = (int(o) for o in meta["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(f"corrupt header entry for {key!r}") from None
+        if dtype not in _DTYPE_BYTES:
+            raise ValueError(f"unknown dtype {dtype!r} for {key!r}")
+        if end - begin != math.prod(shape) * _DTYPE_BYTES[dtype] or begin < 0:
+            raise ValueError(f"corrupt header: offsets of {key!r} do not match its shape/dtype")
+        if end > data_len:
+            raise ValueError(f"truncated: {key!r} ends at byte {end} of a {data_len}-byte data section")
+        end_max = max(end_max, end)
+        out[key] = TensorInfo(path.name, dtype, shape)
+    if end_max != data_len:
+        raise ValueError(f"corrupt: data section is {data_len} bytes but tensors cover {end_max}")
+    return out
+
+
+def scan_checkpoint(ckpt_dir: str | Path) -> tuple[dict[str, str], dict[str, TensorInfo], list[str]]:
+    """Headers of all shards named by the index: (weight map, readable key -> info, bad-shard messages).
+
+    Keys of a bad shard are absent from the result (the shard message covers them); a key the index puts in a
+    shard that lacks it is reported as a bad-shard message too.
+    """
+    root = Path(ckpt_dir)
+    weight_map = read_checkpoint_index(root)
+    by_shard: dict[str, list[str]] = {}
+    for key, shard in weight_map.items():
+        by_shard.setdefault(shard, []).append(key)
+    infos: dict[str, TensorInfo] = {}
+    problems: list[str] = []
+    for shard, keys in sorted(by_shard.items()):
+        path = root / shard
+        if not path.is_file():
+            problems.append(f"{shard}: missing ({len(keys)} tensors listed in the index)")
+            continue
+        try:
+            header = read_shard_header(path)
+        except (ValueError, OSError) as e:
+            problems.append(f"{shard}: {e}")
+            continue
+        absent = [k for k in keys if k not in header]
+        if absent:
+            problems.append(f"{shard}: lacks keys the index assigns to it: {', '.join(sorted(absent))}")
+        for k in keys:
+            if k in header:
+                infos[k] = header[k]
+    return weight_map, infos, problems
+
+
+# ---------------------------------------------------------------------------------------------- loading
+def _selected(name: str, prefixes: Sequence[str] | None) -> bool:
+    return prefixes is None or any(name.startswith(p) for p in prefixes)
+
+
+def load_state_into(
+    module: nn.Module,
+    ckpt_dir: str | Path,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+    keep_fp32: Callable[[str], bool] = keep_fp32_param,
+    key_transforms: Sequence[KeyTransform] = (),
+    select_prefixes: Sequence[str] | None = None,
+) -> list[str]:
+    """Load every `module.state_dict()` entry from the checkpoint, strictly; returns the loaded key names.
+
+    dtype: floating tensors are cast to it (None: keep each module tensor's dtype), except names where
+    `keep_fp32(name)` holds, which load as fp32. device: None keeps each module tensor's device (meta -> cpu).
+    select_prefixes: when given, only checkpoint keys starting with one of them are considered (others are
+    ignored, e.g. the VAE when loading a text-only harness); module keys are never filtered.
+    Raises CheckpointError (module untouched) listing all missing / unexpected / mis-shaped keys and bad
+    shards.
+    """
+    where = str(ckpt_dir)
+    expected = module.state_dict()
+    weight_map, infos, bad_shards = scan_checkpoint(ckpt_dir)
+    ckpt_keys = {k for k in weight_map if _selected(k, select_prefixes)}
+
+    missing = sorted(k for k in expected if k not in ckpt_keys)
+    unexpected = sorted(k for k in ckpt_keys if k not in expected)
+    mismatched: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = []
+    other: list[str] = []
+    for name in sorted(ckpt_keys & expected.keys()):
+        info = infos.get(name)
+        if info is None:  # in a bad shard: already reported
+            continue
+        want = tuple(expected[name].shape)
+        if info.shape != want:
+            mismatched.append((name, want, info.shape))
+        if (info.dtype in _FLOAT_DTYPES) != expected[name].is_floating_point():
+            other.append(f"dtype of {name}: checkpoint {info.dtype}, module {expected[name].dtype}")
+    if missing or unexpected or mismatched or bad_shards or other:
+        raise CheckpointError(where, missing, unexpected, mismatched, bad_shards, other)
+
+    # phase 2: read into fresh tensors; the module is only touched after every read succeeded
+    by_shard: dict[str, list[str]] = {}
+    for name in expected:
+        by_shard.setdefault(infos[name].shard, []).append(name)
+    fresh: dict[str, Tensor] = {}
+    for shard, names in sorted(by_shard.items()):
+        try:
+            with safe_open(str(Path(ckpt_dir) / shard), framework="pt", device="cpu") as f:
+                for name in names:
+                    fresh[name] = _prepare(name, f.get_tensor(name), expected[name], dtype, device, keep_fp32,
+                                           key_transforms)
+        except CheckpointError:
+            raise
+        except Exception as e:  # safetensors raises its own error types for damaged data
+            raise CheckpointError(where, bad_shards=[f"{shard}: unreadable: {e}"]) from e
+    module.load_state_dict(fresh, strict=True, assign=True)
+    return sorted(fresh)
+
+
+def _prepare(
+    name: str,
+    t: Tensor,
+    current: Tensor,
+    dtype: torch.dtype | None,
+    device: torch.device | str | None,
+    keep_fp32: Callable[[str], bool],
+    key_transforms: Sequence[KeyTransform],
+) -> Tensor:
+    if current.is_floating_point():
+        target_dtype = torch.float32 if keep_fp32(name) else (dtype or current.dtype)
+    else:
+        target_dtype = current.dtype
+    if device is not None:
+        target_device: torch.device | str = device
+    else:
+        target_device = current.device if current.device.type != "meta" else "cpu"
+    for tr in key_transforms:
+        if name.endswith(tr.suffix):
+            before = t.shape
+            t = tr.fn(t)
+            if t.shape != before:
+                raise ValueError(f"key transform for {tr.suffix!r} changed the shape of {name}")
+    out = t.to(device=target_device, dtype=target_dtype)
+    if out is t:  # same dtype/device: never keep a tensor that may view the memory map
+        out = out.clone()
+    return out.contiguous()
+
+
+def cast_module_(
+    module: nn.Module, dtype: torch.dtype, keep_fp32: Callable[[str], bool] = keep_fp32_param
+) -> nn.Module:
+    """Cast floating parameters and buffers to `dtype` in place, except the `keep_fp32` names (kept fp32)."""
+    with torch.no_grad():
+        for name, t in list(module.named_parameters()) + list(module.named_buffers()):
+            if t.is_floating_point():
+                t.data = t.data.to(torch.float32 if keep_fp32(name) else dtype)
+    return module
+
+
+def load_hunyuan_image_3(
+    module: nn.Module,
+    ckpt_dir: str | Path,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+    select_prefixes: Sequence[str] | None = None,
+) -> list[str]:
+    """`load_state_into` with the HunyuanImage-3.0 rules: fp32 routers, QKV re-layout per config.json."""
+    cfg = HunyuanImage3Config.from_pretrained(ckpt_dir)
+    return load_state_into(
+        module,
+        ckpt_dir,
+        dtype=dtype,
+        device=device,
+        keep_fp32=keep_fp32_param,
+        key_transforms=hunyuan_key_transforms(cfg),
+        select_prefixes=select_prefixes,
+    )

@@ -1,0 +1,63 @@
+"""The `diffgentor` command line.
+
+Subcommands import their implementation lazily so that `diffgentor --help` stays fast and a
+subcommand's heavy dependencies load only when it runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+
+def _cmd_make_tiny(args: argparse.Namespace) -> int:
+    from diffgentor.engine.tiny_model import make_tiny
+
+    make_tiny(args.out_dir, distil=args.distil, seed=args.seed)
+    print(f"wrote tiny {'Distil ' if args.distil else ''}checkpoint to {args.out_dir}")
+    return 0
+
+
+def _cmd_verify_golden(args: argparse.Namespace) -> int:
+    from diffgentor.engine.golden import verify_golden_set
+
+    report = verify_golden_set(args.golden_dir, atol=args.atol)
+    print(report.render())
+    return 0 if report.ok else 1
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from diffgentor.server.demo import run_demo
+
+    return run_demo(args.out)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="diffgentor", description="Serve and run HunyuanImage-3.0-Instruct.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    mt = sub.add_parser("make-tiny", help="write a deterministic tiny checkpoint in the official layout")
+    mt.add_argument("out_dir")
+    mt.add_argument("--distil", action="store_true", help="turn on the Distil switches (guidance, meanflow)")
+    mt.add_argument("--seed", type=int, default=0)
+    mt.set_defaults(func=_cmd_make_tiny)
+
+    vg = sub.add_parser("verify-golden", help="recompute every tensor of a golden set and compare")
+    vg.add_argument("golden_dir")
+    vg.add_argument("--atol", type=float, default=1e-4)
+    vg.set_defaults(func=_cmd_verify_golden)
+
+    dm = sub.add_parser("demo", help="build the tiny model and edit one image with it")
+    dm.add_argument("--out", default="demo_out")
+    dm.set_defaults(func=_cmd_demo)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
