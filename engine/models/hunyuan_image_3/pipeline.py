@@ -236,10 +236,11 @@ class HunyuanImage3Pipeline:
                 put(slot.start, conds[slot.cond_index].vae_tokens)
             elif slot.kind == "cond_vit":
                 put(slot.start, conds[slot.cond_index].vit_tokens)
-        if built.cond_timestep_indexes:
-            t0 = model.timestep_tokens(torch.zeros(len(built.cond_timestep_indexes), device=dev))
-            for j, at in enumerate(built.cond_timestep_indexes):
-                put(at, t0[j : j + 1])
+        cond_ts = [at for at in built.cond_timestep_indexes if start <= at < end]
+        if cond_ts:  # clean condition images: their `<timestep>` carries t = 0
+            t0 = model.timestep_tokens(torch.zeros(1, device=dev))
+            for at in cond_ts:
+                put(at, t0)
         if gen is not None:
             latents, t, r, g = gen
             tt = torch.tensor([t], device=dev, dtype=torch.float32)
