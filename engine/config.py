@@ -1,0 +1,609 @@
+"""Engine configuration: the ONE place where CLI flags and environment variables become an `EngineConfig`.
+
+Everything the engine, the batch CLI, the server and the benchmark harness need to know about how to run is
+built here, once, into frozen objects that are passed down; nothing else reads ``os.environ`` or keeps global
+mutable configuration.
+
+* `HunyuanImage3Env` - the user's ``DG_HUNYUAN_IMAGE_3_*`` contract (see ``seed/hunyuan_image_3_backend.md``),
+  parsed with the diffgentor convention: booleans accept ``true/1/yes/on`` and ``false/0/no/off``
+  (case-insensitive), surrounding whitespace is trimmed, an unset or empty variable takes the default, and an
+  invalid value raises `EnvVarError` naming the variable, the value and the allowed values.
+* `EngineConfig` - scheduler limits, KV-cache sizing, dtype/device, tensor parallelism, kernel choices, plus the
+  env block. ``EngineConfig.from_cli_and_env(args, environ)`` builds it; flags win over env vars where both
+  exist (``--attn-impl`` / ``--moe-impl`` / ``--tensor-parallel-size`` vs the env block).
+* `add_engine_args(parser)` - the engine flags, shared by the CLI and the server.
+
+``DG_HUNYUAN_IMAGE_3_MOE_DROP_TOKENS`` is accepted and validated for compatibility but has no effect: our MoE is
+dropless (spec decision 1) and never materialises a dense dispatch tensor, so dropping would save no memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+ENV_PREFIX = "DG_HUNYUAN_IMAGE_3_"
+
+ATTN_IMPLS = ("sdpa", "flashinfer")
+MOE_IMPLS = ("eager", "flashinfer")
+SYSTEM_PROMPT_KINDS = ("None", "dynamic", "en_vanilla", "en_recaption", "en_think_recaption", "en_unified", "custom")
+BOT_TASKS = ("image", "auto", "recaption", "think_recaption")
+DTYPES = ("float32", "bfloat16", "float16", "auto")
+_DTYPE_ALIASES = {
+    "fp32": "float32",
+    "float": "float32",
+    "bf16": "bfloat16",
+    "fp16": "float16",
+    "half": "float16",
+}
+_DEVICE_RE = re.compile(r"^(cpu|cuda|cuda:\d+|auto)$")
+
+TRUE_STRINGS = ("true", "1", "yes", "on")
+FALSE_STRINGS = ("false", "0", "no", "off")
+
+GiB = 1 << 30
+DEFAULT_CPU_KV_CACHE_BYTES = 2 * GiB
+"""KV budget on CPU when neither --num-kv-blocks nor --kv-cache-memory is given."""
+
+
+class EnvVarError(ValueError):
+    """An environment variable whose value is not one of the allowed values."""
+
+    def __init__(self, name: str, value: str, allowed: str) -> None:
+        self.name = name
+        self.value = value
+        self.allowed = allowed
+        super().__init__(f"{name}={value!r} is invalid; allowed: {allowed}")
+
+
+# ---------------------------------------------------------------------------------------------------- parsing
+def parse_bool(text: str) -> bool:
+    """``true/1/yes/on`` -> True, ``false/0/no/off`` -> False (case-insensitive, trimmed); else ValueError."""
+    s = text.strip().lower()
+    if s in TRUE_STRINGS:
+        return True
+    if s in FALSE_STRINGS:
+        return False
+    raise ValueError(f"{text!r} is not a boolean; allowed: {', '.join(TRUE_STRINGS + FALSE_STRINGS)}")
+
+
+def _parse_choice(text: str, choices: tuple[str, ...]) -> str:
+    s = text.strip()
+    for c in choices:
+        if s.lower() == c.lower():
+            return c
+    raise ValueError(f"{text!r} is not one of: {', '.join(choices)}")
+
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*)\s*$")
+_SIZE_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1 << 10,
+    "kib": 1 << 10,
+    "kb": 10**3,
+    "m": 1 << 20,
+    "mib": 1 << 20,
+    "mb": 10**6,
+    "g": 1 << 30,
+    "gib": 1 << 30,
+    "gb": 10**9,
+    "t": 1 << 40,
+    "tib": 1 << 40,
+    "tb": 10**12,
+}
+
+
+def parse_size(text: str | int) -> int:
+    """A byte count: plain bytes (``1073741824``) or a number with a unit, case-insensitive.
+
+    ``KiB/MiB/GiB/TiB`` (and the bare letters ``K/M/G/T``) are powers of 1024; ``KB/MB/GB/TB`` are powers of
+    1000; ``B`` is bytes. Fractions are allowed with a unit (``1.5GiB``); the result is floored to whole bytes.
+    """
+    if isinstance(text, bool):
+        raise ValueError(f"invalid size {text!r}")
+    if isinstance(text, int):
+        if text < 0:
+            raise ValueError(f"invalid size {text!r}: must not be negative")
+        return text
+    m = _SIZE_RE.match(str(text))
+    if not m:
+        raise ValueError(f"invalid size {text!r}; expected bytes or a number with a unit like 512MiB, 2GiB, 4GB")
+    number, unit = m.group(1), m.group(2).lower()
+    if unit in ("", "b") and "." in number:
+        raise ValueError(f"invalid size {text!r}: a fractional size needs a unit such as MiB or GiB")
+    if unit not in _SIZE_UNITS:
+        raise ValueError(
+            f"invalid size {text!r}: unknown unit {m.group(2)!r}; use B, KiB, MiB, GiB, TiB, KB, MB, GB, TB"
+        )
+    return int(float(number) * _SIZE_UNITS[unit]) if "." in number else int(number) * _SIZE_UNITS[unit]
+
+
+def _size_arg(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+# ---------------------------------------------------------------------------------------------------- env block
+@dataclass(frozen=True)
+class _EnvSpec:
+    kind: str  # "int" | "bool" | "choice"
+    minimum: int = 0
+    choices: tuple[str, ...] = ()
+
+    def allowed(self) -> str:
+        if self.kind == "bool":
+            return ", ".join(TRUE_STRINGS + FALSE_STRINGS)
+        if self.kind == "choice":
+            return ", ".join(self.choices)
+        return f"an integer >= {self.minimum}"
+
+    def parse(self, text: str) -> Any:
+        if self.kind == "bool":
+            return parse_bool(text)
+        if self.kind == "choice":
+            return _parse_choice(text, self.choices)
+        s = text.strip()
+        if not re.fullmatch(r"[+-]?[0-9]+", s):
+            raise ValueError(text)
+        value = int(s)
+        if value < self.minimum:
+            raise ValueError(text)
+        return value
+
+    def check(self, name: str, value: Any) -> None:
+        """Validate a value given directly (not from a string)."""
+        ok = {
+            "bool": isinstance(value, bool),
+            "choice": value in self.choices,
+            "int": _is_int(value) and value >= self.minimum,
+        }[self.kind]
+        if not ok:
+            raise ValueError(f"{name}={value!r} is invalid; allowed: {self.allowed()}")
+
+
+_ENV_SPECS: dict[str, _EnvSpec] = {
+    "gpus_per_model": _EnvSpec("int", minimum=0),
+    "attn_impl": _EnvSpec("choice", choices=ATTN_IMPLS),
+    "moe_impl": _EnvSpec("choice", choices=MOE_IMPLS),
+    "moe_drop_tokens": _EnvSpec("bool"),
+    "use_system_prompt": _EnvSpec("choice", choices=SYSTEM_PROMPT_KINDS),
+    "bot_task": _EnvSpec("choice", choices=BOT_TASKS),
+    "infer_align_image_size": _EnvSpec("bool"),
+    "max_new_tokens": _EnvSpec("int", minimum=1),
+    "use_taylor_cache": _EnvSpec("bool"),
+}
+
+
+@dataclass(frozen=True)
+class HunyuanImage3Env:
+    """The ``DG_HUNYUAN_IMAGE_3_*`` variables, with the contract's defaults.
+
+    ``use_system_prompt`` keeps the contract's spelling: the string ``"None"`` means "no system prompt" (a Python
+    ``None`` in a request means "not given, use this default").
+    """
+
+    gpus_per_model: int = 0
+    """GPUs per model instance; 0 = one instance over all visible GPUs. Default tensor-parallel size."""
+    attn_impl: str = "sdpa"
+    moe_impl: str = "eager"
+    moe_drop_tokens: bool = True
+    """Accepted for compatibility; no effect (our MoE is dropless, spec decision 1)."""
+    use_system_prompt: str = "en_unified"
+    bot_task: str = "think_recaption"
+    infer_align_image_size: bool = True
+    max_new_tokens: int = 2048
+    use_taylor_cache: bool = False
+
+    def __post_init__(self) -> None:
+        for name, spec in _ENV_SPECS.items():
+            spec.check(name, getattr(self, name))
+
+    @staticmethod
+    def var_name(field_name: str) -> str:
+        return ENV_PREFIX + field_name.upper()
+
+    @classmethod
+    def from_environ(cls, environ: Mapping[str, str] | None = None) -> HunyuanImage3Env:
+        """Read ``DG_HUNYUAN_IMAGE_3_<NAME>`` from ``environ`` (default ``os.environ``)."""
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for name, spec in _ENV_SPECS.items():
+            var = cls.var_name(name)
+            raw = env.get(var)
+            if raw is None or raw.strip() == "":
+                continue
+            try:
+                values[name] = spec.parse(raw)
+            except ValueError:
+                raise EnvVarError(var, raw, spec.allowed()) from None
+        known = {cls.var_name(n) for n in _ENV_SPECS}
+        for var in sorted(k for k in env if k.startswith(ENV_PREFIX) and k not in known):
+            logger.warning("ignoring unknown environment variable %s (known: %s)", var, ", ".join(sorted(known)))
+        return cls(**values)
+
+    def describe(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------------- engine
+@dataclass(frozen=True)
+class EngineConfig:
+    """How the engine runs. Build it with `from_cli_and_env`; every field is validated in ``__post_init__``.
+
+    ``attn_impl``, ``moe_impl`` and ``tensor_parallel_size`` given as ``None`` are taken from ``env``.
+    ``dtype`` aliases (bf16, fp16, half, fp32, float) are normalised to the canonical names.
+    """
+
+    model: str | None = None
+    dtype: str = "auto"
+    """float32 | bfloat16 | float16 | auto (auto = bfloat16 on CUDA, float32 on CPU)."""
+    device: str = "auto"
+    """cpu | cuda | cuda:N | auto (auto = cuda when available, else cpu)."""
+    max_num_seqs: int = 16
+    max_num_batched_tokens: int = 8192
+    block_size: int = 16
+    num_kv_blocks: int | None = None
+    """Explicit KV block count; wins over every budget."""
+    kv_cache_memory_bytes: int | None = None
+    """Explicit KV budget in bytes; used when num_kv_blocks is not given."""
+    kv_cache_memory_fraction: float = 0.9
+    """Fraction of free device memory for the KV cache when neither of the above is given."""
+    enable_prefix_caching: bool = True
+    max_waiting_requests: int = 1024
+    seed: int = 42
+    default_num_inference_steps: int | None = None
+    """None = the checkpoint's generation_config value."""
+    env: HunyuanImage3Env = field(default_factory=HunyuanImage3Env)
+    attn_impl: str | None = None
+    moe_impl: str | None = None
+    tensor_parallel_size: int | None = None
+    """0 = all visible devices (see `resolve_tensor_parallel_size`)."""
+
+    def __post_init__(self) -> None:
+        set_ = lambda k, v: object.__setattr__(self, k, v)  # frozen dataclass: normalise in place
+        if not isinstance(self.env, HunyuanImage3Env):
+            raise TypeError(f"env must be a HunyuanImage3Env, got {type(self.env).__name__}")
+        if self.attn_impl is None:
+            set_("attn_impl", self.env.attn_impl)
+        if self.moe_impl is None:
+            set_("moe_impl", self.env.moe_impl)
+        if self.tensor_parallel_size is None:
+            set_("tensor_parallel_size", self.env.gpus_per_model)
+
+        dtype = self.dtype.strip().lower() if isinstance(self.dtype, str) else self.dtype
+        dtype = _DTYPE_ALIASES.get(dtype, dtype)
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype={self.dtype!r} is invalid; allowed: {', '.join(DTYPES)}")
+        set_("dtype", dtype)
+        device = self.device.strip().lower() if isinstance(self.device, str) else self.device
+        if not isinstance(device, str) or not _DEVICE_RE.match(device):
+            raise ValueError(f"device={self.device!r} is invalid; allowed: cpu, cuda, cuda:N, auto")
+        set_("device", device)
+        if self.model is not None and not isinstance(self.model, str):
+            set_("model", os.fspath(self.model))
+
+        def positive(name: str) -> None:
+            v = getattr(self, name)
+            if not _is_int(v) or v <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+
+        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "max_waiting_requests"):
+            positive(name)
+        for name in ("num_kv_blocks", "kv_cache_memory_bytes", "default_num_inference_steps"):
+            if getattr(self, name) is not None:
+                positive(name)
+        if self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a power of two, got {self.block_size}")
+        if self.max_num_batched_tokens < self.block_size:
+            raise ValueError(
+                f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= block_size ({self.block_size})"
+            )
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            raise ValueError(
+                f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= max_num_seqs "
+                f"({self.max_num_seqs}): every running sequence needs at least one token per step"
+            )
+        frac = self.kv_cache_memory_fraction
+        if isinstance(frac, bool) or not isinstance(frac, (int, float)) or not (0.0 < frac <= 1.0):
+            raise ValueError(f"kv_cache_memory_fraction must be in (0, 1], got {frac!r}")
+        if not _is_int(self.seed) or self.seed < 0:
+            raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
+        if not isinstance(self.enable_prefix_caching, bool):
+            raise ValueError(f"enable_prefix_caching must be a bool, got {self.enable_prefix_caching!r}")
+        if self.attn_impl not in ATTN_IMPLS:
+            raise ValueError(f"attn_impl={self.attn_impl!r} is invalid; allowed: {', '.join(ATTN_IMPLS)}")
+        if self.moe_impl not in MOE_IMPLS:
+            raise ValueError(f"moe_impl={self.moe_impl!r} is invalid; allowed: {', '.join(MOE_IMPLS)}")
+        tp = self.tensor_parallel_size
+        if not _is_int(tp) or tp < 0:
+            raise ValueError(f"tensor_parallel_size must be an integer >= 0 (0 = all visible devices), got {tp!r}")
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_cli_and_env(
+        cls, args: argparse.Namespace | Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None
+    ) -> EngineConfig:
+        """Build the config from parsed flags (`add_engine_args`) and ``DG_HUNYUAN_IMAGE_3_*`` variables.
+
+        ``args`` may be an ``argparse.Namespace`` or a mapping; unknown keys are ignored and ``None`` means "not
+        given". Flags win over env vars: ``attn_impl``, ``moe_impl`` and ``tensor_parallel_size`` override the
+        env block's ATTN_IMPL, MOE_IMPL and GPUS_PER_MODEL (the env block itself keeps what the environment said),
+        and keys named like an env field (``bot_task``, ``max_new_tokens``, ...) override that field.
+        Recognised keys: ``model`` / ``model_name``, ``dtype`` / ``torch_dtype``, ``device``, ``max_num_seqs``,
+        ``max_num_batched_tokens``, ``block_size``, ``num_kv_blocks``, ``kv_cache_memory`` /
+        ``kv_cache_memory_bytes`` (int bytes or a size string), ``kv_cache_memory_fraction``,
+        ``enable_prefix_caching``, ``max_waiting_requests``, ``seed``, ``default_num_inference_steps`` /
+        ``num_inference_steps``, ``tensor_parallel_size``, ``attn_impl``, ``moe_impl``.
+        """
+        if args is None:
+            a: dict[str, Any] = {}
+        elif isinstance(args, argparse.Namespace):
+            a = dict(vars(args))
+        else:
+            a = dict(args)
+        given = {k: v for k, v in a.items() if v is not None}
+
+        env = HunyuanImage3Env.from_environ(environ)
+        env_overrides = {}
+        for name, spec in _ENV_SPECS.items():
+            if name in ("gpus_per_model", "attn_impl", "moe_impl") or name not in given:
+                continue  # the first three are overridden through EngineConfig's own fields
+            value = given[name]
+            if isinstance(value, str):
+                try:
+                    value = spec.parse(value)
+                except ValueError:
+                    raise ValueError(f"{name}={value!r} is invalid; allowed: {spec.allowed()}") from None
+            env_overrides[name] = value
+        if env_overrides:
+            env = HunyuanImage3Env(**{**asdict(env), **env_overrides})
+
+        def first(*keys: str) -> Any:
+            for k in keys:
+                if k in given:
+                    return given[k]
+            return None
+
+        kw: dict[str, Any] = {"env": env}
+        model = first("model", "model_name")
+        if model is not None:
+            kw["model"] = os.fspath(model)
+        simple = {
+            "dtype": ("dtype", "torch_dtype"),
+            "device": ("device",),
+            "max_num_seqs": ("max_num_seqs",),
+            "max_num_batched_tokens": ("max_num_batched_tokens",),
+            "block_size": ("block_size",),
+            "num_kv_blocks": ("num_kv_blocks",),
+            "kv_cache_memory_fraction": ("kv_cache_memory_fraction",),
+            "enable_prefix_caching": ("enable_prefix_caching",),
+            "max_waiting_requests": ("max_waiting_requests",),
+            "seed": ("seed",),
+            "default_num_inference_steps": ("default_num_inference_steps", "num_inference_steps"),
+            "tensor_parallel_size": ("tensor_parallel_size",),
+            "attn_impl": ("attn_impl",),
+            "moe_impl": ("moe_impl",),
+        }
+        for fname, keys in simple.items():
+            v = first(*keys)
+            if v is not None:
+                kw[fname] = v
+        mem = first("kv_cache_memory", "kv_cache_memory_bytes")
+        if mem is not None:
+            kw["kv_cache_memory_bytes"] = parse_size(mem)
+        for k in ("attn_impl", "moe_impl"):
+            if isinstance(kw.get(k), str):
+                choices = ATTN_IMPLS if k == "attn_impl" else MOE_IMPLS
+                try:
+                    kw[k] = _parse_choice(kw[k], choices)
+                except ValueError:
+                    raise ValueError(f"{k}={kw[k]!r} is invalid; allowed: {', '.join(choices)}") from None
+        return cls(**kw)
+
+    # ------------------------------------------------------------------ resolution helpers
+    def resolve_device(self, cuda_available: bool | None = None) -> str:
+        """``auto`` -> ``cuda`` when CUDA is available, else ``cpu``; other values unchanged."""
+        if self.device != "auto":
+            return self.device
+        if cuda_available is None:
+            cuda_available = _cuda_available()
+        return "cuda" if cuda_available else "cpu"
+
+    def on_cuda(self, cuda_available: bool | None = None) -> bool:
+        return self.resolve_device(cuda_available).startswith("cuda")
+
+    def resolve_dtype(self, cuda_available: bool | None = None) -> str:
+        """``auto`` -> ``bfloat16`` on CUDA, ``float32`` on CPU; other values unchanged."""
+        if self.dtype != "auto":
+            return self.dtype
+        return "bfloat16" if self.on_cuda(cuda_available) else "float32"
+
+    def torch_dtype(self, cuda_available: bool | None = None):
+        import torch
+
+        return getattr(torch, self.resolve_dtype(cuda_available))
+
+    def resolve_tensor_parallel_size(self, num_visible_devices: int | None = None) -> int:
+        """Ranks per model instance: the configured size, or all visible devices when it is 0.
+
+        ``num_visible_devices`` defaults to ``torch.cuda.device_count()`` on CUDA and 1 on CPU. A size larger
+        than the visible device count is an error on CUDA.
+        """
+        cuda = self.on_cuda(None if num_visible_devices is None else num_visible_devices > 0)
+        if num_visible_devices is None:
+            num_visible_devices = _cuda_device_count() if cuda else 1
+        tp = self.tensor_parallel_size
+        if tp == 0:
+            return max(1, num_visible_devices)
+        if cuda and tp > num_visible_devices:
+            raise ValueError(f"tensor_parallel_size={tp} but only {num_visible_devices} device(s) are visible")
+        return tp
+
+    def num_instances(self, num_visible_devices: int) -> int:
+        """Model instances side by side (data parallel): visible devices // ranks per instance (at least 1)."""
+        return max(1, num_visible_devices // self.resolve_tensor_parallel_size(num_visible_devices))
+
+    def kv_cache_budget_bytes(self, free_memory_bytes: int | None = None, cuda_available: bool | None = None) -> int:
+        """Bytes for the KV cache when no explicit block count is given.
+
+        ``kv_cache_memory_bytes`` if set; else on CUDA ``kv_cache_memory_fraction * free_memory_bytes`` (required);
+        on CPU `DEFAULT_CPU_KV_CACHE_BYTES`, capped at the fraction of ``free_memory_bytes`` when that is given.
+        """
+        if self.kv_cache_memory_bytes is not None:
+            return self.kv_cache_memory_bytes
+        if free_memory_bytes is not None and (not _is_int(free_memory_bytes) or free_memory_bytes < 0):
+            raise ValueError(f"free_memory_bytes must be a non-negative integer, got {free_memory_bytes!r}")
+        if self.on_cuda(cuda_available):
+            if free_memory_bytes is None:
+                raise ValueError("free_memory_bytes is required to size the KV cache on CUDA")
+            return int(free_memory_bytes * self.kv_cache_memory_fraction)
+        if free_memory_bytes is None:
+            return DEFAULT_CPU_KV_CACHE_BYTES
+        return min(DEFAULT_CPU_KV_CACHE_BYTES, int(free_memory_bytes * self.kv_cache_memory_fraction))
+
+    def resolve_num_blocks(
+        self, bytes_per_block: int, free_memory_bytes: int | None = None, cuda_available: bool | None = None
+    ) -> int:
+        """KV blocks to allocate: ``num_kv_blocks`` if given, else `kv_cache_budget_bytes` // ``bytes_per_block``.
+
+        ``bytes_per_block`` is the size of one block across all layers (K and V) on one rank. Raises ValueError
+        when the budget does not hold a single block.
+        """
+        if self.num_kv_blocks is not None:
+            return self.num_kv_blocks
+        if not _is_int(bytes_per_block) or bytes_per_block <= 0:
+            raise ValueError(f"bytes_per_block must be a positive integer, got {bytes_per_block!r}")
+        budget = self.kv_cache_budget_bytes(free_memory_bytes, cuda_available)
+        n = budget // bytes_per_block
+        if n < 1:
+            raise ValueError(
+                f"KV cache budget of {budget} bytes holds no block of {bytes_per_block} bytes; "
+                "raise --kv-cache-memory or free device memory, or set --num-kv-blocks"
+            )
+        return n
+
+    def max_blocks_per_seq(self, max_tokens: int) -> int:
+        return math.ceil(max_tokens / self.block_size)
+
+    # ------------------------------------------------------------------ requests and logging
+    def request_defaults(self) -> dict[str, Any]:
+        """Per-request defaults imposed by the env vars; a request's own non-None value wins.
+
+        ``use_system_prompt`` is the contract spelling: ``"None"`` (a string) means no system prompt.
+        """
+        e = self.env
+        return {
+            "bot_task": e.bot_task,
+            "use_system_prompt": e.use_system_prompt,
+            "infer_align_image_size": e.infer_align_image_size,
+            "max_new_tokens": e.max_new_tokens,
+            "use_taylor_cache": e.use_taylor_cache,
+        }
+
+    def describe(self) -> dict[str, Any]:
+        """A plain, JSON-serialisable dict of every setting, for the startup log."""
+        out: dict[str, Any] = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "env"}
+        out["env"] = self.env.describe()
+        out["moe_drop_tokens_effective"] = False  # dropless MoE (spec decision 1)
+        return out
+
+
+def _cuda_available() -> bool:
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - torch is a dependency
+        return False
+    return bool(torch.cuda.is_available())
+
+
+def _cuda_device_count() -> int:
+    try:
+        import torch
+    except ImportError:  # pragma: no cover
+        return 0
+    return int(torch.cuda.device_count()) if torch.cuda.is_available() else 0
+
+
+# ---------------------------------------------------------------------------------------------------- flags
+def add_engine_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the engine flags (shared by ``diffgentor edit/t2i/serve/bench``). Every default is ``None`` so
+    `EngineConfig.from_cli_and_env` can tell "not given" (env var or built-in default applies) from "given".
+
+    ``--dtype`` also answers to diffgentor's ``--torch_dtype``. Model path and ``--seed`` are left to the caller
+    (the diffgentor CLI defines ``--model_name`` and ``--seed`` itself); `from_cli_and_env` reads them.
+    """
+    g = parser.add_argument_group("engine")
+    g.add_argument(
+        "--dtype",
+        "--torch_dtype",
+        "--torch-dtype",
+        dest="dtype",
+        default=None,
+        choices=DTYPES + tuple(_DTYPE_ALIASES),
+        help="weights/activations dtype; auto = bfloat16 on CUDA, float32 on CPU (default auto)",
+    )
+    g.add_argument("--device", default=None, help="cpu | cuda | cuda:N | auto (default auto)")
+    g.add_argument("--max-num-seqs", type=int, default=None, help="max requests running at once (default 16)")
+    g.add_argument(
+        "--max-num-batched-tokens", type=int, default=None, help="token budget of one engine step (default 8192)"
+    )
+    g.add_argument("--block-size", type=int, default=None, help="tokens per KV block, a power of two (default 16)")
+    g.add_argument("--num-kv-blocks", type=int, default=None, help="explicit KV block count (overrides any budget)")
+    g.add_argument(
+        "--kv-cache-memory",
+        type=_size_arg,
+        default=None,
+        metavar="SIZE",
+        help="KV cache budget: bytes or e.g. 512MiB, 2GiB, 4GB (default: "
+        "--kv-cache-memory-fraction of free GPU memory; 2GiB on CPU)",
+    )
+    g.add_argument(
+        "--kv-cache-memory-fraction",
+        type=float,
+        default=None,
+        help="fraction of free device memory for the KV cache (default 0.9)",
+    )
+    g.add_argument(
+        "--tensor-parallel-size",
+        type=int,
+        default=None,
+        help="ranks per model instance; 0 = all visible GPUs (default: DG_HUNYUAN_IMAGE_3_GPUS_PER_MODEL)",
+    )
+    g.add_argument(
+        "--attn-impl",
+        default=None,
+        choices=ATTN_IMPLS,
+        help="attention kernels (default: DG_HUNYUAN_IMAGE_3_ATTN_IMPL, sdpa)",
+    )
+    g.add_argument(
+        "--moe-impl", default=None, choices=MOE_IMPLS, help="MoE kernels (default: DG_HUNYUAN_IMAGE_3_MOE_IMPL, eager)"
+    )
+    g.add_argument(
+        "--no-prefix-caching",
+        dest="enable_prefix_caching",
+        action="store_false",
+        default=None,
+        help="disable automatic prefix caching of KV blocks",
+    )
+    g.add_argument(
+        "--max-waiting-requests",
+        type=int,
+        default=None,
+        help="queue length before new requests are refused (default 1024)",
+    )
+    return parser

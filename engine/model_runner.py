@@ -1,0 +1,228 @@
+"""The worker: owns the model, the paged KV cache and each request's device-side state.
+
+Each step it receives a `SchedulerOutput` and runs every scheduled chunk of every request in ONE flat
+forward (prefill chunks, decode tokens and diffusion image blocks together, so the MoE sees them as one
+batch), then samples tokens, takes Euler steps and decodes finished latents. Per-request generators
+live here: the seed's generator draws the condition posteriors then the initial noise (official order);
+a second generator seeded alike draws the text tokens. A failure is pinned on the request that caused
+it: when a batched forward raises, each request is retried alone and only the failing ones are reported.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from diffgentor.engine.kv_cache import PagedKVCache
+from diffgentor.engine.models.hunyuan_image_3.embedding import (
+    CondImage,
+    GenInputs,
+    assemble_embeddings,
+    encode_condition,
+    positions_for,
+)
+from diffgentor.engine.models.hunyuan_image_3.flow_match import (
+    FlowMatchSchedule,
+    cfg_combine,
+    euler_step,
+    guidance_value,
+    initial_noise,
+)
+from diffgentor.engine.models.hunyuan_image_3.image_processing import to_uint8
+from diffgentor.engine.models.hunyuan_image_3.model import HunyuanImage3ForCausalMM
+from diffgentor.engine.models.hunyuan_image_3.sampling import SamplingParams, make_generator, sample_row
+from diffgentor.engine.plan import Chunk, DiffusionStart, NewRequestData, RunnerOutput, SampleSpec, SchedulerOutput
+from diffgentor.kernels.attention import AttentionMetadata, SequenceChunk
+
+
+@dataclass
+class _Diffusion:
+    schedule: FlowMatchSchedule
+    latents: Tensor
+    guidance_scale: float
+    use_cfg: bool
+    embedded_guidance: float | None
+    taylor: object | None = None  # TaylorCache when the request uses it
+
+
+@dataclass
+class _WorkerRequest:
+    conds: list[CondImage]
+    gen_rng: torch.Generator
+    sample_rng: torch.Generator
+    sampling: SamplingParams
+    diffusion: _Diffusion | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def constrain_logits(logits: Tensor, spec: SampleSpec) -> Tensor:
+    """The stage machine's forcing as the official processors apply it: one finite score, still sampled."""
+    tok = spec.forced_token
+    if tok is None and spec.ratio_ids is not None:
+        ids = torch.tensor(spec.ratio_ids, device=logits.device)
+        tok = int(spec.ratio_ids[int(torch.argmax(logits[ids]))])
+    if tok is not None:
+        logits.fill_(torch.finfo(logits.dtype).min)
+        logits[tok] = 0
+    return logits
+
+
+class ModelRunner:
+    def __init__(self, model: HunyuanImage3ForCausalMM, num_blocks: int, block_size: int) -> None:
+        self.model = model
+        self.config = model.config
+        self.block_size = block_size
+        self.kv_cache: PagedKVCache = model.make_kv_cache(num_blocks, block_size)
+        self.requests: dict[str, _WorkerRequest] = {}
+
+    # ------------------------------------------------------------------ per-request state
+    def _add_request(self, new: NewRequestData) -> None:
+        gen_rng = make_generator(new.seed)
+        conds = [encode_condition(self.model, v, t, gen_rng) for v, t in zip(new.vae_images, new.vit_images)]
+        self.requests[new.request_id] = _WorkerRequest(conds, gen_rng, make_generator(new.seed), new.sampling)
+
+    def _start_diffusion(self, ds: DiffusionStart) -> None:
+        req = self.requests[ds.request_id]
+        latents = initial_noise(req.gen_rng, (1, self.config.latent_channels, *ds.grid))[0].to(self.model.device)
+        taylor = None
+        if ds.use_taylor_cache:
+            from diffgentor.engine.models.hunyuan_image_3.taylor_cache import TaylorCache, TaylorCacheConfig
+
+            taylor = TaylorCache(TaylorCacheConfig(), ds.num_steps)
+        req.diffusion = _Diffusion(
+            schedule=FlowMatchSchedule.create(ds.num_steps, ds.flow_shift),
+            latents=latents,
+            guidance_scale=ds.guidance_scale,
+            use_cfg=ds.use_cfg,
+            embedded_guidance=guidance_value(ds.guidance_scale) if self.config.cfg_distilled else None,
+            taylor=taylor,
+        )
+
+    def _gen_inputs(self, request_id: str, step: int) -> GenInputs:
+        d = self.requests[request_id].diffusion
+        t = float(d.schedule.timesteps[step])
+        r = float(d.schedule.timesteps_r[step]) if self.config.use_meanflow else None
+        return GenInputs(d.latents, t, r, d.embedded_guidance)
+
+    # ------------------------------------------------------------------ the step
+    @torch.no_grad()
+    def execute(self, plan: SchedulerOutput) -> RunnerOutput:
+        out = RunnerOutput()
+        t0 = time.perf_counter()
+        for rid in plan.finished_request_ids:
+            self.requests.pop(rid, None)
+        for new in plan.new_requests:
+            try:
+                self._add_request(new)
+            except Exception as e:  # noqa: BLE001 - the request's own images or settings
+                out.failed[new.request_id] = f"condition image encoding failed: {e}"
+        for ds in plan.diffusion_starts:
+            if ds.request_id not in out.failed:
+                self._start_diffusion(ds)
+
+        step_of: dict[int, int] = {}
+        for st in plan.diffusion_steps:
+            for i in st.chunk_indexes:
+                step_of[i] = st.step
+        chunks = [(i, c) for i, c in enumerate(plan.chunks) if c.request_id not in out.failed]
+        hidden = self._forward(chunks, step_of, out)
+        t1 = time.perf_counter()
+        self._sample(chunks, hidden, out)
+        self._diffuse(plan, hidden, out)
+        t2 = time.perf_counter()
+        self._decode(plan.vae_decodes, out)
+        out.timings.update(forward=t1 - t0, post=t2 - t1, vae=time.perf_counter() - t2)
+        return out
+
+    def _embed(self, i: int, c: Chunk, step_of: dict[int, int]) -> tuple[Tensor, Tensor]:
+        req = self.requests[c.request_id]
+        gen = self._gen_inputs(c.request_id, step_of[i]) if c.diffusion else None
+        emb = assemble_embeddings(self.model, c.layout, c.token_ids, req.conds, c.start, c.end, gen)
+        return emb, positions_for(c.layout, c.start, c.end)
+
+    def _run(self, chunks: list[tuple[int, Chunk]], step_of: dict[int, int]) -> dict[int, Tensor]:
+        if not chunks:
+            return {}
+        seq_chunks, embeds, positions = [], [], []
+        for i, c in chunks:
+            emb, pos = self._embed(i, c, step_of)
+            embeds.append(emb)
+            positions.append(pos)
+            seq_chunks.append(SequenceChunk(range(c.start, c.end), c.end, c.block_table, c.layout.full_attn_spans))
+        dev = self.model.device
+        meta = AttentionMetadata.build(seq_chunks, self.block_size, device=dev)
+        h = self.model(torch.cat(embeds), torch.cat(positions).to(dev), meta, self.kv_cache)
+        return {i: part for (i, _), part in zip(chunks, h.split([c.end - c.start for _, c in chunks]))}
+
+    def _forward(self, chunks, step_of, out: RunnerOutput) -> dict[int, Tensor]:
+        try:
+            return self._run(chunks, step_of)
+        except Exception:  # noqa: BLE001 - find the request(s) at fault, keep the others
+            by_req: dict[str, list] = defaultdict(list)
+            for i, c in chunks:
+                by_req[c.request_id].append((i, c))
+            hidden: dict[int, Tensor] = {}
+            for rid, part in by_req.items():
+                try:
+                    hidden.update(self._run(part, step_of))
+                except Exception as e:  # noqa: BLE001
+                    out.failed[rid] = f"forward failed: {type(e).__name__}: {e}"
+            return hidden
+
+    def _sample(self, chunks, hidden: dict[int, Tensor], out: RunnerOutput) -> None:
+        for i, c in chunks:
+            if c.sample is None or i not in hidden or c.request_id in out.failed:
+                continue
+            req = self.requests[c.request_id]
+            logits = self.model.logits(hidden[i][-1:])[0]
+            constrain_logits(logits, c.sample)
+            out.sampled_tokens[c.request_id] = sample_row(logits, c.sample.params, req.sample_rng)
+
+    def _diffuse(self, plan: SchedulerOutput, hidden: dict[int, Tensor], out: RunnerOutput) -> None:
+        for st in plan.diffusion_steps:
+            rid = st.request_id
+            if rid in out.failed:
+                continue
+            d = self.requests[rid].diffusion
+            t = float(d.schedule.timesteps[st.step])
+            tt = torch.tensor([t], device=self.model.device, dtype=torch.float32)
+            image_hidden = []
+            if st.chunk_indexes:
+                for i in st.chunk_indexes:
+                    c = plan.chunks[i]
+                    slot = c.layout.slots("gen")[0]
+                    image_hidden.append(hidden[i][slot.start - c.start : slot.end - c.start])
+                if d.taylor is not None:
+                    d.taylor.update(st.step, torch.stack(image_hidden))
+            else:  # Taylor-cache step: the backbone is skipped, its output extrapolated
+                image_hidden = list(d.taylor.predict(st.step))
+            grid = plan.chunks[st.chunk_indexes[0]].layout.slots("gen")[0].grid if st.chunk_indexes else \
+                self.requests[rid].extra["grid"]
+            self.requests[rid].extra["grid"] = grid
+            preds = [self.model.velocity(h[None], grid, tt)[0] for h in image_hidden]
+            pred = cfg_combine(preds[0], preds[1], d.guidance_scale) if d.use_cfg else preds[0]
+            sigma, sigma_next = d.schedule.sigma_pair(st.step)
+            d.latents = euler_step(d.latents, pred, sigma, sigma_next)
+            out.diffusion_steps_done[rid] = st.step
+
+    def _decode(self, request_ids: list[str], out: RunnerOutput) -> None:
+        groups: dict[tuple[int, ...], list[str]] = defaultdict(list)
+        for rid in request_ids:
+            if rid not in out.failed:
+                groups[tuple(self.requests[rid].diffusion.latents.shape)].append(rid)
+        for rids in groups.values():  # batched by output size
+            try:
+                latents = torch.stack([self.requests[r].diffusion.latents for r in rids])
+                images = to_uint8(self.model.decode_latents(latents))
+                for r, img in zip(rids, images):
+                    out.images[r] = img
+            except Exception as e:  # noqa: BLE001
+                for r in rids:
+                    out.failed[r] = f"VAE decode failed: {type(e).__name__}: {e}"
+
+    def final_latents(self, request_id: str) -> Tensor:
+        return self.requests[request_id].diffusion.latents

@@ -1,0 +1,127 @@
+"""Input embeddings of a token range: token embeddings with image, timestep and guidance slots filled.
+
+Shared by the reference pipeline and the engine's worker, so both place condition-image features,
+`<timestep>` / `<guidance>` / `<timestep_r>` embeddings and the generated image's latent tokens exactly
+alike. Only the slots that fall inside [start, end) are computed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .image_processing import VaeCondImage, VitCondImage
+from .model import HunyuanImage3ForCausalMM
+from .prompt import BuiltPrompt, CondImageLayout
+
+
+@dataclass
+class CondImage:
+    """A condition image after preprocessing and encoding: everything its token block needs."""
+
+    layout: CondImageLayout
+    vae: VaeCondImage
+    vit: VitCondImage | None
+    latents: Tensor  # [C, h, w] scaled posterior sample
+    vae_tokens: Tensor  # [h*w, H]
+    vit_tokens: Tensor | None  # [P, H]
+
+
+def cond_layout(vae: VaeCondImage, vit: VitCondImage | None, latent_downsample: int) -> CondImageLayout:
+    bh, bw = vae.size_hw
+    return CondImageLayout(
+        ratio_index=vae.ratio_index,
+        vae_grid=(bh // latent_downsample, bw // latent_downsample),
+        vit_grid=tuple(int(v) for v in vit.spatial_shapes) if vit is not None else (1, 1),
+        vit_tokens=int(vit.pixel_values.shape[0]) if vit is not None else 1,
+    )
+
+
+@torch.no_grad()
+def encode_condition(
+    model: HunyuanImage3ForCausalMM, vae: VaeCondImage, vit: VitCondImage | None, generator: torch.Generator
+) -> CondImage:
+    """VAE-encode (posterior sample from `generator`, consumed in input order) and embed both token runs."""
+    dev = model.device
+    post = model.encode_condition_vae(vae.pixels[None].to(dev))
+    latents = model.scale_latents(post.sample(generator))[:, :, 0].float()  # [1, C, h, w]
+    vae_tokens = model.image_tokens(latents, torch.zeros(1, device=dev))[0]
+    vit_tokens = None
+    if vit is not None:
+        vit_tokens = model.condition_vit_tokens(
+            vit.pixel_values[None].to(dev), vit.pixel_attention_mask[None].to(dev), vit.spatial_shapes[None].to(dev)
+        )[0]
+    layout = cond_layout(vae, vit, model.config.latent_downsample)
+    return CondImage(layout, vae, vit, latents[0], vae_tokens, vit_tokens)
+
+
+@dataclass
+class GenInputs:
+    """The generated image's inputs at one denoising step."""
+
+    latents: Tensor  # [C, h, w]
+    t: float  # 1000 * sigma
+    r: float | None = None  # meanflow interval end (Distil)
+    guidance: float | None = None  # embedded guidance (Distil), already bf16-rounded
+
+
+@torch.no_grad()
+def assemble_embeddings(
+    model: HunyuanImage3ForCausalMM,
+    layout: BuiltPrompt,
+    ids: Sequence[int],
+    conds: Sequence[CondImage],
+    start: int,
+    end: int,
+    gen: GenInputs | None = None,
+) -> Tensor:
+    """Embeddings [end - start, H] of tokens [start, end) of a sequence laid out as `layout`.
+
+    `ids` may extend past the layout (decoded text tokens) and may be the CFG unconditional row.
+    """
+    dev = model.device
+    emb = model.embed_tokens(torch.tensor(list(ids[start:end]), device=dev)).clone()
+
+    def put(at: int, values: Tensor) -> None:
+        lo, hi = max(at, start), min(at + values.shape[0], end)
+        if lo < hi:
+            emb[lo - start : hi - start] = values[lo - at : hi - at]
+
+    for slot in layout.image_slots:
+        if slot.end <= start or slot.start >= end:
+            continue
+        if slot.kind == "cond_vae":
+            put(slot.start, conds[slot.cond_index].vae_tokens)
+        elif slot.kind == "cond_vit":
+            put(slot.start, conds[slot.cond_index].vit_tokens)
+        elif slot.kind == "gen" and gen is not None:
+            tt = torch.tensor([gen.t], device=dev, dtype=torch.float32)
+            put(slot.start, model.image_tokens(gen.latents[None].to(dev), tt)[0])
+    cond_ts = [at for at in layout.cond_timestep_indexes if start <= at < end]
+    if cond_ts:  # clean condition images: their `<timestep>` carries t = 0
+        t0 = model.timestep_tokens(torch.zeros(1, device=dev))
+        for at in cond_ts:
+            put(at, t0)
+    if gen is not None:
+        if layout.gen_timestep_index is not None:
+            put(layout.gen_timestep_index, model.timestep_tokens(torch.tensor([gen.t], device=dev)))
+        if layout.guidance_index is not None and gen.guidance is not None:
+            put(layout.guidance_index, model.guidance_tokens(torch.tensor([gen.guidance], device=dev)))
+        if layout.timestep_r_index is not None and gen.r is not None:
+            put(layout.timestep_r_index, model.timestep_r_tokens(torch.tensor([gen.r], device=dev)))
+    return emb
+
+
+def positions_for(layout: BuiltPrompt, start: int, end: int) -> Tensor:
+    """RoPE positions [end - start, 2] for tokens [start, end); past the layout, text positions y = x = index."""
+    n = layout.positions.shape[0]
+    parts = []
+    if start < n:
+        parts.append(layout.positions[start : min(end, n)])
+    if end > n:
+        idx = torch.arange(max(start, n), end, dtype=torch.long)
+        parts.append(torch.stack([idx, idx], dim=1))
+    return torch.cat(parts) if len(parts) > 1 else parts[0]

@@ -1,0 +1,69 @@
+"""The offline API: `Engine.generate(requests)` and `Engine.stream(requests)` over one engine core.
+
+Requests may be `GenerationRequest`s or plain dicts of the same fields; images may be bytes, file paths
+or PIL images (PIL images are encoded losslessly as PNG so the engine only ever sees encoded files, as
+across a process boundary).
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from diffgentor.engine.config import EngineConfig
+from diffgentor.engine.core import EngineCore
+from diffgentor.engine.request import EngineEvent, GenerationRequest, RequestResult
+
+
+def _image_bytes(src: Any) -> bytes:
+    if isinstance(src, (bytes, bytearray)):
+        return bytes(src)
+    if isinstance(src, (str, Path)):
+        return Path(src).read_bytes()
+    if hasattr(src, "save"):  # PIL
+        buf = io.BytesIO()
+        src.save(buf, format="PNG")
+        return buf.getvalue()
+    raise TypeError(f"unsupported image type {type(src).__name__}")
+
+
+class Engine:
+    def __init__(self, core: EngineCore) -> None:
+        self.core = core
+        self._ids = itertools.count()
+
+    @classmethod
+    def from_config(cls, config: EngineConfig) -> Engine:
+        return cls(EngineCore.from_config(config))
+
+    @classmethod
+    def from_pretrained(cls, model: str | Path, environ: dict[str, str] | None = None, **engine_args: Any) -> Engine:
+        return cls.from_config(EngineConfig.from_cli_and_env({"model": str(model), **engine_args}, environ=environ))
+
+    def make_request(self, req: GenerationRequest | dict[str, Any]) -> GenerationRequest:
+        if isinstance(req, GenerationRequest):
+            return req
+        fields = dict(req)
+        fields.setdefault("request_id", f"req-{next(self._ids)}")
+        fields["images"] = [_image_bytes(x) for x in fields.get("images") or []]
+        return msgspec.convert(fields, GenerationRequest)
+
+    def stream(self, requests: Iterable[GenerationRequest | dict[str, Any]]) -> Iterator[EngineEvent]:
+        """Per-request events (text deltas, image, finished / error) as the engine produces them."""
+        for r in requests:
+            yield from self.core.add_request(self.make_request(r))
+        while self.core.has_unfinished():
+            yield from self.core.step()
+        yield from self.core.run_until_done()
+
+    def generate(self, requests: Sequence[GenerationRequest | dict[str, Any]]) -> list[RequestResult]:
+        """Run all requests batched together; results in input order (errors as results, never raised)."""
+        reqs = [self.make_request(r) for r in requests]
+        for _ in self.stream(reqs):
+            pass
+        return [self.core.results.pop(r.request_id) for r in reqs]

@@ -1,0 +1,102 @@
+"""What the scheduler hands the worker each step, and what the worker answers.
+
+The engine core decides *what* runs (which token ranges of which sequences, which requests sample a
+token, take a diffusion step or get decoded); the worker owns the model, the KV pages and each
+request's device-side state (condition embeddings, generators, latents) and does it in one flat
+forward. In-process for now, these plain dataclasses are the boundary a multi-rank executor will
+serialise.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from diffgentor.engine.models.hunyuan_image_3.image_processing import VaeCondImage, VitCondImage
+from diffgentor.engine.models.hunyuan_image_3.prompt import BuiltPrompt
+from diffgentor.engine.models.hunyuan_image_3.sampling import SamplingParams
+
+
+@dataclass
+class NewRequestData:
+    """Sent once when a request first runs: the worker encodes its condition images with its seed."""
+
+    request_id: str
+    seed: int
+    vae_images: list[VaeCondImage]
+    vit_images: list[VitCondImage | None]
+    sampling: SamplingParams
+
+
+@dataclass
+class SampleSpec:
+    """Sample the next token from the logits of a chunk's last token, under the stage machine's forcing."""
+
+    params: SamplingParams
+    forced_token: int | None = None
+    ratio_ids: tuple[int, ...] | None = None  # greedy pick restricted to these ids (the ratio step)
+
+
+@dataclass
+class Chunk:
+    """Tokens [start, end) of one sequence (a request's cond or uncond row) computed this step."""
+
+    request_id: str
+    seq_id: str
+    token_ids: list[int]
+    layout: BuiltPrompt
+    start: int
+    end: int
+    block_table: list[int]
+    sample: SampleSpec | None = None
+    diffusion: bool = False  # the chunk is this step's image block of a diffusion row
+
+
+@dataclass
+class DiffusionStart:
+    """Begin the image phase of a request: draw the initial noise after the condition posteriors."""
+
+    request_id: str
+    grid: tuple[int, int]
+    num_steps: int
+    flow_shift: float
+    guidance_scale: float
+    use_cfg: bool
+    use_taylor_cache: bool
+
+
+@dataclass
+class DiffusionStep:
+    """One denoising step of a request; its rows' chunks (cond first) are in the same forward."""
+
+    request_id: str
+    step: int
+    chunk_indexes: list[int]  # into SchedulerOutput.chunks; empty when the Taylor cache predicts this step
+
+
+@dataclass
+class SchedulerOutput:
+    new_requests: list[NewRequestData] = field(default_factory=list)
+    diffusion_starts: list[DiffusionStart] = field(default_factory=list)
+    chunks: list[Chunk] = field(default_factory=list)
+    diffusion_steps: list[DiffusionStep] = field(default_factory=list)
+    vae_decodes: list[str] = field(default_factory=list)
+    finished_request_ids: list[str] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(c.end - c.start for c in self.chunks)
+
+    @property
+    def is_empty(self) -> bool:
+        return not (self.new_requests or self.chunks or self.diffusion_steps or self.vae_decodes
+                    or self.finished_request_ids or self.diffusion_starts)
+
+
+@dataclass
+class RunnerOutput:
+    sampled_tokens: dict[str, int] = field(default_factory=dict)
+    diffusion_steps_done: dict[str, int] = field(default_factory=dict)
+    images: dict[str, Any] = field(default_factory=dict)  # request id -> uint8 [H, W, 3] numpy
+    failed: dict[str, str] = field(default_factory=dict)  # request id -> error message
+    timings: dict[str, float] = field(default_factory=dict)

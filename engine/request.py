@@ -1,0 +1,84 @@
+"""Typed messages at the engine boundary: what a user asks for and what the engine reports back.
+
+These are `msgspec.Struct`s so the API server, the CLI and (later) engine-core processes exchange them
+as msgpack frames. Images cross the boundary as encoded files (bytes); decoded arrays never do.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Any
+
+import msgspec
+
+
+class GenerationRequest(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """One edit / fusion / text-to-image request. None = the engine's (env / checkpoint) default."""
+
+    request_id: str
+    prompt: str
+    images: list[bytes] = msgspec.field(default_factory=list)
+    image_size: str = "auto"
+    bot_task: str | None = None
+    use_system_prompt: str | None = None
+    system_prompt: str | None = None
+    num_inference_steps: int | None = None
+    guidance_scale: float | None = None
+    flow_shift: float | None = None
+    seed: int | None = None
+    max_new_tokens: int | None = None
+    do_sample: bool | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    use_taylor_cache: bool | None = None
+    infer_align_image_size: bool | None = None
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    PREFILL = "prefill"
+    THINK = "think"
+    DIFFUSE = "diffuse"
+    VAE_DECODE = "vae_decode"
+    FINISHED = "finished"
+
+    @property
+    def is_finished(self) -> bool:
+        return self is RequestStatus.FINISHED
+
+
+class FinishReason(str, enum.Enum):
+    IMAGE = "image"  # an image was generated
+    TEXT = "text"  # bot_task auto: a text answer (eos)
+    LENGTH = "length"  # bot_task auto: max_new_tokens reached
+    ABORT = "abort"
+    ERROR = "error"
+
+
+class EngineEvent(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """A streamed event of one request: a think/recaption text delta, the finished image, or the end."""
+
+    request_id: str
+    kind: str  # "text" | "image" | "finished" | "error"
+    text: str = ""
+    image_png: bytes = b""
+    finish_reason: str | None = None
+    error: str | None = None
+
+
+class RequestResult(msgspec.Struct, kw_only=True):
+    """The final outcome of a request (offline API)."""
+
+    request_id: str
+    finish_reason: str
+    text: str = ""
+    generated_ids: list[int] = msgspec.field(default_factory=list)
+    image: Any = None  # PIL.Image in process; never serialised
+    image_size: tuple[int, int] | None = None
+    ratio_index: int | None = None
+    truncated: bool = False
+    num_prompt_tokens: int = 0
+    num_generated_tokens: int = 0
+    timings: dict[str, float] = msgspec.field(default_factory=dict)
+    error: str | None = None

@@ -1,0 +1,266 @@
+"""A request inside the engine core: validated inputs, its sequences, stage machine and progress.
+
+Input processing happens here, before the request takes any KV block: images are decoded and
+preprocessed (VAE bucket crop / stretch, SigLIP2 patches), the system prompt resolved, the stage machine
+and the first prompt built. Anything wrong raises `RequestError` with a message meant for the user.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from diffgentor.engine.models.hunyuan_image_3.config import GenerationDefaults, HunyuanImage3Config
+from diffgentor.engine.models.hunyuan_image_3.embedding import cond_layout
+from diffgentor.engine.models.hunyuan_image_3.image_processing import ImageProcessor, VaeCondImage, VitCondImage
+from diffgentor.engine.models.hunyuan_image_3.prompt import BuiltPrompt, PromptBuilder
+from diffgentor.engine.models.hunyuan_image_3.sampling import SamplingParams
+from diffgentor.engine.models.hunyuan_image_3.stage_machine import StageMachine
+from diffgentor.engine.models.hunyuan_image_3.system_prompt import SystemPrompts
+from diffgentor.engine.models.hunyuan_image_3.tokenizer import HunyuanTokenizer
+from diffgentor.engine.request import GenerationRequest, RequestStatus
+
+BOT_TASKS = ("image", "auto", "recaption", "think_recaption", "think")
+MAX_COND_IMAGES = 3
+MAX_IMAGE_PIXELS = 64 * 1024 * 1024
+
+
+class RequestError(ValueError):
+    """A request that cannot run (bad image, size, task, budget): reported to that request only."""
+
+
+@dataclass
+class SeqState:
+    """One row of a request (cond, or the CFG uncond row): its tokens and how many have KV."""
+
+    seq_id: str
+    token_ids: list[int]
+    layout: BuiltPrompt
+    num_computed: int = 0
+    cacheable: int = 0  # tokens whose full blocks may enter the prefix cache (never the generated image)
+    allocated: bool = False
+
+
+@dataclass
+class ProcessorContext:
+    """What input processing needs from the loaded checkpoint (shared by all requests)."""
+
+    config: HunyuanImage3Config
+    defaults: GenerationDefaults
+    tokenizer: HunyuanTokenizer
+    builder: PromptBuilder
+    images: ImageProcessor
+    system_prompts: SystemPrompts | None
+    request_defaults: dict[str, Any] = field(default_factory=dict)  # env-imposed defaults (EngineConfig)
+
+
+@dataclass
+class RequestState:
+    req: GenerationRequest
+    request_id: str
+    seed: int
+    bot_task: str
+    system_prompt: str
+    sampling: SamplingParams
+    max_new_tokens: int
+    num_steps: int
+    guidance_scale: float
+    flow_shift: float
+    use_cfg: bool
+    use_taylor_cache: bool
+    align_image_size: bool
+    vae_images: list[VaeCondImage]
+    vit_images: list[VitCondImage | None]
+    image_digests: list[str]
+    machine: StageMachine
+    cond: SeqState
+    phase: str  # "text" | "image"
+    status: RequestStatus = RequestStatus.WAITING
+    uncond: SeqState | None = None
+    ratio_index: int | None = None
+    step: int = 0
+    sent_to_worker: bool = False
+    diffusion_started: bool = False
+    generated: list[int] = field(default_factory=list)
+    text_sent: str = ""
+    arrival: float = field(default_factory=time.perf_counter)
+    times: dict[str, float] = field(default_factory=dict)
+    num_prompt_tokens: int = 0
+    num_preemptions: int = 0
+
+    @property
+    def rows(self) -> list[SeqState]:
+        return [self.cond] + ([self.uncond] if self.uncond is not None else [])
+
+    def mark(self, name: str) -> None:
+        self.times.setdefault(name, time.perf_counter())
+
+
+def _decode_image(data: bytes, i: int):
+    from PIL import Image
+
+    try:
+        img = Image.open(io.BytesIO(data))
+        if img.width * img.height > MAX_IMAGE_PIXELS:
+            raise RequestError(f"input image {i} has {img.width}x{img.height} pixels; the limit is {MAX_IMAGE_PIXELS}")
+        img.load()
+        return img.convert("RGB")
+    except RequestError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any decoder failure is this request's error
+        raise RequestError(f"input image {i} could not be read: {type(e).__name__}: {e}") from None
+
+
+def _pick(value, default):
+    return default if value is None else value
+
+
+def build_request_state(ctx: ProcessorContext, req: GenerationRequest) -> RequestState:
+    """Validate and preprocess a request (no model work, no KV blocks)."""
+    d, env = ctx.defaults, ctx.request_defaults
+    if not isinstance(req.prompt, str) or not req.prompt.strip():
+        raise RequestError("prompt must be a non-empty string")
+    bot_task = req.bot_task or env.get("bot_task") or d.bot_task
+    if bot_task not in BOT_TASKS:
+        raise RequestError(f"unknown bot_task {bot_task!r}; expected one of {', '.join(BOT_TASKS)}")
+    if len(req.images) > MAX_COND_IMAGES:
+        raise RequestError(f"{len(req.images)} input images; at most {MAX_COND_IMAGES} are supported")
+    max_new = _pick(req.max_new_tokens, env.get("max_new_tokens") or d.max_new_tokens)
+    if max_new <= 0:
+        raise RequestError(f"max_new_tokens must be positive, got {max_new}")
+    steps = _pick(req.num_inference_steps, env.get("num_inference_steps") or d.diff_infer_steps)
+    if steps <= 0:
+        raise RequestError(f"num_inference_steps must be positive, got {steps}")
+    guidance = float(_pick(req.guidance_scale, d.diff_guidance_scale))
+    if guidance < 0:
+        raise RequestError(f"guidance_scale must be >= 0, got {guidance}")
+    shift = float(_pick(req.flow_shift, d.flow_shift))
+    try:
+        sampling = SamplingParams(
+            do_sample=_pick(req.do_sample, d.do_sample),
+            temperature=float(_pick(req.temperature, d.temperature)),
+            top_k=int(_pick(req.top_k, d.top_k)),
+            top_p=float(_pick(req.top_p, d.top_p)),
+        )
+    except ValueError as e:
+        raise RequestError(str(e)) from None
+    image_size = req.image_size or "auto"
+    fixed_ratio = None
+    if image_size != "auto":
+        try:
+            fixed_ratio, _ = ctx.builder.resolution.parse_size(image_size)
+        except ValueError as e:
+            raise RequestError(f"invalid image size {image_size!r}: {e}") from None
+
+    kind = _pick(req.use_system_prompt, env.get("use_system_prompt") or d.use_system_prompt)
+    try:
+        if kind == "custom" or (req.system_prompt is not None and req.use_system_prompt is None):
+            system = (req.system_prompt or "").strip()
+        elif ctx.system_prompts is None:
+            if kind not in (None, "None", "none", ""):
+                raise RequestError(f"use_system_prompt {kind!r} needs the checkpoint's system_prompt.py")
+            system = ""
+        else:
+            system = ctx.system_prompts.resolve(kind, bot_task, custom=req.system_prompt)
+    except RequestError:
+        raise
+    except ValueError as e:
+        raise RequestError(str(e)) from None
+
+    align = bool(_pick(req.infer_align_image_size, env.get("infer_align_image_size", False)))
+    pils = [_decode_image(b, i) for i, b in enumerate(req.images)]
+    vae_images = [ctx.images.vae_image(p, align_image_size=align) for p in pils]
+    vit_images = [ctx.images.vit_image(p) if ctx.config.has_vision else None for p in pils]
+    layouts = [cond_layout(v, t, ctx.config.latent_downsample) for v, t in zip(vae_images, vit_images)]
+    digests = [hashlib.sha256(b).hexdigest() for b in req.images]
+
+    try:
+        machine = StageMachine.for_request(
+            ctx.tokenizer, bot_task=bot_task, image_size=image_size, base_size=ctx.config.image_base_size,
+            template=d.sequence_template, max_new_tokens=max_new,
+        )
+    except ValueError as e:
+        raise RequestError(str(e)) from None
+    use_cfg = not ctx.config.cfg_distilled and guidance > 1.0
+    seed = int(_pick(req.seed, 42))
+    rid = req.request_id
+    if machine.prompt_task is not None:
+        layout = ctx.builder.text_prompt(req.prompt, task=machine.prompt_task, system_prompt=system,
+                                         cond_images=layouts)
+        phase = "text"
+    else:
+        layout = ctx.builder.image_prompt(req.prompt, ratio_index=fixed_ratio, system_prompt=system,
+                                          cond_images=layouts, cfg=use_cfg)
+        phase = "image"
+    limit = ctx.config.max_position_embeddings
+    need = len(layout) + (max_new + _max_image_tokens(ctx) if phase == "text" else 0)
+    if len(layout) > limit:
+        raise RequestError(f"the prompt needs {len(layout)} tokens; the model allows {limit}")
+    state = RequestState(
+        req=req, request_id=rid, seed=seed, bot_task=bot_task, system_prompt=system, sampling=sampling,
+        max_new_tokens=max_new, num_steps=int(steps), guidance_scale=guidance, flow_shift=shift, use_cfg=use_cfg,
+        use_taylor_cache=bool(_pick(req.use_taylor_cache, env.get("use_taylor_cache", False))),
+        align_image_size=align, vae_images=vae_images, vit_images=vit_images, image_digests=digests,
+        machine=machine, cond=SeqState(f"{rid}#cond", list(layout.token_ids), layout), phase=phase,
+        ratio_index=fixed_ratio, num_prompt_tokens=len(layout),
+    )
+    state.times["max_tokens_estimate"] = float(need)
+    if phase == "image":
+        enter_image_phase(ctx, state, layout)
+    return state
+
+
+def _max_image_tokens(ctx: ProcessorContext) -> int:
+    ds = ctx.config.latent_downsample
+    return max((h // ds) * (w // ds) for h, w in ctx.builder.resolution.buckets) + 8
+
+
+def enter_image_phase(ctx: ProcessorContext, st: RequestState, layout: BuiltPrompt | None = None) -> None:
+    """Switch a request to its image-phase sequence(s); the cond row keeps the KV of the common prefix."""
+    if layout is None:
+        layouts = [cond_layout(v, t, ctx.config.latent_downsample) for v, t in zip(st.vae_images, st.vit_images)]
+        layout = ctx.builder.image_prompt(
+            st.req.prompt, ratio_index=st.ratio_index, system_prompt=st.system_prompt, cond_images=layouts,
+            cot_ids=st.machine.cot_ids or None, cfg=st.use_cfg,
+        )
+    if len(layout) > ctx.config.max_position_embeddings:
+        raise RequestError(f"the image-phase sequence needs {len(layout)} tokens; the model allows "
+                           f"{ctx.config.max_position_embeddings}")
+    ids = list(layout.token_ids)
+    keep = _common_prefix(st.cond.token_ids[: st.cond.num_computed], ids)
+    st.cond.token_ids, st.cond.layout = ids, layout
+    st.cond.num_computed = min(st.cond.num_computed, keep)
+    st.cond.cacheable = layout.gen_timestep_index
+    if st.use_cfg:
+        st.uncond = SeqState(f"{st.request_id}#uncond", list(layout.uncond_token_ids), layout,
+                             cacheable=layout.gen_timestep_index)
+    st.phase = "image"
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+def block_extra_keys(st: RequestState, seq: SeqState, block_size: int, num_tokens: int) -> list[Any]:
+    """Per-block prefix-cache keys: blocks holding image tokens carry the image's digest (and the seed for
+    the VAE run, whose latents are sampled); the generated image makes a block unique to the request."""
+    n_blocks = num_tokens // block_size
+    keys: list[Any] = [None] * n_blocks
+    for slot in seq.layout.image_slots:
+        if slot.kind == "gen":
+            key = ("gen", st.request_id)
+        elif slot.kind == "cond_vae":
+            key = ("vae", st.image_digests[slot.cond_index], st.seed)
+        else:
+            key = ("vit", st.image_digests[slot.cond_index])
+        for b in range(slot.start // block_size, min(n_blocks, -(-slot.end // block_size))):
+            keys[b] = key if keys[b] is None else (keys[b], key)
+    return keys

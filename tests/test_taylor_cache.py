@@ -1,0 +1,344 @@
+"""Taylor cache (spec §4.8): schedule, frequency split, extrapolation, per-request state, official parity."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from diffgentor.engine.models.hunyuan_image_3.taylor_cache import (
+    TaylorCache,
+    TaylorCacheConfig,
+    frequency_split,
+    full_step_schedule,
+)
+
+REF_CACHE_UTILS = Path("/work/ref/hunyuan_image_3/cache_utils.py")
+
+FIRST = TaylorCacheConfig(enable_first_enhance=True)
+TAIL = TaylorCacheConfig(enable_tailing_enhance=True)
+BOTH = TaylorCacheConfig(enable_first_enhance=True, enable_tailing_enhance=True)
+
+# Full steps written out from the official counter rule: the counter is reset by a full step, grows by one per
+# skipped step, and a step is full when the counter already equals interval - 1 (so 4 skipped steps in between).
+SCHEDULES = [
+    (TaylorCacheConfig(), 8, [0, 5]),
+    (FIRST, 8, [0, 1, 2, 7]),
+    (TAIL, 8, [0, 5, 7]),
+    (BOTH, 8, [0, 1, 2, 7]),
+    (TaylorCacheConfig(), 50, [0, 5, 10, 15, 20, 25, 30, 35, 40, 45]),
+    (FIRST, 50, [0, 1, 2, 7, 12, 17, 22, 27, 32, 37, 42, 47]),
+    (TAIL, 50, [0, 5, 10, 15, 20, 25, 30, 35, 40, 45, 49]),
+    (BOTH, 50, [0, 1, 2, 7, 12, 17, 22, 27, 32, 37, 42, 47, 49]),
+    (TaylorCacheConfig(enable_tailing_enhance=True, tailing_enhance_steps=3), 8, [0, 5, 6, 7]),
+    (TaylorCacheConfig(enable_first_enhance=True, first_enhance_steps=6), 8, [0, 1, 2, 3, 4, 5]),
+    (TaylorCacheConfig(interval=1), 8, list(range(8))),
+    (TaylorCacheConfig(interval=2), 8, [0, 2, 4, 6]),
+    (TaylorCacheConfig(interval=3, enable_first_enhance=True, first_enhance_steps=2), 8, [0, 1, 4, 7]),
+]
+
+
+@pytest.mark.parametrize(("config", "num_steps", "full_steps"), SCHEDULES)
+def test_schedule(config, num_steps, full_steps):
+    expected = [step in full_steps for step in range(num_steps)]
+    assert full_step_schedule(config, num_steps) == expected
+    cache = TaylorCache(config, num_steps)
+    assert [cache.is_full_step(s) for s in range(num_steps)] == expected
+    assert list(cache.schedule) == expected
+
+
+def test_defaults_are_official_cli_defaults():
+    cfg = TaylorCacheConfig()
+    assert (cfg.interval, cfg.max_order, cfg.low_freqs_order, cfg.high_freqs_order) == (5, 2, 2, 2)
+    assert (cfg.enable_first_enhance, cfg.first_enhance_steps) == (False, 3)
+    assert (cfg.enable_tailing_enhance, cfg.tailing_enhance_steps) == (False, 1)
+    assert (cfg.effective_low_order, cfg.effective_high_order) == (2, 2)
+    with pytest.raises(ValueError):
+        TaylorCacheConfig(interval=0)
+    with pytest.raises(ValueError):
+        TaylorCache(cfg, 0)
+
+
+def test_effective_orders():
+    assert TaylorCacheConfig(low_freqs_order=2, high_freqs_order=0).effective_low_order == 1
+    assert TaylorCacheConfig(low_freqs_order=0, high_freqs_order=2).effective_low_order == 0
+    assert TaylorCacheConfig(max_order=1).effective_low_order == 1
+    assert TaylorCacheConfig(max_order=1).effective_high_order == 1
+    assert TaylorCacheConfig(high_freqs_order=5).effective_high_order == 2
+
+
+def _polynomial(coeffs: list[torch.Tensor]):
+    return lambda step: sum(c * float(step) ** i for i, c in enumerate(coeffs))
+
+
+def _run(cache: TaylorCache, trajectory, dtype=None) -> dict[int, torch.Tensor]:
+    """Drive a cache over all steps; returns the predictions at skipped steps."""
+    preds = {}
+    for step in range(cache.num_steps):
+        if cache.is_full_step(step):
+            hidden = trajectory(step)
+            cache.update(step, hidden if dtype is None else hidden.to(dtype))
+        else:
+            preds[step] = cache.predict(step)
+    return preds
+
+
+def _coeffs(degree: int, shape=(32, 16), seed=0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    scales = [1.0, 0.1, 1e-3]
+    return [torch.randn(shape, generator=g, dtype=torch.float64) * scales[i] for i in range(degree + 1)]
+
+
+@pytest.mark.parametrize("degree", [0, 1])
+@pytest.mark.parametrize("config", [TaylorCacheConfig(), FIRST, TaylorCacheConfig(max_order=1)])
+def test_prediction_exact_for_constant_and_linear(degree, config):
+    traj = _polynomial(_coeffs(degree))
+    cache = TaylorCache(config, 50)
+    preds = _run(cache, traj)
+    fed = 0
+    for step in range(50):
+        if cache.is_full_step(step):
+            fed += 1 if not (config.enable_first_enhance and step < config.first_enhance_steps - 1) else 0
+            continue
+        if fed > degree:  # a slope needs two stored full steps
+            torch.testing.assert_close(preds[step], traj(step), atol=1e-4, rtol=0)
+
+
+def test_prediction_quadratic_is_official_backward_difference_taylor():
+    """D2 is exact for a quadratic, but D1 is the mid-interval slope, so a c*s^2 term leaves c*delta*d error."""
+    a, b, c = _coeffs(2)
+    traj = _polynomial([a, b, c])
+    cache = TaylorCache(TaylorCacheConfig(), 50)
+    preds = _run(cache, traj)
+    for step, pred in preds.items():
+        last = (step // 5) * 5
+        d = step - last
+        if last == 0:
+            expected = traj(0)
+        elif last == 5:
+            expected = traj(5) + (b + c * 5) * d  # D1 only: (X5 - X0) / 5
+        else:
+            slope = b + c * (2 * last - 5)
+            expected = traj(last) + slope * d + c * d**2
+            torch.testing.assert_close(pred - traj(step), -c * 5 * d, atol=1e-4, rtol=0)
+        torch.testing.assert_close(pred, expected, atol=1e-4, rtol=0)
+
+
+def test_frequency_split_reconstructs_and_separates():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 64, 8, generator=g)
+    low, high = frequency_split(x)
+    assert low.shape == high.shape == x.shape and low.dtype == x.dtype
+    torch.testing.assert_close(low + high, x, atol=1e-5, rtol=0)
+    # n = 64: |f| = k/64 <= 0.1 * 0.5 keeps k <= 3 in the low part
+    t = torch.arange(64, dtype=torch.float32)[:, None].expand(64, 8)
+    slow, fast = torch.cos(2 * math.pi * 3 * t / 64), torch.cos(2 * math.pi * 4 * t / 64)
+    lo, hi = frequency_split(slow)
+    torch.testing.assert_close(lo, slow, atol=1e-5, rtol=0)
+    torch.testing.assert_close(hi, torch.zeros_like(slow), atol=1e-5, rtol=0)
+    lo, hi = frequency_split(fast)
+    torch.testing.assert_close(lo, torch.zeros_like(fast), atol=1e-5, rtol=0)
+    torch.testing.assert_close(hi, fast, atol=1e-5, rtol=0)
+    # bf16 in, bf16 out (FFT itself in fp32)
+    lo, hi = frequency_split(x.bfloat16())
+    assert lo.dtype == hi.dtype == torch.bfloat16
+    torch.testing.assert_close((lo.float() + hi.float()), x, atol=5e-2, rtol=0)
+
+
+def test_unequal_orders_use_the_split():
+    """With unequal part orders the prediction is not the unsplit one: the high part is held constant."""
+    traj = _polynomial(_coeffs(1, shape=(64, 4), seed=3))
+    split = _run(TaylorCache(TaylorCacheConfig(high_freqs_order=0, low_freqs_order=1), 20), traj)
+    plain = _run(TaylorCache(TaylorCacheConfig(max_order=1), 20), traj)
+    # D1 exists from step 6 on: low part extrapolated, high part frozen at the last full step
+    x5 = traj(5)
+    _, high5 = frequency_split(x5)
+    low7, _ = frequency_split(traj(7))
+    torch.testing.assert_close(split[7], low7 + high5, atol=1e-5, rtol=0)
+    assert not torch.allclose(split[7], plain[7], atol=1e-5)
+
+
+def test_requests_are_independent():
+    traj_a = _polynomial(_coeffs(2, seed=10))
+    traj_b = _polynomial(_coeffs(2, seed=11))
+    solo_a = _run(TaylorCache(TaylorCacheConfig(), 20), traj_a)
+    solo_b = _run(TaylorCache(FIRST, 20), traj_b)
+    a, b = TaylorCache(TaylorCacheConfig(), 20), TaylorCache(FIRST, 20)
+    preds_a, preds_b = {}, {}
+    for step in range(20):  # interleaved, as in a batch
+        for cache, traj, preds in ((a, traj_a, preds_a), (b, traj_b, preds_b)):
+            if cache.is_full_step(step):
+                cache.update(step, traj(step))
+            else:
+                preds[step] = cache.predict(step)
+    assert preds_a.keys() == solo_a.keys() and preds_b.keys() == solo_b.keys()
+    for step in preds_a:
+        assert torch.equal(preds_a[step], solo_a[step])
+    for step in preds_b:
+        assert torch.equal(preds_b[step], solo_b[step])
+
+
+def test_reset_clears_state():
+    traj = _polynomial(_coeffs(1))
+    cache = TaylorCache(TaylorCacheConfig(), 12)
+    first = _run(cache, lambda s: traj(s))
+    cache2 = TaylorCache(TaylorCacheConfig(), 12)
+    cache2.update(0, traj(0))
+    cache2.update(5, traj(5))
+    assert cache2.orders == (2, 2) and cache2.nbytes > 0 and cache2.last_full_step == 5
+    cache2.reset()
+    assert cache2.orders == (0, 0) and cache2.nbytes == 0 and cache2.last_full_step is None
+    with pytest.raises(RuntimeError):
+        cache2.predict(6)
+    again = _run(cache2, traj)
+    assert first.keys() == again.keys()
+    for step in first:
+        assert torch.equal(first[step], again[step])
+
+
+def test_tables_released_after_last_step():
+    traj = _polynomial(_coeffs(1))
+    cache = TaylorCache(TAIL, 8)
+    _run(cache, traj)
+    assert cache.nbytes == 0
+    cache = TaylorCache(TaylorCacheConfig(), 8)  # step 7 is skipped: released after its prediction
+    preds = _run(cache, traj)
+    assert 7 in preds and cache.nbytes == 0
+
+
+def test_first_enhance_stores_only_from_window_end():
+    traj = _polynomial(_coeffs(1))
+    cache = TaylorCache(FIRST, 10)
+    cache.update(0, traj(0))
+    cache.update(1, traj(1))
+    assert cache.orders == (0, 0)
+    cache.update(2, traj(2))
+    assert cache.orders == (1, 1)
+    torch.testing.assert_close(cache.predict(3), traj(2), atol=1e-5, rtol=0)
+
+
+def test_misuse_raises():
+    x = torch.randn(16, 8)
+    cache = TaylorCache(TaylorCacheConfig(), 10)
+    with pytest.raises(ValueError):
+        cache.update(1, x)  # skipped step
+    with pytest.raises(ValueError):
+        cache.predict(0)  # full step
+    with pytest.raises(RuntimeError):
+        cache.predict(1)  # nothing stored
+    with pytest.raises(ValueError):
+        cache.is_full_step(10)
+    cache.update(0, x)
+    with pytest.raises(ValueError):
+        cache.update(5, torch.randn(17, 8))  # shape change
+    with pytest.raises(RuntimeError):
+        cache.predict(6)  # step 5 was never fed
+    cache.update(5, x)
+    with pytest.raises(ValueError):
+        cache.update(5, x)  # same step twice
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Parity with the official cache_utils.py (only needs torch), driven by the official model-level counter logic.
+
+
+@pytest.fixture(scope="module")
+def ref_cache_utils():
+    if not REF_CACHE_UTILS.is_file():
+        pytest.skip(f"official reference not found at {REF_CACHE_UTILS}")
+    spec = importlib.util.spec_from_file_location("_ref_hunyuan_cache_utils", REF_CACHE_UTILS)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    for name in ("decomposition_FFT", "reconstruction"):  # skip torch.compile: same maths, no compiler needed
+        fn = getattr(module, name)
+        setattr(module, name, getattr(fn, "_torchdynamo_orig_callable", fn))
+    return module
+
+
+def _official_run(ref, config: TaylorCacheConfig, num_steps: int, trajectory):
+    """Our transcription of the official forward's Taylor branch, around the official container."""
+    cd = ref.cache_init(
+        cache_interval=config.interval,
+        max_order=config.max_order,
+        num_steps=num_steps,
+        enable_first_enhance=config.enable_first_enhance,
+        first_enhance_steps=config.first_enhance_steps,
+        enable_tailing_enhance=config.enable_tailing_enhance,
+        tailing_enhance_steps=config.tailing_enhance_steps,
+        low_freqs_order=config.low_freqs_order,
+        high_freqs_order=config.high_freqs_order,
+    )
+    container = ref.CacheWithFreqsContainer(cd["max_order"])
+    counter, last_full = 0, 0
+    schedule, preds = [], {}
+    for step in range(num_steps):
+        cd["current_step"] = step
+        full = (
+            step == 0
+            or counter == cd["cache_interval"] - 1
+            or (cd["enable_first_enhance"] and step < cd["first_enhance_steps"])
+            or (cd["enable_tailing_enhance"] and step >= cd["num_steps"] - cd["tailing_enhance_steps"])
+        )
+        schedule.append(full)
+        if full:
+            counter = 0
+            hidden = trajectory(step)
+            if not (cd["enable_first_enhance"] and step < cd["first_enhance_steps"] - 1):
+                container.derivatives_computation(
+                    hidden,
+                    distance=step - last_full,
+                    low_freqs_order=cd["low_freqs_order"],
+                    high_freqs_order=cd["high_freqs_order"],
+                )
+            last_full = step
+        else:
+            counter += 1
+            preds[step] = container.taylor_formula(distance=counter)
+        if step == num_steps - 1:
+            container.clear_derivatives()
+    return schedule, preds
+
+
+PARITY_CONFIGS = [
+    TaylorCacheConfig(),
+    FIRST,
+    TAIL,
+    BOTH,
+    TaylorCacheConfig(interval=3, max_order=1, low_freqs_order=1, high_freqs_order=1),
+    TaylorCacheConfig(low_freqs_order=0, high_freqs_order=2),  # cache_init's own defaults
+    TaylorCacheConfig(low_freqs_order=2, high_freqs_order=0),  # low part capped at high + 1
+    TaylorCacheConfig(low_freqs_order=2, high_freqs_order=1),
+    TaylorCacheConfig(low_freqs_order=3, high_freqs_order=3),  # max_order + 1: capped at max_order
+    TaylorCacheConfig(
+        interval=4,
+        enable_first_enhance=True,
+        first_enhance_steps=5,
+        enable_tailing_enhance=True,
+        tailing_enhance_steps=2,
+    ),
+]
+
+
+@pytest.mark.parametrize("num_steps", [8, 50])
+@pytest.mark.parametrize("config", PARITY_CONFIGS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_matches_official(ref_cache_utils, config, num_steps, dtype):
+    g = torch.Generator().manual_seed(num_steps + config.interval)
+    base = torch.randn(5, 2, 24, 8, generator=g)  # [coefficient, cfg row, tokens, dim]
+    noise = torch.randn(num_steps, 2, 24, 8, generator=g)
+
+    def trajectory(step):
+        s = step / num_steps
+        return (base[0] + base[1] * s + base[2] * s * s + base[3] * math.sin(3 * s) + 0.01 * noise[step]).to(dtype)
+
+    ref_schedule, ref_preds = _official_run(ref_cache_utils, config, num_steps, trajectory)
+    cache = TaylorCache(config, num_steps)
+    preds = _run(cache, trajectory)
+    assert list(cache.schedule) == ref_schedule
+    assert preds.keys() == ref_preds.keys()
+    for step in preds:
+        assert preds[step].dtype == ref_preds[step].dtype == dtype
+        torch.testing.assert_close(preds[step], ref_preds[step], atol=0, rtol=0)
