@@ -377,6 +377,23 @@ class KVCacheManager:
             self.pool.cache_block(table[i], hashes[i])
         self._num_cached[request_id] = num_full
 
+    def inflight_hashes(self) -> set[BlockHash]:
+        """Hashes of live requests' full prompt blocks that are not computed/registered yet: a request whose
+        next uncached block is among them can wait a step and hit the cache instead of computing it again."""
+        out: set[BlockHash] = set()
+        for rid, hashes in self._hashes.items():
+            out.update(hashes[self._num_cached.get(rid, 0):])
+        return out
+
+    def num_cached_prefix_blocks(self, hashes: Sequence[BlockHash]) -> int:
+        """Leading blocks of a hash chain that are in the prefix cache now (no side effects)."""
+        n = 0
+        for h in hashes:
+            if self.pool.get_cached_block(h) is None:
+                break
+            n += 1
+        return n
+
     def free(self, request_id: str) -> None:
         """Release the request's blocks, tail first (so its tail blocks are evicted before its prefix)."""
         table = self._table(request_id)

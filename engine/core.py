@@ -187,6 +187,10 @@ class EngineCore:
                 st.mark("diffusion_end")
                 st.status = RequestStatus.VAE_DECODE
                 self.scheduler.free_kv(st)  # the image needs no KV any more
+                if st.req.output_type == "latent":
+                    res = self._result(st, FinishReason.IMAGE)
+                    res.latents = self.runner.final_latents(rid).detach().cpu()
+                    events += self._finish(st, FinishReason.IMAGE, result=res)
         for rid, img in out.images.items():
             st = self.requests.get(rid)
             if st is not None:
@@ -245,6 +249,7 @@ class EngineCore:
         pil.save(buf, format="PNG")
         res = self._result(st, FinishReason.IMAGE)
         res.image = pil
+        res.latents = self.runner.final_latents(st.request_id).detach().cpu()
         events = [EngineEvent(request_id=st.request_id, kind="image", image_png=buf.getvalue())]
         return events + self._finish(st, FinishReason.IMAGE, result=res)
 

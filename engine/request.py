@@ -33,6 +33,7 @@ class GenerationRequest(msgspec.Struct, kw_only=True, omit_defaults=True):
     top_k: int | None = None
     use_taylor_cache: bool | None = None
     infer_align_image_size: bool | None = None
+    output_type: str = "pil"  # "pil": decode to an image; "latent": stop after diffusion (no VAE decode)
 
 
 class RequestStatus(enum.Enum):
@@ -75,6 +76,7 @@ class RequestResult(msgspec.Struct, kw_only=True):
     text: str = ""
     generated_ids: list[int] = msgspec.field(default_factory=list)
     image: Any = None  # PIL.Image in process; never serialised
+    latents: Any = None  # final latents (torch, in process) for checks and benchmarks
     image_size: tuple[int, int] | None = None
     ratio_index: int | None = None
     truncated: bool = False

@@ -127,6 +127,8 @@ def build_request_state(ctx: ProcessorContext, req: GenerationRequest) -> Reques
     bot_task = req.bot_task or env.get("bot_task") or d.bot_task
     if bot_task not in BOT_TASKS:
         raise RequestError(f"unknown bot_task {bot_task!r}; expected one of {', '.join(BOT_TASKS)}")
+    if req.output_type not in ("pil", "latent"):
+        raise RequestError(f"output_type must be 'pil' or 'latent', got {req.output_type!r}")
     if len(req.images) > MAX_COND_IMAGES:
         raise RequestError(f"{len(req.images)} input images; at most {MAX_COND_IMAGES} are supported")
     max_new = _pick(req.max_new_tokens, env.get("max_new_tokens") or d.max_new_tokens)

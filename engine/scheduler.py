@@ -20,7 +20,7 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from diffgentor.engine.block_manager import KVCacheManager
+from diffgentor.engine.block_manager import KVCacheManager, compute_block_hashes
 from diffgentor.engine.plan import Chunk, DiffusionStart, DiffusionStep, NewRequestData, SampleSpec, SchedulerOutput
 from diffgentor.engine.request import RequestStatus
 from diffgentor.engine.request_state import RequestState, SeqState, block_extra_keys
@@ -69,16 +69,21 @@ class Scheduler:
             return
         n = len(seq.token_ids)
         keys = block_extra_keys(st, seq, self.config.block_size, n)
+        # Hits are whole cached blocks, never the last prompt token (the KV manager's rule) and never a block
+        # holding generated-image tokens (those are never registered), so they are safe to attend to as is.
         hit = self.kv.get_computed_blocks(seq.seq_id, seq.token_ids[:n], keys)
-        limit = min(seq.cacheable, n) if seq.cacheable else n
-        seq.num_computed = max(seq.num_computed, min(hit, limit - 1 if limit > 0 else 0))
+        seq.num_computed = max(seq.num_computed, hit)
         seq.allocated = True
 
-    def _allocate(self, st: RequestState, seq: SeqState, end: int, plan: SchedulerOutput) -> bool:
-        """Grow `seq` to `end` tokens, preempting later-admitted requests if needed; False if impossible."""
+    def _allocate(self, st: RequestState, seq: SeqState, end: int, plan: SchedulerOutput, admitting: bool) -> bool:
+        """Grow `seq` to `end` tokens; a running request may preempt later-admitted ones (an admission never
+        preempts). False if the blocks cannot be had."""
         self._ensure_seq(st, seq)
         while self.kv.allocate_slots(seq.seq_id, end) is None:
-            victim = next((r for r in reversed(self.running) if r is not st and not self._in_plan(r, plan)), None)
+            if admitting:
+                return False
+            later = self.running[self.running.index(st) + 1:]
+            victim = next((r for r in reversed(later) if not self._in_plan(r, plan)), None)
             if victim is None:
                 return False
             self.preempt(victim)
@@ -105,6 +110,16 @@ class Scheduler:
         st.status = RequestStatus.WAITING
         self.waiting.appendleft(st)
 
+    def _prefix_in_flight(self, st: RequestState) -> bool:
+        if not self.kv.enable_prefix_caching or st.cond.allocated:
+            return False
+        seq = st.cond
+        n = len(seq.token_ids)
+        hashes = compute_block_hashes(seq.token_ids, self.config.block_size,
+                                      block_extra_keys(st, seq, self.config.block_size, n))
+        i = self.kv.num_cached_prefix_blocks(hashes)
+        return i < len(hashes) and hashes[i] in self.kv.inflight_hashes()
+
     # ------------------------------------------------------------------ one step
     def schedule(self) -> SchedulerOutput:
         plan = SchedulerOutput()
@@ -116,6 +131,8 @@ class Scheduler:
             st = self.waiting[0]
             if budget <= 0 and st.status is not RequestStatus.VAE_DECODE:
                 break
+            if self.running and self._prefix_in_flight(st):
+                break  # another request is computing this prompt's next blocks: wait a step and hit the cache
             used = self._schedule_request(st, plan, budget, admitting=True)
             if used < 0:
                 break
@@ -152,8 +169,8 @@ class Scheduler:
             if plan.chunks or budget <= 0:
                 return -1 if admitting else 0
             end = chunk_end(start, target, target - start, seq.layout.full_attn_spans)
-        if not self._allocate(st, seq, end, plan):
-            return self._cannot_fit(st, admitting)
+        if not self._allocate(st, seq, end, plan, admitting):
+            return self._cannot_fit(st, plan, admitting)
         sample = None
         if end == target:
             m = st.machine
@@ -177,8 +194,8 @@ class Scheduler:
                     if plan.chunks or used:
                         break
                     end = chunk_end(start, ts, ts - start, layout.full_attn_spans)
-                if not self._allocate(st, seq, end, plan):
-                    return self._cannot_fit(st, admitting) if not used else used
+                if not self._allocate(st, seq, end, plan, admitting):
+                    return self._cannot_fit(st, plan, admitting)
                 used += self._add_chunk(st, seq, start, end, plan)
             if admitting and not used:
                 return -1
@@ -191,8 +208,8 @@ class Scheduler:
         if need > budget and (plan.chunks or budget < 0):
             return -1 if admitting else 0
         for seq in st.rows:
-            if not self._allocate(st, seq, slot_end, plan):
-                return self._cannot_fit(st, admitting)
+            if not self._allocate(st, seq, slot_end, plan, admitting):
+                return self._cannot_fit(st, plan, admitting)
         if not st.diffusion_started:
             h, w = layout.slots("gen")[0].grid
             plan.diffusion_starts.append(DiffusionStart(st.request_id, (h, w), st.num_steps, st.flow_shift,
@@ -208,12 +225,22 @@ class Scheduler:
         st.status = RequestStatus.DIFFUSE
         return need
 
-    def _cannot_fit(self, st: RequestState, admitting: bool) -> int:
+    def _cannot_fit(self, st: RequestState, plan: SchedulerOutput, admitting: bool) -> int:
+        """The request's blocks cannot be had this step: drop what it put in the plan, then wait
+        (admission) or preempt itself (running)."""
+        self._drop_from_plan(st, plan)
         if admitting:
             self.free_kv(st)
+            for seq in st.rows:
+                seq.num_computed = 0
             return -1
         self.preempt(st)
         return 0
+
+    @staticmethod
+    def _drop_from_plan(st: RequestState, plan: SchedulerOutput) -> None:
+        plan.chunks[:] = [c for c in plan.chunks if c.request_id != st.request_id]
+        plan.diffusion_steps[:] = [d for d in plan.diffusion_steps if d.request_id != st.request_id]
 
 
 def st_ratio_ids(st: RequestState) -> tuple[int, ...]:

@@ -30,7 +30,7 @@ from .model import HunyuanImage3ForCausalMM
 from .prompt import BuiltPrompt, CondImageLayout, PromptBuilder
 from .sampling import SamplingParams, make_generator, sample_row
 from .stage_machine import StageMachine
-from .system_prompt import SystemPrompts
+from .system_prompt import SystemPromptError, SystemPrompts
 from .tokenizer import HunyuanTokenizer
 
 BOT_TASKS = ("image", "auto", "recaption", "think_recaption", "think")
@@ -159,7 +159,10 @@ class HunyuanImage3Pipeline:
             if kind in (None, "None", "none", ""):
                 return ""
             raise RequestError(f"use_system_prompt {kind!r} needs the checkpoint's system_prompt.py")
-        return self.system_prompts.resolve(kind, bot_task, custom=req.system_prompt)
+        try:
+            return self.system_prompts.resolve(kind, bot_task, custom=req.system_prompt)
+        except SystemPromptError as e:
+            raise RequestError(str(e)) from None
 
     def _validate(self, req: ImageRequest) -> str:
         bot_task = req.bot_task or self.defaults.bot_task
@@ -175,17 +178,27 @@ class HunyuanImage3Pipeline:
         return bot_task
 
     # ------------------------------------------------------------------ condition images
+    @staticmethod
+    def load_images(images: Sequence[Any]) -> list[Image.Image]:
+        """Decode every input image (PIL, path or bytes) to RGB; the first unreadable one is a RequestError."""
+        out: list[Image.Image] = []
+        for i, src in enumerate(images):
+            try:
+                out.append(load_image(src))
+            except Exception as e:  # noqa: BLE001 - any decoder failure is the request's error
+                raise RequestError(f"input image {i} could not be read: {e}") from None
+        return out
+
     def prepare_conditions(
         self, images: Sequence[Any], generator: torch.Generator, align: bool
     ) -> list[CondImage]:
-        """Preprocess, VAE-encode (posterior sample from `generator`, in input order) and embed."""
+        """Preprocess, VAE-encode (posterior sample from `generator`, in input order) and embed.
+
+        Every image is decoded before the first one is encoded, so a bad image costs no model work.
+        """
         out: list[CondImage] = []
         model = self.model
-        for i, src in enumerate(images):
-            try:
-                pil = load_image(src)
-            except Exception as e:  # noqa: BLE001 - any decoder failure is the request's error
-                raise RequestError(f"input image {i} could not be read: {e}") from None
+        for pil in self.load_images(images):
             vae = self.images.vae_image(pil, align_image_size=align)
             vit = self.images.vit_image(pil) if self.config.has_vision else None
             bh, bw = vae.size_hw
@@ -378,7 +391,14 @@ class HunyuanImage3Pipeline:
         return out
 
     # ------------------------------------------------------------------ the whole request
-    def generate(self, req: ImageRequest, trace: bool = False, on_token: Any = None) -> ImageResult:
+    def generate(
+        self, req: ImageRequest, trace: bool = False, on_token: Any = None, reuse_text_kv: bool = True
+    ) -> ImageResult:
+        """Run `req` end to end.
+
+        `reuse_text_kv=False` runs the image phase in a fresh cache (every token re-prefilled) instead of
+        over the text phase's KV pages (decision 2); both give the same result, up to rounding.
+        """
         bot_task = self._validate(req)
         cfg = self.config
         timings: dict[str, float] = {}
@@ -394,6 +414,7 @@ class HunyuanImage3Pipeline:
                 fixed_ratio, _ = self.builder.resolution.parse_size(req.image_size)
             except ValueError as e:
                 raise RequestError(str(e)) from None
+        images = self.load_images(req.images)  # an unreadable image fails before any model work
 
         machine = StageMachine.for_request(
             self.tok, bot_task=bot_task, image_size=req.image_size, base_size=cfg.image_base_size,
@@ -405,11 +426,11 @@ class HunyuanImage3Pipeline:
         t0 = time.perf_counter()
         if req.cond_latent_seed is not None and machine.prompt_task is not None:
             text_conds = self.prepare_conditions(
-                req.images, make_generator(req.cond_latent_seed), req.infer_align_image_size
+                images, make_generator(req.cond_latent_seed), req.infer_align_image_size
             )
         else:
             text_conds = None
-        conds = self.prepare_conditions(req.images, gen_rng, req.infer_align_image_size)
+        conds = self.prepare_conditions(images, gen_rng, req.infer_align_image_size)
         timings["encode_images"] = time.perf_counter() - t0
         layouts = [c.layout for c in conds]
 
@@ -455,8 +476,9 @@ class HunyuanImage3Pipeline:
             req.prompt, ratio_index=ratio_index, system_prompt=system, cond_images=layouts,
             cot_ids=cot_ids or None, cfg=use_cfg,
         )
-        if kv is None:
+        if kv is None or not reuse_text_kv:
             kv, pool = self.new_cache(2 * len(built))
+            cond_seq = _Seq()
         rows = [(cond_seq, built, list(built.token_ids))]
         if use_cfg:
             rows.append((_Seq(), built, list(built.uncond_token_ids)))
@@ -466,8 +488,9 @@ class HunyuanImage3Pipeline:
         slot = built.slots("gen")[0]
         latents = initial_noise(gen_rng, (1, cfg.latent_channels, *slot.grid))[0].to(self.model.device)
         g = guidance_value(guidance) if cfg.cfg_distilled else None
+        reused = min(_common_prefix(cond_seq.ids, rows[0][2]), built.gen_timestep_index)
         tr.update(image_prompt_ids=list(built.token_ids), init_latents=latents.clone(), step_preds=[],
-                  step_latents=[], conds=conds)
+                  step_latents=[], conds=conds, reused_kv_tokens=reused)
         t0 = time.perf_counter()
         for i in range(steps):
             sigma, sigma_next = sched.sigma_pair(i)

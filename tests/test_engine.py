@@ -1,0 +1,211 @@
+"""The engine core on the tiny model: batch invariance, golden generations, no leaks, prefix caching."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from diffgentor.engine.models.hunyuan_image_3.pipeline import HunyuanImage3Pipeline, ImageRequest
+from diffgentor.engine.offline import Engine
+from diffgentor.engine.request import FinishReason
+from diffgentor.engine.tiny_model import make_tiny
+
+
+@pytest.fixture(scope="module")
+def tiny_distil(tmp_path_factory):
+    return make_tiny(tmp_path_factory.mktemp("ckpt") / "tiny.Distil-3.0", distil=True)
+
+
+@pytest.fixture(scope="module")
+def tiny_instruct(tmp_path_factory):
+    return make_tiny(tmp_path_factory.mktemp("ckpt") / "tiny-instruct", distil=False)
+
+
+def _engine(path, **kw) -> Engine:
+    args = dict(num_kv_blocks=768, device="cpu", dtype="float32", max_num_seqs=16, max_num_batched_tokens=4096)
+    args.update(kw)
+    return Engine.from_pretrained(path, environ={}, **args)
+
+
+def _img(h: int, w: int, seed: int) -> bytes:
+    arr = (np.random.RandomState(seed).rand(h, w, 3) * 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _mixed_requests() -> list[dict]:
+    """8 requests mixing bot_tasks, sizes, 0-3 condition images and seeds."""
+    base = dict(max_new_tokens=6, num_inference_steps=3, output_type="latent")
+    imgs = [_img(64, 96, 1), _img(112, 48, 2), _img(80, 80, 3)]
+    specs = [
+        dict(bot_task="think_recaption", image_size="256x256", images=imgs[:1], seed=1),
+        dict(bot_task="recaption", image_size="208x304", images=imgs[:2], seed=2),
+        dict(bot_task="image", image_size="256x256", images=[], seed=3),
+        dict(bot_task="image", image_size="auto", images=imgs[1:2], seed=4),
+        dict(bot_task="think_recaption", image_size="256x256", images=imgs, seed=5),
+        dict(bot_task="auto", images=imgs[2:], seed=6),
+        dict(bot_task="image", image_size="352x160", images=imgs[:3], seed=7),
+        dict(bot_task="recaption", image_size="256x256", images=[], seed=8),
+    ]
+    return [dict(request_id=f"r{i}", prompt=f"make variant {i} of this", infer_align_image_size=False, **base, **s)
+            for i, s in enumerate(specs)]
+
+
+def _assert_same(a, b) -> None:
+    assert a.finish_reason == b.finish_reason, (a.request_id, a.error, b.error)
+    assert a.generated_ids == b.generated_ids, a.request_id
+    if a.latents is not None or b.latents is not None:
+        assert torch.allclose(a.latents, b.latents, atol=1e-4, rtol=0), (a.request_id,
+                                                                         (a.latents - b.latents).abs().max())
+
+
+def test_batch_invariance(tiny_distil):
+    reqs = _mixed_requests()
+    eng = _engine(tiny_distil)
+    batched = eng.generate(reqs)
+    assert all(r.error is None for r in batched), [r.error for r in batched]
+    assert {r.finish_reason for r in batched} == {FinishReason.IMAGE, FinishReason.TEXT} or \
+        {r.finish_reason for r in batched} == {FinishReason.IMAGE, FinishReason.LENGTH}
+    alone_engine = _engine(tiny_distil, enable_prefix_caching=False)
+    for req, got in zip(reqs, batched):
+        (alone,) = alone_engine.generate([req])
+        _assert_same(got, alone)
+    assert eng.core.kv.num_free_blocks == eng.core.kv.num_blocks
+    assert eng.core.stats.steps < sum(1 for _ in reqs) * 6  # they really ran together
+
+
+def test_cfg_rows_batch_invariance(tiny_instruct):
+    reqs = _mixed_requests()[:4]
+    eng = _engine(tiny_instruct)
+    batched = eng.generate(reqs)
+    for req, got in zip(reqs, batched):
+        (alone,) = _engine(tiny_instruct).generate([req])
+        _assert_same(got, alone)
+
+
+def test_engine_matches_reference_pipeline_with_full_reprefill(tiny_distil):
+    """Diffusion over the think phase's KV (engine) equals a fresh full prefill of the same sequence."""
+    img = _img(64, 96, 11)
+    eng = _engine(tiny_distil)
+    (res,) = eng.generate([dict(prompt="add a moon", images=[img], seed=5, max_new_tokens=8, num_inference_steps=3,
+                                image_size="256x256", infer_align_image_size=False, output_type="latent")])
+    pipe = HunyuanImage3Pipeline.from_pretrained(tiny_distil)
+    ref = pipe.generate(ImageRequest(prompt="add a moon", images=[img], seed=5, max_new_tokens=8,
+                                     num_inference_steps=3, image_size="256x256"), trace=True, reuse_text_kv=False)
+    assert res.generated_ids == ref.generated_ids
+    assert torch.allclose(res.latents, ref.trace["final_latents"], atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny_distil"])
+def test_golden_whole_generation_through_engine(golden_root, name):
+    gdir = golden_root / name
+    manifest = json.loads((gdir / "manifest.json").read_text())["files"]
+    key = "image_gen.safetensors" if name == "tiny" else "gen.safetensors"
+    entry = manifest[key]
+    golden = load_file(str(gdir / key))
+    images = []
+    system = None
+    if name == "tiny_distil":
+        images = [(gdir / f).read_bytes() for f in ("cond0_64x96.png", "cond1_112x48.png")]
+        text = entry["decoded_collapsed"][len("<|startoftext|>"):]
+        system = text[: text.index("\n\nUser: ")]
+    eng = _engine(gdir / "checkpoint")
+    (res,) = eng.generate([dict(
+        prompt=entry["prompt"], images=images, seed=entry["seed"], image_size="256x256", bot_task="image",
+        use_system_prompt="custom" if system else "None", system_prompt=system,
+        num_inference_steps=entry["steps"], guidance_scale=entry["guidance_scale"], infer_align_image_size=False,
+    )])
+    assert res.error is None
+    assert (res.latents - golden["final_latents"][0]).abs().max() < 1e-4
+    diff = np.abs(np.asarray(res.image).astype(int) - golden["image_uint8_hwc"].numpy().astype(int))
+    assert diff.max() <= 1 and (diff > 0).sum() < 64
+
+
+def test_no_leaks_with_finished_aborted_failed_and_preempted(tiny_distil, monkeypatch):
+    # few blocks: the requests cannot all hold their KV at once, so some get preempted
+    eng = _engine(tiny_distil, num_kv_blocks=100, max_num_batched_tokens=512)
+    core = eng.core
+    reqs = [eng.make_request(r) for r in _mixed_requests()]
+    bad = eng.make_request(dict(request_id="bad", prompt="x", images=[b"not an image"]))
+    assert core.add_request(bad)[0].kind == "error"  # rejected before taking a block
+    for r in reqs:
+        assert core.add_request(r) == []
+    # a request that fails inside the worker must fail alone
+    real = core.runner._run
+
+    def flaky(chunks, step_of):
+        if any(c.request_id == "r1" for _, c in chunks):
+            raise RuntimeError("injected failure")
+        return real(chunks, step_of)
+
+    monkeypatch.setattr(core.runner, "_run", flaky)
+    events = []
+    for _ in range(3):
+        events += core.step()
+    events += core.abort("r7")
+    while core.has_unfinished():
+        events += core.step()
+    core.run_until_done()
+    results = {rid: core.results[rid] for rid in [r.request_id for r in reqs]}
+    assert results["r1"].finish_reason == FinishReason.ERROR and "injected" in results["r1"].error
+    assert results["r7"].finish_reason == FinishReason.ABORT
+    ok = [r for rid, r in results.items() if rid not in ("r1", "r7")]
+    assert all(r.finish_reason in (FinishReason.IMAGE, FinishReason.TEXT, FinishReason.LENGTH) for r in ok)
+    assert core.scheduler.num_preemptions > 0
+    assert core.kv.num_free_blocks == core.kv.num_blocks
+    assert all(c == 0 for c in core.kv.pool.ref_cnt)
+    assert core.requests == {} and core.runner.requests == {}
+
+
+def test_prefix_cache_computes_shared_system_prompt_once(tiny_distil):
+    eng = _engine(tiny_distil, max_num_seqs=4)
+    reqs = [dict(prompt=f"a red cube number {i}", bot_task="image", image_size="256x256", seed=i,
+                 use_system_prompt="en_unified", num_inference_steps=1, output_type="latent") for i in range(16)]
+    results = eng.generate(reqs)
+    assert all(r.finish_reason == FinishReason.IMAGE for r in results)
+    stats = eng.core.kv.stats
+    system_tokens = len(eng.core.ctx.tokenizer.encode(eng.core.ctx.system_prompts.resolve("en_unified", "image")))
+    shared_blocks = system_tokens // eng.core.config.block_size
+    assert shared_blocks >= 1
+    assert stats.hits >= 15 * shared_blocks * eng.core.config.block_size
+    # computed once: prefill tokens fall well short of 16 full prompts
+    assert eng.core.stats.phase_tokens["prefill"] < 16 * results[0].num_prompt_tokens - 15 * system_tokens // 2
+
+
+def test_bad_requests_get_clear_errors(tiny_distil):
+    eng = _engine(tiny_distil)
+    img = _img(32, 32, 0)
+    bad = [
+        dict(prompt="x", images=[img] * 4),
+        dict(prompt="x", images=[b"\x89PNG garbage"]),
+        dict(prompt="x", max_new_tokens=0),
+        dict(prompt="x", bot_task="dance"),
+        dict(prompt="x", image_size="12x"),
+        dict(prompt="x", num_inference_steps=0),
+        dict(prompt=""),
+    ]
+    results = eng.generate(bad + [dict(prompt="fine", bot_task="image", image_size="256x256",
+                                       num_inference_steps=1, output_type="latent")])
+    for r in results[:-1]:
+        assert r.finish_reason == FinishReason.ERROR and r.error
+    assert results[-1].finish_reason == FinishReason.IMAGE
+    assert eng.core.kv.num_free_blocks == eng.core.kv.num_blocks
+    (bad_type,) = eng.generate([dict(prompt="x", output_type="jpeg")])
+    assert "output_type" in bad_type.error
+
+
+def test_stream_yields_text_then_image(tiny_distil):
+    eng = _engine(tiny_distil)
+    events = list(eng.stream([dict(request_id="s", prompt="a cat", bot_task="think_recaption",
+                                   image_size="256x256", max_new_tokens=5, num_inference_steps=1)]))
+    kinds = [e.kind for e in events]
+    assert kinds[-2:] == ["image", "finished"]
+    assert "text" in kinds and kinds.index("text") < kinds.index("image")
+    Image.open(io.BytesIO(events[-2].image_png)).verify()
