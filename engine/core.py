@@ -45,6 +45,9 @@ class StepStats:
     schedule_s: float = 0.0
     execute_s: float = 0.0
     update_s: float = 0.0
+    forward_s: float = 0.0
+    post_s: float = 0.0
+    vae_s: float = 0.0
     tokens: int = 0
     diffusion_steps: int = 0
     phase_tokens: dict[str, int] = field(default_factory=lambda: {"prefill": 0, "decode": 0, "diffuse": 0})
@@ -140,6 +143,9 @@ class EngineCore:
         s.schedule_s += t1 - t0
         s.execute_s += t2 - t1
         s.update_s += t3 - t2
+        s.forward_s += out.timings.get("forward", 0.0)
+        s.post_s += out.timings.get("post", 0.0)
+        s.vae_s += out.timings.get("vae", 0.0)
         s.tokens += plan.num_tokens
         s.diffusion_steps += len(plan.diffusion_steps)
         for c in plan.chunks:

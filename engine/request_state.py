@@ -91,6 +91,7 @@ class RequestState:
     times: dict[str, float] = field(default_factory=dict)
     num_prompt_tokens: int = 0
     num_preemptions: int = 0
+    taylor_schedule: list[bool] | None = None
 
     @property
     def rows(self) -> list[SeqState]:

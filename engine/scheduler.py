@@ -248,11 +248,9 @@ def st_ratio_ids(st: RequestState) -> tuple[int, ...]:
 
 
 def _taylor_full_step(st: RequestState) -> bool:
-    sched = st.times.get("_taylor_sched")
-    if sched is None:
-        from diffgentor.engine.models.hunyuan_image_3.taylor_cache import TaylorCache, TaylorCacheConfig
+    """Whether this denoising step runs the backbone (the Taylor cache extrapolates the others)."""
+    if st.taylor_schedule is None:
+        from diffgentor.engine.models.hunyuan_image_3.taylor_cache import TaylorCacheConfig, full_step_schedule
 
-        cache = TaylorCache(TaylorCacheConfig(), st.num_steps)
-        st.taylor_full = [cache.is_full_step(i) for i in range(st.num_steps)]  # type: ignore[attr-defined]
-        st.times["_taylor_sched"] = 1.0
-    return st.taylor_full[st.step]  # type: ignore[attr-defined]
+        st.taylor_schedule = full_step_schedule(TaylorCacheConfig(), st.num_steps)
+    return st.taylor_schedule[st.step]

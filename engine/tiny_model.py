@@ -448,14 +448,35 @@ def _write_json(path: Path, obj: Any) -> None:
     path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
+PER_LAYER_FIELDS = ("moe_topk", "num_shared_expert", "moe_intermediate_size")
+
+
+def apply_config_overrides(config: dict[str, Any], overrides: dict[str, Any] | None) -> dict[str, Any]:
+    """Resize the tiny config (benchmark presets): per-layer fields given as scalars become per-layer lists."""
+    if not overrides:
+        return config
+    config = {**config, **{k: v for k, v in overrides.items() if k not in ("vae", "vit", "vit_aligner")}}
+    for sub in ("vae", "vit", "vit_aligner"):
+        if sub in overrides:
+            config[sub] = {**config[sub], **overrides[sub]}
+    n = int(config["num_hidden_layers"])
+    for f in PER_LAYER_FIELDS:
+        v = config[f]
+        config[f] = [int(v)] * n if not isinstance(v, list) else (v * n if len(v) == 1 else v)[:n]
+    config["dense_list"] = [config["hidden_size"], 0]
+    config["vit_aligner"] = {**config["vit_aligner"], "n_embed": config["hidden_size"]}
+    return config
+
+
 def write_tiny_metadata(
-    out_dir: str | Path, distil: bool = False, dtype: torch.dtype = torch.float32
+    out_dir: str | Path, distil: bool = False, dtype: torch.dtype = torch.float32,
+    config_overrides: dict[str, Any] | None = None,
 ) -> Path:
     """Everything but the weights: configs, tokenizer files and system_prompt.py."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tiny_tokenizer()
-    config = tiny_config_dict(tokenizer, distil, dtype)
+    config = apply_config_overrides(tiny_config_dict(tokenizer, distil, dtype), config_overrides)
     _write_json(out / "config.json", config)
     _write_json(out / "generation_config.json", tiny_generation_config(tokenizer, distil))
     tokenizer.save(str(out / "tokenizer.json"))
@@ -466,10 +487,13 @@ def write_tiny_metadata(
 
 
 def make_tiny(
-    out_dir: str | Path, distil: bool = False, dtype: torch.dtype = torch.float32, seed: int = 0
+    out_dir: str | Path, distil: bool = False, dtype: torch.dtype = torch.float32, seed: int = 0,
+    config_overrides: dict[str, Any] | None = None,
 ) -> Path:
-    """Write the tiny checkpoint (Instruct, or Instruct-Distil with `distil`) to `out_dir`; returns it."""
-    out = write_tiny_metadata(out_dir, distil, dtype)
+    """Write the tiny checkpoint (Instruct, or Instruct-Distil with `distil`) to `out_dir`; returns it.
+
+    `config_overrides` resizes it (e.g. the benchmark presets: more layers, wider, more experts)."""
+    out = write_tiny_metadata(out_dir, distil, dtype, config_overrides)
     pad_id = Tokenizer.from_file(str(out / "tokenizer.json")).token_to_id("<pad>")
     state = _tiny_state_dict(out, seed, pad_id, dtype)
     save_sharded_safetensors(state, out, tiny_shard_limit(state))

@@ -48,6 +48,12 @@ def build_parser() -> argparse.ArgumentParser:
     vg.add_argument("--atol", type=float, default=1e-4)
     vg.set_defaults(func=_cmd_verify_golden)
 
+    bench = sub.add_parser("bench", help="benchmarks")
+    bench_sub = bench.add_subparsers(dest="bench_command", required=True)
+    from diffgentor.bench.offline import add_parser as add_offline
+
+    add_offline(bench_sub)
+
     dm = sub.add_parser("demo", help="build the tiny model and edit one image with it")
     dm.add_argument("--out", default="demo_out")
     dm.set_defaults(func=_cmd_demo)

@@ -209,3 +209,18 @@ def test_stream_yields_text_then_image(tiny_distil):
     assert kinds[-2:] == ["image", "finished"]
     assert "text" in kinds and kinds.index("text") < kinds.index("image")
     Image.open(io.BytesIO(events[-2].image_png)).verify()
+
+
+def test_taylor_cache_skips_backbone_steps(tiny_distil):
+    eng = _engine(tiny_distil)
+    base = dict(prompt="a cat", bot_task="image", image_size="256x256", num_inference_steps=8, seed=3,
+                output_type="latent")
+    (plain,) = eng.generate([base])
+    full_tokens = eng.core.stats.phase_tokens["diffuse"]
+    eng.core.stats = type(eng.core.stats)()
+    (cached,) = eng.generate([{**base, "use_taylor_cache": True}])
+    assert cached.error is None and cached.latents is not None
+    # default interval 5: the backbone runs at steps 0 and 5 only
+    assert eng.core.stats.phase_tokens["diffuse"] == 2 * full_tokens // 8
+    rel = (cached.latents - plain.latents).norm() / plain.latents.norm()
+    assert 0 < rel < 1.0
