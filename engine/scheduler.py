@@ -83,7 +83,8 @@ class Scheduler:
             if admitting:
                 return False
             later = self.running[self.running.index(st) + 1:]
-            victim = next((r for r in reversed(later) if not self._in_plan(r, plan)), None)
+            victim = next((r for r in reversed(later)
+                           if not self._in_plan(r, plan) and any(q.allocated for q in r.rows)), None)
             if victim is None:
                 return False
             self.preempt(victim)
