@@ -1,0 +1,77 @@
+"""The full-size HunyuanImage-3.0 module tree (built on the meta device) has exactly the official keys.
+
+The official Instruct-Distil index has 5169 tensors (4096 expert tensors, 448 ViT incl. its unused pooling
+head, 280 VAE); Instruct has 8 fewer (no guidance / timestep_r embedders). Shapes are spec section 2's.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from diffgentor.engine.models.hunyuan_image_3.config import HunyuanImage3Config
+from diffgentor.engine.models.hunyuan_image_3.model import HunyuanImage3ForCausalMM
+
+REAL_DISTIL = {
+ "architectures": ["HunyuanImage3ForCausalMM"], "model_type": "hunyuan_image_3_moe", "hidden_size": 4096,
+ "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8, "attention_head_dim": 128,
+ "vocab_size": 133120, "intermediate_size": 3072, "moe_intermediate_size": [3072]*32, "num_experts": 64,
+ "moe_topk": [8]*32, "num_shared_expert": [1]*32, "use_mixed_mlp_moe": True, "moe_layer_num_skipped": 0,
+ "norm_topk_prob": True, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": 22800,
+ "use_qk_norm": True, "tie_word_embeddings": False, "hidden_act": "silu", "img_proj_type": "unet", "patch_size": 1,
+ "patch_embed_hidden_dim": 1024, "image_base_size": 1024, "vae_downsample_factor": [16, 16],
+ "cond_image_type": "vae_vit", "cond_token_attn_type": "joint_full", "cfg_distilled": True, "use_meanflow": True,
+ "vae": {"in_channels": 3, "out_channels": 3, "latent_channels": 32, "block_out_channels": [128, 256, 512, 1024, 1024],
+         "layers_per_block": 2, "ffactor_spatial": 16, "ffactor_temporal": 4, "scaling_factor": 0.562679178327931,
+         "shift_factor": None, "downsample_match_channel": True, "upsample_match_channel": True},
+ "vit": {"hidden_size": 1152, "num_hidden_layers": 27, "num_attention_heads": 16, "intermediate_size": 4304,
+         "patch_size": 16, "num_channels": 3, "num_patches": 256, "layer_norm_eps": 1e-6,
+         "hidden_act": "gelu_pytorch_tanh"},
+ "vit_processor": {"patch_size": 16, "max_num_patches": 1024, "image_mean": [0.5]*3, "image_std": [0.5]*3},
+ "vit_aligner": {"projector_type": "mlp_gelu", "depth": 2, "input_dim": 1152, "n_embed": 4096},
+}
+
+
+def _state(distil: bool) -> dict[str, torch.Tensor]:
+    d = dict(REAL_DISTIL, cfg_distilled=distil, use_meanflow=distil)
+    with torch.device("meta"):
+        return HunyuanImage3ForCausalMM(HunyuanImage3Config.from_dict(d)).state_dict()
+
+
+@pytest.mark.parametrize("distil,count", [(True, 5169), (False, 5161)])
+def test_real_key_count(distil, count):
+    sd = _state(distil)
+    assert len(sd) == count
+    assert sum(k.startswith("model.layers.") and ".mlp.experts." in k for k in sd) == 4096
+    assert sum(k.startswith("vision_model.") for k in sd) == 448
+    assert sum(k.startswith("vae.") for k in sd) == 280
+
+
+def test_real_shapes_and_size():
+    sd = _state(True)
+    shapes = {
+        "model.wte.weight": (133120, 4096),
+        "model.layers.0.self_attn.qkv_proj.weight": (6144, 4096),
+        "model.layers.31.self_attn.o_proj.weight": (4096, 4096),
+        "model.layers.0.self_attn.query_layernorm.weight": (128,),
+        "model.layers.0.mlp.gate.wg.weight": (64, 4096),
+        "model.layers.0.mlp.shared_mlp.gate_and_up_proj.weight": (6144, 4096),
+        "model.layers.0.mlp.experts.63.down_proj.weight": (4096, 3072),
+        "lm_head.weight": (133120, 4096),
+        "patch_embed.model.0.weight": (1024, 32, 3, 3),
+        "patch_embed.model.1.in_layers.2.weight": (4096, 1024, 3, 3),
+        "patch_embed.model.1.emb_layers.1.weight": (8192, 4096),
+        "final_layer.model.0.emb_layers.1.weight": (2048, 4096),
+        "final_layer.model.1.2.weight": (32, 1024, 3, 3),
+        "timestep_r_emb.mlp.0.weight": (4096, 256),
+        "vision_model.embeddings.patch_embedding.weight": (1152, 768),
+        "vision_model.head.attention.in_proj_weight": (3456, 1152),
+        "vision_aligner.layers.2.weight": (4096, 4096),
+        "vae.encoder.down.0.downsample.conv.weight": (64, 128, 3, 3, 3),
+        "vae.decoder.up.0.upsample.conv.weight": (8192, 1024, 3, 3, 3),
+        "vae.encoder.conv_out.weight": (64, 1024, 3, 3, 3),
+    }
+    for name, shape in shapes.items():
+        assert tuple(sd[name].shape) == shape, name
+    total = sum(t.numel() for t in sd.values())
+    assert 83.0e9 < total < 83.1e9  # spec 9.1: about 83.05 B for Distil
