@@ -6,6 +6,8 @@ head, 280 VAE); Instruct has 8 fewer (no guidance / timestep_r embedders). Shape
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
@@ -32,6 +34,7 @@ REAL_DISTIL = {
 }
 
 
+@functools.lru_cache(maxsize=2)
 def _state(distil: bool) -> dict[str, torch.Tensor]:
     d = dict(REAL_DISTIL, cfg_distilled=distil, use_meanflow=distil)
     with torch.device("meta"):
