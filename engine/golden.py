@@ -385,7 +385,7 @@ class GoldenVerifier:
         images = self._load_images(chk, entry)
         _, ratio = self._request_basics(entry)
         seed = int(entry.get("seed", 42))
-        conds = pipe.prepare_conditions(images, make_generator(seed), align=False)
+        conds = pipe.prepare_conditions(images, make_generator(seed, pipe.model.device), align=False)
         rows_n = int(t["input_ids"].shape[0]) if "input_ids" in t else 1
         built = pipe.builder.image_prompt(
             entry["prompt"], ratio_index=ratio, system_prompt=_system_prompt(entry),
@@ -465,7 +465,7 @@ class GoldenVerifier:
         # The official text phase calls prepare_model_inputs without a seed after random.seed(seed):
         # its condition latents come from a seed drawn by Python's random module.
         text_seed = random.Random(seed).randint(0, 10_000_000)
-        conds = pipe.prepare_conditions(images, make_generator(text_seed), align=False)
+        conds = pipe.prepare_conditions(images, make_generator(text_seed, pipe.model.device), align=False)
         layouts = [c.layout for c in conds]
         system = self._stage_system_prompt()
         s = entry.get("sampling", {})
@@ -531,7 +531,8 @@ class GoldenVerifier:
         kv, pool = pipe.new_cache(len(built_f) + 2 * (int(run.get("max_new_tokens") or 1) + 8))
         hook = _BiasHook(pipe.tok, bias.get("first"), rules) if rules else None
         with self._official_single_token_routing():
-            pipe.text_phase(built_f, conds, free, sampling, make_generator(seed), kv, pool, _Seq(), logits_hook=hook)
+            pipe.text_phase(built_f, conds, free, sampling, make_generator(seed, pipe.model.device), kv, pool, _Seq(),
+                            logits_hook=hook)
         got = list(free.tokens)[: len(want)]
         same = got == want
         diverge = next((k for k, (a, b) in enumerate(zip(got, want)) if a != b), None)

@@ -81,9 +81,12 @@ class ModelRunner:
 
     # ------------------------------------------------------------------ per-request state
     def _add_request(self, new: NewRequestData) -> None:
-        gen_rng = make_generator(new.seed)
+        # Generators live on the model's device, like the official code's (torch.Generator(self.device)):
+        # on CUDA a seed then gives the official image, and draws happen where the logits / latents are.
+        dev = self.model.device
+        gen_rng = make_generator(new.seed, dev)
         conds = [encode_condition(self.model, v, t, gen_rng) for v, t in zip(new.vae_images, new.vit_images)]
-        self.requests[new.request_id] = _WorkerRequest(conds, gen_rng, make_generator(new.seed), new.sampling)
+        self.requests[new.request_id] = _WorkerRequest(conds, gen_rng, make_generator(new.seed, dev), new.sampling)
 
     def _start_diffusion(self, ds: DiffusionStart) -> None:
         req = self.requests[ds.request_id]

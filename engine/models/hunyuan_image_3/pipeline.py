@@ -422,11 +422,11 @@ class HunyuanImage3Pipeline:
         )
         # Condition images: the text phase and the image phase share one encoding (decision 2); the
         # official text phase draws its posterior from another seed, which `cond_latent_seed` mirrors.
-        gen_rng = make_generator(req.seed)
+        gen_rng = make_generator(req.seed, self.model.device)
         t0 = time.perf_counter()
         if req.cond_latent_seed is not None and machine.prompt_task is not None:
             text_conds = self.prepare_conditions(
-                images, make_generator(req.cond_latent_seed), req.infer_align_image_size
+                images, make_generator(req.cond_latent_seed, self.model.device), req.infer_align_image_size
             )
         else:
             text_conds = None
@@ -448,7 +448,7 @@ class HunyuanImage3Pipeline:
             kv, pool = self.new_cache(2 * (len(built_t) + max_new + self._image_budget(ratio_index)))
             eos = frozenset({self.tok.special.eos}) if bot_task == "auto" else frozenset()
             self.text_phase(
-                built_t, text_conds or conds, machine, sampling, make_generator(req.seed), kv, pool,
+                built_t, text_conds or conds, machine, sampling, make_generator(req.seed, self.model.device), kv, pool,
                 cond_seq, eos_ids=eos, on_token=on_token,
             )
             if text_conds is not None:
