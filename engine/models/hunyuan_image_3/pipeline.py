@@ -24,10 +24,11 @@ from diffgentor.engine.kv_cache import PagedKVCache
 from diffgentor.kernels.attention import AttentionMetadata, SequenceChunk
 
 from .config import GenerationDefaults
+from .embedding import CondImage, GenInputs, assemble_embeddings, encode_condition
 from .flow_match import FlowMatchSchedule, cfg_combine, euler_step, guidance_value, initial_noise
-from .image_processing import ImageProcessor, VaeCondImage, VitCondImage, load_image, to_pil, to_uint8
+from .image_processing import ImageProcessor, load_image, to_pil, to_uint8
 from .model import HunyuanImage3ForCausalMM
-from .prompt import BuiltPrompt, CondImageLayout, PromptBuilder
+from .prompt import BuiltPrompt, PromptBuilder
 from .sampling import SamplingParams, make_generator, sample_row
 from .stage_machine import StageMachine
 from .system_prompt import SystemPromptError, SystemPrompts
@@ -74,18 +75,6 @@ class ImageResult:
     timings: dict[str, float] = field(default_factory=dict)
     num_prompt_tokens: int = 0
     trace: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class CondImage:
-    """A condition image after preprocessing and encoding: everything its token block needs."""
-
-    layout: CondImageLayout
-    vae: VaeCondImage
-    vit: VitCondImage | None
-    latents: Tensor  # [C, h, w] scaled posterior sample
-    vae_tokens: Tensor  # [h*w, H]
-    vit_tokens: Tensor | None  # [P, H]
 
 
 class _BlockPool:
@@ -196,33 +185,10 @@ class HunyuanImage3Pipeline:
 
         Every image is decoded before the first one is encoded, so a bad image costs no model work.
         """
-        out: list[CondImage] = []
-        model = self.model
-        for pil in self.load_images(images):
-            vae = self.images.vae_image(pil, align_image_size=align)
-            vit = self.images.vit_image(pil) if self.config.has_vision else None
-            bh, bw = vae.size_hw
-            ds = self.config.latent_downsample
-            layout = CondImageLayout(
-                ratio_index=vae.ratio_index,
-                vae_grid=(bh // ds, bw // ds),
-                vit_grid=tuple(int(v) for v in vit.spatial_shapes) if vit is not None else (1, 1),
-                vit_tokens=int(vit.pixel_values.shape[0]) if vit is not None else 1,
-            )
-            with torch.no_grad():
-                post = model.encode_condition_vae(vae.pixels[None].to(model.device))
-                latents = model.scale_latents(post.sample(generator))[:, :, 0].float()  # [1, C, h, w]
-                t0 = torch.zeros(1, device=model.device)
-                vae_tokens = model.image_tokens(latents, t0)[0]
-                vit_tokens = None
-                if vit is not None:
-                    vit_tokens = model.condition_vit_tokens(
-                        vit.pixel_values[None].to(model.device),
-                        vit.pixel_attention_mask[None].to(model.device),
-                        vit.spatial_shapes[None].to(model.device),
-                    )[0]
-            out.append(CondImage(layout, vae, vit, latents[0], vae_tokens, vit_tokens))
-        return out
+        pils = self.load_images(images)
+        vaes = [self.images.vae_image(p, align_image_size=align) for p in pils]
+        vits = [self.images.vit_image(p) if self.config.has_vision else None for p in pils]
+        return [encode_condition(self.model, v, t, generator) for v, t in zip(vaes, vits)]
 
     # ------------------------------------------------------------------ embeddings and forward
     def embed(
@@ -235,36 +201,7 @@ class HunyuanImage3Pipeline:
         gen: tuple[Tensor, float, float | None, float | None] | None = None,
     ) -> Tensor:
         """Input embeddings of tokens [start, end) of a sequence laid out as `built` (ids may be uncond)."""
-        model = self.model
-        dev = model.device
-        emb = model.embed_tokens(torch.tensor(list(ids[start:end]), device=dev)).clone()
-
-        def put(at: int, values: Tensor) -> None:
-            lo, hi = max(at, start), min(at + values.shape[0], end)
-            if lo < hi:
-                emb[lo - start : hi - start] = values[lo - at : hi - at]
-
-        for slot in built.image_slots:
-            if slot.kind == "cond_vae":
-                put(slot.start, conds[slot.cond_index].vae_tokens)
-            elif slot.kind == "cond_vit":
-                put(slot.start, conds[slot.cond_index].vit_tokens)
-        cond_ts = [at for at in built.cond_timestep_indexes if start <= at < end]
-        if cond_ts:  # clean condition images: their `<timestep>` carries t = 0
-            t0 = model.timestep_tokens(torch.zeros(1, device=dev))
-            for at in cond_ts:
-                put(at, t0)
-        if gen is not None:
-            latents, t, r, g = gen
-            tt = torch.tensor([t], device=dev, dtype=torch.float32)
-            put(built.gen_timestep_index, model.timestep_tokens(tt))
-            if built.guidance_index is not None and g is not None:
-                put(built.guidance_index, model.guidance_tokens(torch.tensor([g], device=dev)))
-            if built.timestep_r_index is not None and r is not None:
-                put(built.timestep_r_index, model.timestep_r_tokens(torch.tensor([r], device=dev)))
-            slot = built.slots("gen")[0]
-            put(slot.start, model.image_tokens(latents[None].to(dev), tt)[0])
-        return emb
+        return assemble_embeddings(self.model, built, ids, conds, start, end, GenInputs(*gen) if gen else None)
 
     def forward(self, kv: PagedKVCache, pool: _BlockPool, parts: Sequence[_Part]) -> list[Tensor]:
         """One flat forward over several sequences; returns each part's last hidden states [end-start, H].
