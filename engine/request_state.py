@@ -1,8 +1,11 @@
 """A request inside the engine core: validated inputs, its sequences, stage machine and progress.
 
-Input processing happens here, before the request takes any KV block: images are decoded and
-preprocessed (VAE bucket crop / stretch, SigLIP2 patches), the system prompt resolved, the stage machine
-and the first prompt built. Anything wrong raises `RequestError` with a message meant for the user.
+Input processing happens here, before the request takes any KV block, in two halves:
+* `process_request` (heavy, CPU; the API server runs it in a thread pool): validation, image decoding with a
+  pixel limit, VAE bucket crop / stretch and SigLIP2 patches -> a msgspec `ProcessedRequest` (raw arrays);
+* `state_from_processed` (light; the engine core): system prompt, stage machine and the first prompt.
+`build_request_state` runs both (offline path). Anything wrong raises `RequestError` with a message meant for
+the user.
 """
 
 from __future__ import annotations
@@ -12,7 +15,11 @@ import io
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+
+import msgspec
+import torch
 
 from diffgentor.engine.models.hunyuan_image_3.config import GenerationDefaults, HunyuanImage3Config
 from diffgentor.engine.models.hunyuan_image_3.embedding import cond_layout
@@ -101,13 +108,14 @@ class RequestState:
         self.times.setdefault(name, time.perf_counter())
 
 
-def _decode_image(data: bytes, i: int):
+def _decode_image(data: bytes, i: int, max_pixels: int = MAX_IMAGE_PIXELS):
+    """Decode one encoded image, refusing decompression bombs before any pixel is decoded."""
     from PIL import Image
 
     try:
         img = Image.open(io.BytesIO(data))
-        if img.width * img.height > MAX_IMAGE_PIXELS:
-            raise RequestError(f"input image {i} has {img.width}x{img.height} pixels; the limit is {MAX_IMAGE_PIXELS}")
+        if img.width * img.height > max_pixels:
+            raise RequestError(f"input image {i} has {img.width}x{img.height} pixels; the limit is {max_pixels}")
         img.load()
         return img.convert("RGB")
     except RequestError:
@@ -120,8 +128,83 @@ def _pick(value, default):
     return default if value is None else value
 
 
-def build_request_state(ctx: ProcessorContext, req: GenerationRequest) -> RequestState:
-    """Validate and preprocess a request (no model work, no KV blocks)."""
+# --------------------------------------------------------------------------------------------- processed inputs
+class ProcessedImage(msgspec.Struct, kw_only=True, array_like=True):
+    """One condition image after the heavy CPU work: VAE bucket pixels and SigLIP2 patches as raw arrays."""
+
+    digest: str  # sha256 of the encoded file (prefix-cache key of the image's KV blocks)
+    original_size: tuple[int, int]  # (width, height)
+    vae_ratio_index: int
+    vae_shape: tuple[int, ...]  # [3, H, W] float32 in [-1, 1]
+    vae_pixels: bytes
+    vit_shape: tuple[int, ...] = ()  # [max_num_patches, 3*p*p] float32; () = the checkpoint has no ViT
+    vit_values: bytes = b""
+    vit_mask: bytes = b""  # [max_num_patches] int64
+    vit_spatial_shape: tuple[int, int] = (0, 0)
+
+
+class ProcessedRequest(msgspec.Struct, kw_only=True):
+    """A validated request with its images decoded and preprocessed (`process_request`), ready for the engine
+    core to turn into a `RequestState` without touching an encoded image. `request.images` is emptied."""
+
+    request: GenerationRequest
+    images: list[ProcessedImage] = msgspec.field(default_factory=list)
+
+
+def _to_processed(vae: VaeCondImage, vit: VitCondImage | None, digest: str) -> ProcessedImage:
+    px = vae.pixels.detach().to(torch.float32).contiguous()
+    kw: dict[str, Any] = {}
+    if vit is not None:
+        vals = vit.pixel_values.detach().to(torch.float32).contiguous()
+        kw = dict(vit_shape=tuple(vals.shape), vit_values=vals.numpy().tobytes(),
+                  vit_mask=vit.pixel_attention_mask.detach().to(torch.int64).contiguous().numpy().tobytes(),
+                  vit_spatial_shape=(int(vit.spatial_shapes[0]), int(vit.spatial_shapes[1])))
+    return ProcessedImage(digest=digest, original_size=(int(vae.original_size[0]), int(vae.original_size[1])),
+                          vae_ratio_index=int(vae.ratio_index), vae_shape=tuple(px.shape),
+                          vae_pixels=px.numpy().tobytes(), **kw)
+
+
+def _tensor(data: bytes, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    t = torch.frombuffer(bytearray(data), dtype=dtype) if data else torch.empty(0, dtype=dtype)
+    if t.numel() != n:
+        raise RequestError(f"a preprocessed image array has {t.numel()} values; its shape {tuple(shape)} needs {n}")
+    return t.reshape(tuple(int(d) for d in shape))
+
+
+def _from_processed(p: ProcessedImage) -> tuple[VaeCondImage, VitCondImage | None]:
+    size = (int(p.original_size[0]), int(p.original_size[1]))
+    vae = VaeCondImage(pixels=_tensor(p.vae_pixels, p.vae_shape, torch.float32), ratio_index=p.vae_ratio_index,
+                       original_size=size)
+    if not p.vit_shape:
+        return vae, None
+    vit = VitCondImage(
+        pixel_values=_tensor(p.vit_values, p.vit_shape, torch.float32),
+        pixel_attention_mask=_tensor(p.vit_mask, p.vit_shape[:1], torch.int64),
+        spatial_shapes=torch.tensor(list(p.vit_spatial_shape), dtype=torch.int64),
+        original_size=size,
+    )
+    return vae, vit
+
+
+@dataclass
+class _Params:
+    bot_task: str
+    max_new: int
+    steps: int
+    guidance: float
+    shift: float
+    sampling: SamplingParams
+    image_size: str
+    fixed_ratio: int | None
+    system: str
+    align: bool
+
+
+def _resolve(ctx: ProcessorContext, req: GenerationRequest, num_images: int) -> _Params:
+    """Validate a request's scalar fields and resolve the defaults (cheap; no image is touched)."""
     d, env = ctx.defaults, ctx.request_defaults
     if not isinstance(req.prompt, str) or not req.prompt.strip():
         raise RequestError("prompt must be a non-empty string")
@@ -130,8 +213,8 @@ def build_request_state(ctx: ProcessorContext, req: GenerationRequest) -> Reques
         raise RequestError(f"unknown bot_task {bot_task!r}; expected one of {', '.join(BOT_TASKS)}")
     if req.output_type not in ("pil", "latent"):
         raise RequestError(f"output_type must be 'pil' or 'latent', got {req.output_type!r}")
-    if len(req.images) > MAX_COND_IMAGES:
-        raise RequestError(f"{len(req.images)} input images; at most {MAX_COND_IMAGES} are supported")
+    if num_images > MAX_COND_IMAGES:
+        raise RequestError(f"{num_images} input images; at most {MAX_COND_IMAGES} are supported")
     max_new = _pick(req.max_new_tokens, env.get("max_new_tokens") or d.max_new_tokens)
     if max_new <= 0:
         raise RequestError(f"max_new_tokens must be positive, got {max_new}")
@@ -173,13 +256,37 @@ def build_request_state(ctx: ProcessorContext, req: GenerationRequest) -> Reques
         raise
     except ValueError as e:
         raise RequestError(str(e)) from None
-
     align = bool(_pick(req.infer_align_image_size, env.get("infer_align_image_size", False)))
-    pils = [_decode_image(b, i) for i, b in enumerate(req.images)]
-    vae_images = [ctx.images.vae_image(p, align_image_size=align) for p in pils]
-    vit_images = [ctx.images.vit_image(p) if ctx.config.has_vision else None for p in pils]
+    return _Params(bot_task, int(max_new), int(steps), guidance, shift, sampling, image_size, fixed_ratio, system,
+                   align)
+
+
+def process_request(ctx: ProcessorContext, req: GenerationRequest,
+                    max_image_pixels: int = MAX_IMAGE_PIXELS) -> ProcessedRequest:
+    """The heavy, per-request CPU half of input processing (the API server runs it in a thread pool):
+    validation, image decoding with a pixel limit, VAE bucket resize/crop and SigLIP2 preprocessing."""
+    params = _resolve(ctx, req, len(req.images))
+    images = []
+    for i, data in enumerate(req.images):
+        pil = _decode_image(data, i, max_image_pixels)
+        vae = ctx.images.vae_image(pil, align_image_size=params.align)
+        vit = ctx.images.vit_image(pil) if ctx.config.has_vision else None
+        images.append(_to_processed(vae, vit, hashlib.sha256(data).hexdigest()))
+    return ProcessedRequest(request=msgspec.structs.replace(req, images=[]), images=images)
+
+
+def state_from_processed(ctx: ProcessorContext, p: ProcessedRequest) -> RequestState:
+    """The light half (engine core): the stage machine and the first prompt from a `ProcessedRequest`."""
+    req = p.request
+    params = _resolve(ctx, req, len(p.images))
+    d = ctx.defaults
+    conds = [_from_processed(x) for x in p.images]
+    vae_images = [v for v, _ in conds]
+    vit_images = [t if ctx.config.has_vision else None for _, t in conds]
     layouts = [cond_layout(v, t, ctx.config.latent_downsample) for v, t in zip(vae_images, vit_images)]
-    digests = [hashlib.sha256(b).hexdigest() for b in req.images]
+    digests = [x.digest for x in p.images]
+    bot_task, max_new, steps, guidance = params.bot_task, params.max_new, params.steps, params.guidance
+    system, image_size, fixed_ratio = params.system, params.image_size, params.fixed_ratio
 
     try:
         machine = StageMachine.for_request(
@@ -204,10 +311,11 @@ def build_request_state(ctx: ProcessorContext, req: GenerationRequest) -> Reques
     if len(layout) > limit:
         raise RequestError(f"the prompt needs {len(layout)} tokens; the model allows {limit}")
     state = RequestState(
-        req=req, request_id=rid, seed=seed, bot_task=bot_task, system_prompt=system, sampling=sampling,
-        max_new_tokens=max_new, num_steps=int(steps), guidance_scale=guidance, flow_shift=shift, use_cfg=use_cfg,
-        use_taylor_cache=bool(_pick(req.use_taylor_cache, env.get("use_taylor_cache", False))),
-        align_image_size=align, vae_images=vae_images, vit_images=vit_images, image_digests=digests,
+        req=req, request_id=rid, seed=seed, bot_task=bot_task, system_prompt=system, sampling=params.sampling,
+        max_new_tokens=max_new, num_steps=steps, guidance_scale=guidance, flow_shift=params.shift,
+        use_cfg=use_cfg, use_taylor_cache=bool(_pick(req.use_taylor_cache, ctx.request_defaults.get(
+            "use_taylor_cache", False))),
+        align_image_size=params.align, vae_images=vae_images, vit_images=vit_images, image_digests=digests,
         machine=machine, cond=SeqState(f"{rid}#cond", list(layout.token_ids), layout), phase=phase,
         ratio_index=fixed_ratio, num_prompt_tokens=len(layout),
     )
@@ -215,6 +323,24 @@ def build_request_state(ctx: ProcessorContext, req: GenerationRequest) -> Reques
     if phase == "image":
         enter_image_phase(ctx, state, layout)
     return state
+
+
+def build_request_state(ctx: ProcessorContext, req: GenerationRequest) -> RequestState:
+    """Validate and preprocess a request (no model work, no KV blocks): both halves in one process."""
+    return state_from_processed(ctx, process_request(ctx, req))
+
+
+def load_processor_context(path: str | Path, request_defaults: dict[str, Any] | None = None) -> ProcessorContext:
+    """Everything input processing needs from a checkpoint folder, without loading any weight (API server)."""
+    from diffgentor.engine.models.hunyuan_image_3.config import HunyuanImage3Config
+
+    path = Path(path)
+    config = HunyuanImage3Config.from_pretrained(path)
+    defaults = GenerationDefaults.from_pretrained(path)
+    tok = HunyuanTokenizer.from_pretrained(path, require_distil_tokens=config.cfg_distilled)
+    builder = PromptBuilder.from_config(tok, config, template=defaults.sequence_template)
+    return ProcessorContext(config, defaults, tok, builder, ImageProcessor(config), SystemPrompts.from_pretrained(path),
+                            dict(request_defaults or {}))
 
 
 def _max_image_tokens(ctx: ProcessorContext) -> int:

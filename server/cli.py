@@ -33,6 +33,32 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args.out)
 
 
+def _cmd_edit(args: argparse.Namespace) -> int:
+    from diffgentor.server.batch import run
+
+    return run(args, "edit")
+
+
+def _cmd_t2i(args: argparse.Namespace) -> int:
+    from diffgentor.server.batch import run
+
+    return run(args, "t2i")
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from diffgentor.server.api import run_serve
+
+    return run_serve(args)
+
+
+def _add_serve(sub) -> None:
+    from diffgentor.server.serve_args import add_serve_args
+
+    sv = sub.add_parser("serve", help="serve the OpenAI-compatible image API (FastAPI + engine-core process)")
+    add_serve_args(sv)
+    sv.set_defaults(func=_cmd_serve)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="diffgentor", description="Serve and run HunyuanImage-3.0-Instruct.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -48,11 +74,22 @@ def build_parser() -> argparse.ArgumentParser:
     vg.add_argument("--atol", type=float, default=1e-4)
     vg.set_defaults(func=_cmd_verify_golden)
 
+    from diffgentor.server.batch import add_edit_args, add_t2i_args
+
+    ed = sub.add_parser("edit", help="edit / fuse images for every row of a CSV or parquet input (batch job)")
+    add_edit_args(ed)
+    ed.set_defaults(func=_cmd_edit)
+    t2i = sub.add_parser("t2i", help="text-to-image for a list of prompts (batch job)")
+    add_t2i_args(t2i)
+    t2i.set_defaults(func=_cmd_t2i)
+
     bench = sub.add_parser("bench", help="benchmarks")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True)
     from diffgentor.bench.offline import add_parser as add_offline
 
     add_offline(bench_sub)
+
+    _add_serve(sub)
 
     dm = sub.add_parser("demo", help="build the tiny model and edit one image with it")
     dm.add_argument("--out", default="demo_out")

@@ -1,9 +1,9 @@
 """`diffgentor demo` (what `make demo` runs): build the embedded tiny model and edit one image with it.
 
-Everything is local and deterministic: the tiny checkpoint is written by `make_tiny`, the input image is
-drawn here, and the edit runs the full path (condition image through ViT and VAE, think/recaption text
-phase, diffusion over the reused KV pages, VAE decode). The serving issue turns this into an edit sent
-through the OpenAI-compatible endpoint.
+Everything is local: the tiny checkpoint is written by `make_tiny`, the input image is drawn here, and the
+edit goes through the served path: `diffgentor serve` on 127.0.0.1 (API server + engine-core process over
+ZeroMQ), one `images.edit` call from the official `openai` client (condition image through ViT and VAE,
+think/recaption text phase, diffusion over the reused KV pages, VAE decode), then the server is stopped.
 """
 
 from __future__ import annotations
@@ -29,8 +29,26 @@ def sample_image(width: int = 96, height: int = 64) -> Image.Image:
     return Image.fromarray(img.clip(0, 255).astype(np.uint8), "RGB")
 
 
-def run_demo(out: str | Path, max_new_tokens: int = 24) -> int:
-    from diffgentor.engine.models.hunyuan_image_3.pipeline import HunyuanImage3Pipeline, ImageRequest
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_demo(out: str | Path, max_new_tokens: int = 24, num_inference_steps: int = 2) -> int:
+    """Build the tiny Distil model, `diffgentor serve` it on loopback, send one edit of the sample image through
+    the official `openai` client, save the result and stop the server."""
+    import base64
+    import io
+    import os
+    import subprocess
+    import sys
+
+    import httpx2 as httpx
+    from openai import OpenAI
+
     from diffgentor.engine.tiny_model import make_tiny
 
     out = Path(out)
@@ -39,28 +57,63 @@ def run_demo(out: str | Path, max_new_tokens: int = 24) -> int:
     t0 = time.perf_counter()
     make_tiny(ckpt, distil=True)
     print(f"built the tiny Distil checkpoint in {ckpt} ({time.perf_counter() - t0:.1f} s)")
-
-    t0 = time.perf_counter()
-    pipe = HunyuanImage3Pipeline.from_pretrained(ckpt)
-    print(f"loaded it in {time.perf_counter() - t0:.2f} s")
     src = sample_image()
     src_path = out / "input.png"
     src.save(src_path)
-    req = ImageRequest(prompt="make the sky purple and add a moon", images=[src], seed=42,
-                       max_new_tokens=max_new_tokens)
-    result = pipe.generate(req)
-    out_path = out / "edited.png"
-    result.image.save(out_path)
-    summary = {
-        "input": str(src_path),
-        "output": str(out_path),
-        "output_size": list(result.image.size),
-        "ratio_index": result.ratio_index,
-        "think_recaption_text": result.text,
-        "truncated_think_budget": result.truncated,
-        "timings_s": {k: round(v, 3) for k, v in result.timings.items()},
-    }
-    (out / "result.json").write_text(json.dumps(summary, indent=2))
-    print(json.dumps(summary, indent=2))
-    print(f"edited image written to {out_path}")
+
+    port = _free_port()
+    log_path = out / "server.log"
+    cmd = [sys.executable, "-m", "diffgentor.server.cli", "serve", str(ckpt), "--port", str(port), "--device", "cpu",
+           "--dtype", "float32", "--num-kv-blocks", "2048"]
+    base = f"http://127.0.0.1:{port}"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        try:
+            t0 = time.perf_counter()
+            while True:
+                if proc.poll() is not None:
+                    print(log_path.read_text())
+                    print(f"the server exited with status {proc.returncode}")
+                    return 1
+                try:
+                    if httpx.get(base + "/health", timeout=1).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                if time.perf_counter() - t0 > 300:
+                    print("the server did not become healthy in 300 s")
+                    return 1
+                time.sleep(0.3)
+            print(f"server up on {base} ({time.perf_counter() - t0:.1f} s); sending one edit via the openai client")
+            client = OpenAI(base_url=base + "/v1", api_key="unused", timeout=600, max_retries=0)
+            t0 = time.perf_counter()
+            with open(src_path, "rb") as f:
+                resp = client.images.edit(
+                    image=f, prompt="make the sky purple and add a moon", size="auto",
+                    extra_body={"seed": 42, "max_new_tokens": max_new_tokens,
+                                "num_inference_steps": num_inference_steps},
+                )
+            elapsed = time.perf_counter() - t0
+            out_path = out / "edited.png"
+            out_path.write_bytes(base64.b64decode(resp.data[0].b64_json))
+            from PIL import Image
+
+            summary = {
+                "input": str(src_path),
+                "output": str(out_path),
+                "output_size": list(Image.open(io.BytesIO(out_path.read_bytes())).size),
+                "revised_prompt": resp.data[0].revised_prompt,
+                "usage": resp.usage.model_dump() if resp.usage else None,
+                "request_seconds": round(elapsed, 3),
+                "server": base,
+            }
+            (out / "result.json").write_text(json.dumps(summary, indent=2))
+            print(json.dumps(summary, indent=2))
+            print(f"edited image written to {out_path}")
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
     return 0

@@ -1,0 +1,537 @@
+"""`diffgentor serve`: an OpenAI-compatible image API (FastAPI on uvicorn + uvloop) over the engine-core process.
+
+Endpoints: POST /v1/images/edits (multipart `image` / `image[]`, or JSON with image URLs / data URLs),
+POST /v1/images/generations, GET /v1/models, GET /health, GET /metrics. The API server validates, decodes and
+preprocesses images in a thread pool (`process_request`) and hands the engine core a `ProcessedRequest` over
+ZeroMQ; it streams think/recaption deltas and encodes the output images. Errors are always OpenAI's
+`{"error": {message, type, param, code}}`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import binascii
+import hmac
+import io
+import logging
+import random
+import re
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import msgspec
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import ValidationError
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from diffgentor.engine.core_proc import FinishedInfo
+from diffgentor.engine.request import EngineEvent, GenerationRequest
+from diffgentor.engine.request_state import (
+    MAX_COND_IMAGES,
+    ProcessedRequest,
+    ProcessorContext,
+    RequestError,
+    process_request,
+)
+from diffgentor.server.engine_client import EngineClient, EngineDeadError
+from diffgentor.server.metrics import CONTENT_TYPE, ServerMetrics
+from diffgentor.server.openai_schemas import (
+    ImageEditJSONRequest,
+    ImageGenerationRequest,
+    OpenAIError,
+    now,
+    sse,
+    usage,
+)
+from diffgentor.server.serve_args import DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MAX_PROMPT_CHARS, DEFAULT_MAX_UPLOAD_BYTES
+
+logger = logging.getLogger("diffgentor.server")
+
+MiB = 1 << 20
+_SIZE_RE = re.compile(r"^\s*(\d{1,6})\s*[xX*]\s*(\d{1,6})\s*$")
+_RECAPTION_RE = re.compile(r"<recaption>(.*?)(?:</recaption>|$)", re.S)
+_TAG_RE = re.compile(r"<[^<>\s]{1,40}>")
+_FORM_FIELDS = ("prompt", "model", "n", "size", "response_format", "output_format", "output_compression", "quality",
+                "background", "user", "stream", "partial_images", "seed", "num_inference_steps", "guidance_scale",
+                "bot_task", "use_system_prompt", "system_prompt", "max_new_tokens", "infer_align_image_size",
+                "input_fidelity")
+
+
+@dataclass
+class ServerLimits:
+    max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES  # per image file
+    max_request_bytes: int = 64 * MiB  # whole body
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS  # bombs are refused from the header, before decoding
+    max_output_side: int = 4096
+    max_prompt_chars: int = DEFAULT_MAX_PROMPT_CHARS
+    max_images: int = MAX_COND_IMAGES
+    max_n: int = 10
+
+
+@dataclass
+class AppState:
+    ctx: ProcessorContext
+    client: EngineClient
+    metrics: ServerMetrics
+    model_names: list[str]
+    model_root: str
+    api_key: str | None = None
+    limits: ServerLimits = field(default_factory=ServerLimits)
+    pool: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(4, thread_name_prefix="dg-input"))
+    created: int = field(default_factory=now)
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+def _error_response(e: OpenAIError) -> JSONResponse:
+    return JSONResponse(e.body(), status_code=e.status)
+
+
+def _parse_size(size: str | None, limits: ServerLimits) -> str:
+    if size is None or size.strip().lower() == "auto" or size.strip() == "":
+        return "auto"
+    m = _SIZE_RE.match(size)
+    if not m:
+        raise OpenAIError(400, f"invalid size {size!r}; use 'auto' or WIDTHxHEIGHT such as 1024x1024", "size",
+                          "invalid_size")
+    w, h = int(m.group(1)), int(m.group(2))
+    if not (16 <= w <= limits.max_output_side and 16 <= h <= limits.max_output_side):
+        raise OpenAIError(400, f"size {w}x{h} is out of range; each side must be within 16..{limits.max_output_side}",
+                          "size", "invalid_size")
+    return f"{w}x{h}"
+
+
+def revised_prompt(text: str) -> str:
+    """The recaption (what the image was generated from); the whole think text, untagged, when there is none."""
+    m = _RECAPTION_RE.search(text or "")
+    out = m.group(1) if m else (text or "")
+    return _TAG_RE.sub("", out).strip()
+
+
+def _encode_output(png: bytes, fmt: str, compression: int | None) -> bytes:
+    if fmt == "png" and compression is None:
+        return png
+    from PIL import Image
+
+    img = Image.open(io.BytesIO(png))
+    buf = io.BytesIO()
+    if fmt == "png":
+        img.save(buf, format="PNG", compress_level=max(0, min(9, round((compression or 0) / 100 * 9))))
+    elif fmt == "jpeg":
+        img.convert("RGB").save(buf, format="JPEG", quality=100 - compression if compression is not None else 90)
+    else:
+        img.save(buf, format="WEBP", quality=100 - compression if compression is not None else 90)
+    return buf.getvalue()
+
+
+def _request_error(e: RequestError) -> OpenAIError:
+    msg = str(e)
+    if msg.startswith("input image"):
+        return OpenAIError(400, msg, "image", "invalid_image")
+    if "image size" in msg:
+        return OpenAIError(400, msg, "size", "invalid_size")
+    if "input images" in msg:
+        return OpenAIError(400, msg, "image", "too_many_images")
+    for p in ("bot_task", "use_system_prompt", "max_new_tokens", "num_inference_steps", "guidance_scale", "prompt"):
+        if p in msg:
+            return OpenAIError(400, msg, p, "invalid_value")
+    return OpenAIError(400, msg, None, "invalid_request")
+
+
+async def _read_upload(f: UploadFile, i: int, limits: ServerLimits) -> bytes:
+    data = await f.read(limits.max_upload_bytes + 1)
+    if len(data) > limits.max_upload_bytes:
+        raise OpenAIError(413, f"image {i} is larger than {limits.max_upload_bytes} bytes", "image", "file_too_large")
+    if not data:
+        raise OpenAIError(400, f"image {i} is empty", "image", "invalid_image")
+    return data
+
+
+async def _fetch_url(url: str, i: int, limits: ServerLimits) -> bytes:
+    if url.startswith("data:"):
+        head, _, payload = url.partition(",")
+        if ";base64" not in head:
+            raise OpenAIError(400, f"image {i}: only base64 data URLs are supported", "images", "invalid_image_url")
+        if len(payload) * 3 // 4 > limits.max_upload_bytes:
+            raise OpenAIError(413, f"image {i} is larger than {limits.max_upload_bytes} bytes", "images",
+                              "file_too_large")
+        try:
+            return base64.b64decode(payload, validate=False)
+        except (binascii.Error, ValueError):
+            raise OpenAIError(400, f"image {i}: the data URL is not valid base64", "images",
+                              "invalid_image_url") from None
+    if not url.startswith(("http://", "https://")):
+        raise OpenAIError(400, f"image {i}: unsupported URL scheme (use http(s):// or data:)", "images",
+                          "invalid_image_url")
+    import httpx2 as httpx
+
+    try:
+        async with httpx.AsyncClient(timeout=10.0, follow_redirects=True) as http, http.stream("GET", url) as r:
+            if r.status_code != 200:
+                raise OpenAIError(400, f"image {i}: fetching {url} gave HTTP {r.status_code}", "images",
+                                  "invalid_image_url")
+            buf = bytearray()
+            async for chunk in r.aiter_bytes():
+                buf += chunk
+                if len(buf) > limits.max_upload_bytes:
+                    raise OpenAIError(413, f"image {i} is larger than {limits.max_upload_bytes} bytes", "images",
+                                      "file_too_large")
+            return bytes(buf)
+    except OpenAIError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        raise OpenAIError(400, f"image {i}: could not fetch {url}: {type(e).__name__}", "images",
+                          "invalid_image_url") from None
+
+
+def _validate(model_cls, data: dict[str, Any]):
+    try:
+        return model_cls.model_validate(data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc = ".".join(str(x) for x in err.get("loc", ()) if x != "body")
+        raise OpenAIError(422, f"{loc}: {err.get('msg')}" if loc else str(err.get("msg")), loc or None,
+                          "invalid_value") from None
+
+
+# ------------------------------------------------------------------------------------------------ the app
+def build_app(state: AppState) -> FastAPI:
+    app = FastAPI(title="diffgentor", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.dg = state
+
+    @app.exception_handler(OpenAIError)
+    async def _openai_error(_: Request, e: OpenAIError):
+        return _error_response(e)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_: Request, e: RequestValidationError):
+        err = (e.errors() or [{}])[0]
+        loc = ".".join(str(x) for x in err.get("loc", ()) if x != "body")
+        return _error_response(OpenAIError(422, f"{loc}: {err.get('msg')}", loc or None, "invalid_value"))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, e: StarletteHTTPException):
+        code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code)
+        return _error_response(OpenAIError(e.status_code, str(e.detail), None, code))
+
+    @app.exception_handler(Exception)
+    async def _internal_error(_: Request, e: Exception):
+        logger.exception("internal error")
+        return _error_response(OpenAIError(500, f"internal server error: {type(e).__name__}", None, "internal_error"))
+
+    @app.middleware("http")
+    async def _guard(request: Request, call_next):
+        path = request.url.path
+        if path.startswith("/v1/"):
+            if state.api_key is not None:
+                auth = request.headers.get("authorization", "")
+                token = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
+                if not hmac.compare_digest(token.encode(), state.api_key.encode()):
+                    return _error_response(OpenAIError(401, "incorrect or missing API key (Authorization: Bearer)",
+                                                       None, "invalid_api_key"))
+            length = request.headers.get("content-length")
+            if length and length.isdigit() and int(length) > state.limits.max_request_bytes:
+                return _error_response(OpenAIError(413, f"request body larger than {state.limits.max_request_bytes} "
+                                                   "bytes", None, "request_too_large"))
+        return await call_next(request)
+
+    @app.get("/health")
+    async def health():
+        if state.client.healthy:
+            return {"status": "ok"}
+        return _error_response(OpenAIError(503, f"engine core is not running: {state.client.death_reason}", None,
+                                           "engine_dead"))
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(state.metrics.render(), media_type=CONTENT_TYPE)
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [
+            {"id": n, "object": "model", "created": state.created, "owned_by": "diffgentor", "root": state.model_root}
+            for n in state.model_names]}
+
+    @app.post("/v1/images/generations")
+    async def generations(request: Request):
+        body = await _json_body(request)
+        params = _validate(ImageGenerationRequest, body)
+        return await _run_images(state, request, "image_generation", params, [])
+
+    @app.post("/v1/images/edits")
+    async def edits(request: Request):
+        ctype = request.headers.get("content-type", "")
+        if ctype.startswith("application/json"):
+            body = await _json_body(request)
+            params = _validate(ImageEditJSONRequest, body)
+            urls = params.image_urls()
+            _check_count(len(urls), state.limits)
+            images = [await _fetch_url(u, i, state.limits) for i, u in enumerate(urls)]
+            return await _run_images(state, request, "image_edit", params, images)
+        if not ctype.startswith("multipart/form-data"):
+            raise OpenAIError(400, "send multipart/form-data (or application/json with image URLs)", None,
+                              "invalid_content_type")
+        try:
+            form = await request.form(max_files=state.limits.max_images + 8, max_fields=64)
+        except Exception as e:  # noqa: BLE001 - malformed multipart
+            raise OpenAIError(400, f"could not parse the multipart body: {e}", None, "invalid_multipart") from None
+        files = [v for k in ("image", "image[]") for v in form.getlist(k)]
+        _check_count(len(files), state.limits)
+        images = []
+        for i, f in enumerate(files):
+            if not isinstance(f, UploadFile):
+                raise OpenAIError(400, f"image {i} must be a file upload", "image", "invalid_image")
+            images.append(await _read_upload(f, i, state.limits))
+        fields = {k: form.get(k) for k in _FORM_FIELDS if isinstance(form.get(k), str)}
+        if "prompt" not in fields:
+            raise OpenAIError(400, "prompt is required", "prompt", "missing_required_parameter")
+        params = _validate(ImageEditJSONRequest, fields)
+        return await _run_images(state, request, "image_edit", params, images)
+
+    return app
+
+
+def _check_count(n: int, limits: ServerLimits) -> None:
+    if n == 0:
+        raise OpenAIError(400, "image is required: send 1 to 3 images as `image` or `image[]`", "image",
+                          "missing_required_parameter")
+    if n > limits.max_images:
+        raise OpenAIError(400, f"{n} images; at most {limits.max_images} are supported", "image", "too_many_images")
+
+
+async def _json_body(request: Request) -> dict[str, Any]:
+    try:
+        body = await request.json()
+    except Exception:  # noqa: BLE001
+        raise OpenAIError(400, "the request body is not valid JSON", None, "invalid_json") from None
+    if not isinstance(body, dict):
+        raise OpenAIError(400, "the request body must be a JSON object", None, "invalid_json")
+    return body
+
+
+@dataclass
+class _Outcome:
+    index: int
+    text: str = ""
+    png: bytes = b""
+    info: FinishedInfo | None = None
+
+
+async def _run_images(state: AppState, request: Request, kind: str, params, images: list[bytes]):
+    limits = state.limits
+    if params.model is not None and params.model not in state.model_names:
+        raise OpenAIError(404, f"the model {params.model!r} does not exist; this server serves "
+                          f"{', '.join(state.model_names)}", "model", "model_not_found")
+    if not params.prompt.strip():
+        raise OpenAIError(400, "prompt must be a non-empty string", "prompt", "invalid_value")
+    if len(params.prompt) > limits.max_prompt_chars:
+        raise OpenAIError(400, f"prompt is {len(params.prompt)} characters; the limit is {limits.max_prompt_chars}",
+                          "prompt", "string_above_max_length")
+    if params.n > limits.max_n:
+        raise OpenAIError(400, f"n must be at most {limits.max_n}", "n", "invalid_value")
+    if params.response_format == "url":
+        raise OpenAIError(400, "response_format 'url' is not supported; images are returned as b64_json",
+                          "response_format", "unsupported_value")
+    size = _parse_size(params.size, limits)
+    client = state.client
+    if not client.healthy:
+        raise OpenAIError(503, "the engine core is not running", None, "engine_unavailable")
+    cfg = client.config
+    if client.num_in_flight + params.n > cfg.max_num_seqs + cfg.max_waiting_requests:
+        raise OpenAIError(429, "too many requests in flight; retry later", None, "rate_limit_exceeded")
+
+    rid = f"img-{uuid.uuid4().hex[:16]}"
+    req = GenerationRequest(
+        request_id=rid, prompt=params.prompt, images=images, image_size=size, bot_task=params.bot_task,
+        use_system_prompt=params.use_system_prompt, system_prompt=params.system_prompt,
+        num_inference_steps=params.num_inference_steps, guidance_scale=params.guidance_scale, seed=params.seed,
+        max_new_tokens=params.max_new_tokens, infer_align_image_size=params.infer_align_image_size,
+    )
+    loop = asyncio.get_running_loop()
+    try:
+        processed: ProcessedRequest = await loop.run_in_executor(state.pool, process_request, state.ctx, req,
+                                                                 limits.max_image_pixels)
+    except RequestError as e:
+        raise _request_error(e) from None
+    base_seed = params.seed if params.seed is not None else random.randrange(2**31 - params.n)
+    subs = []
+    for i in range(params.n):
+        sub_req = msgspec.structs.replace(processed.request, request_id=f"{rid}-{i}", seed=base_seed + i)
+        subs.append(msgspec.structs.replace(processed, request=sub_req))
+    ds = state.ctx.config.latent_downsample
+    image_tokens = sum((x.vae_shape[-2] // ds) * (x.vae_shape[-1] // ds) + 2 for x in processed.images)
+    fmt = params.output_format or "png"
+    if params.stream:
+        return StreamingResponse(_stream(state, kind, subs, fmt, params, image_tokens), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    work = asyncio.ensure_future(asyncio.gather(*(_collect(client, i, s) for i, s in enumerate(subs))))
+    watcher = asyncio.ensure_future(_wait_disconnect(request))
+    try:
+        await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if not work.done():  # the client went away: cancelling closes every generator, which aborts its request
+        work.cancel()
+        await asyncio.gather(work, return_exceptions=True)
+        return Response(status_code=499)
+    try:
+        outcomes: list[_Outcome] = work.result()
+    except EngineDeadError as e:
+        raise OpenAIError(503, f"the engine core is not running: {e}", None, "engine_unavailable") from None
+    for o in outcomes:
+        _raise_for(o.info)
+    data, prompt_tokens, out_tokens = [], 0, 0
+    for o in outcomes:
+        b = await loop.run_in_executor(state.pool, _encode_output, o.png, fmt, params.output_compression)
+        data.append({"b64_json": base64.b64encode(b).decode(), "revised_prompt": revised_prompt(o.info.text)})
+        prompt_tokens += o.info.num_prompt_tokens
+        out_tokens += o.info.num_generated_tokens
+    first = outcomes[0].info
+    size_out = f"{first.image_size[1]}x{first.image_size[0]}" if first.image_size else size
+    return {"created": now(), "data": data, "output_format": fmt, "size": size_out,
+            "usage": usage(prompt_tokens, image_tokens * len(outcomes), out_tokens)}
+
+
+def _raise_for(info: FinishedInfo | None) -> None:
+    if info is None:
+        raise OpenAIError(500, "the engine finished without a result", None, "internal_error")
+    if info.finish_reason in ("error", "abort"):
+        status = info.status if info.status in (400, 429, 500, 503) else 500
+        raise OpenAIError(status, info.error or info.finish_reason, None,
+                          "rate_limit_exceeded" if status == 429 else ("invalid_request" if status == 400 else
+                                                                       "engine_error"))
+    if info.finish_reason != "image":
+        raise OpenAIError(500, f"the engine produced no image (finish_reason={info.finish_reason}); use a bot_task "
+                          "that generates an image", "bot_task", "no_image")
+
+
+async def _collect(client: EngineClient, index: int, sub: ProcessedRequest) -> _Outcome:
+    out = _Outcome(index)
+    gen = client.generate(sub)
+    try:
+        async for item in gen:
+            if isinstance(item, FinishedInfo):
+                out.info = item
+            elif item.kind == "text":
+                out.text += item.text
+            elif item.kind == "image":
+                out.png = item.image_png
+    finally:
+        await gen.aclose()
+    return out
+
+
+async def _wait_disconnect(request: Request) -> None:
+    while not await request.is_disconnected():
+        await asyncio.sleep(0.1)
+
+
+async def _stream(state: AppState, kind: str, subs: list[ProcessedRequest], fmt: str, params, image_tokens: int):
+    """SSE: `<kind>.text_delta` events as the think/recaption text is decoded, `<kind>.completed` per image
+    (b64_json, revised_prompt, usage), then `data: [DONE]`; an error is one `error` event, then [DONE]."""
+    queue: asyncio.Queue = asyncio.Queue()
+    loop = asyncio.get_running_loop()
+
+    async def pump(i: int, sub: ProcessedRequest) -> None:
+        gen = state.client.generate(sub)
+        try:
+            async for item in gen:
+                await queue.put((i, item))
+        except EngineDeadError as e:
+            await queue.put((i, FinishedInfo(request_id="", finish_reason="error", status=503, error=str(e))))
+        finally:
+            await gen.aclose()
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(subs)]
+    texts = [""] * len(subs)
+    pngs = [b""] * len(subs)
+    remaining = len(subs)
+    try:
+        while remaining:
+            i, item = await queue.get()
+            if isinstance(item, EngineEvent):
+                if item.kind == "text":
+                    texts[i] += item.text
+                    yield sse(f"{kind}.text_delta", {"type": f"{kind}.text_delta", "delta": item.text, "index": i,
+                                                     "created_at": now()})
+                elif item.kind == "image":
+                    pngs[i] = item.image_png
+                continue
+            remaining -= 1
+            try:
+                _raise_for(item)
+            except OpenAIError as e:
+                yield sse("error", {"type": "error", **e.body()})
+                yield sse(None, "[DONE]")
+                return
+            b = await loop.run_in_executor(state.pool, _encode_output, pngs[i], fmt, params.output_compression)
+            size = f"{item.image_size[1]}x{item.image_size[0]}" if item.image_size else "auto"
+            yield sse(f"{kind}.completed", {
+                "type": f"{kind}.completed", "b64_json": base64.b64encode(b).decode(), "index": i,
+                "revised_prompt": revised_prompt(item.text), "created_at": now(), "size": size, "quality": "auto",
+                "background": "auto", "output_format": fmt,
+                "usage": usage(item.num_prompt_tokens, image_tokens, item.num_generated_tokens)})
+        yield sse(None, "[DONE]")
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+# ------------------------------------------------------------------------------------------------ serve
+async def serve_async(args: argparse.Namespace, started: asyncio.Event | None = None) -> int:
+    import uvicorn
+
+    from diffgentor.engine.config import EngineConfig
+    from diffgentor.engine.request_state import load_processor_context
+
+    config = EngineConfig.from_cli_and_env(args)
+    names = args.served_model_name or [Path(args.model).name]
+    metrics = ServerMetrics(names[0])
+    holder: dict[str, Any] = {}
+
+    def on_death() -> None:
+        server = holder.get("server")
+        if server is not None:
+            server.should_exit = True
+
+    client = EngineClient(config, metrics=metrics, on_death=on_death)
+    ctx = load_processor_context(args.model, config.request_defaults() | (
+        {"num_inference_steps": config.default_num_inference_steps} if config.default_num_inference_steps else {}))
+    limits = ServerLimits(max_upload_bytes=args.max_upload_bytes, max_image_pixels=args.max_image_pixels,
+                          max_prompt_chars=args.max_prompt_chars)
+    state = AppState(ctx=ctx, client=client, metrics=metrics, model_names=names, model_root=str(args.model),
+                     api_key=args.api_key, limits=limits)
+    try:
+        await client.start()
+    except Exception as e:  # noqa: BLE001
+        logger.error("%s", e)
+        await client.shutdown()
+        return 1
+    app = build_app(state)
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                                           loop="none", lifespan="off", timeout_graceful_shutdown=5))
+    holder["server"] = server
+    logger.info("serving %s on http://%s:%d", names[0], args.host, args.port)
+    try:
+        await server.serve()
+    finally:
+        await client.shutdown()
+        state.pool.shutdown(wait=False, cancel_futures=True)
+    return 1 if client.dead else 0
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    import uvloop
+
+    logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO),
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    return uvloop.run(serve_async(args))

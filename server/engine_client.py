@@ -1,0 +1,216 @@
+"""The API server's side of the ZeroMQ link to the engine-core process (see `engine/core_proc.py`).
+
+`EngineClient.start()` binds two ipc:// sockets in a temp dir, spawns the engine-core process and waits for
+its `CoreReady`. An output task routes each `CoreOutputs` message: text / image events to the queue of their
+request, a `FinishedInfo` closes a request, scheduler stats go to the metrics. A watchdog notices a dead
+engine core: every in-flight request gets an error, `healthy` turns False and `on_death` runs (the server then
+exits non-zero).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+import msgspec
+import zmq
+import zmq.asyncio
+
+from diffgentor.engine.config import EngineConfig
+from diffgentor.engine.core_proc import (
+    AbortRequests,
+    AddRequest,
+    CoreFailed,
+    CoreOutputs,
+    CoreReady,
+    FinishedInfo,
+    Shutdown,
+    encoder,
+    output_decoder,
+    run_engine_core,
+)
+from diffgentor.engine.request import EngineEvent
+from diffgentor.engine.request_state import ProcessedRequest
+
+logger = logging.getLogger(__name__)
+
+
+class EngineDeadError(RuntimeError):
+    """The engine-core process is gone."""
+
+
+@dataclass
+class _Pending:
+    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+    arrival: float = field(default_factory=time.perf_counter)
+    last_text: float | None = None
+
+
+class EngineClient:
+    WATCHDOG_S = 0.5
+
+    def __init__(self, config: EngineConfig, metrics=None, on_death: Callable[[], None] | None = None,
+                 startup_timeout_s: float = 600.0) -> None:
+        self.config = config
+        self.metrics = metrics
+        self.on_death = on_death
+        self.startup_timeout_s = startup_timeout_s
+        self.pending: dict[str, _Pending] = {}
+        self.ready: CoreReady | None = None
+        self.dead = False
+        self.death_reason = ""
+        self.proc: multiprocessing.Process | None = None
+        self._tmp = tempfile.mkdtemp(prefix="diffgentor-zmq-")
+        self.input_addr = f"ipc://{self._tmp}/input"
+        self.output_addr = f"ipc://{self._tmp}/output"
+        self._ctx = zmq.asyncio.Context()
+        self._enc = encoder()
+        self._dec = output_decoder()
+        self._tasks: list[asyncio.Task] = []
+        self.num_in_flight = 0
+
+    @property
+    def healthy(self) -> bool:
+        return self.ready is not None and not self.dead
+
+    # ------------------------------------------------------------------ lifecycle
+    async def start(self) -> None:
+        self._in = self._ctx.socket(zmq.PUSH)
+        self._in.setsockopt(zmq.LINGER, 0)
+        self._in.bind(self.input_addr)
+        self._out = self._ctx.socket(zmq.PULL)
+        self._out.setsockopt(zmq.LINGER, 0)
+        self._out.bind(self.output_addr)
+        mp = multiprocessing.get_context("spawn")
+        self.proc = mp.Process(target=run_engine_core, name="diffgentor-engine-core", daemon=True,
+                               args=(self.config, self.input_addr, self.output_addr, os.getpid()))
+        self.proc.start()
+        deadline = time.monotonic() + self.startup_timeout_s
+        while self.ready is None:
+            if not self.proc.is_alive():
+                raise EngineDeadError(f"the engine core exited with status {self.proc.exitcode} while starting")
+            if time.monotonic() > deadline:
+                raise EngineDeadError("the engine core did not become ready in time")
+            if await self._out.poll(200):
+                msg = self._dec.decode(await self._out.recv())
+                if isinstance(msg, CoreFailed):
+                    raise EngineDeadError(f"the engine core failed to start: {msg.error}")
+                if isinstance(msg, CoreReady):
+                    self.ready = msg
+        self._tasks = [asyncio.create_task(self._output_loop()), asyncio.create_task(self._watchdog())]
+
+    async def shutdown(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        if self.proc is not None and self.proc.is_alive():
+            try:
+                await self._in.send(self._enc.encode(Shutdown()))
+            except zmq.ZMQError:
+                pass
+            await asyncio.get_running_loop().run_in_executor(None, self.proc.join, 5.0)
+            if self.proc.is_alive():
+                self.proc.terminate()
+                self.proc.join(2.0)
+        self._ctx.destroy(linger=0)
+        shutil.rmtree(self._tmp, ignore_errors=True)
+
+    def _die(self, reason: str) -> None:
+        if self.dead:
+            return
+        self.dead = True
+        self.death_reason = reason
+        logger.error("engine core died: %s", reason)
+        for rid, p in list(self.pending.items()):
+            p.queue.put_nowait(FinishedInfo(request_id=rid, finish_reason="error", status=500,
+                                            error=f"the engine core died: {reason}"))
+        self.pending.clear()
+        if self.on_death is not None:
+            self.on_death()
+
+    async def _watchdog(self) -> None:
+        while not self.dead:
+            await asyncio.sleep(self.WATCHDOG_S)
+            if self.proc is not None and not self.proc.is_alive():
+                self._die(f"process exited with status {self.proc.exitcode}")
+
+    async def _output_loop(self) -> None:
+        try:
+            while True:
+                msg = self._dec.decode(await self._out.recv())
+                if isinstance(msg, CoreOutputs):
+                    self._route(msg)
+                elif isinstance(msg, CoreFailed):
+                    self._die(msg.error)
+                    return
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a broken link is a dead engine
+            self._die(f"output link failed: {type(e).__name__}: {e}")
+
+    def _route(self, msg: CoreOutputs) -> None:
+        now = time.perf_counter()
+        m = self.metrics
+        for ev in msg.events:
+            p = self.pending.get(ev.request_id)
+            if p is None:
+                continue
+            if ev.kind == "text" and m is not None:
+                if p.last_text is None:
+                    m.on_first_token(now - p.arrival)
+                else:
+                    m.on_inter_token(now - p.last_text)
+                p.last_text = now
+            p.queue.put_nowait(ev)
+        for info in msg.finished:
+            p = self.pending.pop(info.request_id, None)
+            if p is None:
+                continue
+            if m is not None:
+                m.on_finished(info, now - p.arrival)
+            p.queue.put_nowait(info)
+        if msg.stats is not None and m is not None:
+            m.on_stats(msg.stats)
+
+    # ------------------------------------------------------------------ requests
+    async def generate(self, processed: ProcessedRequest) -> AsyncIterator[EngineEvent | FinishedInfo]:
+        """Events of one request, ending with its `FinishedInfo`. Closing the iterator early (a client that
+        went away, a cancelled task) aborts the request in the engine core, which frees its KV blocks."""
+        rid = processed.request.request_id
+        if self.dead:
+            raise EngineDeadError(self.death_reason or "the engine core is not running")
+        if rid in self.pending:
+            raise ValueError(f"duplicate request id {rid!r}")
+        p = _Pending()
+        self.pending[rid] = p
+        self.num_in_flight += 1
+        done = False
+        try:
+            await self._in.send(self._enc.encode(AddRequest(processed=processed)), copy=False)
+            while True:
+                item = await p.queue.get()
+                yield item
+                if isinstance(item, FinishedInfo):
+                    done = True
+                    return
+        finally:
+            self.num_in_flight -= 1
+            if not done:
+                self.pending.pop(rid, None)
+                if not self.dead:  # no await here: this also runs when the consumer was cancelled
+                    asyncio.get_running_loop().create_task(self.abort([rid]))
+
+    async def abort(self, request_ids: list[str]) -> None:
+        if self.metrics is not None:
+            for _ in request_ids:
+                self.metrics._success.labels(self.metrics.model_name, "abort").inc()
+        try:
+            await self._in.send(msgspec.msgpack.encode(AbortRequests(request_ids=list(request_ids))))
+        except zmq.ZMQError:
+            pass

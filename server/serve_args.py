@@ -1,0 +1,31 @@
+"""The `diffgentor serve` flags, in a module light enough to import while building the CLI parser."""
+
+from __future__ import annotations
+
+import argparse
+
+MiB = 1 << 20
+DEFAULT_MAX_UPLOAD_BYTES = 20 * MiB
+DEFAULT_MAX_IMAGE_PIXELS = 4096 * 4096
+DEFAULT_MAX_PROMPT_CHARS = 32000
+
+
+def add_serve_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    from diffgentor.engine.config import add_engine_args
+
+    p.add_argument("model", help="checkpoint folder (HunyuanImage-3.0-Instruct layout)")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on /v1/* (default: none)")
+    p.add_argument("--served-model-name", nargs="+", default=None,
+                   help="model name(s) clients may send (default: the checkpoint folder's name)")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--num-inference-steps", dest="default_num_inference_steps", type=int, default=None,
+                   help="default diffusion steps (default: the checkpoint's generation config)")
+    p.add_argument("--max-upload-bytes", type=int, default=DEFAULT_MAX_UPLOAD_BYTES, help="per image file")
+    p.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS,
+                   help="refuse larger images from their header (decompression bombs)")
+    p.add_argument("--max-prompt-chars", type=int, default=DEFAULT_MAX_PROMPT_CHARS)
+    p.add_argument("--log-level", default="info")
+    add_engine_args(p)
+    return p
