@@ -87,7 +87,9 @@ class EngineCore:
             raise ValueError("EngineConfig.model (the checkpoint folder) is required")
         path = Path(config.model)
         dtype = getattr(torch, config.resolve_dtype())
-        model = HunyuanImage3ForCausalMM.from_pretrained(path, dtype=dtype, device=config.resolve_device())
+        model = HunyuanImage3ForCausalMM.from_pretrained(
+            path, dtype=dtype, device=config.resolve_device(), attn_backend=config.attn_impl, moe_impl=config.moe_impl
+        )
         tok = HunyuanTokenizer.from_pretrained(path, require_distil_tokens=model.config.cfg_distilled)
         c = model.config
         bytes_per_block = 2 * c.num_hidden_layers * config.block_size * c.num_key_value_heads * c.head_dim * \

@@ -10,17 +10,32 @@ i.e. causal attention plus the bidirectional image block that contains the query
 tokens are queried, so a scheduler must not split a bidirectional block across steps (keys past kv_len are
 not seen).
 
-Contract for every backend: the caller writes this step's K/V into the cache (`PagedKVCache.write` at
-`slot_mapping`) BEFORE calling attention, and `kv_lens` already counts those writes. Later backends
-(FlashInfer) implement the same signature and are added in `get_attention_backend`, the one selection point.
+Contract for every backend (FlashInfer's plan/run): `plan(metadata)` once per forward (host work, page tables,
+masks), then every layer calls `run(q, k, v, kv_cache, layer)`. The caller writes this step's K/V into the
+cache (`PagedKVCache.write` at `slot_mapping`) BEFORE `run`, and `kv_lens` already counts those writes; `k`, `v`
+are this step's own K/V rows (the cascade variant reads them directly instead of from the cache).
+`get_attention_backend` is the one selection point.
+
+Variants (all exact re-statements of the same mask; the CPU tests prove they agree, the FlashInfer backend
+implements the same decompositions with kernels):
+* "mask": the official dense mask per sequence (FlashInfer: one prefill wrapper with a custom mask, FA2).
+* "segments": each sequence's query rows split into maximal causal text runs and image-block runs. A text
+  run with KV indices [a, b) is a causal prefill over keys [0, b) (bottom-right aligned); an image run inside
+  block [s, e) is a NON-causal prefill over keys [0, e). No mask tensor, so FlashInfer keeps FA3.
+* "cascade": a segment whose own rows are all its last keys (text runs; whole image blocks, e.g. a diffusion
+  step) = non-causal attention over the paged prefix [0, a) merged by log-sum-exp with attention over the
+  segment's own K/V (causal for text, full for an image block); other segments as in "segments".
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+import logging
+import math
+import os
+import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from types import MappingProxyType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -192,18 +207,233 @@ def paged_attention_reference(
     return out
 
 
-AttentionBackend = Callable[[Tensor, AttentionMetadata, "PagedKVCache", int, float], Tensor]
 
-_BACKENDS: Mapping[str, AttentionBackend] = MappingProxyType(
-    {"torch": paged_attention_reference, "sdpa": paged_attention_reference}
-)
+ATTN_IMPL_ENV = "DG_HUNYUAN_IMAGE_3_ATTN_IMPL"
+ATTN_IMPLS = ("sdpa", "flashinfer")
+ATTN_VARIANTS = ("mask", "segments", "cascade")
+
+_log = logging.getLogger(__name__)
+_warned: set[str] = set()
 
 
-def get_attention_backend(name: str = "torch") -> AttentionBackend:
-    """The one place that maps a backend name to an attention function with the contract above."""
-    key = name.lower()
-    if key in _BACKENDS:
-        return _BACKENDS[key]
+def _warn_once(key: str, msg: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(msg, RuntimeWarning, stacklevel=3)
+        _log.warning(msg)
+
+
+# ------------------------------------------------------------------------------------------------ decomposition
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A run of query rows [row0, row1) of sequence `seq` with consecutive KV indices [kv0, kv1).
+
+    causal: text run, keys [0, kv1) with the causal rule (kv_end == kv1). Non-causal: image-block run, all
+    keys [0, kv_end) where kv_end is the block end.
+    """
+
+    seq: int
+    row0: int
+    row1: int
+    kv0: int
+    kv1: int
+    kv_end: int
+    causal: bool
+
+    @property
+    def num_rows(self) -> int:
+        return self.row1 - self.row0
+
+    @property
+    def self_contained(self) -> bool:
+        """The segment's own rows are exactly its keys past kv0 (cascade: prefix [0, kv0) + own K/V)."""
+        return self.kv1 == self.kv_end
+
+
+def decompose_segments(metadata: AttentionMetadata) -> list[Segment]:
+    """Split the flat batch into causal text runs and non-causal image-block runs (see module docstring)."""
+    indptr = metadata.qo_indptr.tolist()
+    qidx = metadata.query_kv_index.tolist()
+    b0 = metadata.bidir_start.tolist()
+    b1 = metadata.bidir_end.tolist()
+    segs: list[Segment] = []
+    for s in range(metadata.num_seqs):
+        r = indptr[s]
+        while r < indptr[s + 1]:
+            span = (b0[r], b1[r])
+            e = r + 1
+            while e < indptr[s + 1] and qidx[e] == qidx[e - 1] + 1 and (b0[e], b1[e]) == span:
+                e += 1
+            causal = span[1] == 0
+            kv1 = qidx[e - 1] + 1
+            segs.append(Segment(s, r, e, qidx[r], kv1, kv1 if causal else span[1], causal))
+            r = e
+    return segs
+
+
+# ------------------------------------------------------------------------------------------------ LSE helpers
+
+_LOG2E = 1.0 / math.log(2.0)
+
+
+def attention_with_lse(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool) -> tuple[Tensor, Tensor]:
+    """Pure-torch emulation of a FlashInfer prefill with return_lse: q [n, Hq, D], k/v [m, Hkv, D] ->
+    (out fp32 [n, Hq, D], lse fp32 [n, Hq] in BASE 2, FlashInfer's convention). Causal is bottom-right aligned
+    (row i sees keys j <= m - n + i). m == 0 gives out 0 and lse -inf."""
+    n, hq, d = q.shape
+    m, hkv = k.shape[0], k.shape[1]
+    if m == 0:
+        return q.new_zeros(n, hq, d, dtype=torch.float32), q.new_full((n, hq), -math.inf, dtype=torch.float32)
+    qf = q.float().transpose(0, 1)  # [Hq, n, D]
+    kf = k.float().repeat_interleave(hq // hkv, dim=1).transpose(0, 1)
+    vf = v.float().repeat_interleave(hq // hkv, dim=1).transpose(0, 1)
+    scores = torch.matmul(qf, kf.transpose(1, 2)) * scale  # [Hq, n, m]
+    if causal:
+        keep = torch.arange(m, device=q.device).unsqueeze(0) <= (m - n + torch.arange(n, device=q.device)).unsqueeze(1)
+        scores = scores.masked_fill(~keep, -math.inf)
+    lse = torch.logsumexp(scores, dim=-1)  # [Hq, n]
+    p = torch.exp(scores - lse.unsqueeze(-1))
+    out = torch.matmul(p, vf)
+    return out.transpose(0, 1), (lse * _LOG2E).transpose(0, 1)
+
+
+def merge_state(v_a: Tensor, s_a: Tensor, v_b: Tensor, s_b: Tensor) -> tuple[Tensor, Tensor]:
+    """Pure-torch `flashinfer.merge_state`: combine two partial attentions over disjoint key sets by their
+    base-2 log-sum-exp. v [n, H, D], s [n, H] -> (v, s)."""
+    s_max = torch.maximum(s_a, s_b)
+    s_max = torch.where(torch.isinf(s_max) & (s_max < 0), torch.zeros_like(s_max), s_max)
+    w_a = torch.exp2(s_a - s_max)
+    w_b = torch.exp2(s_b - s_max)
+    tot = w_a + w_b
+    v = (v_a.float() * w_a.unsqueeze(-1) + v_b.float() * w_b.unsqueeze(-1)) / tot.clamp_min(1e-30).unsqueeze(-1)
+    return v, s_max + torch.log2(tot)
+
+
+# ------------------------------------------------------------------------------------------------ backends
+
+
+class AttentionBackend(Protocol):
+    """plan once per forward, run once per layer (FlashInfer's contract)."""
+
+    name: str
+
+    def plan(self, metadata: AttentionMetadata, q_dtype: torch.dtype | None = None,
+             kv_dtype: torch.dtype | None = None) -> None: ...
+
+    def run(self, q: Tensor, k: Tensor, v: Tensor, kv_cache: PagedKVCache, layer: int) -> Tensor: ...
+
+
+class TorchPagedAttention:
+    """Pure-torch backend with the plan/run contract; also the CPU proof of each FlashInfer decomposition.
+
+    plan() does all host work once per forward (per-sequence rows, segment lists, masks); run() gathers each
+    sequence's pages once per layer and computes SDPA (fp32) per the chosen variant.
+    """
+
+    name = "sdpa"
+
+    def __init__(self, num_qo_heads: int, num_kv_heads: int, head_dim: int, scale: float | None = None,
+                 variant: str = "mask") -> None:
+        if variant not in ATTN_VARIANTS:
+            raise ValueError(f"unknown attention variant {variant!r}; allowed: {', '.join(ATTN_VARIANTS)}")
+        if num_qo_heads % num_kv_heads:
+            raise ValueError(f"{num_qo_heads} query heads are not a multiple of {num_kv_heads} KV heads")
+        self.num_qo_heads = num_qo_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.scale = head_dim**-0.5 if scale is None else scale
+        self.variant = variant
+        self._md: AttentionMetadata | None = None
+        self._masks: list[Tensor | None] = []
+        self._segments: list[Segment] = []
+
+    def plan(self, metadata: AttentionMetadata, q_dtype: torch.dtype | None = None,
+             kv_dtype: torch.dtype | None = None) -> None:
+        self._md = metadata
+        self._indptr = metadata.qo_indptr.tolist()
+        self._kv_lens = metadata.kv_lens.tolist()
+        if self.variant == "mask":
+            self._masks = []
+            for s in range(metadata.num_seqs):
+                r0, r1 = self._indptr[s], self._indptr[s + 1]
+                self._masks.append(None if r1 == r0 else attention_mask_rows(
+                    metadata.query_kv_index[r0:r1], metadata.bidir_start[r0:r1], metadata.bidir_end[r0:r1],
+                    self._kv_lens[s]))
+        else:
+            self._segments = decompose_segments(metadata)
+
+    def run(self, q: Tensor, k: Tensor | None, v: Tensor | None, kv_cache: PagedKVCache, layer: int) -> Tensor:
+        md = self._md
+        if md is None:
+            raise RuntimeError("run() before plan()")
+        if self.variant == "mask":
+            return self._run_mask(q, kv_cache, layer)
+        out = torch.empty_like(q)
+        kv: dict[int, tuple[Tensor, Tensor]] = {}
+        for seg in self._segments:
+            if seg.seq not in kv:
+                kv[seg.seq] = kv_cache.gather(layer, md.block_tables[seg.seq], self._kv_lens[seg.seq])
+            kc, vc = kv[seg.seq]
+            qs = q[seg.row0 : seg.row1]
+            if self.variant == "cascade" and seg.self_contained and k is not None and v is not None:
+                o_p, s_p = attention_with_lse(qs, kc[: seg.kv0], vc[: seg.kv0], self.scale, causal=False)
+                o_c, s_c = attention_with_lse(qs, k[seg.row0 : seg.row1], v[seg.row0 : seg.row1], self.scale,
+                                              causal=seg.causal)
+                o, _ = merge_state(o_p, s_p, o_c, s_c)
+            else:
+                o, _ = attention_with_lse(qs, kc[: seg.kv_end], vc[: seg.kv_end], self.scale, causal=seg.causal)
+            out[seg.row0 : seg.row1] = o.to(q.dtype)
+        return out
+
+    def _run_mask(self, q: Tensor, kv_cache: PagedKVCache, layer: int) -> Tensor:
+        md = self._md
+        hq = q.shape[1]
+        out = torch.empty_like(q)
+        for s, mask in enumerate(self._masks):
+            if mask is None:
+                continue
+            r0, r1 = self._indptr[s], self._indptr[s + 1]
+            kc, vc = kv_cache.gather(layer, md.block_tables[s], self._kv_lens[s])
+            g = hq // kc.shape[1]
+            qs = q[r0:r1].transpose(0, 1).float()
+            ks = kc.repeat_interleave(g, dim=1).transpose(0, 1).float()
+            vs = vc.repeat_interleave(g, dim=1).transpose(0, 1).float()
+            o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, dropout_p=0.0, scale=self.scale)
+            out[r0:r1] = o.transpose(0, 1).to(q.dtype)
+        return out
+
+
+def flashinfer_attention_available(device: torch.device | str) -> tuple[bool, str]:
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return False, f"device {device} is not CUDA"
+    try:
+        import flashinfer  # noqa: F401
+    except Exception as e:  # noqa: BLE001 - any import failure means "not available"
+        return False, f"flashinfer is not importable ({type(e).__name__}: {e})"
+    return True, "ok"
+
+
+def get_attention_backend(
+    name: str | None = None,
+    num_qo_heads: int = 32,
+    num_kv_heads: int = 8,
+    head_dim: int = 128,
+    scale: float | None = None,
+    variant: str | None = None,
+) -> AttentionBackend:
+    """THE selection point: name (None -> $DG_HUNYUAN_IMAGE_3_ATTN_IMPL, default sdpa; "torch" = "sdpa") ->
+    a backend object. `flashinfer` resolves its device at the first plan() and falls back to the torch backend
+    (same variant) with one warning when CUDA or flashinfer is missing."""
+    if name is None:
+        name = os.environ.get(ATTN_IMPL_ENV, "").strip() or "sdpa"
+    key = name.strip().lower()
+    if key in ("torch", "sdpa"):
+        return TorchPagedAttention(num_qo_heads, num_kv_heads, head_dim, scale, variant or "mask")
     if key == "flashinfer":
-        raise NotImplementedError("the FlashInfer attention backend is not implemented yet; use 'torch'")
-    raise ValueError(f"unknown attention backend {name!r}; available: {sorted(_BACKENDS)}")
+        from .flashinfer_attention import FlashInferPagedAttention
+
+        return FlashInferPagedAttention(num_qo_heads, num_kv_heads, head_dim, scale, variant or "segments")
+    raise ValueError(f"unknown attention backend {name!r}; available: torch, {', '.join(ATTN_IMPLS)}")

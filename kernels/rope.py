@@ -6,6 +6,11 @@ rotate-half convention. Text tokens have y == x == sequence index, which makes t
 RoPE, so one code path serves text, condition images and the generated image. Positions are explicit per
 token (not derived from the KV index) so that chunked prefill, decode and diffusion steps all feed the same
 values.
+
+`apply_rope` is the one selection point and is torch-only on purpose: FlashInfer's RoPE kernels take one scalar
+position per token (or a per-token cos/sin cache) and write bf16 in place, while the official order keeps the
+rotated q/k in fp32 until after the qk-norm; an in-kernel variant would change numerics for no measurable
+gain next to attention and the MoE.
 """
 
 from __future__ import annotations

@@ -295,7 +295,9 @@ def test_paged_flat_batch_of_sequences_equals_each_alone():
         k = torch.cat([data[s][1][a:b] for s, a, b in step])
         v = torch.cat([data[s][2][a:b] for s, a, b in step])
         cache.write(0, md.slot_mapping, k, v)
-        out = get_attention_backend("torch")(q, md, cache, 0, D**-0.5)
+        be = get_attention_backend("torch", HQ, HKV, D, D**-0.5)
+        be.plan(md)
+        out = be.run(q, k, v, cache, 0)
         for j, (s, _, _) in enumerate(step):
             got[s].append(out[md.qo_indptr[j] : md.qo_indptr[j + 1]])
     for s in range(len(lens)):
@@ -334,10 +336,13 @@ def test_kv_cache_skips_unwritten_slots_and_gathers_in_order():
         cache.write(0, torch.tensor([8]), k[:1], k[:1])
 
 
-def test_attention_backend_selection():
-    assert get_attention_backend("torch") is paged_attention_reference
-    assert get_attention_backend("sdpa") is paged_attention_reference
-    with pytest.raises(NotImplementedError):
-        get_attention_backend("flashinfer")
+def test_attention_backend_selection(monkeypatch):
+    from diffgentor.kernels.attention import TorchPagedAttention
+
+    for name in ("torch", "sdpa", "SDPA"):
+        be = get_attention_backend(name, HQ, HKV, D)
+        assert isinstance(be, TorchPagedAttention) and be.variant == "mask"
+    monkeypatch.setenv("DG_HUNYUAN_IMAGE_3_ATTN_IMPL", "sdpa")
+    assert isinstance(get_attention_backend(None, HQ, HKV, D), TorchPagedAttention)
     with pytest.raises(ValueError):
         get_attention_backend("nope")

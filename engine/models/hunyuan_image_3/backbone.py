@@ -18,8 +18,8 @@ import torch
 from torch import Tensor, nn
 
 from diffgentor.engine.kv_cache import PagedKVCache
-from diffgentor.kernels.attention import AttentionMetadata, get_attention_backend
-from diffgentor.kernels.moe import moe_forward_reference, swiglu_mlp
+from diffgentor.kernels.attention import AttentionBackend, AttentionMetadata, get_attention_backend
+from diffgentor.kernels.moe import fused_experts, resolve_moe_impl, select_experts, swiglu_mlp
 from diffgentor.kernels.norm import RMSNorm
 from diffgentor.kernels.rope import apply_rope, rope_cos_sin
 
@@ -63,9 +63,15 @@ class TopKRouter(nn.Module):
 
 
 class MoEBlock(nn.Module):
-    """Routed experts (dropless, renormalised top-k) plus the unscaled shared expert."""
+    """Routed experts (dropless, renormalised top-k) plus the unscaled shared expert.
 
-    def __init__(self, cfg: HunyuanImage3Config, layer_idx: int) -> None:
+    `moe_impl` (None -> $DG_HUNYUAN_IMAGE_3_MOE_IMPL) is resolved by `kernels.moe.resolve_moe_impl` at the first
+    forward, when the device is known. The fast paths need stacked [E, 2I, H] / [E, H, I] weights: they are
+    stacked ONCE and every expert's parameter becomes a view of the stack (no second copy; checkpoint keys and
+    `state_dict` unchanged). A later `.to()` / reload replaces the parameters and triggers a re-stack.
+    """
+
+    def __init__(self, cfg: HunyuanImage3Config, layer_idx: int, moe_impl: str | None = None) -> None:
         super().__init__()
         inter = cfg.moe_intermediate_size[layer_idx]
         self.top_k = cfg.moe_topk[layer_idx]
@@ -75,26 +81,45 @@ class MoEBlock(nn.Module):
         if cfg.use_mixed_mlp_moe:
             self.shared_mlp = SwiGLUMLP(cfg.hidden_size, inter * cfg.num_shared_expert[layer_idx])
         self.experts = nn.ModuleList(SwiGLUMLP(cfg.hidden_size, inter) for _ in range(cfg.num_experts))
+        self.moe_impl = moe_impl
+        self._impl: str | None = None
+        self._stack: tuple[Tensor, Tensor] | None = None
+
+    def _stacked(self) -> tuple[Tensor, Tensor]:
+        first, last = self.experts[0], self.experts[-1]
+        if self._stack is not None:
+            w13, w2 = self._stack
+            if (first.gate_and_up_proj.weight.data_ptr() == w13.data_ptr()
+                    and last.down_proj.weight.data_ptr() == w2[-1].data_ptr()):
+                return self._stack
+        with torch.no_grad():
+            w13 = torch.stack([e.gate_and_up_proj.weight.detach() for e in self.experts])
+            w2 = torch.stack([e.down_proj.weight.detach() for e in self.experts])
+            for i, e in enumerate(self.experts):
+                e.gate_and_up_proj.weight.data = w13[i]
+                e.down_proj.weight.data = w2[i]
+        self._stack = (w13, w2)
+        return self._stack
 
     def forward(self, x: Tensor) -> Tensor:
+        if self._impl is None:
+            self._impl = resolve_moe_impl(self.moe_impl, x.device)
+        weights, ids = select_experts(x, self.gate.wg.weight, self.top_k, self.renormalize, self.routed_scaling_factor)
+        if self._impl == "reference":
+            w13, w2 = [e.gate_and_up_proj.weight for e in self.experts], [e.down_proj.weight for e in self.experts]
+        else:
+            w13, w2 = self._stacked()
+        out = fused_experts(x, weights, ids, w13, w2, impl=self._impl)
         shared = getattr(self, "shared_mlp", None)
-        return moe_forward_reference(
-            x,
-            self.gate.wg.weight,
-            [e.gate_and_up_proj.weight for e in self.experts],
-            [e.down_proj.weight for e in self.experts],
-            self.top_k,
-            shared_w13=None if shared is None else shared.gate_and_up_proj.weight,
-            shared_w2=None if shared is None else shared.down_proj.weight,
-            renormalize=self.renormalize,
-            routed_scaling_factor=self.routed_scaling_factor,
-        )
+        if shared is not None:
+            out = shared(x) + out
+        return out
 
 
 class PagedSelfAttention(nn.Module):
     """GQA with fused QKV ([q; k; v] rows): RoPE, then qk-norm, K/V into the paged cache, then attention."""
 
-    def __init__(self, cfg: HunyuanImage3Config, layer_idx: int, attn_backend: str) -> None:
+    def __init__(self, cfg: HunyuanImage3Config, layer_idx: int, attn: AttentionBackend) -> None:
         super().__init__()
         self.layer_idx = layer_idx
         self.num_heads = cfg.num_attention_heads
@@ -107,7 +132,7 @@ class PagedSelfAttention(nn.Module):
         if cfg.use_qk_norm:
             self.query_layernorm = RMSNorm(cfg.head_dim, eps=cfg.rms_norm_eps)
             self.key_layernorm = RMSNorm(cfg.head_dim, eps=cfg.rms_norm_eps)
-        self.attn_fn = get_attention_backend(attn_backend)
+        self.attn = attn  # shared by all layers; planned once per forward by the backbone
 
     def forward(
         self, x: Tensor, cos: Tensor, sin: Tensor, attn_metadata: AttentionMetadata, kv_cache: PagedKVCache
@@ -126,20 +151,22 @@ class PagedSelfAttention(nn.Module):
         q = q.to(v.dtype)
         k = k.to(v.dtype)
         kv_cache.write(self.layer_idx, attn_metadata.slot_mapping, k, v)
-        o = self.attn_fn(q, attn_metadata, kv_cache, self.layer_idx, self.scale)
+        o = self.attn.run(q, k, v, kv_cache, self.layer_idx)
         return self.o_proj(o.reshape(n, self.num_heads * d))
 
 
 class DecoderLayer(nn.Module):
     """Pre-norm block: x + attn(norm(x)); x + mlp(norm(x))."""
 
-    def __init__(self, cfg: HunyuanImage3Config, layer_idx: int, attn_backend: str) -> None:
+    def __init__(
+        self, cfg: HunyuanImage3Config, layer_idx: int, attn: AttentionBackend, moe_impl: str | None = None
+    ) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
-        self.self_attn = PagedSelfAttention(cfg, layer_idx, attn_backend)
+        self.self_attn = PagedSelfAttention(cfg, layer_idx, attn)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
         if cfg.num_experts > 1 and cfg.is_moe_layer(layer_idx):
-            self.mlp: nn.Module = MoEBlock(cfg, layer_idx)
+            self.mlp: nn.Module = MoEBlock(cfg, layer_idx, moe_impl)
         else:
             # official dense layer: keys mlp.gate_and_up_proj / mlp.down_proj sized by intermediate_size
             self.mlp = SwiGLUMLP(cfg.hidden_size, cfg.intermediate_size)
@@ -152,9 +179,15 @@ class DecoderLayer(nn.Module):
 
 
 class HunyuanImage3Backbone(nn.Module):
-    """wte + decoder layers + ln_f; `forward` runs the layers only (no ln_f)."""
+    """wte + decoder layers + ln_f; `forward` runs the layers only (no ln_f).
 
-    def __init__(self, cfg: HunyuanImage3Config, attn_backend: str = "torch") -> None:
+    attn_backend / moe_impl: names for the kernel selection points (`kernels.attention.get_attention_backend`,
+    `kernels.moe.resolve_moe_impl`); None reads $DG_HUNYUAN_IMAGE_3_ATTN_IMPL / $DG_HUNYUAN_IMAGE_3_MOE_IMPL.
+    """
+
+    def __init__(
+        self, cfg: HunyuanImage3Config, attn_backend: str | None = "torch", moe_impl: str | None = None
+    ) -> None:
         super().__init__()
         if cfg.raw.get("hidden_act", "silu") != "silu":
             raise ConfigError(f"hidden_act {cfg.raw.get('hidden_act')!r} is not supported (only 'silu')")
@@ -162,7 +195,12 @@ class HunyuanImage3Backbone(nn.Module):
             raise ConfigError("mlp_bias=true is not supported (HunyuanImage-3.0 MLPs have no bias)")
         self.config = cfg
         self.wte = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i, attn_backend) for i in range(cfg.num_hidden_layers))
+        self.attn = get_attention_backend(
+            attn_backend, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.head_dim**-0.5
+        )
+        self.layers = nn.ModuleList(
+            DecoderLayer(cfg, i, self.attn, moe_impl) for i in range(cfg.num_hidden_layers)
+        )
         self.ln_f = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
 
     def embed_tokens(self, input_ids: Tensor) -> Tensor:
@@ -178,6 +216,7 @@ class HunyuanImage3Backbone(nn.Module):
     ) -> Tensor:
         """[N, H] input embeddings, [N, 2] (y, x) RoPE positions -> [N, H] last-layer states (no ln_f)."""
         cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta)
+        self.attn.plan(attn_metadata, q_dtype=hidden_states.dtype, kv_dtype=kv_cache.dtype)  # once per forward
         h = hidden_states
         for layer in self.layers:
             h = layer(h, cos, sin, attn_metadata, kv_cache)

@@ -33,11 +33,13 @@ def keep_fp32_for_model(name: str) -> bool:
 
 
 class HunyuanImage3ForCausalMM(nn.Module):
-    def __init__(self, config: HunyuanImage3Config, attn_backend: str = "torch") -> None:
+    def __init__(
+        self, config: HunyuanImage3Config, attn_backend: str = "torch", moe_impl: str | None = "eager"
+    ) -> None:
         super().__init__()
         self.config = config
         hidden = config.hidden_size
-        self.model = HunyuanImage3Backbone(config, attn_backend=attn_backend)
+        self.model = HunyuanImage3Backbone(config, attn_backend=attn_backend, moe_impl=moe_impl)
         self.lm_head = nn.Linear(hidden, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.wte.weight
@@ -63,11 +65,16 @@ class HunyuanImage3ForCausalMM(nn.Module):
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
         attn_backend: str = "torch",
+        moe_impl: str | None = "eager",
     ) -> HunyuanImage3ForCausalMM:
-        """Build from `config.json` and load every tensor strictly (any folder name, dots included)."""
+        """Build from `config.json` and load every tensor strictly (any folder name, dots included).
+
+        attn_backend / moe_impl name the kernel implementations (EngineConfig.attn_impl / moe_impl); the
+        fast paths fall back to the torch references, with one warning, where the device cannot run them.
+        """
         config = HunyuanImage3Config.from_pretrained(ckpt_dir)
         with torch.device("meta"):  # no memory until the loader assigns the checkpoint's tensors
-            model = cls(config, attn_backend=attn_backend)
+            model = cls(config, attn_backend=attn_backend, moe_impl=moe_impl)
         load_state_into(
             model,
             ckpt_dir,

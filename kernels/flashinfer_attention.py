@@ -1,0 +1,218 @@
+"""FlashInfer 0.5.0 paged attention with the plan/run contract of `kernels.attention` (GPU only).
+
+Imported lazily by `get_attention_backend("flashinfer")`; `flashinfer` itself is imported at the first plan()
+on a CUDA device, so CPU code never imports it. NHD pages straight from `PagedKVCache.layer(i)`
+([pages, 2, page_size, n_kv, D]); no in-kernel RoPE (`pos_encoding_mode="NONE"`: RoPE and qk-norm run before
+the cache write). The variants implement exactly the decompositions that `TorchPagedAttention` emulates:
+* "mask": one prefill wrapper per forward, rows = sequences, the official mask as a flat custom mask (FA2).
+* "segments": causal text runs -> a causal paged prefill (or the decode wrapper when the whole step is
+  single-token text decode); image-block runs -> a non-causal paged prefill over [0, block end). FA3-eligible.
+* "cascade": self-contained runs -> non-causal paged prefill over the prefix [0, kv0) (return_lse) plus a
+  ragged prefill over the run's own K/V (causal for text, full for a block), merged with `merge_state`;
+  other runs as a non-causal paged row over [0, kv_end).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from .attention import (
+    ATTN_VARIANTS,
+    AttentionMetadata,
+    Segment,
+    TorchPagedAttention,
+    _warn_once,
+    attention_mask_rows,
+    decompose_segments,
+    flashinfer_attention_available,
+)
+
+if TYPE_CHECKING:
+    from diffgentor.engine.kv_cache import PagedKVCache
+
+WORKSPACE_BYTES = 128 << 20
+
+
+def _i32(x: list[int], device: torch.device) -> Tensor:
+    return torch.tensor(x, dtype=torch.int32, device=device)
+
+
+class _PagedRows:
+    """Page-table arrays for rows (query run, KV prefix length) over one sequence's pages."""
+
+    def __init__(self) -> None:
+        self.qo_indptr = [0]
+        self.kv_indptr = [0]
+        self.indices: list[int] = []
+        self.last_page_len: list[int] = []
+        self.rows: list[int] = []  # flat query row of each packed query, in packed order
+
+    def add(self, rows: range, table: list[int], kv_len: int, page_size: int) -> None:
+        n_pages = -(-kv_len // page_size)
+        self.indices.extend(table[:n_pages])
+        self.kv_indptr.append(len(self.indices))
+        self.last_page_len.append(kv_len - (n_pages - 1) * page_size)
+        self.rows.extend(rows)
+        self.qo_indptr.append(len(self.rows))
+
+    def __len__(self) -> int:
+        return len(self.last_page_len)
+
+
+class FlashInferPagedAttention:
+    name = "flashinfer"
+
+    def __init__(self, num_qo_heads: int, num_kv_heads: int, head_dim: int, scale: float | None = None,
+                 variant: str = "segments") -> None:
+        if variant not in ATTN_VARIANTS:
+            raise ValueError(f"unknown attention variant {variant!r}; allowed: {', '.join(ATTN_VARIANTS)}")
+        self.num_qo_heads = num_qo_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.scale = head_dim**-0.5 if scale is None else scale
+        self.variant = variant
+        self._fallback: TorchPagedAttention | None = None
+        self._device: torch.device | None = None
+        self._wrappers: dict[str, object] = {}
+        self._workspace: Tensor | None = None
+        self._steps: list[tuple] = []
+
+    # ------------------------------------------------------------------ wrappers
+    def _wrapper(self, kind: str):
+        import flashinfer
+
+        if self._workspace is None:
+            self._workspace = torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device=self._device)
+        w = self._wrappers.get(kind)
+        if w is None:
+            if kind == "decode":
+                w = flashinfer.BatchDecodeWithPagedKVCacheWrapper(self._workspace, "NHD", use_tensor_cores=True)
+            elif kind.startswith("ragged"):
+                w = flashinfer.BatchPrefillWithRaggedKVCacheWrapper(self._workspace, "NHD")
+            else:
+                w = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self._workspace, "NHD")
+            self._wrappers[kind] = w
+        return w
+
+    def _plan_paged(self, kind: str, pr: _PagedRows, causal: bool, page_size: int, custom_mask: Tensor | None = None):
+        dev = self._device
+        w = self._wrapper(kind)
+        w.plan(
+            _i32(pr.qo_indptr, dev), _i32(pr.kv_indptr, dev), _i32(pr.indices, dev), _i32(pr.last_page_len, dev),
+            self.num_qo_heads, self.num_kv_heads, self.head_dim, page_size, custom_mask=custom_mask, causal=causal,
+            pos_encoding_mode="NONE", sm_scale=self.scale, q_data_type=self._q_dtype, kv_data_type=self._kv_dtype,
+        )
+        return w
+
+    # ------------------------------------------------------------------ plan / run
+    def plan(self, metadata: AttentionMetadata, q_dtype: torch.dtype | None = None,
+             kv_dtype: torch.dtype | None = None) -> None:
+        device = metadata.slot_mapping.device
+        if self._fallback is None and self._device is None:
+            ok, why = flashinfer_attention_available(device)
+            if not ok:
+                _warn_once(f"attn-flashinfer:{why}", f"attention 'flashinfer' unavailable ({why}); using sdpa")
+                self._fallback = TorchPagedAttention(self.num_qo_heads, self.num_kv_heads, self.head_dim,
+                                                     self.scale, self.variant)
+            else:
+                self._device = device
+        if self._fallback is not None:
+            self._fallback.plan(metadata, q_dtype, kv_dtype)
+            return
+        self._q_dtype = q_dtype or torch.bfloat16
+        self._kv_dtype = kv_dtype or self._q_dtype
+        ps = metadata.block_size
+        tables = metadata.block_tables.tolist()
+        kv_lens = metadata.kv_lens.tolist()
+        indptr = metadata.qo_indptr.tolist()
+        dev = self._device
+        self._steps = []
+        if self.variant == "mask":
+            pr = _PagedRows()
+            masks = []
+            for s in range(metadata.num_seqs):
+                r0, r1 = indptr[s], indptr[s + 1]
+                if r1 > r0:
+                    pr.add(range(r0, r1), tables[s], kv_lens[s], ps)
+                    masks.append(attention_mask_rows(metadata.query_kv_index[r0:r1], metadata.bidir_start[r0:r1],
+                                                     metadata.bidir_end[r0:r1], kv_lens[s]).reshape(-1))
+            if len(pr):
+                w = self._plan_paged("mask", pr, False, ps, custom_mask=torch.cat(masks).to(dev))
+                self._steps.append(("paged", w, torch.tensor(pr.rows, device=dev)))
+            return
+        segs = decompose_segments(metadata)
+        if segs and all(sg.causal and sg.num_rows == 1 for sg in segs):  # pure text decode step
+            pr = _PagedRows()
+            for sg in segs:
+                pr.add(range(sg.row0, sg.row1), tables[sg.seq], sg.kv_end, ps)
+            w = self._wrapper("decode")
+            w.plan(_i32(pr.kv_indptr, dev), _i32(pr.indices, dev), _i32(pr.last_page_len, dev), self.num_qo_heads,
+                   self.num_kv_heads, self.head_dim, ps, pos_encoding_mode="NONE", sm_scale=self.scale,
+                   q_data_type=self._q_dtype, kv_data_type=self._kv_dtype)
+            self._steps.append(("paged", w, torch.tensor(pr.rows, device=dev)))
+            return
+        if self.variant == "segments":
+            for causal, kind in ((True, "causal"), (False, "bidir")):
+                pr = _PagedRows()
+                for sg in segs:
+                    if sg.causal == causal:
+                        pr.add(range(sg.row0, sg.row1), tables[sg.seq], sg.kv_end, ps)
+                if len(pr):
+                    w = self._plan_paged(kind, pr, causal, ps)
+                    self._steps.append(("paged", w, torch.tensor(pr.rows, device=dev)))
+            return
+        self._plan_cascade(segs, tables, ps)
+
+    def _plan_cascade(self, segs: list[Segment], tables: list[list[int]], ps: int) -> None:
+        dev = self._device
+        prefix = _PagedRows()  # non-causal paged rows: prefixes of self-contained runs, whole rows of the others
+        ragged: dict[bool, tuple[list[int], list[int]]] = {True: ([0], []), False: ([0], [])}
+        for sg in segs:
+            if sg.self_contained:
+                if sg.kv0 > 0:
+                    prefix.add(range(sg.row0, sg.row1), tables[sg.seq], sg.kv0, ps)
+                ind, rows = ragged[sg.causal]
+                rows.extend(range(sg.row0, sg.row1))
+                ind.append(len(rows))
+            else:
+                prefix.add(range(sg.row0, sg.row1), tables[sg.seq], sg.kv_end, ps)
+        if len(prefix):
+            w = self._plan_paged("prefix", prefix, False, ps)
+            self._steps.append(("prefix", w, torch.tensor(prefix.rows, device=dev)))
+        for causal in (True, False):
+            ind, rows = ragged[causal]
+            if rows:
+                w = self._wrapper("ragged_causal" if causal else "ragged_bidir")
+                w.plan(_i32(ind, dev), _i32(ind, dev), self.num_qo_heads, self.num_kv_heads, self.head_dim,
+                       causal=causal, pos_encoding_mode="NONE", sm_scale=self.scale, q_data_type=self._q_dtype,
+                       kv_data_type=self._kv_dtype)
+                self._steps.append(("ragged", w, torch.tensor(rows, device=dev)))
+
+    def run(self, q: Tensor, k: Tensor, v: Tensor, kv_cache: PagedKVCache, layer: int) -> Tensor:
+        if self._fallback is not None:
+            return self._fallback.run(q, k, v, kv_cache, layer)
+        paged = kv_cache.layer(layer)
+        if self.variant != "cascade" or all(kind == "paged" for kind, _, _ in self._steps):
+            out = torch.empty_like(q)
+            for _, w, rows in self._steps:
+                out[rows] = w.run(q.index_select(0, rows).contiguous(), paged)
+            return out
+        import flashinfer
+
+        n, h, d = q.shape
+        acc = q.new_zeros(n, h, d, dtype=torch.float32)
+        lse = q.new_full((n, h), float("-inf"), dtype=torch.float32)
+        for kind, w, rows in self._steps:
+            qs = q.index_select(0, rows).contiguous()
+            if kind == "ragged":
+                o, s = w.run(qs, k.index_select(0, rows).contiguous(), v.index_select(0, rows).contiguous(),
+                             return_lse=True)
+            else:
+                o, s = w.run(qs, paged, return_lse=True)
+            o_m, s_m = flashinfer.merge_state(acc[rows].to(o.dtype), lse[rows], o, s)
+            acc[rows] = o_m.float()
+            lse[rows] = s_m
+        return acc.to(q.dtype)
