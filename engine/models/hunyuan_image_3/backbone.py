@@ -5,6 +5,17 @@ Parameter names equal the official checkpoint keys minus the leading "model." (s
 `qkv_proj.weight` stores [all q heads; all k heads; all v heads] (simple column sharding for tensor parallel);
 `weights.qkv_official_to_ours` re-lays the official per-KV-group interleave at load.
 
+Tensor parallel (`parallel=ParallelContext(tp_size > 1, ...)`, see `diffgentor.engine.parallel`): every
+parameter keeps its checkpoint name but holds only this rank's slice, read by `weights.load_state_into` with
+`hunyuan_shard_plan`:
+- `qkv_proj` column-parallel (this rank's q heads, then its KV heads, then their V heads: our [Q;K;V] layout
+  sliced per part), `o_proj` row-parallel; ONE all-reduce after attention;
+- MoE: the router is replicated (fp32, every rank routes every token identically); routed experts are tensor
+  parallel on the width (the [up; gate] halves sliced separately) or, under expert parallel, whole experts;
+  the shared expert (and a dense MLP) is width-sharded; routed + shared partial sums take ONE all-reduce;
+- `wte` vocab-parallel (masked lookup + all-reduce); norms replicated; the KV cache holds this rank's KV heads.
+Inputs (embeddings, positions, metadata) must be identical on every rank; outputs are then identical too.
+
 The forward takes embeddings the caller already assembled (text, image, timestep tokens), explicit 2-D
 RoPE positions and attention metadata, and returns the last layer's hidden states WITHOUT ln_f: the text head
 applies `final_norm` before lm_head, the diffusion head reads the raw states (spec §3.1).
@@ -15,9 +26,11 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from diffgentor.engine.kv_cache import PagedKVCache
+from diffgentor.engine.parallel import ParallelContext
 from diffgentor.kernels.attention import AttentionBackend, AttentionMetadata, get_attention_backend
 from diffgentor.kernels.moe import fused_experts, resolve_moe_impl, select_experts, swiglu_mlp
 from diffgentor.kernels.norm import RMSNorm
@@ -71,45 +84,64 @@ class MoEBlock(nn.Module):
     `state_dict` unchanged). A later `.to()` / reload replaces the parameters and triggers a re-stack.
     """
 
-    def __init__(self, cfg: HunyuanImage3Config, layer_idx: int, moe_impl: str | None = None) -> None:
+    def __init__(
+        self, cfg: HunyuanImage3Config, layer_idx: int, moe_impl: str | None = None,
+        parallel: ParallelContext | None = None,
+    ) -> None:
         super().__init__()
+        par = parallel or ParallelContext()
         inter = cfg.moe_intermediate_size[layer_idx]
         self.top_k = cfg.moe_topk[layer_idx]
         self.renormalize = cfg.norm_topk_prob
         self.routed_scaling_factor = cfg.routed_scaling_factor
         self.gate = TopKRouter(cfg.hidden_size, cfg.num_experts)
         if cfg.use_mixed_mlp_moe:
-            self.shared_mlp = SwiGLUMLP(cfg.hidden_size, inter * cfg.num_shared_expert[layer_idx])
-        self.experts = nn.ModuleList(SwiGLUMLP(cfg.hidden_size, inter) for _ in range(cfg.num_experts))
+            shared = inter * cfg.num_shared_expert[layer_idx]
+            self.shared_mlp = SwiGLUMLP(cfg.hidden_size, len(par.shard_range(shared, "shared-expert columns")))
+        self.moe_parallel = par.moe_parallel()
+        if par.expert_parallel and par.is_parallel:
+            # whole experts, keyed by their GLOBAL id so parameter names stay the checkpoint keys
+            self.experts: nn.Module = nn.ModuleDict(
+                {str(e): SwiGLUMLP(cfg.hidden_size, inter) for e in par.expert_range(cfg.num_experts)}
+            )
+        else:
+            width = len(par.shard_range(inter, "expert columns")) if par.is_parallel else inter
+            self.experts = nn.ModuleList(SwiGLUMLP(cfg.hidden_size, width) for _ in range(cfg.num_experts))
         self.moe_impl = moe_impl
         self._impl: str | None = None
         self._stack: tuple[Tensor, Tensor] | None = None
 
+    def _expert_list(self) -> list[nn.Module]:
+        return list(self.experts.values()) if isinstance(self.experts, nn.ModuleDict) else list(self.experts)
+
     def _stacked(self) -> tuple[Tensor, Tensor]:
-        first, last = self.experts[0], self.experts[-1]
+        experts = self._expert_list()
+        first, last = experts[0], experts[-1]
         if self._stack is not None:
             w13, w2 = self._stack
             if (first.gate_and_up_proj.weight.data_ptr() == w13.data_ptr()
                     and last.down_proj.weight.data_ptr() == w2[-1].data_ptr()):
                 return self._stack
         with torch.no_grad():
-            w13 = torch.stack([e.gate_and_up_proj.weight.detach() for e in self.experts])
-            w2 = torch.stack([e.down_proj.weight.detach() for e in self.experts])
-            for i, e in enumerate(self.experts):
+            w13 = torch.stack([e.gate_and_up_proj.weight.detach() for e in experts])
+            w2 = torch.stack([e.down_proj.weight.detach() for e in experts])
+            for i, e in enumerate(experts):
                 e.gate_and_up_proj.weight.data = w13[i]
                 e.down_proj.weight.data = w2[i]
         self._stack = (w13, w2)
         return self._stack
 
     def forward(self, x: Tensor) -> Tensor:
+        """Routed + shared output; under tensor / expert parallel this rank's PARTIAL sum (the layer reduces)."""
         if self._impl is None:
             self._impl = resolve_moe_impl(self.moe_impl, x.device)
         weights, ids = select_experts(x, self.gate.wg.weight, self.top_k, self.renormalize, self.routed_scaling_factor)
         if self._impl == "reference":
-            w13, w2 = [e.gate_and_up_proj.weight for e in self.experts], [e.down_proj.weight for e in self.experts]
+            experts = self._expert_list()
+            w13, w2 = [e.gate_and_up_proj.weight for e in experts], [e.down_proj.weight for e in experts]
         else:
             w13, w2 = self._stacked()
-        out = fused_experts(x, weights, ids, w13, w2, impl=self._impl)
+        out = fused_experts(x, weights, ids, w13, w2, impl=self._impl, parallel=self.moe_parallel)
         shared = getattr(self, "shared_mlp", None)
         if shared is not None:
             out = shared(x) + out
@@ -119,16 +151,20 @@ class MoEBlock(nn.Module):
 class PagedSelfAttention(nn.Module):
     """GQA with fused QKV ([q; k; v] rows): RoPE, then qk-norm, K/V into the paged cache, then attention."""
 
-    def __init__(self, cfg: HunyuanImage3Config, layer_idx: int, attn: AttentionBackend) -> None:
+    def __init__(
+        self, cfg: HunyuanImage3Config, layer_idx: int, attn: AttentionBackend, parallel: ParallelContext | None = None
+    ) -> None:
         super().__init__()
+        self.parallel = parallel or ParallelContext()
         self.layer_idx = layer_idx
-        self.num_heads = cfg.num_attention_heads
-        self.num_kv_heads = cfg.num_key_value_heads
+        self.num_heads = len(self.parallel.q_head_range(cfg.num_attention_heads))  # local heads
+        self.num_kv_heads = len(self.parallel.kv_head_range(cfg.num_key_value_heads))
         self.head_dim = cfg.head_dim
         self.scale = cfg.head_dim**-0.5
         bias = bool(cfg.raw.get("attention_bias", False))
-        self.qkv_proj = nn.Linear(cfg.hidden_size, cfg.qkv_out_features, bias=bias)
-        self.o_proj = nn.Linear(cfg.num_attention_heads * cfg.head_dim, cfg.hidden_size, bias=bias)
+        qkv_out = (self.num_heads + 2 * self.num_kv_heads) * cfg.head_dim
+        self.qkv_proj = nn.Linear(cfg.hidden_size, qkv_out, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * cfg.head_dim, cfg.hidden_size, bias=bias)
         if cfg.use_qk_norm:
             self.query_layernorm = RMSNorm(cfg.head_dim, eps=cfg.rms_norm_eps)
             self.key_layernorm = RMSNorm(cfg.head_dim, eps=cfg.rms_norm_eps)
@@ -152,30 +188,58 @@ class PagedSelfAttention(nn.Module):
         k = k.to(v.dtype)
         kv_cache.write(self.layer_idx, attn_metadata.slot_mapping, k, v)
         o = self.attn.run(q, k, v, kv_cache, self.layer_idx)
-        return self.o_proj(o.reshape(n, self.num_heads * d))
+        o = o.reshape(n, self.num_heads * d)
+        if not self.parallel.is_parallel:
+            return self.o_proj(o)
+        # row-parallel o_proj: partial sums, ONE all-reduce, the (replicated) bias added once afterwards
+        out = self.parallel.all_reduce(F.linear(o, self.o_proj.weight))
+        return out if self.o_proj.bias is None else out + self.o_proj.bias
 
 
 class DecoderLayer(nn.Module):
     """Pre-norm block: x + attn(norm(x)); x + mlp(norm(x))."""
 
     def __init__(
-        self, cfg: HunyuanImage3Config, layer_idx: int, attn: AttentionBackend, moe_impl: str | None = None
+        self, cfg: HunyuanImage3Config, layer_idx: int, attn: AttentionBackend, moe_impl: str | None = None,
+        parallel: ParallelContext | None = None,
     ) -> None:
         super().__init__()
+        self.parallel = parallel or ParallelContext()
         self.input_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
-        self.self_attn = PagedSelfAttention(cfg, layer_idx, attn)
+        self.self_attn = PagedSelfAttention(cfg, layer_idx, attn, self.parallel)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
         if cfg.num_experts > 1 and cfg.is_moe_layer(layer_idx):
-            self.mlp: nn.Module = MoEBlock(cfg, layer_idx, moe_impl)
+            self.mlp: nn.Module = MoEBlock(cfg, layer_idx, moe_impl, self.parallel)
         else:
             # official dense layer: keys mlp.gate_and_up_proj / mlp.down_proj sized by intermediate_size
-            self.mlp = SwiGLUMLP(cfg.hidden_size, cfg.intermediate_size)
+            width = len(self.parallel.shard_range(cfg.intermediate_size, "MLP columns"))
+            self.mlp = SwiGLUMLP(cfg.hidden_size, width)
 
     def forward(
         self, x: Tensor, cos: Tensor, sin: Tensor, attn_metadata: AttentionMetadata, kv_cache: PagedKVCache
     ) -> Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn_metadata, kv_cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        return x + self.parallel.all_reduce(self.mlp(self.post_attention_layernorm(x)))
+
+
+class VocabParallelEmbedding(nn.Module):
+    """This rank's rows of the token embedding (`weight` [local_vocab, H], the checkpoint key's slice).
+
+    Lookup of ids outside the slice gives zeros; one all-reduce assembles the full embeddings on every rank.
+    """
+
+    def __init__(self, vocab_size: int, hidden_size: int, parallel: ParallelContext) -> None:
+        super().__init__()
+        self.parallel = parallel
+        self.vocab_range = parallel.vocab_range(vocab_size)
+        self.weight = nn.Parameter(torch.empty(len(self.vocab_range), hidden_size))
+
+    def forward(self, input_ids: Tensor) -> Tensor:
+        lo, hi = self.vocab_range.start, self.vocab_range.stop
+        inside = (input_ids >= lo) & (input_ids < hi)
+        local = torch.where(inside, input_ids - lo, torch.zeros_like(input_ids))
+        out = F.embedding(local, self.weight) * inside.unsqueeze(-1).to(self.weight.dtype)
+        return self.parallel.all_reduce(out)
 
 
 class HunyuanImage3Backbone(nn.Module):
@@ -186,7 +250,8 @@ class HunyuanImage3Backbone(nn.Module):
     """
 
     def __init__(
-        self, cfg: HunyuanImage3Config, attn_backend: str | None = "torch", moe_impl: str | None = None
+        self, cfg: HunyuanImage3Config, attn_backend: str | None = "torch", moe_impl: str | None = None,
+        parallel: ParallelContext | None = None,
     ) -> None:
         super().__init__()
         if cfg.raw.get("hidden_act", "silu") != "silu":
@@ -194,12 +259,18 @@ class HunyuanImage3Backbone(nn.Module):
         if cfg.raw.get("mlp_bias", False):
             raise ConfigError("mlp_bias=true is not supported (HunyuanImage-3.0 MLPs have no bias)")
         self.config = cfg
-        self.wte = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.parallel = par = parallel or ParallelContext()
+        if par.is_parallel:
+            self.wte: nn.Module = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, par)
+        else:
+            self.wte = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.num_local_heads = len(par.q_head_range(cfg.num_attention_heads))
+        self.num_local_kv_heads = len(par.kv_head_range(cfg.num_key_value_heads))
         self.attn = get_attention_backend(
-            attn_backend, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.head_dim**-0.5
+            attn_backend, self.num_local_heads, self.num_local_kv_heads, cfg.head_dim, cfg.head_dim**-0.5
         )
         self.layers = nn.ModuleList(
-            DecoderLayer(cfg, i, self.attn, moe_impl) for i in range(cfg.num_hidden_layers)
+            DecoderLayer(cfg, i, self.attn, moe_impl, par) for i in range(cfg.num_hidden_layers)
         )
         self.ln_f = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
 
@@ -233,13 +304,16 @@ class HunyuanImage3Backbone(nn.Module):
         dtype: torch.dtype | None = None,
         device: torch.device | str = "cpu",
     ) -> PagedKVCache:
-        """A cache shaped for this model (layers, KV heads, head_dim); dtype defaults to wte's dtype."""
+        """A cache shaped for this model (layers, this rank's KV heads, head_dim); dtype defaults to wte's dtype.
+
+        Under tensor parallel every rank builds the same number of blocks, so block tables are identical.
+        """
         cfg = self.config
         return PagedKVCache(
             cfg.num_hidden_layers,
             num_blocks,
             block_size,
-            cfg.num_key_value_heads,
+            self.num_local_kv_heads,
             cfg.head_dim,
             dtype=dtype or self.wte.weight.dtype,
             device=device,

@@ -7,6 +7,14 @@ through the aligner), generated-image tokens for a timestep, the flat-batch back
 (`ln_f` + `lm_head`, fp32) and the diffusion velocity (`final_layer` on the pre-`ln_f` hidden states).
 Where embeddings are placed in a sequence is the caller's business (prompt spans), which keeps this class
 free of any batching layout.
+
+Tensor parallel (`parallel=ParallelContext(tp_size > 1)`, one process per rank): the backbone is sharded
+(see `backbone`), `lm_head` is vocab-parallel (each rank computes its vocabulary slice; `logits` gathers the
+full row on every rank). `patch_embed`, `final_layer`, the timestep / guidance embedders, the ViT + aligner and
+the VAE run REPLICATED, whole, on every rank: they are small next to the 80B backbone (a few GB in all), they sit
+outside the decoder's all-reduces, and given identical inputs (the plan every rank receives) every rank computes
+the same embeddings / velocity / images itself, so no rank ever waits for a broadcast of activations; rank 0's
+copy of the outputs (tokens, latents, images) is the one returned.
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from diffgentor.engine.kv_cache import PagedKVCache
+from diffgentor.engine.parallel import ParallelContext
 from diffgentor.kernels.attention import AttentionMetadata
 
 from .backbone import HunyuanImage3Backbone, keep_fp32_param
@@ -24,7 +33,7 @@ from .config import HunyuanImage3Config
 from .image_embed import TimestepEmbedder, UNetDown, UNetUp
 from .vae import AutoencoderKLConv3D, DiagonalGaussian
 from .vision import VisionAligner, build_vision_tower, run_vision_tower
-from .weights import hunyuan_key_transforms, load_state_into
+from .weights import hunyuan_key_transforms, hunyuan_shard_plan, load_state_into
 
 
 def keep_fp32_for_model(name: str) -> bool:
@@ -34,13 +43,16 @@ def keep_fp32_for_model(name: str) -> bool:
 
 class HunyuanImage3ForCausalMM(nn.Module):
     def __init__(
-        self, config: HunyuanImage3Config, attn_backend: str = "torch", moe_impl: str | None = "eager"
+        self, config: HunyuanImage3Config, attn_backend: str = "torch", moe_impl: str | None = "eager",
+        parallel: ParallelContext | None = None,
     ) -> None:
         super().__init__()
         self.config = config
+        self.parallel = parallel or ParallelContext()
         hidden = config.hidden_size
-        self.model = HunyuanImage3Backbone(config, attn_backend=attn_backend, moe_impl=moe_impl)
-        self.lm_head = nn.Linear(hidden, config.vocab_size, bias=False)
+        self.model = HunyuanImage3Backbone(config, attn_backend=attn_backend, moe_impl=moe_impl, parallel=parallel)
+        # vocab-parallel under tensor parallel: this rank's rows [local_vocab, H] of the checkpoint's lm_head
+        self.lm_head = nn.Linear(hidden, len(self.parallel.vocab_range(config.vocab_size)), bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.wte.weight
         self.vae = AutoencoderKLConv3D(config.vae)
@@ -66,15 +78,18 @@ class HunyuanImage3ForCausalMM(nn.Module):
         device: torch.device | str = "cpu",
         attn_backend: str = "torch",
         moe_impl: str | None = "eager",
+        parallel: ParallelContext | None = None,
     ) -> HunyuanImage3ForCausalMM:
         """Build from `config.json` and load every tensor strictly (any folder name, dots included).
 
         attn_backend / moe_impl name the kernel implementations (EngineConfig.attn_impl / moe_impl); the
         fast paths fall back to the torch references, with one warning, where the device cannot run them.
+        parallel: this process's tensor / expert parallel rank (`engine.parallel.init_distributed`); the rank
+        then reads only its slices of the big tensors. None: the single-process model.
         """
         config = HunyuanImage3Config.from_pretrained(ckpt_dir)
         with torch.device("meta"):  # no memory until the loader assigns the checkpoint's tensors
-            model = cls(config, attn_backend=attn_backend, moe_impl=moe_impl)
+            model = cls(config, attn_backend=attn_backend, moe_impl=moe_impl, parallel=parallel)
         load_state_into(
             model,
             ckpt_dir,
@@ -82,6 +97,7 @@ class HunyuanImage3ForCausalMM(nn.Module):
             device=device,
             keep_fp32=keep_fp32_for_model,
             key_transforms=hunyuan_key_transforms(config),
+            shard_plan=hunyuan_shard_plan(config, parallel),
         )
         return model.eval()
 
@@ -159,8 +175,11 @@ class HunyuanImage3ForCausalMM(nn.Module):
         return self.model(hidden_states, positions, attn_metadata, kv_cache)
 
     def logits(self, hidden_states: Tensor) -> Tensor:
-        """Text logits (fp32) for hidden states [n, H]."""
-        return self.lm_head(self.model.final_norm(hidden_states)).float()
+        """Text logits (fp32) for hidden states [n, H] (the full vocabulary on every rank under tensor parallel)."""
+        local = self.lm_head(self.model.final_norm(hidden_states)).float()
+        if not self.parallel.is_parallel:
+            return local
+        return self.parallel.all_gather_last_dim(local, self.parallel.vocab_sizes(self.config.vocab_size))
 
     def velocity(self, image_hidden: Tensor, grid_hw: tuple[int, int], t: Tensor) -> Tensor:
         """Image-token hidden states [B, h*w, H] at noise level t [B] -> velocity [B, C, h, w] (fp32)."""

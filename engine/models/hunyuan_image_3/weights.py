@@ -8,20 +8,29 @@ Loading 160 GB and finding a problem halfway leaves a half-initialised model, so
    the key transforms (our fused-QKV row order), and only then assign them all into the module at once.
 Module keys are `module.state_dict()` names, so the same function loads the backbone alone, a test harness or
 the whole top-level model. Nothing is ever imported from the checkpoint folder, so any folder name works.
+
+Tensor / expert parallel ranks pass a `ShardPlan` (`hunyuan_shard_plan`): phase 1 then checks every sharded
+tensor against its FULL shape from the header, and phase 2 reads only this rank's rows / columns through
+`safe_open(...).get_slice` (the memory map), so no rank ever materialises a big tensor whole; only the small
+fused QKV is read whole, re-laid and sliced. Under expert parallel the other ranks' experts are checkpoint keys
+this rank does not hold: they are still required and shape-checked (against this rank's experts), never read.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from safetensors import safe_open
 from torch import Tensor, nn
+
+from diffgentor.engine.parallel import ParallelContext
 
 from .backbone import keep_fp32_param
 from .config import HunyuanImage3Config
@@ -87,6 +96,23 @@ class KeyTransform:
     fn: Callable[[Tensor], Tensor]
 
 
+@dataclass(frozen=True)
+class TensorShard:
+    """How one rank reads its part of a checkpoint tensor: the full shape the header must show, and a reader
+    (safe_open handle, key) -> this rank's slice, already in our layout (key transforms are the reader's job)."""
+
+    full_shape: tuple[int, ...]
+    read: Callable[[Any, str], Tensor]
+
+
+class ShardPlan(Protocol):
+    def shard(self, name: str, local: Tensor) -> TensorShard | None:
+        """The rule for module key `name` (local tensor, meta ok), or None when it is replicated (read whole)."""
+
+    def peer(self, ckpt_key: str) -> str | None:
+        """For a checkpoint key another rank holds: the module key of the same shape here (else None)."""
+
+
 class _HeadLayout(Protocol):
     num_attention_heads: int
     num_key_value_heads: int
@@ -125,6 +151,94 @@ def hunyuan_key_transforms(cfg: HunyuanImage3Config) -> list[KeyTransform]:
     """The load-time rewrites of the official checkpoint: the fused-QKV row order (weight and bias)."""
     fn = lambda w: qkv_official_to_ours(w, cfg)
     return [KeyTransform("self_attn.qkv_proj.weight", fn), KeyTransform("self_attn.qkv_proj.bias", fn)]
+
+
+# ---------------------------------------------------------------------------------------- tensor parallel
+_EXPERT_RE = re.compile(r"^(.*layers\.\d+\.mlp\.experts\.)(\d+)(\.(?:gate_and_up_proj|down_proj)\.weight)$")
+_WIDTH_UP_RE = re.compile(r"(?:^|\.)layers\.\d+\.mlp\.(?:shared_mlp\.)?gate_and_up_proj\.weight$")
+_WIDTH_DOWN_RE = re.compile(r"(?:^|\.)layers\.\d+\.mlp\.(?:shared_mlp\.)?down_proj\.weight$")
+
+
+def _read_rows(lo: int, hi: int) -> Callable[[Any, str], Tensor]:
+    return lambda f, key: f.get_slice(key)[lo:hi]
+
+
+def _read_cols(lo: int, hi: int) -> Callable[[Any, str], Tensor]:
+    return lambda f, key: f.get_slice(key)[:, lo:hi]
+
+
+def _read_up_gate(rank: int, size: int, two_i: int) -> Callable[[Any, str], Tensor]:
+    """[up; gate] rows -> this rank's [up_shard; gate_shard] (each half sliced on its own, as `shard_w13_tp`)."""
+    i = two_i // 2
+    n = i // size
+
+    def read(f: Any, key: str) -> Tensor:
+        sl = f.get_slice(key)
+        return torch.cat([sl[rank * n : (rank + 1) * n], sl[i + rank * n : i + (rank + 1) * n]], dim=0)
+
+    return read
+
+
+@dataclass(frozen=True)
+class HunyuanShardPlan:
+    """The tensor / expert parallel slicing of HunyuanImage-3.0 (see backbone's module docstring)."""
+
+    cfg: HunyuanImage3Config
+    parallel: ParallelContext
+
+    def _qkv(self, f: Any, key: str) -> Tensor:
+        cfg, par = self.cfg, self.parallel
+        d, nq, nkv = cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
+        w = qkv_official_to_ours(f.get_tensor(key), cfg)  # small: read whole, re-lay, slice
+        qh, kvh = par.q_head_range(nq), par.kv_head_range(nkv)
+        q = w[qh.start * d : qh.stop * d]
+        k = w[nq * d + kvh.start * d : nq * d + kvh.stop * d]
+        v = w[(nq + nkv) * d + kvh.start * d : (nq + nkv) * d + kvh.stop * d]
+        return torch.cat([q, k, v], dim=0)
+
+    def shard(self, name: str, local: Tensor) -> TensorShard | None:
+        cfg, par = self.cfg, self.parallel
+        shape = tuple(local.shape)
+        rest = shape[1:]
+        if name.endswith("wte.weight") or name.endswith("lm_head.weight"):
+            r = par.vocab_range(cfg.vocab_size)
+            return TensorShard((cfg.vocab_size, *rest), _read_rows(r.start, r.stop))
+        if name.endswith("self_attn.qkv_proj.weight") or name.endswith("self_attn.qkv_proj.bias"):
+            return TensorShard((cfg.qkv_out_features, *rest), self._qkv)
+        if name.endswith("self_attn.o_proj.weight"):
+            r = par.q_head_range(cfg.num_attention_heads)
+            d = cfg.head_dim
+            return TensorShard((shape[0], cfg.num_attention_heads * d), _read_cols(r.start * d, r.stop * d))
+        m = _EXPERT_RE.match(name)
+        if m is not None:  # routed expert: width-sharded (TP) or whole (EP)
+            size, rank = par.expert_tp_size, par.expert_tp_rank
+        elif _WIDTH_UP_RE.search(name) or _WIDTH_DOWN_RE.search(name):  # shared expert / dense MLP
+            size, rank = par.tp_size, par.tp_rank
+        else:
+            return None  # replicated: norms, router, image modules, ViT, VAE
+        if size == 1:
+            return None
+        if name.endswith("gate_and_up_proj.weight"):
+            two_i = shape[0] * size
+            return TensorShard((two_i, *rest), _read_up_gate(rank, size, two_i))
+        n = shape[1]
+        return TensorShard((shape[0], n * size), _read_cols(rank * n, (rank + 1) * n))
+
+    def peer(self, ckpt_key: str) -> str | None:
+        m = _EXPERT_RE.match(ckpt_key)
+        if m is None or not self.parallel.expert_parallel:
+            return None
+        if not 0 <= int(m.group(2)) < self.cfg.num_experts:
+            return None
+        first = self.parallel.expert_range(self.cfg.num_experts).start
+        return f"{m.group(1)}{first}{m.group(3)}"
+
+
+def hunyuan_shard_plan(cfg: HunyuanImage3Config, parallel: ParallelContext | None) -> HunyuanShardPlan | None:
+    """The load plan of one rank, or None for the single-process model (everything read whole)."""
+    if parallel is None or not parallel.is_parallel:
+        return None
+    return HunyuanShardPlan(cfg, parallel)
 
 
 # ------------------------------------------------------------------------------------------ checkpoint scan
@@ -237,6 +351,7 @@ def load_state_into(
     keep_fp32: Callable[[str], bool] = keep_fp32_param,
     key_transforms: Sequence[KeyTransform] = (),
     select_prefixes: Sequence[str] | None = None,
+    shard_plan: ShardPlan | None = None,
 ) -> list[str]:
     """Load every `module.state_dict()` entry from the checkpoint, strictly; returns the loaded key names.
 
@@ -244,6 +359,8 @@ def load_state_into(
     `keep_fp32(name)` holds, which load as fp32. device: None keeps each module tensor's device (meta -> cpu).
     select_prefixes: when given, only checkpoint keys starting with one of them are considered (others are
     ignored, e.g. the VAE when loading a text-only harness); module keys are never filtered.
+    shard_plan: a tensor-parallel rank's slicing (`hunyuan_shard_plan`); sharded tensors are validated against
+    their full shape and read as slices; None reads every tensor whole (the single-process model).
     Raises CheckpointError (module untouched) listing all missing / unexpected / mis-shaped keys and bad
     shards.
     """
@@ -251,20 +368,35 @@ def load_state_into(
     expected = module.state_dict()
     weight_map, infos, bad_shards = scan_checkpoint(ckpt_dir)
     ckpt_keys = {k for k in weight_map if _selected(k, select_prefixes)}
+    shards: dict[str, TensorShard] = {}
+    peers: dict[str, str] = {}
+    if shard_plan is not None:
+        for name, t in expected.items():
+            rule = shard_plan.shard(name, t)
+            if rule is not None:
+                shards[name] = rule
+        for k in ckpt_keys - expected.keys():
+            p = shard_plan.peer(k)
+            if p is not None and p in expected:
+                peers[k] = p
+
+    def full_shape(name: str) -> tuple[int, ...]:
+        return shards[name].full_shape if name in shards else tuple(expected[name].shape)
 
     missing = sorted(k for k in expected if k not in ckpt_keys)
-    unexpected = sorted(k for k in ckpt_keys if k not in expected)
+    unexpected = sorted(k for k in ckpt_keys if k not in expected and k not in peers)
     mismatched: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = []
     other: list[str] = []
-    for name in sorted(ckpt_keys & expected.keys()):
-        info = infos.get(name)
+    for key in sorted((ckpt_keys & expected.keys()) | peers.keys()):
+        info = infos.get(key)
         if info is None:  # in a bad shard: already reported
             continue
-        want = tuple(expected[name].shape)
+        name = peers.get(key, key)
+        want = full_shape(name)
         if info.shape != want:
-            mismatched.append((name, want, info.shape))
+            mismatched.append((key, want, info.shape))
         if (info.dtype in _FLOAT_DTYPES) != expected[name].is_floating_point():
-            other.append(f"dtype of {name}: checkpoint {info.dtype}, module {expected[name].dtype}")
+            other.append(f"dtype of {key}: checkpoint {info.dtype}, module {expected[name].dtype}")
     if missing or unexpected or mismatched or bad_shards or other:
         raise CheckpointError(where, missing, unexpected, mismatched, bad_shards, other)
 
@@ -277,8 +409,16 @@ def load_state_into(
         try:
             with safe_open(str(Path(ckpt_dir) / shard), framework="pt", device="cpu") as f:
                 for name in names:
-                    fresh[name] = _prepare(name, f.get_tensor(name), expected[name], dtype, device, keep_fp32,
-                                           key_transforms)
+                    if name in shards:
+                        t = shards[name].read(f, name)
+                        if tuple(t.shape) != tuple(expected[name].shape):
+                            raise CheckpointError(where, other=[
+                                f"shard of {name}: read {list(t.shape)}, module expects {list(expected[name].shape)}"
+                            ])
+                        fresh[name] = _prepare(name, t, expected[name], dtype, device, keep_fp32, ())
+                    else:
+                        fresh[name] = _prepare(name, f.get_tensor(name), expected[name], dtype, device, keep_fp32,
+                                               key_transforms)
         except CheckpointError:
             raise
         except Exception as e:  # safetensors raises its own error types for damaged data
@@ -333,8 +473,10 @@ def load_hunyuan_image_3(
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
     select_prefixes: Sequence[str] | None = None,
+    parallel: ParallelContext | None = None,
 ) -> list[str]:
-    """`load_state_into` with the HunyuanImage-3.0 rules: fp32 routers, QKV re-layout per config.json."""
+    """`load_state_into` with the HunyuanImage-3.0 rules: fp32 routers, QKV re-layout per config.json, and
+    this rank's slices when `parallel` is a tensor-parallel context (the module must be built with it)."""
     cfg = HunyuanImage3Config.from_pretrained(ckpt_dir)
     return load_state_into(
         module,
@@ -344,4 +486,5 @@ def load_hunyuan_image_3(
         keep_fp32=keep_fp32_param,
         key_transforms=hunyuan_key_transforms(cfg),
         select_prefixes=select_prefixes,
+        shard_plan=hunyuan_shard_plan(cfg, parallel),
     )

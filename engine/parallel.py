@@ -1,0 +1,152 @@
+"""Tensor / expert parallel coordinates of one model rank, and the torch.distributed bootstrap.
+
+`ParallelContext()` (the default everywhere) is the single-process model: size 1, no process group, every
+collective a no-op, every shard range the whole dimension. A worker process of a tensor-parallel engine builds
+one with `init_distributed(...)` and passes it to `HunyuanImage3ForCausalMM.from_pretrained(..., parallel=ctx)`.
+
+Sharding rules (spec kernels.md §4, as in vLLM / SGLang):
+- attention: q heads split evenly; KV heads split evenly when tp <= num_kv_heads, otherwise each KV head is
+  replicated on tp / num_kv_heads consecutive ranks (rank r holds KV head r // (tp / num_kv_heads), which is
+  exactly the KV group of its q heads);
+- MoE: tensor parallel on the expert width (every rank holds every expert, 1/tp of its width), or expert
+  parallel (`DG_HUNYUAN_IMAGE_3_EXPERT_PARALLEL`): whole experts, a contiguous range of num_experts / tp;
+- vocabulary: contiguous row ranges of ceil(vocab / tp) (the last may be shorter).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from diffgentor.kernels.moe import MoEParallel
+
+EXPERT_PARALLEL_ENV = "DG_HUNYUAN_IMAGE_3_EXPERT_PARALLEL"
+
+
+def expert_parallel_from_env() -> bool:
+    """$DG_HUNYUAN_IMAGE_3_EXPERT_PARALLEL as a bool (unset / 0 / false / no / off -> False)."""
+    return os.environ.get(EXPERT_PARALLEL_ENV, "").strip().lower() not in ("", "0", "false", "no", "off")
+
+
+def _even_range(n: int, rank: int, size: int, what: str) -> range:
+    if n % size:
+        raise ValueError(f"{n} {what} do not split over {size} tensor-parallel ranks")
+    k = n // size
+    return range(rank * k, (rank + 1) * k)
+
+
+@dataclass(frozen=True)
+class ParallelContext:
+    """One rank's place in a tensor-parallel group (optionally expert parallel for the MoE experts).
+
+    group: the torch.distributed process group of the tensor-parallel ranks; None with tp_size > 1 means the
+    default (WORLD) group. Collectives are in-place and return their input for chaining.
+    """
+
+    tp_size: int = 1
+    tp_rank: int = 0
+    expert_parallel: bool = False
+    group: Any = None
+
+    def __post_init__(self) -> None:
+        if self.tp_size < 1 or not 0 <= self.tp_rank < self.tp_size:
+            raise ValueError(f"bad tensor-parallel rank {self.tp_rank} of {self.tp_size}")
+
+    @property
+    def is_parallel(self) -> bool:
+        return self.tp_size > 1
+
+    # ------------------------------------------------------------------ collectives
+    def all_reduce(self, t: Tensor) -> Tensor:
+        """Sum over the ranks, in place (no-op at size 1)."""
+        if self.tp_size > 1:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.group)
+        return t
+
+    def all_gather_last_dim(self, t: Tensor, sizes: list[int]) -> Tensor:
+        """Concatenate every rank's [..., sizes[r]] along the last dim (ragged sizes are padded on the wire)."""
+        if self.tp_size == 1:
+            return t
+        width = max(sizes)
+        local = t.contiguous()
+        if local.shape[-1] < width:
+            local = torch.nn.functional.pad(local, (0, width - local.shape[-1]))
+        parts = [torch.empty_like(local) for _ in range(self.tp_size)]
+        dist.all_gather(parts, local, group=self.group)
+        return torch.cat([p[..., :n] for p, n in zip(parts, sizes)], dim=-1)
+
+    # ------------------------------------------------------------------ shard ranges
+    def shard_range(self, n: int, what: str = "rows") -> range:
+        """This rank's contiguous 1/tp of n (must divide evenly)."""
+        return _even_range(n, self.tp_rank, self.tp_size, what)
+
+    def q_head_range(self, num_heads: int) -> range:
+        return _even_range(num_heads, self.tp_rank, self.tp_size, "query heads")
+
+    def kv_head_range(self, num_kv_heads: int) -> range:
+        """This rank's KV heads: an even split, or ONE replicated head when tp_size > num_kv_heads."""
+        if self.tp_size <= num_kv_heads:
+            return _even_range(num_kv_heads, self.tp_rank, self.tp_size, "KV heads")
+        if self.tp_size % num_kv_heads:
+            raise ValueError(f"{self.tp_size} tensor-parallel ranks are not a multiple of {num_kv_heads} KV heads")
+        h = self.tp_rank // (self.tp_size // num_kv_heads)
+        return range(h, h + 1)
+
+    def vocab_range(self, vocab_size: int) -> range:
+        per = -(-vocab_size // self.tp_size)
+        return range(min(vocab_size, self.tp_rank * per), min(vocab_size, (self.tp_rank + 1) * per))
+
+    def vocab_sizes(self, vocab_size: int) -> list[int]:
+        """Every rank's vocab-slice length (for gathers)."""
+        return [len(ParallelContext(self.tp_size, r).vocab_range(vocab_size)) for r in range(self.tp_size)]
+
+    def expert_range(self, num_experts: int) -> range:
+        """Global ids of the experts this rank holds: all of them, or its contiguous slice under EP."""
+        if not self.expert_parallel:
+            return range(num_experts)
+        return self.moe_parallel().local_experts(num_experts)
+
+    def moe_parallel(self) -> MoEParallel:
+        """The routed-expert kernels' coordinates: TP on the width, or EP over whole experts."""
+        if self.expert_parallel:
+            return MoEParallel(ep_rank=self.tp_rank, ep_size=self.tp_size)
+        return MoEParallel(tp_rank=self.tp_rank, tp_size=self.tp_size)
+
+    @property
+    def expert_tp_size(self) -> int:
+        """How many ways each routed expert's width is split (1 under expert parallel)."""
+        return 1 if self.expert_parallel else self.tp_size
+
+    @property
+    def expert_tp_rank(self) -> int:
+        return 0 if self.expert_parallel else self.tp_rank
+
+
+def init_distributed(
+    backend: str,
+    init_method: str,
+    rank: int,
+    world_size: int,
+    expert_parallel: bool | None = None,
+    timeout_s: float = 300.0,
+) -> ParallelContext:
+    """Join the process group ("gloo" on CPU, "nccl" on GPU) and return this rank's context.
+
+    All ranks of the world form one tensor-parallel group. expert_parallel None reads
+    $DG_HUNYUAN_IMAGE_3_EXPERT_PARALLEL. With nccl the caller must have selected this rank's CUDA device.
+    """
+    import datetime
+
+    if expert_parallel is None:
+        expert_parallel = expert_parallel_from_env()
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group(
+            backend, init_method=init_method, rank=rank, world_size=world_size,
+            timeout=datetime.timedelta(seconds=timeout_s),
+        )
+    return ParallelContext(tp_size=world_size, tp_rank=rank, expert_parallel=expert_parallel, group=None)
