@@ -518,7 +518,9 @@ async def serve_async(args: argparse.Namespace, started: asyncio.Event | None = 
         return 1
     app = build_app(state)
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
-                                           loop="none", lifespan="off", timeout_graceful_shutdown=5))
+                                           loop="none", lifespan="off",
+                                           # SIGTERM/SIGINT: stop accepting, let in-flight requests finish (drain)
+                                           timeout_graceful_shutdown=args.drain_timeout_s))
     holder["server"] = server
     logger.info("serving %s on http://%s:%d", names[0], args.host, args.port)
     try:

@@ -88,6 +88,11 @@ def build_parser() -> argparse.ArgumentParser:
     from diffgentor.bench.offline import add_parser as add_offline
 
     add_offline(bench_sub)
+    from diffgentor.bench.compare import add_parser as add_compare
+    from diffgentor.bench.serve import add_parser as add_bench_serve
+
+    add_bench_serve(bench_sub)
+    add_compare(bench_sub)
 
     _add_serve(sub)
 

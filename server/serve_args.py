@@ -26,6 +26,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS,
                    help="refuse larger images from their header (decompression bombs)")
     p.add_argument("--max-prompt-chars", type=int, default=DEFAULT_MAX_PROMPT_CHARS)
+    p.add_argument("--drain-timeout-s", type=float, default=120.0,
+                   help="on SIGTERM/SIGINT stop accepting and let in-flight requests finish for up to this long")
     p.add_argument("--log-level", default="info")
     add_engine_args(p)
     return p

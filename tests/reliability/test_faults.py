@@ -1,0 +1,105 @@
+"""Faults: the engine core killed under load, SIGTERM with requests in flight, a client vanishing mid-request,
+many idle / slow connections. (Engine death with an idle server, /health and the exit status, is
+tests/test_server.py::test_engine_death_is_detected; the streaming-client disconnect is
+tests/test_server.py::test_disconnect_during_think_frees_blocks. These cover the in-flight and non-streaming cases.)"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import threading
+import time
+
+import httpx
+import pytest
+
+from diffgentor.bench.serve import run_load
+
+from .conftest import NUM_KV_BLOCKS, good_spec
+
+
+def _wait_running(server, timeout: float = 60.0) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if server.metrics().get("diffgentor:num_requests_running", 0) > 0:
+            return
+        time.sleep(0.05)
+    raise AssertionError("no request reached the engine")
+
+
+def _load_in_thread(server, specs, results: dict) -> threading.Thread:
+    def go():
+        results["out"] = asyncio.run(run_load(server.base, specs, timeout=120, max_duration_s=120))
+    t = threading.Thread(target=go, daemon=True)
+    t.start()
+    return t
+
+
+def test_engine_kill_fails_in_flight_within_10s(make_server):
+    server = make_server()
+    res: dict = {}
+    t = _load_in_thread(server, [good_spec(i, stream=bool(i % 2)) for i in range(4)], res)
+    _wait_running(server)
+    os.kill(server.core_pid(), signal.SIGKILL)
+    killed = time.perf_counter()
+    t.join(30)
+    outs, _ = res["out"]
+    failed = [o for o in outs if not o.success]
+    assert failed, "every request finished although the engine core was killed"
+    for o in failed:
+        assert o.end - killed < 10.0, (o.tag, o.error, o.end - killed)
+        assert o.status in (0, 200, 500, 503), o.status  # 200 = a stream that ends with an error event
+    assert server.proc.wait(30) != 0
+
+
+def test_sigterm_drains_in_flight(make_server):
+    server = make_server()
+    res: dict = {}
+    t = _load_in_thread(server, [good_spec(i) for i in range(4)], res)
+    _wait_running(server)
+    server.proc.send_signal(signal.SIGTERM)
+    t.join(120)
+    outs, _ = res["out"]
+    assert all(o.success for o in outs), [(o.status, o.error) for o in outs]
+    # uvicorn re-raises the captured SIGTERM once drained: a clean exit is 0 or -SIGTERM (not 1, the engine-death code)
+    assert server.proc.wait(30) in (0, -signal.SIGTERM)
+
+
+@pytest.mark.xfail(reason="open: the non-streaming request finishes with no abort counted; either the tiny model ends "
+                   "its think before the disconnect is polled or _wait_disconnect misses it. Under investigation",
+                   strict=False)
+def test_client_vanishes_mid_request_frees_it(server):
+    import json
+
+    before = server.metrics()["diffgentor:request_success_total{abort}"]
+    body = json.dumps({"prompt": "a long think", "size": "256x256", "num_inference_steps": 1,
+                       "bot_task": "think_recaption", "max_new_tokens": 4000, "seed": 0}).encode()
+    s = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+    s.sendall(b"POST /v1/images/generations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+              b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    _wait_running(server)  # the request is in the engine: vanish (non-streaming)
+    s.close()
+    m = server.wait_idle(60)
+    assert m["diffgentor:request_success_total{abort}"] >= before + 1
+    assert m["diffgentor:kv_cache_free_blocks"] == NUM_KV_BLOCKS
+
+
+def test_idle_and_slow_connections_do_not_block(server):
+    idle, slow = [], []
+    try:
+        for _ in range(100):
+            idle.append(socket.create_connection(("127.0.0.1", server.port), timeout=5))
+        for _ in range(20):  # slowloris: an unfinished request head
+            s = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+            s.sendall(b"POST /v1/images/generations HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n{\"pro")
+            slow.append(s)
+        t0 = time.perf_counter()
+        assert httpx.get(server.base + "/health", timeout=5).status_code == 200
+        outs, _ = asyncio.run(run_load(server.base, [good_spec(1)], timeout=60, max_duration_s=60))
+        assert outs[0].success, outs[0].error
+        assert time.perf_counter() - t0 < 60
+    finally:
+        for s in idle + slow:
+            s.close()
