@@ -26,6 +26,7 @@ from diffgentor.engine.models.hunyuan_image_3.model import HunyuanImage3ForCausa
 from diffgentor.engine.models.hunyuan_image_3.prompt import PromptBuilder
 from diffgentor.engine.models.hunyuan_image_3.system_prompt import SystemPrompts
 from diffgentor.engine.models.hunyuan_image_3.tokenizer import HunyuanTokenizer
+from diffgentor.engine.parallel import ParallelContext
 from diffgentor.engine.plan import RunnerOutput, SchedulerOutput
 from diffgentor.engine.request import EngineEvent, FinishReason, GenerationRequest, RequestResult, RequestStatus
 from diffgentor.engine.request_state import (
@@ -82,20 +83,30 @@ class EngineCore:
         self.stats = StepStats()
 
     @classmethod
-    def from_config(cls, config: EngineConfig) -> EngineCore:
+    def from_config(cls, config: EngineConfig, parallel: ParallelContext | None = None) -> EngineCore:
+        """Load the checkpoint and build the core; `parallel` makes this a tensor-parallel rank's replica (the model
+        loads only the rank's shards; its collectives keep the replicas in lockstep, see `engine.tp_executor`)."""
         if config.model is None:
             raise ValueError("EngineConfig.model (the checkpoint folder) is required")
         path = Path(config.model)
         dtype = getattr(torch, config.resolve_dtype())
         model = HunyuanImage3ForCausalMM.from_pretrained(
-            path, dtype=dtype, device=config.resolve_device(), attn_backend=config.attn_impl, moe_impl=config.moe_impl
+            path, dtype=dtype, device=config.resolve_device(), attn_backend=config.attn_impl, moe_impl=config.moe_impl,
+            parallel=parallel,
         )
         tok = HunyuanTokenizer.from_pretrained(path, require_distil_tokens=model.config.cfg_distilled)
         c = model.config
-        bytes_per_block = 2 * c.num_hidden_layers * config.block_size * c.num_key_value_heads * c.head_dim * \
+        kv_heads = len(parallel.kv_head_range(c.num_key_value_heads)) if parallel else c.num_key_value_heads
+        bytes_per_block = 2 * c.num_hidden_layers * config.block_size * kv_heads * c.head_dim * \
             torch.finfo(dtype).bits // 8
         free = torch.cuda.mem_get_info()[0] if config.on_cuda() else None
         num_blocks = config.resolve_num_blocks(bytes_per_block, free)
+        if parallel is not None and parallel.is_parallel:  # replicas must schedule alike: the smallest cache wins
+            import torch.distributed as dist
+
+            n = torch.tensor([num_blocks], dtype=torch.int64, device=model.device if config.on_cuda() else "cpu")
+            dist.all_reduce(n, op=dist.ReduceOp.MIN, group=parallel.group)
+            num_blocks = int(n.item())
         return cls(model, tok, GenerationDefaults.from_pretrained(path), SystemPrompts.from_pretrained(path),
                    config, num_blocks)
 

@@ -1,5 +1,8 @@
 """The offline API: `Engine.generate(requests)` and `Engine.stream(requests)` over one engine core.
 
+With ``tensor_parallel_size > 1`` the core is a `TPExecutor` (engine/tp_executor.py): one process per rank, each
+with its own core replica over its model shard, stepping in lockstep; call `close()` (or use `with`) to stop them.
+
 Requests may be `GenerationRequest`s or plain dicts of the same fields; images may be bytes, file paths
 or PIL images (PIL images are encoded losslessly as PNG so the engine only ever sees encoded files, as
 across a process boundary).
@@ -11,13 +14,16 @@ import io
 import itertools
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
 from diffgentor.engine.config import EngineConfig
 from diffgentor.engine.core import EngineCore
 from diffgentor.engine.request import EngineEvent, GenerationRequest, RequestResult
+
+if TYPE_CHECKING:
+    from diffgentor.engine.tp_executor import TPExecutor
 
 
 def _image_bytes(src: Any) -> bytes:
@@ -33,17 +39,39 @@ def _image_bytes(src: Any) -> bytes:
 
 
 class Engine:
-    def __init__(self, core: EngineCore) -> None:
+    def __init__(self, core: EngineCore | TPExecutor) -> None:
         self.core = core
         self._ids = itertools.count()
 
     @classmethod
-    def from_config(cls, config: EngineConfig) -> Engine:
+    def from_config(cls, config: EngineConfig, **executor_args: Any) -> Engine:
+        """One in-process core, or with ``config.tensor_parallel_size > 1`` a tensor-parallel executor (one process
+        per rank; ``executor_args`` go to `TPExecutor`, e.g. expert_parallel, ready_timeout_s, step_timeout_s)."""
+        if (config.tensor_parallel_size or 0) > 1:
+            from diffgentor.engine.tp_executor import TPExecutor
+
+            return cls(TPExecutor(config, world_size=config.tensor_parallel_size, **executor_args))
+        if executor_args:
+            raise TypeError(f"tensor-parallel options {sorted(executor_args)} need tensor_parallel_size > 1")
         return cls(EngineCore.from_config(config))
 
+    def close(self) -> None:
+        """Stop the tensor-parallel ranks (a no-op for an in-process core)."""
+        close = getattr(self.core, "close", None)
+        if close is not None:
+            close()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
     @classmethod
-    def from_pretrained(cls, model: str | Path, environ: dict[str, str] | None = None, **engine_args: Any) -> Engine:
-        return cls.from_config(EngineConfig.from_cli_and_env({"model": str(model), **engine_args}, environ=environ))
+    def from_pretrained(cls, model: str | Path, environ: dict[str, str] | None = None,
+                        executor_args: dict[str, Any] | None = None, **engine_args: Any) -> Engine:
+        config = EngineConfig.from_cli_and_env({"model": str(model), **engine_args}, environ=environ)
+        return cls.from_config(config, **(executor_args or {}))
 
     def make_request(self, req: GenerationRequest | dict[str, Any]) -> GenerationRequest:
         if isinstance(req, GenerationRequest):

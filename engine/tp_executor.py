@@ -1,0 +1,483 @@
+"""Tensor-parallel execution of the engine core: one process per rank, all stepping in lockstep (SGLang-style).
+
+Every rank process runs its own `EngineCore` replica over its shard of the model (`EngineCore.from_config(config,
+parallel=ctx)`). The core is deterministic, so replicas given the same request arrivals / aborts in the same order
+(and, thanks to the model's collectives, identical logits and hidden states) schedule, sample and diffuse alike.
+The frontend, `TPExecutor`, therefore only broadcasts each step's inputs and collects the outputs:
+
+* input (frontend PUSH -> rank PULL, one ipc:// socket per rank): `StepCmd` (new `GenerationRequest`s, aborts, then
+  one core step) or `ShutdownCmd`;
+* output (every rank PUSH -> frontend PULL, one ipc:// socket): `RankReady` once the shard is loaded, `RankReply` per
+  step (rank 0 carries the events and finished results; every rank a digest of its events, so diverging replicas are
+  caught), or `RankFailed` before a rank exits on a fatal error.
+
+Failure handling: the frontend waits for a step's replies in short polls, checking every rank's process liveness in
+between, so a rank that dies is noticed within `poll_s`; a rank that hangs is noticed after `step_timeout_s` (and the
+torch.distributed process group's own timeout, `pg_timeout_s`, ends collectives blocked on a dead peer). On a rank
+failure the executor fails every in-flight request with a clear error (error events + error results), stops every
+rank (terminate, then kill, then join: no zombies) and raises `TPExecutorError` on any later use.
+
+`TPExecutor` exposes the slice of `EngineCore`'s interface that `engine.offline.Engine` drives (add_request, abort,
+step, has_unfinished, run_until_done, results), so `Engine.from_config(cfg)` with `cfg.tensor_parallel_size > 1`
+works unchanged. On CPU the ranks use gloo with a file:// rendezvous; on CUDA nccl, rank r on device r.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import shutil
+import tempfile
+import time
+import traceback
+import weakref
+from typing import Any
+
+import msgspec
+
+from diffgentor.engine.config import EngineConfig
+from diffgentor.engine.request import EngineEvent, FinishReason, GenerationRequest, RequestResult
+
+logger = logging.getLogger(__name__)
+
+
+class TPExecutorError(RuntimeError):
+    """A tensor-parallel rank failed to start, died, hung, or the replicas diverged."""
+
+
+# ------------------------------------------------------------------------------------------------ messages
+class StepCmd(msgspec.Struct, tag="step", kw_only=True):
+    seq: int
+    adds: list[GenerationRequest] = msgspec.field(default_factory=list)
+    aborts: list[str] = msgspec.field(default_factory=list)
+    release: bool = False  # when idle: free the worker-side state of finished requests (`run_until_done`)
+
+
+class ShutdownCmd(msgspec.Struct, tag="shutdown"):
+    pass
+
+
+RankInput = StepCmd | ShutdownCmd
+
+
+class WireTensor(msgspec.Struct, array_like=True):
+    dtype: str
+    shape: list[int]
+    data: bytes
+
+
+class WireResult(msgspec.Struct, kw_only=True):
+    result: RequestResult  # image / latents stripped
+    latents: WireTensor | None = None
+    image_png: bytes = b""
+
+
+class RankReady(msgspec.Struct, tag="ready", kw_only=True):
+    rank: int
+    pid: int
+    num_blocks: int
+
+
+class RankReply(msgspec.Struct, tag="reply", kw_only=True):
+    rank: int
+    seq: int
+    unfinished: bool
+    digest: list[str]  # "request_id:kind:finish_reason" per event, compared across ranks
+    events: list[EngineEvent] = msgspec.field(default_factory=list)  # rank 0 only
+    results: list[WireResult] = msgspec.field(default_factory=list)  # rank 0 only
+    vm_hwm_kb: int = 0
+
+
+class RankFailed(msgspec.Struct, tag="failed", kw_only=True):
+    rank: int
+    error: str
+
+
+RankOutput = RankReady | RankReply | RankFailed
+
+
+def _to_wire(t) -> WireTensor:
+    import torch
+
+    t = t.detach().cpu().contiguous()
+    return WireTensor(dtype=str(t.dtype).removeprefix("torch."), shape=list(t.shape),
+                      data=t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+
+
+def _from_wire(w: WireTensor):
+    import torch
+
+    dtype = getattr(torch, w.dtype)
+    if not w.data:
+        return torch.empty(w.shape, dtype=dtype)
+    return torch.frombuffer(bytearray(w.data), dtype=torch.uint8).view(dtype).reshape(w.shape)
+
+
+def _result_to_wire(res: RequestResult) -> WireResult:
+    import io
+
+    png = b""
+    if res.image is not None:
+        buf = io.BytesIO()
+        res.image.save(buf, format="PNG")
+        png = buf.getvalue()
+    lat = _to_wire(res.latents) if res.latents is not None else None
+    stripped = msgspec.structs.replace(res, image=None, latents=None,
+                                       finish_reason=getattr(res.finish_reason, "value", res.finish_reason))
+    return WireResult(result=stripped, latents=lat, image_png=png)
+
+
+def _result_from_wire(w: WireResult) -> RequestResult:
+    import io
+
+    res = w.result
+    try:
+        res.finish_reason = FinishReason(res.finish_reason)
+    except ValueError:
+        pass
+    if res.image_size is not None:
+        res.image_size = tuple(res.image_size)
+    if w.latents is not None:
+        res.latents = _from_wire(w.latents)
+    if w.image_png:
+        from PIL import Image
+
+        res.image = Image.open(io.BytesIO(w.image_png))
+        res.image.load()
+    return res
+
+
+def vm_hwm_kb(pid: int | str = "self") -> int:
+    """Peak resident set size (VmHWM, kB) of a process from /proc; 0 where unavailable."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ the rank process
+def _rank_main(rank: int, world_size: int, config: EngineConfig, init_method: str, in_addr: str, out_addr: str,
+               expert_parallel: bool, pg_timeout_s: float, parent_pid: int, num_threads: int | None) -> None:
+    """Entry of one rank: join the group, load the shard, announce readiness, then step on command."""
+    import zmq
+
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s tp-rank{rank} %(levelname)s %(message)s")
+    zctx = zmq.Context()
+    out = zctx.socket(zmq.PUSH)
+    out.setsockopt(zmq.LINGER, 2000)
+    out.connect(out_addr)
+    inp = zctx.socket(zmq.PULL)
+    inp.setsockopt(zmq.LINGER, 0)
+    inp.connect(in_addr)
+    enc = msgspec.msgpack.Encoder()
+    dec = msgspec.msgpack.Decoder(RankInput)
+    try:
+        import torch
+
+        from diffgentor.engine.core import EngineCore
+        from diffgentor.engine.parallel import init_distributed
+
+        if num_threads:
+            torch.set_num_threads(num_threads)
+        cuda = config.on_cuda()
+        if cuda:
+            torch.cuda.set_device(rank)
+        ctx = init_distributed("nccl" if cuda else "gloo", init_method, rank, world_size,
+                               expert_parallel=expert_parallel, timeout_s=pg_timeout_s)
+        core = EngineCore.from_config(config, parallel=ctx)
+        out.send(enc.encode(RankReady(rank=rank, pid=os.getpid(), num_blocks=core.kv.num_blocks)))
+        poller = zmq.Poller()
+        poller.register(inp, zmq.POLLIN)
+        while True:
+            if not poller.poll(1000):
+                if os.getppid() != parent_pid:
+                    logger.warning("the frontend (pid %d) is gone; exiting", parent_pid)
+                    break
+                continue
+            msg = dec.decode(inp.recv())
+            if isinstance(msg, ShutdownCmd):
+                break
+            events: list[EngineEvent] = []
+            for req in msg.adds:
+                events += core.add_request(req)
+            for rid in msg.aborts:
+                events += core.abort(rid)
+            if core.has_unfinished():
+                events += core.step()
+            elif msg.release or core._to_free:
+                events += core.run_until_done()
+            reply = RankReply(rank=rank, seq=msg.seq, unfinished=core.has_unfinished(),
+                              digest=[f"{e.request_id}:{e.kind}:{e.finish_reason}" for e in events],
+                              vm_hwm_kb=vm_hwm_kb())
+            done = [e.request_id for e in events if e.kind in ("finished", "error")]
+            results = [core.results.pop(rid) for rid in done if rid in core.results]
+            if rank == 0:
+                reply.events = events
+                reply.results = [_result_to_wire(r) for r in results]
+            out.send(enc.encode(reply))
+    except BaseException as e:  # noqa: BLE001 - report, then die with a non-zero status
+        msg = f"{type(e).__name__}: {e}"
+        logger.error("rank %d failed: %s\n%s", rank, msg, traceback.format_exc())
+        try:
+            out.send(enc.encode(RankFailed(rank=rank, error=msg)))
+            time.sleep(0.1)
+        except Exception:  # noqa: BLE001
+            pass
+        os._exit(1)
+    inp.close(linger=0)
+    out.close()
+    zctx.term()
+    os._exit(0)  # skip interpreter teardown (process-group destructors may block on departed peers)
+
+
+# ------------------------------------------------------------------------------------------------ the frontend
+class TPExecutor:
+    """Runs `world_size` engine-core replicas, one per tensor-parallel rank, behind the `EngineCore` interface."""
+
+    def __init__(
+        self,
+        config: EngineConfig,
+        world_size: int | None = None,
+        expert_parallel: bool | None = None,
+        ready_timeout_s: float = 600.0,
+        step_timeout_s: float = 600.0,
+        pg_timeout_s: float = 120.0,
+        poll_s: float = 0.2,
+        num_threads: int | None = None,
+    ) -> None:
+        import torch.multiprocessing as mp
+        import zmq
+
+        from diffgentor.engine.parallel import expert_parallel_from_env
+
+        self.config = config
+        self.world_size = world_size or config.resolve_tensor_parallel_size()
+        if self.world_size < 1:
+            raise ValueError(f"world_size must be >= 1, got {self.world_size}")
+        self.expert_parallel = expert_parallel_from_env() if expert_parallel is None else bool(expert_parallel)
+        self.step_timeout_s = step_timeout_s
+        self.poll_ms = max(1, int(poll_s * 1000))
+        if num_threads is None and not config.on_cuda():
+            num_threads = max(1, (os.cpu_count() or 1) // self.world_size)
+        self.results: dict[str, RequestResult] = {}
+        self.failed: str | None = None
+        self.num_blocks = 0
+        self.rank_pids: list[int] = []
+        self.rank_vm_hwm_kb: list[int] = [0] * self.world_size  # peak RSS per rank, as last reported
+        self._seq = 0
+        self._adds: list[GenerationRequest] = []
+        self._aborts: list[str] = []
+        self._in_flight: set[str] = set()
+        self._unfinished = False
+        self._needs_release = False
+        self._closed = False
+
+        self._dir = tempfile.mkdtemp(prefix="dg-tp-")
+        self._zctx = zmq.Context()
+        self._out = self._zctx.socket(zmq.PULL)
+        self._out.bind(f"ipc://{self._dir}/out")
+        self._ins = []
+        for r in range(self.world_size):
+            s = self._zctx.socket(zmq.PUSH)
+            s.setsockopt(zmq.LINGER, 0)
+            s.bind(f"ipc://{self._dir}/in{r}")
+            self._ins.append(s)
+        self._enc = msgspec.msgpack.Encoder()
+        self._dec = msgspec.msgpack.Decoder(RankOutput)
+        spawn = mp.get_context("spawn")
+        init_method = f"file://{self._dir}/rendezvous"
+        self._procs = [
+            spawn.Process(
+                target=_rank_main, name=f"dg-tp-rank{r}", daemon=True,
+                args=(r, self.world_size, config, init_method, f"ipc://{self._dir}/in{r}", f"ipc://{self._dir}/out",
+                      self.expert_parallel, pg_timeout_s, os.getpid(), num_threads),
+            )
+            for r in range(self.world_size)
+        ]
+        self._finalizer = weakref.finalize(self, TPExecutor._cleanup, self._procs, self._dir)
+        atexit.register(self._finalizer)
+        try:
+            for p in self._procs:
+                p.start()
+            self.rank_pids = [p.pid for p in self._procs]
+            self._wait_ready(ready_timeout_s)
+        except BaseException:
+            self.close()
+            raise
+
+    # -------------------------------------------------------------- lifecycle
+    def _wait_ready(self, timeout_s: float) -> None:
+        ready: dict[int, RankReady] = {}
+        deadline = time.monotonic() + timeout_s
+        while len(ready) < self.world_size:
+            msg = self._recv(deadline, lambda: f"rank(s) {sorted(set(range(self.world_size)) - set(ready))} did not "
+                                               f"load and report ready within {timeout_s:.0f} s")
+            if isinstance(msg, RankReady):
+                ready[msg.rank] = msg
+        blocks = {m.num_blocks for m in ready.values()}
+        if len(blocks) != 1:
+            raise TPExecutorError(f"tensor-parallel ranks disagree on the KV cache size: {sorted(blocks)}")
+        self.num_blocks = blocks.pop()
+        logger.info("tensor-parallel executor ready: %d ranks (%s), %d KV blocks", self.world_size,
+                    "expert parallel" if self.expert_parallel else "tensor parallel", self.num_blocks)
+
+    def _recv(self, deadline: float, timeout_msg) -> Any:
+        """The next message from any rank; raises TPExecutorError on a rank failure, death or timeout."""
+        while True:
+            if self._out.poll(self.poll_ms):
+                msg = self._dec.decode(self._out.recv())
+                if isinstance(msg, RankFailed):
+                    time.sleep(min(0.5, self.poll_ms / 1000 * 2))  # let a peer's death (the usual cause) show
+                    dead = self._dead_ranks()
+                    raise TPExecutorError(f"tensor-parallel rank {msg.rank} failed: {msg.error}" +
+                                          (f" ({dead})" if dead else ""))
+                return msg
+            dead = self._dead_ranks()
+            if dead:
+                raise TPExecutorError(dead)
+            if time.monotonic() > deadline:
+                raise TPExecutorError(f"tensor-parallel executor: {timeout_msg()} (hung?)")
+
+    def _dead_ranks(self) -> str:
+        dead = [f"rank {r} (pid {p.pid}) exited with code {p.exitcode}" for r, p in enumerate(self._procs)
+                if not p.is_alive()]
+        return "tensor-parallel " + "; ".join(dead) if dead else ""
+
+    def close(self) -> None:
+        """Stop every rank (shutdown message, then terminate / kill) and join them all."""
+        if self._closed:
+            return
+        self._closed = True
+        for s in self._ins:
+            try:
+                s.send(self._enc.encode(ShutdownCmd()), flags=1)  # zmq.NOBLOCK
+            except Exception:  # noqa: BLE001
+                pass
+        TPExecutor._stop(self._procs, grace_s=5.0 if self.failed is None else 0.0)
+        for s in (*self._ins, self._out):
+            s.close(linger=0)
+        self._zctx.term()
+        self._finalizer()
+        atexit.unregister(self._finalizer)
+
+    @staticmethod
+    def _stop(procs, grace_s: float) -> None:
+        deadline = time.monotonic() + grace_s
+        for p in procs:
+            if p.pid is not None:
+                p.join(max(0.0, deadline - time.monotonic()))
+        for p in procs:
+            if p.pid is not None and p.is_alive():
+                p.terminate()
+        for p in procs:
+            if p.pid is not None:
+                p.join(3.0)
+                if p.is_alive():
+                    p.kill()
+                    p.join(3.0)
+
+    @staticmethod
+    def _cleanup(procs, tmpdir: str) -> None:
+        TPExecutor._stop(procs, grace_s=0.0)
+        shutil.rmtree(tmpdir, ignore_errors=True)
+
+    def __enter__(self) -> TPExecutor:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def check(self) -> None:
+        if self.failed is not None:
+            raise TPExecutorError(self.failed)
+        if self._closed:
+            raise TPExecutorError("the tensor-parallel executor is closed")
+
+    # -------------------------------------------------------------- the EngineCore interface
+    def add_request(self, req: GenerationRequest) -> list[EngineEvent]:
+        """Queue for the next step (validation errors come back as that step's events)."""
+        self.check()
+        self._adds.append(req)
+        self._in_flight.add(req.request_id)
+        return []
+
+    def abort(self, request_id: str) -> list[EngineEvent]:
+        self.check()
+        self._aborts.append(request_id)
+        return []
+
+    def has_unfinished(self) -> bool:
+        return self.failed is None and not self._closed and bool(self._adds or self._aborts or self._unfinished)
+
+    def step(self, release: bool = False) -> list[EngineEvent]:
+        """Broadcast the queued inputs and one step to every rank; rank 0's events (all ranks agreeing)."""
+        self.check()
+        self._seq += 1
+        cmd = StepCmd(seq=self._seq, adds=self._adds, aborts=self._aborts, release=release)
+        self._adds, self._aborts = [], []
+        try:
+            frame = self._enc.encode(cmd)
+            for s in self._ins:
+                s.send(frame)
+            replies: dict[int, RankReply] = {}
+            deadline = time.monotonic() + self.step_timeout_s
+            while len(replies) < self.world_size:
+                msg = self._recv(deadline, lambda: f"rank(s) {sorted(set(range(self.world_size)) - set(replies))} "
+                                                   f"did not finish step {cmd.seq} within {self.step_timeout_s:.0f} s")
+                if isinstance(msg, RankReply) and msg.seq == cmd.seq:
+                    replies[msg.rank] = msg
+            lead = replies[0]
+            for r, rep in replies.items():
+                self.rank_vm_hwm_kb[r] = rep.vm_hwm_kb
+                if rep.digest != lead.digest or rep.unfinished != lead.unfinished:
+                    raise TPExecutorError(f"tensor-parallel ranks diverged at step {cmd.seq}: rank 0 "
+                                          f"{lead.digest} vs rank {r} {rep.digest}")
+        except TPExecutorError as e:
+            return self._fail(str(e))
+        self._unfinished = lead.unfinished
+        for w in lead.results:
+            res = _result_from_wire(w)
+            self.results[res.request_id] = res
+        for ev in lead.events:
+            if ev.kind in ("finished", "error"):
+                self._in_flight.discard(ev.request_id)
+                self._needs_release = True
+                if ev.request_id not in self.results:  # rejected before a state existed (duplicate id, full queue)
+                    self.results[ev.request_id] = RequestResult(
+                        request_id=ev.request_id, finish_reason=FinishReason(ev.finish_reason or "error"),
+                        error=ev.error)
+        return lead.events
+
+    def _fail(self, msg: str) -> list[EngineEvent]:
+        """A rank failed: every in-flight request ends with `msg`, every rank is stopped."""
+        logger.error("%s; failing %d in-flight request(s) and stopping all ranks", msg, len(self._in_flight))
+        self.failed = msg
+        events = []
+        for rid in sorted(self._in_flight):
+            self.results[rid] = RequestResult(request_id=rid, finish_reason=FinishReason.ERROR, error=msg)
+            events.append(EngineEvent(request_id=rid, kind="error", error=msg, finish_reason=FinishReason.ERROR.value))
+        self._in_flight.clear()
+        self._unfinished = False
+        self.close()
+        return events
+
+    def run_until_done(self) -> list[EngineEvent]:
+        events: list[EngineEvent] = []
+        while self.has_unfinished():
+            events += self.step()
+        if self._needs_release and self.failed is None and not self._closed:
+            self._needs_release = False
+            events += self.step(release=True)
+        return events
+
+    @property
+    def in_flight(self) -> set[str]:
+        return set(self._in_flight)
+
+
+__all__ = ["TPExecutor", "TPExecutorError", "vm_hwm_kb"]

@@ -1,0 +1,145 @@
+"""The tensor-parallel engine (engine/tp_executor.py) on CPU / gloo: TP=2 and EP=2 replicas stepping in lockstep give
+the single-process engine's generated ids and latents; a rank killed mid-run fails the in-flight requests quickly and
+leaves no child process behind."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from diffgentor.engine.offline import Engine
+from diffgentor.engine.request import FinishReason
+from diffgentor.engine.tiny_model import make_tiny
+from diffgentor.engine.tp_executor import TPExecutor, TPExecutorError, vm_hwm_kb
+
+ENGINE_ARGS = dict(num_kv_blocks=512, device="cpu", dtype="float32", max_num_seqs=8, max_num_batched_tokens=4096)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return make_tiny(tmp_path_factory.mktemp("tp-engine") / "tiny.Distil-3.0", distil=True)
+
+
+def _img(h: int, w: int, seed: int) -> bytes:
+    arr = (np.random.RandomState(seed).rand(h, w, 3) * 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _requests(steps: int = 2) -> list[dict]:
+    base = dict(max_new_tokens=5, num_inference_steps=steps, output_type="latent", infer_align_image_size=False)
+    specs = [
+        dict(bot_task="think_recaption", image_size="256x256", images=[_img(64, 96, 1)], seed=1),
+        dict(bot_task="image", image_size="256x256", images=[], seed=2),
+        dict(bot_task="image", image_size="208x304", images=[_img(80, 80, 3)], seed=3),
+        dict(bot_task="think_recaption", image_size="256x256", images=[], seed=4),
+    ]
+    return [dict(request_id=f"r{i}", prompt=f"make variant {i} of this", **base, **s) for i, s in enumerate(specs)]
+
+
+def _alive_children(pids: list[int]) -> list[int]:
+    """The given rank pids that still exist at all (running, stopped or an unreaped zombie: each is a leak)."""
+    return [pid for pid in pids if os.path.exists(f"/proc/{pid}")]
+
+
+@pytest.fixture(scope="module")
+def single(ckpt):
+    torch.manual_seed(0)
+    return Engine.from_pretrained(ckpt, environ={}, **ENGINE_ARGS).generate(_requests())
+
+
+@pytest.mark.parametrize("ep", [False, True], ids=["tp2", "ep2"])
+def test_tp_engine_matches_single_process(ckpt, single, ep):
+    with Engine.from_pretrained(ckpt, environ={}, tensor_parallel_size=2, executor_args=dict(expert_parallel=ep),
+                                **ENGINE_ARGS) as eng:
+        assert isinstance(eng.core, TPExecutor) and eng.core.expert_parallel is ep
+        pids = list(eng.core.rank_pids)
+        got = eng.generate(_requests())
+        hwm = list(eng.core.rank_vm_hwm_kb)
+    assert not _alive_children(pids)
+    print(f"\n{'ep' if ep else 'tp'}=2 peak RSS per rank (VmHWM) {[h // 1024 for h in hwm]} MiB; "
+          f"this (single-process) test process {vm_hwm_kb() // 1024} MiB")
+    for a, b in zip(got, single):
+        assert a.error is None and b.error is None, (a.error, b.error)
+        assert a.finish_reason == b.finish_reason == FinishReason.IMAGE
+        assert a.generated_ids == b.generated_ids, a.request_id
+        assert a.latents is not None and a.latents.shape == b.latents.shape
+        err = (a.latents - b.latents).abs().max().item()
+        assert err <= 1e-4, (a.request_id, err)
+    assert any(r.generated_ids for r in got)  # the think_recaption requests did decode text
+
+
+def test_killed_rank_fails_in_flight_requests(ckpt):
+    eng = Engine.from_pretrained(ckpt, environ={}, tensor_parallel_size=2, executor_args=dict(poll_s=0.1),
+                                 **ENGINE_ARGS)
+    ex = eng.core
+    pids = list(ex.rank_pids)
+    try:
+        reqs = [eng.make_request(r) for r in _requests(steps=50)]
+        events = []
+        for r in reqs:
+            ex.add_request(r)
+        for _ in range(3):  # a few lockstep steps, then rank 1 dies mid-run
+            events += ex.step()
+        assert ex.has_unfinished()
+        os.kill(pids[1], signal.SIGKILL)
+        t0 = time.monotonic()
+        while ex.has_unfinished():
+            events += ex.step()
+            assert time.monotonic() - t0 < 10
+        took = time.monotonic() - t0
+        assert took < 10, took
+        errors = {e.request_id: e.error for e in events if e.kind == "error"}
+        assert set(errors) == {r.request_id for r in reqs}, events
+        assert all("rank 1" in msg and "exit" in msg for msg in errors.values()), errors
+        assert all(ex.results[r.request_id].finish_reason == FinishReason.ERROR for r in reqs)
+        with pytest.raises(TPExecutorError, match="rank 1"):
+            eng.generate(_requests()[:1])
+        deadline = time.monotonic() + 5
+        while _alive_children(pids) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _alive_children(pids)
+        print(f"\nkilled rank noticed and all requests failed in {took:.2f} s")
+    finally:
+        eng.close()
+
+
+def test_rank_startup_failure_is_reported(tmp_path):
+    """A rank that cannot load (no checkpoint) is reported with its error and no rank is left running."""
+    with pytest.raises(TPExecutorError, match="rank .* failed"):
+        Engine.from_pretrained(tmp_path / "missing", environ={}, tensor_parallel_size=2,
+                               executor_args=dict(ready_timeout_s=60), **ENGINE_ARGS)
+
+
+def test_hung_rank_is_noticed_and_stopped(ckpt):
+    """A rank that stops answering (SIGSTOP) fails the in-flight requests after step_timeout_s; no rank remains."""
+    eng = Engine.from_pretrained(ckpt, environ={}, tensor_parallel_size=2,
+                                 executor_args=dict(poll_s=0.1, step_timeout_s=3.0), **ENGINE_ARGS)
+    ex = eng.core
+    pids = list(ex.rank_pids)
+    try:
+        reqs = [eng.make_request(r) for r in _requests(steps=50)[:2]]
+        for r in reqs:
+            ex.add_request(r)
+        ex.step()
+        os.kill(pids[1], signal.SIGSTOP)
+        t0 = time.monotonic()
+        events = []
+        while ex.has_unfinished():
+            events += ex.step()
+        took = time.monotonic() - t0
+        assert took < 10, took
+        errors = {e.request_id: e.error for e in events if e.kind == "error"}
+        assert set(errors) == {r.request_id for r in reqs}
+        assert all("did not finish step" in msg for msg in errors.values()), errors
+        assert not _alive_children(pids)
+    finally:
+        eng.close()
