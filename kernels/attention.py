@@ -29,10 +29,8 @@ implements the same decompositions with kernels):
 
 from __future__ import annotations
 
-import logging
 import math
 import os
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
@@ -212,15 +210,6 @@ ATTN_IMPL_ENV = "DG_HUNYUAN_IMAGE_3_ATTN_IMPL"
 ATTN_IMPLS = ("sdpa", "flashinfer")
 ATTN_VARIANTS = ("mask", "segments", "cascade")
 
-_log = logging.getLogger(__name__)
-_warned: set[str] = set()
-
-
-def _warn_once(key: str, msg: str) -> None:
-    if key not in _warned:
-        _warned.add(key)
-        warnings.warn(msg, RuntimeWarning, stacklevel=3)
-        _log.warning(msg)
 
 
 # ------------------------------------------------------------------------------------------------ decomposition

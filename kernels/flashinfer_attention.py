@@ -24,11 +24,11 @@ from .attention import (
     AttentionMetadata,
     Segment,
     TorchPagedAttention,
-    _warn_once,
     attention_mask_rows,
     decompose_segments,
     flashinfer_attention_available,
 )
+from .fallback import warn_once
 
 if TYPE_CHECKING:
     from diffgentor.engine.kv_cache import PagedKVCache
@@ -114,7 +114,7 @@ class FlashInferPagedAttention:
         if self._fallback is None and self._device is None:
             ok, why = flashinfer_attention_available(device)
             if not ok:
-                _warn_once(f"attn-flashinfer:{why}", f"attention 'flashinfer' unavailable ({why}); using sdpa")
+                warn_once(f"attn-flashinfer:{why}", f"attention 'flashinfer' unavailable ({why}); using sdpa")
                 self._fallback = TorchPagedAttention(self.num_qo_heads, self.num_kv_heads, self.head_dim,
                                                      self.scale, self.variant)
             else:

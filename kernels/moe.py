@@ -13,9 +13,7 @@ of the checkpoint (one Linear per expert) and a stacked fast-path layout share t
 
 from __future__ import annotations
 
-import logging
 import os
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -24,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .activation import silu_and_mul
+from .fallback import warn_once
 
 ExpertWeights = Tensor | Sequence[Tensor]
 
@@ -118,13 +117,8 @@ def moe_forward_reference(
     routed_scaling_factor: float = 1.0,
 ) -> Tensor:
     """Full MoE block on [T, H]: routed experts (dropless) plus the shared expert, unscaled."""
-    weights, ids = select_experts(hidden_states, router_weight, top_k, renormalize, routed_scaling_factor)
-    out = fused_experts_reference(hidden_states, weights, ids, w13, w2)
-    if shared_w13 is not None:
-        if shared_w2 is None:
-            raise ValueError("shared_w13 given without shared_w2")
-        out = swiglu_mlp(hidden_states, shared_w13, shared_w2) + out
-    return out
+    return moe_forward(hidden_states, router_weight, w13, w2, top_k, shared_w13, shared_w2, renormalize,
+                       routed_scaling_factor, impl="reference")
 
 
 # ================================================================================================ fast paths
@@ -140,15 +134,6 @@ MOE_IMPL_ENV = "DG_HUNYUAN_IMAGE_3_MOE_IMPL"
 MOE_IMPLS = ("eager", "flashinfer")  # user-facing names (EngineConfig.moe_impl)
 _ALL_IMPLS = ("reference", "grouped", "eager", "flashinfer")
 
-_log = logging.getLogger(__name__)
-_warned: set[str] = set()
-
-
-def _warn_once(key: str, msg: str) -> None:
-    if key not in _warned:
-        _warned.add(key)
-        warnings.warn(msg, RuntimeWarning, stacklevel=3)
-        _log.warning(msg)
 
 
 @dataclass(frozen=True)
@@ -227,7 +212,7 @@ def _grouped_mm(a: Tensor, b: Tensor, offs: Tensor) -> Tensor | None:
     except (RuntimeError, NotImplementedError, TypeError, ValueError) as e:
         # unsupported device / dtype / arch / alignment (strides must be 16-byte multiples): loop instead
         _GROUPED_MM_OK[key] = False
-        _warn_once(f"grouped_mm:{key}", f"torch._grouped_mm unavailable for {key} ({e}); MoE uses the expert loop")
+        warn_once(f"grouped_mm:{key}", f"torch._grouped_mm unavailable for {key} ({e}); MoE uses the expert loop")
         return None
     _GROUPED_MM_OK[key] = True
     return out
@@ -375,7 +360,7 @@ def resolve_moe_impl(name: str | None = None, device: torch.device | str = "cpu"
     if key == "flashinfer":
         ok, why = flashinfer_moe_available(device)
         if not ok:
-            _warn_once(f"moe-flashinfer:{why}", f"MoE implementation 'flashinfer' unavailable ({why}); using eager")
+            warn_once(f"moe-flashinfer:{why}", f"MoE implementation 'flashinfer' unavailable ({why}); using eager")
             return "grouped"
     return key
 

@@ -134,7 +134,9 @@ def test_moe_impl_selection(monkeypatch):
     assert resolve_moe_impl("eager") == "grouped"
     assert resolve_moe_impl("reference") == "reference"
     monkeypatch.setenv("DG_HUNYUAN_IMAGE_3_MOE_IMPL", "FlashInfer")
-    monkeypatch.setattr(moe_mod, "_warned", set())
+    import diffgentor.kernels.fallback as fallback_mod
+
+    monkeypatch.setattr(fallback_mod, "_reported", set())
     with pytest.warns(RuntimeWarning, match="using eager"):
         assert resolve_moe_impl(None, "cpu") == "grouped"
     with pytest.raises(ValueError):
