@@ -24,20 +24,15 @@ import torch
 from diffgentor.engine.models.hunyuan_image_3.config import GenerationDefaults, HunyuanImage3Config
 from diffgentor.engine.models.hunyuan_image_3.embedding import cond_layout
 from diffgentor.engine.models.hunyuan_image_3.image_processing import ImageProcessor, VaeCondImage, VitCondImage
-from diffgentor.engine.models.hunyuan_image_3.prompt import BuiltPrompt, PromptBuilder
+from diffgentor.engine.models.hunyuan_image_3.pipeline import BOT_TASKS, MAX_COND_IMAGES, RequestError
+from diffgentor.engine.models.hunyuan_image_3.prompt import BuiltPrompt, PromptBuilder, common_prefix_len
 from diffgentor.engine.models.hunyuan_image_3.sampling import SamplingParams
 from diffgentor.engine.models.hunyuan_image_3.stage_machine import StageMachine
-from diffgentor.engine.models.hunyuan_image_3.system_prompt import SystemPrompts
+from diffgentor.engine.models.hunyuan_image_3.system_prompt import SystemPrompts, choose_system_prompt
 from diffgentor.engine.models.hunyuan_image_3.tokenizer import HunyuanTokenizer
 from diffgentor.engine.request import GenerationRequest, RequestStatus
 
-BOT_TASKS = ("image", "auto", "recaption", "think_recaption", "think")
-MAX_COND_IMAGES = 3
 MAX_IMAGE_PIXELS = 64 * 1024 * 1024
-
-
-class RequestError(ValueError):
-    """A request that cannot run (bad image, size, task, budget): reported to that request only."""
 
 
 @dataclass
@@ -244,16 +239,8 @@ def _resolve(ctx: ProcessorContext, req: GenerationRequest, num_images: int) -> 
 
     kind = _pick(req.use_system_prompt, env.get("use_system_prompt") or d.use_system_prompt)
     try:
-        if kind == "custom" or (req.system_prompt is not None and req.use_system_prompt is None):
-            system = (req.system_prompt or "").strip()
-        elif ctx.system_prompts is None:
-            if kind not in (None, "None", "none", ""):
-                raise RequestError(f"use_system_prompt {kind!r} needs the checkpoint's system_prompt.py")
-            system = ""
-        else:
-            system = ctx.system_prompts.resolve(kind, bot_task, custom=req.system_prompt)
-    except RequestError:
-        raise
+        system = choose_system_prompt(ctx.system_prompts, kind, bot_task, req.system_prompt,
+                                      kind_given=req.use_system_prompt is not None)
     except ValueError as e:
         raise RequestError(str(e)) from None
     align = bool(_pick(req.infer_align_image_size, env.get("infer_align_image_size", False)))
@@ -360,7 +347,7 @@ def enter_image_phase(ctx: ProcessorContext, st: RequestState, layout: BuiltProm
         raise RequestError(f"the image-phase sequence needs {len(layout)} tokens; the model allows "
                            f"{ctx.config.max_position_embeddings}")
     ids = list(layout.token_ids)
-    keep = _common_prefix(st.cond.token_ids[: st.cond.num_computed], ids)
+    keep = common_prefix_len(st.cond.token_ids[: st.cond.num_computed], ids)
     st.cond.token_ids, st.cond.layout = ids, layout
     st.cond.num_computed = min(st.cond.num_computed, keep)
     st.cond.cacheable = layout.gen_timestep_index
@@ -369,13 +356,6 @@ def enter_image_phase(ctx: ProcessorContext, st: RequestState, layout: BuiltProm
                              cacheable=layout.gen_timestep_index)
     st.phase = "image"
 
-
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
 
 
 def block_extra_keys(st: RequestState, seq: SeqState, block_size: int, num_tokens: int) -> list[Any]:

@@ -28,10 +28,10 @@ from .embedding import CondImage, GenInputs, assemble_embeddings, encode_conditi
 from .flow_match import FlowMatchSchedule, cfg_combine, euler_step, guidance_value, initial_noise
 from .image_processing import ImageProcessor, load_image, to_pil, to_uint8
 from .model import HunyuanImage3ForCausalMM
-from .prompt import BuiltPrompt, PromptBuilder
+from .prompt import BuiltPrompt, PromptBuilder, common_prefix_len
 from .sampling import SamplingParams, make_generator, sample_row
 from .stage_machine import StageMachine
-from .system_prompt import SystemPromptError, SystemPrompts
+from .system_prompt import SystemPromptError, SystemPrompts, choose_system_prompt
 from .tokenizer import HunyuanTokenizer
 
 BOT_TASKS = ("image", "auto", "recaption", "think_recaption", "think")
@@ -142,14 +142,9 @@ class HunyuanImage3Pipeline:
     # ------------------------------------------------------------------ request resolution
     def system_prompt_for(self, req: ImageRequest, bot_task: str) -> str:
         kind = req.use_system_prompt if req.use_system_prompt is not None else self.defaults.use_system_prompt
-        if kind == "custom" or (req.system_prompt is not None and req.use_system_prompt is None):
-            return (req.system_prompt or "").strip()
-        if self.system_prompts is None:
-            if kind in (None, "None", "none", ""):
-                return ""
-            raise RequestError(f"use_system_prompt {kind!r} needs the checkpoint's system_prompt.py")
         try:
-            return self.system_prompts.resolve(kind, bot_task, custom=req.system_prompt)
+            return choose_system_prompt(self.system_prompts, kind, bot_task, req.system_prompt,
+                                        kind_given=req.use_system_prompt is not None)
         except SystemPromptError as e:
             raise RequestError(str(e)) from None
 
@@ -311,7 +306,7 @@ class HunyuanImage3Pipeline:
         for seq, built, ids in rows:
             slot = built.slots("gen")[0]
             if first_step:
-                start = _common_prefix(seq.ids, ids)
+                start = common_prefix_len(seq.ids, ids)
                 start = min(start, built.gen_timestep_index)
             else:
                 start = built.gen_timestep_index
@@ -425,7 +420,7 @@ class HunyuanImage3Pipeline:
         slot = built.slots("gen")[0]
         latents = initial_noise(gen_rng, (1, cfg.latent_channels, *slot.grid))[0].to(self.model.device)
         g = guidance_value(guidance) if cfg.cfg_distilled else None
-        reused = min(_common_prefix(cond_seq.ids, rows[0][2]), built.gen_timestep_index)
+        reused = min(common_prefix_len(cond_seq.ids, rows[0][2]), built.gen_timestep_index)
         tr.update(image_prompt_ids=list(built.token_ids), init_latents=latents.clone(), step_preds=[],
                   step_latents=[], conds=conds, reused_kv_tokens=reused)
         t0 = time.perf_counter()
@@ -463,11 +458,3 @@ class HunyuanImage3Pipeline:
             h, w = max(self.builder.resolution.buckets, key=lambda hw: hw[0] * hw[1])
         ds = self.config.latent_downsample
         return (h // ds) * (w // ds) + 16
-
-
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i

@@ -462,3 +462,12 @@ def _positions(n: int, rope_slots: list[ImageSlot]) -> torch.Tensor:
         pos[start:start + h * w, 0] = start + (h * w - h) // 2 + r
         pos[start:start + h * w, 1] = start + (h * w - w) // 2 + c
     return pos
+
+
+def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
+    """Length of the shared token prefix: how much of a row's KV a new sequence for it can keep."""
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i

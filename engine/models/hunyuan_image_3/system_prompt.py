@@ -150,3 +150,20 @@ def resolve_system_prompt(
 ) -> str:
     """One-shot helper: read the checkpoint's prompts and resolve a selection."""
     return SystemPrompts.from_pretrained(ckpt_dir).resolve(use_system_prompt, bot_task, custom)
+
+
+def choose_system_prompt(
+    prompts: SystemPrompts | None, kind: str | None, bot_task: str, custom: str | None, kind_given: bool
+) -> str:
+    """The system prompt text of a request (stripped; "" for none).
+
+    Custom text wins when the kind is "custom" or when text is given without an explicit kind. A checkpoint
+    without system_prompt.py supports only no prompt and custom text (spec decision 3).
+    """
+    if kind == "custom" or (custom is not None and not kind_given):
+        return (custom or "").strip()
+    if prompts is None:
+        if kind in (None, "None", "none", ""):
+            return ""
+        raise SystemPromptError(f"use_system_prompt {kind!r} needs the checkpoint's system_prompt.py")
+    return prompts.resolve(kind, bot_task, custom=custom)
