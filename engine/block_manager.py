@@ -377,6 +377,10 @@ class KVCacheManager:
             self.pool.cache_block(table[i], hashes[i])
         self._num_cached[request_id] = num_full
 
+    def num_registered_blocks(self, request_id: str) -> int:
+        """Leading full blocks of the request already registered in the prefix cache."""
+        return self._num_cached.get(request_id, 0)
+
     def inflight_hashes(self) -> set[BlockHash]:
         """Hashes of live requests' full prompt blocks that are not computed/registered yet: a request whose
         next uncached block is among them can wait a step and hit the cache instead of computing it again."""

@@ -191,8 +191,10 @@ class EngineCore:
                 continue
             seq.num_computed = max(seq.num_computed, c.end)
             limit = min(seq.num_computed, seq.cacheable or seq.num_computed)
-            if seq.allocated and limit >= bs:
-                self.kv.cache_full_blocks(seq.seq_id, seq.token_ids, block_extra_keys(st, seq, bs, limit), limit)
+            # only when a block filled up (not on every decode token): the keys cost a pass over the image slots
+            kv = self.kv
+            if kv.enable_prefix_caching and seq.allocated and limit // bs > kv.num_registered_blocks(seq.seq_id):
+                kv.cache_full_blocks(seq.seq_id, seq.token_ids, block_extra_keys(st, seq, bs, limit), limit)
         for rid, tok in out.sampled_tokens.items():
             st = self.requests.get(rid)
             if st is not None:
