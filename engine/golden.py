@@ -5,15 +5,26 @@ made by running the official implementation. Each file is recognised by the tens
 logits, one denoiser call, a whole generation, stage-machine prompts); every tensor present is
 recomputed from the manifest's inputs through our model and reported with its max abs error. A tensor
 the verifier does not know how to recompute is reported as an error, never skipped.
+
+With a tensor-parallel size above 1 the same verification runs in that many rank processes (gloo on CPU), each
+holding only its shard of the model; the collectives make every rank compute the full outputs, so every rank
+checks every tensor and all ranks' reports must be identical. Rank 0's report is the result.
 """
 
 from __future__ import annotations
 
 import json
+import multiprocessing
+import os
 import random
 import re
+import shutil
+import tempfile
+import threading
+import time
+import traceback
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +45,7 @@ from diffgentor.engine.models.hunyuan_image_3.prompt import BuiltPrompt
 from diffgentor.engine.models.hunyuan_image_3.sampling import SamplingParams, make_generator, warp_logits
 from diffgentor.engine.models.hunyuan_image_3.stage_machine import StageMachine
 from diffgentor.engine.models.hunyuan_image_3.vision import run_vision_tower
+from diffgentor.engine.parallel import ParallelContext, expert_parallel_from_env, init_distributed
 from diffgentor.kernels.rope import rope_cos_sin
 
 BOS_TEXT = "<|startoftext|>"
@@ -62,6 +74,8 @@ class Line:
 class Report:
     golden_dir: str
     lines: list[Line] = field(default_factory=list)
+    parallel: str = ""
+    """How the model ran, e.g. "tensor parallel 2"; empty for the single-process model."""
 
     @property
     def ok(self) -> bool:
@@ -73,7 +87,16 @@ class Report:
         bad = sum(not line.ok for line in gating)
         body = "\n".join(line.render() for line in self.lines)
         tail = f"{len(gating) - bad} passed, {bad} failed"
-        return f"{body}\n{self.golden_dir}: {tail}"
+        where = f"{self.golden_dir} ({self.parallel})" if self.parallel else self.golden_dir
+        return f"{body}\n{where}: {tail}"
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> Report:
+        d = json.loads(text)
+        return cls(d["golden_dir"], [Line(**line) for line in d["lines"]], d.get("parallel", ""))
 
 
 class _Checker:
@@ -176,12 +199,17 @@ def _cond_prefix(i: int, n: int) -> str:
 
 # ---------------------------------------------------------------------------------------------- checks
 class GoldenVerifier:
-    def __init__(self, golden_dir: str | Path, atol: float = 1e-4) -> None:
+    """One process's verification. parallel: its tensor-parallel rank (every rank of the group must run it)."""
+
+    def __init__(self, golden_dir: str | Path, atol: float = 1e-4, parallel: ParallelContext | None = None) -> None:
         self.dir = Path(golden_dir)
         self.atol = atol
         self.manifest = json.loads((self.dir / "manifest.json").read_text())
-        self.pipe = HunyuanImage3Pipeline.from_pretrained(self.dir / "checkpoint")
-        self.report = Report(str(self.dir))
+        self.pipe = HunyuanImage3Pipeline.from_pretrained(self.dir / "checkpoint", parallel=parallel)
+        mode = ""
+        if parallel is not None and parallel.is_parallel:
+            mode = f"{'expert' if parallel.expert_parallel else 'tensor'} parallel {parallel.tp_size}"
+        self.report = Report(str(self.dir), parallel=mode)
 
     def run(self) -> Report:
         files: dict[str, Any] = self.manifest.get("files", {})
@@ -610,5 +638,138 @@ class _BiasHook:
                 logits[token] += 50.0
 
 
-def verify_golden_set(golden_dir: str | Path, atol: float = 1e-4) -> Report:
-    return GoldenVerifier(golden_dir, atol).run()
+# ---------------------------------------------------------------------------------------------- tensor parallel
+class GoldenParallelError(RuntimeError):
+    """A rank of a tensor-parallel verification failed, died, hung, or reported differently from rank 0."""
+
+
+def _rank_main(rank: int, world: int, golden_dir: str, atol: float, expert_parallel: bool, init_method: str,
+               out_dir: str, parent_pid: int, num_threads: int, pg_timeout_s: float) -> None:
+    """One rank: join the gloo group, load its shard, run the whole verification, write its report (or error)."""
+
+    def orphan_watch() -> None:  # a parent killed outright cannot stop us: leave no rank behind
+        while True:
+            time.sleep(1.0)
+            if os.getppid() != parent_pid:
+                os._exit(1)
+
+    threading.Thread(target=orphan_watch, daemon=True).start()
+    out = Path(out_dir)
+    try:
+        import torch.distributed as dist
+
+        torch.set_num_threads(num_threads)
+        ctx = init_distributed("gloo", init_method, rank, world, expert_parallel=expert_parallel,
+                               timeout_s=pg_timeout_s)
+        report = GoldenVerifier(golden_dir, atol, parallel=ctx).run()
+        dist.barrier()  # no rank leaves while a peer may still be in a collective with it
+        (out / f"rank{rank}.part").write_text(report.to_json())
+        (out / f"rank{rank}.part").rename(out / f"rank{rank}.json")
+    except BaseException as e:  # noqa: BLE001 - report, then exit non-zero
+        (out / f"rank{rank}.errpart").write_text(f"{type(e).__name__}: {e}\n{traceback.format_exc()}")
+        (out / f"rank{rank}.errpart").rename(out / f"rank{rank}.error")
+        os._exit(1)
+    os._exit(0)  # skip interpreter teardown: process-group destructors may block on a departed peer
+
+
+def agreed_report(reports: list[Report]) -> Report:
+    """Rank 0's report if every rank's lines equal it exactly (the collectives give every rank the same outputs)."""
+    lead = reports[0]
+    for r, rep in enumerate(reports[1:], start=1):
+        if rep.lines != lead.lines:
+            a, b = next(((x, y) for x, y in zip(lead.lines, rep.lines) if x != y), (None, None))
+            detail = f"rank 0 `{a.render()}` vs rank {r} `{b.render()}`" if a is not None else \
+                f"rank 0 has {len(lead.lines)} lines, rank {r} {len(rep.lines)}"
+            raise GoldenParallelError(f"tensor-parallel rank {r}'s report differs from rank 0's: {detail}")
+    return lead
+
+
+class ParallelGoldenRun:
+    """The rank processes of one tensor-parallel verification: started on construction, `wait()` returns rank 0's
+    report once every rank has finished and all reports agree, and stops every rank whatever happens."""
+
+    def __init__(self, golden_dir: str | Path, atol: float = 1e-4, tensor_parallel_size: int = 2,
+                 expert_parallel: bool | None = None, timeout_s: float = 3600.0, poll_s: float = 0.2) -> None:
+        if tensor_parallel_size < 2:
+            raise ValueError(f"a parallel run needs at least 2 ranks, got {tensor_parallel_size}")
+        if not (Path(golden_dir) / "manifest.json").is_file():
+            raise FileNotFoundError(f"{golden_dir}: no manifest.json (not a golden set)")
+        self.world = tensor_parallel_size
+        self.timeout_s, self.poll_s = timeout_s, poll_s
+        ep = expert_parallel_from_env() if expert_parallel is None else bool(expert_parallel)
+        self._dir = Path(tempfile.mkdtemp(prefix="dg-verify-tp-"))
+        threads = max(1, (os.cpu_count() or 1) // self.world)
+        spawn = multiprocessing.get_context("spawn")
+        self.procs = [
+            spawn.Process(target=_rank_main, name=f"dg-verify-rank{r}", daemon=True,
+                          args=(r, self.world, str(golden_dir), atol, ep, f"file://{self._dir}/rendezvous",
+                                str(self._dir), os.getpid(), threads, timeout_s))
+            for r in range(self.world)
+        ]
+        try:
+            for p in self.procs:
+                p.start()
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.procs if p.pid is not None]
+
+    def wait(self) -> Report:
+        try:
+            reports = self._collect()
+        finally:
+            self.close()
+        return agreed_report(reports)
+
+    def _collect(self) -> list[Report]:
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            if self._failures():
+                time.sleep(0.5)  # a peer's death usually makes the other ranks fail too: name the cause first
+                raise GoldenParallelError("tensor-parallel verify-golden failed: " + "; ".join(self._failures()))
+            if all(p.exitcode == 0 for p in self.procs):
+                return [Report.from_json((self._dir / f"rank{r}.json").read_text()) for r in range(self.world)]
+            if time.monotonic() > deadline:
+                late = [r for r, p in enumerate(self.procs) if p.exitcode is None]
+                raise GoldenParallelError(f"tensor-parallel verify-golden: rank(s) {late} did not finish within "
+                                          f"{self.timeout_s:g} s (hung?)")
+            time.sleep(self.poll_s)
+
+    def _failures(self) -> list[str]:
+        """One line per failed rank: died (exit code / signal) first, then those that reported an error."""
+        died, failed = [], []
+        for r, p in enumerate(self.procs):
+            err = self._dir / f"rank{r}.error"
+            if err.is_file():
+                failed.append(f"rank {r} failed: {err.read_text().splitlines()[0]}")
+            elif p.exitcode is not None and (p.exitcode != 0 or not (self._dir / f"rank{r}.json").is_file()):
+                how = f"was killed by signal {-p.exitcode}" if p.exitcode < 0 else f"exited with code {p.exitcode}"
+                died.append(f"rank {r} (pid {p.pid}) {how} without a report")
+        return died + failed
+
+    def close(self) -> None:
+        """Stop every rank still running (terminate, then kill) and join it; remove the scratch folder."""
+        for p in self.procs:
+            if p.pid is not None and p.is_alive():
+                p.terminate()
+        for p in self.procs:
+            if p.pid is not None:
+                p.join(3.0)
+                if p.is_alive():
+                    p.kill()
+                    p.join(3.0)
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+
+def verify_golden_set(golden_dir: str | Path, atol: float = 1e-4, tensor_parallel_size: int = 1,
+                      expert_parallel: bool | None = None, timeout_s: float = 3600.0) -> Report:
+    """Verify one golden set, single-process or over `tensor_parallel_size` rank processes (expert_parallel None:
+    $DG_HUNYUAN_IMAGE_3_EXPERT_PARALLEL). Raises GoldenParallelError when a rank fails or the ranks disagree."""
+    if tensor_parallel_size < 1:
+        raise ValueError(f"tensor_parallel_size must be >= 1, got {tensor_parallel_size}")
+    if tensor_parallel_size == 1:
+        return GoldenVerifier(golden_dir, atol).run()
+    return ParallelGoldenRun(golden_dir, atol, tensor_parallel_size, expert_parallel, timeout_s).wait()

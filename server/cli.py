@@ -20,9 +20,14 @@ def _cmd_make_tiny(args: argparse.Namespace) -> int:
 
 
 def _cmd_verify_golden(args: argparse.Namespace) -> int:
-    from diffgentor.engine.golden import verify_golden_set
+    from diffgentor.engine.golden import GoldenParallelError, verify_golden_set
 
-    report = verify_golden_set(args.golden_dir, atol=args.atol)
+    try:
+        report = verify_golden_set(args.golden_dir, atol=args.atol, tensor_parallel_size=args.tensor_parallel_size,
+                                   expert_parallel=args.expert_parallel, timeout_s=args.timeout)
+    except GoldenParallelError as e:
+        print(f"verify-golden: {e}", file=sys.stderr)
+        return 1
     print(report.render())
     return 0 if report.ok else 1
 
@@ -72,6 +77,12 @@ def build_parser() -> argparse.ArgumentParser:
     vg = sub.add_parser("verify-golden", help="recompute every tensor of a golden set and compare")
     vg.add_argument("golden_dir")
     vg.add_argument("--atol", type=float, default=1e-4)
+    vg.add_argument("--tensor-parallel-size", type=int, default=1,
+                    help="verify with the model sharded over this many rank processes (gloo on CPU)")
+    vg.add_argument("--expert-parallel", action="store_true", default=None,
+                    help="shard the MoE by whole experts (default: $DG_HUNYUAN_IMAGE_3_EXPERT_PARALLEL)")
+    vg.add_argument("--timeout", type=float, default=3600.0,
+                    help="seconds the tensor-parallel ranks get to finish before they are stopped")
     vg.set_defaults(func=_cmd_verify_golden)
 
     from diffgentor.server.batch import add_edit_args, add_t2i_args

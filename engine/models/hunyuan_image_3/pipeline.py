@@ -21,6 +21,7 @@ from PIL import Image
 from torch import Tensor
 
 from diffgentor.engine.kv_cache import PagedKVCache
+from diffgentor.engine.parallel import ParallelContext
 from diffgentor.kernels.attention import AttentionMetadata, SequenceChunk
 
 from .config import GenerationDefaults
@@ -132,9 +133,12 @@ class HunyuanImage3Pipeline:
 
     @classmethod
     def from_pretrained(
-        cls, ckpt_dir: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu"
+        cls, ckpt_dir: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu",
+        parallel: ParallelContext | None = None,
     ) -> HunyuanImage3Pipeline:
-        model = HunyuanImage3ForCausalMM.from_pretrained(ckpt_dir, dtype=dtype, device=device)
+        """parallel: this process's tensor / expert parallel rank; it loads only its shard and every rank of the
+        group must then make the same model calls in the same order (the collectives pair up)."""
+        model = HunyuanImage3ForCausalMM.from_pretrained(ckpt_dir, dtype=dtype, device=device, parallel=parallel)
         tok = HunyuanTokenizer.from_pretrained(ckpt_dir, require_distil_tokens=model.config.cfg_distilled)
         prompts = SystemPrompts.from_pretrained(ckpt_dir)
         return cls(model, tok, GenerationDefaults.from_pretrained(ckpt_dir), prompts)
