@@ -28,14 +28,23 @@ from diffgentor.engine.models.hunyuan_image_3.system_prompt import SystemPrompts
 from diffgentor.engine.models.hunyuan_image_3.tokenizer import HunyuanTokenizer
 from diffgentor.engine.parallel import ParallelContext
 from diffgentor.engine.plan import RunnerOutput, SchedulerOutput
-from diffgentor.engine.request import EngineEvent, FinishReason, GenerationRequest, RequestResult, RequestStatus
+from diffgentor.engine.request import (
+    CoreSnapshot,
+    EngineEvent,
+    FinishReason,
+    GenerationRequest,
+    RequestResult,
+    RequestStatus,
+)
 from diffgentor.engine.request_state import (
+    ProcessedRequest,
     ProcessorContext,
     RequestError,
     RequestState,
     block_extra_keys,
-    build_request_state,
     enter_image_phase,
+    process_request,
+    state_from_processed,
 )
 from diffgentor.engine.scheduler import Scheduler, SchedulerConfig
 
@@ -55,6 +64,11 @@ class StepStats:
 
 
 class EngineCore:
+    """One engine replica. Its drivers (the offline `Engine`, the engine-core process loop, a tensor-parallel rank)
+    use only the public methods, which `TPExecutor` implements too, so either can sit behind them."""
+
+    failed: str | None = None  # a fatal error (only a tensor-parallel executor ever has one)
+
     def __init__(
         self,
         model: HunyuanImage3ForCausalMM,
@@ -111,21 +125,38 @@ class EngineCore:
                    config, num_blocks)
 
     # ------------------------------------------------------------------ requests
+    @property
+    def num_blocks(self) -> int:
+        return self.kv.num_blocks
+
     def add_request(self, req: GenerationRequest) -> list[EngineEvent]:
-        """Validate and queue; a bad request is answered at once with its error (no block taken)."""
-        if req.request_id in self.requests:
-            return [self._error_event(req.request_id, f"duplicate request id {req.request_id!r}")]
-        if len(self.scheduler.waiting) >= self.config.max_waiting_requests:
-            return [self._error_event(req.request_id, "too many waiting requests")]
+        """Validate, preprocess and queue; a bad request is answered at once with its error (no block taken)."""
         try:
-            st = build_request_state(self.ctx, req)
+            p = process_request(self.ctx, req)
         except RequestError as e:
-            self.results[req.request_id] = RequestResult(request_id=req.request_id, finish_reason=FinishReason.ERROR,
-                                                         error=str(e))
-            return [self._error_event(req.request_id, str(e))]
-        self.requests[st.request_id] = st
+            return self._reject(req.request_id, 400, str(e))
+        return self.add_processed(p)
+
+    def add_processed(self, p: ProcessedRequest) -> list[EngineEvent]:
+        """Queue a request whose images the caller already decoded (the API server does, in its own process).
+        A refusal is one error event carrying its HTTP status: 400 bad input or duplicate id, 429 queue full."""
+        rid = p.request.request_id
+        if rid in self.requests:
+            return self._reject(rid, 400, f"duplicate request id {rid!r}")
+        if len(self.scheduler.waiting) >= self.config.max_waiting_requests:
+            return self._reject(rid, 429, "too many waiting requests; retry later")
+        try:
+            st = state_from_processed(self.ctx, p)
+        except RequestError as e:
+            return self._reject(rid, 400, str(e))
+        self.requests[rid] = st
         self.scheduler.add(st)
         return []
+
+    def _reject(self, rid: str, status: int, msg: str) -> list[EngineEvent]:
+        if rid not in self.requests:  # a duplicate id must not clobber the running request's result
+            self.results[rid] = RequestResult(request_id=rid, finish_reason=FinishReason.ERROR, error=msg)
+        return [self._error_event(rid, msg, status=status)]
 
     def abort(self, request_id: str) -> list[EngineEvent]:
         st = self.requests.get(request_id)
@@ -135,6 +166,26 @@ class EngineCore:
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
+
+    def needs_release(self) -> bool:
+        """Finished requests still hold worker-side state (latents, caches) that an idle `run_until_done` frees."""
+        return bool(self._to_free)
+
+    def close(self) -> None:
+        """Nothing to stop in-process (a tensor-parallel executor stops its ranks)."""
+
+    def poll_failures(self) -> list[EngineEvent]:
+        """Between steps: nothing can fail in-process (a tensor-parallel executor checks its ranks here)."""
+        return []
+
+    def snapshot(self) -> CoreSnapshot:
+        kv, sched = self.kv, self.scheduler
+        return CoreSnapshot(
+            num_running=len(sched.running), num_waiting=len(sched.waiting), kv_usage=float(kv.usage),
+            num_free_blocks=int(kv.num_free_blocks), prefix_cache_queries=int(kv.stats.queries),
+            prefix_cache_hits=int(kv.stats.hits), num_preemptions=int(sched.num_preemptions),
+            diffusion_steps=self.stats.diffusion_steps,
+        )
 
     # ------------------------------------------------------------------ the loop body
     def step(self) -> list[EngineEvent]:
@@ -172,7 +223,8 @@ class EngineCore:
         if self.scheduler.waiting and not self.scheduler.running:
             st = self.scheduler.waiting.popleft()
             self.scheduler.running.append(st)
-            events += self._finish(st, FinishReason.ERROR, error="the request does not fit in the KV cache")
+            events += self._finish(st, FinishReason.ERROR, error="the request does not fit in the KV cache",
+                                   status=400)
         return events
 
     def _update(self, plan: SchedulerOutput, out: RunnerOutput) -> list[EngineEvent]:
@@ -297,7 +349,7 @@ class EngineCore:
         )
 
     def _finish(self, st: RequestState, reason: FinishReason, error: str | None = None,
-                result: RequestResult | None = None) -> list[EngineEvent]:
+                result: RequestResult | None = None, status: int | None = None) -> list[EngineEvent]:
         self.scheduler.free_kv(st)
         if st in self.scheduler.running:
             self.scheduler.running.remove(st)
@@ -309,12 +361,13 @@ class EngineCore:
         st.status = RequestStatus.FINISHED
         self.results[st.request_id] = result or self._result(st, reason, error)
         if reason in (FinishReason.ERROR, FinishReason.ABORT):
-            return [self._error_event(st.request_id, error or reason.value, reason)]
+            return [self._error_event(st.request_id, error or reason.value, reason, status)]
         return [EngineEvent(request_id=st.request_id, kind="finished", finish_reason=reason.value)]
 
     @staticmethod
-    def _error_event(rid: str, msg: str, reason: FinishReason = FinishReason.ERROR) -> EngineEvent:
-        return EngineEvent(request_id=rid, kind="error", error=msg, finish_reason=reason.value)
+    def _error_event(rid: str, msg: str, reason: FinishReason = FinishReason.ERROR,
+                     status: int | None = None) -> EngineEvent:
+        return EngineEvent(request_id=rid, kind="error", error=msg, finish_reason=reason.value, status=status)
 
     def run_until_done(self, request_ids: Iterable[str] | None = None) -> list[EngineEvent]:
         events: list[EngineEvent] = []

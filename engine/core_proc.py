@@ -10,21 +10,28 @@ Every message is one msgspec msgpack frame of a tagged union, so one decoder rea
 
 The loop: drain the input socket (blocking with a short timeout only when idle), step the core while it has
 work, push the step's outputs. Per request, the API server sees its text/image events then exactly one
-`FinishedInfo` (success, error with an HTTP status, or abort). The loop exits when its parent dies.
+`FinishedInfo` (success, error with an HTTP status, or abort). The loop drives the core only through its public
+interface (add_processed, abort, step, has_unfinished, needs_release, run_until_done, poll_failures, snapshot,
+results, failed, close), which `TPExecutor` implements too: with a resolved tensor-parallel size > 1 the core is a
+`TPExecutor` whose ranks are this process's children. A rank failure fails the in-flight requests (HTTP 500), then
+the process reports `CoreFailed` and exits 1. The process exits when its parent dies (a watchdog thread, so also
+while loading or inside a long step), and its ranks exit with it.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 import traceback
+from collections.abc import Callable
 
 import msgspec
 
 from diffgentor.engine.config import EngineConfig
 from diffgentor.engine.request import EngineEvent, FinishReason, GenerationRequest, RequestResult
-from diffgentor.engine.request_state import ProcessedRequest, RequestError, state_from_processed
+from diffgentor.engine.request_state import ProcessedRequest
 
 logger = logging.getLogger(__name__)
 
@@ -156,29 +163,12 @@ class EngineCoreProc:
     def _handle(self, msg) -> None:
         self._dirty = True
         if isinstance(msg, AddRequest):
-            self._add(msg.processed)
+            self._collect(self.core.add_processed(msg.processed))
         elif isinstance(msg, AbortRequests):
             for rid in msg.request_ids:
                 self._collect(self.core.abort(rid))
         elif isinstance(msg, Shutdown):
             self.running = False
-
-    def _reject(self, rid: str, status: int, error: str) -> None:
-        self._finished.append(FinishedInfo(request_id=rid, finish_reason=FinishReason.ERROR.value, status=status,
-                                           error=error))
-
-    def _add(self, p: ProcessedRequest) -> None:
-        core, rid = self.core, p.request.request_id
-        if rid in core.requests:
-            return self._reject(rid, 400, f"duplicate request id {rid!r}")
-        if len(core.scheduler.waiting) >= core.config.max_waiting_requests:
-            return self._reject(rid, 429, "too many waiting requests; retry later")
-        try:
-            st = state_from_processed(core.ctx, p)
-        except RequestError as e:
-            return self._reject(rid, 400, str(e))
-        core.requests[rid] = st
-        core.scheduler.add(st)
 
     # -------------------------------------------------------------- outputs
     def _collect(self, events: list[EngineEvent]) -> None:
@@ -190,9 +180,7 @@ class EngineCoreProc:
             reason = ev.finish_reason or (FinishReason.ERROR.value if ev.kind == "error" else "image")
             info = FinishedInfo(request_id=ev.request_id, finish_reason=reason, error=ev.error)
             if ev.kind == "error":
-                info.status = 499 if reason == FinishReason.ABORT.value else 500
-                if ev.error and "does not fit" in ev.error:
-                    info.status = 400
+                info.status = ev.status or (499 if reason == FinishReason.ABORT.value else 500)
             if res is not None:
                 info.text = res.text
                 info.image_size = tuple(res.image_size) if res.image_size else None
@@ -202,13 +190,11 @@ class EngineCoreProc:
             self._finished.append(info)
 
     def _stats(self) -> SchedulerStats:
-        core = self.core
-        kv = core.kv
-        st = kv.stats
+        s = self.core.snapshot()
         stats = SchedulerStats(
-            num_running=len(core.scheduler.running), num_waiting=len(core.scheduler.waiting), kv_usage=float(kv.usage),
-            num_free_blocks=int(kv.num_free_blocks), prefix_cache_queries=int(st.queries),
-            prefix_cache_hits=int(st.hits), num_preemptions=int(core.scheduler.num_preemptions),
+            num_running=s.num_running, num_waiting=s.num_waiting, kv_usage=s.kv_usage,
+            num_free_blocks=s.num_free_blocks, prefix_cache_queries=s.prefix_cache_queries,
+            prefix_cache_hits=s.prefix_cache_hits, num_preemptions=s.num_preemptions,
             num_steps=self._num_steps, step_batch_sizes=self._batch_sizes, diffusion_step_s=self._diff_steps,
         )
         self._batch_sizes, self._diff_steps, self._num_steps = [], [], 0
@@ -224,19 +210,20 @@ class EngineCoreProc:
     # -------------------------------------------------------------- main loop
     def step_once(self) -> None:
         core = self.core
-        in_flight = len(core.scheduler.running) + len(core.scheduler.waiting)
-        diff_before = core.stats.diffusion_steps
+        before = core.snapshot()
         t0 = time.perf_counter()
         events = core.step()
         dt = time.perf_counter() - t0
         self._num_steps += 1
-        self._batch_sizes.append(in_flight)
-        if core.stats.diffusion_steps > diff_before:
+        self._batch_sizes.append(before.num_running + before.num_waiting)
+        if core.snapshot().diffusion_steps > before.diffusion_steps:
             self._diff_steps.append(dt)
         self._collect(events)
         self._dirty = True
 
     def run(self) -> None:
+        """Until Shutdown or the parent's death; raises `EngineCoreFatal` once the core failed for good (its
+        in-flight requests' errors already sent)."""
         core = self.core
         last_parent_check = time.monotonic()
         while self.running:
@@ -244,9 +231,13 @@ class EngineCoreProc:
             self._poll_inputs(0 if busy else self.IDLE_POLL_MS)
             if core.has_unfinished():
                 self.step_once()
-            elif core._to_free:  # release the worker-side state of finished requests while idle
-                core.run_until_done()
+            elif core.needs_release():  # release the worker-side state of finished requests while idle
+                self._collect(core.run_until_done())
+            else:
+                self._collect(core.poll_failures())
             self._flush()
+            if core.failed is not None:
+                raise EngineCoreFatal(core.failed)
             now = time.monotonic()
             if self.parent_pid is not None and now - last_parent_check > self.PARENT_CHECK_S:
                 last_parent_check = now
@@ -260,24 +251,67 @@ class EngineCoreProc:
         self.ctx.term()
 
 
+class EngineCoreFatal(RuntimeError):
+    """The core cannot go on (a tensor-parallel rank died, failed or hung); the process exits non-zero."""
+
+
+def exit_with_parent(parent_pid: int, on_exit: Callable[[], None] | None = None, interval_s: float = 0.5) -> None:
+    """Start a daemon thread that ends this process (after ``on_exit``) once ``parent_pid`` is no longer its
+    parent. A thread, not the main loop's own check, so that loading a checkpoint or a long step, or a rank blocked
+    in a collective, cannot keep an orphan alive."""
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(interval_s)
+        logger.warning("the parent process (pid %d) is gone; exiting", parent_pid)
+        try:
+            if on_exit is not None:
+                on_exit()
+        finally:
+            os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
+def build_core(config: EngineConfig):
+    """An in-process `EngineCore`, or a `TPExecutor` (one child process per rank) when the resolved
+    tensor-parallel size is > 1."""
+    tp = config.resolve_tensor_parallel_size()
+    if tp > 1:
+        from diffgentor.engine.tp_executor import TPExecutor
+
+        return TPExecutor(config, world_size=tp)
+    from diffgentor.engine.core import EngineCore
+
+    return EngineCore.from_config(config)
+
+
 def run_engine_core(config: EngineConfig, input_addr: str, output_addr: str, parent_pid: int | None = None) -> None:
     """Process entry point: load the model, announce readiness, run the loop. Fatal errors are reported on
-    the output socket (best effort) and end the process with exit status 1."""
+    the output socket (best effort) and end the process with exit status 1 (stopping any tensor-parallel ranks)."""
     import zmq
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s engine-core %(levelname)s %(message)s")
     proc = None
-    try:
-        from diffgentor.engine.core import EngineCore
+    core = None
 
-        core = EngineCore.from_config(config)
+    def kill_ranks() -> None:
+        kill = getattr(core, "kill", None)
+        if kill is not None:
+            kill()
+
+    if parent_pid is not None:
+        exit_with_parent(parent_pid, on_exit=kill_ranks)
+    try:
+        core = build_core(config)
         proc = EngineCoreProc(core, input_addr, output_addr, parent_pid)
-        proc.send(CoreReady(num_blocks=core.kv.num_blocks, block_size=config.block_size,
+        proc.send(CoreReady(num_blocks=core.num_blocks, block_size=config.block_size,
                             max_num_seqs=config.max_num_seqs, pid=os.getpid()))
-        logger.info("engine core ready: %d KV blocks of %d tokens", core.kv.num_blocks, config.block_size)
+        logger.info("engine core ready: %d KV blocks of %d tokens%s", core.num_blocks, config.block_size,
+                    f", {core.world_size} tensor-parallel ranks" if hasattr(core, "world_size") else "")
         proc.run()
     except BaseException as e:  # noqa: BLE001 - report, then die with a non-zero status
-        msg = f"{type(e).__name__}: {e}"
+        msg = str(e) if isinstance(e, EngineCoreFatal) else f"{type(e).__name__}: {e}"
         logger.error("engine core failed: %s\n%s", msg, traceback.format_exc())
         try:
             ctx = zmq.Context.instance()
@@ -289,12 +323,18 @@ def run_engine_core(config: EngineConfig, input_addr: str, output_addr: str, par
             time.sleep(0.1)
         except Exception:  # noqa: BLE001
             pass
+        try:  # stop the ranks before exiting (a failed executor has already stopped them)
+            if core is not None:
+                core.close()
+        except BaseException:  # noqa: BLE001
+            kill_ranks()
         os._exit(1)
-    if proc is not None:
-        proc.close()
+    core.close()
+    proc.close()
 
 
 __all__ = [
-    "AbortRequests", "AddRequest", "CoreFailed", "CoreOutputs", "CoreReady", "EngineCoreProc", "FinishedInfo",
-    "GenerationRequest", "SchedulerStats", "Shutdown", "run_engine_core",
+    "AbortRequests", "AddRequest", "CoreFailed", "CoreOutputs", "CoreReady", "EngineCoreFatal", "EngineCoreProc",
+    "FinishedInfo", "GenerationRequest", "ProcessedRequest", "SchedulerStats", "Shutdown", "build_core",
+    "exit_with_parent", "run_engine_core",
 ]

@@ -45,12 +45,14 @@ class Engine:
 
     @classmethod
     def from_config(cls, config: EngineConfig, **executor_args: Any) -> Engine:
-        """One in-process core, or with ``config.tensor_parallel_size > 1`` a tensor-parallel executor (one process
-        per rank; ``executor_args`` go to `TPExecutor`, e.g. expert_parallel, ready_timeout_s, step_timeout_s)."""
-        if (config.tensor_parallel_size or 0) > 1:
+        """One in-process core, or when the resolved tensor-parallel size is > 1 (``tensor_parallel_size`` > 1, or 0 =
+        every visible GPU) a tensor-parallel executor (one process per rank; ``executor_args`` go to `TPExecutor`,
+        e.g. expert_parallel, ready_timeout_s, step_timeout_s)."""
+        tp = config.resolve_tensor_parallel_size()
+        if tp > 1:
             from diffgentor.engine.tp_executor import TPExecutor
 
-            return cls(TPExecutor(config, world_size=config.tensor_parallel_size, **executor_args))
+            return cls(TPExecutor(config, world_size=tp, **executor_args))
         if executor_args:
             raise TypeError(f"tensor-parallel options {sorted(executor_args)} need tensor_parallel_size > 1")
         return cls(EngineCore.from_config(config))

@@ -66,6 +66,21 @@ class EngineEvent(msgspec.Struct, kw_only=True, omit_defaults=True):
     image_png: bytes = b""
     finish_reason: str | None = None
     error: str | None = None
+    status: int | None = None  # an error's HTTP status where the engine knows it (400 bad input, 429 queue full)
+
+
+class CoreSnapshot(msgspec.Struct, kw_only=True, array_like=True):
+    """The scheduler / KV / prefix-cache counters of an engine core after a step (counters cumulative since it
+    started): what the engine-core process reports, and what a tensor-parallel rank 0 sends to its frontend."""
+
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_usage: float = 0.0  # fraction of KV blocks in use, 0..1
+    num_free_blocks: int = 0
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
+    num_preemptions: int = 0
+    diffusion_steps: int = 0
 
 
 class RequestResult(msgspec.Struct, kw_only=True):

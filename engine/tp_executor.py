@@ -5,21 +5,24 @@ parallel=ctx)`). The core is deterministic, so replicas given the same request a
 (and, thanks to the model's collectives, identical logits and hidden states) schedule, sample and diffuse alike.
 The frontend, `TPExecutor`, therefore only broadcasts each step's inputs and collects the outputs:
 
-* input (frontend PUSH -> rank PULL, one ipc:// socket per rank): `StepCmd` (new `GenerationRequest`s, aborts, then
-  one core step) or `ShutdownCmd`;
+* input (frontend PUSH -> rank PULL, one ipc:// socket per rank): `StepCmd` (new `GenerationRequest`s and
+  `ProcessedRequest`s, aborts, then one core step) or `ShutdownCmd`;
 * output (every rank PUSH -> frontend PULL, one ipc:// socket): `RankReady` once the shard is loaded, `RankReply` per
-  step (rank 0 carries the events and finished results; every rank a digest of its events, so diverging replicas are
-  caught), or `RankFailed` before a rank exits on a fatal error.
+  step (rank 0 carries the events, finished results and its scheduler snapshot; every rank a digest of its events,
+  so diverging replicas are caught, and its error messages, so the report says what each rank saw), or `RankFailed`
+  (the rank's number and exception) before a rank exits on a fatal error.
 
 Failure handling: the frontend waits for a step's replies in short polls, checking every rank's process liveness in
 between, so a rank that dies is noticed within `poll_s`; a rank that hangs is noticed after `step_timeout_s` (and the
 torch.distributed process group's own timeout, `pg_timeout_s`, ends collectives blocked on a dead peer). On a rank
 failure the executor fails every in-flight request with a clear error (error events + error results), stops every
-rank (terminate, then kill, then join: no zombies) and raises `TPExecutorError` on any later use.
+rank (terminate, then kill, then join: no zombies), sets `failed` and raises `TPExecutorError` on any later use.
+A rank exits by itself when its parent (the frontend's process) is gone.
 
-`TPExecutor` exposes the slice of `EngineCore`'s interface that `engine.offline.Engine` drives (add_request, abort,
-step, has_unfinished, run_until_done, results), so `Engine.from_config(cfg)` with `cfg.tensor_parallel_size > 1`
-works unchanged. On CPU the ranks use gloo with a file:// rendezvous; on CUDA nccl, rank r on device r.
+`TPExecutor` implements `EngineCore`'s public interface (add_request, add_processed, abort, step, has_unfinished,
+needs_release, run_until_done, poll_failures, snapshot, results, failed, num_blocks), so both the offline `Engine`
+(``tensor_parallel_size > 1``) and the served engine-core process (`engine.core_proc`) drive it unchanged. On CPU
+the ranks use gloo with a file:// rendezvous; on CUDA nccl, rank r on device r of the visible devices.
 """
 
 from __future__ import annotations
@@ -28,16 +31,19 @@ import atexit
 import logging
 import os
 import shutil
+import signal
 import tempfile
 import time
 import traceback
 import weakref
+from collections import Counter
 from typing import Any
 
 import msgspec
 
 from diffgentor.engine.config import EngineConfig
-from diffgentor.engine.request import EngineEvent, FinishReason, GenerationRequest, RequestResult
+from diffgentor.engine.request import CoreSnapshot, EngineEvent, FinishReason, GenerationRequest, RequestResult
+from diffgentor.engine.request_state import ProcessedRequest
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +56,7 @@ class TPExecutorError(RuntimeError):
 class StepCmd(msgspec.Struct, tag="step", kw_only=True):
     seq: int
     adds: list[GenerationRequest] = msgspec.field(default_factory=list)
+    processed: list[ProcessedRequest] = msgspec.field(default_factory=list)  # added after `adds`
     aborts: list[str] = msgspec.field(default_factory=list)
     release: bool = False  # when idle: free the worker-side state of finished requests (`run_until_done`)
 
@@ -77,6 +84,7 @@ class RankReady(msgspec.Struct, tag="ready", kw_only=True):
     rank: int
     pid: int
     num_blocks: int
+    snapshot: CoreSnapshot
 
 
 class RankReply(msgspec.Struct, tag="reply", kw_only=True):
@@ -84,8 +92,10 @@ class RankReply(msgspec.Struct, tag="reply", kw_only=True):
     seq: int
     unfinished: bool
     digest: list[str]  # "request_id:kind:finish_reason" per event, compared across ranks
+    errors: dict[str, str] = msgspec.field(default_factory=dict)  # request id -> this rank's error message
     events: list[EngineEvent] = msgspec.field(default_factory=list)  # rank 0 only
     results: list[WireResult] = msgspec.field(default_factory=list)  # rank 0 only
+    snapshot: CoreSnapshot | None = None  # rank 0 only
     vm_hwm_kb: int = 0
 
 
@@ -148,6 +158,13 @@ def _result_from_wire(w: WireResult) -> RequestResult:
     return res
 
 
+def _int_env(name: str, default: int) -> int:
+    try:
+        return max(1, int(os.environ.get(name) or default))
+    except ValueError:
+        return default
+
+
 def vm_hwm_kb(pid: int | str = "self") -> int:
     """Peak resident set size (VmHWM, kB) of a process from /proc; 0 where unavailable."""
     try:
@@ -166,6 +183,9 @@ def _rank_main(rank: int, world_size: int, config: EngineConfig, init_method: st
     """Entry of one rank: join the group, load the shard, announce readiness, then step on command."""
     import zmq
 
+    from diffgentor.engine.core_proc import exit_with_parent
+
+    exit_with_parent(parent_pid)  # also while loading or blocked in a collective
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s tp-rank{rank} %(levelname)s %(message)s")
     zctx = zmq.Context()
     out = zctx.socket(zmq.PUSH)
@@ -190,7 +210,8 @@ def _rank_main(rank: int, world_size: int, config: EngineConfig, init_method: st
         ctx = init_distributed("nccl" if cuda else "gloo", init_method, rank, world_size,
                                expert_parallel=expert_parallel, timeout_s=pg_timeout_s)
         core = EngineCore.from_config(config, parallel=ctx)
-        out.send(enc.encode(RankReady(rank=rank, pid=os.getpid(), num_blocks=core.kv.num_blocks)))
+        out.send(enc.encode(RankReady(rank=rank, pid=os.getpid(), num_blocks=core.num_blocks,
+                                      snapshot=core.snapshot())))
         poller = zmq.Poller()
         poller.register(inp, zmq.POLLIN)
         while True:
@@ -205,20 +226,24 @@ def _rank_main(rank: int, world_size: int, config: EngineConfig, init_method: st
             events: list[EngineEvent] = []
             for req in msg.adds:
                 events += core.add_request(req)
+            for p in msg.processed:
+                events += core.add_processed(p)
             for rid in msg.aborts:
                 events += core.abort(rid)
             if core.has_unfinished():
                 events += core.step()
-            elif msg.release or core._to_free:
+            elif msg.release or core.needs_release():
                 events += core.run_until_done()
             reply = RankReply(rank=rank, seq=msg.seq, unfinished=core.has_unfinished(),
                               digest=[f"{e.request_id}:{e.kind}:{e.finish_reason}" for e in events],
+                              errors={e.request_id: e.error or "" for e in events if e.kind == "error"},
                               vm_hwm_kb=vm_hwm_kb())
             done = [e.request_id for e in events if e.kind in ("finished", "error")]
             results = [core.results.pop(rid) for rid in done if rid in core.results]
             if rank == 0:
                 reply.events = events
                 reply.results = [_result_to_wire(r) for r in results]
+                reply.snapshot = core.snapshot()
             out.send(enc.encode(reply))
     except BaseException as e:  # noqa: BLE001 - report, then die with a non-zero status
         msg = f"{type(e).__name__}: {e}"
@@ -262,17 +287,19 @@ class TPExecutor:
         self.expert_parallel = expert_parallel_from_env() if expert_parallel is None else bool(expert_parallel)
         self.step_timeout_s = step_timeout_s
         self.poll_ms = max(1, int(poll_s * 1000))
-        if num_threads is None and not config.on_cuda():
-            num_threads = max(1, (os.cpu_count() or 1) // self.world_size)
+        if num_threads is None and not config.on_cuda():  # this process's thread share (OMP_NUM_THREADS), split
+            num_threads = max(1, _int_env("OMP_NUM_THREADS", os.cpu_count() or 1) // self.world_size)
         self.results: dict[str, RequestResult] = {}
         self.failed: str | None = None
         self.num_blocks = 0
+        self._snapshot = CoreSnapshot()
         self.rank_pids: list[int] = []
         self.rank_vm_hwm_kb: list[int] = [0] * self.world_size  # peak RSS per rank, as last reported
         self._seq = 0
         self._adds: list[GenerationRequest] = []
+        self._processed: list[ProcessedRequest] = []
         self._aborts: list[str] = []
-        self._in_flight: set[str] = set()
+        self._in_flight: Counter[str] = Counter()  # a counter: refusing a duplicate id must not forget the first
         self._unfinished = False
         self._needs_release = False
         self._closed = False
@@ -323,8 +350,10 @@ class TPExecutor:
         if len(blocks) != 1:
             raise TPExecutorError(f"tensor-parallel ranks disagree on the KV cache size: {sorted(blocks)}")
         self.num_blocks = blocks.pop()
-        logger.info("tensor-parallel executor ready: %d ranks (%s), %d KV blocks", self.world_size,
-                    "expert parallel" if self.expert_parallel else "tensor parallel", self.num_blocks)
+        self._snapshot = ready[0].snapshot
+        logger.info("tensor-parallel executor ready: %d ranks (%s), %d KV blocks, rank pids %s", self.world_size,
+                    "expert parallel" if self.expert_parallel else "tensor parallel", self.num_blocks,
+                    [ready[r].pid for r in range(self.world_size)])
 
     def _recv(self, deadline: float, timeout_msg) -> Any:
         """The next message from any rank; raises TPExecutorError on a rank failure, death or timeout."""
@@ -332,16 +361,18 @@ class TPExecutor:
             if self._out.poll(self.poll_ms):
                 msg = self._dec.decode(self._out.recv())
                 if isinstance(msg, RankFailed):
-                    time.sleep(min(0.5, self.poll_ms / 1000 * 2))  # let a peer's death (the usual cause) show
-                    dead = self._dead_ranks()
-                    raise TPExecutorError(f"tensor-parallel rank {msg.rank} failed: {msg.error}" +
-                                          (f" ({dead})" if dead else ""))
+                    self._raise_rank_failed(msg)
                 return msg
             dead = self._dead_ranks()
             if dead:
                 raise TPExecutorError(dead)
             if time.monotonic() > deadline:
                 raise TPExecutorError(f"tensor-parallel executor: {timeout_msg()} (hung?)")
+
+    def _raise_rank_failed(self, msg: RankFailed) -> None:
+        time.sleep(min(0.5, self.poll_ms / 1000 * 2))  # let a peer's death (the usual cause) show
+        dead = self._dead_ranks()
+        raise TPExecutorError(f"tensor-parallel rank {msg.rank} failed: {msg.error}" + (f" ({dead})" if dead else ""))
 
     def _dead_ranks(self) -> str:
         dead = [f"rank {r} (pid {p.pid}) exited with code {p.exitcode}" for r, p in enumerate(self._procs)
@@ -381,6 +412,16 @@ class TPExecutor:
                     p.kill()
                     p.join(3.0)
 
+    def kill(self) -> None:
+        """SIGKILL every rank and remove the temp dir: the last resort of a process that must exit at once (its
+        parent died). Safe from another thread; the ranks would also exit by themselves, this is only faster."""
+        for pid in self.rank_pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        shutil.rmtree(self._dir, ignore_errors=True)
+
     @staticmethod
     def _cleanup(procs, tmpdir: str) -> None:
         TPExecutor._stop(procs, grace_s=0.0)
@@ -403,7 +444,15 @@ class TPExecutor:
         """Queue for the next step (validation errors come back as that step's events)."""
         self.check()
         self._adds.append(req)
-        self._in_flight.add(req.request_id)
+        self._in_flight[req.request_id] += 1
+        return []
+
+    def add_processed(self, p: ProcessedRequest) -> list[EngineEvent]:
+        """Queue a preprocessed request (the served path) for the next step; refusals (with their HTTP status)
+        come back as that step's events."""
+        self.check()
+        self._processed.append(p)
+        self._in_flight[p.request.request_id] += 1
         return []
 
     def abort(self, request_id: str) -> list[EngineEvent]:
@@ -412,14 +461,40 @@ class TPExecutor:
         return []
 
     def has_unfinished(self) -> bool:
-        return self.failed is None and not self._closed and bool(self._adds or self._aborts or self._unfinished)
+        return self.failed is None and not self._closed and bool(
+            self._adds or self._processed or self._aborts or self._unfinished)
+
+    def needs_release(self) -> bool:
+        return self._needs_release and self.failed is None and not self._closed
+
+    def snapshot(self) -> CoreSnapshot:
+        """Rank 0's counters after the last step; requests queued for the next step count as waiting."""
+        s = self._snapshot
+        return msgspec.structs.replace(s, num_waiting=s.num_waiting + len(self._adds) + len(self._processed))
+
+    def poll_failures(self) -> list[EngineEvent]:
+        """Between steps (the served loop calls this while idle): a rank that failed or died since the last step
+        fails the executor now, not on the next request."""
+        if self.failed is not None or self._closed:
+            return []
+        try:
+            while self._out.poll(0):
+                msg = self._dec.decode(self._out.recv())
+                if isinstance(msg, RankFailed):
+                    self._raise_rank_failed(msg)
+            dead = self._dead_ranks()
+            if dead:
+                raise TPExecutorError(dead)
+        except TPExecutorError as e:
+            return self._fail(str(e))
+        return []
 
     def step(self, release: bool = False) -> list[EngineEvent]:
         """Broadcast the queued inputs and one step to every rank; rank 0's events (all ranks agreeing)."""
         self.check()
         self._seq += 1
-        cmd = StepCmd(seq=self._seq, adds=self._adds, aborts=self._aborts, release=release)
-        self._adds, self._aborts = [], []
+        cmd = StepCmd(seq=self._seq, adds=self._adds, processed=self._processed, aborts=self._aborts, release=release)
+        self._adds, self._processed, self._aborts = [], [], []
         try:
             frame = self._enc.encode(cmd)
             for s in self._ins:
@@ -435,17 +510,23 @@ class TPExecutor:
             for r, rep in replies.items():
                 self.rank_vm_hwm_kb[r] = rep.vm_hwm_kb
                 if rep.digest != lead.digest or rep.unfinished != lead.unfinished:
-                    raise TPExecutorError(f"tensor-parallel ranks diverged at step {cmd.seq}: rank 0 "
-                                          f"{lead.digest} vs rank {r} {rep.digest}")
+                    raise TPExecutorError(
+                        f"tensor-parallel ranks diverged at step {cmd.seq}: rank 0 {lead.digest}"
+                        + (f" (errors {lead.errors})" if lead.errors else "")
+                        + f" vs rank {r} {rep.digest}" + (f" (errors {rep.errors})" if rep.errors else ""))
         except TPExecutorError as e:
             return self._fail(str(e))
         self._unfinished = lead.unfinished
+        if lead.snapshot is not None:
+            self._snapshot = lead.snapshot
         for w in lead.results:
             res = _result_from_wire(w)
             self.results[res.request_id] = res
         for ev in lead.events:
             if ev.kind in ("finished", "error"):
-                self._in_flight.discard(ev.request_id)
+                self._in_flight[ev.request_id] -= 1
+                if self._in_flight[ev.request_id] <= 0:
+                    del self._in_flight[ev.request_id]
                 self._needs_release = True
                 if ev.request_id not in self.results:  # rejected before a state existed (duplicate id, full queue)
                     self.results[ev.request_id] = RequestResult(
@@ -462,7 +543,8 @@ class TPExecutor:
             self.results[rid] = RequestResult(request_id=rid, finish_reason=FinishReason.ERROR, error=msg)
             events.append(EngineEvent(request_id=rid, kind="error", error=msg, finish_reason=FinishReason.ERROR.value))
         self._in_flight.clear()
-        self._unfinished = False
+        self._adds, self._processed, self._aborts = [], [], []
+        self._unfinished = self._needs_release = False
         self.close()
         return events
 

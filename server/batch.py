@@ -276,6 +276,12 @@ class Worker:
             logger.info("loaded %s in %.1f s", self.config.model, time.perf_counter() - t0)
         return self._engine
 
+    def close(self) -> None:
+        """Stop the engine's tensor-parallel ranks, if any (an in-process run must not leave them behind)."""
+        if self._engine is not None:
+            self._engine.close()
+            self._engine = None
+
     def _request(self, task: Task, images: list[bytes]) -> dict[str, Any]:
         a = self.args
         req: dict[str, Any] = {"prompt": task.row.prompt, "images": images, "seed": task.seed,
@@ -393,20 +399,23 @@ def _worker_main(spec_path: str) -> int:
         return EXIT_FATAL
     part: dict[tuple[int, int], dict[str, str]] = {}
     n_ok = n_fail = 0
-    for batch in _batches(tasks, args.batch_size):
-        try:
-            outcomes = worker.run_batch(batch)
-        except FatalError as e:
-            logger.error("instance %d: %s", spec["rank"], e)
-            return EXIT_FATAL
-        for o in outcomes:
-            part[o.key] = o.record
-            n_ok += o.ok
-            n_fail += not o.ok
-        D.write_results_csv(Path(spec["part_csv"]), part, columns, spec["with_image_num"])
-        D.atomic_write_bytes(Path(spec["progress"]), json.dumps({"done": n_ok + n_fail, "generated": n_ok,
-                                                                 "failed": n_fail}).encode())
-        logger.info("instance %d: %d/%d rows done, %d failed", spec["rank"], n_ok + n_fail, len(tasks), n_fail)
+    try:
+        for batch in _batches(tasks, args.batch_size):
+            try:
+                outcomes = worker.run_batch(batch)
+            except FatalError as e:
+                logger.error("instance %d: %s", spec["rank"], e)
+                return EXIT_FATAL
+            for o in outcomes:
+                part[o.key] = o.record
+                n_ok += o.ok
+                n_fail += not o.ok
+            D.write_results_csv(Path(spec["part_csv"]), part, columns, spec["with_image_num"])
+            D.atomic_write_bytes(Path(spec["progress"]), json.dumps({"done": n_ok + n_fail, "generated": n_ok,
+                                                                     "failed": n_fail}).encode())
+            logger.info("instance %d: %d/%d rows done, %d failed", spec["rank"], n_ok + n_fail, len(tasks), n_fail)
+    finally:
+        worker.close()
     return EXIT_ROWS_FAILED if n_fail else EXIT_OK
 
 
@@ -518,13 +527,16 @@ def _run(args: argparse.Namespace, command: str) -> int:
                     logger.info("one instance on GPU %s", ",".join(slices[0]))
                 config = resolve_kernels(config)
                 worker = Worker(args, config, base, cache_dir)
-                for batch in _batches(pending, args.batch_size):
-                    for o in worker.run_batch(batch):
-                        results[o.key] = o.record
-                        n_ok += o.ok
-                        n_fail += not o.ok
-                    D.write_results_csv(output_csv, results, columns, with_image_num)
-                    progress.set(n_ok + n_fail, n_ok, n_fail)
+                try:
+                    for batch in _batches(pending, args.batch_size):
+                        for o in worker.run_batch(batch):
+                            results[o.key] = o.record
+                            n_ok += o.ok
+                            n_fail += not o.ok
+                        D.write_results_csv(output_csv, results, columns, with_image_num)
+                        progress.set(n_ok + n_fail, n_ok, n_fail)
+                finally:
+                    worker.close()
             else:
                 n_ok, n_fail = _run_multi(args, command, pending, slices, results, output_dir, cache_dir, log_dir,
                                           columns, with_image_num, output_csv, progress, failed_instances)

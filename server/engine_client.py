@@ -10,6 +10,7 @@ exits non-zero).
 from __future__ import annotations
 
 import asyncio
+import atexit
 import logging
 import multiprocessing
 import os
@@ -89,9 +90,14 @@ class EngineClient:
         self._out.setsockopt(zmq.LINGER, 0)
         self._out.bind(self.output_addr)
         mp = multiprocessing.get_context("spawn")
-        self.proc = mp.Process(target=run_engine_core, name="diffgentor-engine-core", daemon=True,
+        # Not daemonic: a tensor-parallel engine core starts one process per rank, and daemonic processes may not
+        # have children. It still cannot outlive this process: it exits by itself once its parent is gone (a
+        # watchdog thread, `core_proc.exit_with_parent`; its ranks likewise), and on a normal exit `_reap` stops
+        # it before multiprocessing's exit hook would wait for it.
+        self.proc = mp.Process(target=run_engine_core, name="diffgentor-engine-core", daemon=False,
                                args=(self.config, self.input_addr, self.output_addr, os.getpid()))
         self.proc.start()
+        atexit.register(self._reap)
         deadline = time.monotonic() + self.startup_timeout_s
         while self.ready is None:
             if not self.proc.is_alive():
@@ -114,12 +120,23 @@ class EngineClient:
                 await self._in.send(self._enc.encode(Shutdown()))
             except zmq.ZMQError:
                 pass
-            await asyncio.get_running_loop().run_in_executor(None, self.proc.join, 5.0)
-            if self.proc.is_alive():
-                self.proc.terminate()
-                self.proc.join(2.0)
+            await asyncio.get_running_loop().run_in_executor(None, self.proc.join, 10.0)
+        self._reap()
+        atexit.unregister(self._reap)
         self._ctx.destroy(linger=0)
         shutil.rmtree(self._tmp, ignore_errors=True)
+
+    def _reap(self, grace_s: float = 3.0) -> None:
+        """Terminate (then kill) and join the engine-core process if it is still running."""
+        p = self.proc
+        if p is None or p.pid is None:
+            return
+        if p.is_alive():
+            p.terminate()
+            p.join(grace_s)
+        if p.is_alive():
+            p.kill()
+        p.join(grace_s)
 
     def _die(self, reason: str) -> None:
         if self.dead:

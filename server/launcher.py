@@ -3,8 +3,10 @@
 ``DG_HUNYUAN_IMAGE_3_GPUS_PER_MODEL=k`` with N visible GPUs gives N // k instances; instance i runs on the i-th
 contiguous slice of the visible list (``CUDA_VISIBLE_DEVICES=0,1,2,3,4,5,6,7`` and k=4: instance 0 on ``0,1,2,3``,
 instance 1 on ``4,5,6,7``); GPUs past the last whole slice are left idle (with a warning). k=0 (the default)
-means one instance on all visible GPUs. Without GPUs the same launcher runs ``--num_instances`` CPU instances
-(default 1). Visible GPUs come from ``CUDA_VISIBLE_DEVICES`` when it is set, else ``torch.cuda.device_count()``.
+means one instance on all visible GPUs. An instance with k > 1 is tensor parallel: rank r runs on the r-th GPU
+of its slice. Without GPUs the same launcher runs ``--num_instances`` CPU instances (default 1), each still with
+k tensor-parallel ranks (gloo) when k > 1, sharing the CPU threads. Visible GPUs come from
+``CUDA_VISIBLE_DEVICES`` when it is set, else ``torch.cuda.device_count()``.
 
 Each child is the same CLI (``python -m diffgentor.server.cli <edit|t2i> --_worker_spec FILE``) with its slice in
 ``CUDA_VISIBLE_DEVICES``; it writes its own images, part-results CSV and progress file, and the parent merges.
@@ -63,15 +65,17 @@ def plan_instances(gpus_per_model: int, gpus: Sequence[str], num_instances: int 
     """Device slices, one per instance; an empty slice is a CPU instance.
 
     With GPUs: k = gpus_per_model (0 = all) GPUs per instance, len(gpus) // k instances, capped by
-    ``num_instances`` when given. Without GPUs: ``num_instances`` (default 1) CPU instances."""
+    ``num_instances`` when given. Without GPUs: ``num_instances`` (default 1) CPU instances; k still sets each
+    instance's tensor-parallel ranks (the engine's ``tensor_parallel_size``), as gloo processes on the CPU."""
     if num_instances is not None and num_instances < 1:
         raise ValueError(f"--num_instances must be >= 1, got {num_instances}")
     gpus = list(gpus)
     if not gpus:
-        if gpus_per_model:
-            logger.warning("DG_HUNYUAN_IMAGE_3_GPUS_PER_MODEL=%d but no GPU is visible; running %d CPU instance(s)",
-                           gpus_per_model, num_instances or 1)
-        return [[] for _ in range(num_instances or 1)]
+        n = num_instances or 1
+        if gpus_per_model > 1:
+            logger.info("no GPU is visible: %d CPU instance(s) of %d tensor-parallel (gloo) ranks each", n,
+                        gpus_per_model)
+        return [[] for _ in range(n)]
     k = gpus_per_model or len(gpus)
     if k > len(gpus):
         raise ValueError(

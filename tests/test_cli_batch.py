@@ -117,6 +117,9 @@ class FakeEngine:
                                            finish_reason="image"))
         return out
 
+    def close(self) -> None:
+        pass
+
 
 @pytest.fixture
 def fake(monkeypatch, clean_env, tmp_path):
