@@ -29,8 +29,9 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
-from starlette.datastructures import UploadFile
+from starlette.datastructures import Headers, UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from diffgentor.engine.core_proc import FinishedInfo
 from diffgentor.engine.request import EngineEvent, GenerationRequest
@@ -41,9 +42,14 @@ from diffgentor.engine.request_state import (
     RequestError,
     process_request,
 )
+from diffgentor.server import openapi
 from diffgentor.server.engine_client import EngineClient, EngineDeadError
 from diffgentor.server.metrics import CONTENT_TYPE, ServerMetrics
 from diffgentor.server.openai_schemas import (
+    FORM_FIELDS,
+    IMAGE_BOT_TASKS,
+    SIZE_RE,
+    TEXT_ONLY_BOT_TASKS,
     ImageEditJSONRequest,
     ImageGenerationRequest,
     OpenAIError,
@@ -56,13 +62,8 @@ from diffgentor.server.serve_args import DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MAX_P
 logger = logging.getLogger("diffgentor.server")
 
 MiB = 1 << 20
-_SIZE_RE = re.compile(r"^\s*(\d{1,6})\s*[xX*]\s*(\d{1,6})\s*$")
 _RECAPTION_RE = re.compile(r"<recaption>(.*?)(?:</recaption>|$)", re.S)
 _TAG_RE = re.compile(r"<[^<>\s]{1,40}>")
-_FORM_FIELDS = ("prompt", "model", "n", "size", "response_format", "output_format", "output_compression", "quality",
-                "background", "user", "stream", "partial_images", "seed", "num_inference_steps", "guidance_scale",
-                "bot_task", "use_system_prompt", "system_prompt", "max_new_tokens", "infer_align_image_size",
-                "input_fidelity")
 
 
 @dataclass
@@ -73,6 +74,8 @@ class ServerLimits:
     max_output_side: int = 4096
     max_prompt_chars: int = DEFAULT_MAX_PROMPT_CHARS
     max_images: int = MAX_COND_IMAGES
+    # SigLIP2 preprocessing (transformers) takes a 1-pixel-high image for channels-first and fails on it
+    min_image_side: int = 4
     max_n: int = 10
 
 
@@ -95,13 +98,13 @@ def _error_response(e: OpenAIError) -> JSONResponse:
 
 
 def _parse_size(size: str | None, limits: ServerLimits) -> str:
-    if size is None or size.strip().lower() == "auto" or size.strip() == "":
-        return "auto"
-    m = _SIZE_RE.match(size)
+    m = SIZE_RE.match(size or "")
     if not m:
         raise OpenAIError(400, f"invalid size {size!r}; use 'auto' or WIDTHxHEIGHT such as 1024x1024", "size",
                           "invalid_size")
-    w, h = int(m.group(1)), int(m.group(2))
+    if m.group(2) is None:  # `auto` or empty
+        return "auto"
+    w, h = int(m.group(2)), int(m.group(3))
     if not (16 <= w <= limits.max_output_side and 16 <= h <= limits.max_output_side):
         raise OpenAIError(400, f"size {w}x{h} is out of range; each side must be within 16..{limits.max_output_side}",
                           "size", "invalid_size")
@@ -191,9 +194,11 @@ async def _fetch_url(url: str, i: int, limits: ServerLimits) -> bytes:
                           "invalid_image_url") from None
 
 
-def _validate(model_cls, data: dict[str, Any]):
+def _validate(model_cls, data: dict[str, Any], strict: bool):
+    """JSON bodies are typed, so strictly (`"n": "2"` or `"stream": 1` is a 422, as the OpenAPI document says);
+    multipart fields are all text, parsed leniently."""
     try:
-        return model_cls.model_validate(data)
+        return model_cls.model_validate(data, strict=strict)
     except ValidationError as e:
         err = e.errors()[0]
         loc = ".".join(str(x) for x in err.get("loc", ()) if x != "body")
@@ -203,8 +208,10 @@ def _validate(model_cls, data: dict[str, Any]):
 
 # ------------------------------------------------------------------------------------------------ the app
 def build_app(state: AppState) -> FastAPI:
-    app = FastAPI(title="diffgentor", docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="diffgentor", version=_version(), docs_url=None, redoc_url=None,
+                  openapi_url="/openapi.json", description=openapi.DESCRIPTION)
     app.state.dg = state
+    app.openapi = lambda: openapi.document(app, state.limits, api_key=state.api_key is not None)
 
     @app.exception_handler(OpenAIError)
     async def _openai_error(_: Request, e: OpenAIError):
@@ -226,51 +233,37 @@ def build_app(state: AppState) -> FastAPI:
         logger.exception("internal error")
         return _error_response(OpenAIError(500, f"internal server error: {type(e).__name__}", None, "internal_error"))
 
-    @app.middleware("http")
-    async def _guard(request: Request, call_next):
-        path = request.url.path
-        if path.startswith("/v1/"):
-            if state.api_key is not None:
-                auth = request.headers.get("authorization", "")
-                token = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
-                if not hmac.compare_digest(token.encode(), state.api_key.encode()):
-                    return _error_response(OpenAIError(401, "incorrect or missing API key (Authorization: Bearer)",
-                                                       None, "invalid_api_key"))
-            length = request.headers.get("content-length")
-            if length and length.isdigit() and int(length) > state.limits.max_request_bytes:
-                return _error_response(OpenAIError(413, f"request body larger than {state.limits.max_request_bytes} "
-                                                   "bytes", None, "request_too_large"))
-        return await call_next(request)
+    app.add_middleware(_Guard, state=state)
 
-    @app.get("/health")
+    @app.get("/health", **openapi.HEALTH)
     async def health():
         if state.client.healthy:
             return {"status": "ok"}
         return _error_response(OpenAIError(503, f"engine core is not running: {state.client.death_reason}", None,
                                            "engine_dead"))
 
-    @app.get("/metrics")
+    @app.get("/metrics", **openapi.METRICS)
     async def metrics():
         return Response(state.metrics.render(), media_type=CONTENT_TYPE)
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", **openapi.MODELS)
     async def models():
         return {"object": "list", "data": [
             {"id": n, "object": "model", "created": state.created, "owned_by": "diffgentor", "root": state.model_root}
             for n in state.model_names]}
 
-    @app.post("/v1/images/generations")
+    @app.post("/v1/images/generations", **openapi.GENERATIONS)
     async def generations(request: Request):
         body = await _json_body(request)
-        params = _validate(ImageGenerationRequest, body)
+        params = _validate(ImageGenerationRequest, body, strict=True)
         return await _run_images(state, request, "image_generation", params, [])
 
-    @app.post("/v1/images/edits")
+    @app.post("/v1/images/edits", **openapi.EDITS)
     async def edits(request: Request):
         ctype = request.headers.get("content-type", "")
         if ctype.startswith("application/json"):
             body = await _json_body(request)
-            params = _validate(ImageEditJSONRequest, body)
+            params = _validate(ImageEditJSONRequest, body, strict=True)
             urls = params.image_urls()
             _check_count(len(urls), state.limits)
             images = [await _fetch_url(u, i, state.limits) for i, u in enumerate(urls)]
@@ -289,13 +282,54 @@ def build_app(state: AppState) -> FastAPI:
             if not isinstance(f, UploadFile):
                 raise OpenAIError(400, f"image {i} must be a file upload", "image", "invalid_image")
             images.append(await _read_upload(f, i, state.limits))
-        fields = {k: form.get(k) for k in _FORM_FIELDS if isinstance(form.get(k), str)}
+        fields = {k: form.get(k) for k in FORM_FIELDS if isinstance(form.get(k), str)}
         if "prompt" not in fields:
             raise OpenAIError(400, "prompt is required", "prompt", "missing_required_parameter")
-        params = _validate(ImageEditJSONRequest, fields)
+        params = _validate(ImageEditJSONRequest, fields, strict=False)
         return await _run_images(state, request, "image_edit", params, images)
 
     return app
+
+
+class _Guard:
+    """API key and body-size checks for /v1/. Plain ASGI on purpose: Starlette's `@app.middleware("http")`
+    (BaseHTTPMiddleware) swallows the client's disconnect, so a non-streaming request whose client hung up would
+    run to its end in the engine."""
+
+    def __init__(self, app: ASGIApp, state: AppState) -> None:
+        self.app = app
+        self.state = state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
+            err = self._check(Headers(scope=scope))
+            if err is not None:
+                await _error_response(err)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+    def _check(self, headers: Headers) -> OpenAIError | None:
+        state = self.state
+        if state.api_key is not None:
+            auth = headers.get("authorization", "")
+            token = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
+            if not hmac.compare_digest(token.encode(), state.api_key.encode()):
+                return OpenAIError(401, "incorrect or missing API key (Authorization: Bearer)", None,
+                                   "invalid_api_key")
+        length = headers.get("content-length")
+        if length and length.isdigit() and int(length) > state.limits.max_request_bytes:
+            return OpenAIError(413, f"request body larger than {state.limits.max_request_bytes} bytes", None,
+                               "request_too_large")
+        return None
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("diffgentor")
+    except PackageNotFoundError:
+        return "0"
 
 
 def _check_count(n: int, limits: ServerLimits) -> None:
@@ -336,6 +370,9 @@ async def _run_images(state: AppState, request: Request, kind: str, params, imag
                           "prompt", "string_above_max_length")
     if params.n > limits.max_n:
         raise OpenAIError(400, f"n must be at most {limits.max_n}", "n", "invalid_value")
+    if params.bot_task in TEXT_ONLY_BOT_TASKS:
+        raise OpenAIError(400, f"bot_task {params.bot_task!r} answers in text only; use one of "
+                          f"{', '.join(IMAGE_BOT_TASKS)}", "bot_task", "invalid_value")
     if params.response_format == "url":
         raise OpenAIError(400, "response_format 'url' is not supported; images are returned as b64_json",
                           "response_format", "unsupported_value")
@@ -356,8 +393,7 @@ async def _run_images(state: AppState, request: Request, kind: str, params, imag
     )
     loop = asyncio.get_running_loop()
     try:
-        processed: ProcessedRequest = await loop.run_in_executor(state.pool, process_request, state.ctx, req,
-                                                                 limits.max_image_pixels)
+        processed: ProcessedRequest = await loop.run_in_executor(state.pool, _process, state.ctx, req, limits)
     except RequestError as e:
         raise _request_error(e) from None
     base_seed = params.seed if params.seed is not None else random.randrange(2**31 - params.n)
@@ -400,6 +436,22 @@ async def _run_images(state: AppState, request: Request, kind: str, params, imag
             "usage": usage(prompt_tokens, image_tokens * len(outcomes), out_tokens)}
 
 
+def _process(ctx: ProcessorContext, req: GenerationRequest, limits: ServerLimits) -> ProcessedRequest:
+    """`process_request` after the image check it does not make itself: each side at least `min_image_side`."""
+    from PIL import Image
+
+    for i, data in enumerate(req.images):
+        try:
+            with Image.open(io.BytesIO(data)) as img:  # the header only
+                w, h = img.size
+        except Exception:  # noqa: BLE001 - undecodable: process_request reports it
+            continue
+        if min(w, h) < limits.min_image_side:
+            raise RequestError(f"input image {i} is {w}x{h} pixels; each side must be at least "
+                               f"{limits.min_image_side}")
+    return process_request(ctx, req, limits.max_image_pixels)
+
+
 def _raise_for(info: FinishedInfo | None) -> None:
     if info is None:
         raise OpenAIError(500, "the engine finished without a result", None, "internal_error")
@@ -408,9 +460,13 @@ def _raise_for(info: FinishedInfo | None) -> None:
         raise OpenAIError(status, info.error or info.finish_reason, None,
                           "rate_limit_exceeded" if status == 429 else ("invalid_request" if status == 400 else
                                                                        "engine_error"))
+    # a text-only bot_task (the server's default may be `auto`): the request's parameters, not a server fault
+    if info.finish_reason == "length":
+        raise OpenAIError(400, "the think / recaption text reached max_new_tokens before the image phase; raise "
+                          "max_new_tokens", "max_new_tokens", "no_image")
     if info.finish_reason != "image":
-        raise OpenAIError(500, f"the engine produced no image (finish_reason={info.finish_reason}); use a bot_task "
-                          "that generates an image", "bot_task", "no_image")
+        raise OpenAIError(400, f"the model answered without an image (finish_reason={info.finish_reason}); use a "
+                          "bot_task that generates an image", "bot_task", "no_image")
 
 
 async def _collect(client: EngineClient, index: int, sub: ProcessedRequest) -> _Outcome:
@@ -430,8 +486,9 @@ async def _collect(client: EngineClient, index: int, sub: ProcessedRequest) -> _
 
 
 async def _wait_disconnect(request: Request) -> None:
-    while not await request.is_disconnected():
-        await asyncio.sleep(0.1)
+    """Returns when the client hangs up: the body is already read, so the next ASGI message is the disconnect."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 async def _stream(state: AppState, kind: str, subs: list[ProcessedRequest], fmt: str, params, image_tokens: int):

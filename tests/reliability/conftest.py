@@ -145,7 +145,9 @@ def good_spec(i: int, stream: bool = False) -> RequestSpec:
 
 
 BAD_KINDS = ("corrupt_bytes", "oversized_file", "four_images", "bad_size", "bad_steps", "bad_n", "unknown_field_type",
-             "wrong_content_type", "bad_json", "no_prompt", "unknown_model", "bad_bot_task")
+             "wrong_content_type", "bad_json", "no_prompt", "unknown_model", "bad_bot_task",
+             # 5xx that schemathesis found (tests/reliability/test_schemathesis.py)
+             "one_pixel_high", "huge_seed", "text_only_bot_task")
 
 
 def bad_spec(kind: str, i: int = 0) -> RequestSpec:
@@ -183,6 +185,14 @@ def bad_spec(kind: str, i: int = 0) -> RequestSpec:
         return RequestSpec(gens, json=dict(GEN, prompt="x", model="dall-e-9"), expect_ok=False, tag=kind)
     if kind == "bad_bot_task":
         return RequestSpec(gens, json=dict(GEN, prompt="x", bot_task="sing"), expect_ok=False, tag=kind)
+    if kind == "one_pixel_high":  # SigLIP2 preprocessing failed on it (a RuntimeError, answered 500)
+        return RequestSpec(edits, data=form, files=[("image", ("thin.png", png(h=1, w=200), "image/png"))],
+                           expect_ok=False, tag=kind)
+    if kind == "huge_seed":  # past the engine's 64-bit seeds: the request could not be encoded for the engine core
+        return RequestSpec(gens, json=dict(GEN, prompt="x", seed=2**64), expect_ok=False, tag=kind)
+    if kind == "text_only_bot_task":  # `auto` answers in text: the engine finished with no image, answered 500
+        return RequestSpec(gens, json=dict(GEN, prompt="x", bot_task="auto", max_new_tokens=1), expect_ok=False,
+                           tag=kind)
     raise ValueError(kind)
 
 

@@ -6,6 +6,7 @@ tests/test_server.py::test_disconnect_during_think_frees_blocks. These cover the
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import socket
@@ -13,10 +14,11 @@ import threading
 import time
 
 import httpx
+import pytest
 
 from diffgentor.bench.serve import run_load
 
-from .conftest import good_spec
+from .conftest import NUM_KV_BLOCKS, good_spec, png
 
 
 def _wait_running(server, timeout: float = 60.0) -> None:
@@ -83,3 +85,35 @@ def test_idle_and_slow_connections_do_not_block(server):
     finally:
         for s in idle + slow:
             s.close()
+
+
+def _raw_request(port: int, path: str, body: bytes, ctype: str) -> socket.socket:
+    """Send a whole HTTP request on a raw socket and return it unread: closing it is the client vanishing."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=10)
+    s.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n\r\n"
+              .encode() + body)
+    return s
+
+
+@pytest.mark.parametrize("route", ["generations", "edits"])
+def test_non_streaming_disconnect_aborts(server, route):
+    """A non-streaming client that hangs up while its request runs: the engine aborts it and frees its KV blocks.
+    Long think budget and 200 steps: the request cannot finish on its own within the test's window."""
+    before = server.metrics()["diffgentor:request_success_total{abort}"]
+    fields = {"prompt": "describe every detail, then make it night", "size": "256x256", "bot_task": "think_recaption",
+              "max_new_tokens": 4000, "num_inference_steps": 200, "seed": 0}
+    if route == "generations":
+        s = _raw_request(server.port, "/v1/images/generations", json.dumps(fields).encode(), "application/json")
+    else:
+        req = httpx.Request("POST", server.base + "/v1/images/edits", data={k: str(v) for k, v in fields.items()},
+                            files={"image": ("a.png", png(), "image/png")})
+        s = _raw_request(server.port, "/v1/images/edits", req.read(), req.headers["content-type"])
+    try:
+        _wait_running(server)
+    finally:
+        s.close()
+    hung_up = time.perf_counter()
+    m = server.wait_idle(timeout=60)
+    assert m["diffgentor:request_success_total{abort}"] == before + 1, m
+    assert m["diffgentor:kv_cache_free_blocks"] == NUM_KV_BLOCKS, m
+    assert time.perf_counter() - hung_up < 10, "the request ran to its end instead of being aborted"

@@ -1,0 +1,145 @@
+"""The OpenAPI 3.1 document served at /openapi.json.
+
+The image handlers read raw bodies (multipart or JSON, chosen by Content-Type, validated by the pydantic models of
+openai_schemas), so FastAPI cannot infer their bodies: each route declares its body and answers here, built from
+those same models with the server's own limits laid over them, and FastAPI assembles the paths from the routes the
+app registers. What the document says is therefore what the handlers enforce; tests/reliability/test_schemathesis.py
+fuzzes the live server against it.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import PlainTextResponse
+from pydantic import BaseModel
+
+from diffgentor.server.openai_schemas import (
+    ErrorResponse,
+    ImageEditJSONRequest,
+    ImageGenerationRequest,
+    ImagesResponse,
+    ModelList,
+)
+
+DESCRIPTION = ("OpenAI-compatible Images API for HunyuanImage-3.0. Every non-2xx answer is OpenAI's error object "
+               "`{\"error\": {message, type, param, code}}`.")
+_REF = "#/components/schemas/{model}"
+_IMAGE_TYPES = "image/png, image/jpeg, image/webp, image/bmp, image/gif"
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": _REF.format(model=name)}
+
+
+def _err(description: str) -> dict[str, Any]:
+    return {"model": ErrorResponse, "description": description}
+
+
+_IMAGE_ERRORS = {
+    400: _err("invalid request: bad field value, size, image or content type"),
+    404: _err("unknown model"),
+    413: _err("an image or the whole body is too large"),
+    422: _err("a field has the wrong type or is out of range"),
+    429: _err("too many requests in flight"),
+    500: _err("the engine failed on this request"),
+    503: _err("the engine core is not running"),
+}
+# one server-sent event; `data` is a JSON object (the error object for `error`), or `[DONE]` on the last event
+_SSE_EVENT = {"type": "object", "required": ["data"], "properties": {
+    "event": {"type": "string", "pattern": r"^(image_generation|image_edit)\.(text_delta|completed)$|^error$"},
+    "data": {"type": "string"}}}
+_IMAGES_OK = {200: {"model": ImagesResponse, "description": "the images (`stream: true`: server-sent events, each "
+                    "`<kind>.text_delta` or `<kind>.completed`, then `data: [DONE]`)",
+                    "content": {"text/event-stream": {"schema": _SSE_EVENT}}}}
+
+HEALTH: dict[str, Any] = {"responses": {
+    200: {"description": "the engine core is running",
+          "content": {"application/json": {"schema": {"type": "object", "required": ["status"],
+                                                      "properties": {"status": {"const": "ok"}}}}}},
+    503: _err("the engine core is not running")}}
+METRICS: dict[str, Any] = {"response_class": PlainTextResponse,
+                           "responses": {200: {"description": "Prometheus text exposition"}}}
+MODELS: dict[str, Any] = {"responses": {200: {"model": ModelList, "description": "the served model names"}}}
+
+
+GENERATIONS: dict[str, Any] = {"responses": _IMAGES_OK | _IMAGE_ERRORS, "openapi_extra": {"requestBody": {
+    "required": True, "content": {"application/json": {"schema": _ref("ImageGenerationRequest")}}}}}
+# multipart with image files, or JSON with image URLs (http(s) or base64 data URLs)
+EDITS: dict[str, Any] = {"responses": _IMAGES_OK | _IMAGE_ERRORS, "openapi_extra": {"requestBody": {
+    "required": True, "content": {
+        "multipart/form-data": {"schema": _ref("ImageEditForm"), "encoding": {"image": {"contentType": _IMAGE_TYPES}}},
+        "application/json": {"schema": _ref("ImageEditJSONRequest")}}}}}
+
+
+def _model_schema(model: type[BaseModel], defs: dict[str, Any]) -> dict[str, Any]:
+    s = model.model_json_schema(ref_template=_REF)
+    defs.update(s.pop("$defs", {}))
+    return s
+
+
+def _apply_limits(s: dict[str, Any], limits) -> dict[str, Any]:
+    """The limits that are server settings rather than model constants."""
+    props = s["properties"]
+    props["prompt"]["maxLength"] = limits.max_prompt_chars
+    props["n"]["maximum"] = min(props["n"]["maximum"], limits.max_n)
+    props["size"]["description"] = f"`auto` or WIDTHxHEIGHT, each side within 16..{limits.max_output_side}"
+    return s
+
+
+def _form_value(prop: dict[str, Any]) -> dict[str, Any]:
+    """A form field is absent rather than null: keep the non-null branch of `X | None`."""
+    prop = copy.deepcopy(prop)
+    branches = [b for b in prop.pop("anyOf", []) if b.get("type") != "null"]
+    if len(branches) == 1:
+        prop = branches[0] | prop
+    if isinstance(prop.get("enum"), list):
+        prop["enum"] = [v for v in prop["enum"] if v is not None]
+    if prop.get("default") is None:
+        prop.pop("default", None)
+    return prop
+
+
+def request_schemas(limits) -> dict[str, Any]:
+    """Component schemas of the request bodies: the validating models, plus the multipart form built from the
+    fields they share (FORM_FIELDS) and the image parts."""
+    defs: dict[str, Any] = {}
+    gen = _apply_limits(_model_schema(ImageGenerationRequest, defs), limits)
+    edit_json = _apply_limits(_model_schema(ImageEditJSONRequest, defs), limits)
+    edit_json["properties"]["images"].update(minItems=1, maxItems=limits.max_images)
+    edit_json["properties"]["image"]["description"] = "another place for image URLs (a string, an object or a list)"
+    edit_json["required"] = ["prompt", "images"]
+    form_props = {k: _form_value(v) for k, v in gen["properties"].items()}  # the edit's FORM_FIELDS
+    form_props["image"] = {
+        "type": "array", "minItems": 1, "maxItems": limits.max_images,
+        "items": {"type": "string", "format": "binary"},
+        "description": f"1..{limits.max_images} image files (also accepted as `image[]`), each at most "
+                       f"{limits.max_upload_bytes} bytes and {limits.max_image_pixels} pixels, each side at least "
+                       f"{limits.min_image_side} pixels"}
+    form = {"type": "object", "title": "ImageEditForm", "properties": form_props, "required": ["prompt", "image"]}
+    return defs | {"ImageGenerationRequest": gen, "ImageEditJSONRequest": edit_json, "ImageEditForm": form}
+
+
+def document(app: FastAPI, limits, api_key: bool = False) -> dict[str, Any]:
+    """The document (built once per app): the registered routes' paths, the request schemas, bearer auth on
+    /v1/ when the server has an API key."""
+    if app.openapi_schema is None:
+        doc = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        comps = doc.setdefault("components", {})
+        comps.setdefault("schemas", {}).update(request_schemas(limits))
+        if api_key:
+            comps["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+        err = {"application/json": {"schema": _ref("ErrorResponse")}}
+        for path, ops in doc["paths"].items():
+            if not path.startswith("/v1/"):
+                continue
+            for op in ops.values():  # the guard in front of /v1/
+                op["responses"].setdefault("413", {"description": "the body is too large", "content": err})
+                if api_key:
+                    op["security"] = [{"bearer": []}]
+                    op["responses"]["401"] = {"description": "missing or wrong API key", "content": err}
+        app.openapi_schema = doc
+    return app.openapi_schema
