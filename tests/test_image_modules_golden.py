@@ -124,6 +124,28 @@ def test_vit_preprocessing_exact(tiny, distil):
         assert torch.equal(vit.spatial_shapes, distil.t[f"cond{i}_vit_spatial_shapes"])
 
 
+@pytest.mark.parametrize("hw", [(64, 96), (3, 40), (1, 40), (3, 3), (1, 1)])
+def test_vit_preprocessing_thin_images_are_channels_last(tiny, hw):
+    """A 1- or 3-pixel-high RGB image is still read as HWC (transformers would guess channels-first from the shape:
+    a crash for 1 px, a transposed image for 3 px): the output is the plain NaFlex arithmetic done by hand, and its
+    patch grid is the transpose of the (unambiguous) transposed image's."""
+    vit = tiny.processor.vit
+    h, w = hw
+    arr = (np.random.RandomState(h * 100 + w).rand(h, w, 3) * 255).astype(np.uint8)
+    out = tiny.processor.vit_image(Image.fromarray(arr))
+    rows, cols = out.spatial_shapes.tolist()
+    p = vit.patch_size
+    assert 0 < rows * cols <= vit.max_num_patches and out.original_size == (w, h)
+    assert int(out.pixel_attention_mask.sum()) == rows * cols
+    tall = tiny.processor.vit_image(Image.fromarray(np.ascontiguousarray(arr.transpose(1, 0, 2))))
+    assert tall.spatial_shapes.tolist() == [cols, rows]
+    resized = Image.fromarray(arr).resize((cols * p, rows * p), resample=vit.processor.resample)
+    x = torch.from_numpy(np.asarray(resized).copy()).reshape(rows, p, cols, p, 3)
+    patches = x.permute(0, 2, 1, 3, 4).reshape(rows * cols, p * p * 3)
+    assert torch.equal(out.pixel_values[: rows * cols], (patches.float() - vit.mean) / vit.std)
+    assert not out.pixel_values[rows * cols:].any()
+
+
 # ----------------------------------------------------------------------------- VAE
 def test_vae_encode_posterior(tiny):
     post = tiny.vae.encode(tiny.t["vae_pixels"][None])

@@ -145,7 +145,9 @@ class SiglipPreprocessor:
         return int(self.processor.patch_size)
 
     def __call__(self, image: Image.Image) -> VitCondImage:
-        out = self.processor(image, return_tensors="pt")
+        # PIL images become HWC arrays; say so, or transformers guesses the channel axis from the shape and takes
+        # a 1- or 3-pixel-high image for channels-first (a crash, or a silently transposed image).
+        out = self.processor(image, return_tensors="pt", input_data_format="channels_last")
         mask = out["pixel_attention_mask"][0].long()
         values = out["pixel_values"][0]
         if self.fuse:
