@@ -102,6 +102,15 @@ _SIZE_UNITS = {
 }
 
 
+def parse_endpoint(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` (IPv6 hosts in brackets) -> (host, port); a clear ValueError otherwise."""
+    host, sep, port = str(text).strip().rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"endpoint {text!r} is invalid; expected HOST:PORT, e.g. 10.0.0.1:29600")
+    return host, int(port)
+
+
 def parse_size(text: str | int) -> int:
     """A byte count: plain bytes (``1073741824``) or a number with a unit, case-insensitive.
 
@@ -273,6 +282,9 @@ class EngineConfig:
     moe_impl: str | None = None
     tensor_parallel_size: int | None = None
     """0 = all visible devices (see `resolve_tensor_parallel_size`)."""
+    rank_endpoint: str | None = None
+    """HOST:PORT this process binds for tensor-parallel ranks started elsewhere (torchrun, possibly on several
+    nodes: `diffgentor tp-worker --connect HOST:PORT`) instead of spawning them; uses PORT .. PORT + size."""
 
     def __post_init__(self) -> None:
         set_ = lambda k, v: object.__setattr__(self, k, v)  # frozen dataclass: normalise in place
@@ -332,6 +344,13 @@ class EngineConfig:
         tp = self.tensor_parallel_size
         if not _is_int(tp) or tp < 0:
             raise ValueError(f"tensor_parallel_size must be an integer >= 0 (0 = all visible devices), got {tp!r}")
+        if self.rank_endpoint is not None:
+            host, port = parse_endpoint(self.rank_endpoint)
+            if tp < 2:
+                raise ValueError(f"rank_endpoint={self.rank_endpoint!r} needs an explicit tensor_parallel_size >= 2 "
+                                 "(the ranks run elsewhere, so the visible devices do not say how many)")
+            if port + tp > 65535:
+                raise ValueError(f"rank_endpoint port {port} + tensor_parallel_size {tp} is past 65535")
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -396,6 +415,7 @@ class EngineConfig:
             "seed": ("seed",),
             "default_num_inference_steps": ("default_num_inference_steps", "num_inference_steps"),
             "tensor_parallel_size": ("tensor_parallel_size",),
+            "rank_endpoint": ("rank_endpoint",),
             "attn_impl": ("attn_impl",),
             "moe_impl": ("moe_impl",),
         }
@@ -450,7 +470,7 @@ class EngineConfig:
         tp = self.tensor_parallel_size
         if tp == 0:
             return max(1, num_visible_devices)
-        if cuda and tp > num_visible_devices:
+        if cuda and tp > num_visible_devices and self.rank_endpoint is None:  # external ranks bring their own GPUs
             raise ValueError(f"tensor_parallel_size={tp} but only {num_visible_devices} device(s) are visible")
         return tp
 
@@ -583,6 +603,13 @@ def add_engine_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         type=int,
         default=None,
         help="ranks per model instance; 0 = all visible GPUs (default: DG_HUNYUAN_IMAGE_3_GPUS_PER_MODEL)",
+    )
+    g.add_argument(
+        "--rank-endpoint",
+        default=None,
+        metavar="HOST:PORT",
+        help="multi-node: bind HOST:PORT (and the next SIZE ports) and wait for --tensor-parallel-size ranks started "
+        "by torchrun running `diffgentor tp-worker --connect HEAD:PORT`, instead of spawning local ranks",
     )
     g.add_argument(
         "--attn-impl",

@@ -44,6 +44,7 @@ from diffgentor.engine.request_state import (
 )
 from diffgentor.server import openapi
 from diffgentor.server.engine_client import EngineClient, EngineDeadError
+from diffgentor.server.engine_pool import EnginePool, plan_engine_instances
 from diffgentor.server.metrics import CONTENT_TYPE, ServerMetrics
 from diffgentor.server.openai_schemas import (
     FORM_FIELDS,
@@ -82,7 +83,7 @@ class ServerLimits:
 @dataclass
 class AppState:
     ctx: ProcessorContext
-    client: EngineClient
+    client: EnginePool | EngineClient
     metrics: ServerMetrics
     model_names: list[str]
     model_root: str
@@ -173,7 +174,7 @@ async def _fetch_url(url: str, i: int, limits: ServerLimits) -> bytes:
     if not url.startswith(("http://", "https://")):
         raise OpenAIError(400, f"image {i}: unsupported URL scheme (use http(s):// or data:)", "images",
                           "invalid_image_url")
-    import httpx2 as httpx
+    import httpx  # a declared dependency (pyproject `dependencies`)
 
     try:
         async with httpx.AsyncClient(timeout=10.0, follow_redirects=True) as http, http.stream("GET", url) as r:
@@ -380,8 +381,7 @@ async def _run_images(state: AppState, request: Request, kind: str, params, imag
     client = state.client
     if not client.healthy:
         raise OpenAIError(503, "the engine core is not running", None, "engine_unavailable")
-    cfg = client.config
-    if client.num_in_flight + params.n > cfg.max_num_seqs + cfg.max_waiting_requests:
+    if not client.has_room(params.n):
         raise OpenAIError(429, "too many requests in flight; retry later", None, "rate_limit_exceeded")
 
     rid = f"img-{uuid.uuid4().hex[:16]}"
@@ -469,7 +469,7 @@ def _raise_for(info: FinishedInfo | None) -> None:
                           "bot_task that generates an image", "bot_task", "no_image")
 
 
-async def _collect(client: EngineClient, index: int, sub: ProcessedRequest) -> _Outcome:
+async def _collect(client: EnginePool | EngineClient, index: int, sub: ProcessedRequest) -> _Outcome:
     out = _Outcome(index)
     gen = client.generate(sub)
     try:
@@ -560,7 +560,12 @@ async def serve_async(args: argparse.Namespace, started: asyncio.Event | None = 
         if server is not None:
             server.should_exit = True
 
-    client = EngineClient(config, metrics=metrics, on_death=on_death)
+    try:
+        slices = plan_engine_instances(config, args.data_parallel_size)
+    except ValueError as e:
+        logger.error("%s", e)
+        return 1
+    client = EnginePool(config, slices, metrics=metrics, on_death=on_death)
     ctx = load_processor_context(args.model, config.request_defaults() | (
         {"num_inference_steps": config.default_num_inference_steps} if config.default_num_inference_steps else {}))
     limits = ServerLimits(max_upload_bytes=args.max_upload_bytes, max_image_pixels=args.max_image_pixels,

@@ -46,7 +46,7 @@ def run_demo(out: str | Path, max_new_tokens: int = 24, num_inference_steps: int
     import subprocess
     import sys
 
-    import httpx2 as httpx
+    import httpx
     from openai import OpenAI
 
     from diffgentor.engine.tiny_model import make_tiny

@@ -4,7 +4,7 @@
 its `CoreReady`. An output task routes each `CoreOutputs` message: text / image events to the queue of their
 request, a `FinishedInfo` closes a request, scheduler stats go to the metrics. A watchdog notices a dead
 engine core: every in-flight request gets an error, `healthy` turns False and `on_death` runs (the server then
-exits non-zero).
+exits non-zero). Several clients side by side are the data-parallel instances of `engine_pool.EnginePool`.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import multiprocessing
 import os
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -41,6 +42,7 @@ from diffgentor.engine.request import EngineEvent
 from diffgentor.engine.request_state import ProcessedRequest
 
 logger = logging.getLogger(__name__)
+_ENV_LOCK = threading.Lock()  # os.environ is process-wide: one spawn at a time sees its overlay
 
 
 class EngineDeadError(RuntimeError):
@@ -58,8 +60,10 @@ class EngineClient:
     WATCHDOG_S = 0.5
 
     def __init__(self, config: EngineConfig, metrics=None, on_death: Callable[[], None] | None = None,
-                 startup_timeout_s: float = 600.0) -> None:
+                 startup_timeout_s: float = 600.0, env: dict[str, str] | None = None, index: int = 0) -> None:
         self.config = config
+        self.env = dict(env or {})  # overlaid on the engine-core process's environment (its GPU slice)
+        self.index = index  # the data-parallel instance, for metrics and logs
         self.metrics = metrics
         self.on_death = on_death
         self.startup_timeout_s = startup_timeout_s
@@ -81,6 +85,14 @@ class EngineClient:
     def healthy(self) -> bool:
         return self.ready is not None and not self.dead
 
+    @property
+    def capacity(self) -> int:
+        """Requests this instance takes at once: running plus its engine core's waiting queue."""
+        return self.config.max_num_seqs + self.config.max_waiting_requests
+
+    def has_room(self, n: int) -> bool:
+        return self.num_in_flight + n <= self.capacity
+
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
         self._in = self._ctx.socket(zmq.PUSH)
@@ -96,7 +108,7 @@ class EngineClient:
         # it before multiprocessing's exit hook would wait for it.
         self.proc = mp.Process(target=run_engine_core, name="diffgentor-engine-core", daemon=False,
                                args=(self.config, self.input_addr, self.output_addr, os.getpid()))
-        self.proc.start()
+        self._spawn()
         atexit.register(self._reap)
         deadline = time.monotonic() + self.startup_timeout_s
         while self.ready is None:
@@ -110,12 +122,33 @@ class EngineClient:
                     raise EngineDeadError(f"the engine core failed to start: {msg.error}")
                 if isinstance(msg, CoreReady):
                     self.ready = msg
+        if self.metrics is not None:
+            self.metrics.on_engine_ready(self.index, self.ready.num_blocks)
+        logger.info("engine instance %d ready: pid %d, %d KV blocks%s", self.index, self.ready.pid,
+                    self.ready.num_blocks, f", CUDA_VISIBLE_DEVICES={self.env['CUDA_VISIBLE_DEVICES']}"
+                    if self.env.get("CUDA_VISIBLE_DEVICES") else "")
         self._tasks = [asyncio.create_task(self._output_loop()), asyncio.create_task(self._watchdog())]
+
+    def _spawn(self) -> None:
+        """Start the process with `env` overlaid: spawn copies os.environ at start, so set it just around that and
+        put back what was there (also on failure)."""
+        with _ENV_LOCK:
+            saved = {k: os.environ.get(k) for k in self.env}
+            os.environ.update(self.env)
+            try:
+                self.proc.start()
+            finally:
+                for k, v in saved.items():
+                    if v is None:
+                        os.environ.pop(k, None)
+                    else:
+                        os.environ[k] = v
 
     async def shutdown(self) -> None:
         for t in self._tasks:
             t.cancel()
-        if self.proc is not None and self.proc.is_alive():
+        # a core still loading does not read its input yet: `_reap` terminates it instead of waiting
+        if self.proc is not None and self.proc.is_alive() and self.ready is not None:
             try:
                 await self._in.send(self._enc.encode(Shutdown()))
             except zmq.ZMQError:
@@ -143,7 +176,7 @@ class EngineClient:
             return
         self.dead = True
         self.death_reason = reason
-        logger.error("engine core died: %s", reason)
+        logger.error("engine core died (instance %d): %s", self.index, reason)
         for rid, p in list(self.pending.items()):
             p.queue.put_nowait(FinishedInfo(request_id=rid, finish_reason="error", status=500,
                                             error=f"the engine core died: {reason}"))
@@ -193,7 +226,7 @@ class EngineClient:
                 m.on_finished(info, now - p.arrival)
             p.queue.put_nowait(info)
         if msg.stats is not None and m is not None:
-            m.on_stats(msg.stats)
+            m.on_stats(msg.stats, engine=self.index, num_blocks=self.ready.num_blocks)
 
     # ------------------------------------------------------------------ requests
     async def generate(self, processed: ProcessedRequest) -> AsyncIterator[EngineEvent | FinishedInfo]:
@@ -210,6 +243,8 @@ class EngineClient:
         done = False
         try:
             await self._in.send(self._enc.encode(AddRequest(processed=processed)), copy=False)
+            if self.metrics is not None:
+                self.metrics.on_routed(self.index)
             while True:
                 item = await p.queue.get()
                 yield item

@@ -72,22 +72,44 @@ class ServerMetrics:
                                 ["model_name", "finished_reason"], registry=r)
         for reason in ("image", "text", "length", "abort", "error"):
             self._success.labels(model_name, reason)
-        self._last_queries = self._last_hits = self._last_preempt = 0
+        self._routed = Counter("diffgentor:engine_requests", "Requests sent to each engine instance (data parallel).",
+                               ["model_name", "engine"], registry=r)
+        self._last: dict[int, dict[str, int]] = {}  # cumulative counters last seen, per engine instance
+        self._latest: dict[int, tuple[SchedulerStats, int | None]] = {}  # per engine: latest stats, KV size
         self._max_batch = 0
 
     # ------------------------------------------------------------------ updates
-    def on_stats(self, s: SchedulerStats) -> None:
-        self.running.set(s.num_running)
-        self.waiting.set(s.num_waiting)
-        self.kv_usage.set(s.kv_usage)
-        self.kv_free.set(s.num_free_blocks)
-        for cur, attr, counter in ((s.prefix_cache_queries, "_last_queries", self.prefix_queries),
-                                   (s.prefix_cache_hits, "_last_hits", self.prefix_hits),
-                                   (s.num_preemptions, "_last_preempt", self.preemptions)):
-            delta = cur - getattr(self, attr)
+    def on_engine_ready(self, engine: int, num_blocks: int) -> None:
+        """An instance's KV cache before its first step: all blocks free (so /metrics adds up from the start)."""
+        self._routed.labels(self.model_name, str(engine))
+        self.on_stats(SchedulerStats(num_running=0, num_waiting=0, kv_usage=0.0, num_free_blocks=num_blocks,
+                                     prefix_cache_queries=0, prefix_cache_hits=0, num_preemptions=0, num_steps=0),
+                      engine=engine, num_blocks=num_blocks)
+
+    def on_routed(self, engine: int) -> None:
+        self._routed.labels(self.model_name, str(engine)).inc()
+
+    def on_stats(self, s: SchedulerStats, engine: int = 0, num_blocks: int | None = None) -> None:
+        """Scheduler stats of one engine instance (``num_blocks``: its KV-cache size). The gauges show the sum
+        over instances; usage is each instance's usage weighted by its share of all blocks."""
+        self._latest[engine] = (s, num_blocks)
+        latest = self._latest.values()
+        self.running.set(sum(x.num_running for x, _ in latest))
+        self.waiting.set(sum(x.num_waiting for x, _ in latest))
+        self.kv_free.set(sum(x.num_free_blocks for x, _ in latest))
+        if len(latest) == 1:
+            self.kv_usage.set(s.kv_usage)
+        else:
+            weights = [n or 1 for _, n in latest]
+            self.kv_usage.set(sum(x.kv_usage * w for (x, _), w in zip(latest, weights)) / sum(weights))
+        last = self._last.setdefault(engine, {})
+        for cur, name, counter in ((s.prefix_cache_queries, "queries", self.prefix_queries),
+                                   (s.prefix_cache_hits, "hits", self.prefix_hits),
+                                   (s.num_preemptions, "preempt", self.preemptions)):
+            delta = cur - last.get(name, 0)
             if delta > 0:
                 counter.inc(delta)
-            setattr(self, attr, cur)
+            last[name] = cur
         if s.num_steps:
             self.engine_steps.inc(s.num_steps)
         for b in s.step_batch_sizes:

@@ -10,6 +10,13 @@ DEFAULT_MAX_IMAGE_PIXELS = 4096 * 4096
 DEFAULT_MAX_PROMPT_CHARS = 32000
 
 
+def _positive_int(text: str) -> int:
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {n}")
+    return n
+
+
 def add_serve_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     from diffgentor.engine.config import add_engine_args
 
@@ -28,6 +35,10 @@ def add_serve_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--max-prompt-chars", type=int, default=DEFAULT_MAX_PROMPT_CHARS)
     p.add_argument("--drain-timeout-s", type=float, default=120.0,
                    help="on SIGTERM/SIGINT stop accepting and let in-flight requests finish for up to this long")
+    p.add_argument("--data-parallel-size", type=_positive_int, default=None, metavar="N",
+                   help="engine instances behind this server, requests balanced across them. With GPUs each runs on "
+                   "its own slice of --tensor-parallel-size GPUs: VISIBLE // size of them, at most N when given; on "
+                   "CPU N instances (default 1)")
     p.add_argument("--log-level", default="info")
     add_engine_args(p)
     return p

@@ -15,7 +15,7 @@ import time
 import zlib
 from pathlib import Path
 
-import httpx2 as httpx
+import httpx
 import numpy as np
 import openai
 import pytest
@@ -130,6 +130,38 @@ def test_edit_json_data_url(server):
                    timeout=300)
     assert r.status_code == 200, r.text
     assert _img_of(r.json()["data"][0]["b64_json"]).size == (256, 256)
+
+
+def test_fetch_url_http(tmp_path):
+    """http(s) image URLs go through `httpx` (a declared dependency); every failure is a 4xx OpenAI error."""
+    import functools
+    import http.server
+    import threading
+
+    from diffgentor.server.api import ServerLimits, _fetch_url
+    from diffgentor.server.openai_schemas import OpenAIError
+
+    (tmp_path / "a.png").write_bytes(_png())
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *a):
+            pass
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(tmp_path)))
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{srv.server_address[1]}"
+    try:
+        assert asyncio.run(_fetch_url(base + "/a.png", 0, ServerLimits())) == _png()
+        cases = [(base + "/missing.png", ServerLimits(), 400, "invalid_image_url"),
+                 (base + "/a.png", ServerLimits(max_upload_bytes=100), 413, "file_too_large"),
+                 (f"http://127.0.0.1:{_free_port()}/a.png", ServerLimits(), 400, "invalid_image_url")]
+        for url, limits, status, code in cases:
+            with pytest.raises(OpenAIError) as e:
+                asyncio.run(_fetch_url(url, 0, limits))
+            assert (e.value.status, e.value.code) == (status, code), url
+    finally:
+        srv.shutdown()
+        srv.server_close()
 
 
 def test_stream_text_then_image(client):
