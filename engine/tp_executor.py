@@ -65,7 +65,16 @@ class ShutdownCmd(msgspec.Struct, tag="shutdown"):
     pass
 
 
-RankInput = StepCmd | ShutdownCmd
+class RankSetup(msgspec.Struct, tag="setup", kw_only=True):
+    """What an external rank (started by torchrun) learns from the frontend after its hello: the one config."""
+
+    config: EngineConfig
+    expert_parallel: bool
+    pg_timeout_s: float
+    num_threads: int | None = None
+
+
+RankInput = StepCmd | ShutdownCmd | RankSetup
 
 
 class WireTensor(msgspec.Struct, array_like=True):
@@ -104,7 +113,24 @@ class RankFailed(msgspec.Struct, tag="failed", kw_only=True):
     error: str
 
 
-RankOutput = RankReady | RankReply | RankFailed
+class RankHello(msgspec.Struct, tag="hello", kw_only=True):
+    """An external rank has connected (before it loads anything)."""
+
+    rank: int
+    world_size: int
+    pid: int
+    host: str
+
+
+class RankHeartbeat(msgspec.Struct, tag="heartbeat"):
+    """Sent every `HEARTBEAT_S` by an external rank's own thread: the frontend cannot see remote processes, so
+    silence longer than `heartbeat_timeout_s` (a dead node, a SIGSTOPped rank) is how it notices them."""
+
+    rank: int
+
+
+RankOutput = RankReady | RankReply | RankFailed | RankHello | RankHeartbeat
+HEARTBEAT_S = 1.0
 
 
 def _to_wire(t) -> WireTensor:
@@ -180,7 +206,7 @@ def vm_hwm_kb(pid: int | str = "self") -> int:
 # ------------------------------------------------------------------------------------------------ the rank process
 def _rank_main(rank: int, world_size: int, config: EngineConfig, init_method: str, in_addr: str, out_addr: str,
                expert_parallel: bool, pg_timeout_s: float, parent_pid: int, num_threads: int | None) -> None:
-    """Entry of one rank: join the group, load the shard, announce readiness, then step on command."""
+    """Entry of one spawned rank: join the group, load the shard, announce readiness, then step on command."""
     import zmq
 
     from diffgentor.engine.core_proc import exit_with_parent
@@ -188,12 +214,29 @@ def _rank_main(rank: int, world_size: int, config: EngineConfig, init_method: st
     exit_with_parent(parent_pid)  # also while loading or blocked in a collective
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s tp-rank{rank} %(levelname)s %(message)s")
     zctx = zmq.Context()
+    out, inp = _rank_sockets(zctx, in_addr, out_addr)
+    _serve_rank(rank, world_size, config, init_method, out, inp, expert_parallel, pg_timeout_s, num_threads,
+                device_index=rank, parent_pid=parent_pid)
+
+
+def _rank_sockets(zctx, in_addr: str, out_addr: str):
+    import zmq
+
     out = zctx.socket(zmq.PUSH)
     out.setsockopt(zmq.LINGER, 2000)
     out.connect(out_addr)
     inp = zctx.socket(zmq.PULL)
     inp.setsockopt(zmq.LINGER, 0)
     inp.connect(in_addr)
+    return out, inp
+
+
+def _serve_rank(rank: int, world_size: int, config: EngineConfig, init_method: str, out, inp, expert_parallel: bool,
+                pg_timeout_s: float, num_threads: int | None, device_index: int, parent_pid: int | None) -> None:
+    """The rank's life after its sockets exist: join the group, load its shard, then step on command until a
+    shutdown (exit 0) or an error (reported as `RankFailed`, exit 1). Never returns."""
+    import zmq
+
     enc = msgspec.msgpack.Encoder()
     dec = msgspec.msgpack.Decoder(RankInput)
     try:
@@ -206,7 +249,7 @@ def _rank_main(rank: int, world_size: int, config: EngineConfig, init_method: st
             torch.set_num_threads(num_threads)
         cuda = config.on_cuda()
         if cuda:
-            torch.cuda.set_device(rank)
+            torch.cuda.set_device(device_index)
         ctx = init_distributed("nccl" if cuda else "gloo", init_method, rank, world_size,
                                expert_parallel=expert_parallel, timeout_s=pg_timeout_s)
         core = EngineCore.from_config(config, parallel=ctx)
@@ -216,13 +259,15 @@ def _rank_main(rank: int, world_size: int, config: EngineConfig, init_method: st
         poller.register(inp, zmq.POLLIN)
         while True:
             if not poller.poll(1000):
-                if os.getppid() != parent_pid:
+                if parent_pid is not None and os.getppid() != parent_pid:
                     logger.warning("the frontend (pid %d) is gone; exiting", parent_pid)
                     break
                 continue
             msg = dec.decode(inp.recv())
             if isinstance(msg, ShutdownCmd):
                 break
+            if not isinstance(msg, StepCmd):
+                continue
             events: list[EngineEvent] = []
             for req in msg.adds:
                 events += core.add_request(req)
@@ -256,8 +301,96 @@ def _rank_main(rank: int, world_size: int, config: EngineConfig, init_method: st
         os._exit(1)
     inp.close(linger=0)
     out.close()
-    zctx.term()
     os._exit(0)  # skip interpreter teardown (process-group destructors may block on departed peers)
+
+
+def _exit_when_disconnected(zctx, sock, what: str) -> None:
+    """Watch `sock`'s connection from a thread: once the frontend's end goes away (its process died, its node is
+    unreachable), this rank exits at once instead of waiting forever for a step that will never come."""
+    import threading
+
+    import zmq
+    from zmq.utils.monitor import recv_monitor_message
+
+    mon = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)  # fires only after a connection was up, never while
+    # the frontend is still starting (those are connect retries)
+
+    def watch() -> None:
+        while True:
+            if recv_monitor_message(mon)["event"] == zmq.EVENT_DISCONNECTED:
+                logger.warning("lost the connection to the frontend (%s); exiting", what)
+                os._exit(1)
+
+    threading.Thread(target=watch, name="frontend-watch", daemon=True).start()
+
+
+def _heartbeat(zctx, out_addr: str, rank: int) -> None:
+    import threading
+
+    import zmq
+
+    def beat() -> None:
+        s = zctx.socket(zmq.PUSH)
+        s.setsockopt(zmq.LINGER, 0)
+        s.setsockopt(zmq.SNDHWM, 4)
+        s.connect(out_addr)
+        frame = msgspec.msgpack.encode(RankHeartbeat(rank))
+        while True:
+            try:
+                s.send(frame, flags=zmq.NOBLOCK)
+            except zmq.Again:
+                pass
+            time.sleep(HEARTBEAT_S)
+
+    threading.Thread(target=beat, name="heartbeat", daemon=True).start()
+
+
+def run_external_rank(connect: str, setup_timeout_s: float = 600.0, environ: dict[str, str] | None = None) -> int:
+    """Entry of a rank started by torchrun (`diffgentor tp-worker --connect HEAD:PORT`), on any node.
+
+    Rank, world size and the local GPU come from torchrun's RANK / WORLD_SIZE / LOCAL_RANK; the process group
+    rendezvous is torchrun's (env://: MASTER_ADDR / MASTER_PORT). The rank connects to the frontend (`diffgentor
+    serve|edit ... --tensor-parallel-size N --rank-endpoint HOST:PORT`), says hello, receives the engine config
+    from it (one config, no flags to keep in sync across nodes; the checkpoint path must exist on every node),
+    then loads its shard and steps like a spawned rank. It exits when the frontend shuts it down (0), fails (1),
+    or disappears (1)."""
+    import zmq
+
+    from diffgentor.engine.config import parse_endpoint
+
+    env = os.environ if environ is None else environ
+    missing = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in env]
+    if missing:
+        raise RuntimeError(f"tp-worker runs under torchrun (missing {', '.join(missing)}); e.g. torchrun --nnodes 2 "
+                           "--node-rank R --nproc-per-node K --master-addr HEAD --master-port 29500 -m "
+                           "diffgentor.server.cli tp-worker --connect HEAD:29600")
+    rank, world_size = int(env["RANK"]), int(env["WORLD_SIZE"])
+    local_rank = int(env.get("LOCAL_RANK", "0"))
+    host, port = parse_endpoint(connect)
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s tp-rank{rank} %(levelname)s %(message)s")
+    zctx = zmq.Context()
+    in_addr, out_addr = f"tcp://{host}:{port + 1 + rank}", f"tcp://{host}:{port}"
+    out, inp = _rank_sockets(zctx, in_addr, out_addr)
+    _exit_when_disconnected(zctx, inp, in_addr)
+    import socket
+
+    out.send(msgspec.msgpack.encode(RankHello(rank=rank, world_size=world_size, pid=os.getpid(),
+                                              host=socket.gethostname())))
+    if not inp.poll(int(setup_timeout_s * 1000)):
+        logger.error("no setup from the frontend at %s within %.0f s", connect, setup_timeout_s)
+        return 1
+    setup = msgspec.msgpack.Decoder(RankInput).decode(inp.recv())
+    if isinstance(setup, ShutdownCmd):
+        return 1
+    if not isinstance(setup, RankSetup):
+        logger.error("expected the setup message first, got %s", type(setup).__name__)
+        return 1
+    _heartbeat(zctx, out_addr, rank)
+    logger.info("rank %d/%d (local %d) connected to %s; loading %s", rank, world_size, local_rank, connect,
+                setup.config.model)
+    _serve_rank(rank, world_size, setup.config, "env://", out, inp, setup.expert_parallel, setup.pg_timeout_s,
+                setup.num_threads, device_index=local_rank, parent_pid=None)
+    return 0  # not reached: _serve_rank exits the process
 
 
 # ------------------------------------------------------------------------------------------------ the frontend
@@ -274,6 +407,7 @@ class TPExecutor:
         pg_timeout_s: float = 120.0,
         poll_s: float = 0.2,
         num_threads: int | None = None,
+        heartbeat_timeout_s: float = 5.0,
     ) -> None:
         import torch.multiprocessing as mp
         import zmq
@@ -304,24 +438,44 @@ class TPExecutor:
         self._needs_release = False
         self._closed = False
 
+        self.endpoint = config.rank_endpoint  # external ranks (torchrun, multi-node) connect here
+        self.heartbeat_timeout_s = heartbeat_timeout_s
+        self._last_seen: dict[int, float] = {}  # external ranks: when each was last heard from
+        self._setup = RankSetup(config=config, expert_parallel=self.expert_parallel, pg_timeout_s=pg_timeout_s,
+                                num_threads=num_threads)
         self._dir = tempfile.mkdtemp(prefix="dg-tp-")
         self._zctx = zmq.Context()
+        if self.endpoint is None:
+            out_addr, in_addrs = f"ipc://{self._dir}/out", [f"ipc://{self._dir}/in{r}" for r in range(self.world_size)]
+        else:
+            from diffgentor.engine.config import parse_endpoint
+
+            host, port = parse_endpoint(self.endpoint)
+            host = f"[{host}]" if ":" in host else host
+            out_addr = f"tcp://{host}:{port}"
+            in_addrs = [f"tcp://{host}:{port + 1 + r}" for r in range(self.world_size)]
         self._out = self._zctx.socket(zmq.PULL)
-        self._out.bind(f"ipc://{self._dir}/out")
+        self._out.setsockopt(zmq.LINGER, 0)
         self._ins = []
-        for r in range(self.world_size):
-            s = self._zctx.socket(zmq.PUSH)
-            s.setsockopt(zmq.LINGER, 0)
-            s.bind(f"ipc://{self._dir}/in{r}")
-            self._ins.append(s)
+        try:
+            self._out.bind(out_addr)
+            for addr in in_addrs:
+                sock = self._zctx.socket(zmq.PUSH)
+                sock.setsockopt(zmq.LINGER, 0)
+                self._ins.append(sock)
+                sock.bind(addr)
+        except zmq.ZMQError as e:
+            self._zctx.destroy(linger=0)
+            shutil.rmtree(self._dir, ignore_errors=True)
+            raise TPExecutorError(f"cannot bind the tensor-parallel endpoint {out_addr} .. {in_addrs[-1]}: {e}") from e
         self._enc = msgspec.msgpack.Encoder()
         self._dec = msgspec.msgpack.Decoder(RankOutput)
         spawn = mp.get_context("spawn")
         init_method = f"file://{self._dir}/rendezvous"
-        self._procs = [
+        self._procs = [] if self.endpoint is not None else [
             spawn.Process(
                 target=_rank_main, name=f"dg-tp-rank{r}", daemon=True,
-                args=(r, self.world_size, config, init_method, f"ipc://{self._dir}/in{r}", f"ipc://{self._dir}/out",
+                args=(r, self.world_size, config, init_method, in_addrs[r], out_addr,
                       self.expert_parallel, pg_timeout_s, os.getpid(), num_threads),
             )
             for r in range(self.world_size)
@@ -332,6 +486,9 @@ class TPExecutor:
             for p in self._procs:
                 p.start()
             self.rank_pids = [p.pid for p in self._procs]
+            if self.endpoint is not None:
+                logger.info("waiting for %d tensor-parallel ranks to connect to %s (torchrun ... -m "
+                            "diffgentor.server.cli tp-worker --connect HEAD:PORT)", self.world_size, self.endpoint)
             self._wait_ready(ready_timeout_s)
         except BaseException:
             self.close()
@@ -344,13 +501,17 @@ class TPExecutor:
         while len(ready) < self.world_size:
             msg = self._recv(deadline, lambda: f"rank(s) {sorted(set(range(self.world_size)) - set(ready))} did not "
                                                f"load and report ready within {timeout_s:.0f} s")
-            if isinstance(msg, RankReady):
+            if isinstance(msg, RankHello):
+                self._on_hello(msg)
+            elif isinstance(msg, RankReady):
                 ready[msg.rank] = msg
         blocks = {m.num_blocks for m in ready.values()}
         if len(blocks) != 1:
             raise TPExecutorError(f"tensor-parallel ranks disagree on the KV cache size: {sorted(blocks)}")
         self.num_blocks = blocks.pop()
         self._snapshot = ready[0].snapshot
+        if self.endpoint is not None:
+            self.rank_pids = [ready[r].pid for r in range(self.world_size)]  # pids on their own nodes
         logger.info("tensor-parallel executor ready: %d ranks (%s), %d KV blocks, rank pids %s", self.world_size,
                     "expert parallel" if self.expert_parallel else "tensor parallel", self.num_blocks,
                     [ready[r].pid for r in range(self.world_size)])
@@ -360,8 +521,11 @@ class TPExecutor:
         while True:
             if self._out.poll(self.poll_ms):
                 msg = self._dec.decode(self._out.recv())
+                self._last_seen[msg.rank] = time.monotonic()
                 if isinstance(msg, RankFailed):
                     self._raise_rank_failed(msg)
+                if isinstance(msg, RankHeartbeat):
+                    continue
                 return msg
             dead = self._dead_ranks()
             if dead:
@@ -374,7 +538,20 @@ class TPExecutor:
         dead = self._dead_ranks()
         raise TPExecutorError(f"tensor-parallel rank {msg.rank} failed: {msg.error}" + (f" ({dead})" if dead else ""))
 
+    def _on_hello(self, msg: RankHello) -> None:
+        """An external rank connected: check it belongs to this group, then send it the config to load."""
+        if msg.world_size != self.world_size or not 0 <= msg.rank < self.world_size:
+            raise TPExecutorError(f"a tensor-parallel rank on {msg.host} (pid {msg.pid}) says rank {msg.rank} of "
+                                  f"{msg.world_size}, but this engine has --tensor-parallel-size {self.world_size}")
+        logger.info("tensor-parallel rank %d connected from %s (pid %d)", msg.rank, msg.host, msg.pid)
+        self._ins[msg.rank].send(self._enc.encode(self._setup))
+
     def _dead_ranks(self) -> str:
+        if self.endpoint is not None:  # remote ranks: silence is the only sign
+            now = time.monotonic()
+            silent = [f"rank {r} silent for {now - t:.1f} s" for r, t in sorted(self._last_seen.items())
+                      if now - t > self.heartbeat_timeout_s]
+            return "tensor-parallel " + "; ".join(silent) + " (dead or hung)" if silent else ""
         dead = [f"rank {r} (pid {p.pid}) exited with code {p.exitcode}" for r, p in enumerate(self._procs)
                 if not p.is_alive()]
         return "tensor-parallel " + "; ".join(dead) if dead else ""
@@ -384,14 +561,17 @@ class TPExecutor:
         if self._closed:
             return
         self._closed = True
-        for s in self._ins:
+        # after a failure no clean shutdown: the surviving ranks must exit non-zero (spawned ones are terminated,
+        # external ones see the connection drop), or torchrun would wait at its exit barrier for the dead peer
+        for s in self._ins if self.failed is None else ():
             try:
                 s.send(self._enc.encode(ShutdownCmd()), flags=1)  # zmq.NOBLOCK
             except Exception:  # noqa: BLE001
                 pass
         TPExecutor._stop(self._procs, grace_s=5.0 if self.failed is None else 0.0)
-        for s in (*self._ins, self._out):
-            s.close(linger=0)
+        for s in self._ins:  # external ranks: give the shutdown a moment to leave (they also exit on disconnect)
+            s.close(linger=2000 if self.endpoint is not None and self.failed is None else 0)
+        self._out.close(linger=0)
         self._zctx.term()
         self._finalizer()
         atexit.unregister(self._finalizer)
@@ -480,6 +660,7 @@ class TPExecutor:
         try:
             while self._out.poll(0):
                 msg = self._dec.decode(self._out.recv())
+                self._last_seen[msg.rank] = time.monotonic()
                 if isinstance(msg, RankFailed):
                     self._raise_rank_failed(msg)
             dead = self._dead_ranks()

@@ -64,6 +64,12 @@ def _add_serve(sub) -> None:
     sv.set_defaults(func=_cmd_serve)
 
 
+def _cmd_tp_worker(args: argparse.Namespace) -> int:
+    from diffgentor.engine.tp_executor import run_external_rank
+
+    return run_external_rank(args.connect, setup_timeout_s=args.setup_timeout)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="diffgentor", description="Serve and run HunyuanImage-3.0-Instruct.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -106,6 +112,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_compare(bench_sub)
 
     _add_serve(sub)
+
+    tw = sub.add_parser("tp-worker", help="one tensor-parallel rank started by torchrun (multi-node); connects to "
+                        "a frontend started with --tensor-parallel-size N --rank-endpoint HOST:PORT")
+    tw.add_argument("--connect", required=True, metavar="HEAD:PORT", help="the frontend's --rank-endpoint address")
+    tw.add_argument("--setup-timeout", type=float, default=600.0,
+                    help="seconds to wait for the frontend to send the engine config")
+    tw.set_defaults(func=_cmd_tp_worker)
 
     dm = sub.add_parser("demo", help="build the tiny model and edit one image with it")
     dm.add_argument("--out", default="demo_out")
