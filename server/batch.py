@@ -520,7 +520,9 @@ def _run(args: argparse.Namespace, command: str) -> int:
     try:
         if pending:
             gpus = L.visible_gpus()
-            slices = L.plan_instances(config.tensor_parallel_size, gpus, args.num_instances)
+            # external (torchrun, multi-node) ranks: one instance here, its ranks bring their own GPUs
+            slices = [[]] if config.rank_endpoint else L.plan_instances(config.tensor_parallel_size, gpus,
+                                                                        args.num_instances)
             slices = slices[:max(1, min(len(slices), len(pending)))]
             if len(slices) == 1:
                 if slices[0]:
