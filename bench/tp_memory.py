@@ -120,10 +120,14 @@ MALLOC_VARIANTS: dict[str, dict[str, str]] = {
 }
 
 
+WIDE_SHARD_BYTES = 48 << 20  # ~3.5% of the widened model per shard, like a real checkpoint's 5 GB of 166 GB
+
+
 def _child_make(ckpt: str, wide: bool) -> None:
     from diffgentor.engine.tiny_model import make_tiny
 
-    make_tiny(ckpt, distil=True, config_overrides=WIDE_OVERRIDES if wide else None)
+    make_tiny(ckpt, distil=True, config_overrides=WIDE_OVERRIDES if wide else None,
+              shard_bytes=WIDE_SHARD_BYTES if wide else None)
 
 
 def _child_engine(ckpt: str, tp: int, ep: bool) -> dict[str, Any]:

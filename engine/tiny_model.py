@@ -488,13 +488,15 @@ def write_tiny_metadata(
 
 def make_tiny(
     out_dir: str | Path, distil: bool = False, dtype: torch.dtype = torch.float32, seed: int = 0,
-    config_overrides: dict[str, Any] | None = None,
+    config_overrides: dict[str, Any] | None = None, shard_bytes: int | None = None,
 ) -> Path:
     """Write the tiny checkpoint (Instruct, or Instruct-Distil with `distil`) to `out_dir`; returns it.
 
-    `config_overrides` resizes it (e.g. the benchmark presets: more layers, wider, more experts)."""
+    `config_overrides` resizes it (e.g. the benchmark presets: more layers, wider, more experts); `shard_bytes`
+    caps the shard size (default: a third of the total), e.g. to give a widened model a real checkpoint's
+    proportion of shard to model (~5 GB shards of a 166 GB model: 3%)."""
     out = write_tiny_metadata(out_dir, distil, dtype, config_overrides)
     pad_id = Tokenizer.from_file(str(out / "tokenizer.json")).token_to_id("<pad>")
     state = _tiny_state_dict(out, seed, pad_id, dtype)
-    save_sharded_safetensors(state, out, tiny_shard_limit(state))
+    save_sharded_safetensors(state, out, shard_bytes or tiny_shard_limit(state))
     return out
