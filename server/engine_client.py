@@ -38,6 +38,7 @@ from diffgentor.engine.core_proc import (
     output_decoder,
     run_engine_core,
 )
+from diffgentor.engine.host_memory import release_host_memory
 from diffgentor.engine.request import EngineEvent
 from diffgentor.engine.request_state import ProcessedRequest
 
@@ -57,6 +58,7 @@ class _Pending:
 
 
 class EngineClient:
+    TRIM_INTERVAL_S = 5.0
     WATCHDOG_S = 0.5
 
     def __init__(self, config: EngineConfig, metrics=None, on_death: Callable[[], None] | None = None,
@@ -80,6 +82,7 @@ class EngineClient:
         self._dec = output_decoder()
         self._tasks: list[asyncio.Task] = []
         self.num_in_flight = 0
+        self._last_trim = 0.0
 
     @property
     def healthy(self) -> bool:
@@ -225,6 +228,11 @@ class EngineClient:
             if m is not None:
                 m.on_finished(info, now - p.arrival)
             p.queue.put_nowait(info)
+        if msg.finished and not self.pending and now - self._last_trim > self.TRIM_INTERVAL_S:
+            # idle again: hand the heap that queued requests' uploads and tensors used back to the OS, so the
+            # resident set follows the load instead of staying at its high-water mark (measured in the soak)
+            self._last_trim = now
+            asyncio.get_running_loop().run_in_executor(None, release_host_memory)
         if msg.stats is not None and m is not None:
             m.on_stats(msg.stats, engine=self.index, num_blocks=self.ready.num_blocks)
 

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from diffgentor.engine.host_memory import release_host_memory
 from diffgentor.engine.kv_cache import PagedKVCache
 from diffgentor.engine.parallel import ParallelContext
 from diffgentor.kernels.attention import AttentionMetadata
@@ -39,19 +40,6 @@ from .weights import hunyuan_key_transforms, hunyuan_shard_plan, load_state_into
 def keep_fp32_for_model(name: str) -> bool:
     """Routers (official fp32 module) and the VAE (official config says fp32; it runs under fp16 autocast)."""
     return keep_fp32_param(name) or name.startswith("vae.")
-
-
-def release_host_memory() -> None:
-    """Return freed heap memory to the OS (glibc `malloc_trim`); a no-op elsewhere. Freed CPU tensors otherwise
-    stay in the process's resident set, which is what peak-memory-per-rank is measured by."""
-    import ctypes
-    import sys
-
-    if sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except (OSError, AttributeError):
-            pass
 
 
 class HunyuanImage3ForCausalMM(nn.Module):
