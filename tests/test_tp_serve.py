@@ -274,8 +274,12 @@ def test_tp2_rank_exception_reaches_the_client(tp_server):
                                                                                   num_inference_steps=200), [])))
     t.start()
     tp_server.wait_running()
-    os.kill(ranks[1], signal.SIGINT)
     t0 = time.monotonic()
+    # a KeyboardInterrupt that lands inside a finaliser / __del__ is printed and ignored by Python, so repeat the
+    # signal until the rank is gone (the first one almost always does it)
+    while t.is_alive() and _exists(ranks[1]) and time.monotonic() - t0 < 5:
+        os.kill(ranks[1], signal.SIGINT)
+        t.join(0.2)
     t.join(30)
     took = time.monotonic() - t0
     r = out["r"]
@@ -339,6 +343,7 @@ def test_tp2_killed_rank_fails_in_flight_and_server_exits(ckpt, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ the batch CLI
+@pytest.mark.slow  # ~30 s; keeps the default run under 10 min (run: pytest -m slow tests/test_tp_serve.py)
 def test_edit_cli_two_tp2_cpu_instances_match_single_process(ckpt, tmp_path, monkeypatch):
     """`diffgentor edit` with GPUS_PER_MODEL=2 and --num_instances 2 on CPU: two instances of two gloo ranks each
     write the images (and think text) of a single-process run. Rows without input images: the tiny VAE's CPU

@@ -41,7 +41,6 @@ def _soak(server, n: int, max_duration_s: float, rss_bound_mib: float, bad_fract
     assert m["diffgentor:kv_cache_free_blocks"] == NUM_KV_BLOCKS and m["diffgentor:kv_cache_usage_perc"] == 0
     assert m["diffgentor:num_requests_running"] == 0 and m["diffgentor:num_requests_waiting"] == 0
     rss1, core1 = server.rss_mib(), server.rss_mib(server.core_pid())
-    assert rss1 - rss0 < rss_bound_mib, (rss0, rss1)
     statuses: dict[str, int] = {}
     for o in outs:
         statuses[str(o.status)] = statuses.get(str(o.status), 0) + 1
@@ -50,13 +49,15 @@ def _soak(server, n: int, max_duration_s: float, rss_bound_mib: float, bad_fract
             "crashes": 0, "lost_good": counts["good"] - counts["good_ok"], "statuses": statuses,
             "kv_free_blocks_after": m["diffgentor:kv_cache_free_blocks"], "kv_blocks": NUM_KV_BLOCKS,
             "api_rss_mib_before": rss0, "api_rss_mib_after": rss1, "core_rss_mib_before": core0,
-            "core_rss_mib_after": core1, "rss_bound_mib": rss_bound_mib}
+            "core_rss_mib_after": core1, "rss_bound_mib": rss_bound_mib,
+            "rss_within_bound": rss1 - rss0 < rss_bound_mib}
 
 
 def test_soak_small(server):
     # short: 6 good requests and 6 malformed ones (the bad ones cost the engine nothing)
     rep = _soak(server, n=12, max_duration_s=90, rss_bound_mib=RSS_BOUND_SMALL_MIB, bad_fraction=0.5)
     assert rep["bad"] == 6 and rep["good_ok"] == rep["good"] == 6
+    assert rep["rss_within_bound"], rep
 
 
 @pytest.mark.slow
@@ -69,3 +70,4 @@ def test_soak_large(server):
         with open(out, "w") as f:
             json.dump(rep, f, indent=2)
     print(json.dumps(rep, indent=2))
+    assert rep["rss_within_bound"], rep  # after the report is written: a failed run is still recorded
