@@ -90,8 +90,11 @@ class Server:
                "--max-num-seqs", str(a["max_num_seqs"]), "--max-num-batched-tokens", str(a["max_num_batched_tokens"]),
                "--log-level", "warning", *extra]
         base_env = {k: v for k, v in os.environ.items() if not k.startswith("DG_HUNYUAN_IMAGE_3_")}
+        # default SIGINT handling in the server and its ranks even when the test run itself ignores SIGINT (a
+        # background job of a non-interactive shell): the rank-exception test raises KeyboardInterrupt with it
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, cwd=REPO,
-                                     env={**base_env, "PYTHONUNBUFFERED": "1", **(env or {})})
+                                     env={**base_env, "PYTHONUNBUFFERED": "1", **(env or {})},
+                                     preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
     def wait_ready(self, timeout: float = 240) -> Server:
         deadline = time.time() + timeout
