@@ -58,9 +58,12 @@ class StepStats:
     forward_s: float = 0.0
     post_s: float = 0.0
     vae_s: float = 0.0
+    encode_s: float = 0.0  # condition-image encodes (VAE posterior, ViT) run by the encoder stage
     tokens: int = 0
     diffusion_steps: int = 0
     phase_tokens: dict[str, int] = field(default_factory=lambda: {"prefill": 0, "decode": 0, "diffuse": 0})
+    # forward seconds attributed to each phase by its share of the step's tokens
+    phase_forward_s: dict[str, float] = field(default_factory=lambda: {"prefill": 0.0, "decode": 0.0, "diffuse": 0.0})
 
 
 class EngineCore:

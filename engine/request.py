@@ -34,6 +34,7 @@ class GenerationRequest(msgspec.Struct, kw_only=True, omit_defaults=True):
     use_taylor_cache: bool | None = None
     infer_align_image_size: bool | None = None
     output_type: str = "pil"  # "pil": decode to an image; "latent": stop after diffusion (no VAE decode)
+    partial_images: int = 0  # 0-3 progressive previews (decoded x0 predictions at evenly spaced diffusion steps)
 
 
 class RequestStatus(enum.Enum):
@@ -61,12 +62,13 @@ class EngineEvent(msgspec.Struct, kw_only=True, omit_defaults=True):
     """A streamed event of one request: a think/recaption text delta, the finished image, or the end."""
 
     request_id: str
-    kind: str  # "text" | "image" | "finished" | "error"
+    kind: str  # "text" | "partial_image" | "image" | "finished" | "error"
     text: str = ""
     image_png: bytes = b""
     finish_reason: str | None = None
     error: str | None = None
     status: int | None = None  # an error's HTTP status where the engine knows it (400 bad input, 429 queue full)
+    partial_image_index: int | None = None  # kind "partial_image": 0-based index of the preview
 
 
 class CoreSnapshot(msgspec.Struct, kw_only=True, array_like=True):
