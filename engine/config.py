@@ -274,6 +274,11 @@ class EngineConfig:
     """Fraction of free device memory for the KV cache when neither of the above is given."""
     enable_prefix_caching: bool = True
     max_waiting_requests: int = 1024
+    max_num_encoder_pixels: int = 1024 * 1024
+    """Encoder budget: condition-image pixels (VAE + ViT of one image) encoded per engine step; at least one image
+    is encoded per step even when it is larger, so any image gets through."""
+    encoder_cache_bytes: int = 512 * 1024 * 1024
+    """Bound of the encoder cache (posterior parameters and ViT outputs by image digest and bucket), LRU."""
     seed: int = 42
     default_num_inference_steps: int | None = None
     """None = the checkpoint's generation_config value."""
@@ -314,7 +319,8 @@ class EngineConfig:
             if not _is_int(v) or v <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
 
-        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "max_waiting_requests"):
+        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "max_waiting_requests",
+                     "max_num_encoder_pixels", "encoder_cache_bytes"):
             positive(name)
         for name in ("num_kv_blocks", "kv_cache_memory_bytes", "default_num_inference_steps"):
             if getattr(self, name) is not None:
@@ -412,6 +418,7 @@ class EngineConfig:
             "kv_cache_memory_fraction": ("kv_cache_memory_fraction",),
             "enable_prefix_caching": ("enable_prefix_caching",),
             "max_waiting_requests": ("max_waiting_requests",),
+            "max_num_encoder_pixels": ("max_num_encoder_pixels",),
             "seed": ("seed",),
             "default_num_inference_steps": ("default_num_inference_steps", "num_inference_steps"),
             "tensor_parallel_size": ("tensor_parallel_size",),
@@ -426,6 +433,9 @@ class EngineConfig:
         mem = first("kv_cache_memory", "kv_cache_memory_bytes")
         if mem is not None:
             kw["kv_cache_memory_bytes"] = parse_size(mem)
+        enc = first("encoder_cache_memory", "encoder_cache_bytes")
+        if enc is not None:
+            kw["encoder_cache_bytes"] = parse_size(enc)
         for k in ("attn_impl", "moe_impl"):
             if isinstance(kw.get(k), str):
                 choices = ATTN_IMPLS if k == "attn_impl" else MOE_IMPLS
@@ -632,5 +642,16 @@ def add_engine_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         type=int,
         default=None,
         help="queue length before new requests are refused (default 1024)",
+    )
+    g.add_argument(
+        "--max-num-encoder-pixels",
+        type=int,
+        default=None,
+        help="condition-image pixels encoded per engine step (default 1048576; at least one image per step)",
+    )
+    g.add_argument(
+        "--encoder-cache-memory",
+        default=None,
+        help="bound of the encoder cache of condition images, bytes or a size such as 512MiB (default 512MiB)",
     )
     return parser
