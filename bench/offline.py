@@ -1,23 +1,37 @@
-"""`diffgentor bench offline`: offline throughput of the engine on a named random configuration.
+"""`diffgentor bench offline`: offline throughput and latency of the engine on a checkpoint and a workload.
 
-Builds a random checkpoint of the preset's shape (our tiny-model writer, resized), runs the same N
-requests through `Engine.generate` at the preset's max_num_seqs and, with `--compare-max-num-seqs K`,
-again at max_num_seqs=K in the same process, and prints images/min, think tokens/s, diffusion steps/s,
-the per-phase time split and the scheduler's own overhead per step, plus the ratio between the runs.
+The checkpoint is `--model DIR` (any checkpoint folder) or, by default, a random one of the preset's shape (our
+tiny-model writer, resized). The requests are a `--workload FILE.jsonl` (one offline-API request per line, image
+paths relative to the file; `--num-prompts N` takes / cycles N of them) or the preset's text-to-image prompts.
+Each timed run gets a fresh engine (so no prefix or encoder cache carries over between runs), `--warmup` untimed
+warm-up runs first, and runs `--repeat` times at the preset's max_num_seqs and, with `--compare-max-num-seqs K`,
+again at K in the same process. The JSON holds images/min, the per-phase split of the wall time (encode, prefill,
+think, diffusion, VAE decode, scheduler, preprocess, other), time to first think token and end-to-end latency per
+request (mean / p50 / p99, text-to-image and edits apart), mean and spread over the repeats, and the machine's state
+(git commit, load average before / after, torch threads, CPU model).
 """
 
 from __future__ import annotations
 
 import argparse
+import io
+import itertools
 import json
+import os
 import platform
+import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+
+from diffgentor.engine.tiny_model import SMALL_SIZES, size_overrides
 
 
 @dataclass(frozen=True)
@@ -38,11 +52,7 @@ PRESETS: dict[str, Preset] = {
     "small": Preset(
         description="4 layers, hidden 256, 8 q / 2 kv heads of 32, 16 experts top-4 (width 256) + shared expert, "
         "Distil, 256x256 output, 32 think tokens, 8 steps, 16 requests",
-        config_overrides=dict(
-            num_hidden_layers=4, hidden_size=256, num_attention_heads=8, num_key_value_heads=2,
-            attention_head_dim=32, num_experts=16, moe_topk=4, moe_intermediate_size=256, num_shared_expert=1,
-            intermediate_size=512,
-        ),
+        config_overrides=size_overrides(**SMALL_SIZES),
     ),
     "tiny": Preset(
         description="the embedded tiny model (2 layers, hidden 64, 4 experts top-2), 4 requests, 8 think tokens, "
@@ -51,10 +61,114 @@ PRESETS: dict[str, Preset] = {
     ),
 }
 
+PHASES = ("encode", "prefill", "think", "diffusion", "vae_decode", "scheduler", "preprocess", "other")
+"""The partition of a run's wall time (see `phase_split`)."""
+
+_STAT_PHASE = {"prefill": "prefill", "decode": "think", "diffuse": "diffusion"}
+"""`StepStats.phase_tokens` / `phase_forward_s` keys -> our phase names."""
+
+
+# ----------------------------------------------------------------------------------------------- workload
+
+
+class WorkloadError(ValueError):
+    """A workload file that cannot be run as written (the message names the line)."""
+
+
+def _request_fields() -> set[str]:
+    import msgspec
+
+    from diffgentor.engine.request import GenerationRequest
+
+    return {f.name for f in msgspec.structs.fields(GenerationRequest)} - {"request_id"}
+
+
+def load_workload(path: str | Path) -> list[dict[str, Any]]:
+    """One request per non-empty line: the offline API's request fields; `images` are paths relative to the file
+    (read here, so a missing image is an error before any engine starts). Adds `request_id` = `w{line}`."""
+    path = Path(path)
+    allowed = _request_fields()
+    out: list[dict[str, Any]] = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise WorkloadError(f"{path}:{n}: not JSON: {e}") from None
+        if not isinstance(row, dict):
+            raise WorkloadError(f"{path}:{n}: a request must be a JSON object")
+        unknown = sorted(set(row) - allowed)
+        if unknown:
+            raise WorkloadError(f"{path}:{n}: unknown fields {unknown}; allowed: {sorted(allowed)}")
+        if not isinstance(row.get("prompt"), str):
+            raise WorkloadError(f"{path}:{n}: `prompt` (a string) is required")
+        images = row.get("images") or []
+        if not isinstance(images, list) or not all(isinstance(p, str) for p in images):
+            raise WorkloadError(f"{path}:{n}: `images` must be a list of paths")
+        try:
+            row["images"] = [(path.parent / p).read_bytes() for p in images]
+        except OSError as e:
+            raise WorkloadError(f"{path}:{n}: cannot read image: {e}") from None
+        row["request_id"] = f"w{n}"
+        out.append(row)
+    if not out:
+        raise WorkloadError(f"{path}: no requests")
+    return out
+
+
+def preset_requests(preset: Preset, num: int) -> list[dict[str, Any]]:
+    """The preset's synthetic text-to-image requests (the default when no workload is given)."""
+    return [
+        dict(request_id=f"bench-{i}", prompt=f"a photo of object number {i} on a table, studio light",
+             bot_task=preset.bot_task, image_size=preset.image_size, max_new_tokens=preset.think_tokens,
+             num_inference_steps=preset.steps, seed=1000 + i, infer_align_image_size=False)
+        for i in range(num)
+    ]
+
+
+def take(requests: list[dict[str, Any]], num: int | None) -> list[dict[str, Any]]:
+    """The first `num` requests, cycling the list when it is shorter; copies get their own request ids."""
+    if not num:
+        return [dict(r) for r in requests]
+    out = []
+    for i, r in zip(range(num), itertools.cycle(requests)):
+        lap = i // len(requests)
+        out.append({**r, "request_id": r["request_id"] if lap == 0 else f"{r['request_id']}.{lap}"})
+    return out
+
+
+def kind_of(request: dict[str, Any]) -> str:
+    return "edit" if request.get("images") else "t2i"
+
+
+def _invert_png(data: bytes) -> bytes:
+    from PIL import Image, ImageOps
+
+    buf = io.BytesIO()
+    ImageOps.invert(Image.open(io.BytesIO(data)).convert("RGB")).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def warmup_requests(requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One request of each kind in the workload, changed so it shares no cache entry with the timed ones: another
+    prompt (the system prompt prefix is still shared, as in steady serving), another seed, inverted images."""
+    out = []
+    for kind in ("t2i", "edit"):
+        r = next((r for r in requests if kind_of(r) == kind), None)
+        if r is not None:
+            out.append({**r, "request_id": f"warmup-{kind}", "prompt": "warm-up: " + r["prompt"],
+                        "seed": int(r.get("seed") or 0) + 7919, "images": [_invert_png(b) for b in r["images"]]})
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- measuring
+
 
 @dataclass
 class RunResult:
     max_num_seqs: int
+    repeat: int
     duration_s: float
     num_requests: int
     num_images: int
@@ -65,109 +179,328 @@ class RunResult:
     think_tokens_per_s: float
     diffusion_steps_per_s: float
     phase_time_s: dict[str, float] = field(default_factory=dict)
+    phase_fraction: dict[str, float] = field(default_factory=dict)
+    phase_split_source: str = ""
     phase_tokens: dict[str, int] = field(default_factory=dict)
     scheduler_overhead_ms_per_step: float = 0.0
+    latency: dict[str, dict[str, Any]] = field(default_factory=dict)
+    slowest_steps: list[dict[str, Any]] = field(default_factory=list)
+    requests: list[dict[str, Any]] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
 
 
-def build_checkpoint(preset: Preset, out_dir: Path, seed: int = 0) -> Path:
-    from diffgentor.engine.tiny_model import make_tiny
-
-    return make_tiny(out_dir, distil=preset.distil, seed=seed, config_overrides=preset.config_overrides)
-
-
-def requests(preset: Preset, num: int) -> list[dict[str, Any]]:
-    return [
-        dict(request_id=f"bench-{i}", prompt=f"a photo of object number {i} on a table, studio light",
-             bot_task=preset.bot_task, image_size=preset.image_size, max_new_tokens=preset.think_tokens,
-             num_inference_steps=preset.steps, seed=1000 + i, infer_align_image_size=False)
-        for i in range(num)
-    ]
+def _stats_snapshot(stats: Any) -> dict[str, Any]:
+    """A deep copy of the engine's `StepStats` as plain numbers (fields it lacks read as zero later)."""
+    return json.loads(json.dumps(asdict(stats)))
 
 
-def run_once(ckpt: Path, preset: Preset, num: int, max_num_seqs: int) -> RunResult:
+def _delta(a: dict[str, Any], b: dict[str, Any], key: str) -> float:
+    return float(b.get(key, 0.0)) - float(a.get(key, 0.0))
+
+
+def _dict_delta(a: dict[str, Any], b: dict[str, Any], key: str) -> dict[str, float]:
+    da, db = a.get(key) or {}, b.get(key) or {}
+    return {k: float(db.get(k, 0.0)) - float(da.get(k, 0.0)) for k in db}
+
+
+@dataclass
+class _PhaseAccumulator:
+    """Attributes each engine step's time to phases; `other` is whatever the engine's counters do not explain."""
+
+    time_s: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))
+    engine_split_steps: int = 0
+    token_share_steps: int = 0
+
+    def add_step(self, before: dict[str, Any], after: dict[str, Any]) -> dict[str, float]:
+        tokens = _dict_delta(before, after, "phase_tokens")
+        engine_split = _dict_delta(before, after, "phase_forward_s")
+        forward, post = _delta(before, after, "forward_s"), _delta(before, after, "post_s")
+        total_tokens = sum(tokens.values())
+        step: dict[str, float] = {
+            "encode": _delta(before, after, "encode_s"),
+            "vae_decode": _delta(before, after, "vae_s"),
+            "scheduler": _delta(before, after, "schedule_s") + _delta(before, after, "update_s"),
+        }
+        # forward seconds per phase: the engine's own split when it fills one, else this step's token shares;
+        # sampling / Euler time (post) always by token share
+        if sum(engine_split.values()) > 0:
+            self.engine_split_steps += 1
+            fwd = {k: engine_split.get(k, 0.0) for k in _STAT_PHASE}
+        else:
+            self.token_share_steps += 1 if total_tokens else 0
+            fwd = {k: forward * tokens.get(k, 0) / total_tokens if total_tokens else 0.0 for k in _STAT_PHASE}
+        for k, ours in _STAT_PHASE.items():
+            share = tokens.get(k, 0) / total_tokens if total_tokens else 0.0
+            step[ours] = fwd[k] + post * share
+        for k, v in step.items():
+            self.time_s[k] += v
+        return step
+
+    def source(self) -> str:
+        if self.engine_split_steps and self.token_share_steps:
+            return "mixed: StepStats.phase_forward_s where filled, else token share of forward_s"
+        return "StepStats.phase_forward_s" if self.engine_split_steps else "token share of StepStats.forward_s"
+
+
+def _summary(values: list[float]) -> dict[str, float | int | None]:
+    if not values:
+        return {"count": 0, "mean": None, "p50": None, "p99": None, "max": None}
+    a = np.asarray(values, dtype=np.float64)
+    return {"count": len(values), "mean": float(a.mean()), "p50": float(np.percentile(a, 50)),
+            "p99": float(np.percentile(a, 99)), "max": float(a.max())}
+
+
+def latency_summary(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per kind (t2i, edit, all): time to first think token, end to end, and the engine step of the first text."""
+    out: dict[str, dict[str, Any]] = {}
+    for kind in ("t2i", "edit", "all"):
+        sel = [r for r in rows if r["ok"] and (kind == "all" or r["kind"] == kind)]
+        out[kind] = {
+            "completed": len(sel),
+            "first_token_s": _summary([r["first_token_s"] for r in sel if r["first_token_s"] is not None]),
+            "e2e_s": _summary([r["e2e_s"] for r in sel]),
+            "first_text_step": _summary([r["first_text_step"] for r in sel if r["first_text_step"] is not None]),
+        }
+    return out
+
+
+def run_once(ckpt: Path, engine_args: dict[str, Any], reqs: list[dict[str, Any]], warmup: int,
+             repeat: int) -> RunResult:
+    """A fresh engine, `warmup` untimed warm-up runs, then the timed run, stepped here like `Engine.stream` does so
+    every step's counters can be attributed to phases."""
     from diffgentor.engine.offline import Engine
 
-    eng = Engine.from_pretrained(
-        ckpt, environ={}, device="cpu", dtype="float32", max_num_seqs=max_num_seqs,
-        max_num_batched_tokens=preset.max_num_batched_tokens, num_kv_blocks=4096,
-    )
-    eng.generate(requests(preset, 1)[:1])  # warm-up (allocator, kernels); not counted
-    core = eng.core
-    core.stats = type(core.stats)()
-    t0 = time.perf_counter()
-    results = eng.generate(requests(preset, num))
-    dur = time.perf_counter() - t0
-    s = core.stats
+    eng = Engine.from_pretrained(ckpt, environ={}, **engine_args)
+    try:
+        for _ in range(warmup):
+            eng.generate(warmup_requests(reqs))
+        core = eng.core
+        kinds = {r["request_id"]: kind_of(r) for r in reqs}
+        first_text: dict[str, int] = {}
+        acc = _PhaseAccumulator()
+        steps: list[dict[str, Any]] = []
+        start = _stats_snapshot(eng.stats)
+        t0 = time.perf_counter()
+        for r in reqs:
+            core.add_request(eng.make_request(r))
+        acc.time_s["preprocess"] = time.perf_counter() - t0
+        before = start
+        while core.has_unfinished():
+            ts = time.perf_counter()
+            events = core.step()
+            wall = time.perf_counter() - ts
+            after = _stats_snapshot(eng.stats)
+            split = acc.add_step(before, after)
+            steps.append({"index": len(steps), "wall_s": wall, **split,
+                          "tokens": _dict_delta(before, after, "phase_tokens")})
+            before = after
+            for ev in events:
+                if ev.kind == "text":
+                    first_text.setdefault(ev.request_id, len(steps) - 1)
+        core.run_until_done()
+        dur = time.perf_counter() - t0
+        end = _stats_snapshot(eng.stats)
+        results = [core.results.pop(r["request_id"]) for r in reqs]
+    finally:
+        eng.close()
+    acc.time_s["other"] = dur - sum(v for k, v in acc.time_s.items() if k != "other")
+    rows = []
+    for res in results:
+        t = res.timings
+        rows.append({
+            "request_id": res.request_id, "kind": kinds[res.request_id], "ok": res.error is None,
+            "first_token_s": t.get("first_token"), "e2e_s": t.get("total"), "queue_s": t.get("queue"),
+            "think_s": t.get("think"), "diffuse_s": t.get("diffuse"), "vae_decode_s": t.get("vae_decode"),
+            "think_tokens": res.num_generated_tokens, "prompt_tokens": res.num_prompt_tokens,
+            "first_text_step": first_text.get(res.request_id), "error": res.error,
+        })
     images = sum(r.image is not None for r in results)
     think = sum(r.num_generated_tokens for r in results)
-    steps = s.diffusion_steps
+    engine_steps = int(_delta(start, end, "steps"))
+    diffusion_steps = int(_delta(start, end, "diffusion_steps"))
+    sched = _delta(start, end, "schedule_s") + _delta(start, end, "update_s")
     return RunResult(
-        max_num_seqs=max_num_seqs, duration_s=dur, num_requests=num, num_images=images, think_tokens=think,
-        diffusion_steps=steps, engine_steps=s.steps, images_per_min=60.0 * images / dur,
-        think_tokens_per_s=think / dur, diffusion_steps_per_s=steps / dur,
-        phase_time_s={"forward": s.forward_s, "sample_and_euler": s.post_s, "vae_decode": s.vae_s,
-                      "schedule": s.schedule_s, "update": s.update_s},
-        phase_tokens=dict(s.phase_tokens),
-        scheduler_overhead_ms_per_step=1000.0 * (s.schedule_s + s.update_s) / max(s.steps, 1),
-        errors=[r.error for r in results if r.error],
+        max_num_seqs=int(engine_args["max_num_seqs"]), repeat=repeat, duration_s=dur, num_requests=len(reqs),
+        num_images=images, think_tokens=think, diffusion_steps=diffusion_steps, engine_steps=engine_steps,
+        images_per_min=60.0 * images / dur, think_tokens_per_s=think / dur,
+        diffusion_steps_per_s=diffusion_steps / dur,
+        phase_time_s=dict(acc.time_s), phase_fraction={k: v / dur for k, v in acc.time_s.items()},
+        phase_split_source=acc.source(),
+        phase_tokens={k: int(v) for k, v in _dict_delta(start, end, "phase_tokens").items()},
+        scheduler_overhead_ms_per_step=1000.0 * sched / max(engine_steps, 1),
+        latency=latency_summary(rows),
+        slowest_steps=sorted(steps, key=lambda s: -s["wall_s"])[:5],
+        requests=rows,
+        errors=[f"{r.request_id}: {r.error}" for r in results if r.error],
     )
+
+
+def _spread(values: list[float]) -> dict[str, float]:
+    return {"mean": statistics.fmean(values), "stdev": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "min": min(values), "max": max(values), "n": len(values)}
+
+
+def summarize(runs: list[RunResult]) -> dict[str, Any]:
+    """Mean and spread over the repeats of one max_num_seqs setting."""
+
+    def lat(kind: str, metric: str, stat: str) -> list[float]:
+        return [v for r in runs if (v := r.latency[kind][metric][stat]) is not None]
+
+    out: dict[str, Any] = {
+        "repeats": len(runs),
+        "images_per_min": _spread([r.images_per_min for r in runs]),
+        "duration_s": _spread([r.duration_s for r in runs]),
+        "think_tokens_per_s": _spread([r.think_tokens_per_s for r in runs]),
+        "diffusion_steps_per_s": _spread([r.diffusion_steps_per_s for r in runs]),
+        "phase_time_s": {k: statistics.fmean(r.phase_time_s[k] for r in runs) for k in PHASES},
+        "phase_fraction": {k: statistics.fmean(r.phase_fraction[k] for r in runs) for k in PHASES},
+    }
+    for kind in ("t2i", "edit", "all"):
+        out[kind] = {m: {s: statistics.fmean(v) for s in ("mean", "p50", "p99") if (v := lat(kind, m, s))}
+                     for m in ("first_token_s", "e2e_s", "first_text_step")}
+    return out
+
+
+def machine_info() -> dict[str, Any]:
+    """What the numbers depend on: code version, CPU, threads, and how busy the machine was."""
+    root = Path(__file__).resolve().parents[1]
+
+    def git(*args: str) -> str | None:
+        try:
+            return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=30,
+                                  check=True).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return None
+
+    cpu = platform.processor()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name")) or cpu
+    except (OSError, StopIteration):
+        pass
+    dirty = git("status", "--porcelain", "--untracked-files=no")
+    return {
+        "git_commit": git("rev-parse", "HEAD"),
+        "git_uncommitted": dirty.splitlines() if dirty else [],
+        "cpu_model": cpu, "cpu_count": os.cpu_count(), "machine": platform.machine(),
+        "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
+        "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "argv": sys.argv[1:],
+    }
+
+
+# ----------------------------------------------------------------------------------------------- CLI
 
 
 def render(run: RunResult) -> str:
     p = run.phase_time_s
+    lat = run.latency
+    ft = {k: lat[k]["first_token_s"]["mean"] for k in ("t2i", "edit")}
+    ft_s = ", ".join(f"{k} {v:.2f}s" for k, v in ft.items() if v is not None)
     return (
-        f"max_num_seqs={run.max_num_seqs:>3}: {run.duration_s:7.2f} s  {run.images_per_min:7.2f} images/min  "
-        f"{run.think_tokens_per_s:7.1f} think tok/s  {run.diffusion_steps_per_s:6.2f} diffusion steps/s  "
-        f"[forward {p['forward']:.1f}s, VAE {p['vae_decode']:.1f}s, sample+euler {p['sample_and_euler']:.1f}s; "
-        f"scheduler {run.scheduler_overhead_ms_per_step:.2f} ms/step over {run.engine_steps} steps]"
+        f"max_num_seqs={run.max_num_seqs:>3} #{run.repeat}: {run.duration_s:7.2f} s  {run.images_per_min:7.2f} "
+        f"images/min  {run.think_tokens_per_s:6.1f} think tok/s  first think token (mean) {ft_s or '-'}\n"
+        f"    split: " + ", ".join(f"{k} {p[k]:.2f}s" for k in PHASES)
+        + f"  [{run.engine_steps} steps, scheduler {run.scheduler_overhead_ms_per_step:.2f} ms/step]"
     )
 
 
 def main(args: argparse.Namespace) -> int:
     preset = PRESETS[args.preset]
-    num = args.num_requests or preset.num_requests
+    load_before = os.getloadavg()
+    info = machine_info()
+    try:
+        reqs = load_workload(args.workload) if args.workload else preset_requests(
+            preset, args.num_prompts or preset.num_requests)
+    except WorkloadError as e:
+        print(f"bench offline: {e}", file=sys.stderr)
+        return 2
+    reqs = take(reqs, args.num_prompts)
+    if args.repeat < 1 or args.warmup < 0:
+        print("bench offline: --repeat must be >= 1 and --warmup >= 0", file=sys.stderr)
+        return 2
     torch.manual_seed(0)
+    settings = [args.max_num_seqs or preset.max_num_seqs] + ([args.compare_max_num_seqs]
+                                                              if args.compare_max_num_seqs else [])
+    runs: list[RunResult] = []
     with tempfile.TemporaryDirectory() as tmp:
-        ckpt = build_checkpoint(preset, Path(tmp) / f"random-{args.preset}")
-        runs = [run_once(ckpt, preset, num, args.max_num_seqs or preset.max_num_seqs)]
-        print(render(runs[0]), flush=True)
-        if args.compare_max_num_seqs:
-            runs.append(run_once(ckpt, preset, num, args.compare_max_num_seqs))
-            print(render(runs[1]), flush=True)
+        if args.model:
+            ckpt = Path(args.model)
+        else:
+            from diffgentor.engine.tiny_model import make_tiny
+
+            ckpt = make_tiny(Path(tmp) / f"random-{args.preset}", distil=preset.distil, seed=0,
+                             config_overrides=preset.config_overrides)
+        for mns in settings:
+            engine_args = dict(device=args.device, dtype=args.dtype, max_num_seqs=mns,
+                               max_num_batched_tokens=args.max_num_batched_tokens or preset.max_num_batched_tokens,
+                               num_kv_blocks=args.num_kv_blocks)
+            for rep in range(args.repeat):
+                runs.append(run_once(ckpt, engine_args, reqs, args.warmup, rep))
+                print(render(runs[-1]), flush=True)
+    load_after = os.getloadavg()
+    by_setting = {mns: [r for r in runs if r.max_num_seqs == mns] for mns in settings}
+    summary = {f"mns{mns}": summarize(rs) for mns, rs in by_setting.items()}
+    main_summary = summary[f"mns{settings[0]}"]
+    counts = {k: sum(kind_of(r) == k for r in reqs) for k in ("t2i", "edit")}
     out: dict[str, Any] = {
-        "benchmark": "offline", "preset": args.preset, "description": preset.description,
-        "preset_settings": asdict(preset), "num_requests": num, "torch": torch.__version__,
-        "threads": torch.get_num_threads(), "machine": platform.machine(), "processor": platform.processor(),
+        "benchmark": "offline", "label": args.label, **info,
+        "loadavg_before": list(load_before), "loadavg_after": list(load_after),
+        "model": str(args.model) if args.model else f"random preset {args.preset}",
+        "preset": args.preset, "description": preset.description, "preset_settings": asdict(preset),
+        "workload": str(args.workload) if args.workload else None, "num_requests": len(reqs),
+        "num_t2i": counts["t2i"], "num_edit": counts["edit"], "warmup_runs": args.warmup, "repeats": args.repeat,
+        "device": args.device, "dtype": args.dtype, "max_num_seqs": settings,
+        "images_per_min": main_summary["images_per_min"]["mean"],
+        "summary": summary,
         "runs": [asdict(r) for r in runs],
     }
-    if len(runs) == 2:
-        a, b = runs
+    if len(settings) == 2:
+        a, b = (summary[f"mns{m}"] for m in settings)
+
+        def mean(s: dict[str, Any], key: str) -> float:
+            return s[key]["mean"]
+
+        no_vae = [statistics.fmean(r.duration_s - r.phase_time_s["vae_decode"] for r in by_setting[m])
+                  for m in settings]
         out["ratio"] = {
-            "images_per_min": a.images_per_min / b.images_per_min,
-            "think_tokens_per_s": a.think_tokens_per_s / b.think_tokens_per_s,
-            "diffusion_steps_per_s": a.diffusion_steps_per_s / b.diffusion_steps_per_s,
-            "engine_time_excluding_vae": (b.duration_s - b.phase_time_s["vae_decode"])
-            / (a.duration_s - a.phase_time_s["vae_decode"]),
+            "images_per_min": mean(a, "images_per_min") / mean(b, "images_per_min"),
+            "think_tokens_per_s": mean(a, "think_tokens_per_s") / mean(b, "think_tokens_per_s"),
+            "diffusion_steps_per_s": mean(a, "diffusion_steps_per_s") / mean(b, "diffusion_steps_per_s"),
+            "engine_time_excluding_vae": no_vae[1] / no_vae[0],
         }
         r = out["ratio"]
-        print(f"ratio max_num_seqs={a.max_num_seqs} vs {b.max_num_seqs}: images/min x{r['images_per_min']:.2f}, "
+        print(f"ratio max_num_seqs={settings[0]} vs {settings[1]}: images/min x{r['images_per_min']:.2f}, "
               f"think tok/s x{r['think_tokens_per_s']:.2f}, diffusion steps/s x{r['diffusion_steps_per_s']:.2f}, "
               f"time without VAE decode x{r['engine_time_excluding_vae']:.2f}")
+    print(f"load average before {load_before[0]:.2f}, after {load_after[0]:.2f}; {info['torch_threads']} torch threads")
     if args.save_result:
         Path(args.save_result).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.save_result).write_text(json.dumps(out, indent=2) + "\n")
+        Path(args.save_result).write_text(json.dumps(out, indent=2, ensure_ascii=False) + "\n")
         print(f"saved {args.save_result}")
-    bad = [e for r in runs for e in r.errors]
-    return 1 if bad else 0
+    return 1 if any(r.errors for r in runs) else 0
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("offline", help="offline throughput on a named random configuration")
-    p.add_argument("--preset", choices=sorted(PRESETS), default="small")
-    p.add_argument("--num-requests", type=int, default=None)
+    p = sub.add_parser("offline", help="offline throughput and latency on a checkpoint and a workload")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="small",
+                   help="engine settings and, without --model / --workload, the random checkpoint and requests")
+    p.add_argument("--model", default=None, help="a checkpoint folder (default: a random one of the preset's shape)")
+    p.add_argument("--workload", default=None,
+                   help="JSON lines, one offline-API request each (prompt, images as paths relative to the file, "
+                   "image_size HxW, bot_task, max_new_tokens, num_inference_steps, seed, use_system_prompt, ...)")
+    p.add_argument("--num-prompts", "--num-requests", dest="num_prompts", type=int, default=None,
+                   help="take this many requests (cycling the workload when it is shorter)")
+    p.add_argument("--warmup", type=int, default=1,
+                   help="untimed warm-up runs per engine, each of one request per kind (first text-to-image, "
+                   "first edit) with another prompt, seed and images")
+    p.add_argument("--repeat", type=int, default=1, help="timed runs per max_num_seqs (mean and spread reported)")
     p.add_argument("--max-num-seqs", type=int, default=None)
     p.add_argument("--compare-max-num-seqs", type=int, default=None,
                    help="also run the same requests at this max_num_seqs and print the ratio")
+    p.add_argument("--max-num-batched-tokens", type=int, default=None)
+    p.add_argument("--num-kv-blocks", type=int, default=4096)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--label", default=None, help="a name for this result (shown by `bench compare`)")
     p.add_argument("--save-result", default=None, help="write the JSON result here")
     p.set_defaults(func=main)

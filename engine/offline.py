@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from diffgentor.engine.config import EngineConfig
-from diffgentor.engine.core import EngineCore
+from diffgentor.engine.core import EngineCore, StepStats
 from diffgentor.engine.request import EngineEvent, GenerationRequest, RequestResult
 
 if TYPE_CHECKING:
@@ -74,6 +74,11 @@ class Engine:
                         executor_args: dict[str, Any] | None = None, **engine_args: Any) -> Engine:
         config = EngineConfig.from_cli_and_env({"model": str(model), **engine_args}, environ=environ)
         return cls.from_config(config, **(executor_args or {}))
+
+    @property
+    def stats(self) -> StepStats:
+        """The core's cumulative step counters (read-only use: benchmarks snapshot them between steps)."""
+        return self.core.stats
 
     def make_request(self, req: GenerationRequest | dict[str, Any]) -> GenerationRequest:
         if isinstance(req, GenerationRequest):

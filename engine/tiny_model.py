@@ -468,6 +468,46 @@ def apply_config_overrides(config: dict[str, Any], overrides: dict[str, Any] | N
     return config
 
 
+SIZE_FIELDS: dict[str, str] = {
+    "layers": "num_hidden_layers",
+    "hidden": "hidden_size",
+    "heads": "num_attention_heads",
+    "kv_heads": "num_key_value_heads",
+    "head_dim": "attention_head_dim",
+    "experts": "num_experts",
+    "topk": "moe_topk",
+    "expert_width": "moe_intermediate_size",
+    "shared_experts": "num_shared_expert",
+    "intermediate": "intermediate_size",
+}
+"""Short size names (`diffgentor make-tiny --layers ...`, benchmark presets) -> the config.json fields they set."""
+
+
+def size_overrides(**sizes: int | None) -> dict[str, Any]:
+    """Config overrides for a resized tiny checkpoint from short size names (`SIZE_FIELDS`); None = keep the default.
+
+    Checked here so a bad size is a clear error instead of a shape mismatch deep in the model build."""
+    unknown = sorted(set(sizes) - set(SIZE_FIELDS))
+    if unknown:
+        raise ValueError(f"unknown size names {unknown}; known: {sorted(SIZE_FIELDS)}")
+    given = {k: int(v) for k, v in sizes.items() if v is not None}
+    for k, v in given.items():
+        if v < (0 if k == "shared_experts" else 1):
+            raise ValueError(f"{k} must be {'>= 0' if k == 'shared_experts' else 'positive'}, got {v}")
+    if "topk" in given and given["topk"] > given.get("experts", 4):
+        raise ValueError(f"topk ({given['topk']}) must be <= experts ({given.get('experts', 4)})")
+    heads, kv_heads = given.get("heads", 4), given.get("kv_heads", 2)
+    if heads % kv_heads:
+        raise ValueError(f"heads ({heads}) must be a multiple of kv_heads ({kv_heads})")
+    return {SIZE_FIELDS[k]: v for k, v in given.items()}
+
+
+SMALL_SIZES: dict[str, int] = dict(layers=4, hidden=256, heads=8, kv_heads=2, head_dim=32, experts=16, topk=4,
+                                   expert_width=256, shared_experts=1, intermediate=512)
+"""The `small` benchmark shape: the checkpoint issue 12 measured with the official code (4 layers, hidden 256,
+16 experts top-4), with our choice of the sizes the issue does not name (heads, widths)."""
+
+
 def write_tiny_metadata(
     out_dir: str | Path, distil: bool = False, dtype: torch.dtype = torch.float32,
     config_overrides: dict[str, Any] | None = None,

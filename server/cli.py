@@ -12,10 +12,18 @@ from collections.abc import Sequence
 
 
 def _cmd_make_tiny(args: argparse.Namespace) -> int:
-    from diffgentor.engine.tiny_model import make_tiny
+    from diffgentor.engine.tiny_model import SIZE_FIELDS, SMALL_SIZES, make_tiny, size_overrides
 
-    make_tiny(args.out_dir, distil=args.distil, seed=args.seed)
-    print(f"wrote tiny {'Distil ' if args.distil else ''}checkpoint to {args.out_dir}")
+    sizes = dict(SMALL_SIZES) if args.size == "small" else {}
+    sizes.update({k: getattr(args, k) for k in SIZE_FIELDS if getattr(args, k) is not None})
+    try:
+        overrides = size_overrides(**sizes)
+    except ValueError as e:
+        print(f"make-tiny: {e}", file=sys.stderr)
+        return 2
+    make_tiny(args.out_dir, distil=args.distil, seed=args.seed, config_overrides=overrides)
+    shape = ", ".join(f"{k} {v}" for k, v in sizes.items())
+    print(f"wrote tiny {'Distil ' if args.distil else ''}checkpoint{f' ({shape})' if shape else ''} to {args.out_dir}")
     return 0
 
 
@@ -78,6 +86,15 @@ def build_parser() -> argparse.ArgumentParser:
     mt.add_argument("out_dir")
     mt.add_argument("--distil", action="store_true", help="turn on the Distil switches (guidance, meanflow)")
     mt.add_argument("--seed", type=int, default=0)
+    mt.add_argument("--size", choices=["tiny", "small"], default="tiny",
+                    help="base shape: the embedded tiny model, or `small` (the `bench offline --preset small` model: "
+                    "4 layers, hidden 256, 8/2 heads of 32, 16 experts top-4); the flags below override single sizes")
+    for flag, field in (("layers", "num_hidden_layers"), ("hidden", "hidden_size"), ("heads", "num_attention_heads"),
+                        ("kv-heads", "num_key_value_heads"), ("head-dim", "attention_head_dim"),
+                        ("experts", "num_experts"), ("topk", "moe_topk (every layer)"),
+                        ("expert-width", "moe_intermediate_size (every layer)"),
+                        ("shared-experts", "num_shared_expert (every layer)"), ("intermediate", "intermediate_size")):
+        mt.add_argument(f"--{flag}", type=int, default=None, help=f"config.json {field}")
     mt.set_defaults(func=_cmd_make_tiny)
 
     vg = sub.add_parser("verify-golden", help="recompute every tensor of a golden set and compare")
