@@ -70,6 +70,7 @@ class EnginePool:
         ]
         self._died = False
         self._next = 0  # round-robin start among equally loaded instances
+        self.reserved: set[str] = set()  # request ids admitted (`reserve`) that have not started yet
 
     # ------------------------------------------------------------------ the EngineClient interface
     @property
@@ -92,7 +93,22 @@ class EnginePool:
     def has_room(self, n: int) -> bool:
         """Whether n more requests fit the healthy instances' running + waiting capacity together (balancing
         keeps each instance within its own)."""
-        return self.num_in_flight + n <= sum(c.capacity for c in self.clients if c.healthy)
+        return self.num_in_flight + len(self.reserved) + n <= self.capacity
+
+    @property
+    def capacity(self) -> int:
+        """Requests the healthy instances take at once (running plus waiting)."""
+        return sum(c.capacity for c in self.clients if c.healthy)
+
+    def reserve(self, request_ids: list[str]) -> bool:
+        """`EngineClient.reserve` over the pool: slots taken at admission, turned into in-flight in `generate`."""
+        if not self.healthy or not self.has_room(len(request_ids)):
+            return False
+        self.reserved.update(request_ids)
+        return True
+
+    def release(self, request_ids: list[str]) -> None:
+        self.reserved.difference_update(request_ids)
 
     async def start(self) -> None:
         """Start every instance at once (loading is the slow part); the first failure stops the others' start."""
@@ -126,6 +142,7 @@ class EnginePool:
         """The picked instance's events. Picking here, at the first ``__anext__``, counts the request in that
         instance's ``num_in_flight`` in the same step, so a burst of requests spreads; closing or cancelling this
         closes the instance's generator, which aborts the request in that instance's engine core."""
+        self.reserved.discard(processed.request.request_id)
         gen = self.pick().generate(processed)
         try:
             async for item in gen:
