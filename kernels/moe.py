@@ -13,8 +13,7 @@ of the checkpoint (one Linear per expert) and a stacked fast-path layout share t
 
 from __future__ import annotations
 
-import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -23,8 +22,9 @@ from torch import Tensor
 
 from .activation import silu_and_mul
 from .fallback import warn_once
+from .quantization import Fp8Weight, fp8_layout, parse_quantization, quantize_rows_fp8
 
-ExpertWeights = Tensor | Sequence[Tensor]
+ExpertWeights = Tensor | Fp8Weight | Sequence[Tensor] | Sequence[Fp8Weight]
 
 _RENORM_EPS = 1e-8
 
@@ -56,13 +56,30 @@ def select_experts(
     return weights.to(weight_dtype or hidden_states.dtype), ids
 
 
-def swiglu_mlp(x: Tensor, gate_and_up_weight: Tensor, down_weight: Tensor) -> Tensor:
-    """One expert / shared MLP: down(silu_and_mul(gate_and_up(x))), no biases."""
-    return F.linear(silu_and_mul(F.linear(x, gate_and_up_weight)), down_weight)
+def _dense(w: Tensor | Fp8Weight, dtype: torch.dtype) -> Tensor:
+    """A plain weight as is; an FP8 one dequantised (the reference: fp8 value * scale in fp32, then `dtype`)."""
+    return w.dequantize(dtype) if isinstance(w, Fp8Weight) else w
+
+
+def _scaled_linear(x: Tensor, w: Fp8Weight) -> Tensor:
+    """x @ w.T with `torch._scaled_mm`: x quantised per row on the fly, w per output channel (sm89+ and CPU)."""
+    xq, xs = quantize_rows_fp8(x)
+    out_dtype = torch.bfloat16 if x.device.type == "cuda" else x.dtype  # CUDA row-wise scaling emits bf16
+    y = torch._scaled_mm(xq, w.qweight.t(), scale_a=xs, scale_b=w.scale.unsqueeze(0), out_dtype=out_dtype)
+    return y.to(x.dtype)
+
+
+def swiglu_mlp(x: Tensor, gate_and_up_weight: Tensor | Fp8Weight, down_weight: Tensor | Fp8Weight,
+               impl: str = "reference") -> Tensor:
+    """One expert / shared MLP: down(silu_and_mul(gate_and_up(x))), no biases. FP8 weights are dequantised, or
+    run through `torch._scaled_mm` when `impl` is one of the scaled FP8 paths (`resolve_moe_impl`)."""
+    if impl in _FP8_SCALED_IMPLS and isinstance(gate_and_up_weight, Fp8Weight) and gate_and_up_weight.block is None:
+        return _scaled_linear(silu_and_mul(_scaled_linear(x, gate_and_up_weight)), down_weight)
+    return F.linear(silu_and_mul(F.linear(x, _dense(gate_and_up_weight, x.dtype))), _dense(down_weight, x.dtype))
 
 
 def _num_experts(w: ExpertWeights) -> int:
-    return int(w.shape[0]) if isinstance(w, Tensor) else len(w)
+    return int(w.shape[0]) if isinstance(w, Tensor | Fp8Weight) else len(w)
 
 
 def fused_experts_reference(
@@ -76,9 +93,10 @@ def fused_experts_reference(
 ) -> Tensor:
     """Routed-expert output [T, H] = sum_k topk_weights[t, k] * expert_{topk_ids[t, k]}(x_t), dropless.
 
-    w13: per expert [2I, H] in the checkpoint's [up; gate] row order; w2: per expert [H, I].
-    Expert parallel: the weights are the local experts with global ids `expert_offset ...`; ids stay global
-    (range [0, global_num_experts)) and assignments to other ranks' experts contribute zero.
+    w13: per expert [2I, H] in the checkpoint's [up; gate] row order; w2: per expert [H, I]; either may be FP8
+    (`Fp8Weight`), dequantised per expert just before its matmul. Expert parallel: the weights are the local
+    experts with global ids `expert_offset ...`; ids stay global (range [0, global_num_experts)) and assignments
+    to other ranks' experts contribute zero.
     """
     num_experts = _num_experts(w13)
     if _num_experts(w2) != num_experts:
@@ -98,7 +116,8 @@ def fused_experts_reference(
             continue  # another expert-parallel rank's expert
         assignment = (flat_ids == g).nonzero(as_tuple=True)[0]
         tokens = assignment // top_k
-        y = swiglu_mlp(hidden_states.index_select(0, tokens), w13[e], w2[e])
+        y = swiglu_mlp(hidden_states.index_select(0, tokens), _dense(w13[e], hidden_states.dtype),
+                       _dense(w2[e], hidden_states.dtype))
         # A token picks an expert at most once, so `tokens` has no repeats and the accumulation is
         # deterministic; index_put_ is also far cheaper than index_add_ on small CPU tensors.
         out.index_put_((tokens,), y * flat_w[assignment].unsqueeze(1), accumulate=True)
@@ -130,10 +149,9 @@ def moe_forward_reference(
 # caller passes weights sharded along the intermediate dim with `shard_w13_tp` / `shard_w2_tp` (the up and the
 # gate halves are sharded separately); each rank's output is a partial sum.
 
-MOE_IMPL_ENV = "DG_HUNYUAN_IMAGE_3_MOE_IMPL"
 MOE_IMPLS = ("eager", "flashinfer")  # user-facing names (EngineConfig.moe_impl)
-_ALL_IMPLS = ("reference", "grouped", "eager", "flashinfer")
-
+_FP8_SCALED_IMPLS = ("fp8_grouped", "fp8_scaled_mm")
+_ALL_IMPLS = ("reference", "grouped", "eager", "flashinfer", *_FP8_SCALED_IMPLS)
 
 
 @dataclass(frozen=True)
@@ -189,14 +207,13 @@ def shard_experts_ep(w: Tensor, parallel: MoEParallel) -> Tensor:
     return w[r.start : r.stop]
 
 
-def _local_assignments(topk_ids: Tensor, num_local: int, expert_offset: int) -> tuple[Tensor, Tensor]:
-    """Flat local expert ids [T*k] (num_local for assignments owned by another rank) and the validity mask."""
-    local = topk_ids.reshape(-1).long() - expert_offset
-    valid = (local >= 0) & (local < num_local)
-    return torch.where(valid, local, torch.full_like(local, num_local)), valid
-
-
 # ------------------------------------------------------------------------------------------------ grouped GEMM
+#
+# The sort-by-expert skeleton is free of device->host syncs (no `nonzero`, `.item()`, `.tolist()`, boolean-mask
+# indexing, `bincount` (whose CUDA kernel reads the max back) or data-dependent shapes): group ends come from
+# `searchsorted` over the sorted keys, and under expert parallel the other ranks' assignments are sorted last,
+# left outside every group and masked with `torch.where`. The only remaining sync is in the per-expert fallbacks
+# (`_segment_mm`, the `_scaled_mm` loop), which need the group sizes on the host to slice.
 
 _GROUPED_MM_OK: dict[tuple[str, torch.dtype], bool] = {}
 
@@ -218,9 +235,16 @@ def _grouped_mm(a: Tensor, b: Tensor, offs: Tensor) -> Tensor | None:
     return out
 
 
+def _group_sizes(offs: Tensor) -> list[int]:
+    """Group sizes on the host (a device->host sync: only the per-expert fallbacks use it)."""
+    ends = offs.tolist()
+    return [e - s for s, e in zip([0, *ends[:-1]], ends)]
+
+
 def _segment_mm(a: Tensor, b: Tensor, counts: list[int]) -> Tensor:
-    """Fallback of `_grouped_mm` over rows sorted by group: one matmul per non-empty group."""
-    out = a.new_empty(a.shape[0], b.shape[-1])
+    """Fallback of `_grouped_mm` over rows sorted by group: one matmul per non-empty group (rows past the last
+    group are left zero)."""
+    out = a.new_zeros(a.shape[0], b.shape[-1])
     start = 0
     for g, n in enumerate(counts):
         if n:
@@ -229,54 +253,51 @@ def _segment_mm(a: Tensor, b: Tensor, counts: list[int]) -> Tensor:
     return out
 
 
-def fused_experts_grouped(
+def _sorted_by_expert(
+    topk_ids: Tensor, num_local: int, expert_offset: int, partial: bool
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """(order [T*k] of the (token, choice) assignments sorted by local expert (stable), group ends `offs`
+    [num_local] int32, validity mask [T*k] or None). `partial` (expert parallel, a static property of the layer):
+    ids of other ranks' experts get key num_local, sort last and fall outside every group."""
+    local = topk_ids.reshape(-1).long() - expert_offset
+    valid = None
+    if partial:
+        valid = (local >= 0) & (local < num_local)
+        local = torch.where(valid, local, torch.full_like(local, num_local))
+    order = torch.argsort(local, stable=True)
+    bounds = torch.arange(num_local, device=local.device, dtype=local.dtype)
+    offs = torch.searchsorted(local.index_select(0, order), bounds, right=True, out_int32=True)
+    return order, offs, valid
+
+
+GroupedGemm = Callable[[Tensor, Tensor], Tensor]
+"""(rows sorted by expert [M, K], group ends offs) -> [M, N]; one per projection."""
+
+
+def _run_sorted(
     hidden_states: Tensor,
     topk_weights: Tensor,
     topk_ids: Tensor,
-    w13: Tensor,
-    w2: Tensor,
-    expert_offset: int = 0,
+    num_local: int,
+    expert_offset: int,
+    partial: bool,
+    gemm13: GroupedGemm,
+    gemm2: GroupedGemm,
 ) -> Tensor:
-    """Routed-expert output via sort-by-expert + grouped GEMM; same contract as `fused_experts_reference`.
-
-    w13 [E_local, 2I, H] ([up; gate] rows), w2 [E_local, H, I] stacked (nn.Linear layout; transposed VIEWS are
-    fed to the grouped GEMM, no copy). The (token, choice) assignments are sorted by expert with a stable sort,
-    run as one grouped GEMM per projection, then un-permuted by a scatter with unique indices and reduced over
-    the k choices in a fixed order, so the result is deterministic and batch-composition independent up to
-    the GEMM itself. Falls back to a per-expert matmul over the same sorted rows when `torch._grouped_mm` is
-    missing or unsupported for the device / dtype / shape.
-    """
+    """The shared skeleton of the grouped paths: sort by expert, two grouped GEMMs with SwiGLU between, un-permute
+    by a scatter with unique indices, combine the k choices in a fixed order (deterministic)."""
     t, h = hidden_states.shape
-    if w13.dim() != 3 or w2.dim() != 3:
-        raise TypeError("fused_experts_grouped needs stacked [E, 2I, H] / [E, H, I] expert weights")
-    num_local = int(w13.shape[0])
-    out = hidden_states.new_zeros(t, h)
     if t == 0:
-        return out
+        return hidden_states.new_zeros(0, h)
     k = int(topk_ids.shape[1])
-    keys, valid = _local_assignments(topk_ids, num_local, expert_offset)
-    order = torch.argsort(keys, stable=True)
-    counts_t = torch.bincount(keys, minlength=num_local + 1)
-    ep = expert_offset != 0 or bool((~valid).any())
-    if ep:  # drop other ranks' assignments (sorted last): one host sync, EP only
-        n_valid = int(valid.sum())
-        order = order[:n_valid]
-    counts_t = counts_t[:num_local]
-    offs = torch.cumsum(counts_t, 0).to(torch.int32)
+    order, offs, valid = _sorted_by_expert(topk_ids, num_local, expert_offset, partial)
     x = hidden_states.index_select(0, order // k)
-    gu = _grouped_mm(x, w13.transpose(1, 2), offs)
-    counts: list[int] | None = None
-    if gu is None:
-        counts = counts_t.tolist()
-        gu = _segment_mm(x, w13.transpose(1, 2), counts)
-    act = silu_and_mul(gu)
-    y_sorted = _grouped_mm(act, w2.transpose(1, 2), offs) if counts is None else None
-    if y_sorted is None:
-        y_sorted = _segment_mm(act, w2.transpose(1, 2), counts if counts is not None else counts_t.tolist())
-    y = hidden_states.new_zeros(t * k, h)
+    y_sorted = gemm2(silu_and_mul(gemm13(x, offs)), offs).to(hidden_states.dtype)
+    y = hidden_states.new_empty(t * k, h)
     y.index_copy_(0, order, y_sorted)  # each assignment exactly once: deterministic
     w = topk_weights.reshape(t * k).to(hidden_states.dtype)
-    if ep:
+    if valid is not None:  # other ranks' rows were never computed: select zeros (never multiply garbage by 0)
+        y = torch.where(valid.unsqueeze(1), y, torch.zeros((), dtype=y.dtype, device=y.device))
         w = torch.where(valid, w, torch.zeros_like(w))
     y = y.view(t, k, h)
     w = w.view(t, k, 1)
@@ -288,17 +309,127 @@ def fused_experts_grouped(
     return out
 
 
+def _dense_grouped_gemm(w: Tensor) -> GroupedGemm:
+    """[E, N, K] nn.Linear-layout stack -> grouped GEMM over its transposed VIEW (no copy); per-expert loop when
+    `torch._grouped_mm` is unavailable for the device / dtype / shape."""
+    wt = w.transpose(1, 2)
+
+    def gemm(x: Tensor, offs: Tensor) -> Tensor:
+        out = _grouped_mm(x, wt, offs)
+        return out if out is not None else _segment_mm(x, wt, _group_sizes(offs))
+
+    return gemm
+
+
+def fused_experts_grouped(
+    hidden_states: Tensor,
+    topk_weights: Tensor,
+    topk_ids: Tensor,
+    w13: Tensor | Fp8Weight,
+    w2: Tensor | Fp8Weight,
+    expert_offset: int = 0,
+    global_num_experts: int | None = None,
+) -> Tensor:
+    """Routed-expert output via sort-by-expert + grouped GEMM; same contract as `fused_experts_reference`.
+
+    w13 [E_local, 2I, H] ([up; gate] rows), w2 [E_local, H, I] stacked (nn.Linear layout). FP8 stacks are
+    dequantised to the activation dtype for the call (the CPU / pre-sm89 path; a transient copy of ONE layer's
+    experts), which gives the reference numerics. `global_num_experts` > E_local (or an offset) marks an
+    expert-parallel rank. No device->host sync unless `torch._grouped_mm` is unavailable (see above).
+    """
+    if w13.dim() != 3 or w2.dim() != 3:
+        raise TypeError("fused_experts_grouped needs stacked [E, 2I, H] / [E, H, I] expert weights")
+    dtype = hidden_states.dtype
+    num_local = int(w13.shape[0])
+    partial = expert_offset != 0 or (global_num_experts is not None and global_num_experts > num_local)
+    return _run_sorted(hidden_states, topk_weights, topk_ids, num_local, expert_offset, partial,
+                       _dense_grouped_gemm(_dense(w13, dtype)), _dense_grouped_gemm(_dense(w2, dtype)))
+
+
+# ------------------------------------------------------------------------------------------------ FP8 fast paths
+
+
+def _fp8_grouped_gemm(w: Fp8Weight) -> GroupedGemm:
+    """`torch._scaled_grouped_mm`: rows quantised per token on the fly, weights per output channel (CUDA sm90+)."""
+    wt = w.qweight.transpose(1, 2)  # [E, K, N] column-major view of the [E, N, K] stack, as the op wants
+
+    def gemm(x: Tensor, offs: Tensor) -> Tensor:
+        xq, xs = quantize_rows_fp8(x)
+        return torch._scaled_grouped_mm(xq, wt, xs.reshape(-1), w.scale, offs=offs, out_dtype=torch.bfloat16)
+
+    return gemm
+
+
+def _fp8_loop_gemm(w: Fp8Weight) -> GroupedGemm:
+    """One `torch._scaled_mm` per non-empty expert (sm89 has no grouped FP8 GEMM; also runs on CPU)."""
+
+    def gemm(x: Tensor, offs: Tensor) -> Tensor:
+        out = None
+        start = 0
+        for g, n in enumerate(_group_sizes(offs)):
+            if n:
+                y = _scaled_linear(x[start : start + n], w[g])
+                if out is None:
+                    out = x.new_zeros(x.shape[0], y.shape[1], dtype=y.dtype)
+                out[start : start + n] = y
+            start += n
+        return out if out is not None else x.new_zeros(x.shape[0], w.shape[1])
+
+    return gemm
+
+
+def fused_experts_fp8(
+    hidden_states: Tensor,
+    topk_weights: Tensor,
+    topk_ids: Tensor,
+    w13: Fp8Weight,
+    w2: Fp8Weight,
+    expert_offset: int = 0,
+    global_num_experts: int | None = None,
+    impl: str = "fp8_grouped",
+) -> Tensor:
+    """Routed experts on per-channel FP8 weights with FP8 activations (dynamic per-token scales): `fp8_grouped`
+    (`torch._scaled_grouped_mm`, sync-free) or `fp8_scaled_mm` (per-expert `torch._scaled_mm`). Differs from the
+    reference by the activation rounding to e4m3 (measured in tests/test_fp8.py)."""
+    if not isinstance(w13, Fp8Weight) or not isinstance(w2, Fp8Weight) or w13.block is not None:
+        raise TypeError(f"{impl} needs per-channel Fp8Weight stacks (quantization fp8)")
+    num_local = int(w13.shape[0])
+    partial = expert_offset != 0 or (global_num_experts is not None and global_num_experts > num_local)
+    make = _fp8_grouped_gemm if impl == "fp8_grouped" else _fp8_loop_gemm
+    return _run_sorted(hidden_states, topk_weights, topk_ids, num_local, expert_offset, partial, make(w13), make(w2))
+
+
+def fp8_fast_path(device: torch.device | str, layout: str | None) -> tuple[str | None, str]:
+    """(the torch FP8 MoE path this device can run, or None; the reason) for a weight scale layout."""
+    device = torch.device(device)
+    if layout == "block":
+        return None, "128x128 block scales have no torch scaled-GEMM path (FlashInfer's block-scale MoE reads them)"
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None, f"device {device} is not CUDA"
+    cap = torch.cuda.get_device_capability(device)
+    if cap >= (9, 0) and hasattr(torch, "_scaled_grouped_mm"):
+        return "fp8_grouped", "ok"
+    if cap >= (8, 9) and hasattr(torch, "_scaled_mm"):
+        return "fp8_scaled_mm", "ok"
+    return None, f"compute capability sm{cap[0]}{cap[1]} < sm89 has no FP8 tensor cores"
+
+
 # ------------------------------------------------------------------------------------------------ FlashInfer
 
 
-def flashinfer_moe_available(device: torch.device | str) -> tuple[bool, str]:
-    """(usable, reason): FlashInfer's CUTLASS fused MoE needs CUDA sm90+ and an importable flashinfer."""
+def flashinfer_moe_available(device: torch.device | str, layout: str | None = None) -> tuple[bool, str]:
+    """(usable, reason): FlashInfer's CUTLASS fused MoE needs CUDA sm90+ and an importable flashinfer; its FP8
+    variant needs 128x128 block scales (per-channel FP8 is not one of its modes) and is built for SM90 only."""
     device = torch.device(device)
     if device.type != "cuda" or not torch.cuda.is_available():
         return False, f"device {device} is not CUDA"
     major, minor = torch.cuda.get_device_capability(device)
     if major < 9:
         return False, f"compute capability sm{major}{minor} < sm90"
+    if layout == "channel":
+        return False, "FlashInfer's fused MoE has no per-channel FP8 mode (use --quantization fp8_block)"
+    if layout == "block" and major != 9:
+        return False, f"FlashInfer's block-scale FP8 CUTLASS MoE is SM90-only (device is sm{major}{minor})"
     try:
         from flashinfer.fused_moe import cutlass_fused_moe  # noqa: F401
     except Exception as e:  # noqa: BLE001 - any import failure means "not available"
@@ -310,33 +441,38 @@ def fused_experts_flashinfer(
     hidden_states: Tensor,
     topk_weights: Tensor,
     topk_ids: Tensor,
-    w13: Tensor,
-    w2: Tensor,
+    w13: Tensor | Fp8Weight,
+    w2: Tensor | Fp8Weight,
     parallel: MoEParallel = MoEParallel(),
 ) -> Tensor:
     """FlashInfer `cutlass_fused_moe`: w13 [E_local, 2I_tp, H] in [up; gate] order (FlashInfer's w31 order, as
     stored by the checkpoint), w2 [E_local, H, I_tp], GLOBAL int32 ids, fp32 combine weights (rounded to the
     activation dtype first, as every other path does). Output read from the preallocated buffer (0.5.0 returns
-    a list)."""
+    a list). Block-scaled FP8 weights go through its DeepSeek-style mode (bf16 activations, fp8 weights, scales
+    [E, 2I/128, H/128] / [E, H/128, I/128]); see docs/flashinfer.md for the versions this was read against."""
     from flashinfer.fused_moe import cutlass_fused_moe
 
     x = hidden_states.contiguous()
     out = torch.zeros_like(x)
     if x.shape[0] == 0:
         return out
+    fp8 = isinstance(w13, Fp8Weight)
+    if fp8 and (w13.block is None or not isinstance(w2, Fp8Weight)):
+        raise TypeError("FlashInfer's FP8 fused MoE needs 128x128 block-scaled weights (quantization fp8_block)")
     cutlass_fused_moe(
         x,
         topk_ids.to(torch.int32).contiguous(),
         topk_weights.to(x.dtype).to(torch.float32).contiguous(),
-        w13,
-        w2,
+        w13.qweight if fp8 else w13,
+        w2.qweight if fp8 else w2,
         x.dtype,
-        quant_scales=None,
+        quant_scales=[w13.scale.contiguous(), w2.scale.contiguous()] if fp8 else None,
         tp_size=parallel.tp_size,
         tp_rank=parallel.tp_rank,
         ep_size=parallel.ep_size,
         ep_rank=parallel.ep_rank,
         output=out,
+        use_deepseek_fp8_block_scale=fp8,
     )
     return out
 
@@ -344,25 +480,38 @@ def fused_experts_flashinfer(
 # ------------------------------------------------------------------------------------------------ selection
 
 
-def resolve_moe_impl(name: str | None = None, device: torch.device | str = "cpu") -> str:
-    """THE selection point: requested name (None -> $DG_HUNYUAN_IMAGE_3_MOE_IMPL, default eager) -> the path
-    that will run: "grouped" (what `eager` means), "flashinfer", or "reference" (the loop, for tests/bench).
+def resolve_moe_impl(
+    name: str | None = "eager", device: torch.device | str = "cpu", quantization: str | None = None
+) -> str:
+    """THE selection point: the requested name (`EngineConfig.moe_impl`, passed down by the model's constructor;
+    None means eager) and the expert weights' quantization -> the path that will run:
 
-    `flashinfer` without CUDA sm90+ or without an importable flashinfer falls back to eager with ONE warning.
+    * unquantised: "grouped" (what `eager` means) or "flashinfer";
+    * fp8 (per-channel): "fp8_grouped" (`torch._scaled_grouped_mm`, sm90+), "fp8_scaled_mm" (sm89), else
+      "grouped" on the dequantised weights (CPU, older GPUs: the reference numerics);
+    * fp8_block: "flashinfer" (SM90, block-scale mode) with `moe_impl=flashinfer`, else "grouped" dequantised;
+    * "reference" (the loop, for tests / bench) and the internal names above are taken as given.
+
+    A requested fast path the device / install cannot run falls back with ONE warning naming the reason.
     """
-    if name is None:
-        name = os.environ.get(MOE_IMPL_ENV, "").strip() or "eager"
-    key = name.strip().lower()
+    key = (name or "eager").strip().lower()
     if key not in _ALL_IMPLS:
         raise ValueError(f"unknown MoE implementation {name!r}; allowed: {', '.join(MOE_IMPLS)}")
-    if key == "eager":
-        return "grouped"
+    layout = fp8_layout(parse_quantization(quantization))
+    if key not in ("eager", "flashinfer"):
+        return key
     if key == "flashinfer":
-        ok, why = flashinfer_moe_available(device)
-        if not ok:
-            warn_once(f"moe-flashinfer:{why}", f"MoE implementation 'flashinfer' unavailable ({why}); using eager")
-            return "grouped"
-    return key
+        ok, why = flashinfer_moe_available(device, layout)
+        if ok:
+            return "flashinfer"
+        warn_once(f"moe-flashinfer:{why}", f"MoE implementation 'flashinfer' unavailable ({why}); using eager")
+    if layout is None:
+        return "grouped"
+    fast, why = fp8_fast_path(device, layout)
+    if fast is not None:
+        return fast
+    warn_once(f"moe-fp8:{why}", f"FP8 MoE fast path unavailable ({why}); the expert weights are dequantised in torch")
+    return "grouped"
 
 
 def fused_experts(
@@ -378,15 +527,17 @@ def fused_experts(
     only the local experts (`parallel.local_experts`) and ids stay global."""
     n_local = _num_experts(w13)
     offset = parallel.ep_rank * n_local
+    total = n_local * parallel.ep_size
     if impl == "reference":
         return fused_experts_reference(
-            hidden_states, topk_weights, topk_ids, w13, w2, expert_offset=offset,
-            global_num_experts=n_local * parallel.ep_size,
+            hidden_states, topk_weights, topk_ids, w13, w2, expert_offset=offset, global_num_experts=total,
         )
-    if not isinstance(w13, Tensor) or not isinstance(w2, Tensor):
-        w13, w2 = torch.stack(list(w13)), torch.stack(list(w2))
+    if not isinstance(w13, Tensor | Fp8Weight) or not isinstance(w2, Tensor | Fp8Weight):
+        raise TypeError(f"MoE implementation {impl!r} needs stacked expert weights (see stack_linear_weights)")
     if impl == "grouped":
-        return fused_experts_grouped(hidden_states, topk_weights, topk_ids, w13, w2, expert_offset=offset)
+        return fused_experts_grouped(hidden_states, topk_weights, topk_ids, w13, w2, offset, total)
+    if impl in _FP8_SCALED_IMPLS:
+        return fused_experts_fp8(hidden_states, topk_weights, topk_ids, w13, w2, offset, total, impl=impl)
     if impl == "flashinfer":
         return fused_experts_flashinfer(hidden_states, topk_weights, topk_ids, w13, w2, parallel)
     raise ValueError(f"unresolved MoE implementation {impl!r}; call resolve_moe_impl first")
@@ -398,8 +549,8 @@ def moe_forward(
     w13: ExpertWeights,
     w2: ExpertWeights,
     top_k: int,
-    shared_w13: Tensor | None = None,
-    shared_w2: Tensor | None = None,
+    shared_w13: Tensor | Fp8Weight | None = None,
+    shared_w2: Tensor | Fp8Weight | None = None,
     renormalize: bool = True,
     routed_scaling_factor: float = 1.0,
     impl: str = "grouped",
@@ -416,5 +567,5 @@ def moe_forward(
     if shared_w13 is not None and parallel.ep_rank == 0:
         if shared_w2 is None:
             raise ValueError("shared_w13 given without shared_w2")
-        out = swiglu_mlp(hidden_states, shared_w13, shared_w2) + out
+        out = swiglu_mlp(hidden_states, shared_w13, shared_w2, impl=impl) + out
     return out

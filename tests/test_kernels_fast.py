@@ -129,16 +129,16 @@ def test_reference_rejects_out_of_range_ids():
 
 
 def test_moe_impl_selection(monkeypatch):
-    monkeypatch.delenv("DG_HUNYUAN_IMAGE_3_MOE_IMPL", raising=False)
+    # the choice arrives as an argument (EngineConfig.moe_impl); the kernels never read the environment
+    monkeypatch.setenv("DG_HUNYUAN_IMAGE_3_MOE_IMPL", "FlashInfer")
     assert resolve_moe_impl(None) == "grouped"
     assert resolve_moe_impl("eager") == "grouped"
     assert resolve_moe_impl("reference") == "reference"
-    monkeypatch.setenv("DG_HUNYUAN_IMAGE_3_MOE_IMPL", "FlashInfer")
     import diffgentor.kernels.fallback as fallback_mod
 
     monkeypatch.setattr(fallback_mod, "_reported", set())
     with pytest.warns(RuntimeWarning, match="using eager"):
-        assert resolve_moe_impl(None, "cpu") == "grouped"
+        assert resolve_moe_impl("FlashInfer", "cpu") == "grouped"
     with pytest.raises(ValueError):
         resolve_moe_impl("triton")
     with pytest.raises(ValueError):

@@ -34,6 +34,7 @@ from diffgentor.engine.parallel import ParallelContext
 from diffgentor.kernels.attention import AttentionBackend, AttentionMetadata, get_attention_backend
 from diffgentor.kernels.moe import fused_experts, resolve_moe_impl, select_experts, swiglu_mlp
 from diffgentor.kernels.norm import RMSNorm
+from diffgentor.kernels.quantization import linear_weight, stack_linear_weights, storage_ptr
 from diffgentor.kernels.rope import apply_rope, rope_cos_sin
 
 from .config import ConfigError, HunyuanImage3Config
@@ -54,8 +55,8 @@ class SwiGLUMLP(nn.Module):
         self.gate_and_up_proj = nn.Linear(hidden_size, 2 * intermediate_size, bias=False)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return swiglu_mlp(x, self.gate_and_up_proj.weight, self.down_proj.weight)
+    def forward(self, x: Tensor, impl: str = "reference") -> Tensor:
+        return swiglu_mlp(x, linear_weight(self.gate_and_up_proj), linear_weight(self.down_proj), impl)
 
 
 class TopKRouter(nn.Module):
@@ -78,8 +79,9 @@ class TopKRouter(nn.Module):
 class MoEBlock(nn.Module):
     """Routed experts (dropless, renormalised top-k) plus the unscaled shared expert.
 
-    `moe_impl` (None -> $DG_HUNYUAN_IMAGE_3_MOE_IMPL) is resolved by `kernels.moe.resolve_moe_impl` at the first
-    forward, when the device is known. The fast paths need stacked [E, 2I, H] / [E, H, I] weights: they are
+    `moe_impl` (EngineConfig.moe_impl; None = eager) is resolved by `kernels.moe.resolve_moe_impl` at the first
+    forward, when the device and the experts' quantization (FP8 weights attached at load, see
+    `kernels.quantization`) are known. The fast paths need stacked [E, 2I, H] / [E, H, I] weights: they are
     stacked ONCE and every expert's parameter becomes a view of the stack (no second copy; checkpoint keys and
     `state_dict` unchanged). A later `.to()` / reload replaces the parameters and triggers a re-stack.
     """
@@ -119,32 +121,35 @@ class MoEBlock(nn.Module):
         first, last = experts[0], experts[-1]
         if self._stack is not None:
             w13, w2 = self._stack
-            if (first.gate_and_up_proj.weight.data_ptr() == w13.data_ptr()
-                    and last.down_proj.weight.data_ptr() == w2[-1].data_ptr()):
+            if (first.gate_and_up_proj.weight.data_ptr() == storage_ptr(w13)
+                    and last.down_proj.weight.data_ptr() == storage_ptr(w2[-1])):
                 return self._stack
-        with torch.no_grad():
-            w13 = torch.stack([e.gate_and_up_proj.weight.detach() for e in experts])
-            w2 = torch.stack([e.down_proj.weight.detach() for e in experts])
-            for i, e in enumerate(experts):
-                e.gate_and_up_proj.weight.data = w13[i]
-                e.down_proj.weight.data = w2[i]
-        self._stack = (w13, w2)
+        self._stack = (stack_linear_weights([e.gate_and_up_proj for e in experts]),
+                       stack_linear_weights([e.down_proj for e in experts]))
         return self._stack
+
+    def quantization(self) -> str | None:
+        """The experts' weight quantization as loaded: None, "fp8" (per channel) or "fp8_block"."""
+        w = linear_weight(self._expert_list()[0].gate_and_up_proj)
+        if isinstance(w, Tensor):
+            return None
+        return "fp8" if w.block is None else "fp8_block"
 
     def forward(self, x: Tensor) -> Tensor:
         """Routed + shared output; under tensor / expert parallel this rank's PARTIAL sum (the layer reduces)."""
         if self._impl is None:
-            self._impl = resolve_moe_impl(self.moe_impl, x.device)
+            self._impl = resolve_moe_impl(self.moe_impl, x.device, self.quantization())
         weights, ids = select_experts(x, self.gate.wg.weight, self.top_k, self.renormalize, self.routed_scaling_factor)
         if self._impl == "reference":
             experts = self._expert_list()
-            w13, w2 = [e.gate_and_up_proj.weight for e in experts], [e.down_proj.weight for e in experts]
+            w13 = [linear_weight(e.gate_and_up_proj) for e in experts]
+            w2 = [linear_weight(e.down_proj) for e in experts]
         else:
             w13, w2 = self._stacked()
         out = fused_experts(x, weights, ids, w13, w2, impl=self._impl, parallel=self.moe_parallel)
         shared = getattr(self, "shared_mlp", None)
         if shared is not None:
-            out = shared(x) + out
+            out = shared(x, self._impl) + out
         return out
 
 

@@ -34,7 +34,7 @@ from .config import HunyuanImage3Config
 from .image_embed import TimestepEmbedder, UNetDown, UNetUp
 from .vae import AutoencoderKLConv3D, DiagonalGaussian
 from .vision import VisionAligner, build_vision_tower, run_vision_tower
-from .weights import hunyuan_key_transforms, hunyuan_shard_plan, load_state_into
+from .weights import fp8_expert_quantizer, hunyuan_key_transforms, hunyuan_shard_plan, load_state_into
 
 
 def keep_fp32_for_model(name: str) -> bool:
@@ -80,6 +80,7 @@ class HunyuanImage3ForCausalMM(nn.Module):
         attn_backend: str = "torch",
         moe_impl: str | None = "eager",
         parallel: ParallelContext | None = None,
+        quantization: str | None = None,
     ) -> HunyuanImage3ForCausalMM:
         """Build from `config.json` and load every tensor strictly (any folder name, dots included).
 
@@ -87,6 +88,8 @@ class HunyuanImage3ForCausalMM(nn.Module):
         fast paths fall back to the torch references, with one warning, where the device cannot run them.
         parallel: this process's tensor / expert parallel rank (`engine.parallel.init_distributed`); the rank
         then reads only its slices of the big tensors. None: the single-process model.
+        quantization: EngineConfig.quantization; "fp8" / "fp8_block" store the routed and shared expert weights
+        as float8_e4m3fn (per-channel / 128x128 block scales), quantised tensor by tensor as they are read.
         """
         config = HunyuanImage3Config.from_pretrained(ckpt_dir)
         with torch.device("meta"):  # no memory until the loader assigns the checkpoint's tensors
@@ -99,6 +102,7 @@ class HunyuanImage3ForCausalMM(nn.Module):
             keep_fp32=keep_fp32_for_model,
             key_transforms=hunyuan_key_transforms(config),
             shard_plan=hunyuan_shard_plan(config, parallel),
+            quantize=fp8_expert_quantizer(quantization),
         )
         # Stack each layer's experts into the [E, ...] tensors the grouped kernels read now, layer by layer, and
         # hand the freed per-expert copies and loader temporaries back to the OS: stacking lazily at the first

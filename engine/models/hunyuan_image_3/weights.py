@@ -31,6 +31,7 @@ from safetensors import safe_open
 from torch import Tensor, nn
 
 from diffgentor.engine.parallel import ParallelContext
+from diffgentor.kernels.quantization import Fp8Weight, attach_fp8, fp8_layout, quantize_fp8
 
 from .backbone import keep_fp32_param
 from .config import HunyuanImage3Config
@@ -352,6 +353,7 @@ def load_state_into(
     key_transforms: Sequence[KeyTransform] = (),
     select_prefixes: Sequence[str] | None = None,
     shard_plan: ShardPlan | None = None,
+    quantize: Callable[[str], str | None] | None = None,
 ) -> list[str]:
     """Load every `module.state_dict()` entry from the checkpoint, strictly; returns the loaded key names.
 
@@ -361,6 +363,9 @@ def load_state_into(
     ignored, e.g. the VAE when loading a text-only harness); module keys are never filtered.
     shard_plan: a tensor-parallel rank's slicing (`hunyuan_shard_plan`); sharded tensors are validated against
     their full shape and read as slices; None reads every tensor whole (the single-process model).
+    quantize: name -> FP8 scale layout ("channel" / "block") for the weights to store as float8_e4m3fn (see
+    `fp8_expert_quantizer`), None to keep the name's dtype. Each such tensor is quantised right after it is read
+    (this rank's slice), so only the fp8 copy and its scales stay; the owning module gets `weight_scale`.
     Raises CheckpointError (module untouched) listing all missing / unexpected / mis-shaped keys and bad
     shards.
     """
@@ -405,6 +410,18 @@ def load_state_into(
     for name in expected:
         by_shard.setdefault(infos[name].shard, []).append(name)
     fresh: dict[str, Tensor] = {}
+    quantized: dict[str, Fp8Weight] = {}
+
+    def keep(name: str, t: Tensor) -> None:
+        layout = quantize(name) if quantize is not None else None
+        if layout is None:
+            fresh[name] = t
+            return
+        q = quantize_fp8(t, layout)
+        del t  # the high-precision copy goes now, before the next tensor is read
+        quantized[name] = q
+        fresh[name] = q.qweight
+
     for shard, names in sorted(by_shard.items()):
         try:
             with safe_open(str(Path(ckpt_dir) / shard), framework="pt", device="cpu") as f:
@@ -415,16 +432,38 @@ def load_state_into(
                             raise CheckpointError(where, other=[
                                 f"shard of {name}: read {list(t.shape)}, module expects {list(expected[name].shape)}"
                             ])
-                        fresh[name] = _prepare(name, t, expected[name], dtype, device, keep_fp32, ())
+                        keep(name, _prepare(name, t, expected[name], dtype, device, keep_fp32, ()))
                     else:
-                        fresh[name] = _prepare(name, f.get_tensor(name), expected[name], dtype, device, keep_fp32,
-                                               key_transforms)
+                        keep(name, _prepare(name, f.get_tensor(name), expected[name], dtype, device, keep_fp32,
+                                            key_transforms))
         except CheckpointError:
             raise
         except Exception as e:  # safetensors raises its own error types for damaged data
             raise CheckpointError(where, bad_shards=[f"{shard}: unreadable: {e}"]) from e
     module.load_state_dict(fresh, strict=True, assign=True)
+    for name, q in quantized.items():
+        owner_name, _, attr = name.rpartition(".")
+        if attr != "weight":
+            raise ValueError(f"only Linear weights can be FP8-quantised, not {name}")
+        attach_fp8(module.get_submodule(owner_name), q)
     return sorted(fresh)
+
+
+_EXPERT_WEIGHT_RE = re.compile(r"(^|\.)mlp\.(experts\.\d+|shared_mlp)\.(gate_and_up_proj|down_proj)\.weight$")
+
+
+def is_expert_weight(name: str) -> bool:
+    """Routed and shared expert projections: the weights `--quantization fp8` stores as FP8 (attention, router,
+    embeddings, the dense-layer MLP, ViT and VAE keep their dtype)."""
+    return _EXPERT_WEIGHT_RE.search(name) is not None
+
+
+def fp8_expert_quantizer(quantization: str | None) -> Callable[[str], str | None] | None:
+    """`load_state_into(quantize=...)` for a quantization name (None / "none" / "fp8" / "fp8_block")."""
+    layout = fp8_layout(quantization)
+    if layout is None:
+        return None
+    return lambda name: layout if is_expert_weight(name) else None
 
 
 def _prepare(
@@ -474,9 +513,11 @@ def load_hunyuan_image_3(
     device: torch.device | str | None = None,
     select_prefixes: Sequence[str] | None = None,
     parallel: ParallelContext | None = None,
+    quantization: str | None = None,
 ) -> list[str]:
-    """`load_state_into` with the HunyuanImage-3.0 rules: fp32 routers, QKV re-layout per config.json, and
-    this rank's slices when `parallel` is a tensor-parallel context (the module must be built with it)."""
+    """`load_state_into` with the HunyuanImage-3.0 rules: fp32 routers, QKV re-layout per config.json,
+    this rank's slices when `parallel` is a tensor-parallel context (the module must be built with it), and FP8
+    expert weights when `quantization` is "fp8" / "fp8_block"."""
     cfg = HunyuanImage3Config.from_pretrained(ckpt_dir)
     return load_state_into(
         module,
@@ -487,4 +528,5 @@ def load_hunyuan_image_3(
         key_transforms=hunyuan_key_transforms(cfg),
         select_prefixes=select_prefixes,
         shard_plan=hunyuan_shard_plan(cfg, parallel),
+        quantize=fp8_expert_quantizer(quantization),
     )
