@@ -22,14 +22,13 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 import time
 import traceback
-from collections.abc import Callable
 
 import msgspec
 
 from diffgentor.engine.config import EngineConfig
+from diffgentor.engine.process import exit_with_parent
 from diffgentor.engine.request import EngineEvent, FinishReason, GenerationRequest, RequestResult
 from diffgentor.engine.request_state import ProcessedRequest
 
@@ -255,30 +254,12 @@ class EngineCoreFatal(RuntimeError):
     """The core cannot go on (a tensor-parallel rank died, failed or hung); the process exits non-zero."""
 
 
-def exit_with_parent(parent_pid: int, on_exit: Callable[[], None] | None = None, interval_s: float = 0.5) -> None:
-    """Start a daemon thread that ends this process (after ``on_exit``) once ``parent_pid`` is no longer its
-    parent. A thread, not the main loop's own check, so that loading a checkpoint or a long step, or a rank blocked
-    in a collective, cannot keep an orphan alive."""
-
-    def watch() -> None:
-        while os.getppid() == parent_pid:
-            time.sleep(interval_s)
-        logger.warning("the parent process (pid %d) is gone; exiting", parent_pid)
-        try:
-            if on_exit is not None:
-                on_exit()
-        finally:
-            os._exit(1)
-
-    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
-
-
 def build_core(config: EngineConfig):
     """An in-process `EngineCore`, or a `TPExecutor` (one child process per rank) when the resolved
     tensor-parallel size is > 1."""
     tp = config.resolve_tensor_parallel_size()
     if tp > 1:
-        from diffgentor.engine.tp_executor import TPExecutor
+        from diffgentor.engine.tp.executor import TPExecutor
 
         return TPExecutor(config, world_size=tp)
     from diffgentor.engine.core import EngineCore
@@ -336,5 +317,5 @@ def run_engine_core(config: EngineConfig, input_addr: str, output_addr: str, par
 __all__ = [
     "AbortRequests", "AddRequest", "CoreFailed", "CoreOutputs", "CoreReady", "EngineCoreFatal", "EngineCoreProc",
     "FinishedInfo", "GenerationRequest", "ProcessedRequest", "SchedulerStats", "Shutdown", "build_core",
-    "exit_with_parent", "run_engine_core",
+    "run_engine_core",
 ]

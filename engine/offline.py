@@ -1,6 +1,6 @@
 """The offline API: `Engine.generate(requests)` and `Engine.stream(requests)` over one engine core.
 
-With ``tensor_parallel_size > 1`` the core is a `TPExecutor` (engine/tp_executor.py): one process per rank, each
+With ``tensor_parallel_size > 1`` the core is a `TPExecutor` (engine/tp/): one process per rank, each
 with its own core replica over its model shard, stepping in lockstep; call `close()` (or use `with`) to stop them.
 
 Requests may be `GenerationRequest`s or plain dicts of the same fields; images may be bytes, file paths
@@ -23,7 +23,7 @@ from diffgentor.engine.core import EngineCore, StepStats
 from diffgentor.engine.request import EngineEvent, GenerationRequest, RequestResult
 
 if TYPE_CHECKING:
-    from diffgentor.engine.tp_executor import TPExecutor
+    from diffgentor.engine.tp.executor import TPExecutor
 
 
 def _image_bytes(src: Any) -> bytes:
@@ -50,7 +50,7 @@ class Engine:
         e.g. expert_parallel, ready_timeout_s, step_timeout_s)."""
         tp = config.resolve_tensor_parallel_size()
         if tp > 1:
-            from diffgentor.engine.tp_executor import TPExecutor
+            from diffgentor.engine.tp.executor import TPExecutor
 
             return cls(TPExecutor(config, world_size=tp, **executor_args))
         if executor_args:

@@ -73,7 +73,7 @@ def _add_serve(sub) -> None:
 
 
 def _cmd_tp_worker(args: argparse.Namespace) -> int:
-    from diffgentor.engine.tp_executor import run_external_rank
+    from diffgentor.engine.tp.rank import run_external_rank
 
     return run_external_rank(args.connect, setup_timeout_s=args.setup_timeout)
 

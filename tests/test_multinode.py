@@ -17,7 +17,7 @@ import pytest
 from diffgentor.engine.offline import Engine
 from diffgentor.engine.request import FinishReason
 from diffgentor.engine.tiny_model import make_tiny
-from diffgentor.engine.tp_executor import TPExecutor
+from diffgentor.engine.tp.executor import TPExecutor
 
 ARGS = dict(num_kv_blocks=256, device="cpu", dtype="float32", max_num_seqs=4, max_num_batched_tokens=4096)
 LAT = dict(image_size="256x256", output_type="latent", infer_align_image_size=False)

@@ -1,4 +1,4 @@
-"""The tensor-parallel engine (engine/tp_executor.py) on CPU / gloo: TP=2 and EP=2 replicas stepping in lockstep give
+"""The tensor-parallel engine (engine/tp/) on CPU / gloo: TP=2 and EP=2 replicas stepping in lockstep give
 the single-process engine's generated ids and latents; a rank killed mid-run fails the in-flight requests quickly and
 leaves no child process behind."""
 
@@ -15,9 +15,10 @@ import torch
 from PIL import Image
 
 from diffgentor.engine.offline import Engine
+from diffgentor.engine.process import vm_hwm_kb
 from diffgentor.engine.request import FinishReason
 from diffgentor.engine.tiny_model import make_tiny
-from diffgentor.engine.tp_executor import TPExecutor, TPExecutorError, vm_hwm_kb
+from diffgentor.engine.tp.executor import TPExecutor, TPExecutorError
 
 ENGINE_ARGS = dict(num_kv_blocks=512, device="cpu", dtype="float32", max_num_seqs=8, max_num_batched_tokens=4096)
 

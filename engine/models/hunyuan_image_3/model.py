@@ -24,9 +24,9 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from diffgentor.engine.host_memory import release_host_memory
 from diffgentor.engine.kv_cache import PagedKVCache
 from diffgentor.engine.parallel import ParallelContext
+from diffgentor.engine.process import release_host_memory
 from diffgentor.kernels.attention import AttentionMetadata
 
 from .backbone import HunyuanImage3Backbone, keep_fp32_param

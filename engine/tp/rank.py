@@ -1,0 +1,240 @@
+"""One tensor-parallel rank: an `EngineCore` replica over its shard of the model, stepping on the frontend's command.
+
+Every rank runs `EngineCore.from_config(config, parallel=ctx)`. The core is deterministic, so replicas given the
+same request arrivals / aborts in the same order (and, thanks to the model's collectives, identical logits and
+hidden states) schedule, sample and diffuse alike; the frontend (`engine.tp.executor.TPExecutor`) only broadcasts
+each step's inputs and collects the outputs (`engine.tp.messages`).
+
+Two ways to start: spawned by the frontend (`rank_main`, ipc:// sockets, file:// rendezvous, exits with its parent)
+or by torchrun on any node (`run_external_rank`, tcp:// sockets, env:// rendezvous, heartbeats, exits when the
+frontend's connection drops). A rank exits 0 after a `ShutdownCmd` and 1 on any failure.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+import traceback
+
+import msgspec
+
+from diffgentor.engine.config import EngineConfig
+from diffgentor.engine.process import exit_with_parent, vm_hwm_kb
+from diffgentor.engine.request import EngineEvent
+from diffgentor.engine.tp.messages import (
+    HEARTBEAT_S,
+    RankFailed,
+    RankHeartbeat,
+    RankHello,
+    RankInput,
+    RankReady,
+    RankReply,
+    RankSetup,
+    ShutdownCmd,
+    StepCmd,
+    result_to_wire,
+)
+
+logger = logging.getLogger(__name__)
+
+# After the frontend's connection drops, how long a rank waits for the main loop to take an already delivered
+# `ShutdownCmd` (a clean shutdown: exit 0) before it exits 1 (the frontend is gone).
+DISCONNECT_GRACE_S = 10.0
+
+
+def rank_main(rank: int, world_size: int, config: EngineConfig, init_method: str, in_addr: str, out_addr: str,
+               expert_parallel: bool, pg_timeout_s: float, parent_pid: int, num_threads: int | None) -> None:
+    """Entry of one spawned rank: join the group, load the shard, announce readiness, then step on command."""
+    import zmq
+
+    exit_with_parent(parent_pid)  # also while loading or blocked in a collective
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s tp-rank{rank} %(levelname)s %(message)s")
+    zctx = zmq.Context()
+    out, inp = _rank_sockets(zctx, in_addr, out_addr)
+    _serve_rank(rank, world_size, config, init_method, out, inp, expert_parallel, pg_timeout_s, num_threads,
+                device_index=rank, parent_pid=parent_pid)
+
+
+def _rank_sockets(zctx, in_addr: str, out_addr: str):
+    import zmq
+
+    out = zctx.socket(zmq.PUSH)
+    out.setsockopt(zmq.LINGER, 2000)
+    out.connect(out_addr)
+    inp = zctx.socket(zmq.PULL)
+    inp.setsockopt(zmq.LINGER, 0)
+    inp.connect(in_addr)
+    return out, inp
+
+
+def _serve_rank(rank: int, world_size: int, config: EngineConfig, init_method: str, out, inp, expert_parallel: bool,
+                pg_timeout_s: float, num_threads: int | None, device_index: int, parent_pid: int | None,
+                shutdown: threading.Event | None = None) -> None:
+    """The rank's life after its sockets exist: join the group, load its shard, then step on command until a
+    shutdown (exit 0) or an error (reported as `RankFailed`, exit 1). Never returns."""
+    import zmq
+
+    enc = msgspec.msgpack.Encoder()
+    dec = msgspec.msgpack.Decoder(RankInput)
+    try:
+        import torch
+
+        from diffgentor.engine.core import EngineCore
+        from diffgentor.engine.parallel import init_distributed
+
+        if num_threads:
+            torch.set_num_threads(num_threads)
+        cuda = config.on_cuda()
+        if cuda:
+            torch.cuda.set_device(device_index)
+        ctx = init_distributed("nccl" if cuda else "gloo", init_method, rank, world_size,
+                               expert_parallel=expert_parallel, timeout_s=pg_timeout_s)
+        core = EngineCore.from_config(config, parallel=ctx)
+        out.send(enc.encode(RankReady(rank=rank, pid=os.getpid(), num_blocks=core.num_blocks,
+                                      snapshot=core.snapshot())))
+        poller = zmq.Poller()
+        poller.register(inp, zmq.POLLIN)
+        while True:
+            if not poller.poll(1000):
+                if parent_pid is not None and os.getppid() != parent_pid:
+                    logger.warning("the frontend (pid %d) is gone; exiting", parent_pid)
+                    break
+                continue
+            msg = dec.decode(inp.recv())
+            if isinstance(msg, ShutdownCmd):
+                if shutdown is not None:
+                    shutdown.set()
+                break
+            if not isinstance(msg, StepCmd):
+                continue
+            events: list[EngineEvent] = []
+            for req in msg.adds:
+                events += core.add_request(req)
+            for p in msg.processed:
+                events += core.add_processed(p)
+            for rid in msg.aborts:
+                events += core.abort(rid)
+            if core.has_unfinished():
+                events += core.step()
+            elif msg.release or core.needs_release():
+                events += core.run_until_done()
+            reply = RankReply(rank=rank, seq=msg.seq, unfinished=core.has_unfinished(),
+                              digest=[f"{e.request_id}:{e.kind}:{e.finish_reason}" for e in events],
+                              errors={e.request_id: e.error or "" for e in events if e.kind == "error"},
+                              vm_hwm_kb=vm_hwm_kb())
+            done = [e.request_id for e in events if e.kind in ("finished", "error")]
+            results = [core.results.pop(rid) for rid in done if rid in core.results]
+            if rank == 0:
+                reply.events = events
+                reply.results = [result_to_wire(r) for r in results]
+                reply.snapshot = core.snapshot()
+            out.send(enc.encode(reply))
+    except BaseException as e:  # noqa: BLE001 - report, then die with a non-zero status
+        msg = f"{type(e).__name__}: {e}"
+        logger.error("rank %d failed: %s\n%s", rank, msg, traceback.format_exc())
+        try:
+            out.send(enc.encode(RankFailed(rank=rank, error=msg)))
+            time.sleep(0.1)
+        except Exception:  # noqa: BLE001
+            pass
+        os._exit(1)
+    inp.close(linger=0)
+    out.close()
+    os._exit(0)  # skip interpreter teardown (process-group destructors may block on departed peers)
+
+
+def _exit_when_disconnected(sock, what: str, shutdown: threading.Event) -> None:
+    """Watch `sock`'s connection from a thread: once the frontend's end goes away (its process died, its node is
+    unreachable), this rank exits instead of waiting forever for a step that will never come.
+
+    A clean shutdown also drops the connection: the frontend sends `ShutdownCmd`, then closes its sockets, and the
+    disconnect can be seen before the main loop has read the command. So the watcher waits up to
+    `DISCONNECT_GRACE_S` for the main loop to take it (`shutdown` set: the main loop exits 0) before exiting 1."""
+    import zmq
+    from zmq.utils.monitor import recv_monitor_message
+
+    mon = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)  # fires only after a connection was up, never while
+    # the frontend is still starting (those are connect retries)
+
+    def watch() -> None:
+        while recv_monitor_message(mon)["event"] != zmq.EVENT_DISCONNECTED:
+            pass
+        if shutdown.wait(DISCONNECT_GRACE_S):
+            return
+        logger.warning("lost the connection to the frontend (%s); exiting", what)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="frontend-watch", daemon=True).start()
+
+
+def _heartbeat(zctx, out_addr: str, rank: int) -> None:
+    import zmq
+
+    def beat() -> None:
+        s = zctx.socket(zmq.PUSH)
+        s.setsockopt(zmq.LINGER, 0)
+        s.setsockopt(zmq.SNDHWM, 4)
+        s.connect(out_addr)
+        frame = msgspec.msgpack.encode(RankHeartbeat(rank))
+        while True:
+            try:
+                s.send(frame, flags=zmq.NOBLOCK)
+            except zmq.Again:
+                pass
+            time.sleep(HEARTBEAT_S)
+
+    threading.Thread(target=beat, name="heartbeat", daemon=True).start()
+
+
+def run_external_rank(connect: str, setup_timeout_s: float = 600.0, environ: dict[str, str] | None = None) -> int:
+    """Entry of a rank started by torchrun (`diffgentor tp-worker --connect HEAD:PORT`), on any node.
+
+    Rank, world size and the local GPU come from torchrun's RANK / WORLD_SIZE / LOCAL_RANK; the process group
+    rendezvous is torchrun's (env://: MASTER_ADDR / MASTER_PORT). The rank connects to the frontend (`diffgentor
+    serve|edit ... --tensor-parallel-size N --rank-endpoint HOST:PORT`), says hello, receives the engine config
+    from it (one config, no flags to keep in sync across nodes; the checkpoint path must exist on every node),
+    then loads its shard and steps like a spawned rank. It exits when the frontend shuts it down (0), fails (1),
+    or disappears (1)."""
+    import zmq
+
+    from diffgentor.engine.config import parse_endpoint
+
+    env = os.environ if environ is None else environ
+    missing = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in env]
+    if missing:
+        raise RuntimeError(f"tp-worker runs under torchrun (missing {', '.join(missing)}); e.g. torchrun --nnodes 2 "
+                           "--node-rank R --nproc-per-node K --master-addr HEAD --master-port 29500 -m "
+                           "diffgentor.server.cli tp-worker --connect HEAD:29600")
+    rank, world_size = int(env["RANK"]), int(env["WORLD_SIZE"])
+    local_rank = int(env.get("LOCAL_RANK", "0"))
+    host, port = parse_endpoint(connect)
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s tp-rank{rank} %(levelname)s %(message)s")
+    zctx = zmq.Context()
+    in_addr, out_addr = f"tcp://{host}:{port + 1 + rank}", f"tcp://{host}:{port}"
+    out, inp = _rank_sockets(zctx, in_addr, out_addr)
+    shutdown = threading.Event()
+    _exit_when_disconnected(inp, in_addr, shutdown)
+    import socket
+
+    out.send(msgspec.msgpack.encode(RankHello(rank=rank, world_size=world_size, pid=os.getpid(),
+                                              host=socket.gethostname())))
+    if not inp.poll(int(setup_timeout_s * 1000)):
+        logger.error("no setup from the frontend at %s within %.0f s", connect, setup_timeout_s)
+        return 1
+    setup = msgspec.msgpack.Decoder(RankInput).decode(inp.recv())
+    if isinstance(setup, ShutdownCmd):
+        return 1
+    if not isinstance(setup, RankSetup):
+        logger.error("expected the setup message first, got %s", type(setup).__name__)
+        return 1
+    _heartbeat(zctx, out_addr, rank)
+    logger.info("rank %d/%d (local %d) connected to %s; loading %s", rank, world_size, local_rank, connect,
+                setup.config.model)
+    _serve_rank(rank, world_size, setup.config, "env://", out, inp, setup.expert_parallel, setup.pg_timeout_s,
+                setup.num_threads, device_index=local_rank, parent_pid=None, shutdown=shutdown)
+    return 0  # not reached: _serve_rank exits the process
+
+
+__all__ = ["rank_main", "run_external_rank"]
