@@ -34,6 +34,9 @@ ENV_PREFIX = "DG_HUNYUAN_IMAGE_3_"
 
 ATTN_IMPLS = ("sdpa", "flashinfer")
 MOE_IMPLS = ("eager", "flashinfer")
+QUANTIZATIONS = ("none", "fp8", "fp8_block")
+"""Expert-weight quantization (kernels/quantization.py): fp8 = float8_e4m3fn, per-output-channel scales; fp8_block =
+128x128 block scales (FlashInfer's block-scale fused MoE)."""
 SYSTEM_PROMPT_KINDS = ("None", "dynamic", "en_vanilla", "en_recaption", "en_think_recaption", "en_unified", "custom")
 BOT_TASKS = ("image", "auto", "recaption", "think_recaption")
 DTYPES = ("float32", "bfloat16", "float16", "auto")
@@ -190,6 +193,7 @@ _ENV_SPECS: dict[str, _EnvSpec] = {
     "attn_impl": _EnvSpec("choice", choices=ATTN_IMPLS),
     "moe_impl": _EnvSpec("choice", choices=MOE_IMPLS),
     "moe_drop_tokens": _EnvSpec("bool"),
+    "quantization": _EnvSpec("choice", choices=QUANTIZATIONS),
     "use_system_prompt": _EnvSpec("choice", choices=SYSTEM_PROMPT_KINDS),
     "bot_task": _EnvSpec("choice", choices=BOT_TASKS),
     "infer_align_image_size": _EnvSpec("bool"),
@@ -212,6 +216,8 @@ class HunyuanImage3Env:
     moe_impl: str = "eager"
     moe_drop_tokens: bool = True
     """Accepted for compatibility; no effect (our MoE is dropless, spec decision 1)."""
+    quantization: str = "none"
+    """Expert weights stored as FP8 at load (`--quantization`); none keeps the checkpoint's precision."""
     use_system_prompt: str = "en_unified"
     bot_task: str = "think_recaption"
     infer_align_image_size: bool = True
@@ -290,6 +296,11 @@ class EngineConfig:
     rank_endpoint: str | None = None
     """HOST:PORT this process binds for tensor-parallel ranks started elsewhere (torchrun, possibly on several
     nodes: `diffgentor tp-worker --connect HOST:PORT`) instead of spawning them; uses PORT .. PORT + size."""
+    quantization: str | None = None
+    """none | fp8 | fp8_block: expert weights quantised at load; None = the env block's QUANTIZATION."""
+    gpu_memory_utilization: float = 0.9
+    """Fraction of each GPU's TOTAL memory the engine may use (weights + activations + workspace + KV cache);
+    `engine.memory_plan` sizes the KV cache from it (vLLM's meaning of the name)."""
 
     def __post_init__(self) -> None:
         set_ = lambda k, v: object.__setattr__(self, k, v)  # frozen dataclass: normalise in place
@@ -299,6 +310,8 @@ class EngineConfig:
             set_("attn_impl", self.env.attn_impl)
         if self.moe_impl is None:
             set_("moe_impl", self.env.moe_impl)
+        if self.quantization is None:
+            set_("quantization", self.env.quantization)
         if self.tensor_parallel_size is None:
             set_("tensor_parallel_size", self.env.gpus_per_model)
 
@@ -347,6 +360,13 @@ class EngineConfig:
             raise ValueError(f"attn_impl={self.attn_impl!r} is invalid; allowed: {', '.join(ATTN_IMPLS)}")
         if self.moe_impl not in MOE_IMPLS:
             raise ValueError(f"moe_impl={self.moe_impl!r} is invalid; allowed: {', '.join(MOE_IMPLS)}")
+        quant = self.quantization.strip().lower().replace("-", "_") if isinstance(self.quantization, str) else None
+        if quant not in QUANTIZATIONS:
+            raise ValueError(f"quantization={self.quantization!r} is invalid; allowed: {', '.join(QUANTIZATIONS)}")
+        set_("quantization", quant)
+        util = self.gpu_memory_utilization
+        if isinstance(util, bool) or not isinstance(util, (int, float)) or not (0.0 < util <= 1.0):
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {util!r}")
         tp = self.tensor_parallel_size
         if not _is_int(tp) or tp < 0:
             raise ValueError(f"tensor_parallel_size must be an integer >= 0 (0 = all visible devices), got {tp!r}")
@@ -373,7 +393,8 @@ class EngineConfig:
         ``max_num_batched_tokens``, ``block_size``, ``num_kv_blocks``, ``kv_cache_memory`` /
         ``kv_cache_memory_bytes`` (int bytes or a size string), ``kv_cache_memory_fraction``,
         ``enable_prefix_caching``, ``max_waiting_requests``, ``seed``, ``default_num_inference_steps`` /
-        ``num_inference_steps``, ``tensor_parallel_size``, ``attn_impl``, ``moe_impl``.
+        ``num_inference_steps``, ``tensor_parallel_size``, ``attn_impl``, ``moe_impl``, ``quantization``,
+        ``gpu_memory_utilization``.
         """
         if args is None:
             a: dict[str, Any] = {}
@@ -386,8 +407,8 @@ class EngineConfig:
         env = HunyuanImage3Env.from_environ(environ)
         env_overrides = {}
         for name, spec in _ENV_SPECS.items():
-            if name in ("gpus_per_model", "attn_impl", "moe_impl") or name not in given:
-                continue  # the first three are overridden through EngineConfig's own fields
+            if name in ("gpus_per_model", "attn_impl", "moe_impl", "quantization") or name not in given:
+                continue  # these are overridden through EngineConfig's own fields
             value = given[name]
             if isinstance(value, str):
                 try:
@@ -425,6 +446,8 @@ class EngineConfig:
             "rank_endpoint": ("rank_endpoint",),
             "attn_impl": ("attn_impl",),
             "moe_impl": ("moe_impl",),
+            "quantization": ("quantization",),
+            "gpu_memory_utilization": ("gpu_memory_utilization",),
         }
         for fname, keys in simple.items():
             v = first(*keys)
@@ -629,6 +652,20 @@ def add_engine_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--moe-impl", default=None, choices=MOE_IMPLS, help="MoE kernels (default: DG_HUNYUAN_IMAGE_3_MOE_IMPL, eager)"
+    )
+    g.add_argument(
+        "--quantization",
+        default=None,
+        type=lambda s: s.strip().lower().replace("-", "_"),
+        choices=QUANTIZATIONS,
+        help="expert weights quantised at load: fp8 (per-channel scales) or fp8_block (128x128 block scales); "
+        "default: DG_HUNYUAN_IMAGE_3_QUANTIZATION, none",
+    )
+    g.add_argument(
+        "--gpu-memory-utilization",
+        type=float,
+        default=None,
+        help="fraction of each GPU's total memory the engine may use; sizes the KV cache (default 0.9)",
     )
     g.add_argument(
         "--no-prefix-caching",
