@@ -1,9 +1,10 @@
-"""The engine core: admits requests, runs scheduler -> worker steps, and turns results into events.
+"""The engine core: admits requests, runs scheduler -> worker steps, and turns their outputs into events.
 
-`EngineCore.step()` is the busy loop's body: the scheduler packs a `SchedulerOutput`, the worker
-executes it in one forward, and `_update` feeds sampled tokens to each request's stage machine, advances
-diffusion steps, finishes decoded images and frees KV blocks. Every request-level failure (bad input,
-a worker error pinned on it) becomes that request's error event; the others carry on.
+`EngineCore.step()` is the busy loop's body: `Scheduler.schedule()` packs a `SchedulerOutput`, the worker
+executes it (encodes, one flat forward, sampling, Euler steps, VAE decodes) and `Scheduler.update_from_output()`
+applies the result to the requests; the core only turns the per-request outputs into text deltas, previews,
+images and results. Every request-level failure (bad input, a worker error pinned on it) becomes that request's
+error event; the others carry on.
 """
 
 from __future__ import annotations
@@ -34,19 +35,17 @@ from diffgentor.engine.request import (
     FinishReason,
     GenerationRequest,
     RequestResult,
-    RequestStatus,
 )
 from diffgentor.engine.request_state import (
     ProcessedRequest,
     ProcessorContext,
     RequestError,
     RequestState,
-    block_extra_keys,
     enter_image_phase,
     process_request,
     state_from_processed,
 )
-from diffgentor.engine.scheduler import Scheduler, SchedulerConfig
+from diffgentor.engine.scheduler import RequestOutput, Scheduler, SchedulerConfig
 
 
 @dataclass
@@ -89,15 +88,24 @@ class EngineCore:
         if config.default_num_inference_steps:
             req_defaults["num_inference_steps"] = config.default_num_inference_steps
         self.ctx = ProcessorContext(mc, defaults, tokenizer, builder, ImageProcessor(mc), system_prompts, req_defaults)
-        self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(
-            SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, config.block_size), self.kv
+            SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, config.block_size,
+                            config.max_num_encoder_pixels, config.encoder_cache_bytes),
+            kv, transition=lambda st: enter_image_phase(self.ctx, st),
         )
         self.runner = ModelRunner(model, num_blocks, config.block_size)
-        self.requests: dict[str, RequestState] = {}
         self.results: dict[str, RequestResult] = {}
-        self._to_free: list[str] = []
         self.stats = StepStats()
+
+    @property
+    def kv(self) -> KVCacheManager:
+        return self.scheduler.kv
+
+    @property
+    def requests(self) -> dict[str, RequestState]:
+        """The unfinished requests (the scheduler's)."""
+        return self.scheduler.requests
 
     @classmethod
     def from_config(cls, config: EngineConfig, parallel: ParallelContext | None = None) -> EngineCore:
@@ -152,8 +160,7 @@ class EngineCore:
             st = state_from_processed(self.ctx, p)
         except RequestError as e:
             return self._reject(rid, 400, str(e))
-        self.requests[rid] = st
-        self.scheduler.add(st)
+        self.scheduler.add_request(st)
         return []
 
     def _reject(self, rid: str, status: int, msg: str) -> list[EngineEvent]:
@@ -162,17 +169,17 @@ class EngineCore:
         return [self._error_event(rid, msg, status=status)]
 
     def abort(self, request_id: str) -> list[EngineEvent]:
-        st = self.requests.get(request_id)
-        if st is None:
-            return []
-        return self._finish(st, FinishReason.ABORT, error="aborted")
+        events: list[EngineEvent] = []
+        for st in self.scheduler.finish_requests([request_id], FinishReason.ABORT):
+            events += self._finished(RequestOutput(st, finish_reason=FinishReason.ABORT, error="aborted"))
+        return events
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
 
     def needs_release(self) -> bool:
         """Finished requests still hold worker-side state (latents, caches) that an idle `run_until_done` frees."""
-        return bool(self._to_free)
+        return self.scheduler.needs_release()
 
     def close(self) -> None:
         """Nothing to stop in-process (a tensor-parallel executor stops its ranks)."""
@@ -183,123 +190,70 @@ class EngineCore:
 
     def snapshot(self) -> CoreSnapshot:
         kv, sched = self.kv, self.scheduler
+        enc = sched.encoder_cache
         return CoreSnapshot(
             num_running=len(sched.running), num_waiting=len(sched.waiting), kv_usage=float(kv.usage),
             num_free_blocks=int(kv.num_free_blocks), prefix_cache_queries=int(kv.stats.queries),
             prefix_cache_hits=int(kv.stats.hits), num_preemptions=int(sched.num_preemptions),
-            diffusion_steps=self.stats.diffusion_steps,
+            diffusion_steps=self.stats.diffusion_steps, encoder_cache_hits=enc.stats.hits,
+            encoder_cache_misses=enc.stats.misses, encoder_cache_bytes=enc.num_bytes,
         )
 
     # ------------------------------------------------------------------ the loop body
     def step(self) -> list[EngineEvent]:
+        """schedule -> execute -> update_from_output, then the outputs become events and results."""
         t0 = time.perf_counter()
         plan = self.scheduler.schedule()
-        plan.finished_request_ids.extend(self._to_free)
-        self._to_free = []
-        events: list[EngineEvent] = []
-        if plan.is_empty:
-            events += self._unschedulable()
-            return events
+        if not plan.has_model_work:
+            if plan.finished_request_ids or plan.encoder_evictions:
+                self.runner.execute(plan)  # only frees worker-side state
+            return self._process(self.scheduler.unschedulable())
         t1 = time.perf_counter()
         out = self.runner.execute(plan)
         t2 = time.perf_counter()
-        events += self._update(plan, out)
+        events = self._process(self.scheduler.update_from_output(plan, out))
         t3 = time.perf_counter()
+        self._account(plan, out, t1 - t0, t2 - t1, t3 - t2)
+        return events
+
+    def _account(self, plan: SchedulerOutput, out: RunnerOutput, schedule_s: float, execute_s: float,
+                 update_s: float) -> None:
         s = self.stats
         s.steps += 1
-        s.schedule_s += t1 - t0
-        s.execute_s += t2 - t1
-        s.update_s += t3 - t2
-        s.forward_s += out.timings.get("forward", 0.0)
+        s.schedule_s += schedule_s
+        s.execute_s += execute_s
+        s.update_s += update_s
+        forward = out.timings.get("forward", 0.0)
+        s.forward_s += forward
         s.post_s += out.timings.get("post", 0.0)
         s.vae_s += out.timings.get("vae", 0.0)
+        s.encode_s += out.timings.get("encode", 0.0)
         s.tokens += plan.num_tokens
         s.diffusion_steps += len(plan.diffusion_steps)
+        step_tokens = {"prefill": 0, "decode": 0, "diffuse": 0}
         for c in plan.chunks:
             kind = "diffuse" if c.diffusion else ("decode" if c.end - c.start == 1 and c.sample else "prefill")
-            s.phase_tokens[kind] += c.end - c.start
-        return events
+            step_tokens[kind] += c.end - c.start
+        total = sum(step_tokens.values())
+        for kind, n in step_tokens.items():
+            s.phase_tokens[kind] += n
+            if total:
+                s.phase_forward_s[kind] += forward * n / total
 
-    def _unschedulable(self) -> list[EngineEvent]:
-        """Nothing could run although work is queued: the head request can never fit the KV cache."""
+    # ------------------------------------------------------------------ outputs -> events and results
+    def _process(self, outputs: list[RequestOutput]) -> list[EngineEvent]:
         events: list[EngineEvent] = []
-        if self.scheduler.waiting and not self.scheduler.running:
-            st = self.scheduler.waiting.popleft()
-            self.scheduler.running.append(st)
-            events += self._finish(st, FinishReason.ERROR, error="the request does not fit in the KV cache",
-                                   status=400)
-        return events
-
-    def _update(self, plan: SchedulerOutput, out: RunnerOutput) -> list[EngineEvent]:
-        events: list[EngineEvent] = []
-        for rid, msg in out.failed.items():
-            st = self.requests.get(rid)
-            if st is not None:
-                events += self._finish(st, FinishReason.ERROR, error=msg)
-        bs = self.config.block_size
-        for c in plan.chunks:
-            st = self.requests.get(c.request_id)
-            if st is None or c.diffusion:
-                continue
-            seq = st.cond if c.seq_id == st.cond.seq_id else st.uncond
-            if seq is None or seq.token_ids is not c.token_ids:
-                continue
-            seq.num_computed = max(seq.num_computed, c.end)
-            limit = min(seq.num_computed, seq.cacheable or seq.num_computed)
-            # only when a block filled up (not on every decode token): the keys cost a pass over the image slots
-            kv = self.kv
-            if kv.enable_prefix_caching and seq.allocated and limit // bs > kv.num_registered_blocks(seq.seq_id):
-                kv.cache_full_blocks(seq.seq_id, seq.token_ids, block_extra_keys(st, seq, bs, limit), limit)
-        for rid, tok in out.sampled_tokens.items():
-            st = self.requests.get(rid)
-            if st is not None:
-                events += self._on_token(st, tok)
-        for rid, step in out.diffusion_steps_done.items():
-            st = self.requests.get(rid)
-            if st is None:
-                continue
-            st.step = step + 1
-            if st.step >= st.num_steps:
-                st.mark("diffusion_end")
-                st.status = RequestStatus.VAE_DECODE
-                self.scheduler.free_kv(st)  # the image needs no KV any more
-                if st.req.output_type == "latent":
-                    res = self._result(st, FinishReason.IMAGE)
-                    res.latents = self.runner.final_latents(rid).detach().cpu()
-                    events += self._finish(st, FinishReason.IMAGE, result=res)
-        for rid, img in out.images.items():
-            st = self.requests.get(rid)
-            if st is not None:
-                events += self._on_image(st, img)
-        return events
-
-    def _on_token(self, st: RequestState, tok: int) -> list[EngineEvent]:
-        m = st.machine
-        if st.status is RequestStatus.PREFILL:
-            st.status = RequestStatus.THINK
-        st.mark("first_token")
-        m.feed(tok)
-        st.generated.append(tok)
-        st.cond.token_ids.append(tok)
-        if m.needs_close:
-            closing = m.close()
-            st.generated.extend(closing)
-            st.cond.token_ids.extend(closing)
-        events = self._text_delta(st)
-        if not m.finished:
-            return events
-        st.mark("think_end")
-        if st.bot_task == "auto":
-            reason = FinishReason.TEXT if tok == self.ctx.tokenizer.special.eos else FinishReason.LENGTH
-            return events + self._finish(st, reason)
-        if st.ratio_index is None:
-            st.ratio_index = m.ratio_index
-        if st.ratio_index is None:
-            return events + self._finish(st, FinishReason.ERROR, error="the model did not choose an image size")
-        try:
-            enter_image_phase(self.ctx, st)
-        except RequestError as e:
-            return events + self._finish(st, FinishReason.ERROR, error=str(e))
+        for o in outputs:
+            st = o.state
+            if o.new_token_ids:
+                events += self._text_delta(st)
+            if o.partial_image is not None and o.finish_reason is None:
+                index, img = o.partial_image
+                events.append(EngineEvent(request_id=st.request_id, kind="partial_image",
+                                          image_png=self._png(self._output_image(st, img)),
+                                          partial_image_index=index))
+            if o.finish_reason is not None:
+                events += self._finished(o)
         return events
 
     def _text_delta(self, st: RequestState) -> list[EngineEvent]:
@@ -316,18 +270,34 @@ class EngineCore:
             prefix = [st.machine.start_id]
         return self.ctx.tokenizer.decode(prefix + st.generated)
 
-    def _on_image(self, st: RequestState, img) -> list[EngineEvent]:
+    def _output_image(self, st: RequestState, img) -> Image.Image:
         pil = Image.fromarray(img)
         if st.align_image_size and st.vae_images:
             pil = self.ctx.images.align_output_size(pil, st.vae_images)
-        st.mark("vae_end")
+        return pil
+
+    @staticmethod
+    def _png(pil: Image.Image) -> bytes:
         buf = io.BytesIO()
         pil.save(buf, format="PNG")
-        res = self._result(st, FinishReason.IMAGE)
-        res.image = pil
-        res.latents = self.runner.final_latents(st.request_id).detach().cpu()
-        events = [EngineEvent(request_id=st.request_id, kind="image", image_png=buf.getvalue())]
-        return events + self._finish(st, FinishReason.IMAGE, result=res)
+        return buf.getvalue()
+
+    def _finished(self, o: RequestOutput) -> list[EngineEvent]:
+        """A finished request: its result, and its last events (the image, then finished; or the error)."""
+        st, reason = o.state, o.finish_reason
+        rid = st.request_id
+        res = self._result(st, reason, o.error)
+        if reason in (FinishReason.ERROR, FinishReason.ABORT):
+            self.results[rid] = res
+            return [self._error_event(rid, o.error or reason.value, reason, o.status)]
+        events = []
+        if reason is FinishReason.IMAGE:
+            res.latents = self.runner.final_latents(rid).detach().cpu()
+            if o.image is not None:
+                res.image = self._output_image(st, o.image)
+                events.append(EngineEvent(request_id=rid, kind="image", image_png=self._png(res.image)))
+        self.results[rid] = res
+        return events + [EngineEvent(request_id=rid, kind="finished", finish_reason=reason.value)]
 
     def _result(self, st: RequestState, reason: FinishReason, error: str | None = None) -> RequestResult:
         t = st.times
@@ -351,22 +321,6 @@ class EngineCore:
             num_generated_tokens=len(st.generated), timings=timings, error=error,
         )
 
-    def _finish(self, st: RequestState, reason: FinishReason, error: str | None = None,
-                result: RequestResult | None = None, status: int | None = None) -> list[EngineEvent]:
-        self.scheduler.free_kv(st)
-        if st in self.scheduler.running:
-            self.scheduler.running.remove(st)
-        elif st in self.scheduler.waiting:
-            self.scheduler.waiting.remove(st)
-        self.requests.pop(st.request_id, None)
-        if st.sent_to_worker:
-            self._to_free.append(st.request_id)
-        st.status = RequestStatus.FINISHED
-        self.results[st.request_id] = result or self._result(st, reason, error)
-        if reason in (FinishReason.ERROR, FinishReason.ABORT):
-            return [self._error_event(st.request_id, error or reason.value, reason, status)]
-        return [EngineEvent(request_id=st.request_id, kind="finished", finish_reason=reason.value)]
-
     @staticmethod
     def _error_event(rid: str, msg: str, reason: FinishReason = FinishReason.ERROR,
                      status: int | None = None) -> EngineEvent:
@@ -376,7 +330,6 @@ class EngineCore:
         events: list[EngineEvent] = []
         while self.has_unfinished():
             events += self.step()
-        if self._to_free:
-            self.runner.execute(SchedulerOutput(finished_request_ids=self._to_free))
-            self._to_free = []
+        if self.scheduler.needs_release():
+            self.runner.execute(SchedulerOutput(finished_request_ids=self.scheduler.take_finished_ids()))
         return events

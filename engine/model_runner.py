@@ -17,12 +17,15 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from diffgentor.engine.encoder_cache import EncoderInput, EncoderKey
 from diffgentor.engine.kv_cache import PagedKVCache
 from diffgentor.engine.models.hunyuan_image_3.embedding import (
     CondImage,
+    EncodedImage,
     GenInputs,
     assemble_embeddings,
-    encode_condition,
+    condition_from_encoded,
+    encode_images,
     positions_for,
 )
 from diffgentor.engine.models.hunyuan_image_3.flow_match import (
@@ -78,6 +81,28 @@ class ModelRunner:
         self.block_size = block_size
         self.kv_cache: PagedKVCache = model.make_kv_cache(num_blocks, block_size)
         self.requests: dict[str, _WorkerRequest] = {}
+        self.encoder_cache: dict[EncoderKey, EncodedImage] = {}  # the scheduler decides what enters and leaves
+
+    # ------------------------------------------------------------------ encoder stage
+    def _encode(self, inputs: list[EncoderInput], out: RunnerOutput) -> None:
+        """Encode the scheduled condition images, one VAE (and ViT) call per bucket."""
+        groups: dict[tuple, list[EncoderInput]] = defaultdict(list)
+        for e in inputs:
+            vit_shape = tuple(e.vit.pixel_values.shape) if e.vit is not None else None
+            groups[(tuple(e.vae.pixels.shape), vit_shape)].append(e)
+        for group in groups.values():
+            try:
+                encoded = encode_images(self.model, [e.vae for e in group], [e.vit for e in group])
+            except Exception as err:  # noqa: BLE001 - pin the failure on the images; retry alone to find which
+                if len(group) > 1:
+                    for e in group:
+                        self._encode([e], out)
+                    continue
+                out.encode_failed[group[0].key] = f"{type(err).__name__}: {err}"
+                continue
+            for e, enc in zip(group, encoded):
+                self.encoder_cache[e.key] = enc
+                out.encoded[e.key] = enc.nbytes
 
     # ------------------------------------------------------------------ per-request state
     def _add_request(self, new: NewRequestData) -> None:
@@ -85,7 +110,8 @@ class ModelRunner:
         # on CUDA a seed then gives the official image, and draws happen where the logits / latents are.
         dev = self.model.device
         gen_rng = make_generator(new.seed, dev)
-        conds = [encode_condition(self.model, v, t, gen_rng) for v, t in zip(new.vae_images, new.vit_images)]
+        conds = [condition_from_encoded(self.model, self.encoder_cache[k], v, t, gen_rng)
+                 for k, v, t in zip(new.cond_keys, new.vae_images, new.vit_images)]
         self.requests[new.request_id] = _WorkerRequest(conds, gen_rng, make_generator(new.seed, dev), new.sampling)
 
     def _start_diffusion(self, ds: DiffusionStart) -> None:
@@ -118,6 +144,11 @@ class ModelRunner:
         t0 = time.perf_counter()
         for rid in plan.finished_request_ids:
             self.requests.pop(rid, None)
+        for key in plan.encoder_evictions:
+            self.encoder_cache.pop(key, None)
+        if plan.encoder_inputs:
+            self._encode(plan.encoder_inputs, out)
+        t_enc = time.perf_counter()
         for new in plan.new_requests:
             try:
                 self._add_request(new)
@@ -135,10 +166,10 @@ class ModelRunner:
         hidden = self._forward(chunks, step_of, out)
         t1 = time.perf_counter()
         self._sample(chunks, hidden, out)
-        self._diffuse(plan, hidden, out)
+        previews = self._diffuse(plan, hidden, out)
         t2 = time.perf_counter()
-        self._decode(plan.vae_decodes, out)
-        out.timings.update(forward=t1 - t0, post=t2 - t1, vae=time.perf_counter() - t2)
+        self._decode(plan.vae_decodes, out, previews)
+        out.timings.update(encode=t_enc - t0, forward=t1 - t_enc, post=t2 - t1, vae=time.perf_counter() - t2)
         return out
 
     def _embed(self, i: int, c: Chunk, step_of: dict[int, int]) -> tuple[Tensor, Tensor]:
@@ -185,7 +216,11 @@ class ModelRunner:
             constrain_logits(logits, c.sample)
             out.sampled_tokens[c.request_id] = sample_row(logits, c.sample.params, req.sample_rng)
 
-    def _diffuse(self, plan: SchedulerOutput, hidden: dict[int, Tensor], out: RunnerOutput) -> None:
+    def _diffuse(self, plan: SchedulerOutput, hidden: dict[int, Tensor], out: RunnerOutput
+                 ) -> dict[str, tuple[int, Tensor]]:
+        """Euler steps; returns the progressive previews due this step: the predicted clean latents
+        x0 = x_t - sigma * v (the flow's straight-line estimate), decoded with the step's VAE batch."""
+        previews: dict[str, tuple[int, Tensor]] = {}
         for st in plan.diffusion_steps:
             rid = st.request_id
             if rid in out.failed:
@@ -209,23 +244,37 @@ class ModelRunner:
             preds = [self.model.velocity(h[None], grid, tt)[0] for h in image_hidden]
             pred = cfg_combine(preds[0], preds[1], d.guidance_scale) if d.use_cfg else preds[0]
             sigma, sigma_next = d.schedule.sigma_pair(st.step)
+            if st.preview_index is not None:
+                previews[rid] = (st.preview_index, euler_step(d.latents, pred, sigma, 0.0))
             d.latents = euler_step(d.latents, pred, sigma, sigma_next)
             out.diffusion_steps_done[rid] = st.step
+        return previews
 
-    def _decode(self, request_ids: list[str], out: RunnerOutput) -> None:
-        groups: dict[tuple[int, ...], list[str]] = defaultdict(list)
+    def _decode(self, request_ids: list[str], out: RunnerOutput,
+                previews: dict[str, tuple[int, Tensor]] | None = None) -> None:
+        """Final images and previews in one VAE batch per output size. A failed preview is dropped silently (the
+        request goes on); a failed final decode fails its requests."""
+        groups: dict[tuple[int, ...], list[tuple[str, int | None, Tensor]]] = defaultdict(list)
         for rid in request_ids:
             if rid not in out.failed:
-                groups[tuple(self.requests[rid].diffusion.latents.shape)].append(rid)
-        for rids in groups.values():  # batched by output size
+                lat = self.requests[rid].diffusion.latents
+                groups[tuple(lat.shape)].append((rid, None, lat))
+        for rid, (index, lat) in (previews or {}).items():
+            if rid not in out.failed:
+                groups[tuple(lat.shape)].append((rid, index, lat))
+        for items in groups.values():  # batched by output size
             try:
-                latents = torch.stack([self.requests[r].diffusion.latents for r in rids])
-                images = to_uint8(self.model.decode_latents(latents))
-                for r, img in zip(rids, images):
-                    out.images[r] = img
+                images = to_uint8(self.model.decode_latents(torch.stack([lat for _, _, lat in items])))
             except Exception as e:  # noqa: BLE001
-                for r in rids:
-                    out.failed[r] = f"VAE decode failed: {type(e).__name__}: {e}"
+                for r, index, _ in items:
+                    if index is None:
+                        out.failed[r] = f"VAE decode failed: {type(e).__name__}: {e}"
+                continue
+            for (r, index, _), img in zip(items, images):
+                if index is None:
+                    out.images[r] = img
+                else:
+                    out.partial_images[r] = (index, img)
 
     def final_latents(self, request_id: str) -> Tensor:
         return self.requests[request_id].diffusion.latents

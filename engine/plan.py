@@ -1,10 +1,10 @@
 """What the scheduler hands the worker each step, and what the worker answers.
 
-The engine core decides *what* runs (which token ranges of which sequences, which requests sample a
-token, take a diffusion step or get decoded); the worker owns the model, the KV pages and each
-request's device-side state (condition embeddings, generators, latents) and does it in one flat
-forward. In-process for now, these plain dataclasses are the boundary a multi-rank executor will
-serialise.
+The scheduler decides *what* runs (which condition images are encoded, which token ranges of which sequences,
+which requests sample a token, take a diffusion step or get decoded); the worker owns the model, the KV pages,
+the encoder cache's tensors and each request's device-side state (condition embeddings, generators, latents) and
+does it in one step. These plain dataclasses never leave the process: every tensor-parallel rank runs its own
+scheduler and worker in lockstep.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from diffgentor.engine.encoder_cache import EncoderInput, EncoderKey
 from diffgentor.engine.models.hunyuan_image_3.image_processing import VaeCondImage, VitCondImage
 from diffgentor.engine.models.hunyuan_image_3.prompt import BuiltPrompt
 from diffgentor.engine.models.hunyuan_image_3.sampling import SamplingParams
@@ -19,13 +20,15 @@ from diffgentor.engine.models.hunyuan_image_3.sampling import SamplingParams
 
 @dataclass
 class NewRequestData:
-    """Sent once when a request first runs: the worker encodes its condition images with its seed."""
+    """Sent once when a request is admitted: its condition images are in the encoder cache (`cond_keys`); the
+    worker draws their posterior samples, then later the initial noise, from the request's seeded generator."""
 
     request_id: str
     seed: int
     vae_images: list[VaeCondImage]
     vit_images: list[VitCondImage | None]
     sampling: SamplingParams
+    cond_keys: list[EncoderKey] = field(default_factory=list)
 
 
 @dataclass
@@ -72,10 +75,13 @@ class DiffusionStep:
     request_id: str
     step: int
     chunk_indexes: list[int]  # into SchedulerOutput.chunks; empty when the Taylor cache predicts this step
+    preview_index: int | None = None  # decode this step's predicted clean image as progressive preview N
 
 
 @dataclass
 class SchedulerOutput:
+    encoder_inputs: list[EncoderInput] = field(default_factory=list)  # encode before the forward, by bucket
+    encoder_evictions: list[EncoderKey] = field(default_factory=list)  # drop these cached encodes first
     new_requests: list[NewRequestData] = field(default_factory=list)
     diffusion_starts: list[DiffusionStart] = field(default_factory=list)
     chunks: list[Chunk] = field(default_factory=list)
@@ -90,7 +96,14 @@ class SchedulerOutput:
     @property
     def is_empty(self) -> bool:
         return not (self.new_requests or self.chunks or self.diffusion_steps or self.vae_decodes
-                    or self.finished_request_ids or self.diffusion_starts)
+                    or self.finished_request_ids or self.diffusion_starts or self.encoder_inputs
+                    or self.encoder_evictions)
+
+    @property
+    def has_model_work(self) -> bool:
+        """Anything beyond freeing state: a step that counts."""
+        return bool(self.new_requests or self.chunks or self.diffusion_steps or self.vae_decodes
+                    or self.diffusion_starts or self.encoder_inputs)
 
 
 @dataclass
@@ -98,5 +111,8 @@ class RunnerOutput:
     sampled_tokens: dict[str, int] = field(default_factory=dict)
     diffusion_steps_done: dict[str, int] = field(default_factory=dict)
     images: dict[str, Any] = field(default_factory=dict)  # request id -> uint8 [H, W, 3] numpy
+    partial_images: dict[str, tuple[int, Any]] = field(default_factory=dict)  # request id -> (index, uint8 image)
+    encoded: dict[EncoderKey, int] = field(default_factory=dict)  # encoder-cache key -> bytes held by the worker
+    encode_failed: dict[EncoderKey, str] = field(default_factory=dict)  # key -> error message
     failed: dict[str, str] = field(default_factory=dict)  # request id -> error message
     timings: dict[str, float] = field(default_factory=dict)

@@ -83,6 +83,9 @@ class CoreSnapshot(msgspec.Struct, kw_only=True, array_like=True):
     prefix_cache_hits: int = 0
     num_preemptions: int = 0
     diffusion_steps: int = 0
+    encoder_cache_hits: int = 0  # condition images found encoded (or shared with a request encoding them)
+    encoder_cache_misses: int = 0  # condition images that had to be encoded
+    encoder_cache_bytes: int = 0  # bytes the encoder cache holds now
 
 
 class RequestResult(msgspec.Struct, kw_only=True):

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import hashlib
 import io
+import math
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -21,6 +23,7 @@ from typing import Any
 import msgspec
 import torch
 
+from diffgentor.engine.encoder_cache import EncoderInput, encoder_key
 from diffgentor.engine.models.hunyuan_image_3.config import GenerationDefaults, HunyuanImage3Config
 from diffgentor.engine.models.hunyuan_image_3.embedding import cond_layout
 from diffgentor.engine.models.hunyuan_image_3.image_processing import ImageProcessor, VaeCondImage, VitCondImage
@@ -33,6 +36,16 @@ from diffgentor.engine.models.hunyuan_image_3.tokenizer import HunyuanTokenizer
 from diffgentor.engine.request import GenerationRequest, RequestStatus
 
 MAX_IMAGE_PIXELS = 64 * 1024 * 1024
+MAX_PARTIAL_IMAGES = 3  # OpenAI's bound on streamed previews
+
+
+def _preview_steps(num_steps: int, num_previews: int) -> tuple[int, ...]:
+    """Denoising steps (0-based) after which progressive previews are decoded: evenly spaced, never the last step
+    (that one is the final image); fewer than asked when there are too few steps."""
+    if num_previews <= 0 or num_steps < 2:
+        return ()
+    return tuple(sorted({min(num_steps - 2, max(0, round((i + 1) * num_steps / (num_previews + 1)) - 1))
+                         for i in range(num_previews)}))
 
 
 @dataclass
@@ -94,6 +107,9 @@ class RequestState:
     num_prompt_tokens: int = 0
     num_preemptions: int = 0
     taylor_schedule: list[bool] | None = None
+    encoder_inputs: list[EncoderInput] = field(default_factory=list)  # one per condition image, input order
+    encoder_checked: bool = False  # the scheduler looked its images up in the encoder cache (and pinned them)
+    preview_steps: tuple[int, ...] = ()  # denoising steps whose predicted clean image is streamed as a preview
 
     @property
     def rows(self) -> list[SeqState]:
@@ -101,6 +117,14 @@ class RequestState:
 
     def mark(self, name: str) -> None:
         self.times.setdefault(name, time.perf_counter())
+
+
+_OBJECT_REPR_RE = re.compile(r"<[\w.]+ object at 0x[0-9a-fA-F]+>")
+
+
+def _without_reprs(text: str) -> str:
+    """A decoder's message without object reprs (PIL names the `BytesIO` it could not identify)."""
+    return _OBJECT_REPR_RE.sub("the data", text)
 
 
 def _decode_image(data: bytes, i: int, max_pixels: int = MAX_IMAGE_PIXELS):
@@ -116,7 +140,7 @@ def _decode_image(data: bytes, i: int, max_pixels: int = MAX_IMAGE_PIXELS):
     except RequestError:
         raise
     except Exception as e:  # noqa: BLE001 - any decoder failure is this request's error
-        raise RequestError(f"input image {i} could not be read: {type(e).__name__}: {e}") from None
+        raise RequestError(f"input image {i} could not be read: {type(e).__name__}: {_without_reprs(str(e))}") from None
 
 
 def _pick(value, default):
@@ -198,11 +222,50 @@ class _Params:
     align: bool
 
 
-def _resolve(ctx: ProcessorContext, req: GenerationRequest, num_images: int) -> _Params:
-    """Validate a request's scalar fields and resolve the defaults (cheap; no image is touched)."""
+MAX_TEXT_CHARS = 100_000  # any text field, engine side; the API server passes its own --max-prompt-chars
+MAX_GUIDANCE_SCALE = 100.0
+MAX_FLOW_SHIFT = 100.0
+MAX_TEMPERATURE = 100.0
+MAX_INFERENCE_STEPS = 1000
+
+
+def _check_text(name: str, text: str | None, max_chars: int) -> None:
+    """A text field: within ``max_chars`` characters and encodable as UTF-8 (JSON may carry lone surrogates)."""
+    if text is None:
+        return
+    if not isinstance(text, str):
+        raise RequestError(f"{name} must be a string")
+    if len(text) > max_chars:
+        raise RequestError(f"{name} is {len(text)} characters; the limit is {max_chars}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise RequestError(f"{name} is not valid Unicode text (it holds a lone surrogate)") from None
+
+
+def _check_number(name: str, value: float, low: float, high: float, low_open: bool = False) -> float:
+    """A float field: finite and within [low, high] (``low_open``: (low, high])."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError, OverflowError):
+        raise RequestError(f"{name} must be a number") from None
+    if not math.isfinite(v) or v > high or v < low or (low_open and v == low):
+        raise RequestError(f"{name} must be a finite number in {'(' if low_open else '['}{low:g}, {high:g}], "
+                           f"got {v!r}")
+    return v
+
+
+def _resolve(ctx: ProcessorContext, req: GenerationRequest, num_images: int,
+             max_text_chars: int = MAX_TEXT_CHARS) -> _Params:
+    """Validate a request's scalar fields and resolve the defaults (cheap; no image is touched). Text fields are
+    bounded here so that no component tokenises an unbounded string; numbers must be finite and in range."""
     d, env = ctx.defaults, ctx.request_defaults
     if not isinstance(req.prompt, str) or not req.prompt.strip():
         raise RequestError("prompt must be a non-empty string")
+    _check_text("prompt", req.prompt, max_text_chars)
+    _check_text("system_prompt", req.system_prompt, max_text_chars)
+    for name in ("bot_task", "use_system_prompt", "image_size", "request_id"):
+        _check_text(name, getattr(req, name, None), 1000)
     bot_task = req.bot_task or env.get("bot_task") or d.bot_task
     if bot_task not in BOT_TASKS:
         raise RequestError(f"unknown bot_task {bot_task!r}; expected one of {', '.join(BOT_TASKS)}")
@@ -213,21 +276,27 @@ def _resolve(ctx: ProcessorContext, req: GenerationRequest, num_images: int) -> 
     max_new = _pick(req.max_new_tokens, env.get("max_new_tokens") or d.max_new_tokens)
     if max_new <= 0:
         raise RequestError(f"max_new_tokens must be positive, got {max_new}")
+    context = ctx.config.max_position_embeddings
+    if max_new > context:
+        raise RequestError(f"max_new_tokens must be at most {context} (the model's context), got {max_new}")
     steps = _pick(req.num_inference_steps, env.get("num_inference_steps") or d.diff_infer_steps)
     if steps <= 0:
         raise RequestError(f"num_inference_steps must be positive, got {steps}")
+    if steps > MAX_INFERENCE_STEPS:
+        raise RequestError(f"num_inference_steps must be at most {MAX_INFERENCE_STEPS}, got {steps}")
     guidance = float(_pick(req.guidance_scale, d.diff_guidance_scale))
     if guidance < 0:
         raise RequestError(f"guidance_scale must be >= 0, got {guidance}")
-    shift = float(_pick(req.flow_shift, d.flow_shift))
+    guidance = _check_number("guidance_scale", guidance, 0.0, MAX_GUIDANCE_SCALE)
+    shift = _check_number("flow_shift", _pick(req.flow_shift, d.flow_shift), 0.0, MAX_FLOW_SHIFT, low_open=True)
     try:
         sampling = SamplingParams(
             do_sample=_pick(req.do_sample, d.do_sample),
-            temperature=float(_pick(req.temperature, d.temperature)),
+            temperature=_check_number("temperature", _pick(req.temperature, d.temperature), 0.0, MAX_TEMPERATURE),
             top_k=int(_pick(req.top_k, d.top_k)),
-            top_p=float(_pick(req.top_p, d.top_p)),
+            top_p=_check_number("top_p", _pick(req.top_p, d.top_p), 0.0, 1.0),
         )
-    except ValueError as e:
+    except (ValueError, OverflowError) as e:
         raise RequestError(str(e)) from None
     image_size = req.image_size or "auto"
     fixed_ratio = None
@@ -248,17 +317,36 @@ def _resolve(ctx: ProcessorContext, req: GenerationRequest, num_images: int) -> 
                    align)
 
 
+def _check_context(ctx: ProcessorContext, params: _Params, req: GenerationRequest,
+                   images: Sequence[ProcessedImage] = ()) -> None:
+    """The prompt and system prompt, tokenised here (the API server's worker pool, never the engine core), plus
+    the condition images' tokens must fit the model's context."""
+    limit = ctx.config.max_position_embeddings
+    need = len(ctx.tokenizer.encode(req.prompt)) + len(ctx.tokenizer.encode(params.system or ""))
+    ds = ctx.config.latent_downsample
+    need += sum((x.vae_shape[-2] // ds) * (x.vae_shape[-1] // ds) + 2
+                + (x.vit_spatial_shape[0] * x.vit_spatial_shape[1] if x.vit_shape else 0)
+                for x in images)
+    if need > limit:
+        raise RequestError(f"the prompt, system prompt and images need at least {need} tokens; the model's "
+                           f"context is {limit}")
+
+
 def process_request(ctx: ProcessorContext, req: GenerationRequest,
-                    max_image_pixels: int = MAX_IMAGE_PIXELS) -> ProcessedRequest:
+                    max_image_pixels: int = MAX_IMAGE_PIXELS, max_text_chars: int = MAX_TEXT_CHARS) -> ProcessedRequest:
     """The heavy, per-request CPU half of input processing (the API server runs it in a thread pool):
-    validation, image decoding with a pixel limit, VAE bucket resize/crop and SigLIP2 preprocessing."""
-    params = _resolve(ctx, req, len(req.images))
+    validation (text bounded, then tokenised against the context before any image is decoded), image decoding
+    with a pixel limit, VAE bucket resize/crop and SigLIP2 preprocessing."""
+    params = _resolve(ctx, req, len(req.images), max_text_chars)
+    _check_context(ctx, params, req)
     images = []
     for i, data in enumerate(req.images):
         pil = _decode_image(data, i, max_image_pixels)
         vae = ctx.images.vae_image(pil, align_image_size=params.align)
         vit = ctx.images.vit_image(pil) if ctx.config.has_vision else None
         images.append(_to_processed(vae, vit, hashlib.sha256(data).hexdigest()))
+    if images:
+        _check_context(ctx, params, req, images)
     return ProcessedRequest(request=msgspec.structs.replace(req, images=[]), images=images)
 
 
@@ -307,6 +395,14 @@ def state_from_processed(ctx: ProcessorContext, p: ProcessedRequest) -> RequestS
         ratio_index=fixed_ratio, num_prompt_tokens=len(layout),
     )
     state.times["max_tokens_estimate"] = float(need)
+    state.encoder_inputs = [EncoderInput(encoder_key(dg, v, t, params.align), v, t)
+                            for dg, v, t in zip(digests, vae_images, vit_images)]
+    n_previews = int(req.partial_images or 0)
+    if not 0 <= n_previews <= MAX_PARTIAL_IMAGES:
+        raise RequestError(f"partial_images must be between 0 and {MAX_PARTIAL_IMAGES}, got {n_previews}")
+    if n_previews and req.output_type == "latent":
+        raise RequestError("partial_images needs output_type 'pil' (previews are decoded images)")
+    state.preview_steps = _preview_steps(steps, n_previews)
     if phase == "image":
         enter_image_phase(ctx, state, layout)
     return state

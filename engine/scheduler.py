@@ -1,29 +1,47 @@
-"""The scheduler: which token ranges of which requests run in the next forward, under one token budget.
+"""The scheduler: owns the waiting and running requests, the KV block manager and the encoder cache's books,
+decides what runs in each step, and applies what the worker did.
 
-Every phase is a token range of a request's sequence(s), so one policy packs them all (FCFS over the
-running requests, then admissions from the waiting queue):
+A step is `schedule()` -> the worker's `execute()` -> `update_from_output()`, as in vLLM v1; `finish_requests()`
+ends requests from outside (aborts). Nothing else changes scheduling state.
 
-* text phase: the uncomputed tail of the cond row (prefill chunks, then one decode token per step); when
-  the chunk reaches the end of the row the worker samples the next token under the stage machine's forcing;
-* image phase: first the rows' prefixes up to the generated image's `<timestep>` (the cond row keeps the
-  think phase's KV, decision 2), then every denoising step recomputes `<timestep>`.. last `<img>` of each
-  row in place (CFG rows in the same forward); a Taylor-cache step needs no tokens at all;
+Every phase is a token range of a request's sequence(s), so one policy packs them all under one token budget (FCFS
+over the running requests, then admissions from the waiting queue):
+
+* encoder stage: a waiting request's condition images are encoded (VAE posterior + SigLIP2) before it may
+  prefill, under a per-step pixel budget (`max_num_encoder_pixels`, at least one image per step), images shared by
+  several requests once; it does not hold a seat in the running batch, and requests behind it (text-to-image ones,
+  edits whose images are cached) are admitted meanwhile, so encodes never stall the decode and diffusion of others;
+* text phase: the uncomputed tail of the cond row (prefill chunks, then one decode token per step); when the chunk
+  reaches the end of the row the worker samples the next token under the stage machine's forcing;
+* image phase: first the rows' prefixes up to the generated image's `<timestep>` (the cond row keeps the think
+  phase's KV), then every denoising step recomputes `<timestep>`.. last `<img>` of each row in place (CFG rows in
+  the same forward); a Taylor-cache step needs no tokens at all;
 * VAE decode: no tokens; requests are decoded together, batched by size.
 
-A bidirectional image block is never split across forwards. When the KV blocks run out the most
-recently admitted running request is preempted (its blocks freed, recomputed later).
+A bidirectional image block is never split across forwards. When the KV blocks run out the most recently admitted
+running request is preempted (its blocks freed, recomputed later).
 """
 
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from diffgentor.engine.block_manager import KVCacheManager, compute_block_hashes
-from diffgentor.engine.plan import Chunk, DiffusionStart, DiffusionStep, NewRequestData, SampleSpec, SchedulerOutput
-from diffgentor.engine.request import RequestStatus
-from diffgentor.engine.request_state import RequestState, SeqState, block_extra_keys
+from diffgentor.engine.encoder_cache import EncoderCacheManager, EncoderInput
+from diffgentor.engine.plan import (
+    Chunk,
+    DiffusionStart,
+    DiffusionStep,
+    NewRequestData,
+    RunnerOutput,
+    SampleSpec,
+    SchedulerOutput,
+)
+from diffgentor.engine.request import FinishReason, RequestStatus
+from diffgentor.engine.request_state import RequestError, RequestState, SeqState, block_extra_keys
 
 
 def chunk_end(start: int, target: int, budget: int, spans: Sequence[tuple[int, int]]) -> int:
@@ -46,21 +64,82 @@ class SchedulerConfig:
     max_num_seqs: int = 16
     max_num_batched_tokens: int = 8192
     block_size: int = 16
+    max_num_encoder_pixels: int = 1024 * 1024
+    encoder_cache_bytes: int = 512 * 1024 * 1024
 
 
 @dataclass
-class Scheduler:
-    config: SchedulerConfig
-    kv: KVCacheManager
-    waiting: deque[RequestState] = field(default_factory=deque)
-    running: list[RequestState] = field(default_factory=list)
-    num_preemptions: int = 0
+class RequestOutput:
+    """What one step did to one request, for the engine core to turn into events and results."""
 
-    def add(self, st: RequestState) -> None:
+    state: RequestState
+    new_token_ids: list[int] = field(default_factory=list)  # sampled token, then any forced closing tokens
+    partial_image: tuple[int, Any] | None = None  # (preview index, uint8 [H, W, 3])
+    image: Any = None  # the final uint8 [H, W, 3] image
+    finish_reason: FinishReason | None = None
+    error: str | None = None
+    status: int | None = None  # an error's HTTP status where known
+
+
+PhaseTransition = Callable[[RequestState], None]
+"""Switch a request whose text phase ended to its image-phase sequence(s); raises `RequestError`."""
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager,
+                 transition: PhaseTransition | None = None) -> None:
+        self.config = config
+        self.kv = kv
+        self.transition = transition
+        self.requests: dict[str, RequestState] = {}
+        self.waiting: deque[RequestState] = deque()
+        self.running: list[RequestState] = []
+        self.encoder_cache = EncoderCacheManager(config.encoder_cache_bytes)
+        self.num_preemptions = 0
+        self._finished_ids: list[str] = []  # worker-side state to free, sent with the next plan
+
+    # ------------------------------------------------------------------ requests in and out
+    def add_request(self, st: RequestState) -> None:
+        if st.request_id in self.requests:
+            raise ValueError(f"duplicate request id {st.request_id!r}")
+        self.requests[st.request_id] = st
         self.waiting.append(st)
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
+
+    def needs_release(self) -> bool:
+        """Finished requests still hold worker-side state that the next plan frees."""
+        return bool(self._finished_ids)
+
+    def take_finished_ids(self) -> list[str]:
+        out, self._finished_ids = self._finished_ids, []
+        return out
+
+    def finish_requests(self, request_ids: Iterable[str], reason: FinishReason) -> list[RequestState]:
+        """End requests in any phase (abort, error): free their KV, encoder pins and seats at once."""
+        done = []
+        for rid in request_ids:
+            st = self.requests.get(rid)
+            if st is not None:
+                self._free(st)
+                done.append(st)
+        return done
+
+    def _free(self, st: RequestState) -> None:
+        self.free_kv(st)
+        if st in self.running:
+            self.running.remove(st)
+        elif st in self.waiting:
+            self.waiting.remove(st)
+        self.requests.pop(st.request_id, None)
+        if st.sent_to_worker:
+            self._finished_ids.append(st.request_id)
+        elif st.encoder_checked:
+            for e in st.encoder_inputs:
+                self.encoder_cache.unpin(e.key)
+            st.encoder_checked = False
+        st.status = RequestStatus.FINISHED
 
     # ------------------------------------------------------------------ KV blocks
     def _ensure_seq(self, st: RequestState, seq: SeqState) -> None:
@@ -92,7 +171,8 @@ class Scheduler:
 
     @staticmethod
     def _in_plan(st: RequestState, plan: SchedulerOutput) -> bool:
-        return any(c.request_id == st.request_id for c in plan.chunks)
+        return any(c.request_id == st.request_id for c in plan.chunks) or \
+            any(d.request_id == st.request_id for d in plan.diffusion_steps)
 
     def free_kv(self, st: RequestState) -> None:
         for seq in st.rows:
@@ -121,30 +201,83 @@ class Scheduler:
         i = self.kv.num_cached_prefix_blocks(hashes)
         return i < len(hashes) and hashes[i] in self.kv.inflight_hashes()
 
+    # ------------------------------------------------------------------ encoder stage
+    def _missing_encodes(self, st: RequestState, encoding: dict[Any, int]) -> list[EncoderInput]:
+        """The request's condition images not in the encoder cache. The first look pins its entries and counts
+        hits (cached, or being encoded this step for another request) and misses."""
+        cache = self.encoder_cache
+        if not st.encoder_checked:
+            st.encoder_checked = True
+            for e in st.encoder_inputs:
+                cache.pin(e.key)
+                if cache.contains(e.key) or e.key in encoding:
+                    cache.stats.hits += 1
+                else:
+                    cache.stats.misses += 1
+        return [e for e in st.encoder_inputs if not cache.contains(e.key)]
+
+    def _schedule_encodes(self, missing: list[EncoderInput], plan: SchedulerOutput, encoding: dict[Any, int]) -> None:
+        """Add encodes within the step's pixel budget; the first encode of a step always fits."""
+        for e in missing:
+            if e.key in encoding:
+                continue
+            used = sum(encoding.values())
+            if encoding and used + e.num_pixels > self.config.max_num_encoder_pixels:
+                return
+            encoding[e.key] = e.num_pixels
+            plan.encoder_inputs.append(e)
+
     # ------------------------------------------------------------------ one step
     def schedule(self) -> SchedulerOutput:
-        plan = SchedulerOutput()
+        plan = SchedulerOutput(finished_request_ids=self.take_finished_ids(),
+                               encoder_evictions=self.encoder_cache.take_evictions())
         budget = self.config.max_num_batched_tokens
         for st in list(self.running):
             if st in self.running:
                 budget -= self._schedule_request(st, plan, budget)
-        while self.waiting and len(self.running) < self.config.max_num_seqs:
-            st = self.waiting[0]
+        encoding: dict[Any, int] = {}
+        seats = self.config.max_num_seqs - len(self.running)
+        for st in list(self.waiting):
+            if seats <= 0 or len(self.running) >= self.config.max_num_seqs:
+                break
             if budget <= 0 and st.status is not RequestStatus.VAE_DECODE:
                 break
+            if not st.sent_to_worker:
+                missing = self._missing_encodes(st, encoding)
+                if missing:  # encode now, prefill once encoded; later requests may go first meanwhile
+                    self._schedule_encodes(missing, plan, encoding)
+                    seats -= 1
+                    continue
             if self.running and self._prefix_in_flight(st):
-                break  # another request is computing this prompt's next blocks: wait a step and hit the cache
+                continue  # another request is computing this prompt's next blocks: wait a step and hit the cache
             used = self._schedule_request(st, plan, budget, admitting=True)
             if used < 0:
                 break
-            self.waiting.popleft()
+            self.waiting.remove(st)
             self.running.append(st)
+            seats -= 1
             if not st.sent_to_worker:
+                for e in st.encoder_inputs:
+                    self.encoder_cache.touch(e.key)
+                    self.encoder_cache.unpin(e.key)
+                st.encoder_checked = False
                 plan.new_requests.append(NewRequestData(st.request_id, st.seed, st.vae_images, st.vit_images,
-                                                        st.sampling))
+                                                        st.sampling, [e.key for e in st.encoder_inputs]))
                 st.sent_to_worker = True
             budget -= used
         return plan
+
+    def unschedulable(self) -> list[RequestOutput]:
+        """Nothing could run although work is queued: the first waiting request whose images are encoded can never
+        fit the KV cache. It is failed (400) so the queue moves on."""
+        if self.running:
+            return []
+        for st in list(self.waiting):
+            if st.sent_to_worker or all(self.encoder_cache.contains(e.key) for e in st.encoder_inputs):
+                self._free(st)
+                return [RequestOutput(st, finish_reason=FinishReason.ERROR, status=400,
+                                      error="the request does not fit in the KV cache")]
+        return []
 
     def _schedule_request(self, st: RequestState, plan: SchedulerOutput, budget: int, admitting: bool = False) -> int:
         """Add the request's work for this step; returns tokens used (-1: could not admit)."""
@@ -175,7 +308,7 @@ class Scheduler:
         sample = None
         if end == target:
             m = st.machine
-            sample = SampleSpec(st.sampling, m.forced_token, st_ratio_ids(st) if m.needs_ratio_pick else None)
+            sample = SampleSpec(st.sampling, m.forced_token, tuple(m.sp.ratio) if m.needs_ratio_pick else None)
         if st.status in (RequestStatus.WAITING, RequestStatus.PREFILL):
             st.status = RequestStatus.PREFILL if end < st.num_prompt_tokens else RequestStatus.THINK
             st.mark("first_scheduled")
@@ -202,6 +335,7 @@ class Scheduler:
                 return -1
             if st.status in (RequestStatus.WAITING, RequestStatus.PREFILL, RequestStatus.THINK):
                 st.status = RequestStatus.PREFILL if st.step == 0 else RequestStatus.DIFFUSE
+                st.mark("first_scheduled")
             return used
         # a denoising step: every row's image block, atomically
         full_step = not st.use_taylor_cache or _taylor_full_step(st)
@@ -222,8 +356,10 @@ class Scheduler:
             for seq in st.rows:
                 idx.append(len(plan.chunks))
                 self._add_chunk(st, seq, ts, slot_end, plan, diffusion=True)
-        plan.diffusion_steps.append(DiffusionStep(st.request_id, st.step, idx))
+        preview = st.preview_steps.index(st.step) if st.step in st.preview_steps else None
+        plan.diffusion_steps.append(DiffusionStep(st.request_id, st.step, idx, preview))
         st.status = RequestStatus.DIFFUSE
+        st.mark("first_scheduled")
         return need
 
     def _cannot_fit(self, st: RequestState, plan: SchedulerOutput, admitting: bool) -> int:
@@ -243,9 +379,106 @@ class Scheduler:
         plan.chunks[:] = [c for c in plan.chunks if c.request_id != st.request_id]
         plan.diffusion_steps[:] = [d for d in plan.diffusion_steps if d.request_id != st.request_id]
 
+    # ------------------------------------------------------------------ applying the worker's answer
+    def update_from_output(self, plan: SchedulerOutput, out: RunnerOutput) -> list[RequestOutput]:
+        """Advance every request the step touched; returns one `RequestOutput` per request with news, in order."""
+        outputs: dict[str, RequestOutput] = {}
 
-def st_ratio_ids(st: RequestState) -> tuple[int, ...]:
-    return tuple(st.machine.sp.ratio)
+        def output(st: RequestState) -> RequestOutput:
+            return outputs.setdefault(st.request_id, RequestOutput(st))
+
+        def finish(st: RequestState, reason: FinishReason, error: str | None = None, status: int | None = None):
+            self._free(st)
+            o = output(st)
+            o.finish_reason, o.error, o.status = reason, error, status
+
+        cache = self.encoder_cache
+        for key, nbytes in out.encoded.items():
+            cache.insert(key, nbytes)
+        if out.encode_failed:
+            for st in list(self.waiting):
+                bad = [out.encode_failed[e.key] for e in st.encoder_inputs if e.key in out.encode_failed]
+                if bad and not st.sent_to_worker:
+                    finish(st, FinishReason.ERROR, f"condition image encoding failed: {bad[0]}")
+        for rid, msg in out.failed.items():
+            st = self.requests.get(rid)
+            if st is not None:
+                finish(st, FinishReason.ERROR, msg)
+
+        self._record_computed(plan)
+        for rid, tok in out.sampled_tokens.items():
+            st = self.requests.get(rid)
+            if st is not None:
+                self._on_token(st, tok, output(st), finish)
+        for rid, step in out.diffusion_steps_done.items():
+            st = self.requests.get(rid)
+            if st is None:
+                continue
+            st.step = step + 1
+            if st.step >= st.num_steps:
+                st.mark("diffusion_end")
+                st.status = RequestStatus.VAE_DECODE
+                self.free_kv(st)  # the image needs no KV any more
+                if st.req.output_type == "latent":
+                    finish(st, FinishReason.IMAGE)
+        for rid, preview in out.partial_images.items():
+            st = self.requests.get(rid)
+            if st is not None:
+                output(st).partial_image = preview
+        for rid, img in out.images.items():
+            st = self.requests.get(rid)
+            if st is not None:
+                st.mark("vae_end")
+                output(st).image = img
+                finish(st, FinishReason.IMAGE)
+        return list(outputs.values())
+
+    def _record_computed(self, plan: SchedulerOutput) -> None:
+        """Count the KV the forward wrote, and register blocks that just filled in the prefix cache."""
+        bs = self.config.block_size
+        kv = self.kv
+        for c in plan.chunks:
+            st = self.requests.get(c.request_id)
+            if st is None or c.diffusion:
+                continue
+            seq = st.cond if c.seq_id == st.cond.seq_id else st.uncond
+            if seq is None or seq.token_ids is not c.token_ids:
+                continue
+            seq.num_computed = max(seq.num_computed, c.end)
+            limit = min(seq.num_computed, seq.cacheable or seq.num_computed)
+            # only when a block filled up (not on every decode token): the keys cost a pass over the image slots
+            if kv.enable_prefix_caching and seq.allocated and limit // bs > kv.num_registered_blocks(seq.seq_id):
+                kv.cache_full_blocks(seq.seq_id, seq.token_ids, block_extra_keys(st, seq, bs, limit), limit)
+
+    def _on_token(self, st: RequestState, tok: int, o: RequestOutput, finish) -> None:
+        m = st.machine
+        if st.status is RequestStatus.PREFILL:
+            st.status = RequestStatus.THINK
+        st.mark("first_token")
+        m.feed(tok)
+        new = [tok]
+        if m.needs_close:
+            new += m.close()
+        st.generated.extend(new)
+        st.cond.token_ids.extend(new)
+        o.new_token_ids.extend(new)
+        if not m.finished:
+            return
+        st.mark("think_end")
+        if st.bot_task == "auto":
+            finish(st, FinishReason.TEXT if tok in m.stop_ids else FinishReason.LENGTH)
+            return
+        if st.ratio_index is None:
+            st.ratio_index = m.ratio_index
+        if st.ratio_index is None:
+            finish(st, FinishReason.ERROR, "the model did not choose an image size")
+            return
+        try:
+            if self.transition is None:
+                raise RequestError("this scheduler cannot start image phases (no transition)")
+            self.transition(st)
+        except RequestError as e:
+            finish(st, FinishReason.ERROR, str(e))
 
 
 def _taylor_full_step(st: RequestState) -> bool:
@@ -255,3 +488,4 @@ def _taylor_full_step(st: RequestState) -> bool:
 
         st.taylor_schedule = full_step_schedule(TaylorCacheConfig(), st.num_steps)
     return st.taylor_schedule[st.step]
+

@@ -16,6 +16,7 @@ from torch import Tensor
 from .image_processing import VaeCondImage, VitCondImage
 from .model import HunyuanImage3ForCausalMM
 from .prompt import BuiltPrompt, CondImageLayout
+from .vae import DiagonalGaussian
 
 
 @dataclass
@@ -40,22 +41,67 @@ def cond_layout(vae: VaeCondImage, vit: VitCondImage | None, latent_downsample: 
     )
 
 
+@dataclass
+class EncodedImage:
+    """The request-independent encoder outputs of one condition image (what the encoder cache holds)."""
+
+    posterior: Tensor  # [1, 2C, T, h, w]: the VAE posterior's mean and clamped log-variance
+    vit_tokens: Tensor | None  # [P, H] aligned SigLIP2 embeddings (padding kept)
+
+    @property
+    def nbytes(self) -> int:
+        n = self.posterior.numel() * self.posterior.element_size()
+        if self.vit_tokens is not None:
+            n += self.vit_tokens.numel() * self.vit_tokens.element_size()
+        return n
+
+
+@torch.no_grad()
+def encode_images(
+    model: HunyuanImage3ForCausalMM, vaes: Sequence[VaeCondImage], vits: Sequence[VitCondImage | None]
+) -> list[EncodedImage]:
+    """Encode condition images of ONE bucket in one VAE call and one ViT call (the batch is the unit the encoder
+    stage schedules); no random draw happens here."""
+    if not vaes:
+        return []
+    dev = model.device
+    post = model.encode_condition_vae(torch.stack([v.pixels for v in vaes]).to(dev))
+    params = torch.cat([post.mean, post.logvar], dim=1)
+    vit_tokens: list[Tensor | None] = [None] * len(vaes)
+    if all(t is not None for t in vits):
+        toks = model.condition_vit_tokens(
+            torch.stack([t.pixel_values for t in vits]).to(dev),
+            torch.stack([t.pixel_attention_mask for t in vits]).to(dev),
+            torch.stack([t.spatial_shapes for t in vits]).to(dev),
+        )
+        vit_tokens = list(toks.unbind(0))
+    elif any(t is not None for t in vits):
+        raise ValueError("encode_images: a batch mixes images with and without ViT inputs")
+    return [EncodedImage(params[i : i + 1], vit_tokens[i]) for i in range(len(vaes))]
+
+
+@torch.no_grad()
+def condition_from_encoded(
+    model: HunyuanImage3ForCausalMM, encoded: EncodedImage, vae: VaeCondImage, vit: VitCondImage | None,
+    generator: torch.Generator,
+) -> CondImage:
+    """A request's condition image: its own posterior sample (from its seeded generator, in input order, as
+    officially) scaled to the model's latent space, and both token runs."""
+    dev = model.device
+    post = DiagonalGaussian(encoded.posterior)
+    latents = model.scale_latents(post.sample(generator))[:, :, 0].float()  # [1, C, h, w]
+    vae_tokens = model.image_tokens(latents, torch.zeros(1, device=dev))[0]
+    layout = cond_layout(vae, vit, model.config.latent_downsample)
+    return CondImage(layout, vae, vit, latents[0], vae_tokens, encoded.vit_tokens)
+
+
 @torch.no_grad()
 def encode_condition(
     model: HunyuanImage3ForCausalMM, vae: VaeCondImage, vit: VitCondImage | None, generator: torch.Generator
 ) -> CondImage:
     """VAE-encode (posterior sample from `generator`, consumed in input order) and embed both token runs."""
-    dev = model.device
-    post = model.encode_condition_vae(vae.pixels[None].to(dev))
-    latents = model.scale_latents(post.sample(generator))[:, :, 0].float()  # [1, C, h, w]
-    vae_tokens = model.image_tokens(latents, torch.zeros(1, device=dev))[0]
-    vit_tokens = None
-    if vit is not None:
-        vit_tokens = model.condition_vit_tokens(
-            vit.pixel_values[None].to(dev), vit.pixel_attention_mask[None].to(dev), vit.spatial_shapes[None].to(dev)
-        )[0]
-    layout = cond_layout(vae, vit, model.config.latent_downsample)
-    return CondImage(layout, vae, vit, latents[0], vae_tokens, vit_tokens)
+    (encoded,) = encode_images(model, [vae], [vit])
+    return condition_from_encoded(model, encoded, vae, vit, generator)
 
 
 @dataclass

@@ -1,0 +1,101 @@
+"""The encoder stage's bookkeeping: which condition images are encoded, what they cost, what to evict.
+
+A condition image's encoder work (the VAE posterior and the SigLIP2 tokens) depends only on the image's content
+and its bucket, not on the request, so it is done once and cached: the scheduler owns this manager (keys, sizes,
+LRU order, pins) and tells the worker, through the `SchedulerOutput`, what to encode and what to drop; the worker
+holds the tensors. Each request still draws its own posterior sample from its own seeded generator when it is
+admitted, so sharing an encode never changes a seeded result.
+
+An entry is pinned while a request that looked it up waits to be admitted, so it cannot be evicted between its
+encode and its use; entries no waiting request needs are evicted least recently used first once the cache holds
+more than its byte bound.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+from diffgentor.engine.models.hunyuan_image_3.image_processing import VaeCondImage, VitCondImage
+
+EncoderKey = tuple[Any, ...]
+
+
+@dataclass
+class EncoderInput:
+    """One condition image to encode: its cache key and the preprocessed pixels the worker runs."""
+
+    key: EncoderKey
+    vae: VaeCondImage
+    vit: VitCondImage | None
+
+    @property
+    def num_pixels(self) -> int:
+        """The budget unit: VAE pixels (the encode that dominates; the ViT sees at most as many)."""
+        _, h, w = self.vae.pixels.shape
+        return int(h) * int(w)
+
+
+def encoder_key(digest: str, vae: VaeCondImage, vit: VitCondImage | None, align: bool) -> EncoderKey:
+    """Content digest + bucket: the same file cropped to the same bucket the same way encodes the same."""
+    vit_shape = tuple(int(d) for d in vit.pixel_values.shape) if vit is not None else ()
+    return (digest, int(vae.ratio_index), tuple(int(d) for d in vae.pixels.shape), bool(align), vit_shape)
+
+
+@dataclass
+class EncoderCacheStats:
+    hits: int = 0  # a request's image was already encoded (or being encoded this step for another request)
+    misses: int = 0  # a request's image had to be encoded
+    evictions: int = 0
+
+
+@dataclass
+class EncoderCacheManager:
+    """Scheduler-side view of the encoder cache: keys in LRU order with their bytes, and pins."""
+
+    capacity_bytes: int
+    entries: OrderedDict[EncoderKey, int] = field(default_factory=OrderedDict)  # key -> bytes, oldest first
+    pins: dict[EncoderKey, int] = field(default_factory=dict)
+    stats: EncoderCacheStats = field(default_factory=EncoderCacheStats)
+    pending_evictions: list[EncoderKey] = field(default_factory=list)  # for the worker, with the next plan
+
+    @property
+    def num_bytes(self) -> int:
+        return sum(self.entries.values())
+
+    def contains(self, key: EncoderKey) -> bool:
+        return key in self.entries
+
+    def touch(self, key: EncoderKey) -> None:
+        if key in self.entries:
+            self.entries.move_to_end(key)
+
+    def pin(self, key: EncoderKey) -> None:
+        self.pins[key] = self.pins.get(key, 0) + 1
+
+    def unpin(self, key: EncoderKey) -> None:
+        n = self.pins.get(key, 0) - 1
+        if n > 0:
+            self.pins[key] = n
+        else:
+            self.pins.pop(key, None)
+
+    def insert(self, key: EncoderKey, nbytes: int) -> None:
+        """Record an encode the worker finished, then evict unpinned entries (LRU) past the bound. Pinned entries
+        may hold the cache over its bound for a step: the requests that need them are about to be admitted."""
+        self.entries[key] = int(nbytes)
+        self.entries.move_to_end(key)
+        total = self.num_bytes
+        for old in list(self.entries):
+            if total <= self.capacity_bytes:
+                break
+            if old == key or old in self.pins:
+                continue
+            total -= self.entries.pop(old)
+            self.pending_evictions.append(old)
+            self.stats.evictions += 1
+
+    def take_evictions(self) -> list[EncoderKey]:
+        out, self.pending_evictions = self.pending_evictions, []
+        return out
