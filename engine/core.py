@@ -20,6 +20,7 @@ from PIL import Image
 
 from diffgentor.engine.block_manager import KVCacheManager
 from diffgentor.engine.config import EngineConfig
+from diffgentor.engine.detokenizer import IncrementalDetokenizer
 from diffgentor.engine.model_runner import ModelRunner
 from diffgentor.engine.models.hunyuan_image_3.config import GenerationDefaults
 from diffgentor.engine.models.hunyuan_image_3.image_processing import ImageProcessor
@@ -245,8 +246,8 @@ class EngineCore:
         events: list[EngineEvent] = []
         for o in outputs:
             st = o.state
-            if o.new_token_ids:
-                events += self._text_delta(st)
+            if o.new_token_ids or (o.finish_reason is not None and st.detokenizer is not None):
+                events += self._text_delta(st, o.new_token_ids, final=o.finish_reason is not None)
             if o.partial_image is not None and o.finish_reason is None:
                 index, img = o.partial_image
                 events.append(EngineEvent(request_id=st.request_id, kind="partial_image",
@@ -256,13 +257,16 @@ class EngineCore:
                 events += self._finished(o)
         return events
 
-    def _text_delta(self, st: RequestState) -> list[EngineEvent]:
-        text = self._text(st)
-        if text.startswith(st.text_sent) and len(text) > len(st.text_sent):
-            delta = text[len(st.text_sent):]
-            st.text_sent = text
-            return [EngineEvent(request_id=st.request_id, kind="text", text=delta)]
-        return []
+    def _text_delta(self, st: RequestState, new_ids: list[int], final: bool = False) -> list[EngineEvent]:
+        """The text the new tokens complete (a delta never ends inside a multi-byte character: it waits for the
+        token that completes it); `final` flushes what is held back."""
+        if st.detokenizer is None:
+            start = st.machine.start_id
+            st.detokenizer = IncrementalDetokenizer(self.ctx.tokenizer, [start] if start is not None else [])
+        delta = st.detokenizer.push(new_ids) if new_ids else ""
+        if final:
+            delta += st.detokenizer.finish()
+        return [EngineEvent(request_id=st.request_id, kind="text", text=delta)] if delta else []
 
     def _text(self, st: RequestState) -> str:
         prefix = []

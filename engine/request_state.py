@@ -101,7 +101,7 @@ class RequestState:
     sent_to_worker: bool = False
     diffusion_started: bool = False
     generated: list[int] = field(default_factory=list)
-    text_sent: str = ""
+    detokenizer: Any = None  # the engine core's IncrementalDetokenizer for streamed text deltas
     arrival: float = field(default_factory=time.perf_counter)
     times: dict[str, float] = field(default_factory=dict)
     num_prompt_tokens: int = 0

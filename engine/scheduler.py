@@ -97,6 +97,7 @@ class Scheduler:
         self.encoder_cache = EncoderCacheManager(config.encoder_cache_bytes)
         self.num_preemptions = 0
         self._finished_ids: list[str] = []  # worker-side state to free, sent with the next plan
+        self._failed_outputs: list[RequestOutput] = []  # requests failed while scheduling, reported next update
 
     # ------------------------------------------------------------------ requests in and out
     def add_request(self, st: RequestState) -> None:
@@ -252,6 +253,8 @@ class Scheduler:
                 continue  # another request is computing this prompt's next blocks: wait a step and hit the cache
             used = self._schedule_request(st, plan, budget, admitting=True)
             if used < 0:
+                if st.status is RequestStatus.FINISHED:
+                    continue  # it could never fit: failed, the queue moves on
                 break
             self.waiting.remove(st)
             self.running.append(st)
@@ -270,8 +273,9 @@ class Scheduler:
     def unschedulable(self) -> list[RequestOutput]:
         """Nothing could run although work is queued: the first waiting request whose images are encoded can never
         fit the KV cache. It is failed (400) so the queue moves on."""
-        if self.running:
-            return []
+        failed, self._failed_outputs = self._failed_outputs, []
+        if self.running or failed:
+            return failed
         for st in list(self.waiting):
             if st.sent_to_worker or all(self.encoder_cache.contains(e.key) for e in st.encoder_inputs):
                 self._free(st)
@@ -362,10 +366,27 @@ class Scheduler:
         st.mark("first_scheduled")
         return need
 
+    def _blocks_needed(self, st: RequestState) -> int:
+        """KV blocks the request needs at once in its current phase (every row up to its end)."""
+        bs = self.config.block_size
+        if st.phase == "text":
+            return -(-len(st.cond.token_ids) // bs)
+        end = st.cond.layout.slots("gen")[0].end
+        return len(st.rows) * -(-end // bs)
+
     def _cannot_fit(self, st: RequestState, plan: SchedulerOutput, admitting: bool) -> int:
         """The request's blocks cannot be had this step: drop what it put in the plan, then wait
-        (admission) or preempt itself (running)."""
+        (admission) or preempt itself (running); one that could never fit the whole cache fails (400) instead of
+        cycling between preemption and re-admission."""
         self._drop_from_plan(st, plan)
+        need = self._blocks_needed(st)
+        if need > self.kv.num_blocks:
+            self._free(st)
+            self._failed_outputs.append(RequestOutput(
+                st, finish_reason=FinishReason.ERROR, status=400,
+                error=f"the request does not fit in the KV cache (it needs {need} blocks of "
+                      f"{self.config.block_size} tokens; the cache has {self.kv.num_blocks})"))
+            return -1 if admitting else 0
         if admitting:
             self.free_kv(st)
             for seq in st.rows:
@@ -382,7 +403,8 @@ class Scheduler:
     # ------------------------------------------------------------------ applying the worker's answer
     def update_from_output(self, plan: SchedulerOutput, out: RunnerOutput) -> list[RequestOutput]:
         """Advance every request the step touched; returns one `RequestOutput` per request with news, in order."""
-        outputs: dict[str, RequestOutput] = {}
+        outputs: dict[str, RequestOutput] = {o.state.request_id: o for o in self._failed_outputs}
+        self._failed_outputs = []
 
         def output(st: RequestState) -> RequestOutput:
             return outputs.setdefault(st.request_id, RequestOutput(st))

@@ -1,14 +1,35 @@
-"""Scheduler rules: chunk boundaries never split an image block; chunked prefill changes nothing."""
+"""The scheduler on its own, driven with fake worker outputs (no model): admission, budgets, image-block
+atomicity, the encoder stage, preemption, prefix caching, CFG rows, aborts in every phase, and no leaks.
+
+Requests are real `RequestState`s built from a tiny checkpoint's metadata (config, tokenizer, prompts; no weights),
+so every layout rule is the engine's own. The fake worker answers each plan the way `ModelRunner.execute` would:
+a token for every sampled chunk (forced / ratio tokens as the stage machine asks), one finished denoising step per
+diffusion step, an image per VAE decode, bytes per encode.
+"""
 
 from __future__ import annotations
 
-import torch
+import io
+import random
 
-from diffgentor.engine.scheduler import chunk_end
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as hs
+from PIL import Image
+
+from diffgentor.engine.block_manager import KVCacheManager
+from diffgentor.engine.plan import RunnerOutput, SchedulerOutput
+from diffgentor.engine.request import FinishReason, GenerationRequest, RequestStatus
+from diffgentor.engine.request_state import build_request_state, enter_image_phase, load_processor_context
+from diffgentor.engine.scheduler import Scheduler, SchedulerConfig, chunk_end
+from diffgentor.engine.tiny_model import write_tiny_metadata
 
 SPANS = [(10, 20), (30, 50)]
+ENC_BYTES = 1000
 
 
+# ------------------------------------------------------------------------------------------------ chunk_end
 def test_chunk_end_stops_before_a_span_that_does_not_fit():
     assert chunk_end(0, 100, 15, SPANS) == 10
     assert chunk_end(0, 100, 25, SPANS) == 25  # span (10, 20) fits whole
@@ -32,28 +53,300 @@ def test_chunk_end_respects_target_and_budget():
     assert chunk_end(0, 100, 0, SPANS) == 0
 
 
-def test_chunked_prefill_equals_one_shot(tmp_path):
-    import io
+# ------------------------------------------------------------------------------------------------ harness
+@pytest.fixture(scope="module")
+def ctx_distil(tmp_path_factory):
+    return load_processor_context(write_tiny_metadata(tmp_path_factory.mktemp("meta") / "tiny-distil", distil=True))
 
-    import numpy as np
-    from PIL import Image
 
-    from diffgentor.engine.offline import Engine
-    from diffgentor.engine.tiny_model import make_tiny
+@pytest.fixture(scope="module")
+def ctx_instruct(tmp_path_factory):
+    return load_processor_context(write_tiny_metadata(tmp_path_factory.mktemp("meta") / "tiny-instruct"))
 
-    ckpt = make_tiny(tmp_path / "tiny", distil=True)
+
+def png(h: int, w: int, seed: int) -> bytes:
+    arr = (np.random.RandomState(seed).rand(h, w, 3) * 255).astype(np.uint8)
     buf = io.BytesIO()
-    Image.fromarray((np.random.RandomState(0).rand(64, 96, 3) * 255).astype(np.uint8)).save(buf, format="PNG")
-    req = dict(request_id="a", prompt="add a moon", images=[buf.getvalue()], seed=9, max_new_tokens=6,
-               image_size="256x256", num_inference_steps=2, output_type="latent")
-    results = []
-    for budget in (4096, 96):
-        eng = Engine.from_pretrained(ckpt, environ={}, device="cpu", dtype="float32", num_kv_blocks=256,
-                                     max_num_batched_tokens=budget)
-        (res,) = eng.generate([dict(req)])
-        assert res.error is None
-        results.append((res, eng.core.stats.steps))
-    (a, steps_a), (b, steps_b) = results
-    assert steps_b > steps_a  # the small budget really chunked the prompt
-    assert a.generated_ids == b.generated_ids
-    assert torch.allclose(a.latents, b.latents, atol=1e-4)
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+IMG_A, IMG_B, IMG_C = png(64, 96, 1), png(96, 64, 2), png(80, 80, 3)
+
+
+class Harness:
+    """A scheduler plus a fake worker; `step()` is one schedule -> execute -> update_from_output round."""
+
+    def __init__(self, ctx, num_blocks=512, block_size=16, max_num_seqs=8, max_tokens=4096,
+                 encoder_pixels=1 << 20, encoder_bytes=1 << 20, prefix_caching=True):
+        self.ctx = ctx
+        self.kv = KVCacheManager(num_blocks, block_size, prefix_caching)
+        self.sched = Scheduler(SchedulerConfig(max_num_seqs, max_tokens, block_size, encoder_pixels, encoder_bytes),
+                               self.kv, transition=lambda st: enter_image_phase(ctx, st))
+        self.worker_encoded: set = set()  # what a real worker would hold in its encoder cache
+        self.worker_requests: set[str] = set()
+        self.plans: list[SchedulerOutput] = []
+        self.outputs = []
+        self.text_token = ctx.tokenizer.encode("a")[0]
+
+    def add(self, rid: str, **kw) -> None:
+        kw.setdefault("prompt", f"request {rid}")
+        kw.setdefault("max_new_tokens", 3)
+        kw.setdefault("num_inference_steps", 2)
+        kw.setdefault("seed", 7)
+        self.sched.add_request(build_request_state(self.ctx, GenerationRequest(request_id=rid, **kw)))
+
+    def execute(self, plan: SchedulerOutput) -> RunnerOutput:
+        out = RunnerOutput()
+        for rid in plan.finished_request_ids:
+            self.worker_requests.discard(rid)
+        for key in plan.encoder_evictions:
+            self.worker_encoded.discard(key)
+        for e in plan.encoder_inputs:
+            self.worker_encoded.add(e.key)
+            out.encoded[e.key] = ENC_BYTES
+        for new in plan.new_requests:
+            assert all(k in self.worker_encoded for k in new.cond_keys), "admitted before its images were encoded"
+            self.worker_requests.add(new.request_id)
+        for c in plan.chunks:
+            assert c.request_id in self.worker_requests
+            if c.sample is not None:
+                spec = c.sample
+                tok = spec.forced_token if spec.forced_token is not None else (
+                    spec.ratio_ids[0] if spec.ratio_ids else self.text_token)
+                out.sampled_tokens[c.request_id] = tok
+        for d in plan.diffusion_steps:
+            out.diffusion_steps_done[d.request_id] = d.step
+            if d.preview_index is not None:
+                out.partial_images[d.request_id] = (d.preview_index, np.zeros((4, 4, 3), np.uint8))
+        for rid in plan.vae_decodes:
+            out.images[rid] = np.zeros((4, 4, 3), np.uint8)
+        return out
+
+    def step(self):
+        plan = self.sched.schedule()
+        self.check_plan(plan)
+        self.plans.append(plan)
+        if not plan.has_model_work:
+            self.execute(plan)
+            outs = self.sched.unschedulable()
+        else:
+            outs = self.sched.update_from_output(plan, self.execute(plan))
+        self.outputs += outs
+        return plan, outs
+
+    def check_plan(self, plan: SchedulerOutput) -> None:
+        budget = self.sched.config.max_num_batched_tokens
+        for c in plan.chunks:
+            for a, b in c.layout.full_attn_spans:  # an image block is never split
+                assert not (a < c.start < b) and not (a < c.end < b), (c.start, c.end, a, b)
+        if len(plan.chunks) > 1:  # over budget only when one indivisible chunk needed it
+            assert plan.num_tokens <= budget or any(c.diffusion for c in plan.chunks) or any(
+                any(a <= c.start < b for a, b in c.layout.full_attn_spans) for c in plan.chunks)
+        assert len(self.sched.running) <= self.sched.config.max_num_seqs
+
+    def run(self, max_steps=500):
+        for _ in range(max_steps):
+            if not self.sched.has_work():
+                break
+            self.step()
+        assert not self.sched.has_work(), "did not finish"
+        self.execute(self.sched.schedule())  # hands the last finished ids to the worker
+        assert not self.worker_requests
+
+    def finished(self) -> dict[str, FinishReason]:
+        return {o.state.request_id: o.finish_reason for o in self.outputs if o.finish_reason is not None}
+
+    def assert_no_leaks(self) -> None:
+        assert self.kv.num_free_blocks == self.kv.num_blocks
+        assert all(c == 0 for c in self.kv.pool.ref_cnt)
+        assert self.sched.requests == {} and not self.sched.waiting and not self.sched.running
+        assert self.sched.encoder_cache.pins == {}
+
+
+# ------------------------------------------------------------------------------------------------ scenarios
+def test_fcfs_admission_and_token_budget(ctx_distil):
+    h = Harness(ctx_distil, max_tokens=64, max_num_seqs=2)
+    for i in range(3):
+        h.add(f"t{i}", image_size="256x256", bot_task="think_recaption")
+    plan, _ = h.step()
+    assert [c.request_id for c in plan.chunks] == ["t0"] and plan.num_tokens == 64  # chunked to the budget
+    assert [n.request_id for n in plan.new_requests] == ["t0"]
+    while len(h.sched.running) < 2:
+        h.step()
+    assert [st.request_id for st in h.sched.running] == ["t0", "t1"]  # max_num_seqs holds t2 back
+    assert [st.request_id for st in h.sched.waiting] == ["t2"]
+    h.run()
+    assert h.finished() == {"t0": FinishReason.IMAGE, "t1": FinishReason.IMAGE, "t2": FinishReason.IMAGE}
+    h.assert_no_leaks()
+
+
+def test_chunked_prefill_never_splits_an_image_block(ctx_distil):
+    h = Harness(ctx_distil, max_tokens=24)  # smaller than every image block
+    h.add("e", images=[IMG_A, IMG_B], image_size="256x256", bot_task="think_recaption")
+    h.run()
+    assert h.finished() == {"e": FinishReason.IMAGE}
+    spans = [c for p in h.plans for c in p.chunks if any(a == c.start for a, _ in c.layout.full_attn_spans)]
+    assert spans and all(c.end - c.start > 24 for c in spans)  # whole blocks ran over the budget
+    h.assert_no_leaks()
+
+
+def test_encoder_stage_lets_text_to_image_requests_go_first(ctx_distil):
+    h = Harness(ctx_distil, encoder_pixels=1)  # one image per step
+    h.add("edit", images=[IMG_A, IMG_B, IMG_C], image_size="256x256")
+    h.add("t2i", image_size="256x256")
+    plan, _ = h.step()
+    assert len(plan.encoder_inputs) == 1  # the budget: one image per step, always at least one
+    assert [n.request_id for n in plan.new_requests] == ["t2i"]  # not blocked behind the edit's encodes
+    assert "edit" in [st.request_id for st in h.sched.waiting]
+    plan2, _ = h.step()
+    plan3, _ = h.step()
+    assert len(plan2.encoder_inputs) == len(plan3.encoder_inputs) == 1
+    assert any(c.request_id == "t2i" for c in plan2.chunks)  # decode kept stepping during the encodes
+    plan4, _ = h.step()
+    assert [n.request_id for n in plan4.new_requests] == ["edit"] and not plan4.encoder_inputs
+    assert len(plan4.new_requests[0].cond_keys) == 3
+    h.run()
+    assert set(h.finished().values()) == {FinishReason.IMAGE}
+    h.assert_no_leaks()
+
+
+def test_encoder_cache_dedupes_shared_images_and_counts(ctx_distil):
+    h = Harness(ctx_distil)
+    h.add("a", images=[IMG_A], seed=1, image_size="256x256")
+    h.add("b", images=[IMG_A, IMG_B], seed=2, image_size="256x256")
+    plan, _ = h.step()
+    assert len(plan.encoder_inputs) == 2  # IMG_A once for both requests
+    stats = h.sched.encoder_cache.stats
+    assert (stats.hits, stats.misses) == (1, 2)
+    h.run()
+    h.add("c", images=[IMG_B], seed=3, image_size="256x256")  # cached from an earlier request
+    plan, _ = h.step()
+    assert not plan.encoder_inputs and [n.request_id for n in plan.new_requests] == ["c"]
+    assert (stats.hits, stats.misses) == (2, 2)
+    h.run()
+    assert set(h.finished().values()) == {FinishReason.IMAGE}
+    h.assert_no_leaks()
+
+
+def test_encoder_cache_evicts_lru_but_never_a_pinned_entry(ctx_distil):
+    h = Harness(ctx_distil, encoder_bytes=ENC_BYTES, encoder_pixels=1)  # room for one entry
+    h.add("a", images=[IMG_A, IMG_B], image_size="256x256")
+    h.step()
+    h.step()  # the second encode: both entries are pinned by the waiting request, the cache holds more than its bound
+    assert h.sched.encoder_cache.num_bytes == 2 * ENC_BYTES
+    h.step()  # admitted: pins released
+    h.add("b", images=[IMG_C], image_size="256x256")
+    h.step()  # IMG_C encoded: the least recently used entries go
+    cache = h.sched.encoder_cache
+    assert cache.num_bytes == ENC_BYTES and cache.stats.evictions == 2
+    plan, _ = h.step()
+    assert len(plan.encoder_evictions) == 2  # the worker is told
+    h.run()
+    h.assert_no_leaks()
+    assert h.worker_encoded == set(cache.entries)
+
+
+def test_preemption_by_recompute_and_readmission(ctx_distil):
+    h = Harness(ctx_distil, num_blocks=40, max_num_seqs=4)
+    for i in range(4):
+        h.add(f"r{i}", image_size="256x256", bot_task="think_recaption", max_new_tokens=8, seed=i)
+    h.run()
+    assert h.sched.num_preemptions > 0
+    assert h.finished() == {f"r{i}": FinishReason.IMAGE for i in range(4)}
+    h.assert_no_leaks()
+
+
+def test_prefix_cache_hit_and_in_flight_dedupe(ctx_distil):
+    h = Harness(ctx_distil, max_tokens=32)
+    h.add("a", image_size="256x256", use_system_prompt="en_unified", prompt="same prompt")
+    h.step()
+    h.add("b", image_size="256x256", use_system_prompt="en_unified", prompt="same prompt")
+    plan, _ = h.step()
+    assert all(c.request_id == "a" for c in plan.chunks)  # b waits while a computes the shared blocks
+    h.run()
+    assert h.kv.stats.hits > 0
+    assert h.finished() == {"a": FinishReason.IMAGE, "b": FinishReason.IMAGE}
+    h.assert_no_leaks()
+
+
+def test_cfg_rows_step_together(ctx_instruct):
+    h = Harness(ctx_instruct)
+    h.add("cfg", image_size="256x256", bot_task="image", guidance_scale=5.0)
+    h.run()
+    steps = [d for p in h.plans for d in p.diffusion_steps]
+    assert steps and all(len(d.chunk_indexes) == 2 for d in steps)  # cond and uncond in the same forward
+    h.assert_no_leaks()
+
+
+@pytest.mark.parametrize("phase", ["encoding", "prefill", "think", "diffuse", "vae_decode"])
+def test_abort_in_each_phase_frees_everything(ctx_distil, phase):
+    h = Harness(ctx_distil, max_tokens=16)
+    h.add("x", images=[IMG_A], image_size="256x256", bot_task="think_recaption", max_new_tokens=4)
+    h.add("other", image_size="256x256")
+    want = {"encoding": RequestStatus.WAITING, "prefill": RequestStatus.PREFILL, "think": RequestStatus.THINK,
+            "diffuse": RequestStatus.DIFFUSE, "vae_decode": RequestStatus.VAE_DECODE}[phase]
+    st = h.sched.requests["x"]
+    for _ in range(300):
+        if st.status is want and (phase != "encoding" or st.encoder_checked):
+            break
+        h.step()
+    assert st.status is want
+    (done,) = h.sched.finish_requests(["x"], FinishReason.ABORT)
+    assert done is st and st.status is RequestStatus.FINISHED
+    assert h.sched.finish_requests(["x"], FinishReason.ABORT) == []  # twice is harmless
+    h.run()
+    assert h.finished() == {"other": FinishReason.IMAGE}
+    assert "x" not in h.worker_requests
+    h.assert_no_leaks()
+
+
+def test_previews_at_evenly_spaced_steps(ctx_distil):
+    h = Harness(ctx_distil)
+    h.add("p", image_size="256x256", bot_task="image", num_inference_steps=8, partial_images=3)
+    h.run()
+    previews = [(d.step, d.preview_index) for p in h.plans for d in p.diffusion_steps if d.preview_index is not None]
+    assert previews == [(1, 0), (3, 1), (5, 2)]
+    got = [o.partial_image[0] for o in h.outputs if o.partial_image is not None]
+    assert got == [0, 1, 2]
+
+
+def test_a_request_that_can_never_fit_fails_alone(ctx_distil):
+    h = Harness(ctx_distil, num_blocks=6)
+    h.add("big", images=[IMG_A, IMG_B, IMG_C], image_size="256x256")
+    h.run()
+    (o,) = [o for o in h.outputs if o.finish_reason is not None]
+    assert o.finish_reason is FinishReason.ERROR and o.status == 400 and "KV cache" in o.error
+    h.assert_no_leaks()
+
+
+# ------------------------------------------------------------------------------------------------ property
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(hs.integers(min_value=0, max_value=2**32 - 1))
+def test_no_leaks_after_random_interleavings(ctx_distil, seed):
+    """Random arrivals (text-to-image, edits sharing images, CFG-free), aborts at random moments, a tight KV cache
+    and encoder cache: every request ends exactly once and nothing is left held."""
+    rng = random.Random(seed)
+    h = Harness(ctx_distil, num_blocks=rng.choice([24, 48, 200]), max_tokens=rng.choice([32, 128, 4096]),
+                max_num_seqs=rng.choice([1, 2, 4]), encoder_pixels=rng.choice([1, 1 << 20]),
+                encoder_bytes=rng.choice([ENC_BYTES, 1 << 20]), prefix_caching=rng.random() < 0.8)
+    imgs = [IMG_A, IMG_B, IMG_C]
+    added, aborted = [], set()
+    for i in range(rng.randint(2, 6)):
+        n_img = rng.choice([0, 0, 1, 2])
+        h.add(f"q{i}", images=rng.sample(imgs, n_img), image_size="256x256", seed=rng.randint(0, 3),
+              bot_task=rng.choice(["image", "think_recaption", "recaption"]), max_new_tokens=rng.randint(1, 4),
+              partial_images=rng.randint(0, 2))
+        added.append(f"q{i}")
+        for _ in range(rng.randint(0, 4)):
+            if h.sched.has_work():
+                h.step()
+        if rng.random() < 0.3:
+            victim = rng.choice(added)
+            if h.sched.finish_requests([victim], FinishReason.ABORT):
+                aborted.add(victim)
+    h.run(max_steps=2000)
+    ends = [o.state.request_id for o in h.outputs if o.finish_reason is not None]
+    assert len(ends) == len(set(ends))  # never finished twice
+    assert set(ends) | aborted == set(added) and not (set(ends) & aborted)
+    h.assert_no_leaks()
