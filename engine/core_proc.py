@@ -28,9 +28,11 @@ import traceback
 import msgspec
 
 from diffgentor.engine.config import EngineConfig
+from diffgentor.engine.core_client import EngineCoreClient
 from diffgentor.engine.process import exit_with_parent
 from diffgentor.engine.request import EngineEvent, FinishReason, GenerationRequest, RequestResult
 from diffgentor.engine.request_state import ProcessedRequest
+from diffgentor.engine.tp.executor import TPExecutor
 
 logger = logging.getLogger(__name__)
 
@@ -120,7 +122,8 @@ class EngineCoreProc:
     IDLE_POLL_MS = 50
     PARENT_CHECK_S = 1.0
 
-    def __init__(self, core, input_addr: str, output_addr: str, parent_pid: int | None = None) -> None:
+    def __init__(self, core: EngineCoreClient, input_addr: str, output_addr: str,
+                 parent_pid: int | None = None) -> None:
         import zmq
 
         self.core = core
@@ -254,13 +257,11 @@ class EngineCoreFatal(RuntimeError):
     """The core cannot go on (a tensor-parallel rank died, failed or hung); the process exits non-zero."""
 
 
-def build_core(config: EngineConfig):
+def build_core(config: EngineConfig) -> EngineCoreClient:
     """An in-process `EngineCore`, or a `TPExecutor` (one child process per rank) when the resolved
     tensor-parallel size is > 1."""
     tp = config.resolve_tensor_parallel_size()
     if tp > 1:
-        from diffgentor.engine.tp.executor import TPExecutor
-
         return TPExecutor(config, world_size=tp)
     from diffgentor.engine.core import EngineCore
 
@@ -277,9 +278,8 @@ def run_engine_core(config: EngineConfig, input_addr: str, output_addr: str, par
     core = None
 
     def kill_ranks() -> None:
-        kill = getattr(core, "kill", None)
-        if kill is not None:
-            kill()
+        if isinstance(core, TPExecutor):
+            core.kill()
 
     if parent_pid is not None:
         exit_with_parent(parent_pid, on_exit=kill_ranks)
@@ -289,7 +289,7 @@ def run_engine_core(config: EngineConfig, input_addr: str, output_addr: str, par
         proc.send(CoreReady(num_blocks=core.num_blocks, block_size=config.block_size,
                             max_num_seqs=config.max_num_seqs, pid=os.getpid()))
         logger.info("engine core ready: %d KV blocks of %d tokens%s", core.num_blocks, config.block_size,
-                    f", {core.world_size} tensor-parallel ranks" if hasattr(core, "world_size") else "")
+                    f", {core.world_size} tensor-parallel ranks" if isinstance(core, TPExecutor) else "")
         proc.run()
     except BaseException as e:  # noqa: BLE001 - report, then die with a non-zero status
         msg = str(e) if isinstance(e, EngineCoreFatal) else f"{type(e).__name__}: {e}"

@@ -14,16 +14,14 @@ import io
 import itertools
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import msgspec
 
 from diffgentor.engine.config import EngineConfig
 from diffgentor.engine.core import EngineCore, StepStats
+from diffgentor.engine.core_client import EngineCoreClient
 from diffgentor.engine.request import EngineEvent, GenerationRequest, RequestResult
-
-if TYPE_CHECKING:
-    from diffgentor.engine.tp.executor import TPExecutor
 
 
 def _image_bytes(src: Any) -> bytes:
@@ -39,7 +37,7 @@ def _image_bytes(src: Any) -> bytes:
 
 
 class Engine:
-    def __init__(self, core: EngineCore | TPExecutor) -> None:
+    def __init__(self, core: EngineCoreClient) -> None:
         self.core = core
         self._ids = itertools.count()
 
@@ -59,9 +57,7 @@ class Engine:
 
     def close(self) -> None:
         """Stop the tensor-parallel ranks (a no-op for an in-process core)."""
-        close = getattr(self.core, "close", None)
-        if close is not None:
-            close()
+        self.core.close()
 
     def __enter__(self) -> Engine:
         return self
@@ -77,7 +73,10 @@ class Engine:
 
     @property
     def stats(self) -> StepStats:
-        """The core's cumulative step counters (read-only use: benchmarks snapshot them between steps)."""
+        """The in-process core's cumulative step counters (read-only use: benchmarks snapshot them between steps);
+        a tensor-parallel executor's counters live in its rank processes."""
+        if not isinstance(self.core, EngineCore):
+            raise TypeError("step counters are kept only by an in-process EngineCore (tensor_parallel_size 1)")
         return self.core.stats
 
     def make_request(self, req: GenerationRequest | dict[str, Any]) -> GenerationRequest:
