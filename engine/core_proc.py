@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import time
 import traceback
 
@@ -288,6 +289,9 @@ def run_engine_core(config: EngineConfig, input_addr: str, output_addr: str, par
         proc = EngineCoreProc(core, input_addr, output_addr, parent_pid)
         proc.send(CoreReady(num_blocks=core.num_blocks, block_size=config.block_size,
                             max_num_seqs=config.max_num_seqs, pid=os.getpid()))
+        # The API server owns this process's lifetime: a Ctrl-C in a terminal (SIGINT to the whole process group)
+        # must not kill it while the server drains; the server sends `Shutdown` once drained (docs/decisions.md).
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         logger.info("engine core ready: %d KV blocks of %d tokens%s", core.num_blocks, config.block_size,
                     f", {core.world_size} tensor-parallel ranks" if isinstance(core, TPExecutor) else "")
         proc.run()

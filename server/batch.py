@@ -244,6 +244,36 @@ def _png_text(path: Path) -> dict[str, str]:
 
     try:
         with Image.open(path) as im:
+def is_done_png(path: Path) -> bool:
+    """Whether ``path`` is a finished output: a PNG that decodes (a 0-byte or truncated file is redone)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            if im.format != "PNG":
+                return False
+            im.verify()  # every chunk's checksum, through IEND: a cut file fails here
+        with Image.open(path) as im:
+            im.load()
+        return True
+    except Exception:  # noqa: BLE001 - unreadable in any way: not done
+        return False
+
+
+def check_output_paths(output_dir: Path, output_csv: Path, log_dir: Path) -> None:
+    """Create the output, log and results-CSV folders and prove each writable before anything is generated;
+    FatalError (exit 2) naming the folder otherwise (a read-only or immutable folder, a file in the way)."""
+    for folder in dict.fromkeys((output_dir, output_csv.parent, log_dir)):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            D.atomic_write_bytes(folder / ".diffgentor-write-check", b"")
+            (folder / ".diffgentor-write-check").unlink()
+        except OSError as e:
+            raise FatalError(f"cannot write to {folder}: {e.strerror or e}") from None
+    if output_csv.is_dir():
+        raise FatalError(f"--output_csv {output_csv} is a folder")
+
+
             return {k[len(PNG_KEY_PREFIX):]: v for k, v in (getattr(im, "text", {}) or {}).items()
                     if k.startswith(PNG_KEY_PREFIX)}
     except Exception:
@@ -322,7 +352,13 @@ class Worker:
             for (t, imgs), res, err in zip(ready, results, errors):
                 text = (res.text or "").strip() if res is not None else ""
                 if res is not None and res.error is None and res.image is not None:
-                    save_png(t.out_path, res.image, t, text)
+                    try:
+                        save_png(t.out_path, res.image, t, text)
+                    except OSError as e:  # this row's image could not be written: its error, the others go on
+                        err = f"could not write {t.out_path}: {e.strerror or e}"
+                        outcomes[t.key] = Outcome(t.key, False, _record(t, text=text, error=err))
+                        logger.warning("row %d: %s", t.row.index, err)
+                        continue
                     outcomes[t.key] = Outcome(t.key, True, _record(t, str(t.out_path), text))
                     continue
                 if res is not None:
@@ -481,9 +517,12 @@ def run(args: argparse.Namespace, command: str) -> int:
 def _run(args: argparse.Namespace, command: str) -> int:
     t_start = time.perf_counter()
     _validate(args, command)
+    except OSError as e:  # the output folder or results CSV became unwritable during the run
+        where = f" ({e.filename})" if e.filename else ""
+        print(f"diffgentor {command}: error: {e.strerror or e}{where}", file=sys.stderr)
+        return EXIT_FATAL
     config = engine_config(args)  # every env var checked before any work
     output_dir = Path(args.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
     output_csv = Path(args.output_csv) if args.output_csv else output_dir / "results.csv"
     log_dir = Path(args.log_dir) if args.log_dir else output_dir / "logs" / time.strftime("%Y%m%d_%H%M%S")
     cache_dir = Path(args.image_cache_dir) if getattr(args, "image_cache_dir", None) else output_dir / ".image_cache"
@@ -492,6 +531,7 @@ def _run(args: argparse.Namespace, command: str) -> int:
                                                          default=str))
     logger.info("engine config: %s", json.dumps(config.describe(), default=str))
 
+    check_output_paths(output_dir, output_csv, log_dir)
     rows, columns, base = load_rows(args, command)
     tasks = make_tasks(args, rows, command)
     with_image_num = command == "t2i" and args.num_images_per_prompt > 1
@@ -500,7 +540,7 @@ def _run(args: argparse.Namespace, command: str) -> int:
     # earlier results: the CSV, parts of a killed multi-instance run, and images whose CSV row was lost
     results = D.read_results_csv(output_csv)
     _merge_leftover_parts(results, output_dir)
-    done = [t for t in tasks if t.out_path.is_file()] if args.resume else []
+    done = [t for t in tasks if is_done_png(t.out_path)] if args.resume else []
     done_keys = {t.key for t in done}
     pending = [t for t in tasks if t.key not in done_keys]
     for t in done:

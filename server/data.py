@@ -12,8 +12,10 @@ Input rows (`load_edit_rows`):
 * **Parquet** (a file, or a folder whose ``*.parquet`` files are read in name order; pyarrow, imported lazily):
   the same columns, where an image may be embedded (``{"bytes": ..., "path": ...}`` structs as written by
   Hugging Face ``datasets``, raw binary, or lists of either) or a path / URL string.
-* **URLs** (``http://`` / ``https://``) are downloaded with a timeout into the image cache folder, named by the
-  URL's hash, written atomically, and reused by later rows and runs.
+* **URLs** (``http://`` / ``https://``) are downloaded (`url_fetch`: a deadline for the whole download and a size
+  cap counted while streaming; internal addresses are allowed, it is the user's own data) into the image cache
+  folder, named by the URL's hash, written atomically, and reused by later rows and runs.
+* Column names must be unique (a CSV with two ``index`` columns is refused: one would silently win).
 
 Every problem with one row (missing file, unreadable image, more than 3 images, empty instruction, failed
 download) becomes that row's error; the other rows go on.
@@ -27,7 +29,6 @@ import io
 import json
 import os
 import tempfile
-import urllib.request
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +36,8 @@ from typing import Any
 
 MAX_INPUT_IMAGES = 3
 IMAGE_COLUMNS = ("input_images", "image_url")
-DEFAULT_DOWNLOAD_TIMEOUT_S = 30.0
+DEFAULT_DOWNLOAD_TIMEOUT_S = 30.0  # the whole download, not one read
+MAX_DOWNLOAD_BYTES = 64 << 20  # one image URL; the download stops once it is passed
 RESULT_COLUMNS = ("output_image", "instruction_enhanced", "error")
 
 
@@ -167,21 +169,50 @@ def remove_stale_temp_files(folder: Path) -> int:
     return n
 
 
-def download(url: str, cache_dir: Path, timeout: float = DEFAULT_DOWNLOAD_TIMEOUT_S) -> bytes:
-    """Fetch ``url`` (or reuse its cached copy) into ``cache_dir``; RowError on any failure."""
+def download(url: str, cache_dir: Path, timeout: float = DEFAULT_DOWNLOAD_TIMEOUT_S,
+             max_bytes: int = MAX_DOWNLOAD_BYTES, resolver=None) -> bytes:
+    """Fetch ``url`` (or reuse its cached copy) into ``cache_dir`` within ``timeout`` seconds in all and
+    ``max_bytes``; RowError on any failure (also when the cache cannot be written)."""
+    from diffgentor.server.url_fetch import FetchError, FetchPolicy, fetch_sync
+
     cache_dir = Path(cache_dir)
     suffix = Path(url.split("?", 1)[0]).suffix[:8] or ".img"
     cached = cache_dir / (hashlib.sha256(url.encode()).hexdigest()[:32] + suffix)
     if cached.is_file():
-        return cached.read_bytes()
+        try:
+            return cached.read_bytes()
+        except OSError:
+            pass  # download it again
+    policy = FetchPolicy(max_bytes=max_bytes, deadline_s=timeout, allow_private=True, concurrency=1)
     try:
-        req = urllib.request.Request(url, headers={"User-Agent": "diffgentor"})
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
-            data = resp.read()
-    except Exception as e:  # HTTPError, URLError, timeout, ...
-        raise RowError(f"download of {url} failed: {type(e).__name__}: {e}") from None
-    atomic_write_bytes(cached, data)
+        data = fetch_sync(url, policy, resolver)
+    except FetchError as e:
+        why = e.message if e.detail == e.message else f"{e.message} ({e.detail})"
+        raise RowError(f"download of {url} failed: {why}") from None
+    try:
+        atomic_write_bytes(cached, data)
+    except OSError as e:
+        raise RowError(f"could not write the downloaded image to {cached}: {e.strerror or e}") from None
     return data
+
+
+def duplicate_names(names: Iterable[Any]) -> list[str]:
+    """Column names that appear more than once, in order of their first repeat."""
+    seen: set[str] = set()
+    dups: list[str] = []
+    for n in names:
+        n = str(n)
+        if n in seen and n not in dups:
+            dups.append(n)
+        seen.add(n)
+    return dups
+
+
+def _refuse_duplicates(path: Path, names: Iterable[Any]) -> None:
+    dups = duplicate_names(names)
+    if dups:
+        raise InputError(f"{path}: the column name(s) {', '.join(repr(d) for d in dups)} appear more than once; "
+                         "rename them (only one of each could be used)")
 
 
 def check_image(data: bytes, what: str) -> None:
@@ -306,6 +337,7 @@ def _parquet_records(path: Path) -> Iterable[dict[str, Any]]:
             table = pq.read_table(f)
         except Exception as e:
             raise InputError(f"cannot read parquet file {f}: {e}") from None
+        _refuse_duplicates(f, table.column_names)
         yield from table.to_pylist()
 
 
@@ -334,6 +366,7 @@ def load_edit_rows(input_path: str | Path, instruction_key: str = "instruction")
                 columns = list(reader.fieldnames or [])
         except (OSError, UnicodeDecodeError, csv.Error) as e:
             raise InputError(f"cannot read CSV {path}: {e}") from None
+        _refuse_duplicates(path, columns)
     if records and instruction_key not in columns:
         raise InputError(
             f"{path} has no {instruction_key!r} column (columns: {', '.join(columns)}); set --instruction_key"
@@ -373,6 +406,7 @@ def load_prompts(prompt: Sequence[str] | None, prompts_file: str | Path | None) 
             records.extend(obj(x) for x in data)
         elif suffix == ".csv":
             reader = csv.DictReader(io.StringIO(text))
+            _refuse_duplicates(path, reader.fieldnames or [])
             if "prompt" not in (reader.fieldnames or []):
                 raise InputError(f"{path} has no 'prompt' column")
             records.extend(reader)

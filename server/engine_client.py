@@ -82,6 +82,7 @@ class EngineClient:
         self._dec = output_decoder()
         self._tasks: list[asyncio.Task] = []
         self.num_in_flight = 0
+        self.reserved: set[str] = set()  # request ids admitted (`reserve`) that have not started yet
         self._last_trim = 0.0
 
     @property
@@ -94,7 +95,19 @@ class EngineClient:
         return self.config.max_num_seqs + self.config.max_waiting_requests
 
     def has_room(self, n: int) -> bool:
-        return self.num_in_flight + n <= self.capacity
+        return self.num_in_flight + len(self.reserved) + n <= self.capacity
+
+    def reserve(self, request_ids: list[str]) -> bool:
+        """Admit these requests now, if they fit, by taking their slots at once: the check and the taking happen in
+        one step, so concurrent requests cannot both pass the check (the slots turn into in-flight requests in
+        `generate`; `release` gives back the ones never started)."""
+        if not self.healthy or not self.has_room(len(request_ids)):
+            return False
+        self.reserved.update(request_ids)
+        return True
+
+    def release(self, request_ids: list[str]) -> None:
+        self.reserved.difference_update(request_ids)
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -247,10 +260,12 @@ class EngineClient:
             raise ValueError(f"duplicate request id {rid!r}")
         p = _Pending()
         self.pending[rid] = p
+        self.reserved.discard(rid)
         self.num_in_flight += 1
-        done = False
+        done = sent = False
         try:
             await self._in.send(self._enc.encode(AddRequest(processed=processed)), copy=False)
+            sent = True
             if self.metrics is not None:
                 self.metrics.on_routed(self.index)
             while True:
@@ -263,7 +278,8 @@ class EngineClient:
             self.num_in_flight -= 1
             if not done:
                 self.pending.pop(rid, None)
-                if not self.dead:  # no await here: this also runs when the consumer was cancelled
+                # only a request the engine core received is aborted (and counted as an abort in the metrics)
+                if sent and not self.dead:  # no await here: this also runs when the consumer was cancelled
                     asyncio.get_running_loop().create_task(self.abort([rid]))
 
     async def abort(self, request_ids: list[str]) -> None:

@@ -17,6 +17,13 @@ def _positive_int(text: str) -> int:
     return n
 
 
+def _positive_float(text: str) -> float:
+    x = float(text)
+    if not x > 0 or x == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return x
+
+
 def add_serve_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     from diffgentor.engine.config import add_engine_args
 
@@ -33,6 +40,23 @@ def add_serve_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS,
                    help="refuse larger images from their header (decompression bombs)")
     p.add_argument("--max-prompt-chars", type=int, default=DEFAULT_MAX_PROMPT_CHARS)
+    g = p.add_argument_group("hardening (limits on what one client can make the server do or hold)")
+    g.add_argument("--allowed-url-fetch", action="store_true", default=False,
+                   help="fetch http(s) image URLs given in JSON edits (default: off; data: URLs always work). Only "
+                   "public addresses are fetched, each redirect checked again, environment proxies ignored")
+    g.add_argument("--allowed-url-hosts", nargs="+", default=None, metavar="HOST",
+                   help="host names, addresses or CIDR networks that may be fetched although internal")
+    g.add_argument("--url-fetch-timeout-s", type=_positive_float, default=20.0,
+                   help="whole-download deadline per image URL (a request's URLs together get twice this)")
+    g.add_argument("--max-request-bytes", type=_positive_int, default=64 * MiB,
+                   help="a whole request body (JSON or multipart, chunked or not), counted as it arrives; 413 beyond")
+    g.add_argument("--max-inflight-bytes", type=_positive_int, default=512 * MiB,
+                   help="request bodies and downloaded images all requests in flight may hold together; more is "
+                   "answered 429 (default 512 MiB)")
+    g.add_argument("--header-timeout-s", type=_positive_float, default=10.0,
+                   help="close a connection whose request head is not complete this long after its first byte")
+    g.add_argument("--body-timeout-s", type=_positive_float, default=30.0,
+                   help="answer 408 when a request body stalls this long between chunks")
     p.add_argument("--drain-timeout-s", type=float, default=120.0,
                    help="on SIGTERM/SIGINT stop accepting and let in-flight requests finish for up to this long")
     p.add_argument("--data-parallel-size", type=_positive_int, default=None, metavar="N",

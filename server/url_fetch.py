@@ -77,7 +77,10 @@ class FetchPolicy:
         return host.lower().rstrip(".") in self.allowed_hosts
 
     def address_allowed(self, ip: IPAddress) -> bool:
-        return self.allow_private or not is_internal(ip) or any(ip in n for n in self.networks)
+        if self.allow_private or not is_internal(ip):
+            return True
+        forms = [ip] + ([ip.ipv4_mapped] if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped else [])
+        return any(x in n for x in forms for n in self.networks if x.version == n.version)
 
 
 def is_internal(ip: IPAddress) -> bool:
@@ -104,7 +107,7 @@ class _Target:
     scheme: str
     host: str  # as written in the URL (no brackets)
     port: int
-    ip: str  # the checked address to connect to
+    ips: list[str]  # the checked addresses, tried in order
     path: str  # path + query
 
 
@@ -151,7 +154,7 @@ class UrlFetcher:
         path = parts.path or "/"
         if parts.query:
             path += "?" + parts.query
-        return _Target(parts.scheme, host, port, str(ips[0]), path)
+        return _Target(parts.scheme, host, port, [str(ip) for ip in ips], path)
 
     async def fetch(self, url: str, charge=None) -> bytes:
         """The body of ``url`` (status 200), within the policy's deadline and size cap. ``charge``
@@ -169,19 +172,7 @@ class UrlFetcher:
                                      timeout=httpx.Timeout(self.policy.deadline_s)) as http:
             for _hop in range(self.policy.max_redirects + 1):
                 t = await self.check(url)
-                ip_host = f"[{t.ip}]" if ":" in t.ip else t.ip
-                default = 443 if t.scheme == "https" else 80
-                host_header = t.host if t.port == default else f"{t.host}:{t.port}"
-                if ":" in t.host and not host_header.startswith("["):
-                    host_header = f"[{t.host}]" + ("" if t.port == default else f":{t.port}")
-                req = http.build_request("GET", f"{t.scheme}://{ip_host}:{t.port}{t.path}",
-                                         headers={"Host": host_header, "User-Agent": USER_AGENT, "Accept": "image/*",
-                                                  "Accept-Encoding": "identity"},
-                                         extensions={"sni_hostname": t.host} if t.scheme == "https" else None)
-                try:
-                    r = await http.send(req, stream=True)
-                except httpx.HTTPError as e:
-                    raise FetchError("the URL could not be fetched", f"{type(e).__name__}: {e}") from None
+                r = await self._connect(http, t)
                 try:
                     if r.status_code in REDIRECT_STATUSES and r.headers.get("location"):
                         url = urljoin(url, r.headers["location"])
@@ -192,6 +183,28 @@ class UrlFetcher:
                 finally:
                     await r.aclose()
             raise FetchError("the URL could not be fetched", "too many redirects")
+
+    async def _connect(self, http, t: _Target):
+        """Send the GET to the first checked address that accepts the connection."""
+        import httpx
+
+        default = 443 if t.scheme == "https" else 80
+        name = f"[{t.host}]" if ":" in t.host else t.host
+        host_header = name if t.port == default else f"{name}:{t.port}"
+        last: Exception | None = None
+        for ip in t.ips:
+            ip_host = f"[{ip}]" if ":" in ip else ip
+            req = http.build_request("GET", f"{t.scheme}://{ip_host}:{t.port}{t.path}",
+                                     headers={"Host": host_header, "User-Agent": USER_AGENT, "Accept": "image/*",
+                                              "Accept-Encoding": "identity"},
+                                     extensions={"sni_hostname": t.host} if t.scheme == "https" else None)
+            try:
+                return await http.send(req, stream=True)
+            except httpx.ConnectError as e:
+                last = e
+            except httpx.HTTPError as e:
+                raise FetchError("the URL could not be fetched", f"{type(e).__name__}: {e}") from None
+        raise FetchError("the URL could not be fetched", f"{type(last).__name__}: {last}")
 
     async def _read(self, r, charge) -> bytes:
         import httpx

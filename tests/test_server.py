@@ -140,6 +140,11 @@ def test_fetch_url_http(tmp_path):
 
     from diffgentor.server.api import ServerLimits, _fetch_url
     from diffgentor.server.openai_schemas import OpenAIError
+    from diffgentor.server.url_fetch import FetchPolicy, UrlFetcher
+
+    def fetch(url: str, limits: ServerLimits) -> bytes:  # loopback is refused unless allowed (issue 15)
+        policy = FetchPolicy.build(limits.max_upload_bytes, ["127.0.0.1"])
+        return asyncio.run(_fetch_url(url, 0, limits, UrlFetcher(policy)))
 
     (tmp_path / "a.png").write_bytes(_png())
 
@@ -151,13 +156,13 @@ def test_fetch_url_http(tmp_path):
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     base = f"http://127.0.0.1:{srv.server_address[1]}"
     try:
-        assert asyncio.run(_fetch_url(base + "/a.png", 0, ServerLimits())) == _png()
+        assert fetch(base + "/a.png", ServerLimits()) == _png()
         cases = [(base + "/missing.png", ServerLimits(), 400, "invalid_image_url"),
                  (base + "/a.png", ServerLimits(max_upload_bytes=100), 413, "file_too_large"),
                  (f"http://127.0.0.1:{_free_port()}/a.png", ServerLimits(), 400, "invalid_image_url")]
         for url, limits, status, code in cases:
             with pytest.raises(OpenAIError) as e:
-                asyncio.run(_fetch_url(url, 0, limits))
+                fetch(url, limits)
             assert (e.value.status, e.value.code) == (status, code), url
     finally:
         srv.shutdown()

@@ -1,0 +1,592 @@
+"""Hostile clients against `diffgentor serve` and hostile data against `diffgentor edit` (issue 15): every case of the
+probe as a test. One server for the module (URL fetching on, small capacity, short deadlines); the SIGTERM case has
+its own. Every URL target is on loopback: local HTTP servers in this process that redirect, trickle, or serve
+huge bodies. The SSRF cases assert the URL is refused BEFORE any connection (the resolved address is checked first;
+addresses such as 169.254.169.254 are never connected to).
+
+Bounds (stated here, asserted at the end of the module's server run): the API process grows by less than
+API_RSS_BOUND_MIB and the engine core by less than CORE_RSS_BOUND_MIB over all cases, and every KV block is free."""
+
+from __future__ import annotations
+
+import asyncio
+import http.server
+import io
+import ipaddress
+import json
+import os
+import signal
+import socket
+import threading
+import time
+from pathlib import Path
+from unittest import mock
+
+import httpx
+import pytest
+
+from diffgentor.server import data as D
+from diffgentor.server.url_fetch import FetchError, FetchPolicy, UrlFetcher, fetch_sync, is_internal
+
+from .conftest import NUM_KV_BLOCKS, Server, png
+
+API_RSS_BOUND_MIB = 150.0
+CORE_RSS_BOUND_MIB = 100.0
+MAX_REQUEST_BYTES = 4 << 20
+FETCH_DEADLINE_S = 4.0
+HEAD_TIMEOUT_S = 2.0
+BODY_TIMEOUT_S = 2.0
+GEN = {"size": "64x64", "num_inference_steps": 1, "bot_task": "image"}
+
+
+# ------------------------------------------------------------------------------------------------ loopback targets
+class _Targets(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), _Handler)
+        self.hits: dict[str, int] = {}
+        self.closed_at: dict[str, float] = {}
+        self.sent: dict[str, int] = {}
+        self.lock = threading.Lock()
+
+    @property
+    def port(self) -> int:
+        return self.server_address[1]
+
+    def hit(self, path: str) -> None:
+        with self.lock:
+            self.hits[path] = self.hits.get(path, 0) + 1
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    server: _Targets
+
+    def log_message(self, *a) -> None:
+        pass
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's name
+        srv, path = self.server, self.path.split("?")[0]
+        srv.hit(path)
+        if path == "/ok.png":
+            body = png(seed=3)
+            self.send_response(200)
+            self.send_header("Content-Type", "image/png")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+        elif path.startswith("/redirect/"):
+            targets = {"loopback": f"http://127.0.0.1:{srv.port}/ok.png",
+                       "metadata": "http://169.254.169.254/latest/meta-data/",
+                       "decimal": f"http://2130706433:{srv.port}/ok.png",
+                       "allowed": f"http://localhost:{srv.port}/ok.png"}
+            self.send_response(302)
+            self.send_header("Location", targets[path.rsplit("/", 1)[1]])
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+        elif path in ("/huge", "/trickle"):
+            self.send_response(200)
+            self.send_header("Content-Type", "image/png")
+            if path == "/trickle":
+                self.send_header("Content-Length", "100000")
+            self.end_headers()
+            sent = 0
+            try:
+                while sent < (300 << 20):
+                    if path == "/huge":
+                        self.wfile.write(b"\0" * (1 << 16))
+                        sent += 1 << 16
+                    else:
+                        self.wfile.write(b"\0")
+                        self.wfile.flush()
+                        sent += 1
+                        time.sleep(0.2)
+            except OSError:
+                pass
+            with srv.lock:
+                srv.closed_at[self.path] = time.monotonic()
+                srv.sent[self.path] = sent
+        else:
+            self.send_response(404)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+
+@pytest.fixture(scope="module")
+def targets():
+    t = _Targets()
+    threading.Thread(target=t.serve_forever, daemon=True).start()
+    yield t
+    t.shutdown()
+    t.server_close()
+
+
+@pytest.fixture(scope="module")
+def proxy():
+    """A 'proxy' from the environment: the server must never send anything to it."""
+    p = _Targets()
+    threading.Thread(target=p.serve_forever, daemon=True).start()
+    yield p
+    p.shutdown()
+    p.server_close()
+
+
+@pytest.fixture(scope="module")
+def hserver(tiny_ckpt, tmp_path_factory, proxy):
+    extra = ["--allowed-url-fetch", "--allowed-url-hosts", "localhost", "--url-fetch-timeout-s", str(FETCH_DEADLINE_S),
+             "--max-request-bytes", str(MAX_REQUEST_BYTES), "--max-inflight-bytes", str(6 << 20),
+             "--header-timeout-s", str(HEAD_TIMEOUT_S), "--body-timeout-s", str(BODY_TIMEOUT_S),
+             "--max-waiting-requests", "2", "--max-prompt-chars", "32000"]
+    tmpdir = tmp_path_factory.mktemp("tmpdir")  # the server's TMPDIR: its ZeroMQ dir must be gone after SIGTERM
+    env = {"HTTP_PROXY": f"http://127.0.0.1:{proxy.port}", "http_proxy": f"http://127.0.0.1:{proxy.port}",
+           "NO_PROXY": "127.0.0.1", "no_proxy": "127.0.0.1", "TMPDIR": str(tmpdir)}
+    with mock.patch.dict(os.environ, env):
+        s = Server(tiny_ckpt, tmp_path_factory.mktemp("hostile"), max_num_seqs=2, extra=extra)
+    s.tmpdir = tmpdir
+    # warm up (first edit loads the image preprocessors) so the memory bounds measure the hostile cases only
+    r = _post(s, "/v1/images/edits", data={"prompt": "warm up", **{k: str(v) for k, v in GEN.items()}},
+              files={"image": ("a.png", png(), "image/png")})
+    assert r.status_code == 200, r.text[:300]
+    s.rss0 = (s.rss_mib(), s.rss_mib(s.core_pid()))
+    yield s
+    s.stop()
+
+
+def _post(server, path: str, timeout: float = 300, **kw) -> httpx.Response:
+    with httpx.Client(trust_env=False, timeout=timeout) as c:
+        return c.post(server.base + path, **kw)
+
+
+def _edit_urls(server, urls: list[str], **extra) -> httpx.Response:
+    body = dict(GEN, prompt="make it blue", images=[{"image_url": u} for u in urls], **extra)
+    return _post(server, "/v1/images/edits", json=body)
+
+
+def _error(r: httpx.Response) -> dict:
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"}, err
+    return err
+
+
+def _raw(port: int, head: bytes, body: bytes = b"") -> socket.socket:
+    s = socket.create_connection(("127.0.0.1", port), timeout=10)
+    s.sendall(head + body)
+    return s
+
+
+def _read_status(s: socket.socket, timeout: float = 15) -> tuple[int, bytes]:
+    s.settimeout(timeout)
+    data = b""
+    try:
+        while b"\r\n\r\n" not in data:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    except OSError:
+        pass
+    if not data:
+        return 0, b""
+    return int(data.split(b" ", 2)[1]), data
+
+
+# ------------------------------------------------------------------------------------------------ 1. text bounds
+def test_huge_system_prompt_refused_in_the_api(hserver):
+    core_rss = hserver.rss_mib(hserver.core_pid())
+    r = _post(hserver, "/v1/images/generations", json=dict(GEN, prompt="x", system_prompt="y" * (1 << 20)))
+    assert r.status_code == 400 and _error(r)["param"] == "system_prompt", r.text
+    # under the character limit but over the model's context (8192 tokens): counted in the API's worker pool
+    r = _post(hserver, "/v1/images/generations",
+              json=dict(GEN, prompt="x", use_system_prompt="custom", system_prompt="lorem ipsum dolor " * 1700))
+    assert r.status_code == 400 and "context" in _error(r)["message"], r.text
+    assert hserver.rss_mib(hserver.core_pid()) - core_rss < 20
+    r = _post(hserver, "/v1/images/generations", json=dict(GEN, prompt="x", max_new_tokens=10**9))
+    assert r.status_code == 400 and _error(r)["param"] == "max_new_tokens", r.text
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_lone_surrogate_is_a_400(hserver, stream):
+    for field in ("prompt", "system_prompt"):
+        body = json.dumps(dict(GEN, prompt="ok", stream=stream)).encode()
+        body = body[:-1] + b', "' + field.encode() + b'": "a\\ud800b"}'
+        r = _post(hserver, "/v1/images/generations", content=body, headers={"content-type": "application/json"})
+        assert r.status_code == 400, r.text
+        assert _error(r)["param"] == field, r.text
+
+
+@pytest.mark.parametrize("value", ["Infinity", "1e308", "NaN", "-Infinity"])
+def test_non_finite_numbers_are_a_400(hserver, value):
+    body = json.dumps(dict(GEN, prompt="x"))[:-1] + f', "guidance_scale": {value}}}'
+    r = _post(hserver, "/v1/images/generations", content=body.encode(), headers={"content-type": "application/json"})
+    assert r.status_code in (400, 422), r.text
+    assert _error(r)["param"] == "guidance_scale", r.text
+
+
+# ------------------------------------------------------------------------------------------------ 2. bodies
+def _chunks(total: int, size: int = 1 << 16):
+    yield b'{"prompt": "' + b"a" * (size - 12)
+    sent = size
+    while sent < total:
+        yield b"a" * size
+        sent += size
+    yield b'"}'
+
+
+def test_chunked_json_over_the_cap_is_a_413(hserver):
+    rss = hserver.rss_mib()
+    r = _post(hserver, "/v1/images/generations", content=_chunks(64 << 20),
+              headers={"content-type": "application/json"})
+    assert r.status_code == 413, r.text[:300]
+    assert _error(r)["code"] == "request_too_large"
+    assert hserver.rss_mib() - rss < 4 * MAX_REQUEST_BYTES / (1 << 20) + 30
+
+
+def test_chunked_multipart_over_the_cap_is_a_413(hserver):
+    rss = hserver.rss_mib()
+    boundary = "dgboundary"
+
+    def body():
+        yield (f"--{boundary}\r\nContent-Disposition: form-data; name=\"prompt\"\r\n\r\nx\r\n--{boundary}\r\n"
+               "Content-Disposition: form-data; name=\"image\"; filename=\"a.png\"\r\nContent-Type: image/png\r\n\r\n"
+               ).encode()
+        for _ in range(1024):  # 64 MiB
+            yield b"\0" * (1 << 16)
+        yield f"\r\n--{boundary}--\r\n".encode()
+
+    r = _post(hserver, "/v1/images/edits", content=body(),
+              headers={"content-type": f"multipart/form-data; boundary={boundary}"})
+    assert r.status_code == 413, r.text[:300]
+    assert hserver.rss_mib() - rss < 4 * MAX_REQUEST_BYTES / (1 << 20) + 30
+
+
+def test_global_inflight_budget_answers_429(hserver):
+    """Two bodies held at once are more than the 6 MiB in-flight budget: the second is refused from its declared
+    length, before it sends a byte, with Retry-After."""
+    first = _raw(hserver.port, b"POST /v1/images/generations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Transfer-Encoding: chunked\r\n\r\n")
+    try:
+        for _ in range(3):  # 3.75 MiB held, the body unfinished
+            chunk = b"a" * (1250 << 10)
+            first.sendall(f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n")
+        time.sleep(0.5)
+        r = _post(hserver, "/v1/images/generations", content=b"{" + b" " * (3 << 20) + b"}",
+                  headers={"content-type": "application/json"})
+        assert r.status_code == 429, r.text[:300]
+        assert r.headers.get("retry-after") == "1"
+    finally:
+        first.close()
+    time.sleep(0.5)  # the held bytes go back once that request ends
+    r = _post(hserver, "/v1/images/generations", content=b"{" + b" " * (3 << 20) + b"}",
+              headers={"content-type": "application/json"})
+    assert r.status_code == 400 and _error(r)["code"] != "rate_limit_exceeded", r.text[:300]
+
+
+# ------------------------------------------------------------------------------------------------ 3. URL fetching
+@pytest.mark.parametrize("url", [
+    "http://127.0.0.1:{port}/ok.png",  # loopback (the server's own /metrics would be next)
+    "http://2130706433:{port}/ok.png",  # decimal IP for 127.0.0.1
+    "http://user:pw@localhost:{port}/ok.png",  # credentials
+    "http://[::1]:{port}/ok.png",
+    "http://169.254.169.254/latest/meta-data/",  # cloud metadata: refused before any connection
+    "http://10.0.0.1/x.png", "http://192.168.1.1/x.png", "http://224.0.0.1/x.png", "http://0.0.0.0:{port}/ok.png",
+    "ftp://localhost:{port}/ok.png", "file:///etc/passwd",
+])
+def test_internal_urls_are_refused(hserver, targets, url):
+    before = dict(targets.hits)
+    r = _edit_urls(hserver, [url.format(port=targets.port)])
+    assert r.status_code == 400, r.text
+    err = _error(r)  # the schema refuses other schemes; the fetcher refuses the rest with a generic text
+    assert err["code"] in ("invalid_image_url", "invalid_value") and str(targets.port) not in err["message"], err
+    assert targets.hits == before  # nothing reached the loopback target
+
+
+@pytest.mark.parametrize("hop", ["loopback", "metadata", "decimal"])
+def test_redirects_to_internal_hosts_are_refused(hserver, targets, hop):
+    before = targets.hits.get("/ok.png", 0)
+    r = _edit_urls(hserver, [f"http://localhost:{targets.port}/redirect/{hop}"])
+    assert r.status_code == 400 and "not allowed" in _error(r)["message"], r.text
+    assert targets.hits.get("/ok.png", 0) == before  # the hop was refused before connecting
+
+
+def test_allowed_host_is_fetched_without_env_proxy(hserver, targets, proxy):
+    r = _edit_urls(hserver, [f"http://localhost:{targets.port}/redirect/allowed"], seed=1)
+    assert r.status_code == 200, r.text[:300]
+    assert proxy.hits == {}, proxy.hits  # HTTP_PROXY of the server's environment was not used
+
+
+def test_fetch_errors_are_generic(hserver, targets):
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    port = closed.getsockname()[1]
+    closed.close()  # nothing listens there
+    msgs = set()
+    for url in (f"http://localhost:{port}/a.png", f"http://localhost:{targets.port}/missing.png"):
+        r = _edit_urls(hserver, [url])
+        assert r.status_code == 400, r.text
+        msgs.add(_error(r)["message"])
+    assert len(msgs) == 1, msgs  # a closed port and a 404 read the same: no port-scan oracle
+    assert not any(c in next(iter(msgs)) for c in ("404", "refused", "Connect", str(port)))
+
+
+def test_huge_download_stops_at_the_cap(hserver, targets):
+    rss = hserver.rss_mib()
+    r = _edit_urls(hserver, [f"http://localhost:{targets.port}/huge?api"])
+    assert r.status_code == 413 and _error(r)["code"] == "file_too_large", r.text
+    deadline = time.time() + 10
+    while "/huge?api" not in targets.closed_at and time.time() < deadline:
+        time.sleep(0.1)
+    assert targets.sent.get("/huge?api", 1 << 40) < 64 << 20  # the server stopped reading (1 MiB cap + socket buffers)
+    assert hserver.rss_mib() - rss < 40
+
+
+def test_trickling_download_hits_the_total_deadline(hserver, targets):
+    t0 = time.monotonic()
+    r = _edit_urls(hserver, [f"http://localhost:{targets.port}/trickle"])
+    took = time.monotonic() - t0
+    assert r.status_code == 400 and _error(r)["code"] == "invalid_image_url", r.text
+    assert took < FETCH_DEADLINE_S + 10, took  # a byte every 0.2 s never resets it (the body would take 5 h)
+
+
+def test_download_is_cancelled_when_the_client_leaves(hserver, targets):
+    aborts = hserver.metrics()["diffgentor:request_success_total{abort}"]
+    body = json.dumps(dict(GEN, prompt="x", images=[{"image_url": f"http://localhost:{targets.port}/trickle?left"}]))
+    s = _raw(hserver.port, f"POST /v1/images/edits HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+             f"Content-Length: {len(body)}\r\n\r\n".encode(), body.encode())
+    time.sleep(0.6)
+    left = time.monotonic()
+    s.close()
+    deadline = left + FETCH_DEADLINE_S
+    while "/trickle?left" not in targets.closed_at and time.monotonic() < deadline + 2:
+        time.sleep(0.05)
+    gone = targets.closed_at.get("/trickle?left", 1e18) - left
+    assert gone < FETCH_DEADLINE_S - 1, "the download outlived its client"  # not cut by its deadline
+    # it never reached the engine: not an abort
+    assert hserver.metrics()["diffgentor:request_success_total{abort}"] == aborts
+
+
+def test_cheap_checks_come_before_any_fetch(hserver, targets):
+    before = targets.hits.get("/ok.png", 0)
+    for bad in ({"size": "huge"}, {"model": "dall-e-9"}, {"n": 50}, {"response_format": "url"}):
+        r = _edit_urls(hserver, [f"http://localhost:{targets.port}/ok.png"], **bad)
+        assert 400 <= r.status_code < 500, r.text
+    assert targets.hits.get("/ok.png", 0) == before
+
+
+# ------------------------------------------------------------------------------------------------ 6. capacity
+def test_n_beyond_capacity_is_refused_at_once(hserver):
+    t0 = time.monotonic()
+    r = _post(hserver, "/v1/images/generations", json=dict(GEN, prompt="x", n=5))  # capacity 2 + 2
+    assert r.status_code == 400 and _error(r)["param"] == "n", r.text
+    assert time.monotonic() - t0 < 5
+
+
+def test_admission_reserves_slots_without_a_race(hserver):
+    errors = hserver.metrics()["diffgentor:request_success_total{error}"]
+
+    async def burst():
+        async with httpx.AsyncClient(trust_env=False, timeout=120) as c:
+            return await asyncio.gather(*(c.post(hserver.base + "/v1/images/generations",
+                                                 json=dict(GEN, prompt=f"x {i}", n=2, seed=i)) for i in range(4)))
+
+    rs = asyncio.run(burst())
+    codes = sorted(r.status_code for r in rs)
+    assert codes.count(200) >= 2 and set(codes) <= {200, 429}, [r.text[:200] for r in rs]
+    for r in rs:
+        if r.status_code == 429:
+            assert r.headers.get("retry-after") == "1"
+    # the API refused them itself: the engine's own queue limit never answered
+    assert hserver.metrics()["diffgentor:request_success_total{error}"] == errors
+
+
+# ------------------------------------------------------------------------------------------------ 10. messages, slow
+def test_errors_show_no_object_reprs(hserver):
+    r = _post(hserver, "/v1/images/edits", data={"prompt": "x", **{k: str(v) for k, v in GEN.items()}},
+              files={"image": ("a.png", b"not an image at all" * 10, "image/png")})
+    assert r.status_code == 400, r.text
+    assert " at 0x" not in r.text and "object" not in r.text, r.text
+
+
+def test_slow_request_heads_are_closed(hserver):
+    socks = []
+    try:
+        for _ in range(50):
+            s = socket.create_connection(("127.0.0.1", hserver.port), timeout=10)
+            s.sendall(b"POST /v1/images/generations HTTP/1.1\r\nHost: x\r\n")  # never finished
+            socks.append(s)
+        idle = socket.create_connection(("127.0.0.1", hserver.port), timeout=10)  # sends nothing at all
+        socks.append(idle)
+        time.sleep(HEAD_TIMEOUT_S + 1.5)
+        closed = 0
+        for s in socks:
+            s.settimeout(2)
+            try:
+                closed += s.recv(1) == b""
+            except OSError:
+                closed += 1
+        assert closed == len(socks), f"{len(socks) - closed} slow connections still open"
+        assert httpx.get(hserver.base + "/health", timeout=5, trust_env=False).status_code == 200
+    finally:
+        for s in socks:
+            s.close()
+
+
+def test_stalled_body_is_a_408(hserver):
+    s = _raw(hserver.port, b"POST /v1/images/generations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+             b"Content-Length: 1000\r\n\r\n", b'{"prompt": "')
+    try:
+        t0 = time.monotonic()
+        status, _ = _read_status(s, timeout=BODY_TIMEOUT_S + 10)
+        assert status == 408, status
+        assert time.monotonic() - t0 < BODY_TIMEOUT_S + 5
+    finally:
+        s.close()
+
+
+def test_url_fetching_is_off_by_default():
+    from diffgentor.server.api import ServerLimits, _fetch_url
+    from diffgentor.server.cli import build_parser
+    from diffgentor.server.openai_schemas import OpenAIError
+
+    args = build_parser().parse_args(["serve", "some-model"])
+    assert args.allowed_url_fetch is False and ServerLimits().allow_url_fetch is False
+    with pytest.raises(OpenAIError) as e:
+        asyncio.run(_fetch_url("http://example.com/a.png", 0, ServerLimits(), fetcher=None))
+    assert e.value.status == 400 and "--allowed-url-fetch" in e.value.message
+
+
+def test_resolver_refuses_names_pointing_inside():
+    """The address check runs on what the NAME resolves to (the resolver hook points a public-looking name at
+    loopback or the metadata address): refused before any connection."""
+
+    async def resolver(host: str, port: int) -> list[str]:
+        return {"images.example": ["127.0.0.1"], "mixed.example": ["93.184.216.34", "169.254.169.254"],
+                "v6.example": ["::ffff:10.0.0.1"]}[host]
+
+    f = UrlFetcher(FetchPolicy.build(1 << 20), resolver)
+    for host in ("images.example", "mixed.example", "v6.example"):
+        with pytest.raises(FetchError) as e:
+            asyncio.run(f.check(f"http://{host}/a.png"))
+        assert "not allowed" in str(e.value)
+    allowed = UrlFetcher(FetchPolicy.build(1 << 20, ["10.0.0.0/8"]), resolver)
+    assert [ipaddress.ip_address(a) for a in asyncio.run(allowed.check("http://v6.example/a.png")).ips] == [
+        ipaddress.ip_address("::ffff:10.0.0.1")]
+    assert is_internal(ipaddress.ip_address("100.64.0.1"))  # shared address space (CGNAT)
+
+
+# ------------------------------------------------------------------------------------------------ 4. streams
+def test_stream_pump_failure_still_ends_the_stream(tmp_path):
+    """Not an engine death: the link to an engine core that never started fails with an ordinary exception. The
+    stream still ends with an error event and [DONE] (it used to hang the client)."""
+    from diffgentor.engine.config import EngineConfig
+    from diffgentor.engine.request import GenerationRequest
+    from diffgentor.engine.request_state import ProcessedRequest
+    from diffgentor.server.api import AppState, _stream
+    from diffgentor.server.engine_client import EngineClient
+    from diffgentor.server.openai_schemas import ImageGenerationRequest
+
+    client = EngineClient(EngineConfig(device="cpu"))
+    state = AppState(ctx=None, client=client, metrics=None, model_names=["m"], model_root="m")
+    subs = [ProcessedRequest(request=GenerationRequest(request_id="r-0", prompt="x"))]
+
+    async def go() -> list[str]:
+        params = ImageGenerationRequest(prompt="x", stream=True)
+        out = [chunk async for chunk in _stream(state, "image_generation", subs, "png", params, 0)]
+        await client.shutdown()
+        return out
+
+    try:
+        events = asyncio.run(asyncio.wait_for(go(), 20))
+    finally:
+        state.pool.shutdown(wait=False)
+    text = "".join(e if isinstance(e, str) else e.decode() for e in events)
+    assert "event: error" in text and text.rstrip().endswith("data: [DONE]"), text[-300:]
+
+
+# ------------------------------------------------------------------------------------------------ health afterwards
+def test_zz_health_memory_and_kv_after_the_hostile_cases(hserver):
+    assert httpx.get(hserver.base + "/health", timeout=5, trust_env=False).status_code == 200
+    m = hserver.wait_idle(timeout=60)
+    assert m["diffgentor:kv_cache_free_blocks"] == NUM_KV_BLOCKS, m
+    api0, core0 = hserver.rss0
+    api_growth, core_growth = hserver.rss_mib() - api0, hserver.rss_mib(hserver.core_pid()) - core0
+    print(f"RSS growth over the hostile cases: API {api_growth:.0f} MiB, engine core {core_growth:.0f} MiB")
+    assert api_growth < API_RSS_BOUND_MIB, api_growth
+    assert core_growth < CORE_RSS_BOUND_MIB, core_growth
+
+
+# ------------------------------------------------------------------------------------------------ 7. SIGTERM (last)
+def test_zzz_sigterm_drains_shuts_the_engine_down_and_exits_0(hserver):
+    server = hserver
+    core = server.core_pid()
+    assert list(server.tmpdir.glob("diffgentor-zmq-*")), "the ZeroMQ temp dir is expected under TMPDIR"
+    res: dict = {}
+
+    def go():
+        res["r"] = _post(server, "/v1/images/generations", json=dict(
+            GEN, prompt="a lighthouse", seed=1, bot_task="think_recaption", max_new_tokens=64, num_inference_steps=4))
+
+    t = threading.Thread(target=go)
+    t.start()
+    deadline = time.time() + 60
+    while server.metrics().get("diffgentor:num_requests_running", 0) == 0 and time.time() < deadline:
+        time.sleep(0.05)
+    server.proc.send_signal(signal.SIGTERM)
+    t.join(300)
+    assert res["r"].status_code == 200, res["r"].text[:300]  # drained
+    assert server.proc.wait(60) == 0, server.log()[-2000:]
+    assert not Path(f"/proc/{core}").exists()  # the engine core exited and was reaped
+    assert "engine core failed" not in server.log()  # it got Shutdown, it was not killed
+    assert not list(server.tmpdir.glob("diffgentor-zmq-*")), list(server.tmpdir.iterdir())
+
+
+# ------------------------------------------------------------------------------------------------ 9. batch CLI
+def _edit_args(tiny_ckpt, tmp_path, csv_text: str, out: Path) -> list[str]:
+    (tmp_path / "in.csv").write_text(csv_text)
+    return ["edit", "--model_name", str(tiny_ckpt), "--input", str(tmp_path / "in.csv"), "--output_dir", str(out),
+            "--no_progress", "--device", "cpu", "--num_inference_steps", "1"]
+
+
+def test_batch_unwritable_output_dir_is_exit_2_before_any_generation(tiny_ckpt, tmp_path, capsys):
+    from diffgentor.server.cli import main
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("in the way")
+    rc = main(_edit_args(tiny_ckpt, tmp_path, "index,instruction,input_images\n0,make it blue,\n", blocker / "out"))
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert "cannot write to" in err and "Traceback" not in err
+
+
+def test_batch_duplicate_column_names_are_refused(tiny_ckpt, tmp_path, capsys):
+    from diffgentor.server.cli import main
+
+    rc = main(_edit_args(tiny_ckpt, tmp_path, "index,instruction,index\n0,make it blue,7\n", tmp_path / "out"))
+    err = capsys.readouterr().err
+    assert rc == 2 and "'index' appear more than once" in err, err
+
+
+def test_batch_resume_counts_only_decodable_pngs(tmp_path):
+    from PIL import Image
+
+    from diffgentor.server.batch import is_done_png
+
+    good, empty, cut, jpeg = (tmp_path / n for n in ("g.png", "e.png", "c.png", "j.png"))
+    Image.new("RGB", (8, 8), "red").save(good)
+    empty.write_bytes(b"")
+    cut.write_bytes(good.read_bytes()[:-20])
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buf, format="JPEG")
+    jpeg.write_bytes(buf.getvalue())
+    assert [is_done_png(p) for p in (good, empty, cut, jpeg, tmp_path / "missing.png")] == [True] + [False] * 4
+
+
+def test_batch_url_downloads_are_capped(targets, tmp_path):
+    with pytest.raises(D.RowError, match="larger than"):
+        D.download(f"http://127.0.0.1:{targets.port}/huge", tmp_path, timeout=10, max_bytes=1 << 20)
+    t0 = time.monotonic()
+    with pytest.raises(D.RowError, match="in time"):
+        D.download(f"http://127.0.0.1:{targets.port}/trickle", tmp_path, timeout=1.5)
+    assert time.monotonic() - t0 < 5
+    assert D.download(f"http://127.0.0.1:{targets.port}/ok.png", tmp_path) == png(seed=3)  # the user's own hosts
+    assert fetch_sync(f"http://127.0.0.1:{targets.port}/ok.png",
+                      FetchPolicy(max_bytes=1 << 20, allow_private=True)) == png(seed=3)
