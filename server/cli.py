@@ -140,6 +140,11 @@ def build_parser() -> argparse.ArgumentParser:
     dm = sub.add_parser("demo", help="build the tiny model and edit one image with it")
     dm.add_argument("--out", default="demo_out")
     dm.set_defaults(func=_cmd_demo)
+
+    from diffgentor.engine.memory_plan import add_parser as add_plan_memory
+    from diffgentor.engine.memory_plan import run as run_plan_memory
+
+    add_plan_memory(sub).set_defaults(func=run_plan_memory)
     return p
 
 
