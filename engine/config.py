@@ -20,25 +20,27 @@ dropless (spec decision 1) and never materialises a dense dispatch tensor, so dr
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
 import os
 import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 from typing import Any
+
+from diffgentor.engine.vocabulary import BOT_TASKS
+from diffgentor.kernels.impl_names import ATTN_IMPLS, MOE_IMPLS
 
 logger = logging.getLogger(__name__)
 
 ENV_PREFIX = "DG_HUNYUAN_IMAGE_3_"
 
-ATTN_IMPLS = ("sdpa", "flashinfer")
-MOE_IMPLS = ("eager", "flashinfer")
 QUANTIZATIONS = ("none", "fp8", "fp8_block")
 """Expert-weight quantization (kernels/quantization.py): fp8 = float8_e4m3fn, per-output-channel scales; fp8_block =
 128x128 block scales (FlashInfer's block-scale fused MoE)."""
 SYSTEM_PROMPT_KINDS = ("None", "dynamic", "en_vanilla", "en_recaption", "en_think_recaption", "en_unified", "custom")
-BOT_TASKS = ("image", "auto", "recaption", "think_recaption")
 DTYPES = ("float32", "bfloat16", "float16", "auto")
 _DTYPE_ALIASES = {
     "fp32": "float32",
@@ -48,6 +50,9 @@ _DTYPE_ALIASES = {
     "half": "float16",
 }
 _DEVICE_RE = re.compile(r"^(cpu|cuda|cuda:\d+|auto)$")
+
+CHECKPOINT_REQUEST_KEYS = ("bot_task", "use_system_prompt", "max_new_tokens")
+"""Request defaults that a checkpoint's ``generation_config.json`` also sets (`EngineConfig.request_defaults`)."""
 
 TRUE_STRINGS = ("true", "1", "yes", "on")
 FALSE_STRINGS = ("false", "0", "no", "off")
@@ -146,6 +151,37 @@ def _size_arg(text: str) -> int:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def omp_num_threads(environ: Mapping[str, str] | None = None) -> int | None:
+    """``$OMP_NUM_THREADS`` as a positive int (the host's thread budget for this process); None when unset or
+    not a positive integer."""
+    raw = (os.environ if environ is None else environ).get("OMP_NUM_THREADS", "")
+    try:
+        n = int(raw)
+    except ValueError:
+        return None
+    return n if n > 0 else None
+
+
+@dataclass(frozen=True)
+class TorchrunRank:
+    """A process's coordinates as torchrun gives them (RANK, WORLD_SIZE, LOCAL_RANK; the rendezvous itself reads
+    MASTER_ADDR / MASTER_PORT, which must be set too)."""
+
+    rank: int
+    world_size: int
+    local_rank: int = 0
+
+    @classmethod
+    def from_environ(cls, environ: Mapping[str, str] | None = None) -> TorchrunRank:
+        env = os.environ if environ is None else environ
+        missing = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in env]
+        if missing:
+            raise RuntimeError(f"tp-worker runs under torchrun (missing {', '.join(missing)}); e.g. torchrun "
+                               "--nnodes 2 --node-rank R --nproc-per-node K --master-addr HEAD --master-port 29500 "
+                               "-m diffgentor.server.cli tp-worker --connect HEAD:29600")
+        return cls(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", "0")))
+
+
 def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
@@ -199,6 +235,7 @@ _ENV_SPECS: dict[str, _EnvSpec] = {
     "infer_align_image_size": _EnvSpec("bool"),
     "max_new_tokens": _EnvSpec("int", minimum=1),
     "use_taylor_cache": _EnvSpec("bool"),
+    "expert_parallel": _EnvSpec("bool"),
 }
 
 
@@ -223,10 +260,17 @@ class HunyuanImage3Env:
     infer_align_image_size: bool = True
     max_new_tokens: int = 2048
     use_taylor_cache: bool = False
+    expert_parallel: bool = False
+    """Tensor-parallel MoE sharded by whole experts instead of by expert width (`--expert-parallel` wins)."""
+    explicit: frozenset[str] = field(default=frozenset(), compare=False, repr=False)
+    """The fields a variable or a flag set; the others hold the contract's defaults (`request_defaults`)."""
 
     def __post_init__(self) -> None:
         for name, spec in _ENV_SPECS.items():
             spec.check(name, getattr(self, name))
+        # a value given in code (not the contract's default) counts as set explicitly too
+        changed = {f.name for f in fields(self) if f.name in _ENV_SPECS and getattr(self, f.name) != f.default}
+        object.__setattr__(self, "explicit", frozenset(self.explicit) | changed)
 
     @staticmethod
     def var_name(field_name: str) -> str:
@@ -249,10 +293,12 @@ class HunyuanImage3Env:
         known = {cls.var_name(n) for n in _ENV_SPECS}
         for var in sorted(k for k in env if k.startswith(ENV_PREFIX) and k not in known):
             logger.warning("ignoring unknown environment variable %s (known: %s)", var, ", ".join(sorted(known)))
-        return cls(**values)
+        return cls(**values, explicit=frozenset(values))
 
     def describe(self) -> dict[str, Any]:
-        return asdict(self)
+        out = asdict(self)
+        out.pop("explicit")
+        return out
 
 
 # ---------------------------------------------------------------------------------------------------- engine
@@ -417,7 +463,7 @@ class EngineConfig:
                     raise ValueError(f"{name}={value!r} is invalid; allowed: {spec.allowed()}") from None
             env_overrides[name] = value
         if env_overrides:
-            env = HunyuanImage3Env(**{**asdict(env), **env_overrides})
+            env = HunyuanImage3Env(**{**asdict(env), **env_overrides, "explicit": env.explicit | set(env_overrides)})
 
         def first(*keys: str) -> Any:
             for k in keys:
@@ -555,18 +601,33 @@ class EngineConfig:
 
     # ------------------------------------------------------------------ requests and logging
     def request_defaults(self) -> dict[str, Any]:
-        """Per-request defaults imposed by the env vars; a request's own non-None value wins.
+        """Per-request defaults from the env block, for the fields a request leaves None.
 
-        ``use_system_prompt`` is the contract spelling: ``"None"`` (a string) means no system prompt.
+        Precedence for the fields the checkpoint's ``generation_config.json`` also sets (`CHECKPOINT_REQUEST_KEYS`):
+        the request's own value, an explicitly set variable or flag, the checkpoint's value, the contract's default.
+        So such a field is returned only when it was set explicitly or the checkpoint says nothing about it; an
+        unset variable never overrides the checkpoint (e.g. its ``"use_system_prompt": "None"``). The other fields
+        always come from the env block. ``use_system_prompt`` is the contract spelling: ``"None"`` (a string) means
+        no system prompt.
         """
         e = self.env
-        return {
-            "bot_task": e.bot_task,
-            "use_system_prompt": e.use_system_prompt,
-            "infer_align_image_size": e.infer_align_image_size,
-            "max_new_tokens": e.max_new_tokens,
-            "use_taylor_cache": e.use_taylor_cache,
-        }
+        checkpoint = self.checkpoint_generation_config()
+        out = {}
+        for key in ("bot_task", "use_system_prompt", "infer_align_image_size", "max_new_tokens", "use_taylor_cache"):
+            if key in e.explicit or key not in CHECKPOINT_REQUEST_KEYS or checkpoint.get(key) is None:
+                out[key] = getattr(e, key)
+        return out
+
+    def checkpoint_generation_config(self) -> dict[str, Any]:
+        """The checkpoint's ``generation_config.json`` as a dict; empty when there is no model or no such file."""
+        if self.model is None:
+            return {}
+        path = Path(self.model) / "generation_config.json"
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return {}
+        return data if isinstance(data, dict) else {}
 
     def describe(self) -> dict[str, Any]:
         """A plain, JSON-serialisable dict of every setting, for the startup log."""

@@ -34,6 +34,7 @@ from PIL import Image
 from safetensors.torch import load_file
 from torch import Tensor
 
+from diffgentor.engine.config import HunyuanImage3Env
 from diffgentor.engine.models.hunyuan_image_3.flow_match import cfg_combine, guidance_value
 from diffgentor.engine.models.hunyuan_image_3.pipeline import (
     HunyuanImage3Pipeline,
@@ -45,7 +46,7 @@ from diffgentor.engine.models.hunyuan_image_3.prompt import BuiltPrompt
 from diffgentor.engine.models.hunyuan_image_3.sampling import SamplingParams, make_generator, warp_logits
 from diffgentor.engine.models.hunyuan_image_3.stage_machine import StageMachine
 from diffgentor.engine.models.hunyuan_image_3.vision import run_vision_tower
-from diffgentor.engine.parallel import ParallelContext, expert_parallel_from_env, init_distributed
+from diffgentor.engine.parallel import ParallelContext, init_distributed
 from diffgentor.kernels.rope import rope_cos_sin
 
 BOS_TEXT = "<|startoftext|>"
@@ -696,7 +697,7 @@ class ParallelGoldenRun:
             raise FileNotFoundError(f"{golden_dir}: no manifest.json (not a golden set)")
         self.world = tensor_parallel_size
         self.timeout_s, self.poll_s = timeout_s, poll_s
-        ep = expert_parallel_from_env() if expert_parallel is None else bool(expert_parallel)
+        ep = HunyuanImage3Env.from_environ().expert_parallel if expert_parallel is None else bool(expert_parallel)
         self._dir = Path(tempfile.mkdtemp(prefix="dg-verify-tp-"))
         threads = max(1, (os.cpu_count() or 1) // self.world)
         spawn = multiprocessing.get_context("spawn")

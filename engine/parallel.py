@@ -9,13 +9,12 @@ Sharding rules (spec kernels.md §4, as in vLLM / SGLang):
   replicated on tp / num_kv_heads consecutive ranks (rank r holds KV head r // (tp / num_kv_heads), which is
   exactly the KV group of its q heads);
 - MoE: tensor parallel on the expert width (every rank holds every expert, 1/tp of its width), or expert
-  parallel (`DG_HUNYUAN_IMAGE_3_EXPERT_PARALLEL`): whole experts, a contiguous range of num_experts / tp;
+  parallel (`EngineConfig.env.expert_parallel`): whole experts, a contiguous range of num_experts / tp;
 - vocabulary: contiguous row ranges of ceil(vocab / tp) (the last may be shorter).
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,13 +23,6 @@ import torch.distributed as dist
 from torch import Tensor
 
 from diffgentor.kernels.moe import MoEParallel
-
-EXPERT_PARALLEL_ENV = "DG_HUNYUAN_IMAGE_3_EXPERT_PARALLEL"
-
-
-def expert_parallel_from_env() -> bool:
-    """$DG_HUNYUAN_IMAGE_3_EXPERT_PARALLEL as a bool (unset / 0 / false / no / off -> False)."""
-    return os.environ.get(EXPERT_PARALLEL_ENV, "").strip().lower() not in ("", "0", "false", "no", "off")
 
 
 def _even_range(n: int, rank: int, size: int, what: str) -> range:
@@ -132,18 +124,16 @@ def init_distributed(
     init_method: str,
     rank: int,
     world_size: int,
-    expert_parallel: bool | None = None,
+    expert_parallel: bool = False,
     timeout_s: float = 300.0,
 ) -> ParallelContext:
     """Join the process group ("gloo" on CPU, "nccl" on GPU) and return this rank's context.
 
-    All ranks of the world form one tensor-parallel group. expert_parallel None reads
-    $DG_HUNYUAN_IMAGE_3_EXPERT_PARALLEL. With nccl the caller must have selected this rank's CUDA device.
+    All ranks of the world form one tensor-parallel group (its MoE sharded by whole experts with
+    `expert_parallel`). With nccl the caller must have selected this rank's CUDA device.
     """
     import datetime
 
-    if expert_parallel is None:
-        expert_parallel = expert_parallel_from_env()
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group(
             backend, init_method=init_method, rank=rank, world_size=world_size,

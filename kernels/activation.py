@@ -23,12 +23,12 @@ def silu_and_mul_reference(x: Tensor, gate_first: bool = False) -> Tensor:
     return up * F.silu(gate)
 
 
-def silu_and_mul(x: Tensor, gate_first: bool = False) -> Tensor:
+def silu_and_mul(x: Tensor, gate_first: bool = False, fused: bool = False) -> Tensor:
     """[..., 2I] laid out as [up, gate] (or [gate, up] with gate_first) -> up * silu(gate), shape [..., I].
 
-    The selection point: FlashInfer's fused kernel for gate-first CUDA inputs when fused ops are enabled.
+    The selection point: FlashInfer's fused kernel for gate-first CUDA inputs when `fused`.
     """
-    fi = flashinfer_for(x) if gate_first and x.is_contiguous() else None
+    fi = flashinfer_for(x, fused) if gate_first and x.is_contiguous() else None
     if fi is not None:
         return fi.silu_and_mul(x)
     return silu_and_mul_reference(x, gate_first)

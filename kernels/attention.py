@@ -39,6 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .impl_names import ATTN_IMPLS
+
 if TYPE_CHECKING:
     from diffgentor.engine.kv_cache import PagedKVCache
 
@@ -207,7 +209,6 @@ def paged_attention_reference(
 
 
 ATTN_IMPL_ENV = "DG_HUNYUAN_IMAGE_3_ATTN_IMPL"
-ATTN_IMPLS = ("sdpa", "flashinfer")
 ATTN_VARIANTS = ("mask", "segments", "cascade")
 
 

@@ -22,6 +22,7 @@ from torch import Tensor
 
 from .activation import silu_and_mul
 from .fallback import warn_once
+from .impl_names import MOE_IMPLS
 from .quantization import Fp8Weight, fp8_layout, parse_quantization, quantize_rows_fp8
 
 ExpertWeights = Tensor | Fp8Weight | Sequence[Tensor] | Sequence[Fp8Weight]
@@ -149,7 +150,6 @@ def moe_forward_reference(
 # caller passes weights sharded along the intermediate dim with `shard_w13_tp` / `shard_w2_tp` (the up and the
 # gate halves are sharded separately); each rank's output is a partial sum.
 
-MOE_IMPLS = ("eager", "flashinfer")  # user-facing names (EngineConfig.moe_impl)
 _FP8_SCALED_IMPLS = ("fp8_grouped", "fp8_scaled_mm")
 _ALL_IMPLS = ("reference", "grouped", "eager", "flashinfer", *_FP8_SCALED_IMPLS)
 

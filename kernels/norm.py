@@ -13,10 +13,10 @@ from torch import Tensor, nn
 from .fused import flashinfer_for
 
 
-def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
-    """The selection point: FlashInfer's fused rmsnorm when fused ops are enabled on CUDA (bf16-close: it
-    multiplies the weight before the cast), else the torch reference (official numerics)."""
-    fi = flashinfer_for(x)
+def rms_norm(x: Tensor, weight: Tensor, eps: float, fused: bool = False) -> Tensor:
+    """The selection point: FlashInfer's fused rmsnorm when `fused` on CUDA (bf16-close: it multiplies the weight
+    before the cast), else the torch reference (official numerics)."""
+    fi = flashinfer_for(x, fused)
     if fi is not None and weight.dtype == x.dtype and x.shape[-1] == weight.shape[-1]:
         x2 = x.reshape(-1, x.shape[-1]).contiguous()
         return fi.rmsnorm(x2, weight, eps).view(x.shape)
@@ -34,13 +34,14 @@ def rms_norm_reference(x: Tensor, weight: Tensor, eps: float) -> Tensor:
 class RMSNorm(nn.Module):
     """Learned-scale RMSNorm over the last axis; `.weight` matches the checkpoint's `*.weight` key."""
 
-    def __init__(self, hidden_size: int, eps: float = 1e-5) -> None:
+    def __init__(self, hidden_size: int, eps: float = 1e-5, fused: bool = False) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.eps = eps
+        self.fused = fused  # FlashInfer's fused kernel on CUDA (bf16-close, see `rms_norm`)
 
     def forward(self, x: Tensor) -> Tensor:
-        return rms_norm(x, self.weight, self.eps)
+        return rms_norm(x, self.weight, self.eps, self.fused)
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}"

@@ -127,7 +127,7 @@ def test_bot_task_error_message_exact():
         HunyuanImage3Env.from_environ({P + "BOT_TASK": "foo"})
     assert (
         str(ei.value)
-        == "DG_HUNYUAN_IMAGE_3_BOT_TASK='foo' is invalid; allowed: image, auto, recaption, think_recaption"
+        == "DG_HUNYUAN_IMAGE_3_BOT_TASK='foo' is invalid; allowed: image, auto, recaption, think_recaption, think"
     )
 
 
@@ -141,7 +141,7 @@ def test_bot_task_error_message_exact():
             "en_bogus",
             "None, dynamic, en_vanilla, en_recaption, en_think_recaption, en_unified, custom",
         ),
-        ("BOT_TASK", "think", "image, auto, recaption, think_recaption"),
+        ("BOT_TASK", "draw", "image, auto, recaption, think_recaption, think"),
         ("GPUS_PER_MODEL", "-1", "an integer >= 0"),
         ("GPUS_PER_MODEL", "abc", "an integer >= 0"),
         ("GPUS_PER_MODEL", "1.5", "an integer >= 0"),

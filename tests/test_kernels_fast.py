@@ -340,15 +340,9 @@ def test_gpu_flashinfer_attention_vs_reference_bf16(layout, variant):
 
 @gpu
 def test_gpu_fused_elementwise_vs_reference():
-    from diffgentor.kernels.fused import set_fused_ops
-
     pytest.importorskip("flashinfer")
-    set_fused_ops(True)
-    try:
-        x = torch.randn(64, 4096, device=CUDA, dtype=torch.bfloat16)
-        w = torch.rand(4096, device=CUDA, dtype=torch.bfloat16) + 0.5
-        assert _rel(rms_norm(x, w, 1e-5), rms_norm_reference(x, w, 1e-5)) < 1e-2
-        y = torch.randn(64, 2 * 3072, device=CUDA, dtype=torch.bfloat16)
-        assert _rel(silu_and_mul(y, gate_first=True), silu_and_mul_reference(y, gate_first=True)) < 1e-2
-    finally:
-        set_fused_ops(None)
+    x = torch.randn(64, 4096, device=CUDA, dtype=torch.bfloat16)
+    w = torch.rand(4096, device=CUDA, dtype=torch.bfloat16) + 0.5
+    assert _rel(rms_norm(x, w, 1e-5, fused=True), rms_norm_reference(x, w, 1e-5)) < 1e-2
+    y = torch.randn(64, 2 * 3072, device=CUDA, dtype=torch.bfloat16)
+    assert _rel(silu_and_mul(y, gate_first=True, fused=True), silu_and_mul_reference(y, gate_first=True)) < 1e-2

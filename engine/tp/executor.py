@@ -28,7 +28,7 @@ from typing import Any
 
 import msgspec
 
-from diffgentor.engine.config import EngineConfig
+from diffgentor.engine.config import EngineConfig, omp_num_threads
 from diffgentor.engine.request import CoreSnapshot, EngineEvent, FinishReason, GenerationRequest, RequestResult
 from diffgentor.engine.request_state import ProcessedRequest
 from diffgentor.engine.tp.messages import (
@@ -52,13 +52,6 @@ class TPExecutorError(RuntimeError):
     """A tensor-parallel rank failed to start, died, hung, or the replicas diverged."""
 
 
-def _int_env(name: str, default: int) -> int:
-    try:
-        return max(1, int(os.environ.get(name) or default))
-    except ValueError:
-        return default
-
-
 class TPExecutor:
     """Runs `world_size` engine-core replicas, one per tensor-parallel rank, behind the `EngineCore` interface."""
 
@@ -77,17 +70,15 @@ class TPExecutor:
         import torch.multiprocessing as mp
         import zmq
 
-        from diffgentor.engine.parallel import expert_parallel_from_env
-
         self.config = config
         self.world_size = world_size or config.resolve_tensor_parallel_size()
         if self.world_size < 1:
             raise ValueError(f"world_size must be >= 1, got {self.world_size}")
-        self.expert_parallel = expert_parallel_from_env() if expert_parallel is None else bool(expert_parallel)
+        self.expert_parallel = config.env.expert_parallel if expert_parallel is None else bool(expert_parallel)
         self.step_timeout_s = step_timeout_s
         self.poll_ms = max(1, int(poll_s * 1000))
         if num_threads is None and not config.on_cuda():  # this process's thread share (OMP_NUM_THREADS), split
-            num_threads = max(1, _int_env("OMP_NUM_THREADS", os.cpu_count() or 1) // self.world_size)
+            num_threads = max(1, (omp_num_threads() or os.cpu_count() or 1) // self.world_size)
         self.results: dict[str, RequestResult] = {}
         self.failed: str | None = None
         self.num_blocks = 0

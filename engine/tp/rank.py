@@ -199,16 +199,10 @@ def run_external_rank(connect: str, setup_timeout_s: float = 600.0, environ: dic
     or disappears (1)."""
     import zmq
 
-    from diffgentor.engine.config import parse_endpoint
+    from diffgentor.engine.config import TorchrunRank, parse_endpoint
 
-    env = os.environ if environ is None else environ
-    missing = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in env]
-    if missing:
-        raise RuntimeError(f"tp-worker runs under torchrun (missing {', '.join(missing)}); e.g. torchrun --nnodes 2 "
-                           "--node-rank R --nproc-per-node K --master-addr HEAD --master-port 29500 -m "
-                           "diffgentor.server.cli tp-worker --connect HEAD:29600")
-    rank, world_size = int(env["RANK"]), int(env["WORLD_SIZE"])
-    local_rank = int(env.get("LOCAL_RANK", "0"))
+    coords = TorchrunRank.from_environ(environ)
+    rank, world_size, local_rank = coords.rank, coords.world_size, coords.local_rank
     host, port = parse_endpoint(connect)
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s tp-rank{rank} %(levelname)s %(message)s")
     zctx = zmq.Context()

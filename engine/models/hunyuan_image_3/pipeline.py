@@ -22,6 +22,7 @@ from torch import Tensor
 
 from diffgentor.engine.kv_cache import PagedKVCache
 from diffgentor.engine.parallel import ParallelContext
+from diffgentor.engine.vocabulary import BOT_TASKS, MAX_COND_IMAGES, RequestError
 from diffgentor.kernels.attention import AttentionMetadata, SequenceChunk
 
 from .config import GenerationDefaults
@@ -34,13 +35,6 @@ from .sampling import SamplingParams, make_generator, sample_row
 from .stage_machine import StageMachine
 from .system_prompt import SystemPromptError, SystemPrompts, choose_system_prompt
 from .tokenizer import HunyuanTokenizer
-
-BOT_TASKS = ("image", "auto", "recaption", "think_recaption", "think")
-MAX_COND_IMAGES = 3
-
-
-class RequestError(ValueError):
-    """A request that cannot run (bad image, size, task, budget): reported to that request only."""
 
 
 @dataclass

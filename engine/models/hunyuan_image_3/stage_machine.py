@@ -37,9 +37,9 @@ from collections.abc import Sequence
 
 import torch
 
-from .tokenizer import HunyuanTokenizer, SpecialTokens
+from diffgentor.engine.vocabulary import BOT_TASKS
 
-BOT_TASKS = ("image", "auto", "recaption", "think_recaption", "think")
+from .tokenizer import HunyuanTokenizer, SpecialTokens
 
 
 class StageMachineError(RuntimeError):

@@ -1,0 +1,21 @@
+"""The request vocabulary shared by the engine, the reference pipeline, the config and the server: the tasks a
+request may ask for, the per-request error, and the limits that are part of the model's contract.
+
+Kept free of imports so every layer (config parsing, the OpenAI schemas, the stage machine) can use it cheaply."""
+
+from __future__ import annotations
+
+BOT_TASKS = ("image", "auto", "recaption", "think_recaption", "think")
+"""What the model does before (or instead of) drawing: `image` draws at once; `recaption` rewrites the prompt
+first; `think` reasons first; `think_recaption` reasons, then rewrites, then draws; `auto` answers in free text
+(and draws only if the model decides to)."""
+
+MAX_COND_IMAGES = 3
+"""Condition images per edit / fusion request (the official model's limit)."""
+
+
+class RequestError(ValueError):
+    """A request that cannot run (bad image, size, task, budget): reported to that request only."""
+
+
+__all__ = ["BOT_TASKS", "MAX_COND_IMAGES", "RequestError"]
