@@ -92,7 +92,7 @@ class CoreReady(msgspec.Struct, tag="ready", kw_only=True):
 
 
 class CoreOutputs(msgspec.Struct, tag="outputs", kw_only=True):
-    events: list[EngineEvent] = msgspec.field(default_factory=list)  # kinds "text" and "image" only
+    events: list[EngineEvent] = msgspec.field(default_factory=list)  # kinds "text", "partial_image", "image"
     finished: list[FinishedInfo] = msgspec.field(default_factory=list)
     stats: SchedulerStats | None = None
 
@@ -176,7 +176,7 @@ class EngineCoreProc:
     # -------------------------------------------------------------- outputs
     def _collect(self, events: list[EngineEvent]) -> None:
         for ev in events:
-            if ev.kind in ("text", "image"):
+            if ev.kind in ("text", "partial_image", "image"):  # streamed as they come
                 self._events.append(ev)
                 continue
             res: RequestResult | None = self.core.results.pop(ev.request_id, None)

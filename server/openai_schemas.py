@@ -1,32 +1,107 @@
 """OpenAI Images API shapes: request bodies (JSON variants), responses, SSE events and the error object.
 
 The pydantic models validate the requests and are also the schemas of the OpenAPI document (server/openapi.py), so
-the constraints written here (ranges, patterns, enums) are the ones the server enforces."""
+the constraints written here (ranges, patterns, enums) are the ones the server enforces. OpenAI parameters the server
+cannot honour are refused by name (`check_supported`: 400 `unsupported_parameter` / `unsupported_value`), never
+ignored; the tables below are also what the README's parameter table lists."""
 
 from __future__ import annotations
 
 import json
+import math
 import re
 import time
-from typing import Any, Literal
+from collections.abc import Mapping
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 from diffgentor.engine.models.hunyuan_image_3.pipeline import BOT_TASKS
+from diffgentor.engine.models.hunyuan_image_3.system_prompt import ALL_KINDS
 
 OutputFormat = Literal["png", "jpeg", "webp"]
+Quality = Literal["low", "medium", "high", "auto"]
 # `auto` (any case), empty, or WIDTHxHEIGHT (`x`, `X` or `*`); the server parses sizes with this same pattern
 SIZE_PATTERN = r"^\s*(?:([aA][uU][tT][oO])|(\d{1,6})\s*[xX*]\s*(\d{1,6}))?\s*$"
 SIZE_RE = re.compile(SIZE_PATTERN)
+MIN_OUTPUT_SIDE = 16
+# an image reference the server reads: a base64 data URL of an image, or an http(s) URL
+IMAGE_URL_PATTERN = r"^(?:https?://\S+|data:image/[A-Za-z0-9.+-]+;base64,[A-Za-z0-9+/=\s]*)$"
 TEXT_ONLY_BOT_TASKS = ("auto",)  # a free text answer, never an image: refused by the images API
 IMAGE_BOT_TASKS = tuple(t for t in BOT_TASKS if t not in TEXT_ONLY_BOT_TASKS)
+
+# OpenAI parameters this server refuses whatever their value (400 unsupported_parameter), with the reason
+UNSUPPORTED_PARAMETERS: dict[str, str] = {
+    "mask": "the model edits by instruction, not by mask: say in the prompt which region to change",
+    "style": "`style` (vivid / natural) is a DALL-E 3 setting; describe the style in the prompt",
+    "input_fidelity": "the model reads its input images at one fixed fidelity",
+    "complexity": "the think / recaption budget is set with `max_new_tokens` and `bot_task`",
+    "markup": "the model edits by instruction, not by a markup overlay",
+    "frame_count": "only still images are generated (no GIF output)",
+    "frame_duration_ms": "only still images are generated (no GIF output)",
+    "svg": "only raster images are generated (no SVG output)",
+}
+# OpenAI values this server refuses (400 unsupported_value); the other values of these parameters are honoured
+UNSUPPORTED_VALUES: dict[str, dict[str, str]] = {
+    "background": {"transparent": "the model generates opaque RGB images (no alpha channel)"},
+    "response_format": {"url": "images are returned as b64_json (this server stores no files)"},
+    "output_format": {"gif": "only png, jpeg and webp are produced", "svg": "only png, jpeg and webp are produced"},
+    "quality": {q: "quality is low, medium, high or auto (diffusion step counts)" for q in
+                ("standard", "hd", "xhigh", "max")},
+}
+
+
+def _integral(v: Any) -> Any:
+    """JSON has one number type: 5.0 is the integer 5 (JSON Schema's `integer` accepts it), 5.5 stays a float
+    and is refused."""
+    if isinstance(v, float) and v.is_integer():
+        return int(v)
+    return v
+
+
+def json_int(ge: int | None = None, le: int | None = None) -> Any:
+    """An integer parameter within [ge, le] that also takes integral JSON numbers such as 5.0."""
+    return Annotated[int, Field(ge=ge, le=le), BeforeValidator(_integral)]
+
+
+def steps_for_quality(quality: str | None, default_steps: int) -> int:
+    """Diffusion steps of an OpenAI `quality`, relative to the checkpoint's default: high (and auto) = the default,
+    medium = half, low = a quarter, rounded up (docs/decisions.md, "quality as diffusion steps")."""
+    div = {"low": 4, "medium": 2}.get(quality or "auto", 1)
+    return max(1, math.ceil(default_steps / div))
+
+
+def int_range_pattern(lo: int, hi: int) -> str:
+    """A regular expression (no anchors) matching the decimal integers lo..hi, leading zeros allowed: the size
+    pattern of the OpenAPI document says exactly which sides the server takes."""
+    pieces = []
+    while lo <= hi:
+        k = 0  # widest block lo..lo+10**k-1 that starts at lo and fits
+        while lo % 10 ** (k + 1) == 0 and lo + 10 ** (k + 1) - 1 <= hi:
+            k += 1
+        step = 10**k
+        digit = (lo // step) % 10
+        m = 1
+        while digit + m <= 9 and lo + (m + 1) * step - 1 <= hi:
+            m += 1
+        head = str(lo // (step * 10)) if lo >= step * 10 else ""
+        last = str(digit) if m == 1 else f"[{digit}-{digit + m - 1}]"
+        pieces.append(head + last + (r"\d" * k if k < 2 else rf"\d{{{k}}}"))
+        lo += m * step
+    return "0*(?:" + "|".join(pieces) + ")"
+
+
+def size_pattern(max_side: int) -> str:
+    """The `size` values the server takes: `auto` (any case) or WIDTHxHEIGHT, each side MIN_OUTPUT_SIDE..max_side."""
+    side = int_range_pattern(MIN_OUTPUT_SIDE, max_side)
+    return rf"^\s*(?:[aA][uU][tT][oO]|{side}\s*[xX*]\s*{side})?\s*$"
 
 
 class OpenAIError(Exception):
     """Raised anywhere in a handler; answered as `{"error": {message, type, param, code}}` with `status`."""
 
     TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
-             413: "invalid_request_error", 422: "invalid_request_error", 429: "rate_limit_error",
+             405: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error",
              500: "server_error", 503: "service_unavailable"}
 
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
@@ -42,6 +117,46 @@ class OpenAIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
+def _param_name(loc: tuple[Any, ...]) -> str:
+    """pydantic's error location as OpenAI names parameters: `images[0].image_url`."""
+    out = ""
+    for x in loc:
+        if x == "body":
+            continue
+        out += f"[{x}]" if isinstance(x, int) else (f".{x}" if out else str(x))
+    return out
+
+
+def validation_error(errors: list[dict[str, Any]]) -> OpenAIError:
+    """The first pydantic / FastAPI validation error as OpenAI answers a bad parameter: 400 with `param`, code
+    `missing_required_parameter`, `invalid_type` or `invalid_value`."""
+    err = errors[0] if errors else {}
+    param = _param_name(tuple(err.get("loc", ()))) or None
+    kind = str(err.get("type", ""))
+    if kind == "missing":
+        return OpenAIError(400, f"missing required parameter: {param}", param, "missing_required_parameter")
+    msg = f"{param}: {err.get('msg')}" if param else str(err.get("msg"))
+    typed = kind.endswith("_type") or kind.endswith("_parsing") or kind in ("model_attributes_type", "dict_type")
+    return OpenAIError(400, msg, param, "invalid_type" if typed else "invalid_value")
+
+
+def check_supported(fields: Mapping[str, Any]) -> None:
+    """400 for an OpenAI parameter or value the server cannot honour, naming it (a parameter that is absent or
+    null is not a request for anything)."""
+    for name, why in UNSUPPORTED_PARAMETERS.items():
+        if fields.get(name) is not None:
+            raise OpenAIError(400, f"{name} is not supported: {why}", name, "unsupported_parameter")
+    for name, refused in UNSUPPORTED_VALUES.items():
+        value = fields.get(name)
+        if isinstance(value, str) and value in refused:
+            raise OpenAIError(400, f"{name}={value!r} is not supported: {refused[value]}", name, "unsupported_value")
+    images = fields.get("images")
+    for i, ref in enumerate(images if isinstance(images, list) else []):
+        if isinstance(ref, dict) and ref.get("file_id") is not None:
+            raise OpenAIError(400, f"images[{i}].file_id: file references are not supported (this server has no "
+                              "file store); send image_url", f"images[{i}].file_id", "unsupported_parameter")
+
+
 class _Common(BaseModel):
     """Fields shared by generations and edits, with the HunyuanImage / diffgentor extensions."""
 
@@ -49,64 +164,81 @@ class _Common(BaseModel):
 
     prompt: str = Field(json_schema_extra={"minLength": 1, "pattern": r"\S"})
     model: str | None = Field(None, description="one of GET /v1/models; 404 otherwise")
-    n: int = Field(1, ge=1, le=10)
-    size: str | None = Field("auto", json_schema_extra={"pattern": SIZE_PATTERN},
-                             description="`auto` or WIDTHxHEIGHT, each side within 16..the server's max output side")
-    response_format: Literal["b64_json", "url"] | None = Field(
+    n: json_int(1, 10) | None = 1
+    size: Annotated[str, Field(pattern=SIZE_PATTERN)] | None = Field(
+        "auto", description="`auto` or WIDTHxHEIGHT: the aspect ratio of the output, which is the resolution bucket "
+                            "of the checkpoint nearest to it")
+    quality: Quality | None = Field("auto", description="diffusion steps relative to the checkpoint's default: "
+                                    "high and auto = the default, medium = half, low = a quarter (rounded up); "
+                                    "`num_inference_steps` overrides it")
+    background: Literal["opaque", "auto"] | None = Field(
+        "auto", description="images are opaque; `transparent` is refused (400 unsupported_value)")
+    moderation: Literal["low", "auto"] | None = Field("auto", description="accepted: this server applies no "
+                                                      "content moderation of its own")
+    response_format: Literal["b64_json"] | None = Field(
         "b64_json", description="images are returned as b64_json; `url` is refused (400 unsupported_value)")
     output_format: OutputFormat | None = "png"
-    output_compression: int | None = Field(None, ge=0, le=100)
-    quality: str | None = Field(None, description="accepted and ignored")
-    background: str | None = Field(None, description="accepted and ignored")
-    user: str | None = Field(None, description="accepted and ignored")
-    stream: bool | None = Field(False, description="true: a text/event-stream of text deltas, then the image")
-    partial_images: int | None = Field(None, description="accepted and ignored")
-    input_fidelity: str | None = Field(None, description="accepted and ignored")
+    output_compression: json_int(0, 100) | None = Field(
+        None, description="jpeg / webp quality, 0-100 (default 100, the least compression); png is "
+                                        "lossless and ignores it, as OpenAI documents")
+    stream: bool | None = Field(False, description="true: a text/event-stream of text deltas, partial images, then "
+                                                   "the image")
+    partial_images: json_int(0, 3) | None = Field(0, description="with stream: this many progressive previews "
+                                           "(decoded predictions at evenly spaced diffusion steps) before the image")
+    user: str = Field(None, description="accepted (an end-user id for abuse monitoring); not stored")  # not null
+    safety_identifier: str | None = Field(None, description="accepted (an end-user id for abuse monitoring); not "
+                                                            "stored")
     # extensions
-    seed: int | None = Field(None, ge=0, le=2**63 - 1)  # the engine's seeds are non-negative 64-bit integers
-    num_inference_steps: int | None = Field(None, ge=1, le=200)
+    seed: json_int(0, 2**63 - 1) | None = None  # the engine's seeds are non-negative 64-bit integers
+    num_inference_steps: json_int(1, 200) | None = None
     guidance_scale: float | None = Field(None, ge=0)
     bot_task: str | None = Field(None, json_schema_extra={"enum": [*IMAGE_BOT_TASKS, None]})
-    use_system_prompt: str | None = Field(None, description="a system-prompt kind of the checkpoint, or `custom`")
+    use_system_prompt: Literal[ALL_KINDS] | None = Field(None, description="a system-prompt kind of the checkpoint, or "
+                                                                             "`custom` (with system_prompt)")
     system_prompt: str | None = None
-    max_new_tokens: int | None = Field(None, ge=1, description="the think / recaption token budget")
+    max_new_tokens: json_int(1) | None = Field(None, description="the think / recaption token budget")
     infer_align_image_size: bool | None = None
+
+    @model_validator(mode="after")
+    def _defaults_for_nulls(self):
+        """OpenAI's parameters are nullable; null means the default."""
+        for name in ("n", "size", "quality", "background", "moderation", "response_format", "output_format", "stream",
+                     "partial_images"):
+            if getattr(self, name) is None:
+                setattr(self, name, type(self).model_fields[name].default)
+        return self
 
 
 FORM_FIELDS = tuple(_Common.model_fields)  # the fields a multipart edit may carry besides its images
+REFUSED_FIELDS = tuple(UNSUPPORTED_PARAMETERS)  # read from a multipart body too, to be refused by name
 
 
 class ImageGenerationRequest(_Common):
     pass
 
 
+ImageURL = Annotated[str, Field(pattern=IMAGE_URL_PATTERN)]
+
+
 class ImageRef(BaseModel):
+    """An input image by URL (`file_id` references are refused: this server has no file store)."""
+
     model_config = ConfigDict(extra="ignore")
 
-    image_url: str | None = None
-    file_id: str | None = None
+    image_url: ImageURL
 
 
 class ImageEditJSONRequest(_Common):
     """The JSON variant of /v1/images/edits: `images: [{image_url}]` (http(s) or data: URLs)."""
 
     images: list[ImageRef] = Field(default_factory=list)
-    image: list[ImageRef] | ImageRef | str | list[str] | None = None  # lenient: plain URLs are accepted too
+    image: ImageURL | list[ImageURL] | ImageRef | list[ImageRef] | None = None  # lenient: another place for them
 
     def image_urls(self) -> list[str]:
         refs: list[Any] = list(self.images)
         if self.image is not None:
             refs += self.image if isinstance(self.image, list) else [self.image]
-        urls = []
-        for r in refs:
-            if isinstance(r, str):
-                urls.append(r)
-            elif r.image_url:
-                urls.append(r.image_url)
-            else:
-                raise OpenAIError(400, "file_id image references are not supported; send image_url", "images",
-                                  "unsupported_file_id")
-        return urls
+        return [r if isinstance(r, str) else r.image_url for r in refs]
 
 
 class ErrorObject(BaseModel):
@@ -142,9 +274,59 @@ class ImageData(BaseModel):
 class ImagesResponse(BaseModel):
     created: int
     data: list[ImageData]
+    background: Literal["opaque"]
     output_format: OutputFormat
-    size: str
+    quality: Literal["low", "medium", "high"] | None = Field(
+        None, description="the quality the steps came from (absent when num_inference_steps set them)")
+    size: str = Field(description="WIDTHxHEIGHT of the returned images")
     usage: Usage
+
+
+# ------------------------------------------------------------------------------------------------ stream events
+Kind = Literal["image_generation", "image_edit"]
+
+
+class TextDeltaEvent(BaseModel):
+    """A think / recaption text delta (a diffgentor event: the model writes text before its image)."""
+
+    type: Literal["image_generation.text_delta", "image_edit.text_delta"]
+    delta: str
+    index: int = Field(description="which of the n images")
+    created_at: int
+
+
+class _ImageEventFields(BaseModel):
+    b64_json: str
+    created_at: int
+    size: str = Field(description="WIDTHxHEIGHT of this image")
+    quality: Quality
+    background: Literal["opaque"]
+    output_format: OutputFormat
+    index: int = Field(description="which of the n images")
+
+
+class PartialImageEvent(_ImageEventFields):
+    """A progressive preview (the decoded prediction of the clean image at a diffusion step)."""
+
+    type: Literal["image_generation.partial_image", "image_edit.partial_image"]
+    partial_image_index: int
+
+
+class CompletedEvent(_ImageEventFields):
+    type: Literal["image_generation.completed", "image_edit.completed"]
+    revised_prompt: str
+    usage: Usage
+
+
+class ErrorEvent(BaseModel):
+    """The stream's last event (before `[DONE]`) when the request failed."""
+
+    type: Literal["error"]
+    error: ErrorObject
+
+
+STREAM_EVENTS: tuple[type[BaseModel], ...] = (TextDeltaEvent, PartialImageEvent, CompletedEvent, ErrorEvent)
+DONE = "[DONE]"  # the data of the stream's very last event, which has no event name
 
 
 class ModelCard(BaseModel):
@@ -173,6 +355,12 @@ def sse(event: str | None, data: Any) -> bytes:
     payload = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"))
     head = f"event: {event}\n" if event else ""
     return f"{head}data: {payload}\n\n".encode()
+
+
+def sse_event(event: BaseModel) -> bytes:
+    """One stream event, named by its `type`, from its model (so the document's event schemas are what is sent)."""
+    data = event.model_dump(exclude_none=True)
+    return sse(data["type"], data)
 
 
 def now() -> int:

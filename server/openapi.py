@@ -18,11 +18,16 @@ from fastapi.responses import PlainTextResponse
 from pydantic import BaseModel
 
 from diffgentor.server.openai_schemas import (
+    DONE,
+    STREAM_EVENTS,
+    UNSUPPORTED_PARAMETERS,
+    UNSUPPORTED_VALUES,
     ErrorResponse,
     ImageEditJSONRequest,
     ImageGenerationRequest,
     ImagesResponse,
     ModelList,
+    size_pattern,
 )
 
 DESCRIPTION = ("OpenAI-compatible Images API for HunyuanImage-3.0. Every non-2xx answer is OpenAI's error object "
@@ -39,22 +44,39 @@ def _err(description: str) -> dict[str, Any]:
     return {"model": ErrorResponse, "description": description}
 
 
+_REFUSED = "; ".join([f"`{p}`" for p in UNSUPPORTED_PARAMETERS] + [
+    f"`{p}` {' / '.join(f'`{v}`' for v in values)}" for p, values in UNSUPPORTED_VALUES.items()])
+_RETRY_AFTER = {"Retry-After": {"description": "seconds to wait before retrying", "required": True,
+                                "schema": {"type": "string", "pattern": "^[0-9]+$"}}}
 _IMAGE_ERRORS = {
-    400: _err("invalid request: bad field value, size, image or content type"),
+    400: _err("invalid request: a parameter of the wrong type or value (`param` names it), a bad image or content "
+              f"type, or an OpenAI parameter this server does not support (`unsupported_parameter` / "
+              f"`unsupported_value`: {_REFUSED})"),
     404: _err("unknown model"),
     413: _err("an image or the whole body is too large"),
-    422: _err("a field has the wrong type or is out of range"),
-    429: _err("too many requests in flight"),
+    429: _err("too many requests in flight") | {"headers": _RETRY_AFTER},
     500: _err("the engine failed on this request"),
     503: _err("the engine core is not running"),
 }
-# one server-sent event; `data` is a JSON object (the error object for `error`), or `[DONE]` on the last event
-_SSE_EVENT = {"type": "object", "required": ["data"], "properties": {
-    "event": {"type": "string", "pattern": r"^(image_generation|image_edit)\.(text_delta|completed)$|^error$"},
-    "data": {"type": "string"}}}
-_IMAGES_OK = {200: {"model": ImagesResponse, "description": "the images (`stream: true`: server-sent events, each "
-                    "`<kind>.text_delta` or `<kind>.completed`, then `data: [DONE]`)",
-                    "content": {"text/event-stream": {"schema": _SSE_EVENT}}}}
+
+
+def _sse_schema() -> dict[str, Any]:
+    """One server-sent event of an image stream: `event` is the data's `type` and `data` that event as JSON; the
+    last event has no name and the data `[DONE]`."""
+    names = [t for m in STREAM_EVENTS for t in m.model_fields["type"].annotation.__args__]
+    json_event = {"type": "object", "required": ["event", "data"], "properties": {
+        "event": {"type": "string", "enum": names},
+        "data": {"type": "string", "contentMediaType": "application/json",
+                 "contentSchema": {"oneOf": [_ref(m.__name__) for m in STREAM_EVENTS]}}}}
+    done = {"type": "object", "required": ["data"], "not": {"required": ["event"]},
+            "properties": {"data": {"const": DONE}}}
+    return {"oneOf": [json_event, done]}
+
+
+_IMAGES_OK = {200: {"model": ImagesResponse, "description": "the images (`stream: true`: server-sent events: "
+                    "`<kind>.text_delta`, `<kind>.partial_image`, `<kind>.completed` per image or one `error`, then "
+                    "`data: [DONE]`)",
+                    "content": {"text/event-stream": {"schema": _sse_schema()}}}}
 
 HEALTH: dict[str, Any] = {"responses": {
     200: {"description": "the engine core is running",
@@ -85,9 +107,16 @@ def _apply_limits(s: dict[str, Any], limits) -> dict[str, Any]:
     """The limits that are server settings rather than model constants."""
     props = s["properties"]
     props["prompt"]["maxLength"] = limits.max_prompt_chars
-    props["n"]["maximum"] = min(props["n"]["maximum"], limits.max_n)
-    props["size"]["description"] = f"`auto` or WIDTHxHEIGHT, each side within 16..{limits.max_output_side}"
+    n = _typed(props["n"], "integer")
+    n["maximum"] = min(n["maximum"], limits.max_n)
+    _typed(props["size"], "string")["pattern"] = size_pattern(limits.max_output_side)
+    props["size"]["description"] += f"; each side within 16..{limits.max_output_side}"
     return s
+
+
+def _typed(prop: dict[str, Any], json_type: str) -> dict[str, Any]:
+    """The branch of `prop` (itself, or one of its anyOf for `X | None`) of the given JSON type."""
+    return next(b for b in prop.get("anyOf", [prop]) if b.get("type") == json_type)
 
 
 def _form_value(prop: dict[str, Any]) -> dict[str, Any]:
@@ -130,6 +159,8 @@ def document(app: FastAPI, limits, api_key: bool = False) -> dict[str, Any]:
         doc = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
         comps = doc.setdefault("components", {})
         comps.setdefault("schemas", {}).update(request_schemas(limits))
+        for event in STREAM_EVENTS:  # the stream's events, referenced by the text/event-stream schema
+            comps["schemas"][event.__name__] = _model_schema(event, comps["schemas"])
         if api_key:
             comps["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
         err = {"application/json": {"schema": _ref("ErrorResponse")}}
