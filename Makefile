@@ -6,7 +6,7 @@ STAMP := $(VENV)/.diffgentor-installed
 GOLDEN ?= ../shared/golden
 DEMO_DIR ?= demo_out
 
-.PHONY: install test lint pytest verify-golden demo clean
+.PHONY: install test lint pytest verify-golden demo clean test-integration
 
 $(STAMP): pyproject.toml constraints-cpu.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,17 @@ verify-golden: $(STAMP)
 	else echo "SKIP verify-golden: $(GOLDEN) not found (../shared is absent)"; fi
 
 test: lint pytest verify-golden
+
+# The integration tests (tests/integration, marked `integration`, not part of `make test`): a real Ray cluster, a
+# real Prometheus server and a headless Chromium. Prometheus and Chromium come from the OS packages (.ci/run
+# installs them: apt-get install prometheus chromium); their tests are skipped, with the reason, where absent.
+INTEGRATION_STAMP := $(VENV)/.diffgentor-integration-installed
+$(INTEGRATION_STAMP): $(STAMP)
+	$(PY) -m pip install -q -c constraints-cpu.txt -e '.[dev,integration]'
+	@touch $(INTEGRATION_STAMP)
+
+test-integration: $(INTEGRATION_STAMP)
+	$(VENV)/bin/pytest -q -m integration -rs tests/integration
 
 demo: $(STAMP)
 	$(VENV)/bin/diffgentor demo --out $(DEMO_DIR)

@@ -91,6 +91,7 @@ class AppState:
     limits: ServerLimits = field(default_factory=ServerLimits)
     pool: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(4, thread_name_prefix="dg-input"))
     created: int = field(default_factory=now)
+    playground: bool = True  # the page at / (diffgentor.server.playground); off with --no-playground
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -235,6 +236,15 @@ def build_app(state: AppState) -> FastAPI:
         return _error_response(OpenAIError(500, f"internal server error: {type(e).__name__}", None, "internal_error"))
 
     app.add_middleware(_Guard, state=state)
+
+    if state.playground:
+        from fastapi.responses import HTMLResponse
+
+        from diffgentor.server.playground import CONTENT_SECURITY_POLICY, page_html
+
+        @app.get("/", include_in_schema=False)
+        async def playground():
+            return HTMLResponse(page_html(), headers={"Content-Security-Policy": CONTENT_SECURITY_POLICY})
 
     @app.get("/health", **openapi.HEALTH)
     async def health():
@@ -571,7 +581,7 @@ async def serve_async(args: argparse.Namespace, started: asyncio.Event | None = 
     limits = ServerLimits(max_upload_bytes=args.max_upload_bytes, max_image_pixels=args.max_image_pixels,
                           max_prompt_chars=args.max_prompt_chars)
     state = AppState(ctx=ctx, client=client, metrics=metrics, model_names=names, model_root=str(args.model),
-                     api_key=args.api_key, limits=limits)
+                     api_key=args.api_key, limits=limits, playground=getattr(args, "playground", True))
     try:
         await client.start()
     except Exception as e:  # noqa: BLE001

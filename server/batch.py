@@ -91,6 +91,11 @@ def _add_common_args(p: argparse.ArgumentParser) -> None:
                    help=f"seconds before an image URL download fails (default {D.DEFAULT_DOWNLOAD_TIMEOUT_S:g})")
     g.add_argument("--no_progress", "--no-progress", dest="progress", action="store_false", default=True,
                    help="no progress bar")
+    g.add_argument("--executor", choices=("local", "ray"), default="local",
+                   help="local: instances on this machine (default); ray: a pool of replicas on a Ray cluster "
+                        "(pip install 'diffgentor[ray]'; see diffgentor.server.batch_ray)")
+    g.add_argument("--ray_address", "--ray-address", dest="ray_address", default=None,
+                   help="Ray cluster to join with --executor ray (default: RAY_ADDRESS, else a local cluster)")
     p.add_argument("--_worker_spec", dest="worker_spec", default=None, help=argparse.SUPPRESS)
     add_engine_args(p)
 
@@ -558,7 +563,20 @@ def _run(args: argparse.Namespace, command: str) -> int:
     progress = Progress(len(pending), args.progress)
     n_ok = n_fail = 0
     try:
-        if pending:
+        if pending and args.executor == "ray":
+            from diffgentor.server.batch_ray import run_ray
+
+            def absorb(outcomes: list[Outcome]) -> None:
+                nonlocal n_ok, n_fail
+                for o in outcomes:
+                    results[o.key] = o.record
+                    n_ok += o.ok
+                    n_fail += not o.ok
+                D.write_results_csv(output_csv, results, columns, with_image_num)
+                progress.set(n_ok + n_fail, n_ok, n_fail)
+
+            run_ray(args, pending, base, cache_dir, log_dir, absorb, progress)
+        elif pending:
             gpus = L.visible_gpus()
             # external (torchrun, multi-node) ranks: one instance here, its ranks bring their own GPUs
             slices = [[]] if config.rank_endpoint else L.plan_instances(config.tensor_parallel_size, gpus,

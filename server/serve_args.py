@@ -64,5 +64,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    "its own slice of --tensor-parallel-size GPUs: VISIBLE // size of them, at most N when given; on "
                    "CPU N instances (default 1)")
     p.add_argument("--log-level", default="info")
+    p.add_argument("--no-playground", dest="playground", action="store_false", default=True,
+                   help="do not serve the playground page (a browser UI for the API) at /")
     add_engine_args(p)
     return p

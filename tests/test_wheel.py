@@ -43,4 +43,5 @@ def test_wheel_installs_and_imports(tmp_path):
     out = subprocess.run([str(py), "-c", code], check=True, capture_output=True, text=True, cwd=tmp_path)
     assert out.stdout.strip().startswith(purelib), out.stdout
     assert (Path(purelib) / "diffgentor" / "engine" / "models" / "hunyuan_image_3" / "config.py").is_file()
+    assert (Path(purelib) / "diffgentor" / "server" / "playground.html").is_file()  # package data: the page at /
     assert not (Path(purelib) / "diffgentor" / "tests").exists()

@@ -1,0 +1,186 @@
+"""``diffgentor edit --executor ray`` on a local two-CPU Ray cluster (started here) and the tiny model: the same
+images and results CSV as the local launcher, a replica killed mid-run, a driver killed and rerun."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from .conftest import VENV_BIN, cli_env, free_port, read_csv, write_csv, write_img
+
+pytestmark = [pytest.mark.integration,
+              pytest.mark.skipif(sys.platform != "linux", reason="the Ray tests use /proc to find replicas")]
+ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'diffgentor[ray]')")
+
+GOOD = [0, 1, 2, 3, 5, 6, 8, 9, 11]
+BAD = {4: "not found", 7: "4 input images", 10: "empty instruction"}
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(tmp_path_factory):
+    """A head node with 2 CPUs and no GPU, in its own process group (stopped by killing that group)."""
+    port = free_port()
+    log = tmp_path_factory.mktemp("ray") / "head.log"
+    env = cli_env(RAY_USAGE_STATS_ENABLED="0")
+    with open(log, "wb") as f:
+        proc = subprocess.Popen([str(VENV_BIN / "ray"), "start", "--head", "--block", "--num-cpus", "2",
+                                 "--num-gpus", "0", f"--port={port}", "--include-dashboard=false",
+                                 "--disable-usage-stats", "--node-ip-address=127.0.0.1"],
+                                env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+    address = f"127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while b"Ray runtime started" not in log.read_bytes():
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.5)
+        yield address
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+@pytest.fixture
+def dataset(tmp_path) -> Path:
+    """12 rows: 0-2 input images, 3 bad rows (a missing file, 4 images, an empty instruction)."""
+    write_img(tmp_path / "data" / "a.png")
+    write_img(tmp_path / "data" / "b.png", (64, 64), (10, 10, 200))
+    rows = []
+    for i in range(12):
+        images = [["a.png"], [], ["a.png", "b.png"]][i % 3]
+        rows.append({"index": str(i), "input_images": json.dumps(images), "instruction": f"a red cube number {i}"})
+    rows[4]["input_images"] = json.dumps(["missing.png"])
+    rows[7]["input_images"] = json.dumps(["a.png", "a.png", "b.png", "b.png"])
+    rows[10]["instruction"] = ""
+    return write_csv(tmp_path / "data" / "data.csv", rows)
+
+
+def _cmd(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "diffgentor.server.cli", "edit", "--model_name", str(model), "--input", str(data),
+            "--output_dir", str(out), "--num_inference_steps", "1", "--image_size", "256x256", "--seed", "3",
+            "--no_progress", "--num-kv-blocks", "256", *extra]
+
+
+def _run(cmd: list[str], timeout: float = 900) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, env=cli_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def _pngs(out: Path) -> list[str]:
+    return sorted(p.name for p in out.glob("*.png"))
+
+
+def _results(out: Path) -> dict[int, dict[str, str]]:
+    rows = read_csv(out / "results.csv")
+    by_index = {int(r["index"]): {**r, "output_image": r["output_image"].replace(str(out), "OUT")} for r in rows}
+    assert len(by_index) == len(rows), "a row appears twice in the results CSV"
+    return by_index
+
+
+def _check_complete(out: Path) -> dict[int, dict[str, str]]:
+    assert _pngs(out) == [f"{i:06d}.png" for i in GOOD]
+    res = _results(out)
+    assert sorted(res) == list(range(12))
+    for i in GOOD:
+        assert res[i]["error"] == "" and res[i]["output_image"] == f"OUT/{i:06d}.png"
+    for i, text in BAD.items():
+        assert text in res[i]["error"] and res[i]["output_image"] == ""
+    assert not list(out.glob(".*.tmp"))
+    return res
+
+
+def _replica_pids() -> list[int]:
+    """Processes of this machine's Ray replicas (Ray titles an actor process ``ray::<Class>...``)."""
+    pids = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            cmdline = (d / "cmdline").read_bytes().replace(b"\0", b" ")
+        except OSError:
+            continue
+        if cmdline.startswith(b"ray::") and b"MapWorker" in cmdline and b"Replica" in cmdline:
+            pids.append(int(d.name))
+    return pids
+
+
+def test_two_replicas_match_the_local_launcher(tmp_path, tiny_distil, dataset, ray_cluster):
+    local, remote = tmp_path / "local", tmp_path / "ray"
+    r = _run(_cmd(tiny_distil, dataset, local, "--batch_size", "2"))
+    assert r.returncode == 1, r.stderr[-3000:]
+    r = _run(_cmd(tiny_distil, dataset, remote, "--batch_size", "2", "--executor", "ray", "--ray-address",
+                  ray_cluster))
+    assert r.returncode == 1, r.stderr[-3000:]
+    assert "Ray: 2 replica(s) of 1 CPU each on 1 node(s)" in r.stderr
+    assert "9 generated, 0 skipped (already done), 3 failed of 12 row(s)" in r.stderr
+    assert "3 row(s) have an error" in r.stderr
+    assert _check_complete(remote) == _check_complete(local)
+    for name in _pngs(local):
+        with Image.open(local / name) as a, Image.open(remote / name) as b:
+            # a CPU replica runs torch on its one CPU (Ray sets OMP_NUM_THREADS=1), the local run on two: float sums
+            # in another order round a few pixels differently (measured: at most 1 level on < 0.01% of pixels)
+            diff = np.abs(np.asarray(a, dtype=np.int16) - np.asarray(b, dtype=np.int16))
+            assert diff.max() <= 1 and (diff > 0).mean() < 1e-3, (name, diff.max(), (diff > 0).mean())
+            assert a.text == b.text, name
+    assert len(list((remote / "logs").glob("*/ray-replica-*.log"))) == 2
+
+    r = _run(_cmd(tiny_distil, dataset, remote, "--executor", "ray", "--ray-address", ray_cluster))
+    assert r.returncode == 1 and "9 already done (skipped), 3 to generate" in r.stderr, r.stderr[-3000:]
+
+
+def test_replica_killed_mid_run(tmp_path, tiny_distil, dataset, ray_cluster):
+    out = tmp_path / "out"
+    cmd = _cmd(tiny_distil, dataset, out, "--batch_size", "1", "--executor", "ray", "--ray-address", ray_cluster)
+    proc = subprocess.Popen(cmd, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 600
+        while not _pngs(out) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        victims = _replica_pids()
+        assert len(victims) == 2 and proc.poll() is None, victims
+        os.kill(victims[0], signal.SIGKILL)
+        err = proc.communicate(timeout=900)[1]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 1, err[-3000:]
+    assert "9 generated, 0 skipped (already done), 3 failed of 12 row(s)" in err
+    _check_complete(out)
+    assert victims[0] not in _replica_pids()
+
+
+def test_driver_killed_and_rerun(tmp_path, tiny_distil, dataset, ray_cluster):
+    out = tmp_path / "out"
+    cmd = _cmd(tiny_distil, dataset, out, "--batch_size", "1", "--executor", "ray", "--ray-address", ray_cluster)
+    proc = subprocess.Popen(cmd, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.monotonic() + 600
+    while len(_pngs(out)) < 2 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    # Ray ends the dead driver's replicas; wait for them so none writes behind the rerun's back
+    deadline = time.monotonic() + 60
+    while _replica_pids() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    before = _pngs(out)
+    assert 2 <= len(before) < len(GOOD), before
+    r = _run(cmd)
+    assert r.returncode == 1, r.stderr[-3000:]
+    skipped = len(before)
+    assert f"{skipped} already done (skipped), {12 - skipped} to generate" in r.stderr
+    assert f"{len(GOOD) - skipped} generated, {skipped} skipped (already done), 3 failed of 12 row(s)" in r.stderr
+    _check_complete(out)
