@@ -239,3 +239,38 @@ def test_chunked_prefill_equals_one_shot(tiny_distil):
     assert steps_b > steps_a  # the small budget really chunked the prompt
     assert a.generated_ids == b.generated_ids
     assert torch.allclose(a.latents, b.latents, atol=1e-4)
+
+
+def test_shared_condition_image_is_encoded_once_and_each_request_keeps_its_own_draw(tiny_distil):
+    """Two edits of one photo with different seeds, batched with a text-to-image request: one encode, and each edit
+    equals the same edit run alone (its own seeded posterior sample, not the other's)."""
+    photo = _img(96, 128, 5)
+    base = dict(prompt="make it night", images=[photo], bot_task="think_recaption", image_size="256x256",
+                max_new_tokens=5, num_inference_steps=2, output_type="latent")
+    reqs = [dict(base, request_id="e1", seed=1), dict(base, request_id="e2", seed=2),
+            dict(request_id="t", prompt="a cat", bot_task="think_recaption", image_size="256x256",
+                 max_new_tokens=5, num_inference_steps=2, output_type="latent", seed=3)]
+    eng = _engine(tiny_distil, max_num_encoder_pixels=1)
+    together = {r.request_id: r for r in eng.generate(reqs)}
+    enc = eng.core.scheduler.encoder_cache.stats
+    assert (enc.misses, enc.hits) == (1, 1)
+    for r in reqs[:2]:
+        (alone,) = _engine(tiny_distil).generate([r])
+        got = together[r["request_id"]]
+        assert got.generated_ids == alone.generated_ids
+        assert torch.allclose(got.latents, alone.latents, atol=1e-4)
+    assert not torch.allclose(together["e1"].latents, together["e2"].latents, atol=1e-3)
+
+
+def test_progressive_previews_leave_the_final_image_unchanged(tiny_distil):
+    req = dict(prompt="a red cube", bot_task="image", image_size="256x256", num_inference_steps=4, seed=11)
+    eng = _engine(tiny_distil, enable_prefix_caching=False)  # a prefix-cache hit would change the numerics slightly
+    plain = [e for e in eng.stream([dict(req, request_id="plain")]) if e.kind == "image"]
+    events = list(eng.stream([dict(req, request_id="prev", partial_images=2)]))
+    kinds = [e.kind for e in events]
+    assert kinds == ["partial_image", "partial_image", "image", "finished"]
+    assert [e.partial_image_index for e in events[:2]] == [0, 1]
+    previews = [np.asarray(Image.open(io.BytesIO(e.image_png))) for e in events[:2]]
+    final = np.asarray(Image.open(io.BytesIO(events[2].image_png)))
+    assert previews[0].shape == final.shape and not np.array_equal(previews[0], previews[1])
+    assert events[2].image_png == plain[0].image_png
