@@ -68,6 +68,9 @@ class SchedulerStats(msgspec.Struct, kw_only=True, array_like=True):
     num_steps: int  # engine steps in this message
     step_batch_sizes: list[int] = msgspec.field(default_factory=list)  # requests in flight during each step
     diffusion_step_s: list[float] = msgspec.field(default_factory=list)  # durations of steps that diffused
+    encoder_cache_hits: int = 0  # condition images found encoded (cumulative)
+    encoder_cache_misses: int = 0  # condition images encoded (cumulative)
+    encoder_cache_bytes: int = 0  # bytes the encoder cache holds now
 
 
 class FinishedInfo(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -199,6 +202,8 @@ class EngineCoreProc:
             num_free_blocks=s.num_free_blocks, prefix_cache_queries=s.prefix_cache_queries,
             prefix_cache_hits=s.prefix_cache_hits, num_preemptions=s.num_preemptions,
             num_steps=self._num_steps, step_batch_sizes=self._batch_sizes, diffusion_step_s=self._diff_steps,
+            encoder_cache_hits=s.encoder_cache_hits, encoder_cache_misses=s.encoder_cache_misses,
+            encoder_cache_bytes=s.encoder_cache_bytes,
         )
         self._batch_sizes, self._diff_steps, self._num_steps = [], [], 0
         return stats
@@ -284,14 +289,14 @@ def run_engine_core(config: EngineConfig, input_addr: str, output_addr: str, par
 
     if parent_pid is not None:
         exit_with_parent(parent_pid, on_exit=kill_ranks)
+        # The API server owns this process's lifetime: a Ctrl-C in a terminal (SIGINT to the whole process group)
+        # must not kill it while the server drains; the server sends `Shutdown` once drained (docs/decisions.md).
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         core = build_core(config)
         proc = EngineCoreProc(core, input_addr, output_addr, parent_pid)
         proc.send(CoreReady(num_blocks=core.num_blocks, block_size=config.block_size,
                             max_num_seqs=config.max_num_seqs, pid=os.getpid()))
-        # The API server owns this process's lifetime: a Ctrl-C in a terminal (SIGINT to the whole process group)
-        # must not kill it while the server drains; the server sends `Shutdown` once drained (docs/decisions.md).
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
         logger.info("engine core ready: %d KV blocks of %d tokens%s", core.num_blocks, config.block_size,
                     f", {core.world_size} tensor-parallel ranks" if isinstance(core, TPExecutor) else "")
         proc.run()

@@ -19,6 +19,7 @@ import logging
 import random
 import re
 import uuid
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,16 +48,27 @@ from diffgentor.server.engine_client import EngineClient, EngineDeadError
 from diffgentor.server.engine_pool import EnginePool, plan_engine_instances
 from diffgentor.server.metrics import CONTENT_TYPE, ServerMetrics
 from diffgentor.server.openai_schemas import (
+    DONE,
     FORM_FIELDS,
     IMAGE_BOT_TASKS,
+    REFUSED_FIELDS,
     SIZE_RE,
     TEXT_ONLY_BOT_TASKS,
+    CompletedEvent,
+    ErrorEvent,
     ImageEditJSONRequest,
     ImageGenerationRequest,
+    ImagesResponse,
     OpenAIError,
+    PartialImageEvent,
+    TextDeltaEvent,
+    check_supported,
     now,
     sse,
+    sse_event,
+    steps_for_quality,
     usage,
+    validation_error,
 )
 from diffgentor.server.serve_args import DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MAX_PROMPT_CHARS, DEFAULT_MAX_UPLOAD_BYTES
 
@@ -95,11 +107,14 @@ class AppState:
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-def _error_response(e: OpenAIError) -> JSONResponse:
-    return JSONResponse(e.body(), status_code=e.status)
+def _error_response(e: OpenAIError, headers: Mapping[str, str] | None = None) -> JSONResponse:
+    extra = {"Retry-After": "1"} if e.status == 429 else {}
+    return JSONResponse(e.body(), status_code=e.status, headers={**extra, **(headers or {})} or None)
 
 
 def _parse_size(size: str | None, limits: ServerLimits) -> str:
+    """OpenAI's `size` (WIDTHxHEIGHT) as the engine's `image_size`, which is HEIGHTxWIDTH (the seed document's
+    `--image_size` convention, engine/models/hunyuan_image_3/resolution.py); `auto` stays `auto`."""
     m = SIZE_RE.match(size or "")
     if not m:
         raise OpenAIError(400, f"invalid size {size!r}; use 'auto' or WIDTHxHEIGHT such as 1024x1024", "size",
@@ -110,7 +125,7 @@ def _parse_size(size: str | None, limits: ServerLimits) -> str:
     if not (16 <= w <= limits.max_output_side and 16 <= h <= limits.max_output_side):
         raise OpenAIError(400, f"size {w}x{h} is out of range; each side must be within 16..{limits.max_output_side}",
                           "size", "invalid_size")
-    return f"{w}x{h}"
+    return f"{h}x{w}"
 
 
 def revised_prompt(text: str) -> str:
@@ -121,19 +136,24 @@ def revised_prompt(text: str) -> str:
 
 
 def _encode_output(png: bytes, fmt: str, compression: int | None) -> bytes:
-    if fmt == "png" and compression is None:
+    """The engine's PNG in the requested format. `output_compression` as OpenAI documents it: 0-100 for jpeg and
+    webp, default 100 (the least compression), used as the encoder's quality; png is lossless and ignores it."""
+    if fmt == "png":
         return png
     from PIL import Image
 
-    img = Image.open(io.BytesIO(png))
+    img = Image.open(io.BytesIO(png)).convert("RGB")
     buf = io.BytesIO()
-    if fmt == "png":
-        img.save(buf, format="PNG", compress_level=max(0, min(9, round((compression or 0) / 100 * 9))))
-    elif fmt == "jpeg":
-        img.convert("RGB").save(buf, format="JPEG", quality=100 - compression if compression is not None else 90)
-    else:
-        img.save(buf, format="WEBP", quality=100 - compression if compression is not None else 90)
+    img.save(buf, format="JPEG" if fmt == "jpeg" else "WEBP", quality=100 if compression is None else compression)
     return buf.getvalue()
+
+
+def _png_size(png: bytes) -> str:
+    """WIDTHxHEIGHT of an image, read from its header."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(png)) as img:
+        return f"{img.width}x{img.height}"
 
 
 def _request_error(e: RequestError) -> OpenAIError:
@@ -197,15 +217,14 @@ async def _fetch_url(url: str, i: int, limits: ServerLimits) -> bytes:
 
 
 def _validate(model_cls, data: dict[str, Any], strict: bool):
-    """JSON bodies are typed, so strictly (`"n": "2"` or `"stream": 1` is a 422, as the OpenAPI document says);
-    multipart fields are all text, parsed leniently."""
+    """OpenAI parameters the server cannot honour are refused by name first; then JSON bodies are typed, so
+    strictly (`"n": "2"` or `"stream": 1` is a 400 invalid_type, as the OpenAPI document says; `"n": 5.0` is the
+    integer 5); multipart fields are all text, parsed leniently."""
+    check_supported(data)
     try:
         return model_cls.model_validate(data, strict=strict)
     except ValidationError as e:
-        err = e.errors()[0]
-        loc = ".".join(str(x) for x in err.get("loc", ()) if x != "body")
-        raise OpenAIError(422, f"{loc}: {err.get('msg')}" if loc else str(err.get("msg")), loc or None,
-                          "invalid_value") from None
+        raise validation_error(e.errors()) from None
 
 
 # ------------------------------------------------------------------------------------------------ the app
@@ -221,14 +240,12 @@ def build_app(state: AppState) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, e: RequestValidationError):
-        err = (e.errors() or [{}])[0]
-        loc = ".".join(str(x) for x in err.get("loc", ()) if x != "body")
-        return _error_response(OpenAIError(422, f"{loc}: {err.get('msg')}", loc or None, "invalid_value"))
+        return _error_response(validation_error(list(e.errors())))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, e: StarletteHTTPException):
         code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code)
-        return _error_response(OpenAIError(e.status_code, str(e.detail), None, code))
+        return _error_response(OpenAIError(e.status_code, str(e.detail), None, code), e.headers)  # 405: Allow
 
     @app.exception_handler(Exception)
     async def _internal_error(_: Request, e: Exception):
@@ -293,6 +310,7 @@ def build_app(state: AppState) -> FastAPI:
             if not isinstance(f, UploadFile):
                 raise OpenAIError(400, f"image {i} must be a file upload", "image", "invalid_image")
             images.append(await _read_upload(f, i, state.limits))
+        check_supported({k: form.get(k) for k in REFUSED_FIELDS})  # e.g. a `mask` file
         fields = {k: form.get(k) for k in FORM_FIELDS if isinstance(form.get(k), str)}
         if "prompt" not in fields:
             raise OpenAIError(400, "prompt is required", "prompt", "missing_required_parameter")
@@ -384,9 +402,6 @@ async def _run_images(state: AppState, request: Request, kind: str, params, imag
     if params.bot_task in TEXT_ONLY_BOT_TASKS:
         raise OpenAIError(400, f"bot_task {params.bot_task!r} answers in text only; use one of "
                           f"{', '.join(IMAGE_BOT_TASKS)}", "bot_task", "invalid_value")
-    if params.response_format == "url":
-        raise OpenAIError(400, "response_format 'url' is not supported; images are returned as b64_json",
-                          "response_format", "unsupported_value")
     size = _parse_size(params.size, limits)
     client = state.client
     if not client.healthy:
@@ -398,8 +413,9 @@ async def _run_images(state: AppState, request: Request, kind: str, params, imag
     req = GenerationRequest(
         request_id=rid, prompt=params.prompt, images=images, image_size=size, bot_task=params.bot_task,
         use_system_prompt=params.use_system_prompt, system_prompt=params.system_prompt,
-        num_inference_steps=params.num_inference_steps, guidance_scale=params.guidance_scale, seed=params.seed,
+        num_inference_steps=_steps(state, params), guidance_scale=params.guidance_scale, seed=params.seed,
         max_new_tokens=params.max_new_tokens, infer_align_image_size=params.infer_align_image_size,
+        partial_images=params.partial_images if params.stream else 0,  # previews exist only in a stream
     )
     loop = asyncio.get_running_loop()
     try:
@@ -440,10 +456,21 @@ async def _run_images(state: AppState, request: Request, kind: str, params, imag
         data.append({"b64_json": base64.b64encode(b).decode(), "revised_prompt": revised_prompt(o.info.text)})
         prompt_tokens += o.info.num_prompt_tokens
         out_tokens += o.info.num_generated_tokens
-    first = outcomes[0].info
-    size_out = f"{first.image_size[1]}x{first.image_size[0]}" if first.image_size else size
-    return {"created": now(), "data": data, "output_format": fmt, "size": size_out,
-            "usage": usage(prompt_tokens, image_tokens * len(outcomes), out_tokens)}
+    return ImagesResponse(
+        created=now(), data=data, background="opaque", output_format=fmt, size=_png_size(outcomes[0].png),
+        quality=None if params.num_inference_steps is not None else {"auto": "high"}.get(params.quality,
+                                                                                           params.quality),
+        usage=usage(prompt_tokens, image_tokens * len(outcomes), out_tokens)).model_dump(exclude_none=True)
+
+
+def _steps(state: AppState, params) -> int | None:
+    """`num_inference_steps` when given, else the steps of `quality` (None: the engine's default, which is what
+    high and auto mean)."""
+    if params.num_inference_steps is not None or params.quality in ("auto", "high"):
+        return params.num_inference_steps
+    ctx = state.ctx
+    return steps_for_quality(params.quality,
+                             ctx.request_defaults.get("num_inference_steps") or ctx.defaults.diff_infer_steps)
 
 
 def _process(ctx: ProcessorContext, req: GenerationRequest, limits: ServerLimits) -> ProcessedRequest:
@@ -502,8 +529,9 @@ async def _wait_disconnect(request: Request) -> None:
 
 
 async def _stream(state: AppState, kind: str, subs: list[ProcessedRequest], fmt: str, params, image_tokens: int):
-    """SSE: `<kind>.text_delta` events as the think/recaption text is decoded, `<kind>.completed` per image
-    (b64_json, revised_prompt, usage), then `data: [DONE]`; an error is one `error` event, then [DONE]."""
+    """SSE: `<kind>.text_delta` events as the think/recaption text is decoded, `<kind>.partial_image` previews,
+    `<kind>.completed` per image (b64_json, revised_prompt, usage), then `data: [DONE]`; an error is one `error`
+    event, then [DONE]. Each event is its model in openai_schemas (the OpenAPI document's event schemas)."""
     queue: asyncio.Queue = asyncio.Queue()
     loop = asyncio.get_running_loop()
 
@@ -521,14 +549,24 @@ async def _stream(state: AppState, kind: str, subs: list[ProcessedRequest], fmt:
     texts = [""] * len(subs)
     pngs = [b""] * len(subs)
     remaining = len(subs)
+    shown = dict(quality=params.quality, background="opaque", output_format=fmt)  # what every image event says
+
+    async def encoded(png: bytes) -> dict[str, str]:
+        b = await loop.run_in_executor(state.pool, _encode_output, png, fmt, params.output_compression)
+        return {"b64_json": base64.b64encode(b).decode(), "size": _png_size(png)}
+
     try:
         while remaining:
             i, item = await queue.get()
             if isinstance(item, EngineEvent):
                 if item.kind == "text":
                     texts[i] += item.text
-                    yield sse(f"{kind}.text_delta", {"type": f"{kind}.text_delta", "delta": item.text, "index": i,
-                                                     "created_at": now()})
+                    yield sse_event(TextDeltaEvent(type=f"{kind}.text_delta", delta=item.text, index=i,
+                                                   created_at=now()))
+                elif item.kind == "partial_image":
+                    yield sse_event(PartialImageEvent(
+                        type=f"{kind}.partial_image", partial_image_index=item.partial_image_index or 0, index=i,
+                        created_at=now(), **shown, **await encoded(item.image_png)))
                 elif item.kind == "image":
                     pngs[i] = item.image_png
                 continue
@@ -536,17 +574,14 @@ async def _stream(state: AppState, kind: str, subs: list[ProcessedRequest], fmt:
             try:
                 _raise_for(item)
             except OpenAIError as e:
-                yield sse("error", {"type": "error", **e.body()})
-                yield sse(None, "[DONE]")
+                yield sse_event(ErrorEvent(type="error", **e.body()))
+                yield sse(None, DONE)
                 return
-            b = await loop.run_in_executor(state.pool, _encode_output, pngs[i], fmt, params.output_compression)
-            size = f"{item.image_size[1]}x{item.image_size[0]}" if item.image_size else "auto"
-            yield sse(f"{kind}.completed", {
-                "type": f"{kind}.completed", "b64_json": base64.b64encode(b).decode(), "index": i,
-                "revised_prompt": revised_prompt(item.text), "created_at": now(), "size": size, "quality": "auto",
-                "background": "auto", "output_format": fmt,
-                "usage": usage(item.num_prompt_tokens, image_tokens, item.num_generated_tokens)})
-        yield sse(None, "[DONE]")
+            yield sse_event(CompletedEvent(
+                type=f"{kind}.completed", index=i, revised_prompt=revised_prompt(item.text), created_at=now(),
+                usage=usage(item.num_prompt_tokens, image_tokens, item.num_generated_tokens), **shown,
+                **await encoded(pngs[i])))
+        yield sse(None, DONE)
     finally:
         for t in tasks:
             t.cancel()

@@ -46,6 +46,9 @@ class ServerMetrics:
         self.prefix_queries = c("diffgentor:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.")
         self.prefix_hits = c("diffgentor:prefix_cache_hits", "Prompt tokens served by the prefix cache.")
         self.preemptions = c("diffgentor:num_preemptions", "Preemptions by the scheduler.")
+        self.encoder_hits = c("diffgentor:encoder_cache_hits", "Condition images found already encoded.")
+        self.encoder_misses = c("diffgentor:encoder_cache_misses", "Condition images the encoder stage encoded.")
+        self.encoder_bytes = g("diffgentor:encoder_cache_bytes", "Bytes held by the encoder cache.")
         self.engine_steps = c("diffgentor:engine_steps", "Engine-core steps.")
         self.batch = h("diffgentor:iteration_num_requests", "Requests in flight during an engine step "
                        "(batching).", BATCH_BUCKETS)
@@ -97,6 +100,7 @@ class ServerMetrics:
         self.running.set(sum(x.num_running for x, _ in latest))
         self.waiting.set(sum(x.num_waiting for x, _ in latest))
         self.kv_free.set(sum(x.num_free_blocks for x, _ in latest))
+        self.encoder_bytes.set(sum(x.encoder_cache_bytes for x, _ in latest))
         if len(latest) == 1:
             self.kv_usage.set(s.kv_usage)
         else:
@@ -105,7 +109,9 @@ class ServerMetrics:
         last = self._last.setdefault(engine, {})
         for cur, name, counter in ((s.prefix_cache_queries, "queries", self.prefix_queries),
                                    (s.prefix_cache_hits, "hits", self.prefix_hits),
-                                   (s.num_preemptions, "preempt", self.preemptions)):
+                                   (s.num_preemptions, "preempt", self.preemptions),
+                                   (s.encoder_cache_hits, "enc_hits", self.encoder_hits),
+                                   (s.encoder_cache_misses, "enc_misses", self.encoder_misses)):
             delta = cur - last.get(name, 0)
             if delta > 0:
                 counter.inc(delta)
