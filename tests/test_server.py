@@ -194,7 +194,7 @@ def test_bad_inputs(server, client, case):
         return
     expected = {"four_images": (400, "image"), "corrupt": (400, "image"), "huge": (400, "image"),
                 "bad_size": (400, "size"), "unknown_model": (404, "model"), "wrong_key": (401, None),
-                "prompt_too_long": (400, "prompt"), "bad_n": (422, "n")}[case]
+                "prompt_too_long": (400, "prompt"), "bad_n": (400, "n")}[case]
     if case == "four_images":
         kw["image"] = [img] * 4
     elif case == "corrupt":
