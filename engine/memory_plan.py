@@ -82,16 +82,16 @@ PARTS = ("experts", "attention", "embeddings", "vit", "vae", "other")
 def weight_part(name: str) -> str:
     from diffgentor.engine.models.hunyuan_image_3.weights import is_expert_weight
 
-    if is_expert_weight(name):
-        return "experts"
-    if ".self_attn." in name:
-        return "attention"
-    if name.startswith(("model.wte.", "lm_head.")):
-        return "embeddings"
     if name.startswith(("vision_model.", "vision_aligner.")):
         return "vit"
     if name.startswith("vae."):
         return "vae"
+    if is_expert_weight(name):
+        return "experts"
+    if name.startswith("model.layers.") and ".self_attn." in name:
+        return "attention"
+    if name.startswith(("model.wte.", "lm_head.")):
+        return "embeddings"
     return "other"
 
 
