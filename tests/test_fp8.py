@@ -175,14 +175,16 @@ def test_fp8_accuracy_on_the_tiny_model(tiny_ckpt):
 
     Thresholds: per weight, e4m3 rounding is <= 2^-4 relative (~3% rms); the MoE output moves by ~4% (kernel test
     above), and attention / embeddings / residual stream are exact, so hidden states, logits and the velocity
-    should move by a few percent: rel L2 <= 0.15 and cosine >= 0.99 leave ~2x headroom over the measured 0.07-0.09
-    (tiny and small) and still fail on any real defect (a wrong or transposed scale gives rel L2 ~1). Random-weight
-    logits are nearly flat (tiny top-1 margins), so the teacher-forced top-1 agreement is only required >= 0.7 and
-    the free-running greedy tokens >= 0.5 (measured 0.79-0.90 and 0.88-1.0 on this model)."""
+    should move by a few percent: rel L2 <= 0.15 and cosine >= 0.99 leave ~2x headroom over the measured 0.05-0.09
+    (tiny and small, 2 seeds) and still fail on any real defect (a wrong or transposed scale gives rel L2 ~1).
+    Random-weight logits are nearly flat (tiny top-1 margins), so the teacher-forced top-1 agreement is required
+    >= 0.7 (measured 0.75-0.90). Free-running greedy agreement is NOT asserted: on random weights one flipped token
+    derails the rest of the continuation (measured 0.04-1.0 depending on the seed), so it says little about FP8;
+    it is recorded in the JSON."""
     r = compare(tiny_ckpt, "fp8", seed=0)  # fp8_block: bench/results/cpu-fp8-accuracy.json (same figures +-0.01)
     assert r["logits_rel_l2"] <= 0.15 and r["logits_cosine"] >= 0.99, r
     assert r["velocity_rel_l2"] <= 0.15 and r["velocity_cosine"] >= 0.99, r
-    assert r["top1_agreement"] >= 0.7 and r["greedy_token_agreement"] >= 0.5, r
+    assert r["top1_agreement"] >= 0.7, r
     assert r["param_bytes_quantized"]["experts"] < 0.3 * r["param_bytes_unquantized"]["experts"]
 
 
