@@ -30,6 +30,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
+from starlette.background import BackgroundTask
 from starlette.datastructures import Headers, UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -46,6 +47,17 @@ from diffgentor.engine.request_state import (
 from diffgentor.server import openapi
 from diffgentor.server.engine_client import EngineClient, EngineDeadError
 from diffgentor.server.engine_pool import EnginePool, plan_engine_instances
+from diffgentor.server.http_server import DEFAULT_HEAD_TIMEOUT_S, DrainingServer, head_timeout_protocol
+from diffgentor.server.limits import (
+    CHARGE_SCOPE_KEY,
+    DEFAULT_BODY_DEADLINE_S,
+    DEFAULT_BODY_IDLE_TIMEOUT_S,
+    DEFAULT_INFLIGHT_BYTES,
+    RETRY_AFTER_S,
+    BodyLimit,
+    BudgetExceeded,
+    ByteBudget,
+)
 from diffgentor.server.metrics import CONTENT_TYPE, ServerMetrics
 from diffgentor.server.openai_schemas import (
     DONE,
@@ -71,6 +83,7 @@ from diffgentor.server.openai_schemas import (
     validation_error,
 )
 from diffgentor.server.serve_args import DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MAX_PROMPT_CHARS, DEFAULT_MAX_UPLOAD_BYTES
+from diffgentor.server.url_fetch import DEFAULT_FETCH_DEADLINE_S, FetchError, FetchPolicy, UrlFetcher
 
 logger = logging.getLogger("diffgentor.server")
 
@@ -90,6 +103,15 @@ class ServerLimits:
     # SigLIP2 preprocessing (transformers) takes a 1-pixel-high image for channels-first and fails on it
     min_image_side: int = 4
     max_n: int = 10
+    # hardening (issue 15): image URLs are fetched only when allowed, under `url_fetch`'s policy
+    allow_url_fetch: bool = False
+    allowed_url_hosts: tuple[str, ...] = ()
+    fetch_deadline_s: float = DEFAULT_FETCH_DEADLINE_S  # one image, the whole download
+    request_fetch_deadline_s: float = 2 * DEFAULT_FETCH_DEADLINE_S  # every image of one request
+    max_inflight_bytes: int = DEFAULT_INFLIGHT_BYTES  # uploads and downloads held by all requests in flight
+    body_idle_timeout_s: float = DEFAULT_BODY_IDLE_TIMEOUT_S
+    body_deadline_s: float = DEFAULT_BODY_DEADLINE_S
+    head_timeout_s: float = DEFAULT_HEAD_TIMEOUT_S
 
 
 @dataclass
@@ -103,12 +125,13 @@ class AppState:
     limits: ServerLimits = field(default_factory=ServerLimits)
     pool: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(4, thread_name_prefix="dg-input"))
     created: int = field(default_factory=now)
+    fetcher: UrlFetcher | None = None  # built from `limits` when None and URL fetching is allowed
     playground: bool = True  # the page at / (diffgentor.server.playground); off with --no-playground
 
 
 # ------------------------------------------------------------------------------------------------ helpers
 def _error_response(e: OpenAIError, headers: Mapping[str, str] | None = None) -> JSONResponse:
-    extra = {"Retry-After": "1"} if e.status == 429 else {}
+    extra = {"Retry-After": str(RETRY_AFTER_S)} if e.status == 429 else {}
     return JSONResponse(e.body(), status_code=e.status, headers={**extra, **(headers or {})} or None)
 
 
@@ -164,7 +187,8 @@ def _request_error(e: RequestError) -> OpenAIError:
         return OpenAIError(400, msg, "size", "invalid_size")
     if "input images" in msg:
         return OpenAIError(400, msg, "image", "too_many_images")
-    for p in ("bot_task", "use_system_prompt", "max_new_tokens", "num_inference_steps", "guidance_scale", "prompt"):
+    for p in ("bot_task", "use_system_prompt", "system_prompt", "max_new_tokens", "num_inference_steps",
+              "guidance_scale", "prompt"):
         if p in msg:
             return OpenAIError(400, msg, p, "invalid_value")
     return OpenAIError(400, msg, None, "invalid_request")
@@ -179,7 +203,7 @@ async def _read_upload(f: UploadFile, i: int, limits: ServerLimits) -> bytes:
     return data
 
 
-async def _fetch_url(url: str, i: int, limits: ServerLimits) -> bytes:
+async def _fetch_url(url: str, i: int, limits: ServerLimits, fetcher: UrlFetcher | None = None, charge=None) -> bytes:
     if url.startswith("data:"):
         head, _, payload = url.partition(",")
         if ";base64" not in head:
@@ -195,25 +219,45 @@ async def _fetch_url(url: str, i: int, limits: ServerLimits) -> bytes:
     if not url.startswith(("http://", "https://")):
         raise OpenAIError(400, f"image {i}: unsupported URL scheme (use http(s):// or data:)", "images",
                           "invalid_image_url")
-    import httpx  # a declared dependency (pyproject `dependencies`)
-
+    if fetcher is None:
+        raise OpenAIError(400, f"image {i}: this server does not fetch image URLs (send the image as a data URL or "
+                          "a multipart upload; the operator may allow fetching with --allowed-url-fetch)", "images",
+                          "invalid_image_url")
     try:
-        async with httpx.AsyncClient(timeout=10.0, follow_redirects=True) as http, http.stream("GET", url) as r:
-            if r.status_code != 200:
-                raise OpenAIError(400, f"image {i}: fetching {url} gave HTTP {r.status_code}", "images",
-                                  "invalid_image_url")
-            buf = bytearray()
-            async for chunk in r.aiter_bytes():
-                buf += chunk
-                if len(buf) > limits.max_upload_bytes:
-                    raise OpenAIError(413, f"image {i} is larger than {limits.max_upload_bytes} bytes", "images",
-                                      "file_too_large")
-            return bytes(buf)
-    except OpenAIError:
-        raise
-    except Exception as e:  # noqa: BLE001
-        raise OpenAIError(400, f"image {i}: could not fetch {url}: {type(e).__name__}", "images",
-                          "invalid_image_url") from None
+        return await fetcher.fetch(url, charge)
+    except FetchError as e:
+        logger.info("image URL %d refused: %s", i, e.detail)
+        raise OpenAIError(e.status, f"image {i}: {e.message}", "images", e.code) from None
+    except BudgetExceeded:
+        raise OpenAIError(429, "the server is holding too much image data; retry later", None,
+                          "rate_limit_exceeded") from None
+
+
+async def _fetch_images(state: AppState, request: Request, urls: list[str]) -> list[bytes] | None:
+    """Every image of a JSON edit, under one deadline for the request; None when the client left meanwhile (the
+    downloads are cancelled)."""
+    charge = request.scope.get(CHARGE_SCOPE_KEY)
+
+    async def fetch_all() -> list[bytes]:
+        try:
+            async with asyncio.timeout(state.limits.request_fetch_deadline_s):
+                return list(await asyncio.gather(*(_fetch_url(u, i, state.limits, state.fetcher, charge)
+                                                   for i, u in enumerate(urls))))
+        except TimeoutError:
+            raise OpenAIError(400, "the image URLs could not be fetched in time", "images",
+                              "invalid_image_url") from None
+
+    work = asyncio.ensure_future(fetch_all())
+    watcher = asyncio.ensure_future(_wait_disconnect(request))
+    try:
+        await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if not work.done():
+        work.cancel()
+        await asyncio.gather(work, return_exceptions=True)
+        return None
+    return work.result()
 
 
 def _validate(model_cls, data: dict[str, Any], strict: bool):
@@ -253,6 +297,12 @@ def build_app(state: AppState) -> FastAPI:
         return _error_response(OpenAIError(500, f"internal server error: {type(e).__name__}", None, "internal_error"))
 
     app.add_middleware(_Guard, state=state)
+    lim = state.limits
+    if state.fetcher is None and lim.allow_url_fetch:
+        state.fetcher = UrlFetcher(FetchPolicy.build(lim.max_upload_bytes, lim.allowed_url_hosts,
+                                                     deadline_s=lim.fetch_deadline_s))
+    app.add_middleware(BodyLimit, max_body_bytes=lim.max_request_bytes, budget=ByteBudget(lim.max_inflight_bytes),
+                       body_idle_timeout_s=lim.body_idle_timeout_s, body_deadline_s=lim.body_deadline_s)
 
     if state.playground:
         from fastapi.responses import HTMLResponse
@@ -294,8 +344,8 @@ def build_app(state: AppState) -> FastAPI:
             params = _validate(ImageEditJSONRequest, body, strict=True)
             urls = params.image_urls()
             _check_count(len(urls), state.limits)
-            images = [await _fetch_url(u, i, state.limits) for i, u in enumerate(urls)]
-            return await _run_images(state, request, "image_edit", params, images)
+            # fetched only after every cheap check (and the capacity reservation) passed
+            return await _run_images(state, request, "image_edit", params, [], urls=urls)
         if not ctype.startswith("multipart/form-data"):
             raise OpenAIError(400, "send multipart/form-data (or application/json with image URLs)", None,
                               "invalid_content_type")
@@ -387,7 +437,8 @@ class _Outcome:
     info: FinishedInfo | None = None
 
 
-async def _run_images(state: AppState, request: Request, kind: str, params, images: list[bytes]):
+async def _run_images(state: AppState, request: Request, kind: str, params, images: list[bytes],
+                      urls: list[str] | None = None):
     limits = state.limits
     if params.model is not None and params.model not in state.model_names:
         raise OpenAIError(404, f"the model {params.model!r} does not exist; this server serves "
@@ -406,10 +457,32 @@ async def _run_images(state: AppState, request: Request, kind: str, params, imag
     client = state.client
     if not client.healthy:
         raise OpenAIError(503, "the engine core is not running", None, "engine_unavailable")
-    if not client.has_room(params.n):
-        raise OpenAIError(429, "too many requests in flight; retry later", None, "rate_limit_exceeded")
-
+    if params.n > client.capacity:
+        raise OpenAIError(400, f"n={params.n} is more than this server can ever run at once ({client.capacity})",
+                          "n", "invalid_value")
     rid = f"img-{uuid.uuid4().hex[:16]}"
+    sub_ids = [f"{rid}-{i}" for i in range(params.n)]
+    if not client.reserve(sub_ids):  # the check and the taking of the slots in one step: no race
+        raise OpenAIError(429, "too many requests in flight; retry later", None, "rate_limit_exceeded")
+    streaming = False
+    try:
+        response = await _admitted(state, request, kind, params, images, urls, size, rid, sub_ids)
+        streaming = isinstance(response, StreamingResponse)  # it gives the slots back when the stream ends
+        return response
+    finally:
+        if not streaming:
+            client.release(sub_ids)
+
+
+async def _admitted(state: AppState, request: Request, kind: str, params, images: list[bytes],
+                    urls: list[str] | None, size: str, rid: str, sub_ids: list[str]):
+    """`_run_images` once the request holds its engine slots (``sub_ids``)."""
+    limits, client = state.limits, state.client
+    if urls:
+        fetched = await _fetch_images(state, request, urls)
+        if fetched is None:
+            return Response(status_code=499)
+        images = fetched
     req = GenerationRequest(
         request_id=rid, prompt=params.prompt, images=images, image_size=size, bot_task=params.bot_task,
         use_system_prompt=params.use_system_prompt, system_prompt=params.system_prompt,
@@ -425,16 +498,19 @@ async def _run_images(state: AppState, request: Request, kind: str, params, imag
     base_seed = params.seed if params.seed is not None else random.randrange(2**31 - params.n)
     subs = []
     for i in range(params.n):
-        sub_req = msgspec.structs.replace(processed.request, request_id=f"{rid}-{i}", seed=base_seed + i)
+        sub_req = msgspec.structs.replace(processed.request, request_id=sub_ids[i], seed=base_seed + i)
         subs.append(msgspec.structs.replace(processed, request=sub_req))
     ds = state.ctx.config.latent_downsample
     image_tokens = sum((x.vae_shape[-2] // ds) * (x.vae_shape[-1] // ds) + 2 for x in processed.images)
     fmt = params.output_format or "png"
     if params.stream:
+        # the slots not yet started go back when the stream ends, however it ends (the background task also runs
+        # when the client left before the stream began)
         return StreamingResponse(_stream(state, kind, subs, fmt, params, image_tokens), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+                                 background=BackgroundTask(client.release, sub_ids))
 
-    work = asyncio.ensure_future(asyncio.gather(*(_collect(client, i, s) for i, s in enumerate(subs))))
+    work = asyncio.ensure_future(_collect_all(client, subs))
     watcher = asyncio.ensure_future(_wait_disconnect(request))
     try:
         await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
@@ -486,7 +562,7 @@ def _process(ctx: ProcessorContext, req: GenerationRequest, limits: ServerLimits
         if min(w, h) < limits.min_image_side:
             raise RequestError(f"input image {i} is {w}x{h} pixels; each side must be at least "
                                f"{limits.min_image_side}")
-    return process_request(ctx, req, limits.max_image_pixels)
+    return process_request(ctx, req, limits.max_image_pixels, max_text_chars=limits.max_prompt_chars)
 
 
 def _raise_for(info: FinishedInfo | None) -> None:
@@ -522,6 +598,20 @@ async def _collect(client: EnginePool | EngineClient, index: int, sub: Processed
     return out
 
 
+async def _collect_all(client: EnginePool | EngineClient, subs: list[ProcessedRequest]) -> list[_Outcome]:
+    """Every sub-request's outcome, in order; the first that fails (error, abort, no image) cancels its siblings
+    at once (which aborts them in the engine) and is raised."""
+    tasks = [asyncio.ensure_future(_collect(client, i, s)) for i, s in enumerate(subs)]
+    try:
+        for fut in asyncio.as_completed(tasks):
+            _raise_for((await fut).info)
+        return [t.result() for t in tasks]
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
 async def _wait_disconnect(request: Request) -> None:
     """Returns when the client hangs up: the body is already read, so the next ASGI message is the disconnect."""
     while (await request.receive())["type"] != "http.disconnect":
@@ -542,6 +632,10 @@ async def _stream(state: AppState, kind: str, subs: list[ProcessedRequest], fmt:
                 await queue.put((i, item))
         except EngineDeadError as e:
             await queue.put((i, FinishedInfo(request_id="", finish_reason="error", status=503, error=str(e))))
+        except Exception:  # noqa: BLE001 - whatever failed, the client gets a final error event
+            logger.exception("stream %d failed", i)
+            await queue.put((i, FinishedInfo(request_id="", finish_reason="error", status=500,
+                                             error="internal server error")))
         finally:
             await gen.aclose()
 
@@ -582,10 +676,16 @@ async def _stream(state: AppState, kind: str, subs: list[ProcessedRequest], fmt:
                 usage=usage(item.num_prompt_tokens, image_tokens, item.num_generated_tokens), **shown,
                 **await encoded(pngs[i])))
         yield sse(None, DONE)
+    except Exception:  # noqa: BLE001 - e.g. encoding an image failed: still a final error event, then [DONE]
+        logger.exception("stream failed")
+        err = OpenAIError(500, "internal server error", None, "internal_error")
+        yield sse_event(ErrorEvent(type="error", **err.body()))
+        yield sse(None, DONE)
     finally:
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        state.client.release([s.request.request_id for s in subs])
 
 
 # ------------------------------------------------------------------------------------------------ serve
@@ -614,7 +714,13 @@ async def serve_async(args: argparse.Namespace, started: asyncio.Event | None = 
     ctx = load_processor_context(args.model, config.request_defaults() | (
         {"num_inference_steps": config.default_num_inference_steps} if config.default_num_inference_steps else {}))
     limits = ServerLimits(max_upload_bytes=args.max_upload_bytes, max_image_pixels=args.max_image_pixels,
-                          max_prompt_chars=args.max_prompt_chars)
+                          max_prompt_chars=args.max_prompt_chars, max_request_bytes=args.max_request_bytes,
+                          allow_url_fetch=args.allowed_url_fetch,
+                          allowed_url_hosts=tuple(args.allowed_url_hosts or ()),
+                          fetch_deadline_s=args.url_fetch_timeout_s,
+                          request_fetch_deadline_s=2 * args.url_fetch_timeout_s,
+                          max_inflight_bytes=args.max_inflight_bytes, head_timeout_s=args.header_timeout_s,
+                          body_idle_timeout_s=args.body_timeout_s)
     state = AppState(ctx=ctx, client=client, metrics=metrics, model_names=names, model_root=str(args.model),
                      api_key=args.api_key, limits=limits, playground=getattr(args, "playground", True))
     try:
@@ -624,9 +730,10 @@ async def serve_async(args: argparse.Namespace, started: asyncio.Event | None = 
         await client.shutdown()
         return 1
     app = build_app(state)
-    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+    # SIGTERM/SIGINT: stop accepting, let in-flight requests finish (drain), then shut the engines down and exit 0
+    server = DrainingServer(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                                            loop="none", lifespan="off",
-                                           # SIGTERM/SIGINT: stop accepting, let in-flight requests finish (drain)
+                                           http=head_timeout_protocol(limits.head_timeout_s),
                                            timeout_graceful_shutdown=args.drain_timeout_s))
     holder["server"] = server
     logger.info("serving %s on http://%s:%d", names[0], args.host, args.port)

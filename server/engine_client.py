@@ -91,8 +91,11 @@ class EngineClient:
 
     @property
     def capacity(self) -> int:
-        """Requests this instance takes at once: running plus its engine core's waiting queue."""
-        return self.config.max_num_seqs + self.config.max_waiting_requests
+        """Requests this instance is sure to take at once: its engine core's waiting-queue limit. Not running plus
+        waiting: the core refuses an add while its waiting queue is full, and a burst arrives all waiting before
+        the next step moves any to running, so more in flight could be refused by the core after the API admitted
+        them (issue 15; docs/decisions.md)."""
+        return self.config.max_waiting_requests
 
     def has_room(self, n: int) -> bool:
         return self.num_in_flight + len(self.reserved) + n <= self.capacity

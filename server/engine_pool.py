@@ -91,13 +91,13 @@ class EnginePool:
         return sum(c.num_in_flight for c in self.clients)
 
     def has_room(self, n: int) -> bool:
-        """Whether n more requests fit the healthy instances' running + waiting capacity together (balancing
-        keeps each instance within its own)."""
+        """Whether n more requests fit the healthy instances' capacity together (balancing keeps each instance
+        within its own)."""
         return self.num_in_flight + len(self.reserved) + n <= self.capacity
 
     @property
     def capacity(self) -> int:
-        """Requests the healthy instances take at once (running plus waiting)."""
+        """Requests the healthy instances are sure to take at once (`EngineClient.capacity`)."""
         return sum(c.capacity for c in self.clients if c.healthy)
 
     def reserve(self, request_ids: list[str]) -> bool:

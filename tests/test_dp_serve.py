@@ -137,7 +137,7 @@ def test_pool_balances_aborts_on_the_owner_and_fails_with_one_instance():
     async def run() -> None:
         deaths = []
         m = ServerMetrics("m")
-        pool = EnginePool(EngineConfig(device="cpu", max_num_seqs=2, max_waiting_requests=1), [[], []], metrics=m,
+        pool = EnginePool(EngineConfig(device="cpu", max_num_seqs=2, max_waiting_requests=3), [[], []], metrics=m,
                           on_death=lambda: deaths.append(1))
         ctx = zmq.Context()
         readers = []
@@ -162,7 +162,7 @@ def test_pool_balances_aborts_on_the_owner_and_fails_with_one_instance():
         assert [[x.processed.request.request_id for x in s if isinstance(x, AddRequest)] for s in sent] == [
             ["a", "c"], ["b"]]
         assert [c.num_in_flight for c in pool.clients] == [2, 1] and pool.num_in_flight == 3
-        assert pool.has_room(3) and not pool.has_room(4)  # 2 x (2 running + 1 waiting)
+        assert pool.has_room(3) and not pool.has_room(4)  # 2 x 3 (each core's waiting-queue limit)
 
         tasks["c"].cancel()
         await asyncio.gather(tasks["c"], return_exceptions=True)
