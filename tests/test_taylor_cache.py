@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from diffgentor.engine.models.hunyuan_image_3.taylor_cache import (
     TaylorCache,
@@ -15,8 +15,6 @@ from diffgentor.engine.models.hunyuan_image_3.taylor_cache import (
     frequency_split,
     full_step_schedule,
 )
-
-REF_CACHE_UTILS = Path("/work/ref/hunyuan_image_3/cache_utils.py")
 
 FIRST = TaylorCacheConfig(enable_first_enhance=True)
 TAIL = TaylorCacheConfig(enable_tailing_enhance=True)
@@ -242,65 +240,10 @@ def test_misuse_raises():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Parity with the official cache_utils.py (only needs torch), driven by the official model-level counter logic.
+# Parity with the official cache_utils.py: its predictions for these configs and trajectories were recorded once
+# (tests/fixtures/make_taylor_cache_official.py, run against the official file) into FIXTURE, bit for bit.
 
-
-@pytest.fixture(scope="module")
-def ref_cache_utils():
-    if not REF_CACHE_UTILS.is_file():
-        pytest.skip(f"official reference not found at {REF_CACHE_UTILS}")
-    spec = importlib.util.spec_from_file_location("_ref_hunyuan_cache_utils", REF_CACHE_UTILS)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    for name in ("decomposition_FFT", "reconstruction"):  # skip torch.compile: same maths, no compiler needed
-        fn = getattr(module, name)
-        setattr(module, name, getattr(fn, "_torchdynamo_orig_callable", fn))
-    return module
-
-
-def _official_run(ref, config: TaylorCacheConfig, num_steps: int, trajectory):
-    """Our transcription of the official forward's Taylor branch, around the official container."""
-    cd = ref.cache_init(
-        cache_interval=config.interval,
-        max_order=config.max_order,
-        num_steps=num_steps,
-        enable_first_enhance=config.enable_first_enhance,
-        first_enhance_steps=config.first_enhance_steps,
-        enable_tailing_enhance=config.enable_tailing_enhance,
-        tailing_enhance_steps=config.tailing_enhance_steps,
-        low_freqs_order=config.low_freqs_order,
-        high_freqs_order=config.high_freqs_order,
-    )
-    container = ref.CacheWithFreqsContainer(cd["max_order"])
-    counter, last_full = 0, 0
-    schedule, preds = [], {}
-    for step in range(num_steps):
-        cd["current_step"] = step
-        full = (
-            step == 0
-            or counter == cd["cache_interval"] - 1
-            or (cd["enable_first_enhance"] and step < cd["first_enhance_steps"])
-            or (cd["enable_tailing_enhance"] and step >= cd["num_steps"] - cd["tailing_enhance_steps"])
-        )
-        schedule.append(full)
-        if full:
-            counter = 0
-            hidden = trajectory(step)
-            if not (cd["enable_first_enhance"] and step < cd["first_enhance_steps"] - 1):
-                container.derivatives_computation(
-                    hidden,
-                    distance=step - last_full,
-                    low_freqs_order=cd["low_freqs_order"],
-                    high_freqs_order=cd["high_freqs_order"],
-                )
-            last_full = step
-        else:
-            counter += 1
-            preds[step] = container.taylor_formula(distance=counter)
-        if step == num_steps - 1:
-            container.clear_derivatives()
-    return schedule, preds
-
+FIXTURE = Path(__file__).parent / "fixtures" / "taylor_cache_official.safetensors"
 
 PARITY_CONFIGS = [
     TaylorCacheConfig(),
@@ -320,25 +263,48 @@ PARITY_CONFIGS = [
         tailing_enhance_steps=2,
     ),
 ]
+PARITY_CASES = [(i, n, dtype) for i in range(len(PARITY_CONFIGS)) for n in (8, 50)
+                for dtype in (torch.float32, torch.bfloat16)]
 
 
-@pytest.mark.parametrize("num_steps", [8, 50])
-@pytest.mark.parametrize("config", PARITY_CONFIGS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_matches_official(ref_cache_utils, config, num_steps, dtype):
+def parity_key(config_index: int, num_steps: int, dtype: torch.dtype) -> str:
+    return f"config{config_index}/steps{num_steps}/{str(dtype).removeprefix('torch.')}"
+
+
+def parity_trajectory(config: TaylorCacheConfig, num_steps: int, dtype: torch.dtype):
+    """A smooth hidden-state path plus a little noise: [cfg row, tokens, dim] per step."""
     g = torch.Generator().manual_seed(num_steps + config.interval)
-    base = torch.randn(5, 2, 24, 8, generator=g)  # [coefficient, cfg row, tokens, dim]
-    noise = torch.randn(num_steps, 2, 24, 8, generator=g)
+    base = torch.randn(5, 2, 12, 4, generator=g)  # [coefficient, cfg row, tokens, dim]
+    noise = torch.randn(num_steps, 2, 12, 4, generator=g)
 
     def trajectory(step):
         s = step / num_steps
         return (base[0] + base[1] * s + base[2] * s * s + base[3] * math.sin(3 * s) + 0.01 * noise[step]).to(dtype)
 
-    ref_schedule, ref_preds = _official_run(ref_cache_utils, config, num_steps, trajectory)
+    return trajectory
+
+
+@pytest.fixture(scope="module")
+def official():
+    return load_file(str(FIXTURE))
+
+
+def test_the_fixture_covers_every_case(official):
+    keys = {k.rpartition("/")[0] for k in official}
+    assert keys == {parity_key(*case) for case in PARITY_CASES}
+
+
+@pytest.mark.parametrize(("config_index", "num_steps", "dtype"), PARITY_CASES,
+                         ids=lambda v: str(v).removeprefix("torch."))
+def test_matches_official(official, config_index, num_steps, dtype):
+    config, key = PARITY_CONFIGS[config_index], parity_key(config_index, num_steps, dtype)
+    ref_schedule = official[f"{key}/schedule"].bool().tolist()
+    ref_steps = official[f"{key}/pred_steps"].tolist()
+    ref_preds = official[f"{key}/preds"]
     cache = TaylorCache(config, num_steps)
-    preds = _run(cache, trajectory)
+    preds = _run(cache, parity_trajectory(config, num_steps, dtype))
     assert list(cache.schedule) == ref_schedule
-    assert preds.keys() == ref_preds.keys()
-    for step in preds:
-        assert preds[step].dtype == ref_preds[step].dtype == dtype
-        torch.testing.assert_close(preds[step], ref_preds[step], atol=0, rtol=0)
+    assert sorted(preds) == ref_steps
+    for i, step in enumerate(ref_steps):
+        assert preds[step].dtype == ref_preds.dtype == dtype
+        torch.testing.assert_close(preds[step], ref_preds[i], atol=0, rtol=0)
