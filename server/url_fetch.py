@@ -1,7 +1,7 @@
 """Fetching image URLs without letting a client reach what the server can reach (SSRF) or hold it for long.
 
-Used by the API server (only with ``--allowed-url-fetch``) and by the batch CLI (always, with `allow_private`: the
-user's own data). Each fetch:
+Used by the API server (only with ``--allowed-url-fetch``; docs/decisions.md) and by the batch CLI (always, with
+`allow_private`: the user's own data). Each fetch:
 * takes only ``http``/``https`` URLs without credentials;
 * resolves the host itself and refuses every address that is not global unicast (loopback, private, link-local,
   shared/CGNAT, multicast, reserved, unspecified, IPv4-mapped forms of those), unless the host or address is in
