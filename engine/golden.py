@@ -198,6 +198,28 @@ def _cond_prefix(i: int, n: int) -> str:
     return "" if n == 1 else f"cond{i}_"
 
 
+# Every manifest input key this verifier reads or knowingly ignores (notes, values it recomputes and compares
+# elsewhere). A key outside this set is an input it cannot read: the entry is refused, naming the key, instead
+# of being rebuilt without it (e.g. an edit whose images are listed under an unknown key would run with none).
+KNOWN_INPUT_KEYS = frozenset({
+    "batch_rows", "bot_task", "call", "cfg_factor", "cond_image", "cond_latent_note", "cond_vae_shapes", "cot_text",
+    "decoded", "decoded_collapsed", "decoded_row0", "decoded_row1", "first_step", "flow_shift", "full_attn_blocks",
+    "greedy_new_tokens_no_cache_full_reforward", "greedy_new_tokens_official_generate", "guidance_bf16",
+    "guidance_requested", "guidance_scale", "image_size", "images", "latent_shape", "latents_seed",
+    "mask_equals_causal_or_blocks", "mode", "model_calls", "note", "position_ids", "prompt", "rope_image_info",
+    "runs", "sampling", "seed", "seq_len", "sequence_template", "sigmas", "steps", "system_prompt",
+    "system_prompt_chars", "system_prompt_token_count", "timestep", "timestep_r", "timesteps", "token_ids",
+    "tokenizer_output", "vae_cond_image_size", "vit_spatial_shapes",
+})
+
+
+def unknown_input_keys(entry: Any) -> list[str]:
+    """The keys of a manifest entry that this verifier cannot read (see `KNOWN_INPUT_KEYS`)."""
+    if not isinstance(entry, dict):
+        return ["<entry is not an object>"]
+    return sorted(k for k in entry if k not in KNOWN_INPUT_KEYS)
+
+
 # ---------------------------------------------------------------------------------------------- checks
 class GoldenVerifier:
     """One process's verification. parallel: its tensor-parallel rank (every rank of the group must run it)."""
@@ -215,6 +237,12 @@ class GoldenVerifier:
     def run(self) -> Report:
         files: dict[str, Any] = self.manifest.get("files", {})
         for name, entry in files.items():
+            unknown = unknown_input_keys(entry)
+            if unknown:
+                self.report.lines.append(Line(name, "<manifest>", False, note=(
+                    f"unknown input key(s) {', '.join(unknown)}: this verifier cannot read them, so it does not "
+                    "rebuild this entry (known keys: engine/golden.py KNOWN_INPUT_KEYS)")))
+                continue
             if name == "text_stage_runs":
                 continue
             tensors = load_file(str(self.dir / name))
@@ -225,7 +253,7 @@ class GoldenVerifier:
             except Exception as e:  # noqa: BLE001 - a crash is one failed line, the rest still runs
                 chk.add("<error>", False, note=f"{type(e).__name__}: {e}")
             chk.finish()
-        if "text_stage_runs" in files:
+        if "text_stage_runs" in files and not unknown_input_keys(files["text_stage_runs"]):
             with torch.inference_mode():
                 self._stage_runs(files["text_stage_runs"])
         return self.report
@@ -247,7 +275,8 @@ class GoldenVerifier:
         for i, fname in enumerate(names):
             img = Image.open(self.dir / fname).convert("RGB")
             images.append(img)
-            for key in (f"{_cond_prefix(i, len(names))}input_uint8_hwc", "input_image_uint8_hwc"):
+            p = _cond_prefix(i, len(names))
+            for key in (f"{p}input_uint8_hwc", f"{p}input_image_uint8_hwc"):
                 if key in chk.tensors and (len(names) == 1 or key.startswith("cond")):
                     chk.exact(key, torch.from_numpy(np.array(img)))
         return images
@@ -280,19 +309,27 @@ class GoldenVerifier:
                 post = model.encode_condition_vae(c.vae.pixels[None])
                 chk.close(f"{p}vae_posterior_mean", post.mean)
                 chk.close(f"{p}vae_posterior_logvar", post.logvar)
-            name = f"{p}cond_vae_latents_sampled_scaled" if n == 1 else f"{p}vae_latents_sampled_scaled"
-            lat = c.latents[None]
-            ref = chk.tensors.get(name)
-            if ref is not None and ref.dim() == 3:
-                lat = c.latents
-            elif ref is not None and ref.shape[0] != 1:
-                lat = lat.expand(ref.shape[0], -1, -1, -1)
-            chk.close(name, lat)
+            # one image: `cond_vae_latents_sampled_scaled`; several: `cond{i}_vae_latents_sampled_scaled` (the
+            # golden sets' spelling) or `cond{i}_cond_vae_latents_sampled_scaled` (the prefixed single-image name)
+            names = ["cond_vae_latents_sampled_scaled"] if n == 1 else [
+                f"{p}vae_latents_sampled_scaled", f"{p}cond_vae_latents_sampled_scaled"]
+            for name in names:
+                lat = c.latents[None]
+                ref = chk.tensors.get(name)
+                if ref is not None and ref.dim() == 3:
+                    lat = c.latents
+                elif ref is not None and ref.shape[0] != 1:
+                    lat = lat.expand(ref.shape[0], -1, -1, -1)
+                chk.close(name, lat)
             if c.vit is not None:
                 chk.exact(f"{p}vit_pixel_attention_mask", c.vit.pixel_attention_mask)
                 chk.exact(f"{p}vit_spatial_shapes", c.vit.spatial_shapes)
-                if n == 1:
-                    chk.close("vit_pixel_values", c.vit.pixel_values)
+                chk.close(f"{p}vit_pixel_values", c.vit.pixel_values)
+                if n > 1 and (chk.has(f"{p}vit_last_hidden_state") or chk.has(f"{p}vit_aligned")):
+                    feats = run_vision_tower(model.vision_model, c.vit.pixel_values[None],
+                                             c.vit.pixel_attention_mask[None], c.vit.spatial_shapes[None])
+                    chk.close(f"{p}vit_last_hidden_state", feats)
+                    chk.close(f"{p}vit_aligned", c.vit_tokens)
         if conds and conds[0].vit is not None:
             if n > 1:
                 chk.close("vit_pixel_values", torch.stack([c.vit.pixel_values for c in conds]))
@@ -336,7 +373,7 @@ class GoldenVerifier:
             self.report.lines.append(Line(chk.file, "greedy_new_tokens_no_cache_full_reforward", ours == want,
                                           note=f"ours {ours}"))
         # The official cached `generate` routes a lone decode token without renormalising its top-k
-        # weights (spec decision 1). Emulating that quirk reproduces the official cached tokens/logits.
+        # weights (docs/decisions.md: MoE: dropless). Emulating that quirk reproduces the official cached tokens/logits.
         if chk.has("generated_ids") or chk.has("generate_step_logits"):
             n_off = chk.tensors["generated_ids"].shape[1] - len(ids) if chk.has("generated_ids") else n_new
             toks, step_logits = self._greedy(ids, n_off, official_decode_quirk=True, return_logits=True)
