@@ -45,3 +45,10 @@ def test_wheel_installs_and_imports(tmp_path):
     assert (Path(purelib) / "diffgentor" / "engine" / "models" / "hunyuan_image_3" / "config.py").is_file()
     assert (Path(purelib) / "diffgentor" / "server" / "playground.html").is_file()  # package data: the page at /
     assert not (Path(purelib) / "diffgentor" / "tests").exists()
+    assert not (Path(purelib) / "diffgentor" / "setup.py").exists()
+    # every folder of the source tree with an __init__.py is in the wheel (packages are found, not listed)
+    source = {p.parent.relative_to(REPO) for p in REPO.rglob("__init__.py")
+              if not {".venv", "tests", "build", "dist"} & set(p.relative_to(REPO).parts)}
+    assert Path("engine/tp") in source
+    missing = [str(d) for d in sorted(source) if not (Path(purelib) / "diffgentor" / d / "__init__.py").is_file()]
+    assert not missing, f"subpackages missing from the wheel: {missing}"
