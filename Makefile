@@ -19,8 +19,9 @@ install: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
+# -rs: every skipped test with its reason (CI logs show what did not run); the 15 slowest tests at the end
 pytest: $(STAMP)
-	$(VENV)/bin/pytest -q
+	$(VENV)/bin/pytest -q -rs --durations=15
 
 # Every golden set under $(GOLDEN) must verify; skipped (loudly) only when ../shared is absent.
 verify-golden: $(STAMP)

@@ -12,7 +12,6 @@ import io
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -42,6 +41,8 @@ from diffgentor.engine.tiny_model import make_tiny
 from diffgentor.server.engine_client import EngineDeadError
 from diffgentor.server.engine_pool import EnginePool, instance_env, plan_engine_instances
 from diffgentor.server.metrics import ServerMetrics
+
+from helpers import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 GEN = {"size": "64x64", "num_inference_steps": 1, "bot_task": "image"}
@@ -203,15 +204,9 @@ def test_pool_balances_aborts_on_the_owner_and_fails_with_one_instance():
 
 
 # ------------------------------------------------------------------------------------------------ a live server
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Server:
     def __init__(self, ckpt: Path, log_dir: Path, extra: list[str] = ()) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.log_path = log_dir / f"server-{self.port}.log"
         self._log = open(self.log_path, "w+")

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,30 +18,10 @@ from diffgentor.engine.request import FinishReason
 from diffgentor.engine.tiny_model import make_tiny
 from diffgentor.engine.tp.executor import TPExecutor
 
+from helpers import free_port_block
+
 ARGS = dict(num_kv_blocks=256, device="cpu", dtype="float32", max_num_seqs=4, max_num_batched_tokens=4096)
 LAT = dict(image_size="256x256", output_type="latent", infer_align_image_size=False)
-
-
-def _free_port_block(n: int) -> int:
-    """A base port with n consecutive free ports (the frontend binds its port and one more per rank)."""
-    import random
-
-    rng = random.Random()
-    for _ in range(200):
-        base = rng.randrange(20000, 60000)
-        socks = []
-        try:
-            for p in range(base, base + n):
-                t = socket.socket()
-                socks.append(t)
-                t.bind(("127.0.0.1", p))
-            return base
-        except OSError:
-            continue
-        finally:
-            for t in socks:
-                t.close()
-    raise RuntimeError("no free port block")
 
 
 @pytest.fixture(scope="module")
@@ -93,11 +72,11 @@ def _requests() -> list[dict]:
 
 
 def test_two_torchrun_nodes_match_single_process(ckpt, tmp_path):
-    master, endpoint = _free_port_block(1), _free_port_block(3)
+    master, endpoint = free_port_block(1), free_port_block(3)
     nodes = _start_nodes(tmp_path, master, endpoint)
     try:
         with Engine.from_pretrained(ckpt, environ={}, tensor_parallel_size=2, rank_endpoint=f"127.0.0.1:{endpoint}",
-                                    executor_args=dict(ready_timeout_s=180), **ARGS) as eng:
+                                    executor_args=dict(ready_timeout_s=600), **ARGS) as eng:
             assert isinstance(eng.core, TPExecutor) and eng.core.endpoint is not None
             got = eng.generate(_requests())
         codes = _reap(nodes)
@@ -114,11 +93,11 @@ def test_two_torchrun_nodes_match_single_process(ckpt, tmp_path):
 
 
 def test_killed_remote_rank_fails_in_flight_request(ckpt, tmp_path):
-    master, endpoint = _free_port_block(1), _free_port_block(3)
+    master, endpoint = free_port_block(1), free_port_block(3)
     nodes = _start_nodes(tmp_path, master, endpoint)
     try:
         eng = Engine.from_pretrained(ckpt, environ={}, tensor_parallel_size=2, rank_endpoint=f"127.0.0.1:{endpoint}",
-                                     executor_args=dict(ready_timeout_s=180), **ARGS)
+                                     executor_args=dict(ready_timeout_s=600), **ARGS)
         core = eng.core
         rank_pids = list(core.rank_pids)
         eng.core.add_request(eng.make_request(dict(request_id="long", prompt="a long one", bot_task="image",

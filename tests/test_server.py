@@ -7,7 +7,6 @@ import asyncio
 import base64
 import io
 import os
-import socket
 import struct
 import subprocess
 import sys
@@ -16,7 +15,6 @@ import zlib
 from pathlib import Path
 
 import httpx
-import numpy as np
 import openai
 import pytest
 from PIL import Image
@@ -24,22 +22,15 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from diffgentor.engine.tiny_model import make_tiny
 
+from helpers import free_port, random_png
+
 API_KEY = "sk-test-key"
 FAST = dict(num_inference_steps=1, max_new_tokens=6, seed=3)
 MODEL = "tiny-Distil"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _png(h: int = 64, w: int = 96, seed: int = 0) -> bytes:
-    arr = (np.random.RandomState(seed).rand(h, w, 3) * 255).astype(np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="PNG")
-    return buf.getvalue()
+    return random_png(h, w, seed)
 
 
 def _huge_png(w: int = 30000, h: int = 30000) -> bytes:
@@ -55,7 +46,7 @@ def _huge_png(w: int = 30000, h: int = 30000) -> bytes:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     ckpt = make_tiny(tmp_path_factory.mktemp("serve") / MODEL, distil=True)
-    port = _free_port()
+    port = free_port()
     log = open(tmp_path_factory.mktemp("log") / "server.log", "w+")
     cmd = [sys.executable, "-m", "diffgentor.server.cli", "serve", str(ckpt), "--port", str(port), "--api-key", API_KEY,
            "--device", "cpu", "--dtype", "float32", "--num-kv-blocks", "4096", "--max-num-seqs", "32",
@@ -159,7 +150,7 @@ def test_fetch_url_http(tmp_path):
         assert fetch(base + "/a.png", ServerLimits()) == _png()
         cases = [(base + "/missing.png", ServerLimits(), 400, "invalid_image_url"),
                  (base + "/a.png", ServerLimits(max_upload_bytes=100), 413, "file_too_large"),
-                 (f"http://127.0.0.1:{_free_port()}/a.png", ServerLimits(), 400, "invalid_image_url")]
+                 (f"http://127.0.0.1:{free_port()}/a.png", ServerLimits(), 400, "invalid_image_url")]
         for url, limits, status, code in cases:
             with pytest.raises(OpenAIError) as e:
                 fetch(url, limits)

@@ -13,7 +13,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -32,6 +31,8 @@ from diffgentor.engine.request_state import process_request
 from diffgentor.engine.tiny_model import make_tiny
 from diffgentor.server.cli import main as cli_main
 
+from helpers import free_port, random_png
+
 REPO = Path(__file__).resolve().parents[1]
 MODEL = "tiny-Distil"
 ENGINE_ARGS = dict(device="cpu", dtype="float32", num_kv_blocks=1024, max_num_seqs=8, max_num_batched_tokens=16384)
@@ -39,17 +40,8 @@ GEN = {"size": "64x64", "num_inference_steps": 1, "bot_task": "image"}
 MAX_PIXEL_DIFF = 1  # fp32 all-reduce sums in another order: at most one level of 8-bit rounding may flip
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _png(h: int = 48, w: int = 64, seed: int = 0) -> bytes:
-    arr = (np.random.RandomState(seed).rand(h, w, 3) * 255).astype(np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="PNG")
-    return buf.getvalue()
+    return random_png(h, w, seed)
 
 
 def _pixels(img) -> np.ndarray:
@@ -80,7 +72,7 @@ class Server:
     """`diffgentor serve` in a child process; `wait_ready()` separately, so the caller can work while it loads."""
 
     def __init__(self, ckpt: Path, log_dir: Path, extra: list[str] = (), env: dict[str, str] | None = None) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.log_path = log_dir / f"server-{self.port}.log"
         self._log = open(self.log_path, "w+")

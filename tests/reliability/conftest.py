@@ -6,21 +6,19 @@ bounded in count and in time. The large runs are marked `slow` (excluded from th
 
 from __future__ import annotations
 
-import io
 import os
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import httpx
-import numpy as np
 import pytest
-from PIL import Image
 
 from diffgentor.bench.serve import RequestSpec, scrape_metrics
 from diffgentor.engine.tiny_model import make_tiny
+
+from helpers import free_port, random_png
 
 REPO = Path(__file__).resolve().parents[2]
 MODEL = "tiny-Distil"
@@ -28,17 +26,8 @@ NUM_KV_BLOCKS = 2048
 GEN = {"size": "64x64", "num_inference_steps": 1, "bot_task": "image"}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def png(h: int = 48, w: int = 64, seed: int = 0) -> bytes:
-    arr = (np.random.RandomState(seed).rand(h, w, 3) * 255).astype(np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="PNG")
-    return buf.getvalue()
+    return random_png(h, w, seed)
 
 
 @pytest.fixture(scope="session")
