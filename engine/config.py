@@ -14,7 +14,8 @@ mutable configuration.
 * `add_engine_args(parser)` - the engine flags, shared by the CLI and the server.
 
 ``DG_HUNYUAN_IMAGE_3_MOE_DROP_TOKENS`` is accepted and validated for compatibility but has no effect: our MoE is
-dropless (spec decision 1) and never materialises a dense dispatch tensor, so dropping would save no memory.
+dropless (docs/decisions.md: MoE: dropless) and never materialises a dense dispatch tensor, so dropping would save
+no memory.
 """
 
 from __future__ import annotations
@@ -252,7 +253,7 @@ class HunyuanImage3Env:
     attn_impl: str = "sdpa"
     moe_impl: str = "eager"
     moe_drop_tokens: bool = True
-    """Accepted for compatibility; no effect (our MoE is dropless, spec decision 1)."""
+    """Accepted for compatibility; no effect (our MoE is dropless, docs/decisions.md: MoE: dropless)."""
     quantization: str = "none"
     """Expert weights stored as FP8 at load (`--quantization`); none keeps the checkpoint's precision."""
     use_system_prompt: str = "en_unified"
@@ -633,7 +634,7 @@ class EngineConfig:
         """A plain, JSON-serialisable dict of every setting, for the startup log."""
         out: dict[str, Any] = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "env"}
         out["env"] = self.env.describe()
-        out["moe_drop_tokens_effective"] = False  # dropless MoE (spec decision 1)
+        out["moe_drop_tokens_effective"] = False  # dropless MoE (docs/decisions.md: MoE: dropless)
         return out
 
 

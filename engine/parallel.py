@@ -4,7 +4,7 @@
 collective a no-op, every shard range the whole dimension. A worker process of a tensor-parallel engine builds
 one with `init_distributed(...)` and passes it to `HunyuanImage3ForCausalMM.from_pretrained(..., parallel=ctx)`.
 
-Sharding rules (spec kernels.md §4, as in vLLM / SGLang):
+Sharding rules (as in vLLM / SGLang):
 - attention: q heads split evenly; KV heads split evenly when tp <= num_kv_heads, otherwise each KV head is
   replicated on tp / num_kv_heads consecutive ranks (rank r holds KV head r // (tp / num_kv_heads), which is
   exactly the KV group of its q heads);

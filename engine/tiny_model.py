@@ -43,7 +43,7 @@ ADDED_SPECIAL_TOKENS = (
     "<think>", "</think>", "<recaption>", "</recaption>", "<ref>", "</ref>", "<quad>", "</quad>",
     *IMAGE_SIZE_TOKENS, *IMAGE_RATIO_TOKENS, "<img>",
 )
-"""Special tokens the code looks up by name (spec §7), numbered from TOKENIZER_REAL_VOCAB on."""
+"""Special tokens the code looks up by name, numbered from TOKENIZER_REAL_VOCAB on."""
 
 # A small English text to learn the BPE merges from: prompts, captions and reasoning like the model sees.
 _CORPUS = """\

@@ -1,7 +1,7 @@
 """Reference mixture-of-experts: fp32 routing and a dropless loop over experts.
 
 This is the semantic oracle for every faster MoE path (grouped GEMM, FlashInfer CUTLASS): they must take the
-same arguments and return the same result. Decisions it encodes (spec "Our decisions" 1 and §3.6):
+same arguments and return the same result. Decisions it encodes (docs/decisions.md: MoE: dropless):
 * the router runs in fp32 (fp32 input, fp32 weight), softmax over all experts, top-k, then renormalise the k
   probabilities (denominator clamped), on EVERY path, a single decode token included;
 * no token is ever dropped (no capacity);

@@ -158,7 +158,8 @@ def test_moe_loop_matches_dense(tokens):
 def test_select_experts_renormalises_every_path_and_routes_in_fp32():
     router, *_ = _moe_weights(8, 32, 16, seed=3)
     x = torch.randn(1, 32, generator=torch.Generator().manual_seed(4))
-    w, ids = select_experts(x, router, 2)  # a single decode token is renormalised too (decision 1)
+    # a single decode token is renormalised too (docs/decisions.md: MoE: dropless)
+    w, ids = select_experts(x, router, 2)
     torch.testing.assert_close(w.sum(-1), torch.ones(1))
     assert ids.dtype == torch.long and ids.shape == (1, 2)
     xb = x.to(torch.bfloat16)

@@ -1,8 +1,9 @@
 """End to end over the tiny checkpoints: `HunyuanImage3Pipeline.generate` from a `make_tiny` folder.
 
 Covers the request defaults (think_recaption, en_unified, auto size) with 0..3 condition images on the
-Instruct (CFG) and Distil (guidance / MeanFlow) checkpoints, decision 6 (a spent token budget closes the
-open stages and still yields an image), decision 2 (diffusion over the text phase's KV pages equals a
+Instruct (CFG) and Distil (guidance / MeanFlow) checkpoints, docs/decisions.md: Think budget (a spent token budget
+closes the
+open stages and still yields an image), docs/decisions.md: KV reuse (diffusion over the text phase's KV pages equals a
 full re-prefill), determinism, request validation and a bf16 load.
 
 The tiny models are random, so what the text phase samples depends on the seed. The seeds below were
@@ -96,7 +97,7 @@ def unified_system_prompt(pipe: HunyuanImage3Pipeline) -> str:
     return pipe.system_prompts.stored["en_unified"].strip()
 
 
-# ---------------------------------------------------------------------------- defaults, decision 6
+# ---------------------------------------------------------------------------- defaults, docs/decisions.md: Think budget
 
 
 @pytest.mark.parametrize("n_images", [0, 1, 2, 3])
@@ -113,7 +114,8 @@ def test_default_request_yields_image_after_budget_closes_stages(runs, distil, n
     assert res.image_size == pipe.builder.resolution.get(res.ratio_index)
     assert max(res.image_size) <= 512  # a 256-scale bucket (the seed was picked for it)
 
-    # Decision 6: BUDGET sampled tokens inside <think>, then the stage machine's closing tokens (forced
+    # Think budget (docs/decisions.md): BUDGET sampled tokens inside <think>, then the stage machine's closing tokens
+    # (forced
     # transitions included) and the greedy ratio pick, which is the result's ratio.
     sampled = res.generated_ids[:BUDGET]
     assert res.truncated
@@ -211,7 +213,7 @@ def test_same_request_is_deterministic_and_seed_matters(runs, distil, n_images):
     assert not torch.equal(other.trace["step_latents"][0], first.trace["step_latents"][0])
 
 
-# ---------------------------------------------------------------------------- decision 2
+# ---------------------------------------------------------------------------- docs/decisions.md: KV reuse
 
 
 @pytest.mark.parametrize("distil, n_images", [(False, 1), (True, 1)], ids=["instruct", "distil"])

@@ -379,7 +379,8 @@ def test_official_cot_retokenization(
 def test_cot_ids_extend_the_text_phase(
     distil_builder, distil_tok, distil_manifest, distil_system, distil_conds
 ):
-    """Decision 2: with the CoT kept as ids, the image phase extends the text-phase sequence verbatim."""
+    """KV reuse (docs/decisions.md): with the CoT kept as ids, the image phase extends the text-phase sequence
+    verbatim."""
     runs = distil_manifest["text_stage_runs"]
     text = distil_builder.text_prompt(
         runs["prompt"], task="think", system_prompt=distil_system, cond_images=distil_conds
@@ -470,5 +471,5 @@ def test_builder_errors(tiny_builder):
 def test_cond_layout_for_real_sizes():
     lay = CondImageLayout.for_image(1024, 1024, ResolutionGroup(1024))
     assert lay == CondImageLayout(ratio_index=16, vae_grid=(64, 64), vit_grid=(32, 32), vit_tokens=1024)
-    # spec §5.2: one 1024^2 condition image = 4096 + 1024 + 6 tokens
+    # one 1024^2 condition image = 4096 + 1024 + 6 tokens
     assert 4096 + lay.vit_tokens + 6 == 5126

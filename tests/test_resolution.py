@@ -1,4 +1,4 @@
-"""Resolution buckets (spec §8.2): the official table, nearest-ratio snapping, size-string parsing."""
+"""Resolution buckets: the official table, nearest-ratio snapping, size-string parsing."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 
 from diffgentor.engine.models.hunyuan_image_3.resolution import ResolutionGroup
 
-# spec §8.2, base 1024: (height, width) by ratio index
+# the official table, base 1024: (height, width) by ratio index
 SPEC_1024 = [
     (512, 2048), (512, 1984), (512, 1920), (512, 1856), (512, 1792), (512, 1728), (512, 1664), (512, 1600),
     (512, 1536), (576, 1472), (640, 1408), (704, 1344), (768, 1280), (832, 1216), (896, 1152), (960, 1088),

@@ -1,4 +1,5 @@
-"""Stage machine: replay of every golden `text_stage_runs` trace, plus our budget closing (decision 6)."""
+"""Stage machine: replay of every golden `text_stage_runs` trace, plus our budget closing (docs/decisions.md: Think
+budget)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Taylor cache (spec §4.8): schedule, frequency split, extrapolation, per-request state, official parity."""
+"""Taylor cache: schedule, frequency split, extrapolation, per-request state, official parity."""
 
 from __future__ import annotations
 

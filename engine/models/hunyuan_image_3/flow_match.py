@@ -4,7 +4,7 @@ The engine denoises many requests in one batch, each at its own step, so the sam
 with a step counter: every quantity a step needs (sigma pair, model timesteps, guidance value, noise) is
 computed from per-request inputs. The arithmetic follows the official FlowMatchDiscreteScheduler (Euler,
 reverse schedule, SD3 shift) and pipeline dtype for dtype, so the official golden tensors are reproduced
-bit for bit (spec §4.5, §4.6; golden/tiny and golden/tiny_distil READMEs).
+bit for bit (golden/tiny and golden/tiny_distil READMEs).
 
 Convention: x_sigma = (1 - sigma) x0 + sigma eps, sigma = 1 is pure noise, the model predicts v = eps - x0,
 and one Euler step is x <- x + v (sigma_next - sigma).

@@ -1,4 +1,4 @@
-"""Latent <-> token projections and scalar embedders of the HunyuanImage-3.0 image path (spec §4.2-4.3).
+"""Latent <-> token projections and scalar embedders of the HunyuanImage-3.0 image path.
 
 * `TimestepEmbedder`: t (and guidance, MeanFlow r) -> a hidden-size vector; the model has several independent
   ones (`timestep_emb`, `time_embed`, `time_embed_2`, Distil: `guidance_emb`, `timestep_r_emb`).

@@ -1,4 +1,4 @@
-"""Pixel-side pre- and post-processing of HunyuanImage-3.0 images (spec §5.1, §5.3, §4.9).
+"""Pixel-side pre- and post-processing of HunyuanImage-3.0 images.
 
 A condition image feeds two encoders:
 * VAE branch: snap to the resolution bucket with the nearest aspect ratio, LANCZOS-resize ("center": cover
@@ -186,7 +186,7 @@ class ImageProcessor:
         return self.vit(image.convert("RGB"))
 
     def align_output_size(self, image: Image.Image, conds: Sequence[VaeCondImage]) -> Image.Image:
-        """infer_align_image_size post-step (spec §5.3).
+        """infer_align_image_size post-step.
 
         The first condition image (input order) whose bucket equals the output's bucket decides: if its
         true H/W is at least 0.01 away from the bucket's ratio, the output is LANCZOS-resized to that image's

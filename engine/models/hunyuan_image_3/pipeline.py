@@ -2,7 +2,7 @@
 
 This is the reference path the batching engine must reproduce (and what `verify-golden` drives). It
 already uses the engine's interfaces: a paged KV cache with block tables, a flat token batch with
-attention metadata (bidirectional image spans), per-request generators, and decision 2 of the spec:
+attention metadata (bidirectional image spans), per-request generators, and docs/decisions.md: KV reuse:
 the diffusion phase reuses the text phase's KV pages and recomputes only from the first token where
 the image-phase sequence differs. CFG rows (non-distilled checkpoints) are extra sequences of the
 same forward.
@@ -327,7 +327,7 @@ class HunyuanImage3Pipeline:
         """Run `req` end to end.
 
         `reuse_text_kv=False` runs the image phase in a fresh cache (every token re-prefilled) instead of
-        over the text phase's KV pages (decision 2); both give the same result, up to rounding.
+        over the text phase's KV pages (docs/decisions.md: KV reuse); both give the same result, up to rounding.
         """
         bot_task = self._validate(req)
         cfg = self.config
@@ -350,7 +350,7 @@ class HunyuanImage3Pipeline:
             self.tok, bot_task=bot_task, image_size=req.image_size, base_size=cfg.image_base_size,
             template=self.defaults.sequence_template, max_new_tokens=max_new,
         )
-        # Condition images: the text phase and the image phase share one encoding (decision 2); the
+        # Condition images: the text phase and the image phase share one encoding (docs/decisions.md: KV reuse); the
         # official text phase draws its posterior from another seed, which `cond_latent_seed` mirrors.
         gen_rng = make_generator(req.seed, self.model.device)
         t0 = time.perf_counter()

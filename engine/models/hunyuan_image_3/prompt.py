@@ -8,12 +8,13 @@ attention spans, text slices, and for CFG the unconditional row.
 
 Layouts (instruct template; the pretrain template drops role strings, separators and `<answer>`):
   <bos> [system "\n\n"] "User: " [cond blocks] user "\n\n" "Assistant: " TAIL
-  cond block:  <boi><img_size_N><img_ratio_k><timestep><img>*h*w<joint_img_sep><img>*P<eoi>   (spec §5.2)
-  gen block:   <boi><img_size_N><img_ratio_k><timestep>[<guidance><timestep_r>]<img>*h*w<eoi> (spec §4.4)
+  cond block:  <boi><img_size_N><img_ratio_k><timestep><img>*h*w<joint_img_sep><img>*P<eoi>
+  gen block:   <boi><img_size_N><img_ratio_k><timestep>[<guidance><timestep_r>]<img>*h*w<eoi>
 Text-phase TAIL: "" (free answer), "<think>", "<recaption>" or "<answer><boi><img_size_N>" (ratio pick).
 Image-phase TAIL: [CoT] "<answer>" gen-block "</answer>" "\n\n".
 
-The CoT of the image phase is taken as generated token ids (decision 2: the think/recaption KV is reused,
+The CoT of the image phase is taken as generated token ids (docs/decisions.md: KV reuse; the think/recaption KV
+is reused,
 so the image-phase sequence must extend the text-phase one). `cot_text=` instead reproduces the official
 re-tokenization of the decoded CoT, including its section parsing quirks, for verification.
 

@@ -1,4 +1,4 @@
-"""Resolution buckets of HunyuanImage-3.0: the table behind `<img_ratio_k>` tokens (spec §8.2).
+"""Resolution buckets of HunyuanImage-3.0: the table behind `<img_ratio_k>` tokens.
 
 Every generated or condition image is snapped to one bucket; the bucket's index is the ratio token the
 model reads and writes, so the table must match the official one entry for entry. It is derived from

@@ -1,4 +1,4 @@
-"""Per-request next-token sampling with the official (Hugging Face) warper chain (decision 7).
+"""Per-request next-token sampling with the official (Hugging Face) warper chain (docs/decisions.md: Sampling).
 
 The official text phase samples through HF `generate`: logits in fp32, then temperature, top-k, top-p
 (each only when active: temperature != 1, top_k != 0, top_p < 1; min_tokens_to_keep 1; removed entries

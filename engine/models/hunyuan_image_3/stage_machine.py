@@ -3,7 +3,7 @@
 The official code drives the text phase with two HF logits processors (a stage-transition forcer and a
 ratio-vocabulary slicer) plus an eos set. An engine that batches requests of different stages needs the
 same rules per request without HF, so this class replays them (golden `tiny_distil` README, "Observed
-stage machine"; decision 8 keeps the quirks):
+stage machine"; docs/decisions.md: Stage machine keeps the quirks):
 
 * first stage = `bot_task.split("_")[0]`; the text prompt ends with `<think>` / `<recaption>`;
 * think_recaption: after `</think>` force `<recaption>`;
@@ -20,7 +20,8 @@ stage machine"; decision 8 keeps the quirks):
 * bot_task "image" with auto size: a single greedy ratio step after `...<answer><boi><img_size_N>`;
   bot_task "auto": free text until `<|endoftext|>`.
 
-Decision 6: when `max_new_tokens` runs out inside a stage, `close()` returns the tokens that end it as if
+Think budget (docs/decisions.md): when `max_new_tokens` runs out inside a stage, `close()` returns the tokens that
+end it as if
 the model had emitted each open stage's end tag at once (following the forced transitions: e.g. inside
 think of think_recaption `</think><recaption></recaption>`, then for auto size the answer prefix and a
 pending ratio pick), so the request still yields an image. The official code raises (auto size) or wraps
@@ -52,7 +53,7 @@ class StageMachine:
     Engine loop for one request (prompt from `PromptBuilder.text_prompt(task=m.prompt_task)`):
 
         while not m.finished:
-            if m.needs_close:              # budget spent inside a stage (decision 6)
+            if m.needs_close:              # budget spent inside a stage (docs/decisions.md: Think budget)
                 append(m.close())          # prefill these; no sampling
                 continue
             logits = next_logits()
@@ -196,7 +197,7 @@ class StageMachine:
 
     @property
     def truncated(self) -> bool:
-        """The budget ran out before the phase ended by itself (decision 6 applied)."""
+        """The budget ran out before the phase ended by itself (docs/decisions.md: Think budget applied)."""
         return self._budget_hit
 
     @property
@@ -262,7 +263,8 @@ class StageMachine:
             self._budget_hit = True
 
     def close(self) -> list[int]:
-        """Decision 6: tokens that end the open stage(s) after the budget ran out (appended to `tokens`).
+        """Think budget (docs/decisions.md): tokens that end the open stage(s) after the budget ran out (appended to
+        `tokens`).
 
         For auto size `needs_ratio_pick` is then true: run one more step and `feed()` the ratio token.
         Returns [] when nothing is open (also for bot_task auto/image).

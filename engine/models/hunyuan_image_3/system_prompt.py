@@ -1,4 +1,5 @@
-"""System prompts read from the checkpoint's `system_prompt.py` with `ast`, never executed (decision 3).
+"""System prompts read from the checkpoint's `system_prompt.py` with `ast`, never executed
+(docs/decisions.md: System prompts).
 
 The official checkpoints ship the prompt texts as Python string constants; copying them into our code
 would fork them from the checkpoint, and importing the file would run third-party code. So the file is
@@ -158,7 +159,7 @@ def choose_system_prompt(
     """The system prompt text of a request (stripped; "" for none).
 
     Custom text wins when the kind is "custom" or when text is given without an explicit kind. A checkpoint
-    without system_prompt.py supports only no prompt and custom text (spec decision 3).
+    without system_prompt.py supports only no prompt and custom text (docs/decisions.md: System prompts).
     """
     if kind == "custom" or (custom is not None and not kind_given):
         return (custom or "").strip()

@@ -1,4 +1,4 @@
-"""Per-request Taylor cache for the HunyuanImage-3.0 diffusion loop (spec §4.8, CLI defaults §8.3).
+"""Per-request Taylor cache for the HunyuanImage-3.0 diffusion loop (the official cache_utils.py and CLI defaults).
 
 The Taylor cache is an optional, training-free speed-up: on most diffusion steps the backbone is not run and
 its last hidden states are extrapolated from the steps where it was run. ``final_layer`` still runs on the
@@ -40,7 +40,7 @@ Differences from the official code, all deliberate:
 * Our engine feeds only the hidden states of the image tokens (the rows ``final_layer`` reads), with the same
   shape at every step. The official code caches whatever the backbone returned: the whole sequence at step 0
   but only the timestep/guidance/image tokens afterwards, so its first extrapolated step can mismatch in shape
-  unless first-enhance is on (spec §4.8). That cannot happen here, and ``update`` rejects a shape change.
+  unless first-enhance is on. That cannot happen here, and ``update`` rejects a shape change.
   Consequence: the FFT runs over the image tokens only, while the official one (on steps >= 1) also includes
   the 1-3 leading special tokens. With equal effective orders for both parts (the defaults) this changes
   nothing beyond rounding; with unequal orders the split, hence the prediction, differs slightly.
@@ -66,7 +66,7 @@ FFT_CUTOFF_RATIO = 0.1
 
 @dataclass(frozen=True)
 class TaylorCacheConfig:
-    """Taylor cache settings; defaults are the official CLI defaults (spec §8.3).
+    """Taylor cache settings; defaults are the official CLI defaults.
 
     CLI mapping: ``--taylor-cache-interval`` -> interval, ``--taylor-cache-order`` -> max_order,
     ``--taylor-cache-enable-first-enhance`` / ``--taylor-cache-first-enhance-steps``,

@@ -1,6 +1,6 @@
 """Tokenizer of a HunyuanImage-3.0 checkpoint: `tokenizer.json` plus special-token ids looked up by name.
 
-Decision 5 of the spec: ids are never hard-coded. The real checkpoint and the tiny golden ones put the
+docs/decisions.md: Token ids: ids are never hard-coded. The real checkpoint and the tiny golden ones put the
 same tokens at completely different ids, so everything downstream (prompt builder, stage machine) asks
 this object. A token the engine needs but the file lacks is reported by name at load time, not as a
 wrong id later. `<guidance>` / `<timestep_r>` are only required for the Distil (cfg-distilled / MeanFlow)
