@@ -8,9 +8,13 @@ is the block manager's business (a later engine issue); here a "slot" is simply 
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from diffgentor.kernels.attention import AttentionMetadata
 
 
 class PagedKVCache:
@@ -49,28 +53,59 @@ class PagedKVCache:
         return self.kv[layer]
 
     def write(self, layer: int, slot_mapping: Tensor, k: Tensor, v: Tensor) -> None:
-        """Store k, v [N, n_kv, D] at flat slots [N]; slot -1 means "do not store this token"."""
+        """Store k, v [N, n_kv, D] at flat slots [N]; slot -1 means "do not store this token".
+
+        Validates the slots on the host (a device read): for tools and tests. The model's forward uses
+        `store`, whose indices the step's metadata prepared on the host.
+        """
         if k.shape != v.shape or k.shape[0] != slot_mapping.shape[0]:
             raise ValueError(
                 f"write: k {tuple(k.shape)}, v {tuple(v.shape)}, slots {tuple(slot_mapping.shape)}"
             )
-        keep = slot_mapping >= 0
-        slots = slot_mapping[keep].long()
-        if slots.numel() == 0:
+        slots = slot_mapping.tolist()
+        rows = [r for r, s in enumerate(slots) if s >= 0]
+        if not rows:
             return
-        if int(slots.max()) >= self.num_slots:
-            raise IndexError(f"slot {int(slots.max())} out of range for {self.num_slots} slots")
-        pages = slots // self.block_size
-        offsets = slots % self.block_size
+        kept = [slots[r] for r in rows]
+        self._check_slot(max(kept))
+        index = torch.tensor(rows, dtype=torch.long, device=k.device)
+        self._store(layer, torch.tensor(kept, dtype=torch.long, device=self.device),
+                    k.index_select(0, index), v.index_select(0, index))
+
+    def store(self, layer: int, metadata: AttentionMetadata, k: Tensor, v: Tensor) -> None:
+        """Store this step's k, v [N, n_kv, D] at the slots the step's metadata prepared (`write_rows`,
+        `write_slots`, host `lists()`): index copies only, no device reads, so no host sync in the forward."""
+        host = metadata.lists()
+        if k.shape != v.shape or k.shape[0] != len(host.query_kv_index):
+            raise ValueError(f"store: k {tuple(k.shape)}, v {tuple(v.shape)}, {len(host.query_kv_index)} rows")
+        if host.max_slot < 0:
+            return
+        self._check_slot(host.max_slot)
+        if not host.write_all:
+            k = k.index_select(0, metadata.write_rows)
+            v = v.index_select(0, metadata.write_rows)
+        self._store(layer, metadata.write_slots, k, v)
+
+    def _check_slot(self, max_slot: int) -> None:
+        if max_slot >= self.num_slots:
+            raise IndexError(f"slot {max_slot} out of range for {self.num_slots} slots")
+
+    def _store(self, layer: int, slots: Tensor, k: Tensor, v: Tensor) -> None:
         cache = self.kv[layer]
-        cache[pages, 0, offsets] = k[keep].to(cache.dtype)
-        cache[pages, 1, offsets] = v[keep].to(cache.dtype)
+        flat = cache.view(-1, self.num_kv_heads, self.head_dim)  # rows: (page, K/V, offset)
+        bs = self.block_size
+        k_rows = slots + (slots // bs) * bs  # page * 2 * bs + offset
+        flat.index_copy_(0, k_rows, k.to(cache.dtype))
+        flat.index_copy_(0, k_rows + bs, v.to(cache.dtype))
 
     def gather(self, layer: int, block_table_row: Tensor, kv_len: int) -> tuple[Tensor, Tensor]:
-        """Contiguous k, v [kv_len, n_kv, D] of one sequence from its page list (-1 padded)."""
+        """Contiguous k, v [kv_len, n_kv, D] of one sequence from its page list (-1 padded).
+
+        The page list must cover kv_len (`AttentionMetadata.build` checks it on the host; no device read here).
+        """
         n_pages = math.ceil(kv_len / self.block_size)
         pages = block_table_row[:n_pages].long()
-        if pages.numel() < n_pages or bool((pages < 0).any()):
+        if pages.numel() < n_pages:
             raise IndexError(f"block table covers fewer than the {n_pages} pages needed for kv_len {kv_len}")
         sel = self.kv[layer].index_select(0, pages)  # [n_pages, 2, block_size, n_kv, D]
         k = sel[:, 0].reshape(-1, self.num_kv_heads, self.head_dim)[:kv_len]

@@ -30,7 +30,6 @@ implements the same decompositions with kernels):
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
@@ -64,6 +63,21 @@ class SequenceChunk:
 
 
 @dataclass(frozen=True)
+class MetadataLists:
+    """Host (python) copies of a step's metadata, so plan() needs no device-to-host reads (no syncs)."""
+
+    qo_indptr: tuple[int, ...]
+    kv_lens: tuple[int, ...]
+    block_tables: tuple[tuple[int, ...], ...]
+    query_kv_index: tuple[int, ...]
+    bidir_start: tuple[int, ...]
+    bidir_end: tuple[int, ...]
+    key_limit: tuple[int, ...]
+    write_all: bool
+    max_slot: int
+
+
+@dataclass(frozen=True)
 class AttentionMetadata:
     """Flat batch of N query tokens from S sequences (all int64 tensors on the model's device).
 
@@ -74,6 +88,13 @@ class AttentionMetadata:
     query_kv_index [N]: each query token's index within its sequence's KV (the causal frontier).
     bidir_start / bidir_end [N]: the bidirectional key range of the query's block; (0, 0) = none.
     block_size: tokens per page (the cache's block size).
+    key_limit [N]: the query sees exactly the keys [0, key_limit) (max(index + 1, block end): the mask rule
+      above always leaves a prefix of the keys).
+    write_rows / write_slots [M]: the rows of this step's K/V that are stored and their slots (the slot >= 0
+      part of slot_mapping), so the cache write needs no boolean indexing.
+    host: python copies of all of the above (`MetadataLists`); plan() reads these, never the tensors.
+
+    `build` makes every index tensor on the host and moves them to the device in ONE copy per step.
     """
 
     qo_indptr: Tensor
@@ -84,6 +105,10 @@ class AttentionMetadata:
     bidir_start: Tensor
     bidir_end: Tensor
     block_size: int
+    key_limit: Tensor | None = None
+    write_rows: Tensor | None = None
+    write_slots: Tensor | None = None
+    host: MetadataLists | None = None
 
     @property
     def num_seqs(self) -> int:
@@ -93,7 +118,29 @@ class AttentionMetadata:
     def num_tokens(self) -> int:
         return int(self.slot_mapping.shape[0])
 
+    def lists(self) -> MetadataLists:
+        """The host copies; derived from the tensors (a device read) only for metadata not made by `build`."""
+        if self.host is not None:
+            return self.host
+        qidx = self.query_kv_index.tolist()
+        b1 = self.bidir_end.tolist()
+        slots = self.slot_mapping.tolist()
+        return MetadataLists(
+            qo_indptr=tuple(self.qo_indptr.tolist()),
+            kv_lens=tuple(self.kv_lens.tolist()),
+            block_tables=tuple(tuple(r) for r in self.block_tables.tolist()),
+            query_kv_index=tuple(qidx),
+            bidir_start=tuple(self.bidir_start.tolist()),
+            bidir_end=tuple(b1),
+            key_limit=tuple(max(i + 1, e) for i, e in zip(qidx, b1)),
+            write_all=all(s >= 0 for s in slots),
+            max_slot=max(slots, default=-1),
+        )
+
     def to(self, device: torch.device | str) -> AttentionMetadata:
+        def mv(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t.to(device)
+
         return AttentionMetadata(
             qo_indptr=self.qo_indptr.to(device),
             kv_lens=self.kv_lens.to(device),
@@ -103,6 +150,10 @@ class AttentionMetadata:
             bidir_start=self.bidir_start.to(device),
             bidir_end=self.bidir_end.to(device),
             block_size=self.block_size,
+            key_limit=mv(self.key_limit),
+            write_rows=mv(self.write_rows),
+            write_slots=mv(self.write_slots),
+            host=self.host,
         )
 
     @classmethod
@@ -112,7 +163,8 @@ class AttentionMetadata:
         block_size: int,
         device: torch.device | str | None = None,
     ) -> AttentionMetadata:
-        """Compute the flat per-token tensors (slots, bidirectional ranges) from per-sequence descriptions."""
+        """Compute the flat per-token index tensors from per-sequence descriptions, on the host, and move them
+        to `device` in one copy. All validation (spans, page coverage, query indices) happens here."""
         if block_size <= 0:
             raise ValueError(f"block_size must be positive, got {block_size}")
         qo_indptr = [0]
@@ -120,6 +172,7 @@ class AttentionMetadata:
         qidx: list[int] = []
         b_start: list[int] = []
         b_end: list[int] = []
+        tables: list[tuple[int, ...]] = []
         for s, ch in enumerate(chunks):
             spans = sorted((int(a), int(b)) for a, b in ch.bidir_spans)
             for (_, b0), (a1, _) in zip(spans, spans[1:]):
@@ -127,38 +180,61 @@ class AttentionMetadata:
                     raise ValueError(f"sequence {s}: bidirectional spans overlap: {spans}")
             if any(a < 0 or b <= a for a, b in spans):
                 raise ValueError(f"sequence {s}: empty or negative bidirectional span in {spans}")
-            pages_needed = -(-ch.kv_len // block_size)
-            table = list(ch.block_table)
+            kv_len = int(ch.kv_len)
+            pages_needed = -(-kv_len // block_size)
+            table = tuple(int(p) for p in ch.block_table)
             if len(table) < pages_needed or any(p < 0 for p in table[:pages_needed]):
-                raise ValueError(f"sequence {s}: block table {table} does not cover kv_len {ch.kv_len}")
+                raise ValueError(f"sequence {s}: block table {list(table)} does not cover kv_len {kv_len}")
+            tables.append(table)
             for i in ch.query_kv_indices:
                 i = int(i)
-                if not 0 <= i < ch.kv_len:
-                    raise ValueError(f"sequence {s}: query KV index {i} outside [0, kv_len={ch.kv_len})")
+                if not 0 <= i < kv_len:
+                    raise ValueError(f"sequence {s}: query KV index {i} outside [0, kv_len={kv_len})")
                 qidx.append(i)
                 slots.append(table[i // block_size] * block_size + i % block_size if ch.write_kv else -1)
                 span = next(((a, b) for a, b in spans if a <= i < b), (0, 0))
                 b_start.append(span[0])
                 b_end.append(span[1])
             qo_indptr.append(len(qidx))
-        max_blocks = max([len(ch.block_table) for ch in chunks] + [1])
-        tables = torch.full((len(chunks), max_blocks), -1, dtype=torch.long)
-        for s, ch in enumerate(chunks):
-            if len(ch.block_table):
-                tables[s, : len(ch.block_table)] = torch.tensor(list(ch.block_table), dtype=torch.long)
-
-        def t(x: list[int]) -> Tensor:
-            return torch.tensor(x, dtype=torch.long, device=device)
-
+        kv_lens = [int(ch.kv_len) for ch in chunks]
+        limit: list[int] = []
+        for s in range(len(chunks)):
+            for r in range(qo_indptr[s], qo_indptr[s + 1]):
+                limit.append(min(max(qidx[r] + 1, b_end[r]), kv_lens[s]))
+        write_rows = [r for r, sl in enumerate(slots) if sl >= 0]
+        write_slots = [slots[r] for r in write_rows]
+        max_blocks = max([len(t) for t in tables] + [1])
+        flat_tables = [p for t in tables for p in (*t, *([-1] * (max_blocks - len(t))))]
+        # one host tensor, one copy to the device, then views
+        parts = [qo_indptr, kv_lens, flat_tables, slots, qidx, b_start, b_end, limit, write_rows, write_slots]
+        packed = torch.tensor([x for p in parts for x in p], dtype=torch.long)
+        if device is not None:
+            packed = packed.to(device)
+        views = packed.split([len(p) for p in parts])
+        host = MetadataLists(
+            qo_indptr=tuple(qo_indptr),
+            kv_lens=tuple(kv_lens),
+            block_tables=tuple(tables),
+            query_kv_index=tuple(qidx),
+            bidir_start=tuple(b_start),
+            bidir_end=tuple(b_end),
+            key_limit=tuple(limit),
+            write_all=len(write_rows) == len(slots),
+            max_slot=max(write_slots, default=-1),
+        )
         return cls(
-            qo_indptr=t(qo_indptr),
-            kv_lens=t([int(ch.kv_len) for ch in chunks]),
-            block_tables=tables.to(device) if device is not None else tables,
-            slot_mapping=t(slots),
-            query_kv_index=t(qidx),
-            bidir_start=t(b_start),
-            bidir_end=t(b_end),
+            qo_indptr=views[0],
+            kv_lens=views[1],
+            block_tables=views[2].view(len(chunks), max_blocks),
+            slot_mapping=views[3],
+            query_kv_index=views[4],
+            bidir_start=views[5],
+            bidir_end=views[6],
             block_size=block_size,
+            key_limit=views[7],
+            write_rows=views[8],
+            write_slots=views[9],
+            host=host,
         )
 
 
@@ -186,8 +262,8 @@ def paged_attention_reference(
     """
     hq = q.shape[1]
     out = torch.empty_like(q)
-    indptr = metadata.qo_indptr.tolist()
-    kv_lens = metadata.kv_lens.tolist()
+    host = metadata.lists()
+    indptr, kv_lens = host.qo_indptr, host.kv_lens
     for s in range(metadata.num_seqs):
         r0, r1 = indptr[s], indptr[s + 1]
         if r1 == r0:
@@ -208,7 +284,6 @@ def paged_attention_reference(
 
 
 
-ATTN_IMPL_ENV = "DG_HUNYUAN_IMAGE_3_ATTN_IMPL"
 ATTN_VARIANTS = ("mask", "segments", "cascade")
 
 
@@ -244,10 +319,8 @@ class Segment:
 
 def decompose_segments(metadata: AttentionMetadata) -> list[Segment]:
     """Split the flat batch into causal text runs and non-causal image-block runs (see module docstring)."""
-    indptr = metadata.qo_indptr.tolist()
-    qidx = metadata.query_kv_index.tolist()
-    b0 = metadata.bidir_start.tolist()
-    b1 = metadata.bidir_end.tolist()
+    host = metadata.lists()
+    indptr, qidx, b0, b1 = host.qo_indptr, host.query_kv_index, host.bidir_start, host.bidir_end
     segs: list[Segment] = []
     for s in range(metadata.num_seqs):
         r = indptr[s]
@@ -315,11 +388,83 @@ class AttentionBackend(Protocol):
     def run(self, q: Tensor, k: Tensor, v: Tensor, kv_cache: PagedKVCache, layer: int) -> Tensor: ...
 
 
+@dataclass(frozen=True)
+class SdpaGroup:
+    """Sequences whose step has the same shape (n query rows over m keys) and mask kind: ONE 4-D SDPA call.
+
+    kind: "full" (every row sees all m keys: decode tokens, an image block at the end of the KV), "causal"
+    (n == m, a whole causal prefill: is_causal, no mask tensor) or "mask" (prefix-limit mask [B, 1, n, m]:
+    a chunk after a prefix, rows inside an image block). rows: the group's flat query rows, either one
+    contiguous span (row_span) or an index tensor (row_index). pages [B * P]: the sequences' first P pages.
+    """
+
+    seqs: tuple[int, ...]
+    n: int
+    m: int
+    kind: str
+    row_span: tuple[int, int] | None
+    row_index: Tensor | None
+    pages: Tensor
+    mask: Tensor | None
+
+    @property
+    def batch(self) -> int:
+        return len(self.seqs)
+
+
+def _mask_kind(limits: Sequence[int], m: int) -> str:
+    n = len(limits)
+    if all(lim == m for lim in limits):
+        return "full"
+    if n == m and all(lim == r + 1 for r, lim in enumerate(limits)):
+        return "causal"
+    return "mask"
+
+
+def plan_sdpa_groups(metadata: AttentionMetadata) -> list[SdpaGroup]:
+    """Group a step's sequences for batched 4-D SDPA (host work plus a few device views; no device reads)."""
+    host = metadata.lists()
+    dev = metadata.slot_mapping.device
+    bs = metadata.block_size
+    by_key: dict[tuple[int, int, str], list[int]] = {}
+    for s in range(metadata.num_seqs):
+        r0, r1 = host.qo_indptr[s], host.qo_indptr[s + 1]
+        if r1 == r0:
+            continue
+        m = host.kv_lens[s]
+        by_key.setdefault((r1 - r0, m, _mask_kind(host.key_limit[r0:r1], m)), []).append(s)
+    groups = []
+    for (n, m, kind), seqs in by_key.items():
+        starts = [host.qo_indptr[s] for s in seqs]
+        contiguous = all(b == a + n for a, b in zip(starts, starts[1:]))
+        row_span = (starts[0], starts[0] + n * len(seqs)) if contiguous else None
+        row_index = None if contiguous else torch.cat([torch.arange(r, r + n, device=dev) for r in starts])
+        n_pages = -(-m // bs)
+        if seqs == list(range(seqs[0], seqs[0] + len(seqs))):
+            pages = metadata.block_tables[seqs[0] : seqs[0] + len(seqs), :n_pages]
+        else:
+            pages = torch.stack([metadata.block_tables[s, :n_pages] for s in seqs])
+        mask = None
+        if kind == "mask":
+            lim = metadata.key_limit
+            if lim is None:
+                lim = torch.maximum(metadata.query_kv_index + 1, metadata.bidir_end)
+            lim = lim[row_span[0] : row_span[1]] if row_index is None else lim.index_select(0, row_index)
+            mask = (torch.arange(m, device=dev) < lim.view(len(seqs), n, 1)).unsqueeze(1)
+        groups.append(SdpaGroup(tuple(seqs), n, m, kind, row_span, row_index, pages.reshape(-1), mask))
+    return groups
+
+
 class TorchPagedAttention:
     """Pure-torch backend with the plan/run contract; also the CPU proof of each FlashInfer decomposition.
 
-    plan() does all host work once per forward (per-sequence rows, segment lists, masks); run() gathers each
-    sequence's pages once per layer and computes SDPA (fp32) per the chosen variant.
+    plan() does all host work once per forward (from the metadata's host lists: no device reads); run() reads
+    the pages and computes attention per the chosen variant. "mask" (the default) runs 4-D
+    `scaled_dot_product_attention` per `SdpaGroup` (the fused flash / memory-efficient kernels on CPU and CUDA;
+    3-D inputs would take the slow math kernel): GQA via `enable_gqa`, no mask tensor for full or whole-causal
+    rows, sequences of equal shape batched. On CPU it computes in fp32 (as the reference); on CUDA in the
+    input dtype, so half-precision inputs reach the flash kernel (docs/decisions.md, "Attention fast path").
+    "segments" / "cascade" emulate the FlashInfer decompositions with explicit fp32 math (slower, for tests).
     """
 
     name = "sdpa"
@@ -336,21 +481,16 @@ class TorchPagedAttention:
         self.scale = head_dim**-0.5 if scale is None else scale
         self.variant = variant
         self._md: AttentionMetadata | None = None
-        self._masks: list[Tensor | None] = []
+        self._groups: list[SdpaGroup] = []
         self._segments: list[Segment] = []
+        self._kv_lens: tuple[int, ...] = ()
 
     def plan(self, metadata: AttentionMetadata, q_dtype: torch.dtype | None = None,
              kv_dtype: torch.dtype | None = None) -> None:
         self._md = metadata
-        self._indptr = metadata.qo_indptr.tolist()
-        self._kv_lens = metadata.kv_lens.tolist()
+        self._kv_lens = metadata.lists().kv_lens
         if self.variant == "mask":
-            self._masks = []
-            for s in range(metadata.num_seqs):
-                r0, r1 = self._indptr[s], self._indptr[s + 1]
-                self._masks.append(None if r1 == r0 else attention_mask_rows(
-                    metadata.query_kv_index[r0:r1], metadata.bidir_start[r0:r1], metadata.bidir_end[r0:r1],
-                    self._kv_lens[s]))
+            self._groups = plan_sdpa_groups(metadata)
         else:
             self._segments = decompose_segments(metadata)
 
@@ -359,7 +499,7 @@ class TorchPagedAttention:
         if md is None:
             raise RuntimeError("run() before plan()")
         if self.variant == "mask":
-            return self._run_mask(q, kv_cache, layer)
+            return self._run_groups(q, kv_cache, layer)
         out = torch.empty_like(q)
         kv: dict[int, tuple[Tensor, Tensor]] = {}
         for seg in self._segments:
@@ -377,22 +517,36 @@ class TorchPagedAttention:
             out[seg.row0 : seg.row1] = o.to(q.dtype)
         return out
 
-    def _run_mask(self, q: Tensor, kv_cache: PagedKVCache, layer: int) -> Tensor:
-        md = self._md
-        hq = q.shape[1]
-        out = torch.empty_like(q)
-        for s, mask in enumerate(self._masks):
-            if mask is None:
-                continue
-            r0, r1 = self._indptr[s], self._indptr[s + 1]
-            kc, vc = kv_cache.gather(layer, md.block_tables[s], self._kv_lens[s])
-            g = hq // kc.shape[1]
-            qs = q[r0:r1].transpose(0, 1).float()
-            ks = kc.repeat_interleave(g, dim=1).transpose(0, 1).float()
-            vs = vc.repeat_interleave(g, dim=1).transpose(0, 1).float()
-            o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, dropout_p=0.0, scale=self.scale)
-            out[r0:r1] = o.transpose(0, 1).to(q.dtype)
-        return out
+    def _run_groups(self, q: Tensor, kv_cache: PagedKVCache, layer: int) -> Tensor:
+        n_tok, hq, d = q.shape
+        compute = torch.float32 if q.device.type == "cpu" else q.dtype
+        pages = kv_cache.layer(layer)  # [num_blocks, 2, block_size, n_kv, D]
+        hkv = pages.shape[3]
+        out: Tensor | None = None
+        for g in self._groups:
+            b, n, m = g.batch, g.n, g.m
+            # one gather per K and V: contiguous [B, P * block_size, n_kv, D], then [B, n_kv, m, D] views
+            kc = pages[:, 0].index_select(0, g.pages).view(b, -1, hkv, d)[:, :m].transpose(1, 2)
+            vc = pages[:, 1].index_select(0, g.pages).view(b, -1, hkv, d)[:, :m].transpose(1, 2)
+            if g.row_span is not None:
+                qs = q[g.row_span[0] : g.row_span[1]]
+            else:
+                qs = q.index_select(0, g.row_index)
+            qs = qs.view(b, n, hq, d).transpose(1, 2)
+            o = F.scaled_dot_product_attention(
+                qs.to(compute), kc.to(compute), vc.to(compute), attn_mask=g.mask, dropout_p=0.0,
+                is_causal=g.kind == "causal", scale=self.scale, enable_gqa=hq != hkv,
+            )
+            o = o.transpose(1, 2).reshape(b * n, hq, d).to(q.dtype)
+            if len(self._groups) == 1 and g.row_span == (0, n_tok):
+                return o
+            if out is None:
+                out = q.new_empty(q.shape)
+            if g.row_span is not None:
+                out[g.row_span[0] : g.row_span[1]] = o
+            else:
+                out.index_copy_(0, g.row_index, o)
+        return q.new_empty(q.shape) if out is None else out
 
 
 def flashinfer_attention_available(device: torch.device | str) -> tuple[bool, str]:
@@ -407,18 +561,19 @@ def flashinfer_attention_available(device: torch.device | str) -> tuple[bool, st
 
 
 def get_attention_backend(
-    name: str | None = None,
+    name: str = "sdpa",
     num_qo_heads: int = 32,
     num_kv_heads: int = 8,
     head_dim: int = 128,
     scale: float | None = None,
     variant: str | None = None,
 ) -> AttentionBackend:
-    """THE selection point: name (None -> $DG_HUNYUAN_IMAGE_3_ATTN_IMPL, default sdpa; "torch" = "sdpa") ->
-    a backend object. `flashinfer` resolves its device at the first plan() and falls back to the torch backend
-    (same variant) with one warning when CUDA or flashinfer is missing."""
-    if name is None:
-        name = os.environ.get(ATTN_IMPL_ENV, "").strip() or "sdpa"
+    """THE selection point: name ("sdpa" = "torch", or "flashinfer"; the caller resolves it, e.g. from
+    `EngineConfig.attn_impl`: kernels read no environment) -> a backend object. `flashinfer` resolves its
+    device at the first plan() and falls back to the torch backend (same variant) with one warning when CUDA or
+    flashinfer is missing."""
+    if not isinstance(name, str):
+        raise ValueError(f"attention backend name must be a string ({', '.join(ATTN_IMPLS)}), got {name!r}")
     key = name.strip().lower()
     if key in ("torch", "sdpa"):
         return TorchPagedAttention(num_qo_heads, num_kv_heads, head_dim, scale, variant or "mask")

@@ -343,7 +343,10 @@ def test_attention_backend_selection(monkeypatch):
     for name in ("torch", "sdpa", "SDPA"):
         be = get_attention_backend(name, HQ, HKV, D)
         assert isinstance(be, TorchPagedAttention) and be.variant == "mask"
-    monkeypatch.setenv("DG_HUNYUAN_IMAGE_3_ATTN_IMPL", "sdpa")
-    assert isinstance(get_attention_backend(None, HQ, HKV, D), TorchPagedAttention)
+    # kernels read no environment: the default is sdpa whatever the env var says, None is refused
+    monkeypatch.setenv("DG_HUNYUAN_IMAGE_3_ATTN_IMPL", "flashinfer")
+    assert isinstance(get_attention_backend(num_qo_heads=HQ, num_kv_heads=HKV, head_dim=D), TorchPagedAttention)
+    with pytest.raises(ValueError):
+        get_attention_backend(None, HQ, HKV, D)
     with pytest.raises(ValueError):
         get_attention_backend("nope")

@@ -120,6 +120,10 @@ class MoEBlock(nn.Module):
         experts = self._expert_list()
         first, last = experts[0], experts[-1]
         if self._stack is not None:
+            if torch.compiler.is_compiling():
+                # traced (torch.compile): the eager forward before it checked the stack; data pointers are not
+                # traceable, and a graph never outlives a weight reload (docs/decisions.md, CUDA graphs)
+                return self._stack
             w13, w2 = self._stack
             if (first.gate_and_up_proj.weight.data_ptr() == storage_ptr(w13)
                     and last.down_proj.weight.data_ptr() == storage_ptr(w2[-1])):
@@ -176,8 +180,10 @@ class PagedSelfAttention(nn.Module):
         self.attn = attn  # shared by all layers; planned once per forward by the backbone
 
     def forward(
-        self, x: Tensor, cos: Tensor, sin: Tensor, attn_metadata: AttentionMetadata, kv_cache: PagedKVCache
+        self, x: Tensor, cos: Tensor, sin: Tensor, attn_metadata: AttentionMetadata, kv_cache: PagedKVCache,
+        attn: AttentionBackend | None = None,
     ) -> Tensor:
+        """`attn`: this forward's backend when it is not the shared one (the static decode path of CUDA graphs)."""
         n = x.shape[0]
         d = self.head_dim
         widths = [self.num_heads * d, self.num_kv_heads * d, self.num_kv_heads * d]
@@ -191,8 +197,8 @@ class PagedSelfAttention(nn.Module):
         # RoPE/qk-norm ran in fp32 (fp32 cos/sin); back to the activation dtype as the official code does.
         q = q.to(v.dtype)
         k = k.to(v.dtype)
-        kv_cache.write(self.layer_idx, attn_metadata.slot_mapping, k, v)
-        o = self.attn.run(q, k, v, kv_cache, self.layer_idx)
+        kv_cache.store(self.layer_idx, attn_metadata, k, v)  # indices prepared once per step: no host sync
+        o = (attn or self.attn).run(q, k, v, kv_cache, self.layer_idx)
         o = o.reshape(n, self.num_heads * d)
         if not self.parallel.is_parallel:
             return self.o_proj(o)
@@ -221,9 +227,10 @@ class DecoderLayer(nn.Module):
             self.mlp = SwiGLUMLP(cfg.hidden_size, width)
 
     def forward(
-        self, x: Tensor, cos: Tensor, sin: Tensor, attn_metadata: AttentionMetadata, kv_cache: PagedKVCache
+        self, x: Tensor, cos: Tensor, sin: Tensor, attn_metadata: AttentionMetadata, kv_cache: PagedKVCache,
+        attn: AttentionBackend | None = None,
     ) -> Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn_metadata, kv_cache)
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn_metadata, kv_cache, attn)
         return x + self.parallel.all_reduce(self.mlp(self.post_attention_layernorm(x)))
 
 
@@ -251,11 +258,12 @@ class HunyuanImage3Backbone(nn.Module):
     """wte + decoder layers + ln_f; `forward` runs the layers only (no ln_f).
 
     attn_backend / moe_impl: names for the kernel selection points (`kernels.attention.get_attention_backend`,
-    `kernels.moe.resolve_moe_impl`); None reads $DG_HUNYUAN_IMAGE_3_ATTN_IMPL / $DG_HUNYUAN_IMAGE_3_MOE_IMPL.
+    `kernels.moe.resolve_moe_impl`); the caller resolves attn_backend (EngineConfig.attn_impl); moe_impl None
+    reads $DG_HUNYUAN_IMAGE_3_MOE_IMPL.
     """
 
     def __init__(
-        self, cfg: HunyuanImage3Config, attn_backend: str | None = "torch", moe_impl: str | None = None,
+        self, cfg: HunyuanImage3Config, attn_backend: str = "sdpa", moe_impl: str | None = None,
         parallel: ParallelContext | None = None,
     ) -> None:
         super().__init__()
@@ -289,13 +297,18 @@ class HunyuanImage3Backbone(nn.Module):
         positions: Tensor,
         attn_metadata: AttentionMetadata,
         kv_cache: PagedKVCache,
+        attn: AttentionBackend | None = None,
     ) -> Tensor:
-        """[N, H] input embeddings, [N, 2] (y, x) RoPE positions -> [N, H] last-layer states (no ln_f)."""
+        """[N, H] input embeddings, [N, 2] (y, x) RoPE positions -> [N, H] last-layer states (no ln_f).
+
+        `attn` replaces the shared backend for this forward (e.g. `kernels.decode_attention.StaticDecodeAttention`
+        for CUDA-graph decode steps, whose metadata is a `StaticDecodeMetadata`)."""
         cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta)
-        self.attn.plan(attn_metadata, q_dtype=hidden_states.dtype, kv_dtype=kv_cache.dtype)  # once per forward
+        attn = attn or self.attn
+        attn.plan(attn_metadata, q_dtype=hidden_states.dtype, kv_dtype=kv_cache.dtype)  # once per forward
         h = hidden_states
         for layer in self.layers:
-            h = layer(h, cos, sin, attn_metadata, kv_cache)
+            h = layer(h, cos, sin, attn_metadata, kv_cache, attn)
         return h
 
     def final_norm(self, hidden_states: Tensor) -> Tensor:

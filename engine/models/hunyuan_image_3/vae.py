@@ -9,7 +9,7 @@ causal replicate padding and a first-frame special case; as shipped they miss th
 keeps the official parameter names (checkpoint keys minus `vae.`), so the weights load strictly, no renames.
 
 Behaviour, all of it official:
-* every norm is GroupNorm(32, eps 1e-6) with weight and bias; activation x*sigmoid(x); every 3x3x3 conv
+* every norm is GroupNorm(32, eps 1e-6) with weight and bias; activation x*sigmoid(x) (F.silu); every 3x3x3 conv
   uses symmetric zero padding (not causal);
 * DC-AE downsample = conv to C_out/f channels then space(-time)-to-depth, plus the input's space-to-depth
   averaged over channel groups; upsample = conv to f*C_out then depth-to-space, plus the input repeated
@@ -37,15 +37,58 @@ _GN_EPS = 1e-6
 
 
 def _swish(x: torch.Tensor) -> torch.Tensor:
-    return x * torch.sigmoid(x)
+    """x * sigmoid(x) as ONE fused op (the official code multiplies; same values within float rounding,
+    docs/decisions.md "VAE speed")."""
+    return F.silu(x)
 
 
 def _norm(channels: int) -> nn.GroupNorm:
     return nn.GroupNorm(_GN_GROUPS, channels, eps=_GN_EPS, affine=True)
 
 
-def _conv(cin: int, cout: int, kernel: int = 3) -> nn.Conv3d:
-    return nn.Conv3d(cin, cout, kernel_size=kernel, stride=1, padding=kernel // 2)
+class Conv3d(nn.Conv3d):
+    """nn.Conv3d (same parameters, same result within float rounding) that always takes oneDNN on CPU.
+
+    PyTorch's CPU heuristic sends a batch-1 conv3d whose B*C*T*H is small (the 3-channel first conv, every
+    level after the first downsample) to `slow_conv3d`, an im2col GEMM that materialises a 27x input copy:
+    up to 10x slower here than the oneDNN kernel it uses for larger batches (bench/vae_speed.py).
+    """
+
+    def conv(self, x: torch.Tensor, padding: tuple[int, int, int] | None = None) -> torch.Tensor:
+        pad = list(self.padding if padding is None else padding)
+        if x.device.type == "cpu" and x.dtype == torch.float32 and \
+                torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled and \
+                self.weight.dtype == x.dtype:
+            return torch.ops.aten.mkldnn_convolution(
+                x.contiguous(), self.weight, self.bias, pad, list(self.stride), list(self.dilation), self.groups
+            )
+        return F.conv3d(x, self.weight, self.bias, self.stride, pad, self.dilation, self.groups)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+    def forward_repeated_frame(self, frame: torch.Tensor, frames: int) -> torch.Tensor:
+        """The conv of `frame` [B, C, 1, H, W] repeated `frames` times, computing each distinct output frame once.
+
+        With symmetric zero padding of 1 in time (kernel 3), output frame t of identical inputs depends only on
+        whether t is the first or the last frame: the conv of the explicitly zero-padded clip
+        [0, f, ..., f, 0] (at most 3 copies of f) without temporal padding gives exactly those distinct
+        frames (first, middle, last), and the middle one is repeated.
+        """
+        if self.kernel_size[0] != 3 or self.padding[0] != 1 or self.stride[0] != 1 or frames < 1:
+            return self.conv(frame.expand(-1, -1, frames, -1, -1))
+        distinct = min(frames, 3)
+        zero = torch.zeros_like(frame)
+        clip = torch.cat([zero, *([frame] * distinct), zero], dim=2)
+        out = self.conv(clip, (0, self.padding[1], self.padding[2]))  # [B, C', distinct, H, W]
+        if frames <= 3:
+            return out
+        middle = out[:, :, 1:2].expand(-1, -1, frames - 2, -1, -1)
+        return torch.cat([out[:, :, :1], middle, out[:, :, 2:]], dim=2)
+
+
+def _conv(cin: int, cout: int, kernel: int = 3) -> Conv3d:
+    return Conv3d(cin, cout, kernel_size=kernel, stride=1, padding=kernel // 2)
 
 
 def _space_to_depth(x: torch.Tensor, rt: int) -> torch.Tensor:
@@ -205,8 +248,15 @@ class Encoder(nn.Module):
         self.norm_out = _norm(cin)
         self.conv_out = _conv(cin, 2 * z_channels)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv_in(x)
+    def forward(self, x: torch.Tensor, repeat_frames: int = 1) -> torch.Tensor:
+        """repeat_frames > 1: x is ONE frame [B, C, 1, H, W] standing for that many identical frames (an image:
+        the first conv runs on its distinct output frames only, `Conv3d.forward_repeated_frame`)."""
+        if repeat_frames > 1:
+            if x.shape[2] != 1:
+                raise ValueError(f"repeat_frames needs a single frame, got {x.shape[2]}")
+            h = self.conv_in.forward_repeated_frame(x, repeat_frames)
+        else:
+            h = self.conv_in(x)
         for level in self.down:
             for block in level.block:
                 h = block(h)
@@ -359,15 +409,14 @@ class AutoencoderKLConv3D(nn.Module):
         if x.dim() != 5:
             raise ValueError(f"expected [B,3,H,W] or [B,3,T,H,W], got shape {tuple(images.shape)}")
         ft = self.ffactor_temporal
-        if x.shape[2] == 1:
-            x = x.expand(-1, -1, ft, -1, -1)
-        elif x.shape[2] == ft or x.shape[2] % ft:
+        repeat = ft if x.shape[2] == 1 else 1  # the encoder repeats the frame itself (no 4x copy)
+        if repeat == 1 and (x.shape[2] == ft or x.shape[2] % ft):
             raise ValueError(f"clip length {x.shape[2]} must be 1 or a multiple of {ft} other than {ft}")
         fs = self.ffactor_spatial
         if x.shape[-1] % fs or x.shape[-2] % fs:
             raise ValueError(f"image size {tuple(x.shape[-2:])} is not a multiple of {fs}")
         with _autocast(x.device, autocast_dtype):
-            return DiagonalGaussian(self.encoder(x))
+            return DiagonalGaussian(self.encoder(x, repeat_frames=repeat))
 
     @torch.no_grad()
     def decode(self, z: torch.Tensor, autocast_dtype: torch.dtype | None = torch.float16) -> torch.Tensor:
