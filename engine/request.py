@@ -1,6 +1,6 @@
 """Typed messages at the engine boundary: what a user asks for and what the engine reports back.
 
-These are `msgspec.Struct`s so the API server, the CLI and (later) engine-core processes exchange them
+These are `msgspec.Struct`s so the API server, the CLI and the engine-core processes exchange them
 as msgpack frames. Images cross the boundary as encoded files (bytes); decoded arrays never do.
 """
 
