@@ -4,6 +4,7 @@ error message; ``--no-playground`` turns the page off."""
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import subprocess
 import sys
@@ -19,8 +20,9 @@ from .conftest import cli_env, free_port
 CHROMIUM = Path("/usr/bin/chromium")
 pytestmark = [pytest.mark.integration,
               pytest.mark.skipif(not CHROMIUM.is_file(), reason="Chromium is not installed at /usr/bin/chromium "
-                                 "(apt-get install chromium; .ci/run does)")]
-sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
+                                 "(apt-get install chromium; .ci/run does)"),
+              pytest.mark.skipif(importlib.util.find_spec("playwright") is None,
+                                 reason="playwright is not installed (pip install 'diffgentor[integration]')")]
 
 API_KEY = "sk-playground"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -68,7 +70,9 @@ def server(tiny_distil, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def browser():
-    with sync_api.sync_playwright() as pw:
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
         b = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
         try:
             yield b

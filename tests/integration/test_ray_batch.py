@@ -3,6 +3,7 @@ images and results CSV as the local launcher, a replica killed mid-run, a driver
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -18,8 +19,9 @@ from PIL import Image
 from .conftest import VENV_BIN, cli_env, free_port, read_csv, write_csv, write_img
 
 pytestmark = [pytest.mark.integration,
-              pytest.mark.skipif(sys.platform != "linux", reason="the Ray tests use /proc to find replicas")]
-ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'diffgentor[ray]')")
+              pytest.mark.skipif(sys.platform != "linux", reason="the Ray tests use /proc to find replicas"),
+              pytest.mark.skipif(importlib.util.find_spec("ray") is None,
+                                 reason="Ray is not installed (pip install 'diffgentor[ray]')")]
 
 GOOD = [0, 1, 2, 3, 5, 6, 8, 9, 11]
 BAD = {4: "not found", 7: "4 input images", 10: "empty instruction"}
