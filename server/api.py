@@ -239,13 +239,18 @@ async def _fetch_images(state: AppState, request: Request, urls: list[str]) -> l
     charge = request.scope.get(CHARGE_SCOPE_KEY)
 
     async def fetch_all() -> list[bytes]:
+        tasks = [asyncio.ensure_future(_fetch_url(u, i, state.limits, state.fetcher, charge))
+                 for i, u in enumerate(urls)]
         try:
             async with asyncio.timeout(state.limits.request_fetch_deadline_s):
-                return list(await asyncio.gather(*(_fetch_url(u, i, state.limits, state.fetcher, charge)
-                                                   for i, u in enumerate(urls))))
+                return list(await asyncio.gather(*tasks))
         except TimeoutError:
             raise OpenAIError(400, "the image URLs could not be fetched in time", "images",
                               "invalid_image_url") from None
+        finally:  # one URL failed or the client left: the other downloads stop too
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     work = asyncio.ensure_future(fetch_all())
     watcher = asyncio.ensure_future(_wait_disconnect(request))
