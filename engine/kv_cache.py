@@ -1,8 +1,9 @@
 """Paged KV-cache storage: one [num_blocks, 2, block_size, n_kv_heads, head_dim] tensor per layer.
 
 The NHD page layout is the one FlashInfer's paged wrappers read directly (index 0 = K, 1 = V), so the FlashInfer
-backend (kernels/flashinfer_attention.py) reads these tensors without copies. This class is storage only: which request owns which block
-is the block manager's business (engine/block_manager.py); here a "slot" is simply page * block_size + offset.
+backend (kernels/flashinfer_attention.py) reads these tensors without copies. This class is storage only: which
+request owns which block is the block manager's business (engine/block_manager.py); here a "slot" is simply
+page * block_size + offset.
 """
 
 from __future__ import annotations
