@@ -38,6 +38,13 @@ REAL_SHAPES: dict[str, Any] = dict(
 REAL_NUM_LAYERS = 32
 
 
+def write_real_config(out_dir: str | Path, layers: int = REAL_NUM_LAYERS) -> Path:
+    """A checkpoint folder without weights whose config.json has the real sizes (for plan-memory and this run)."""
+    from diffgentor.engine.tiny_model import write_tiny_metadata
+
+    return write_tiny_metadata(out_dir, config_overrides=dict(REAL_SHAPES, num_hidden_layers=layers))
+
+
 def build_random_model(ckpt_dir: Path, device: str, dtype: torch.dtype, quantization: str | None, seed: int,
                        attn_impl: str, moe_impl: str) -> Any:
     """The model of `ckpt_dir/config.json` on `device` with seeded random weights (no checkpoint read); each meta
