@@ -244,11 +244,6 @@ def save_png(path: Path, image, task: Task, text: str) -> None:
     D.atomic_write_bytes(path, buf.getvalue())
 
 
-def _png_text(path: Path) -> dict[str, str]:
-    from PIL import Image
-
-    try:
-        with Image.open(path) as im:
 def is_done_png(path: Path) -> bool:
     """Whether ``path`` is a finished output: a PNG that decodes (a 0-byte or truncated file is redone)."""
     from PIL import Image
@@ -279,6 +274,11 @@ def check_output_paths(output_dir: Path, output_csv: Path, log_dir: Path) -> Non
         raise FatalError(f"--output_csv {output_csv} is a folder")
 
 
+def _png_text(path: Path) -> dict[str, str]:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
             return {k[len(PNG_KEY_PREFIX):]: v for k, v in (getattr(im, "text", {}) or {}).items()
                     if k.startswith(PNG_KEY_PREFIX)}
     except Exception:
@@ -517,26 +517,26 @@ def run(args: argparse.Namespace, command: str) -> int:
     except (FatalError, D.InputError, ValueError) as e:  # EnvVarError is a ValueError
         print(f"diffgentor {command}: error: {e}", file=sys.stderr)
         return EXIT_FATAL
+    except OSError as e:  # the output folder or results CSV became unwritable during the run
+        where = f" ({e.filename})" if e.filename else ""
+        print(f"diffgentor {command}: error: {e.strerror or e}{where}", file=sys.stderr)
+        return EXIT_FATAL
 
 
 def _run(args: argparse.Namespace, command: str) -> int:
     t_start = time.perf_counter()
     _validate(args, command)
-    except OSError as e:  # the output folder or results CSV became unwritable during the run
-        where = f" ({e.filename})" if e.filename else ""
-        print(f"diffgentor {command}: error: {e.strerror or e}{where}", file=sys.stderr)
-        return EXIT_FATAL
     config = engine_config(args)  # every env var checked before any work
     output_dir = Path(args.output_dir)
     output_csv = Path(args.output_csv) if args.output_csv else output_dir / "results.csv"
     log_dir = Path(args.log_dir) if args.log_dir else output_dir / "logs" / time.strftime("%Y%m%d_%H%M%S")
     cache_dir = Path(args.image_cache_dir) if getattr(args, "image_cache_dir", None) else output_dir / ".image_cache"
+    check_output_paths(output_dir, output_csv, log_dir)
     _setup_logging(log_dir / "main.log")
     logger.info("diffgentor %s: %s", command, json.dumps({k: v for k, v in vars(args).items() if k != "func"},
                                                          default=str))
     logger.info("engine config: %s", json.dumps(config.describe(), default=str))
 
-    check_output_paths(output_dir, output_csv, log_dir)
     rows, columns, base = load_rows(args, command)
     tasks = make_tasks(args, rows, command)
     with_image_num = command == "t2i" and args.num_images_per_prompt > 1
