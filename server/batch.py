@@ -195,7 +195,7 @@ def resolve_kernels(config):
         if not config.on_cuda():
             reason = "there is no CUDA device"
         elif importlib.util.find_spec("flashinfer") is None:
-            reason = "flashinfer-python is not installed (pip install flashinfer-python==0.5.0)"
+            reason = "flashinfer-python is not installed (pip install -e '.[gpu]', see docs/flashinfer.md)"
         if reason:
             var = "DG_HUNYUAN_IMAGE_3_" + name.upper()
             logger.warning("%s=flashinfer (or --%s flashinfer) but %s; using %s", var, name.replace("_", "-"),
