@@ -348,6 +348,9 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.9
     """Fraction of each GPU's TOTAL memory the engine may use (weights + activations + workspace + KV cache);
     `engine.memory_plan` sizes the KV cache from it (vLLM's meaning of the name)."""
+    enforce_eager: bool = False
+    """Never use CUDA graphs (decode-only steps are captured per batch-size bucket and replayed on CUDA otherwise;
+    see `engine.cuda_graph`)."""
 
     def __post_init__(self) -> None:
         set_ = lambda k, v: object.__setattr__(self, k, v)  # frozen dataclass: normalise in place
@@ -403,6 +406,8 @@ class EngineConfig:
             raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
         if not isinstance(self.enable_prefix_caching, bool):
             raise ValueError(f"enable_prefix_caching must be a bool, got {self.enable_prefix_caching!r}")
+        if not isinstance(self.enforce_eager, bool):
+            raise ValueError(f"enforce_eager must be a bool, got {self.enforce_eager!r}")
         if self.attn_impl not in ATTN_IMPLS:
             raise ValueError(f"attn_impl={self.attn_impl!r} is invalid; allowed: {', '.join(ATTN_IMPLS)}")
         if self.moe_impl not in MOE_IMPLS:
@@ -441,7 +446,7 @@ class EngineConfig:
         ``kv_cache_memory_bytes`` (int bytes or a size string), ``kv_cache_memory_fraction``,
         ``enable_prefix_caching``, ``max_waiting_requests``, ``seed``, ``default_num_inference_steps`` /
         ``num_inference_steps``, ``tensor_parallel_size``, ``attn_impl``, ``moe_impl``, ``quantization``,
-        ``gpu_memory_utilization``.
+        ``gpu_memory_utilization``, ``enforce_eager``.
         """
         if args is None:
             a: dict[str, Any] = {}
@@ -495,6 +500,7 @@ class EngineConfig:
             "moe_impl": ("moe_impl",),
             "quantization": ("quantization",),
             "gpu_memory_utilization": ("gpu_memory_utilization",),
+            "enforce_eager": ("enforce_eager",),
         }
         for fname, keys in simple.items():
             v = first(*keys)
@@ -728,6 +734,12 @@ def add_engine_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         type=float,
         default=None,
         help="fraction of each GPU's total memory the engine may use; sizes the KV cache (default 0.9)",
+    )
+    g.add_argument(
+        "--enforce-eager",
+        action="store_true",
+        default=None,
+        help="never capture CUDA graphs: decode-only steps run eagerly too (graphs are only ever used on CUDA)",
     )
     g.add_argument(
         "--no-prefix-caching",

@@ -95,7 +95,7 @@ class EngineCore:
                             config.max_num_encoder_pixels, config.encoder_cache_bytes),
             kv, transition=lambda st: enter_image_phase(self.ctx, st),
         )
-        self.runner = ModelRunner(model, num_blocks, config.block_size)
+        self.runner = ModelRunner(model, num_blocks, config.block_size, config.enforce_eager, config.max_num_seqs)
         self.results: dict[str, RequestResult] = {}
         self.stats = StepStats()
 

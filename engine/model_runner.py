@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from diffgentor.engine.cuda_graph import DecodeGraphRunner, cuda_graphs_allowed
 from diffgentor.engine.encoder_cache import EncoderInput, EncoderKey
 from diffgentor.engine.kv_cache import PagedKVCache
 from diffgentor.engine.models.hunyuan_image_3.embedding import (
@@ -75,11 +76,19 @@ def constrain_logits(logits: Tensor, spec: SampleSpec) -> Tensor:
 
 
 class ModelRunner:
-    def __init__(self, model: HunyuanImage3ForCausalMM, num_blocks: int, block_size: int) -> None:
+    def __init__(self, model: HunyuanImage3ForCausalMM, num_blocks: int, block_size: int,
+                 enforce_eager: bool = False, max_num_seqs: int = 16) -> None:
         self.model = model
         self.config = model.config
         self.block_size = block_size
-        self.kv_cache: PagedKVCache = model.make_kv_cache(num_blocks, block_size)
+        # One page past the block manager's ids 0..num_blocks-1: the scratch block that CUDA-graph padding rows
+        # write to and read from (engine/cuda_graph.py); never handed to a request.
+        self.scratch_block = num_blocks
+        self.kv_cache: PagedKVCache = model.make_kv_cache(num_blocks + 1, block_size)
+        use_graphs, _ = cuda_graphs_allowed(model.device, enforce_eager, model.model.parallel.is_parallel)
+        self.decode_graphs: DecodeGraphRunner | None = (
+            DecodeGraphRunner(model, self.kv_cache, self.scratch_block, max_num_seqs) if use_graphs else None
+        )
         self.requests: dict[str, _WorkerRequest] = {}
         self.encoder_cache: dict[EncoderKey, EncodedImage] = {}  # the scheduler decides what enters and leaves
 
@@ -181,6 +190,10 @@ class ModelRunner:
     def _run(self, chunks: list[tuple[int, Chunk]], step_of: dict[int, int]) -> dict[int, Tensor]:
         if not chunks:
             return {}
+        if self.decode_graphs is not None:  # a decode-only step replays its bucket's CUDA graph
+            decoded = self.decode_graphs.run([c for _, c in chunks])
+            if decoded is not None:
+                return {i: decoded[r : r + 1] for r, (i, _) in enumerate(chunks)}
         seq_chunks, embeds, positions = [], [], []
         for i, c in chunks:
             emb, pos = self._embed(i, c, step_of)

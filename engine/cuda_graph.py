@@ -1,0 +1,239 @@
+"""CUDA graphs for decode-only steps (think / recaption tokens): capture per batch-size bucket, replay, else eager.
+
+A decode-only step is a step whose every chunk is ONE plain text token that samples the next token: no prefill,
+no diffusion image block, no image / timestep slot in the chunk. Such a step is launch-bound on a GPU (a few
+hundred small kernels for one token per sequence), which is what a CUDA graph removes. `decode_batch` decides
+whether a step qualifies and lays its inputs out for a bucket (1, 2, 4, ..., max_num_seqs); `DecodeGraphRunner`
+owns the static input buffers (token ids, positions, slots, page tables [B, M], kv lens), runs the static decode
+forward (embedding lookup -> backbone with `StaticDecodeAttention` -> last hidden states) and captures it per
+bucket into one shared graph memory pool.
+
+Capture is LAZY (the first time a bucket is needed), not at startup: this engine's steps are mostly prefill and
+diffusion, and many deployments never decode more than a few sequences at once, so capturing every bucket up
+front would add startup time and hold graph memory for buckets that are never replayed. A capture failure (e.g.
+a MoE implementation that reads group sizes on the host) turns graphs off for good with ONE warning; the step and
+every later one run eagerly. Graphs are used only on CUDA, never with `--enforce-eager`, and not under tensor
+parallel (a collective inside a captured graph, and every rank capturing in lockstep, are untested here); see
+docs/decisions.md, "CUDA graphs for decode-only steps".
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from diffgentor.engine.kv_cache import PagedKVCache
+from diffgentor.engine.models.hunyuan_image_3.embedding import positions_for
+from diffgentor.engine.models.hunyuan_image_3.model import HunyuanImage3ForCausalMM
+from diffgentor.engine.plan import Chunk
+from diffgentor.kernels.decode_attention import StaticDecodeAttention, StaticDecodeMetadata
+from diffgentor.kernels.fallback import warn_once
+
+DEFAULT_MAX_CONTEXT_TOKENS = 8192
+"""Keys a graph-decoded sequence may have (the page tables' width M = this / block_size, capped by the model's
+max_position_embeddings). The static attention reads all M pages of every row, so M bounds its memory traffic;
+longer sequences decode eagerly."""
+
+
+def batch_buckets(max_num_seqs: int) -> tuple[int, ...]:
+    """Capture sizes: powers of two below max_num_seqs, then max_num_seqs itself (every decode batch fits one)."""
+    if max_num_seqs < 1:
+        raise ValueError(f"max_num_seqs must be positive, got {max_num_seqs}")
+    sizes = []
+    b = 1
+    while b < max_num_seqs:
+        sizes.append(b)
+        b *= 2
+    return (*sizes, max_num_seqs)
+
+
+def pick_bucket(num_rows: int, buckets: Sequence[int]) -> int | None:
+    """The smallest bucket holding num_rows rows, or None when none does."""
+    return min((b for b in buckets if b >= num_rows), default=None) if num_rows > 0 else None
+
+
+def cuda_graphs_allowed(device: torch.device | str, enforce_eager: bool, tensor_parallel: bool) -> tuple[bool, str]:
+    """(use CUDA graphs for decode steps, why not): only on CUDA, not with --enforce-eager, not tensor parallel."""
+    if enforce_eager:
+        return False, "--enforce-eager"
+    if torch.device(device).type != "cuda":
+        return False, f"device {device} is not CUDA"
+    if tensor_parallel:
+        return False, "tensor parallel (collectives are not captured)"
+    return True, "ok"
+
+
+def is_decode_chunk(c: Chunk) -> bool:
+    """One plain text token that samples: not a diffusion block, in no image / timestep slot nor full-attention
+    span (its embedding is the token's, and it sees exactly the keys [0, end))."""
+    if c.end - c.start != 1 or c.sample is None or c.diffusion or len(c.token_ids) <= c.start:
+        return False
+    layout, at = c.layout, c.start
+    if any(s.start <= at < s.end for s in layout.image_slots):
+        return False
+    if any(a <= at < b for a, b in layout.full_attn_spans):
+        return False
+    return at not in layout.cond_timestep_indexes and at not in (layout.gen_timestep_index, layout.guidance_index)
+
+
+@dataclass(frozen=True)
+class DecodeBatch:
+    """A decode-only step's inputs on the host, padded to its bucket (rows num_rows.. are padding rows)."""
+
+    bucket: int
+    num_rows: int
+    token_ids: list[int]
+    positions: list[list[int]]  # [bucket][2] (y, x)
+    slots: list[int]
+    block_tables: list[list[int]]  # [bucket][max_blocks]
+    kv_lens: list[int]
+
+
+def decode_batch(
+    chunks: Sequence[Chunk], block_size: int, max_blocks: int, buckets: Sequence[int], scratch_block: int
+) -> DecodeBatch | None:
+    """THE selection function: the step's graph inputs, or None when it must run eagerly (not decode-only, more
+    rows than the largest bucket, a sequence longer than max_blocks pages, a page table that does not cover it)."""
+    bucket = pick_bucket(len(chunks), buckets)
+    if bucket is None or not all(is_decode_chunk(c) for c in chunks):
+        return None
+    scratch_slot = scratch_block * block_size
+    ids, pos, slots, tables, lens = [], [], [], [], []
+    for c in chunks:
+        kv_len = c.end
+        pages = list(c.block_table[: -(-kv_len // block_size)])
+        if len(pages) * block_size < kv_len or len(pages) > max_blocks or any(p < 0 for p in pages):
+            return None
+        ids.append(int(c.token_ids[c.start]))
+        pos.append([int(x) for x in positions_for(c.layout, c.start, c.end)[0].tolist()])  # host tensor
+        slots.append(pages[c.start // block_size] * block_size + c.start % block_size)
+        tables.append(pages + [scratch_block] * (max_blocks - len(pages)))
+        lens.append(kv_len)
+    pad = bucket - len(chunks)
+    return DecodeBatch(
+        bucket=bucket,
+        num_rows=len(chunks),
+        token_ids=ids + [0] * pad,
+        positions=pos + [[0, 0]] * pad,
+        slots=slots + [scratch_slot] * pad,
+        block_tables=tables + [[scratch_block] * max_blocks] * pad,
+        kv_lens=lens + [1] * pad,
+    )
+
+
+class DecodeGraphRunner:
+    """Static buffers, the static decode forward and its CUDA graphs per bucket.
+
+    use_graphs=False runs the same static forward without capture (any device): what the CPU tests compare with
+    the eager forward, and what `torch.compile(fullgraph=True)` traces.
+    """
+
+    def __init__(
+        self,
+        model: HunyuanImage3ForCausalMM,
+        kv_cache: PagedKVCache,
+        scratch_block: int,
+        max_num_seqs: int,
+        max_context_tokens: int = DEFAULT_MAX_CONTEXT_TOKENS,
+        use_graphs: bool = True,
+    ) -> None:
+        if not 0 <= scratch_block < kv_cache.num_blocks:
+            raise ValueError(f"scratch block {scratch_block} is not a page of the cache ({kv_cache.num_blocks})")
+        self.model = model
+        self.kv_cache = kv_cache
+        self.scratch_block = scratch_block
+        self.block_size = kv_cache.block_size
+        self.buckets = batch_buckets(max_num_seqs)
+        cfg = model.config
+        max_tokens = min(max_context_tokens, cfg.max_position_embeddings)
+        self.max_blocks = math.ceil(max_tokens / self.block_size)
+        backbone = model.model
+        self.attn = StaticDecodeAttention(backbone.num_local_heads, backbone.num_local_kv_heads, cfg.head_dim,
+                                          cfg.head_dim**-0.5)
+        self.use_graphs = use_graphs
+        self.disabled_reason: str | None = None
+        dev = model.device
+        b = self.buckets[-1]
+        self._ids = torch.zeros(b, dtype=torch.long, device=dev)
+        self._positions = torch.zeros(b, 2, dtype=torch.long, device=dev)
+        self._slots = torch.full((b,), scratch_block * self.block_size, dtype=torch.long, device=dev)
+        self._tables = torch.full((b, self.max_blocks), scratch_block, dtype=torch.long, device=dev)
+        self._kv_lens = torch.ones(b, dtype=torch.long, device=dev)
+        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, Tensor]] = {}
+        self._pool = None
+
+    @property
+    def captured_buckets(self) -> tuple[int, ...]:
+        return tuple(sorted(self._graphs))
+
+    def select(self, chunks: Sequence[Chunk]) -> DecodeBatch | None:
+        return decode_batch(chunks, self.block_size, self.max_blocks, self.buckets, self.scratch_block)
+
+    def metadata(self, bucket: int) -> StaticDecodeMetadata:
+        """Views of the first `bucket` rows of the static buffers."""
+        return StaticDecodeMetadata(self._slots[:bucket], self._tables[:bucket], self._kv_lens[:bucket],
+                                    self.block_size, self.kv_cache.num_slots - 1)
+
+    @torch.no_grad()
+    def forward(self, bucket: int) -> Tensor:
+        """The static decode forward on the buffers' first `bucket` rows -> last-layer hidden states [bucket, H].
+        Shapes depend on `bucket` alone; no host reads of device data (capturable, fullgraph-traceable)."""
+        emb = self.model.embed_tokens(self._ids[:bucket])
+        return self.model.model(emb, self._positions[:bucket], self.metadata(bucket), self.kv_cache, attn=self.attn)
+
+    def load(self, batch: DecodeBatch) -> None:
+        """Copy a step's inputs into the static buffers (one host->device copy per buffer)."""
+        b = batch.bucket
+        for buf, values in ((self._ids, batch.token_ids), (self._positions, batch.positions),
+                            (self._slots, batch.slots), (self._tables, batch.block_tables),
+                            (self._kv_lens, batch.kv_lens)):
+            buf[:b].copy_(torch.tensor(values, dtype=torch.long), non_blocking=False)
+
+    def run(self, chunks: Sequence[Chunk]) -> Tensor | None:
+        """Hidden states [len(chunks), H] of a decode-only step (graph replay, or the static forward when graphs
+        are off for this runner), or None when the step must run eagerly (`decode_batch`) or capture just failed."""
+        if self.disabled_reason is not None:
+            return None
+        batch = self.select(chunks)
+        if batch is None:
+            return None
+        self.load(batch)
+        if not self.use_graphs:
+            return self.forward(batch.bucket)[: batch.num_rows]
+        graph = self._graphs.get(batch.bucket) or self._capture(batch.bucket)
+        if graph is None:
+            return None
+        g, out = graph
+        g.replay()
+        return out[: batch.num_rows].clone()  # the next replay overwrites `out`
+
+    def _capture(self, bucket: int) -> tuple[torch.cuda.CUDAGraph, Tensor] | None:
+        """Warm up (resolves kernels, allocator and library workspaces outside the graph), then capture. On any
+        failure graphs are disabled for good with one warning; the caller runs the step eagerly. The warm-up and the
+        capture run on the CURRENT step's inputs: the K/V they write are the values the step writes anyway."""
+        try:
+            if self._pool is None:
+                self._pool = torch.cuda.graph_pool_handle()
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                self.forward(bucket)
+            torch.cuda.current_stream().wait_stream(side)
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g, pool=self._pool):
+                out = self.forward(bucket)
+        except Exception as e:  # noqa: BLE001 - whatever breaks capture, the user's request runs eagerly
+            self.disabled_reason = f"capture of decode batch {bucket} failed: {type(e).__name__}: {e}"
+            self._graphs.clear()
+            try:
+                torch.cuda.synchronize()
+            except Exception:  # noqa: BLE001, S110 - best effort after a failed capture
+                pass
+            warn_once("cuda-graph-capture", f"CUDA graphs disabled, decode steps run eagerly ({self.disabled_reason})")
+            return None
+        self._graphs[bucket] = (g, out)
+        return g, out
