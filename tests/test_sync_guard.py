@@ -1,0 +1,179 @@
+"""No device-to-host syncs inside the backbone forward (issue 12, item 3).
+
+On a GPU every `.item()`, `int(t)`, `.tolist()`, `bool(t)`, `nonzero` or boolean-mask index inside a layer stalls
+the stream until the device catches up. CPU tensors never stall, so the test makes those calls RAISE while the
+backbone's forward runs (entered in a forward pre-hook, left in a forward hook) and drives one engine step that
+holds a prefill, a decode and a diffusion chunk at once.
+
+Nothing is allow-listed: the grouped MoE (`kernels.moe`) is sync-free as well (torch._grouped_mm runs on CPU
+here; only its per-expert fallback reads group sizes on the host).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from diffgentor.engine.models.hunyuan_image_3.backbone import HunyuanImage3Backbone
+from diffgentor.engine.offline import Engine
+from diffgentor.engine.tiny_model import make_tiny
+
+Tensor = torch.Tensor
+aten = torch.ops.aten
+
+SYNC_FUNCTIONS = {
+    Tensor.item, Tensor.tolist, Tensor.__int__, Tensor.__float__, Tensor.__bool__, Tensor.__index__,
+    Tensor.__complex__, Tensor.nonzero, torch.nonzero, Tensor.masked_select, torch.masked_select, torch.argwhere,
+    Tensor.argwhere, torch.unique, Tensor.unique, torch.unique_consecutive, Tensor.any, Tensor.all,
+}
+# ops whose output size or value needs the device's data on the host (composites land here too)
+SYNC_OPS = {
+    aten._local_scalar_dense.default, aten.nonzero.default, aten.masked_select.default, aten.item.default,
+    aten._unique2.default, aten.unique_consecutive.default, aten.unique_dim.default,
+    aten.repeat_interleave.Tensor,
+}
+INDEX_OPS = {aten.index.Tensor, aten.index_put.default, aten.index_put_.default}
+
+
+def _bool_index(indices) -> bool:
+    if isinstance(indices, Tensor):
+        return indices.dtype == torch.bool
+    if isinstance(indices, (tuple, list)):
+        return any(_bool_index(i) for i in indices)
+    return False
+
+
+class _SyncFunctionGuard(TorchFunctionMode):
+    """Raises on Python-level calls that read device data on the host."""
+
+    def __init__(self, found: list[str]) -> None:
+        super().__init__()
+        self.found = found
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", str(func))
+        if func in SYNC_FUNCTIONS:
+            self.found.append(name)
+            raise RuntimeError(f"host sync in the backbone forward: {name}")
+        if func in (Tensor.__getitem__, Tensor.__setitem__, Tensor.index_put_, Tensor.index_put) and len(args) > 1 \
+                and _bool_index(args[1]):
+            self.found.append(f"{name}[bool mask]")
+            raise RuntimeError(f"host sync in the backbone forward: boolean-mask {name}")
+        return func(*args, **kwargs)
+
+
+class _SyncDispatchGuard(TorchDispatchMode):
+    """Raises on aten ops that need a device read (catches what composites and C++ code paths call)."""
+
+    def __init__(self, found: list[str]) -> None:
+        super().__init__()
+        self.found = found
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in SYNC_OPS or (func in INDEX_OPS and len(args) > 1 and _bool_index(args[1])):
+            self.found.append(str(func))
+            raise RuntimeError(f"host sync in the backbone forward: {func}")
+        return func(*args, **kwargs)
+
+
+class SyncGuard:
+    """Both guards, active only between the backbone's forward pre-hook and forward hook."""
+
+    def __init__(self) -> None:
+        self.found: list[str] = []
+        self.forwards = 0
+        self._modes: list = []
+
+    def enter(self, *_args) -> None:
+        self.forwards += 1
+        self._modes = [_SyncFunctionGuard(self.found), _SyncDispatchGuard(self.found)]
+        for m in self._modes:
+            m.__enter__()
+
+    def exit(self, *_args) -> None:
+        while self._modes:
+            self._modes.pop().__exit__(None, None, None)
+
+    @property
+    def active(self) -> bool:
+        return bool(self._modes)
+
+    def install(self, module: torch.nn.Module) -> None:
+        module.register_forward_pre_hook(self.enter)
+        # always_call: an exception inside the forward must leave the modes too
+        module.register_forward_hook(self.exit, always_call=True)
+
+
+def _kinds(plan) -> set[str]:
+    kinds = set()
+    for c in plan.chunks:
+        kinds.add("diffusion" if c.diffusion else "decode" if c.end - c.start == 1 else "prefill")
+    return kinds
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return make_tiny(tmp_path_factory.mktemp("ckpt") / "tiny.Distil-3.0", distil=True)
+
+
+def test_guard_catches_the_calls_it_is_meant_to():
+    guard = SyncGuard()
+    mod = torch.nn.Identity()
+    guard.install(mod)
+    x = torch.arange(4)
+    for bad in (lambda t: t.tolist(), lambda t: int(t[0]), lambda t: t[t > 1], lambda t: t.nonzero(),
+                lambda t: bool(t.any()), lambda t: t.max().item()):
+        with pytest.raises(RuntimeError, match="host sync"):
+            guard.enter()
+            try:
+                bad(x)
+            finally:
+                guard.exit()
+    guard.enter()
+    try:
+        y = x.index_select(0, torch.tensor([1, 2])) + x[1:3]  # allowed: index tensors, slices
+    finally:
+        guard.exit()
+    assert y.shape == (2,) and not guard.active
+
+
+def test_mixed_step_has_no_host_syncs_in_the_backbone(tiny, monkeypatch):
+    eng = Engine.from_pretrained(tiny, environ={}, num_kv_blocks=256, device="cpu", dtype="float32",
+                                 max_num_seqs=8, max_num_batched_tokens=4096)
+    backbone = next(m for m in eng.core.runner.model.modules() if isinstance(m, HunyuanImage3Backbone))
+    guard = SyncGuard()
+    guard.install(backbone)
+
+    sched = eng.core.scheduler
+    plans = []
+    schedule = sched.schedule
+
+    def recording_schedule():
+        plan = schedule()
+        plans.append(plan)
+        return plan
+
+    monkeypatch.setattr(sched, "schedule", recording_schedule)
+    base = dict(infer_align_image_size=False, output_type="latent", num_inference_steps=4, image_size="256x256")
+    core = eng.core
+    core.add_request(eng.make_request(dict(request_id="img", prompt="a red cube", bot_task="image", seed=1, **base)))
+    core.add_request(eng.make_request(dict(request_id="think", prompt="think about a cat", bot_task="think_recaption",
+                                           max_new_tokens=64, seed=2, **base)))
+    mixed = False
+    for step in range(12):
+        if step == 2:  # a fresh prefill joins while "img" diffuses and "think" decodes
+            core.add_request(eng.make_request(dict(request_id="late", prompt="a blue sphere on grass",
+                                                   bot_task="image", seed=3, **base)))
+        core.step()
+        assert not guard.found, f"step {step}: {guard.found}"
+        if plans and _kinds(plans[-1]) == {"prefill", "decode", "diffusion"}:
+            mixed = True
+            break
+    assert mixed, [sorted(_kinds(p)) for p in plans]
+    assert guard.forwards >= len(plans) - 1 and not guard.active
+    failed = [r for r in core.results.values() if r.error]
+    assert not failed, [r.error for r in failed]
