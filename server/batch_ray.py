@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import logging
 import math
 import os
@@ -32,6 +31,8 @@ import socket
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
+
+import msgspec
 
 from diffgentor.server import batch as B
 
@@ -73,6 +74,28 @@ def pool_size(resources: dict[str, float], node_cpus: Sequence[float], node_gpus
     return max(1, min(n, num_batches))
 
 
+# ---------------------------------------------------------------------------------------------------- messages
+class RowOutcome(msgspec.Struct, frozen=True):
+    """One finished row, replica -> driver (msgpack in the dataset's ``outcome`` column). The rows themselves go
+    driver -> replica pickled: an `EditRow`'s images mix paths (str) and embedded bytes, which msgpack cannot type."""
+
+    index: int
+    sub: int
+    ok: bool
+    record: dict[str, str]
+
+
+class ReplicaBatch(msgspec.Struct, frozen=True):
+    """The answer to one batch: its rows' outcomes, or the fatal error that stopped the replica (no model)."""
+
+    outcomes: list[RowOutcome] = []
+    fatal: str | None = None
+
+
+_ENCODER = msgspec.msgpack.Encoder()
+_DECODER = msgspec.msgpack.Decoder(ReplicaBatch)
+
+
 # ---------------------------------------------------------------------------------------------------- replica
 class Replica:
     """One engine replica (a Ray actor): runs a batch of pickled `batch.Task`s through `batch.Worker`."""
@@ -90,15 +113,16 @@ class Replica:
         self.worker = B.Worker(ns, config, Path(base_dir), Path(cache_dir))
         logger.info("replica %s ready (CUDA_VISIBLE_DEVICES=%s)", self.where, os.environ.get("CUDA_VISIBLE_DEVICES"))
 
-    def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
+    def __call__(self, batch: dict[str, Any]) -> dict[str, list[bytes]]:
         tasks = [pickle.loads(b) for b in batch["task"]]
         try:
             outcomes = self.worker.run_batch(tasks)
         except B.FatalError as e:  # the model did not load: the driver stops the run (exit code 2)
-            return {"record": [""] * len(tasks), "ok": [False] * len(tasks), "fatal": [str(e)] * len(tasks)}
-        logger.info("replica %s: rows %s done", self.where, ",".join(str(t.row.index) for t in tasks))
-        return {"record": [json.dumps({"key": list(o.key), "ok": o.ok, "record": o.record}) for o in outcomes],
-                "ok": [o.ok for o in outcomes], "fatal": [""] * len(outcomes)}
+            answer = ReplicaBatch(fatal=str(e))
+        else:
+            logger.info("replica %s: rows %s done", self.where, ",".join(str(t.row.index) for t in tasks))
+            answer = ReplicaBatch([RowOutcome(o.key[0], o.key[1], o.ok, o.record) for o in outcomes])
+        return {"answer": [_ENCODER.encode(answer)]}  # one row per batch (map_batches may change the row count)
 
     def __del__(self) -> None:
         worker = getattr(self, "worker", None)
@@ -148,14 +172,11 @@ def run_ray(args: argparse.Namespace, pending: Sequence[B.Task], base: Path, cac
                                    "cache_dir": str(cache_dir), "log_dir": str(log_dir)},
             max_restarts=-1, max_task_retries=max(1, args.max_retries), **resources)
         for batch in out.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=0):
-            fatal = next((f for f in batch["fatal"] if f), None)
-            if fatal:
-                raise B.FatalError(str(fatal))
-            outcomes = []
-            for raw in batch["record"]:
-                o = json.loads(raw)
-                outcomes.append(B.Outcome(tuple(o["key"]), bool(o["ok"]), o["record"]))
-            on_outcomes(outcomes)
+            for raw in batch["answer"]:
+                answer = _DECODER.decode(raw)
+                if answer.fatal:
+                    raise B.FatalError(answer.fatal)
+                on_outcomes([B.Outcome((o.index, o.sub), o.ok, dict(o.record)) for o in answer.outcomes])
     except B.FatalError:
         raise
     except Exception as e:  # noqa: BLE001 - a batch whose replica died more than the retries allow, ...

@@ -186,3 +186,22 @@ def test_driver_killed_and_rerun(tmp_path, tiny_distil, dataset, ray_cluster):
     assert f"{skipped} already done (skipped), {12 - skipped} to generate" in r.stderr
     assert f"{len(GOOD) - skipped} generated, {skipped} skipped (already done), 3 failed of 12 row(s)" in r.stderr
     _check_complete(out)
+
+
+def test_pool_size_from_cluster_resources():
+    from diffgentor.server.batch import FatalError
+    from diffgentor.server.batch_ray import pool_size, replica_resources
+
+    assert replica_resources(0, []) == {"num_cpus": 1} == replica_resources(4, [0, 0])
+    assert replica_resources(0, [8, 4]) == {"num_gpus": 8}  # 0: every GPU of the largest node
+    assert replica_resources(4, [8, 8]) == {"num_gpus": 4}
+    with pytest.raises(FatalError, match="cannot span nodes"):
+        replica_resources(16, [8, 8])
+    gpu4 = {"num_gpus": 4}
+    assert pool_size(gpu4, [64] * 8, [8] * 8, None, 1000) == 16  # 8 nodes x 8 GPUs, 4 per replica
+    assert pool_size(gpu4, [64, 64], [8, 6], None, 1000) == 3  # 6 GPUs hold one replica of 4
+    assert pool_size(gpu4, [64] * 8, [8] * 8, 5, 1000) == 5  # --num_instances
+    assert pool_size({"num_cpus": 1}, [2, 4], [0, 0], None, 1000) == 6
+    assert pool_size({"num_cpus": 1}, [2, 4], [0, 0], None, 2) == 2  # never more replicas than batches
+    with pytest.raises(FatalError, match="num_instances"):
+        pool_size(gpu4, [64], [8], 0, 10)
