@@ -144,7 +144,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         result["param_bytes"] = sum(p.numel() * p.element_size() for p in model.parameters())
         config = EngineConfig(model=str(ckpt), device=args.device, dtype=str(dtype).removeprefix("torch."),
                               num_kv_blocks=args.kv_blocks, max_num_seqs=2, attn_impl=args.attn_impl,
-                              moe_impl=args.moe_impl, quantization=args.quantization or "none")
+                              moe_impl=args.moe_impl, quantization=args.quantization or "none",
+                              enforce_eager=True)  # LayerTimer's per-layer hooks cannot time CUDA-graph replays
         tok = HunyuanTokenizer.from_pretrained(ckpt, require_distil_tokens=model.config.cfg_distilled)
         core = EngineCore(model, tok, GenerationDefaults.from_pretrained(ckpt), SystemPrompts.from_pretrained(ckpt),
                           config, args.kv_blocks)
