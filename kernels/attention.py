@@ -412,6 +412,12 @@ class SdpaGroup:
         return len(self.seqs)
 
 
+# Sequences are batched into one SDPA call only from this many query rows up: with 1-3 rows (decode tokens) the
+# CPU kernel gives a row different low bits in a batch than alone (measured on torch 2.13), which would break
+# batch invariance; from 4 rows up batched == alone bit for bit (tests/test_attention_fast.py).
+MIN_BATCH_ROWS = 8
+
+
 def _mask_kind(limits: Sequence[int], m: int) -> str:
     n = len(limits)
     if all(lim == m for lim in limits):
@@ -426,15 +432,17 @@ def plan_sdpa_groups(metadata: AttentionMetadata) -> list[SdpaGroup]:
     host = metadata.lists()
     dev = metadata.slot_mapping.device
     bs = metadata.block_size
-    by_key: dict[tuple[int, int, str], list[int]] = {}
+    by_key: dict[tuple[int, int, str, int], list[int]] = {}
     for s in range(metadata.num_seqs):
         r0, r1 = host.qo_indptr[s], host.qo_indptr[s + 1]
         if r1 == r0:
             continue
-        m = host.kv_lens[s]
-        by_key.setdefault((r1 - r0, m, _mask_kind(host.key_limit[r0:r1], m)), []).append(s)
+        n, m = r1 - r0, host.kv_lens[s]
+        # below MIN_BATCH_ROWS query rows the CPU kernel's results depend on the batch size: one call each
+        alone = s if n < MIN_BATCH_ROWS else -1
+        by_key.setdefault((n, m, _mask_kind(host.key_limit[r0:r1], m), alone), []).append(s)
     groups = []
-    for (n, m, kind), seqs in by_key.items():
+    for (n, m, kind, _), seqs in by_key.items():
         starts = [host.qo_indptr[s] for s in seqs]
         contiguous = all(b == a + n for a, b in zip(starts, starts[1:]))
         row_span = (starts[0], starts[0] + n * len(seqs)) if contiguous else None

@@ -125,9 +125,9 @@ class FlashInferPagedAttention:
         self._q_dtype = q_dtype or torch.bfloat16
         self._kv_dtype = kv_dtype or self._q_dtype
         ps = metadata.block_size
-        tables = metadata.block_tables.tolist()
-        kv_lens = metadata.kv_lens.tolist()
-        indptr = metadata.qo_indptr.tolist()
+        host = metadata.lists()  # host copies made by AttentionMetadata.build: no device reads while planning
+        tables = [list(t) for t in host.block_tables]
+        kv_lens, indptr = host.kv_lens, host.qo_indptr
         dev = self._device
         self._steps = []
         if self.variant == "mask":
