@@ -223,3 +223,20 @@ def test_gpu_flashinfer_fp8_block_vs_reference():
     ref = fused_experts_grouped(x, weights, ids, q13, q2).float()
     fast = fused_experts(x, weights, ids, q13, q2, impl="flashinfer").float()
     assert rel_l2(fast, ref) < 0.06
+
+
+@pytest.mark.parametrize("expert_parallel", [False, True])
+def test_tensor_parallel_ranks_quantise_their_own_slices(tiny_ckpt, expert_parallel):
+    """Each rank quantises the slice it reads (no rank ever holds a full high-precision expert)."""
+    from diffgentor.engine.models.hunyuan_image_3.model import HunyuanImage3ForCausalMM
+    from diffgentor.engine.parallel import ParallelContext
+
+    full = _expert_params(HunyuanImage3ForCausalMM.from_pretrained(tiny_ckpt))
+    for rank in range(2):
+        par = ParallelContext(2, rank, expert_parallel=expert_parallel)
+        q = _expert_params(HunyuanImage3ForCausalMM.from_pretrained(tiny_ckpt, parallel=par, quantization="fp8"))
+        weights = [n for n in q if n.endswith(".weight")]
+        assert weights and all(q[n].dtype == FP8_DTYPE for n in weights)
+        assert sum(q[n].numel() for n in weights) * 2 == sum(p.numel() for p in full.values())
+        for n in weights:  # per-output-channel scales of exactly this rank's rows
+            assert q[n + "_scale"].shape == q[n].shape[:1]
