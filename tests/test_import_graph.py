@@ -26,7 +26,12 @@ FORBIDDEN = {"kernels": ("engine", "server", "bench"), "engine": ("server", "ben
 ENTRY_POINTS = {"diffgentor.server.cli"}
 # `get_attention_backend("flashinfer")` imports the FlashInfer backend, which builds on the torch reference in
 # `kernels.attention`; the GPU module is loaded only when it is selected.
-LAZY_PLUGIN_EDGES = {("diffgentor.kernels.attention", "diffgentor.kernels.flashinfer_attention")}
+# `diffgentor edit|t2i --executor ray` imports the Ray executor (an optional extra), which reuses the batch job's
+# row handling.
+LAZY_PLUGIN_EDGES = {
+    ("diffgentor.kernels.attention", "diffgentor.kernels.flashinfer_attention"),
+    ("diffgentor.server.batch", "diffgentor.server.batch_ray"),
+}
 
 
 def _module_name(path: Path) -> str:
