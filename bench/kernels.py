@@ -9,15 +9,25 @@ Attention: T query tokens over a 1024-token prefix plus themselves (T >= 64: the
 block, i.e. a diffusion step; smaller T: causal text, T = 1 is a decode). Each row reports time, TFLOP/s,
 GB/s and the fraction of the card's roofline (time lower bound max(flops/peak, bytes/bandwidth) / measured).
 CPU numbers are labelled "cpu" and are never written under a GPU card's name.
+
+    python -m diffgentor.bench.kernels --device cpu --sdpa-before 7d805fa   # attention before/after
+
+compares the torch attention backend of an earlier revision (loaded from git into this process) with the
+current one on engine-step shapes (an edit prefill with a 1024x768 condition image, batched diffusion blocks,
+a mixed step), alternating the two per repeat: bench/results/<card>-attention-sdpa.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import platform
+import subprocess
+import sys
 import time
 from pathlib import Path
+from types import ModuleType
 
 import torch
 
@@ -130,6 +140,74 @@ def bench_attention(shape, tokens, backends, device, dtype, warmup, repeat, peak
     return rows
 
 
+# engine-step shapes for the before/after comparison: (name, [(query rows, kv_len, bidirectional spans)]).
+# An edit prefill: system + prompt text, a 1024x768 condition image as 64x48 = 3072 VAE tokens, its ViT tokens
+# (729), text; a diffusion step of a 256x256 image (16x16 tokens + timestep) over a 300-token prefix.
+_EDIT = (3900, 3900, [(40, 3112), (3113, 3842)])
+_DIFFUSION = (257, 557, [(300, 557)])
+SDPA_STEPS = {
+    "edit_prefill": [_EDIT],
+    "diffusion_x4": [_DIFFUSION] * 4,
+    "mixed_edit_prefill_4_decodes_4_diffusion": [_EDIT] + [(1, 400 + 37 * i, []) for i in range(4)] + [_DIFFUSION] * 4,
+    "decode_x8": [(1, 600 + 50 * i, []) for i in range(8)],
+}
+
+
+def load_attention_at(rev: str) -> ModuleType:
+    """kernels/attention.py as of git revision `rev`, imported under a private name (its relative imports
+    resolve against the current package)."""
+    root = Path(__file__).resolve().parents[1]
+    src = subprocess.run(["git", "show", f"{rev}:kernels/attention.py"], cwd=root, check=True,
+                         capture_output=True, text=True).stdout
+    name = "diffgentor.kernels._attention_before"
+    mod = importlib.util.module_from_spec(importlib.util.spec_from_loader(name, loader=None))
+    mod.__package__ = "diffgentor.kernels"
+    sys.modules[name] = mod
+    exec(compile(src, f"{rev}:kernels/attention.py", "exec"), mod.__dict__)
+    return mod
+
+
+def bench_sdpa_before_after(rev: str, shape: dict, device: torch.device, dtype: torch.dtype,
+                            repeat: int) -> list[dict]:
+    """Median seconds per `run` (one layer) of the old and the current torch backend ("mask" variant) on the
+    same metadata, cache and q/k/v; the two alternate within each repeat so load drifts hit both alike."""
+    old = load_attention_at(rev)
+    hq, hkv, d = shape["hq"], shape["hkv"], shape["head_dim"]
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for step, seqs in SDPA_STEPS.items():
+        chunks, next_page = [], 0
+        for n, kv_len, spans in seqs:
+            pages = -(-kv_len // PAGE)
+            chunks.append(SequenceChunk(range(kv_len - n, kv_len), kv_len, range(next_page, next_page + pages),
+                                        spans))
+            next_page += pages
+        cache = PagedKVCache(1, next_page, PAGE, hkv, d, dtype=dtype, device=device)
+        cache.kv[0].copy_(torch.randn(cache.kv[0].shape, generator=g))
+        md = AttentionMetadata.build(chunks, PAGE, device=device)
+        t = md.num_tokens
+        q = torch.randn(t, hq, d, generator=g).to(device, dtype)
+        before = old.TorchPagedAttention(hq, hkv, d, d**-0.5, "mask")
+        after = get_attention_backend("sdpa", hq, hkv, d, d**-0.5, "mask")
+        times: dict[str, list[float]] = {"before": [], "after": []}
+        outs = {}
+        for i in range(repeat + 1):
+            for label, be in (("before", before), ("after", after)):
+                t0 = time.perf_counter()
+                be.plan(md, q_dtype=dtype, kv_dtype=dtype)
+                outs[label] = be.run(q, None, None, cache, 0)
+                if i:  # the first round is warmup
+                    times[label].append(time.perf_counter() - t0)
+        med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+        rows.append({
+            "step": step, "sequences": [{"query_rows": n, "kv_len": kv, "bidir_spans": sp} for n, kv, sp in seqs],
+            "before_s": med["before"], "after_s": med["after"], "speedup": med["before"] / med["after"],
+            "max_abs_diff": float((outs["before"].float() - outs["after"].float()).abs().max()),
+        })
+        print(json.dumps({k: v for k, v in rows[-1].items() if k != "sequences"}), flush=True)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -142,10 +220,26 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--sdpa-before", default=None, metavar="REV",
+                    help="only compare the torch attention backend of git revision REV with the current one")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     shape = SMALL if args.small else REAL
+    if args.sdpa_before:
+        sdpa_shape = SMALL if device.type == "cpu" else shape  # CPU: the issue's small checkpoint (hidden 256)
+        rows = bench_sdpa_before_after(args.sdpa_before, sdpa_shape, device, dtype, args.repeat)
+        out = Path(args.out) if args.out else \
+            Path(__file__).resolve().parent / "results" / f"{card_key(device)}-attention-sdpa.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({
+            "what": "one layer's attention (plan + run) of the torch backend, mask variant: git revision "
+                    f"{args.sdpa_before} (before) vs this tree (after), same process, alternating, median",
+            "device": str(device), "dtype": str(dtype), "shape": sdpa_shape, "threads": torch.get_num_threads(),
+            "torch": torch.__version__, "repeat": args.repeat, "page_size": PAGE, "rows": rows,
+        }, indent=1))
+        print(f"wrote {out}")
+        return 0
     tokens = tuple(args.tokens) if args.tokens else (SMALL_TOKENS if args.small else TOKENS)
     card = card_key(device)
     peak = CARDS.get(card)

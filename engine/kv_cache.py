@@ -75,7 +75,8 @@ class PagedKVCache:
 
     def store(self, layer: int, metadata: AttentionMetadata, k: Tensor, v: Tensor) -> None:
         """Store this step's k, v [N, n_kv, D] at the slots the step's metadata prepared (`write_rows`,
-        `write_slots`, host `lists()`): index copies only, no device reads, so no host sync in the forward."""
+        `write_slots`, host `lists()`): index copies only, no device reads, so no host sync in the forward
+        (docs/decisions.md, "No host syncs in the backbone forward")."""
         host = metadata.lists()
         if k.shape != v.shape or k.shape[0] != len(host.query_kv_index):
             raise ValueError(f"store: k {tuple(k.shape)}, v {tuple(v.shape)}, {len(host.query_kv_index)} rows")

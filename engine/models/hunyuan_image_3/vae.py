@@ -38,7 +38,7 @@ _GN_EPS = 1e-6
 
 def _swish(x: torch.Tensor) -> torch.Tensor:
     """x * sigmoid(x) as ONE fused op (the official code multiplies; same values within float rounding,
-    docs/decisions.md "VAE speed")."""
+    docs/decisions.md, "VAE: F.silu, oneDNN conv3d")."""
     return F.silu(x)
 
 
@@ -51,7 +51,8 @@ class Conv3d(nn.Conv3d):
 
     PyTorch's CPU heuristic sends a batch-1 conv3d whose B*C*T*H is small (the 3-channel first conv, every
     level after the first downsample) to `slow_conv3d`, an im2col GEMM that materialises a 27x input copy:
-    up to 10x slower here than the oneDNN kernel it uses for larger batches (bench/vae_speed.py).
+    up to 10x slower here than the oneDNN kernel it uses for larger batches (bench/vae_speed.py;
+    docs/decisions.md, "VAE: F.silu, oneDNN conv3d").
     """
 
     def conv(self, x: torch.Tensor, padding: tuple[int, int, int] | None = None) -> torch.Tensor:
