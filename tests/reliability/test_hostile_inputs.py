@@ -502,6 +502,57 @@ def test_stream_pump_failure_still_ends_the_stream(tmp_path):
     assert "event: error" in text and text.rstrip().endswith("data: [DONE]"), text[-300:]
 
 
+def test_a_failed_sub_request_cancels_its_siblings():
+    """n=2: sub-request 0 fails in the engine (here the core's answer is routed by hand: an engine client linked to
+    a socket instead of a core process, as tests/test_dp_serve.py does); sub-request 1 is aborted at once instead of
+    running to its end, and the failure is the answer."""
+    import zmq
+
+    from diffgentor.engine.config import EngineConfig
+    from diffgentor.engine.core_proc import (
+        AbortRequests,
+        AddRequest,
+        CoreOutputs,
+        CoreReady,
+        FinishedInfo,
+        input_decoder,
+    )
+    from diffgentor.engine.request import GenerationRequest
+    from diffgentor.engine.request_state import ProcessedRequest
+    from diffgentor.server.api import _collect_all
+    from diffgentor.server.engine_client import EngineClient
+    from diffgentor.server.openai_schemas import OpenAIError
+
+    async def run() -> list:
+        client = EngineClient(EngineConfig(device="cpu"))
+        client._in = client._ctx.socket(zmq.PUSH)
+        client._in.setsockopt(zmq.LINGER, 0)
+        client._in.bind(client.input_addr)
+        client.ready = CoreReady(num_blocks=10, block_size=16, max_num_seqs=2, pid=0)
+        core_side = zmq.Context().socket(zmq.PULL)
+        core_side.connect(client.input_addr)
+        subs = [ProcessedRequest(request=GenerationRequest(request_id=f"r-{i}", prompt="x")) for i in range(2)]
+        work = asyncio.ensure_future(_collect_all(client, subs))
+        await asyncio.sleep(0.2)
+        client._route(CoreOutputs(finished=[FinishedInfo(request_id="r-0", finish_reason="error", status=400,
+                                                         error="bad input")]))
+        with pytest.raises(OpenAIError) as e:
+            await asyncio.wait_for(work, 5)
+        assert e.value.status == 400
+        await asyncio.sleep(0.2)  # the abort is sent from a task of its own
+        dec, got = input_decoder(), []
+        while core_side.poll(300):
+            got.append(dec.decode(core_side.recv()))
+        core_side.close(linger=0)
+        client.ready = None  # no process to stop
+        await client.shutdown()
+        return got
+
+    got = asyncio.run(run())
+    assert [m.processed.request.request_id for m in got if isinstance(m, AddRequest)] == ["r-0", "r-1"]
+    assert [m.request_ids for m in got if isinstance(m, AbortRequests)] == [["r-1"]]
+
+
 # ------------------------------------------------------------------------------------------------ health afterwards
 def test_zz_health_memory_and_kv_after_the_hostile_cases(hserver):
     assert httpx.get(hserver.base + "/health", timeout=5, trust_env=False).status_code == 200
