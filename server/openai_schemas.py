@@ -14,7 +14,7 @@ import time
 from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
 from diffgentor.engine.models.hunyuan_image_3.pipeline import BOT_TASKS
 from diffgentor.engine.models.hunyuan_image_3.system_prompt import ALL_KINDS
@@ -232,13 +232,18 @@ class ImageEditJSONRequest(_Common):
     """The JSON variant of /v1/images/edits: `images: [{image_url}]` (http(s) or data: URLs)."""
 
     images: list[ImageRef] = Field(default_factory=list)
-    image: ImageURL | list[ImageURL] | ImageRef | list[ImageRef] | None = None  # lenient: another place for them
+    image: None = Field(None, description="multipart only: JSON edits send their images as `images`")
+
+    @field_validator("image", mode="before")
+    @classmethod
+    def _no_image_field(cls, v: Any) -> None:
+        if v is not None:
+            raise ValueError("JSON edits send their images as images: [{\"image_url\": ...}] (`image` is the "
+                             "multipart field)")
+        return v
 
     def image_urls(self) -> list[str]:
-        refs: list[Any] = list(self.images)
-        if self.image is not None:
-            refs += self.image if isinstance(self.image, list) else [self.image]
-        return [r if isinstance(r, str) else r.image_url for r in refs]
+        return [r.image_url for r in self.images]
 
 
 class ErrorObject(BaseModel):

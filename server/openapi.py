@@ -139,7 +139,6 @@ def request_schemas(limits) -> dict[str, Any]:
     gen = _apply_limits(_model_schema(ImageGenerationRequest, defs), limits)
     edit_json = _apply_limits(_model_schema(ImageEditJSONRequest, defs), limits)
     edit_json["properties"]["images"].update(minItems=1, maxItems=limits.max_images)
-    edit_json["properties"]["image"]["description"] = "another place for image URLs (a string, an object or a list)"
     edit_json["required"] = ["prompt", "images"]
     form_props = {k: _form_value(v) for k, v in gen["properties"].items()}  # the edit's FORM_FIELDS
     form_props["image"] = {
