@@ -28,7 +28,7 @@ from diffgentor.engine.models.hunyuan_image_3.prompt import BuiltPrompt, ImageSl
 from diffgentor.engine.models.hunyuan_image_3.sampling import SamplingParams
 from diffgentor.engine.offline import Engine
 from diffgentor.engine.plan import Chunk, SampleSpec
-from diffgentor.engine.tiny_model import make_tiny
+from diffgentor.engine.tiny_model import make_tiny, size_overrides
 from diffgentor.kernels.attention import AttentionMetadata, SequenceChunk, paged_attention_reference
 from diffgentor.kernels.decode_attention import StaticDecodeAttention, StaticDecodeMetadata
 
@@ -38,6 +38,13 @@ BASE = dict(infer_align_image_size=False, output_type="latent", num_inference_st
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     return make_tiny(tmp_path_factory.mktemp("ckpt") / "tiny.Distil-3.0", distil=True)
+
+
+@pytest.fixture(scope="module")
+def tiny_one_layer(tmp_path_factory):
+    """One decoder layer (a MoE layer, like every tiny layer): dynamo traces half as much."""
+    return make_tiny(tmp_path_factory.mktemp("ckpt") / "tiny1.Distil-3.0", distil=True,
+                     config_overrides=size_overrides(layers=1))
 
 
 def _engine(path, **kw) -> Engine:
@@ -173,11 +180,11 @@ def test_graphs_only_on_cuda_and_never_with_enforce_eager(tiny):
 # ------------------------------------------------------------------------------------------------ the forward
 
 
-def test_static_decode_forward_compiles_fullgraph(tiny):
+def test_static_decode_forward_compiles_fullgraph(tiny_one_layer):
     """Dynamo traces the whole decode forward (embedding -> every layer, MoE included) without a graph break: no
     host syncs, no data-dependent shapes. bfloat16, the GPU dtype: torch's fake (meta) `_grouped_mm` accepts only
     bf16 although its CPU kernel also runs fp32, so an fp32 trace fails inside torch, not in our code."""
-    runner = _engine(tiny, dtype="bfloat16", num_kv_blocks=16).core.runner
+    runner = _engine(tiny_one_layer, dtype="bfloat16", num_kv_blocks=16).core.runner
     static = DecodeGraphRunner(runner.model, runner.kv_cache, runner.scratch_block, 4, max_context_tokens=64,
                                use_graphs=False)
     eager = static.forward(2)  # resolves the MoE implementation and stacks the experts, as the capture warm-up does
