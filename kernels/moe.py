@@ -355,7 +355,12 @@ def _fp8_grouped_gemm(w: Fp8Weight) -> GroupedGemm:
 
     def gemm(x: Tensor, offs: Tensor) -> Tensor:
         xq, xs = quantize_rows_fp8(x)
-        return torch._scaled_grouped_mm(xq, wt, xs.reshape(-1), w.scale, offs=offs, out_dtype=torch.bfloat16)
+        try:
+            return torch._scaled_grouped_mm(xq, wt, xs.reshape(-1), w.scale, offs=offs, out_dtype=torch.bfloat16)
+        except (RuntimeError, NotImplementedError) as e:  # e.g. an alignment rule of this torch build
+            warn_once(f"scaled_grouped_mm:{type(e).__name__}",
+                      f"torch._scaled_grouped_mm failed ({e}); FP8 MoE uses one torch._scaled_mm per expert")
+            return _fp8_loop_gemm(w)(x, offs)
 
     return gemm
 
