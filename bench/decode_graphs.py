@@ -47,7 +47,7 @@ def _overrides(shapes: str, layers: int | None) -> dict[str, Any]:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from diffgentor.bench.engine_run import build_random_model
-    from diffgentor.engine.cuda_graph import DecodeGraphRunner, pick_bucket
+    from diffgentor.engine.cuda_graph import DecodeGraphRunner
     from diffgentor.engine.model_runner import ModelRunner
     from diffgentor.engine.models.hunyuan_image_3.sampling import SamplingParams
     from diffgentor.engine.plan import Chunk, NewRequestData, SampleSpec, SchedulerOutput
@@ -102,7 +102,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         row = {"eager_ms": eager * 1e3, ("graph_ms" if cuda else "static_uncaptured_ms"): static * 1e3,
                "speedup": eager / static}
         if cuda:
-            row["captured_bucket"] = pick_bucket(batch, graphs.buckets) in graphs.captured_buckets
+            row["captured"] = [list(k) for k in graphs.captured]  # (batch bucket, page-table width) so far
             row["disabled_reason"] = graphs.disabled_reason
         result["batches"][str(batch)] = row
         print(f"batch {batch}: {json.dumps(row)}", flush=True)

@@ -3,18 +3,20 @@
 A decode-only step is a step whose every chunk is ONE plain text token that samples the next token: no prefill,
 no diffusion image block, no image / timestep slot in the chunk. Such a step is launch-bound on a GPU (a few
 hundred small kernels for one token per sequence), which is what a CUDA graph removes. `decode_batch` decides
-whether a step qualifies and lays its inputs out for a bucket (1, 2, 4, ..., max_num_seqs); `DecodeGraphRunner`
-owns the static input buffers (token ids, positions, slots, page tables [B, M], kv lens), runs the static decode
-forward (embedding lookup -> backbone with `StaticDecodeAttention` -> last hidden states) and captures it per
-bucket into one shared graph memory pool.
+whether a step qualifies and lays its inputs out for a bucket: a batch size B (1, 2, 4, ..., max_num_seqs) and a
+page-table width M (pages for 512, 1024, 2048, ... keys up to a cap), the smallest of each that holds the step, so
+the static attention reads at most twice the keys of the longest sequence (or 512). `DecodeGraphRunner` owns the static
+input buffers (token ids, positions, slots, page tables [B, M], kv lens), runs the static decode forward (embedding
+lookup -> backbone with `StaticDecodeAttention` -> last hidden states) and captures it per (B, M) into one shared
+graph memory pool.
 
 Capture is LAZY (the first time a bucket is needed), not at startup: this engine's steps are mostly prefill and
-diffusion, and many deployments never decode more than a few sequences at once, so capturing every bucket up
-front would add startup time and hold graph memory for buckets that are never replayed. A capture failure (e.g.
-a MoE implementation that reads group sizes on the host) turns graphs off for good with ONE warning; the step and
-every later one run eagerly. Graphs are used only on CUDA, never with `--enforce-eager`, and not under tensor
-parallel (a collective inside a captured graph, and every rank capturing in lockstep, are untested here); see
-docs/decisions.md, "CUDA graphs for decode-only steps".
+diffusion, and many deployments never decode more than a few sequences at once nor reach long contexts, so
+capturing every (B, M) up front would add startup time and hold graph memory for buckets never replayed. A capture
+failure (e.g. a MoE implementation that reads group sizes on the host) turns graphs off for good with ONE warning;
+the step and every later one run eagerly. Graphs are used only on CUDA, never with `--enforce-eager`, and not
+under tensor parallel (a collective inside a captured graph, and every rank capturing in lockstep, are untested
+here); see docs/decisions.md, "CUDA graphs for decode-only steps".
 """
 
 from __future__ import annotations
@@ -34,9 +36,11 @@ from diffgentor.kernels.decode_attention import StaticDecodeAttention, StaticDec
 from diffgentor.kernels.fallback import warn_once
 
 DEFAULT_MAX_CONTEXT_TOKENS = 8192
-"""Keys a graph-decoded sequence may have (the page tables' width M = this / block_size, capped by the model's
-max_position_embeddings). The static attention reads all M pages of every row, so M bounds its memory traffic;
-longer sequences decode eagerly."""
+"""Keys a graph-decoded sequence may have (the widest page table = this / block_size, capped by the model's
+max_position_embeddings); longer sequences decode eagerly."""
+
+MIN_CONTEXT_TOKENS = 512
+"""Keys covered by the narrowest page table."""
 
 
 def batch_buckets(max_num_seqs: int) -> tuple[int, ...]:
@@ -49,6 +53,20 @@ def batch_buckets(max_num_seqs: int) -> tuple[int, ...]:
         sizes.append(b)
         b *= 2
     return (*sizes, max_num_seqs)
+
+
+def width_buckets(max_tokens: int, block_size: int, min_tokens: int = MIN_CONTEXT_TOKENS) -> tuple[int, ...]:
+    """Page-table widths in pages: keys min_tokens, 2x, 4x, ... below max_tokens, then max_tokens (rounded up to
+    whole pages). The static attention reads every page of its width, so doubling bounds the waste at 2x."""
+    if max_tokens < 1 or block_size < 1:
+        raise ValueError(f"max_tokens and block_size must be positive, got {max_tokens}, {block_size}")
+    last = math.ceil(max_tokens / block_size)
+    widths = []
+    w = max(1, math.ceil(min_tokens / block_size))
+    while w < last:
+        widths.append(w)
+        w *= 2
+    return (*widths, last)
 
 
 def pick_bucket(num_rows: int, buckets: Sequence[int]) -> int | None:
@@ -82,22 +100,25 @@ def is_decode_chunk(c: Chunk) -> bool:
 
 @dataclass(frozen=True)
 class DecodeBatch:
-    """A decode-only step's inputs on the host, padded to its bucket (rows num_rows.. are padding rows)."""
+    """A decode-only step's inputs on the host, padded to its bucket (rows num_rows.. are padding rows) and its
+    page-table width (pages past a row's own: the scratch block)."""
 
     bucket: int
+    width: int
     num_rows: int
     token_ids: list[int]
     positions: list[list[int]]  # [bucket][2] (y, x)
     slots: list[int]
-    block_tables: list[list[int]]  # [bucket][max_blocks]
+    block_tables: list[list[int]]  # [bucket][width]
     kv_lens: list[int]
 
 
 def decode_batch(
-    chunks: Sequence[Chunk], block_size: int, max_blocks: int, buckets: Sequence[int], scratch_block: int
+    chunks: Sequence[Chunk], block_size: int, widths: Sequence[int], buckets: Sequence[int], scratch_block: int
 ) -> DecodeBatch | None:
     """THE selection function: the step's graph inputs, or None when it must run eagerly (not decode-only, more
-    rows than the largest bucket, a sequence longer than max_blocks pages, a page table that does not cover it)."""
+    rows than the largest batch bucket, a sequence longer than the widest page table, a page table that does not
+    cover its sequence)."""
     bucket = pick_bucket(len(chunks), buckets)
     if bucket is None or not all(is_decode_chunk(c) for c in chunks):
         return None
@@ -106,27 +127,31 @@ def decode_batch(
     for c in chunks:
         kv_len = c.end
         pages = list(c.block_table[: -(-kv_len // block_size)])
-        if len(pages) * block_size < kv_len or len(pages) > max_blocks or any(p < 0 for p in pages):
+        if len(pages) * block_size < kv_len or any(p < 0 for p in pages):
             return None
         ids.append(int(c.token_ids[c.start]))
         pos.append([int(x) for x in positions_for(c.layout, c.start, c.end)[0].tolist()])  # host tensor
         slots.append(pages[c.start // block_size] * block_size + c.start % block_size)
-        tables.append(pages + [scratch_block] * (max_blocks - len(pages)))
+        tables.append(pages)
         lens.append(kv_len)
+    width = pick_bucket(max(len(t) for t in tables), widths)
+    if width is None:
+        return None
     pad = bucket - len(chunks)
     return DecodeBatch(
         bucket=bucket,
+        width=width,
         num_rows=len(chunks),
         token_ids=ids + [0] * pad,
         positions=pos + [[0, 0]] * pad,
         slots=slots + [scratch_slot] * pad,
-        block_tables=tables + [[scratch_block] * max_blocks] * pad,
+        block_tables=[t + [scratch_block] * (width - len(t)) for t in tables] + [[scratch_block] * width] * pad,
         kv_lens=lens + [1] * pad,
     )
 
 
 class DecodeGraphRunner:
-    """Static buffers, the static decode forward and its CUDA graphs per bucket.
+    """Static buffers, the static decode forward and its CUDA graphs per (batch bucket, page-table width).
 
     use_graphs=False runs the same static forward without capture (any device): what the CPU tests compare with
     the eager forward, and what `torch.compile(fullgraph=True)` traces.
@@ -149,8 +174,8 @@ class DecodeGraphRunner:
         self.block_size = kv_cache.block_size
         self.buckets = batch_buckets(max_num_seqs)
         cfg = model.config
-        max_tokens = min(max_context_tokens, cfg.max_position_embeddings)
-        self.max_blocks = math.ceil(max_tokens / self.block_size)
+        self.widths = width_buckets(min(max_context_tokens, cfg.max_position_embeddings), self.block_size)
+        self.max_blocks = self.widths[-1]
         backbone = model.model
         self.attn = StaticDecodeAttention(backbone.num_local_heads, backbone.num_local_kv_heads, cfg.head_dim,
                                           cfg.head_dim**-0.5)
@@ -163,35 +188,38 @@ class DecodeGraphRunner:
         self._slots = torch.full((b,), scratch_block * self.block_size, dtype=torch.long, device=dev)
         self._tables = torch.full((b, self.max_blocks), scratch_block, dtype=torch.long, device=dev)
         self._kv_lens = torch.ones(b, dtype=torch.long, device=dev)
-        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, Tensor]] = {}
+        self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, Tensor]] = {}
         self._pool = None
 
     @property
-    def captured_buckets(self) -> tuple[int, ...]:
+    def captured(self) -> tuple[tuple[int, int], ...]:
+        """The (batch bucket, page-table width) pairs captured so far."""
         return tuple(sorted(self._graphs))
 
     def select(self, chunks: Sequence[Chunk]) -> DecodeBatch | None:
-        return decode_batch(chunks, self.block_size, self.max_blocks, self.buckets, self.scratch_block)
+        return decode_batch(chunks, self.block_size, self.widths, self.buckets, self.scratch_block)
 
-    def metadata(self, bucket: int) -> StaticDecodeMetadata:
-        """Views of the first `bucket` rows of the static buffers."""
-        return StaticDecodeMetadata(self._slots[:bucket], self._tables[:bucket], self._kv_lens[:bucket],
+    def metadata(self, bucket: int, width: int) -> StaticDecodeMetadata:
+        """Views of the first `bucket` rows (and `width` page columns) of the static buffers."""
+        return StaticDecodeMetadata(self._slots[:bucket], self._tables[:bucket, :width], self._kv_lens[:bucket],
                                     self.block_size, self.kv_cache.num_slots - 1)
 
     @torch.no_grad()
-    def forward(self, bucket: int) -> Tensor:
-        """The static decode forward on the buffers' first `bucket` rows -> last-layer hidden states [bucket, H].
-        Shapes depend on `bucket` alone; no host reads of device data (capturable, fullgraph-traceable)."""
+    def forward(self, bucket: int, width: int) -> Tensor:
+        """The static decode forward on the buffers' first `bucket` rows and `width` page columns -> last-layer
+        hidden states [bucket, H]. Shapes depend on (bucket, width) alone; no host reads of device data
+        (capturable, fullgraph-traceable)."""
         emb = self.model.embed_tokens(self._ids[:bucket])
-        return self.model.model(emb, self._positions[:bucket], self.metadata(bucket), self.kv_cache, attn=self.attn)
+        md = self.metadata(bucket, width)
+        return self.model.model(emb, self._positions[:bucket], md, self.kv_cache, attn=self.attn)
 
     def load(self, batch: DecodeBatch) -> None:
         """Copy a step's inputs into the static buffers (one host->device copy per buffer)."""
         b = batch.bucket
-        for buf, values in ((self._ids, batch.token_ids), (self._positions, batch.positions),
-                            (self._slots, batch.slots), (self._tables, batch.block_tables),
-                            (self._kv_lens, batch.kv_lens)):
-            buf[:b].copy_(torch.tensor(values, dtype=torch.long), non_blocking=False)
+        for buf, values in ((self._ids[:b], batch.token_ids), (self._positions[:b], batch.positions),
+                            (self._slots[:b], batch.slots), (self._tables[:b, : batch.width], batch.block_tables),
+                            (self._kv_lens[:b], batch.kv_lens)):
+            buf.copy_(torch.tensor(values, dtype=torch.long))
 
     def run(self, chunks: Sequence[Chunk]) -> Tensor | None:
         """Hidden states [len(chunks), H] of a decode-only step (graph replay, or the static forward when graphs
@@ -203,15 +231,16 @@ class DecodeGraphRunner:
             return None
         self.load(batch)
         if not self.use_graphs:
-            return self.forward(batch.bucket)[: batch.num_rows]
-        graph = self._graphs.get(batch.bucket) or self._capture(batch.bucket)
+            return self.forward(batch.bucket, batch.width)[: batch.num_rows]
+        key = (batch.bucket, batch.width)
+        graph = self._graphs.get(key) or self._capture(key)
         if graph is None:
             return None
         g, out = graph
         g.replay()
         return out[: batch.num_rows].clone()  # the next replay overwrites `out`
 
-    def _capture(self, bucket: int) -> tuple[torch.cuda.CUDAGraph, Tensor] | None:
+    def _capture(self, key: tuple[int, int]) -> tuple[torch.cuda.CUDAGraph, Tensor] | None:
         """Warm up (resolves kernels, allocator and library workspaces outside the graph), then capture. On any
         failure graphs are disabled for good with one warning; the caller runs the step eagerly. The warm-up and the
         capture run on the CURRENT step's inputs: the K/V they write are the values the step writes anyway."""
@@ -221,13 +250,13 @@ class DecodeGraphRunner:
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
-                self.forward(bucket)
+                self.forward(*key)
             torch.cuda.current_stream().wait_stream(side)
             g = torch.cuda.CUDAGraph()
             with torch.cuda.graph(g, pool=self._pool):
-                out = self.forward(bucket)
+                out = self.forward(*key)
         except Exception as e:  # noqa: BLE001 - whatever breaks capture, the user's request runs eagerly
-            self.disabled_reason = f"capture of decode batch {bucket} failed: {type(e).__name__}: {e}"
+            self.disabled_reason = f"capture of decode bucket {key} failed: {type(e).__name__}: {e}"
             self._graphs.clear()
             try:
                 torch.cuda.synchronize()
@@ -235,5 +264,5 @@ class DecodeGraphRunner:
                 pass
             warn_once("cuda-graph-capture", f"CUDA graphs disabled, decode steps run eagerly ({self.disabled_reason})")
             return None
-        self._graphs[bucket] = (g, out)
+        self._graphs[key] = (g, out)
         return g, out

@@ -22,6 +22,7 @@ from diffgentor.engine.cuda_graph import (
     cuda_graphs_allowed,
     decode_batch,
     pick_bucket,
+    width_buckets,
 )
 from diffgentor.engine.kv_cache import PagedKVCache
 from diffgentor.engine.models.hunyuan_image_3.prompt import BuiltPrompt, ImageSlot
@@ -124,20 +125,28 @@ def test_buckets_and_bucket_choice():
     assert batch_buckets(24) == (1, 2, 4, 8, 16, 24)
     b = batch_buckets(24)
     assert [pick_bucket(n, b) for n in (1, 2, 3, 5, 16, 17, 24, 25, 0)] == [1, 2, 4, 8, 16, 24, 24, None, None]
+    assert width_buckets(8192, 16) == (32, 64, 128, 256, 512)  # pages for 512, 1024, ... 8192 keys
+    assert width_buckets(1000, 16) == (32, 63)
+    assert width_buckets(100, 16) == (7,)
 
 
 def test_decode_batch_pads_to_the_bucket_with_the_scratch_block():
-    bs, scratch, max_blocks = 4, 99, 12
+    bs, scratch = 4, 99
+    widths = width_buckets(48, bs, min_tokens=16)
+    assert widths == (4, 8, 12)
     chunks = [_decode_chunk("a", 9, [3, 4, 5, 6]), _decode_chunk("b", 40, list(range(30, 42))),
               _decode_chunk("c", 12, [20, 21, 22, 23])]
-    batch = decode_batch(chunks, bs, max_blocks, batch_buckets(8), scratch)
-    assert batch is not None and (batch.bucket, batch.num_rows) == (4, 3)
+    batch = decode_batch(chunks, bs, widths, batch_buckets(8), scratch)
+    assert batch is not None and (batch.bucket, batch.width, batch.num_rows) == (4, 12, 3)
     assert batch.token_ids == [19, 7, 22, 0]  # index 40 is past the layout: a decoded token
     assert batch.positions == [[9, 9], [40, 40], [12, 12], [0, 0]]
     assert batch.kv_lens == [10, 41, 13, 1]
     assert batch.slots == [5 * 4 + 1, 40 * 4 + 0, 23 * 4 + 0, scratch * 4]
     assert batch.block_tables == [[3, 4, 5] + [scratch] * 9, list(range(30, 41)) + [scratch],
                                   [20, 21, 22, 23] + [scratch] * 8, [scratch] * 12]
+    short = decode_batch([chunks[0], chunks[2]], bs, widths, batch_buckets(8), scratch)  # 4 pages: the narrowest
+    assert (short.bucket, short.width) == (2, 4)
+    assert short.block_tables == [[3, 4, 5, scratch], [20, 21, 22, 23]]
 
 
 @pytest.mark.parametrize("case", ["prefill", "no_sample", "diffusion", "image_slot", "cond_timestep", "bidir",
@@ -157,8 +166,8 @@ def test_steps_that_run_eagerly(case):
         "too_many_rows": ok,
     }[case]
     chunks = [ok, bad] + ([ok] * 7 if case == "too_many_rows" else [])
-    assert decode_batch([ok, ok], bs, 6, batch_buckets(8), scratch) is not None
-    assert decode_batch(chunks, bs, 6, batch_buckets(8), scratch) is None
+    assert decode_batch([ok, ok], bs, (3, 6), batch_buckets(8), scratch) is not None
+    assert decode_batch(chunks, bs, (3, 6), batch_buckets(8), scratch) is None
 
 
 def test_graphs_only_on_cuda_and_never_with_enforce_eager(tiny):
@@ -187,10 +196,11 @@ def test_static_decode_forward_compiles_fullgraph(tiny_one_layer):
     runner = _engine(tiny_one_layer, dtype="bfloat16", num_kv_blocks=16).core.runner
     static = DecodeGraphRunner(runner.model, runner.kv_cache, runner.scratch_block, 4, max_context_tokens=64,
                                use_graphs=False)
-    eager = static.forward(2)  # resolves the MoE implementation and stacks the experts, as the capture warm-up does
+    width = static.widths[-1]
+    eager = static.forward(2, width)  # resolves the MoE implementation and stacks the experts (like a warm-up)
     torch._dynamo.reset()
     compiled = torch.compile(static.forward, fullgraph=True, backend="eager", dynamic=False)
-    torch.testing.assert_close(compiled(2), eager, rtol=0, atol=0)
+    torch.testing.assert_close(compiled(2, width), eager, rtol=0, atol=0)
 
 
 def test_static_decode_path_equals_eager_on_a_mixed_run(tiny):
@@ -199,7 +209,7 @@ def test_static_decode_path_equals_eager_on_a_mixed_run(tiny):
     on with the STATIC results (so later steps read the static path's K/V). Mixed steps must stay eager."""
     eng = _engine(tiny)
     core, runner = eng.core, eng.core.runner
-    static = DecodeGraphRunner(runner.model, runner.kv_cache, runner.scratch_block, 4, max_context_tokens=512,
+    static = DecodeGraphRunner(runner.model, runner.kv_cache, runner.scratch_block, 4, max_context_tokens=2048,
                                use_graphs=False)
     eager_run = runner._run
     compared, eager_steps = [], []
@@ -276,5 +286,5 @@ def test_gpu_decode_graph_replay_equals_eager(tiny):
             break
     if torch.cuda.get_device_capability() >= (9, 0):  # torch._grouped_mm (sync-free MoE) needs sm90
         assert graphs.disabled_reason is None, graphs.disabled_reason
-        assert compared and graphs.captured_buckets, (compared, graphs.captured_buckets)
+        assert compared and graphs.captured, (compared, graphs.captured)
     assert not [r.error for r in core.results.values() if r.error]
