@@ -65,7 +65,8 @@ def _add_common_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--guidance_scale", "--guidance-scale", dest="guidance_scale", type=float, default=None,
                    help="CFG scale (default: the checkpoint's; ignored by CFG-distilled checkpoints)")
     g.add_argument("--image_size", "--image-size", dest="image_size", default="auto",
-                   help="output size: auto (the model picks), HxW (e.g. 1024x768) or W:H (e.g. 16:9)")
+                   help="output size: auto (the model picks), HEIGHTxWIDTH (e.g. 768x1024 is landscape; OpenAI's "
+                        "`size` is the other way round) or W:H (e.g. 16:9)")
     g = p.add_argument_group("output and run")
     g.add_argument("--output_dir", "--output-dir", dest="output_dir", default="./output",
                    help="folder for the {index:06d}.png images (default ./output)")
