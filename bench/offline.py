@@ -314,7 +314,7 @@ def run_once(ckpt: Path, engine_args: dict[str, Any], reqs: list[dict[str, Any]]
             "think_tokens": res.num_generated_tokens, "prompt_tokens": res.num_prompt_tokens,
             "first_text_step": first_text.get(res.request_id), "error": res.error,
         })
-    images = sum(r.image is not None for r in results)
+    images = sum(r.finish_reason == "image" for r in results)  # output_type latent counts: the image was made
     think = sum(r.num_generated_tokens for r in results)
     engine_steps = int(_delta(start, end, "steps"))
     diffusion_steps = int(_delta(start, end, "diffusion_steps"))
@@ -404,6 +404,36 @@ def render(run: RunResult) -> str:
     )
 
 
+def build_result(args: argparse.Namespace, info: dict[str, Any], load_before: tuple[float, ...],
+                 reqs: list[dict[str, Any]], settings: list[int], runs: list[RunResult]) -> dict[str, Any]:
+    """The JSON document; `complete` is false while runs are still missing (it is saved after every run)."""
+    preset = PRESETS[args.preset]
+    by_setting = {mns: rs for mns in settings if (rs := [r for r in runs if r.max_num_seqs == mns])}
+    summary = {f"mns{mns}": summarize(rs) for mns, rs in by_setting.items()}
+    counts = {k: sum(kind_of(r) == k for r in reqs) for k in ("t2i", "edit")}
+    out: dict[str, Any] = {
+        "benchmark": "offline", "label": args.label, "complete": len(runs) == len(settings) * args.repeat, **info,
+        "loadavg_before": list(load_before), "loadavg_after": list(os.getloadavg()),
+        "model": str(args.model) if args.model else f"random preset {args.preset}",
+        "preset": args.preset, "description": preset.description, "preset_settings": asdict(preset),
+        "workload": str(args.workload) if args.workload else None, "num_requests": len(reqs),
+        "num_t2i": counts["t2i"], "num_edit": counts["edit"], "warmup_runs": args.warmup, "repeats": args.repeat,
+        "device": args.device, "dtype": args.dtype, "max_num_seqs": settings,
+        "images_per_min": summary[f"mns{settings[0]}"]["images_per_min"]["mean"] if summary else None,
+        "summary": summary,
+        "runs": [asdict(r) for r in runs],
+    }
+    if len(settings) == 2 and len(by_setting) == 2:
+        a, b = (summary[f"mns{m}"] for m in settings)
+        no_vae = [statistics.fmean(r.duration_s - r.phase_time_s["vae_decode"] for r in by_setting[m])
+                  for m in settings]
+        out["ratio"] = {
+            key: a[key]["mean"] / b[key]["mean"]
+            for key in ("images_per_min", "think_tokens_per_s", "diffusion_steps_per_s")
+        } | {"engine_time_excluding_vae": no_vae[1] / no_vae[0]}
+    return out
+
+
 def main(args: argparse.Namespace) -> int:
     preset = PRESETS[args.preset]
     load_before = os.getloadavg()
@@ -421,6 +451,9 @@ def main(args: argparse.Namespace) -> int:
     torch.manual_seed(0)
     settings = [args.max_num_seqs or preset.max_num_seqs] + ([args.compare_max_num_seqs]
                                                               if args.compare_max_num_seqs else [])
+    save = Path(args.save_result) if args.save_result else None
+    if save:
+        save.parent.mkdir(parents=True, exist_ok=True)
     runs: list[RunResult] = []
     with tempfile.TemporaryDirectory() as tmp:
         if args.model:
@@ -437,46 +470,20 @@ def main(args: argparse.Namespace) -> int:
             for rep in range(args.repeat):
                 runs.append(run_once(ckpt, engine_args, reqs, args.warmup, rep))
                 print(render(runs[-1]), flush=True)
-    load_after = os.getloadavg()
-    by_setting = {mns: [r for r in runs if r.max_num_seqs == mns] for mns in settings}
-    summary = {f"mns{mns}": summarize(rs) for mns, rs in by_setting.items()}
-    main_summary = summary[f"mns{settings[0]}"]
-    counts = {k: sum(kind_of(r) == k for r in reqs) for k in ("t2i", "edit")}
-    out: dict[str, Any] = {
-        "benchmark": "offline", "label": args.label, **info,
-        "loadavg_before": list(load_before), "loadavg_after": list(load_after),
-        "model": str(args.model) if args.model else f"random preset {args.preset}",
-        "preset": args.preset, "description": preset.description, "preset_settings": asdict(preset),
-        "workload": str(args.workload) if args.workload else None, "num_requests": len(reqs),
-        "num_t2i": counts["t2i"], "num_edit": counts["edit"], "warmup_runs": args.warmup, "repeats": args.repeat,
-        "device": args.device, "dtype": args.dtype, "max_num_seqs": settings,
-        "images_per_min": main_summary["images_per_min"]["mean"],
-        "summary": summary,
-        "runs": [asdict(r) for r in runs],
-    }
-    if len(settings) == 2:
-        a, b = (summary[f"mns{m}"] for m in settings)
-
-        def mean(s: dict[str, Any], key: str) -> float:
-            return s[key]["mean"]
-
-        no_vae = [statistics.fmean(r.duration_s - r.phase_time_s["vae_decode"] for r in by_setting[m])
-                  for m in settings]
-        out["ratio"] = {
-            "images_per_min": mean(a, "images_per_min") / mean(b, "images_per_min"),
-            "think_tokens_per_s": mean(a, "think_tokens_per_s") / mean(b, "think_tokens_per_s"),
-            "diffusion_steps_per_s": mean(a, "diffusion_steps_per_s") / mean(b, "diffusion_steps_per_s"),
-            "engine_time_excluding_vae": no_vae[1] / no_vae[0],
-        }
+                if save:  # a long run killed later still leaves the runs done so far
+                    out = build_result(args, info, load_before, reqs, settings, runs)
+                    save.write_text(json.dumps(out, indent=2, ensure_ascii=False) + "\n")
+    out = build_result(args, info, load_before, reqs, settings, runs)
+    if "ratio" in out:
         r = out["ratio"]
         print(f"ratio max_num_seqs={settings[0]} vs {settings[1]}: images/min x{r['images_per_min']:.2f}, "
               f"think tok/s x{r['think_tokens_per_s']:.2f}, diffusion steps/s x{r['diffusion_steps_per_s']:.2f}, "
               f"time without VAE decode x{r['engine_time_excluding_vae']:.2f}")
-    print(f"load average before {load_before[0]:.2f}, after {load_after[0]:.2f}; {info['torch_threads']} torch threads")
-    if args.save_result:
-        Path(args.save_result).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.save_result).write_text(json.dumps(out, indent=2, ensure_ascii=False) + "\n")
-        print(f"saved {args.save_result}")
+    print(f"load average before {load_before[0]:.2f}, after {out['loadavg_after'][0]:.2f}; "
+          f"{info['torch_threads']} torch threads")
+    if save:
+        save.write_text(json.dumps(out, indent=2, ensure_ascii=False) + "\n")
+        print(f"saved {save}")
     return 1 if any(r.errors for r in runs) else 0
 
 

@@ -1,0 +1,93 @@
+"""`diffgentor bench offline` end to end on the tiny Distil checkpoint and a 2-request workload (one text-to-image,
+one edit), through the CLI: the JSON's counts, its phase split (a partition of the wall time that the engine's own
+counters must explain) and its latency summaries."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from diffgentor.bench.offline import WorkloadError, load_workload, take, warmup_requests
+from diffgentor.engine.tiny_model import make_tiny
+from diffgentor.server.cli import main as cli
+
+REPO = Path(__file__).resolve().parents[1]
+COND = REPO / "bench" / "workloads" / "mixed8" / "cond0.png"
+
+
+def _workload(tmp_path: Path) -> Path:
+    # a square crop maps to the 256x256 condition bucket: the edit path runs without the cost of 1024x768
+    Image.open(COND).convert("RGB").crop((16, 0, 112, 96)).save(tmp_path / "cond.png")
+    common = {"image_size": "256x256", "bot_task": "think_recaption", "max_new_tokens": 4, "num_inference_steps": 2}
+    rows = [{"prompt": "a red cube on a table", "seed": 1, **common},
+            {"prompt": "把天空变成紫色", "images": ["cond.png"], "seed": 2, "output_type": "latent", **common}]
+    path = tmp_path / "w.jsonl"
+    path.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n", encoding="utf-8")
+    return path
+
+
+def test_bench_offline_cli_end_to_end(tmp_path):
+    ckpt = make_tiny(tmp_path / "ckpt", distil=True)
+    out = tmp_path / "result.json"
+    rc = cli(["bench", "offline", "--preset", "tiny", "--model", str(ckpt), "--workload", str(_workload(tmp_path)),
+              "--warmup", "0", "--save-result", str(out)])
+    assert rc == 0
+    d = json.loads(out.read_text())
+    assert (d["num_requests"], d["num_t2i"], d["num_edit"], d["complete"]) == (2, 1, 1, True)
+    assert d["git_commit"] and len(d["loadavg_before"]) == 3 and len(d["loadavg_after"]) == 3
+    assert d["torch_threads"] >= 1 and d["cpu_model"]
+    (run,) = d["runs"]
+    assert run["errors"] == [] and run["num_images"] == 2
+    assert run["think_tokens"] >= 2 and run["diffusion_steps"] == 4 and run["engine_steps"] > 0
+    dur, phases = run["duration_s"], run["phase_time_s"]
+    assert sum(phases.values()) == pytest.approx(dur, rel=1e-6)
+    # the engine's counters explain the run: nothing counted twice, little left unexplained
+    assert -0.02 * dur <= phases["other"] <= 0.5 * dur
+    assert all(v >= 0 for k, v in phases.items() if k != "other")
+    for k in ("prefill", "think", "diffusion", "vae_decode"):
+        assert phases[k] > 0, k
+    assert run["phase_tokens"]["diffuse"] > 0 and run["phase_tokens"]["decode"] > 0
+    for kind in ("t2i", "edit"):
+        lat = run["latency"][kind]
+        assert lat["completed"] == 1
+        for metric in ("first_token_s", "e2e_s"):
+            s = lat[metric]
+            assert s["count"] == 1 and 0 < s["p50"] <= s["p99"] <= s["max"]
+        assert lat["first_token_s"]["max"] <= lat["e2e_s"]["max"]
+    assert run["latency"]["all"]["e2e_s"]["count"] == 2
+    assert d["summary"]["mns4"]["images_per_min"]["mean"] == pytest.approx(run["images_per_min"])
+    assert d["images_per_min"] == pytest.approx(120.0 / dur, rel=1e-6)
+
+
+def test_workload_errors_name_the_line(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "ok"}\n\n{"prompt": "x", "colour": 1}\n')
+    with pytest.raises(WorkloadError, match=r"bad.jsonl:3: unknown fields \['colour'\]"):
+        load_workload(bad)
+    bad.write_text('{"prompt": "x", "images": ["missing.png"]}\n')
+    with pytest.raises(WorkloadError, match=r":1: cannot read image"):
+        load_workload(bad)
+    bad.write_text("[1]\n")
+    with pytest.raises(WorkloadError, match=r":1: a request must be a JSON object"):
+        load_workload(bad)
+
+
+def test_checked_in_workload_and_helpers():
+    reqs = load_workload(REPO / "bench" / "workloads" / "mixed_t2i_edit_8.jsonl")
+    assert len(reqs) == 8 and sum(bool(r["images"]) for r in reqs) == 4
+    assert any(not r["prompt"].isascii() for r in reqs) and any(r["prompt"].isascii() for r in reqs)
+    for r in reqs:
+        assert (r["image_size"], r["bot_task"], r["max_new_tokens"], r["num_inference_steps"]) == \
+            ("256x256", "think_recaption", 32, 8)
+    for png in sorted((REPO / "bench" / "workloads" / "mixed8").glob("*.png")):
+        img = Image.open(png)
+        assert img.size == (128, 96) and png.stat().st_size < 50_000
+        assert len(img.convert("RGB").getcolors(maxcolors=1 << 16) or []) > 8  # a picture, not a flat fill
+    cycled = take(reqs, 10)
+    assert [r["request_id"] for r in cycled[-2:]] == ["w1.1", "w2.1"] and cycled[8]["prompt"] == reqs[0]["prompt"]
+    warm = warmup_requests(reqs)
+    assert [bool(r["images"]) for r in warm] == [False, True]
+    assert warm[1]["images"][0] != reqs[1]["images"][0] and warm[1]["prompt"] != reqs[1]["prompt"]
