@@ -14,6 +14,7 @@ import dataclasses
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from diffgentor.engine.config import EngineConfig, add_engine_args
 from diffgentor.engine.cuda_graph import (
@@ -189,6 +190,18 @@ def test_graphs_only_on_cuda_and_never_with_enforce_eager(tiny):
 # ------------------------------------------------------------------------------------------------ the forward
 
 
+class _AtenOps(TorchDispatchMode):
+    """Records the aten ops a forward dispatches."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: set[str] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.add(str(func))
+        return func(*args, **(kwargs or {}))
+
+
 def test_static_decode_forward_compiles_fullgraph(tiny_one_layer):
     """Dynamo traces the whole decode forward (embedding -> every layer, MoE included) without a graph break: no
     host syncs, no data-dependent shapes. bfloat16, the GPU dtype: torch's fake (meta) `_grouped_mm` accepts only
@@ -197,7 +210,12 @@ def test_static_decode_forward_compiles_fullgraph(tiny_one_layer):
     static = DecodeGraphRunner(runner.model, runner.kv_cache, runner.scratch_block, 4, max_context_tokens=64,
                                use_graphs=False)
     width = static.widths[-1]
-    eager = static.forward(2, width)  # resolves the MoE implementation and stacks the experts (like a warm-up)
+    static.forward(2, width)  # resolves the MoE implementation and stacks the experts (like a capture's warm-up)
+    with _AtenOps() as ops:
+        eager = static.forward(2, width)
+    # what a CUDA-graph capture cannot hold: tensors made from host data (a pageable host->device copy), host reads
+    assert not ops.names & {"aten.lift_fresh.default", "aten.lift_fresh_copy.default", "aten.nonzero.default",
+                            "aten._local_scalar_dense.default", "aten.item.default"}, ops.names
     torch._dynamo.reset()
     compiled = torch.compile(static.forward, fullgraph=True, backend="eager", dynamic=False)
     torch.testing.assert_close(compiled(2, width), eager, rtol=0, atol=0)
