@@ -91,3 +91,11 @@ def test_checked_in_workload_and_helpers():
     warm = warmup_requests(reqs)
     assert [bool(r["images"]) for r in warm] == [False, True]
     assert warm[1]["images"][0] != reqs[1]["images"][0] and warm[1]["prompt"] != reqs[1]["prompt"]
+
+
+def test_make_tiny_size_flags_are_checked(tmp_path, capsys):
+    assert cli(["make-tiny", str(tmp_path / "a"), "--topk", "9"]) == 2
+    assert "topk (9) must be <= experts (4)" in capsys.readouterr().err
+    assert cli(["make-tiny", str(tmp_path / "b"), "--size", "small", "--heads", "6", "--kv-heads", "4"]) == 2
+    assert "heads (6) must be a multiple of kv_heads (4)" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
