@@ -6,6 +6,7 @@ batch), then samples tokens, takes Euler steps and decodes finished latents. Per
 live here: the seed's generator draws the condition posteriors then the initial noise (official order);
 a second generator seeded alike draws the text tokens. A failure is pinned on the request that caused
 it: when a batched forward raises, each request is retried alone and only the failing ones are reported.
+On CUDA a decode-only step (one text token per sequence) replays a captured graph instead (`engine.cuda_graph`).
 """
 
 from __future__ import annotations

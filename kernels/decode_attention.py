@@ -84,8 +84,10 @@ class StaticDecodeAttention:
     """Pure-torch decode attention over fixed-width page tables: one 4-D SDPA call per layer for the whole batch.
 
     plan() builds the key mask [B, 1, 1, M * block_size] (key j of row b is visible iff j < kv_lens[b]) once per
-    forward; run() gathers each row's M pages for K and V with `index_select` and runs SDPA with GQA. Like
-    `TorchPagedAttention`, it computes in fp32 on CPU and in the input dtype on CUDA.
+    forward; run() gathers each row's M pages for K and V with `index_select` and runs SDPA with each KV head's
+    query heads as its query rows (GQA with no repeated K/V and no `enable_gqa`, so CUDA's memory-efficient kernel,
+    which takes a mask, stays eligible). Like `TorchPagedAttention`, it computes in fp32 on CPU and in the input
+    dtype on CUDA.
     """
 
     name = "static_decode"
@@ -121,8 +123,10 @@ class StaticDecodeAttention:
         kc = pages[:, 0].index_select(0, flat_pages).view(b, -1, hkv, d).transpose(1, 2)  # [B, n_kv, M*bs, D]
         vc = pages[:, 1].index_select(0, flat_pages).view(b, -1, hkv, d).transpose(1, 2)
         compute = torch.float32 if q.device.type == "cpu" else q.dtype
+        # GQA without repeating K/V: query head h reads KV head h // (hq / hkv), so each KV head's query heads are
+        # consecutive and become its query rows [B, hkv, hq / hkv, D]; the [B, 1, 1, keys] mask broadcasts.
         o = F.scaled_dot_product_attention(
-            q.unsqueeze(2).to(compute), kc.to(compute), vc.to(compute), attn_mask=self._mask, dropout_p=0.0,
-            scale=self.scale, enable_gqa=hq != hkv,
+            q.reshape(b, hkv, hq // hkv, d).to(compute), kc.to(compute), vc.to(compute), attn_mask=self._mask,
+            dropout_p=0.0, scale=self.scale,
         )
         return o.reshape(b, hq, d).to(q.dtype)
