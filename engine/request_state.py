@@ -109,6 +109,7 @@ class RequestState:
     taylor_schedule: list[bool] | None = None
     encoder_inputs: list[EncoderInput] = field(default_factory=list)  # one per condition image, input order
     encoder_checked: bool = False  # the scheduler looked its images up in the encoder cache (and pinned them)
+    encode_deferrals: int = 0  # steps its encode was held back for other requests' first prefill
     preview_steps: tuple[int, ...] = ()  # denoising steps whose predicted clean image is streamed as a preview
 
     @property

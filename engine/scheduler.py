@@ -81,6 +81,9 @@ class RequestOutput:
     status: int | None = None  # an error's HTTP status where known
 
 
+MAX_ENCODE_DEFERRALS = 2
+"""Steps a waiting request's encode may be held back for other requests' first prefill (see `_schedule_encodes`)."""
+
 PhaseTransition = Callable[[RequestState], None]
 """Switch a request whose text phase ended to its image-phase sequence(s); raises `RequestError`."""
 
@@ -203,30 +206,40 @@ class Scheduler:
         return i < len(hashes) and hashes[i] in self.kv.inflight_hashes()
 
     # ------------------------------------------------------------------ encoder stage
-    def _missing_encodes(self, st: RequestState, encoding: dict[Any, int]) -> list[EncoderInput]:
+    def _missing_encodes(self, st: RequestState) -> list[EncoderInput]:
         """The request's condition images not in the encoder cache. The first look pins its entries and counts
-        hits (cached, or being encoded this step for another request) and misses."""
+        hits (cached, or already wanted by another waiting request: one encode serves both) and misses."""
         cache = self.encoder_cache
         if not st.encoder_checked:
             st.encoder_checked = True
             for e in st.encoder_inputs:
-                cache.pin(e.key)
-                if cache.contains(e.key) or e.key in encoding:
+                if cache.contains(e.key) or cache.pins.get(e.key, 0) > 0:
                     cache.stats.hits += 1
                 else:
                     cache.stats.misses += 1
+                cache.pin(e.key)
         return [e for e in st.encoder_inputs if not cache.contains(e.key)]
 
-    def _schedule_encodes(self, missing: list[EncoderInput], plan: SchedulerOutput, encoding: dict[Any, int]) -> None:
-        """Add encodes within the step's pixel budget; the first encode of a step always fits."""
-        for e in missing:
-            if e.key in encoding:
+    def _schedule_encodes(self, needs_encode: list[tuple[RequestState, list[EncoderInput]]],
+                          plan: SchedulerOutput) -> None:
+        """Encodes for waiting requests, within the step's pixel budget (the first encode of a step always fits).
+
+        A step that admits new requests (their prefill ends in their first think token) carries no encode, so an
+        encode never delays another request's first token; a request is deferred so at most `MAX_ENCODE_DEFERRALS`
+        times, then its encode rides along anyway (no starvation under a stream of arrivals)."""
+        admitting = bool(plan.new_requests)
+        encoding: dict[Any, int] = {}
+        for st, missing in needs_encode:
+            if admitting and st.encode_deferrals < MAX_ENCODE_DEFERRALS:
+                st.encode_deferrals += 1
                 continue
-            used = sum(encoding.values())
-            if encoding and used + e.num_pixels > self.config.max_num_encoder_pixels:
-                return
-            encoding[e.key] = e.num_pixels
-            plan.encoder_inputs.append(e)
+            for e in missing:
+                if e.key in encoding:
+                    continue
+                if encoding and sum(encoding.values()) + e.num_pixels > self.config.max_num_encoder_pixels:
+                    return
+                encoding[e.key] = e.num_pixels
+                plan.encoder_inputs.append(e)
 
     # ------------------------------------------------------------------ one step
     def schedule(self) -> SchedulerOutput:
@@ -236,17 +249,17 @@ class Scheduler:
         for st in list(self.running):
             if st in self.running:
                 budget -= self._schedule_request(st, plan, budget)
-        encoding: dict[Any, int] = {}
         seats = self.config.max_num_seqs - len(self.running)
+        needs_encode: list[tuple[RequestState, list[EncoderInput]]] = []
         for st in list(self.waiting):
             if seats <= 0 or len(self.running) >= self.config.max_num_seqs:
                 break
             if budget <= 0 and st.status is not RequestStatus.VAE_DECODE:
                 break
             if not st.sent_to_worker:
-                missing = self._missing_encodes(st, encoding)
-                if missing:  # encode now, prefill once encoded; later requests may go first meanwhile
-                    self._schedule_encodes(missing, plan, encoding)
+                missing = self._missing_encodes(st)
+                if missing:  # encode first, prefill once encoded; it keeps a seat, later requests may go first
+                    needs_encode.append((st, missing))
                     seats -= 1
                     continue
             if self.running and self._prefix_in_flight(st):
@@ -268,6 +281,7 @@ class Scheduler:
                                                         st.sampling, [e.key for e in st.encoder_inputs]))
                 st.sent_to_worker = True
             budget -= used
+        self._schedule_encodes(needs_encode, plan)
         return plan
 
     def unschedulable(self) -> list[RequestOutput]:
