@@ -21,8 +21,9 @@ from PIL import Image
 from diffgentor.engine.block_manager import KVCacheManager
 from diffgentor.engine.config import EngineConfig
 from diffgentor.engine.detokenizer import IncrementalDetokenizer
+from diffgentor.engine.memory_plan import kv_blocks_for
 from diffgentor.engine.model_runner import ModelRunner
-from diffgentor.engine.models.hunyuan_image_3.config import GenerationDefaults
+from diffgentor.engine.models.hunyuan_image_3.config import GenerationDefaults, HunyuanImage3Config
 from diffgentor.engine.models.hunyuan_image_3.image_processing import ImageProcessor
 from diffgentor.engine.models.hunyuan_image_3.model import HunyuanImage3ForCausalMM
 from diffgentor.engine.models.hunyuan_image_3.prompt import PromptBuilder
@@ -116,17 +117,25 @@ class EngineCore:
             raise ValueError("EngineConfig.model (the checkpoint folder) is required")
         path = Path(config.model)
         dtype = getattr(torch, config.resolve_dtype())
+        planned = None
+        if config.on_cuda() and config.num_kv_blocks is None and config.kv_cache_memory_bytes is None:
+            # the memory planner sizes the KV cache, and refuses (MemoryPlanError, the whole plan) BEFORE any weight
+            # is loaded when the layout cannot fit this GPU
+            planned = kv_blocks_for(config, HunyuanImage3Config.from_pretrained(path), parallel)
         model = HunyuanImage3ForCausalMM.from_pretrained(
             path, dtype=dtype, device=config.resolve_device(), attn_backend=config.attn_impl, moe_impl=config.moe_impl,
-            parallel=parallel,
+            parallel=parallel, quantization=config.quantization,
         )
         tok = HunyuanTokenizer.from_pretrained(path, require_distil_tokens=model.config.cfg_distilled)
         c = model.config
         kv_heads = len(parallel.kv_head_range(c.num_key_value_heads)) if parallel else c.num_key_value_heads
         bytes_per_block = 2 * c.num_hidden_layers * config.block_size * kv_heads * c.head_dim * \
             torch.finfo(dtype).bits // 8
-        free = torch.cuda.mem_get_info()[0] if config.on_cuda() else None
-        num_blocks = config.resolve_num_blocks(bytes_per_block, free)
+        if planned is not None:
+            num_blocks = planned
+        else:
+            free = torch.cuda.mem_get_info()[0] if config.on_cuda() else None
+            num_blocks = config.resolve_num_blocks(bytes_per_block, free)
         if parallel is not None and parallel.is_parallel:  # replicas must schedule alike: the smallest cache wins
             import torch.distributed as dist
 
