@@ -205,3 +205,19 @@ def test_pool_size_from_cluster_resources():
     assert pool_size({"num_cpus": 1}, [2, 4], [0, 0], None, 2) == 2  # never more replicas than batches
     with pytest.raises(FatalError, match="num_instances"):
         pool_size(gpu4, [64], [8], 0, 10)
+
+
+def test_t2i_on_ray(tmp_path, tiny_distil, ray_cluster):
+    out = tmp_path / "out"
+    r = _run([sys.executable, "-m", "diffgentor.server.cli", "t2i", "--model_name", str(tiny_distil), "--prompt",
+              "a red cube", "--prompt", "a blue ball", "--num_images_per_prompt", "2", "--output_dir", str(out),
+              "--num_inference_steps", "1", "--height", "256", "--width", "256", "--batch_size", "2", "--no_progress",
+              "--num-kv-blocks", "256", "--executor", "ray", "--ray-address", ray_cluster])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "4 generated, 0 skipped (already done), 0 failed of 4 row(s)" in r.stderr
+    assert _pngs(out) == ["000000_00.png", "000000_01.png", "000001_00.png", "000001_01.png"]
+    rows = read_csv(out / "results.csv")
+    assert sorted((r["index"], r["image_num"]) for r in rows) == [("0", "0"), ("0", "1"), ("1", "0"), ("1", "1")]
+    assert all(r["error"] == "" and r["output_image"] for r in rows)
+    with Image.open(out / "000000_01.png") as im:
+        assert im.size == (256, 256) and im.text["diffgentor:seed"] == "43"  # seed SEED + k
