@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import io
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -112,7 +111,7 @@ class EngineCore:
     @classmethod
     def from_config(cls, config: EngineConfig, parallel: ParallelContext | None = None) -> EngineCore:
         """Load the checkpoint and build the core; `parallel` makes this a tensor-parallel rank's replica (the model
-        loads only the rank's shards; its collectives keep the replicas in lockstep, see `engine.tp_executor`)."""
+        loads only the rank's shards; its collectives keep the replicas in lockstep, see `engine.tp.executor`)."""
         if config.model is None:
             raise ValueError("EngineConfig.model (the checkpoint folder) is required")
         path = Path(config.model)
@@ -339,7 +338,8 @@ class EngineCore:
                      status: int | None = None) -> EngineEvent:
         return EngineEvent(request_id=rid, kind="error", error=msg, finish_reason=reason.value, status=status)
 
-    def run_until_done(self, request_ids: Iterable[str] | None = None) -> list[EngineEvent]:
+    def run_until_done(self) -> list[EngineEvent]:
+        """Step until nothing is left, then free the finished requests' worker-side state."""
         events: list[EngineEvent] = []
         while self.has_unfinished():
             events += self.step()

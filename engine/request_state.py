@@ -27,13 +27,13 @@ from diffgentor.engine.encoder_cache import EncoderInput, encoder_key
 from diffgentor.engine.models.hunyuan_image_3.config import GenerationDefaults, HunyuanImage3Config
 from diffgentor.engine.models.hunyuan_image_3.embedding import cond_layout
 from diffgentor.engine.models.hunyuan_image_3.image_processing import ImageProcessor, VaeCondImage, VitCondImage
-from diffgentor.engine.models.hunyuan_image_3.pipeline import BOT_TASKS, MAX_COND_IMAGES, RequestError
 from diffgentor.engine.models.hunyuan_image_3.prompt import BuiltPrompt, PromptBuilder, common_prefix_len
 from diffgentor.engine.models.hunyuan_image_3.sampling import SamplingParams
 from diffgentor.engine.models.hunyuan_image_3.stage_machine import StageMachine
 from diffgentor.engine.models.hunyuan_image_3.system_prompt import SystemPrompts, choose_system_prompt
 from diffgentor.engine.models.hunyuan_image_3.tokenizer import HunyuanTokenizer
 from diffgentor.engine.request import GenerationRequest, RequestStatus
+from diffgentor.engine.vocabulary import BOT_TASKS, MAX_COND_IMAGES, RequestError
 
 MAX_IMAGE_PIXELS = 64 * 1024 * 1024
 MAX_PARTIAL_IMAGES = 3  # OpenAI's bound on streamed previews
