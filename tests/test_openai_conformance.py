@@ -104,6 +104,7 @@ def test_quality_steps():
     ({"images": [{}]}, "images[0].image_url", "missing_required_parameter"),
     ({"images": [{"image_url": "not a url"}]}, "images[0].image_url", "invalid_value"),
     ({"prompt": None}, "prompt", "invalid_type"),
+    ({"image": "https://example.com/a.png"}, "image", "invalid_value"),  # JSON edits use `images`
 ])
 def test_bad_values_and_types_are_400_naming_the_param(body, param, code):
     with pytest.raises(Exception) as ei:
