@@ -139,7 +139,12 @@ def run_ray(args: argparse.Namespace, pending: Sequence[B.Task], base: Path, cac
     import ray
     import ray.data
 
-    init = {"address": args.ray_address} if args.ray_address else {}
+    init: dict[str, Any] = {"address": args.ray_address} if args.ray_address else {}
+    if not args.ray_address and not os.environ.get("RAY_ADDRESS"):
+        # a new cluster of this machine alone ("local": not whatever cluster /tmp/ray last recorded), on loopback
+        # (the default, the address of the default route, may be one this machine cannot reach itself on: the run
+        # then hangs waiting for its own GCS)
+        init = {"address": "local", "_node_ip_address": "127.0.0.1"}
     try:
         ray.init(**init, log_to_driver=False, logging_level=logging.ERROR, configure_logging=True,
                  include_dashboard=False)
