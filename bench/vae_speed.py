@@ -65,6 +65,8 @@ def main(argv: list[str] | None = None) -> int:
         "decode_1024x768": (lambda m, z: m.decode(z), torch.randn(1, 16, 64, 48, generator=g)),
         "decode_4x256x256": (lambda m, z: m.decode(z), torch.randn(4, 16, 16, 16, generator=g)),
     }
+    out = Path(args.out) if args.out else Path(__file__).resolve().parent / "results" / "cpu-vae-speed.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
     rows = []
     for case, (fn, x) in cases.items():
         times: dict[str, list[float]] = {"before": [], "after": []}
@@ -81,14 +83,12 @@ def main(argv: list[str] | None = None) -> int:
         rows.append({"case": case, "before_s": b, "after_s": a, "speedup": b / a, "max_abs_diff": diff,
                      "before_all_s": times["before"], "after_all_s": times["after"]})
         print(json.dumps(rows[-1]), flush=True)
-    out = Path(args.out) if args.out else Path(__file__).resolve().parent / "results" / "cpu-vae-speed.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({
-        "what": f"VAE seconds per call: {VAE_PATH} at git {args.before} (before) vs this tree (after), same "
-                "weights and inputs, same process, alternating, median over repeats after one warmup round",
-        "config": cfg, "threads": torch.get_num_threads(), "torch": torch.__version__, "repeat": args.repeat,
-        "rows": rows,
-    }, indent=1))
+        out.write_text(json.dumps({  # after every case: a long run that is cut short keeps what it measured
+            "what": f"VAE seconds per call: {VAE_PATH} at git {args.before} (before) vs this tree (after), same "
+                    "weights and inputs, same process, alternating, median over repeats after one warmup round",
+            "config": cfg, "threads": torch.get_num_threads(), "torch": torch.__version__, "repeat": args.repeat,
+            "rows": rows,
+        }, indent=1))
     print(f"wrote {out}")
     return 0
 
