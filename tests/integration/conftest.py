@@ -39,6 +39,9 @@ def free_port() -> int:
 def cli_env(**extra) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("DG_HUNYUAN_IMAGE_3_") and k != "RAY_ADDRESS"}
     env.update(FAST_ENV)
+    # the test's Ray cluster and drivers ignore any token a local ray.init() left in ~/.ray (Ray >= 2.5x turns token
+    # auth on by itself when it finds one, and a driver then fails to join a cluster started without it)
+    env["RAY_AUTH_MODE"] = "disabled"
     env.update(extra)
     return env
 
