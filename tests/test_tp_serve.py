@@ -234,7 +234,7 @@ def test_tp2_serve_bad_input_is_4xx(tp_server):
     for r in [*bad, long]:
         assert 400 <= r.status_code < 500, (r.status_code, r.text[:300])
         assert set(r.json()["error"]) == {"message", "type", "param", "code"}, r.text[:300]
-    assert long.status_code == 400 and "the prompt needs" in long.json()["error"]["message"], long.text[:300]
+    assert long.status_code == 400 and "the model's context is" in long.json()["error"]["message"], long.text[:300]
     assert httpx.get(base + "/health", timeout=5).status_code == 200  # and it still serves
     assert _post(base, *REQUESTS["t2i"]).status_code == 200
 

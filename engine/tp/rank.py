@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import threading
 import time
 import traceback
@@ -49,6 +50,9 @@ def rank_main(rank: int, world_size: int, config: EngineConfig, init_method: str
     """Entry of one spawned rank: join the group, load the shard, announce readiness, then step on command."""
     import zmq
 
+    # A served engine core ignores SIGINT, and a spawned child inherits that; a rank keeps Python's default (a
+    # signal is a KeyboardInterrupt that fails the step and reaches the client, like any rank error).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     exit_with_parent(parent_pid)  # also while loading or blocked in a collective
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s tp-rank{rank} %(levelname)s %(message)s")
     zctx = zmq.Context()

@@ -55,6 +55,7 @@ def test_engine_kill_fails_in_flight_within_10s(make_server):
     assert server.proc.wait(30) != 0
 
 
+@pytest.mark.slow  # ~30 s; test_hostile_inputs.py::test_zzz_sigterm_drains_... drains in-flight work on every run
 def test_sigterm_drains_in_flight(make_server):
     server = make_server()
     res: dict = {}

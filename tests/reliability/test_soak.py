@@ -53,6 +53,7 @@ def _soak(server, n: int, max_duration_s: float, rss_bound_mib: float, bad_fract
             "rss_within_bound": rss1 - rss0 < rss_bound_mib}
 
 
+@pytest.mark.slow  # ~60 s; the hostile-input suite covers malformed requests, health and memory on every default run
 def test_soak_small(server):
     # short: 6 good requests and 6 malformed ones (the bad ones cost the engine nothing)
     rep = _soak(server, n=12, max_duration_s=90, rss_bound_mib=RSS_BOUND_SMALL_MIB, bad_fraction=0.5)
