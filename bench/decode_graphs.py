@@ -37,7 +37,7 @@ def _text_layout(n: int):
 
 def _overrides(shapes: str, layers: int | None) -> dict[str, Any]:
     from diffgentor.bench.engine_run import REAL_SHAPES
-    from diffgentor.engine.tiny_model import SMALL_SIZES, size_overrides
+    from diffgentor.engine.testing.tiny_model import SMALL_SIZES, size_overrides
 
     out = {"tiny": {}, "small": size_overrides(**SMALL_SIZES), "real": dict(REAL_SHAPES)}[shapes]
     if layers is not None:
@@ -51,7 +51,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from diffgentor.engine.model_runner import ModelRunner
     from diffgentor.engine.models.hunyuan_image_3.sampling import SamplingParams
     from diffgentor.engine.plan import Chunk, NewRequestData, SampleSpec, SchedulerOutput
-    from diffgentor.engine.tiny_model import write_tiny_metadata
+    from diffgentor.engine.testing.tiny_model import write_tiny_metadata
 
     cuda = args.device.startswith("cuda")
     dtype = torch.bfloat16 if cuda else torch.float32

@@ -40,7 +40,7 @@ REAL_NUM_LAYERS = 32
 
 def write_real_config(out_dir: str | Path, layers: int = REAL_NUM_LAYERS) -> Path:
     """A checkpoint folder without weights whose config.json has the real sizes (for plan-memory and this run)."""
-    from diffgentor.engine.tiny_model import write_tiny_metadata
+    from diffgentor.engine.testing.tiny_model import write_tiny_metadata
 
     return write_tiny_metadata(out_dir, config_overrides=dict(REAL_SHAPES, num_hidden_layers=layers))
 
@@ -122,7 +122,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from diffgentor.engine.models.hunyuan_image_3.tokenizer import HunyuanTokenizer
     from diffgentor.engine.offline import Engine
     from diffgentor.engine.request import GenerationRequest
-    from diffgentor.engine.tiny_model import write_tiny_metadata
+    from diffgentor.engine.testing.tiny_model import write_tiny_metadata
 
     cuda = args.device.startswith("cuda")
     dtype = torch.bfloat16 if cuda else torch.float32

@@ -160,7 +160,7 @@ def compare(ckpt: str | Path, quantization: str = "fp8", seed: int = 0) -> dict[
 
 
 def main(argv: list[str] | None = None) -> int:
-    from diffgentor.engine.tiny_model import make_tiny
+    from diffgentor.engine.testing.tiny_model import make_tiny
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="bench/results/cpu-fp8-accuracy.json")

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from diffgentor.engine.tiny_model import SMALL_SIZES, size_overrides
+from diffgentor.engine.testing.tiny_model import SMALL_SIZES, size_overrides
 
 
 @dataclass(frozen=True)
@@ -459,7 +459,7 @@ def main(args: argparse.Namespace) -> int:
         if args.model:
             ckpt = Path(args.model)
         else:
-            from diffgentor.engine.tiny_model import make_tiny
+            from diffgentor.engine.testing.tiny_model import make_tiny
 
             ckpt = make_tiny(Path(tmp) / f"random-{args.preset}", distil=preset.distil, seed=0,
                              config_overrides=preset.config_overrides)

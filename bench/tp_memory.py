@@ -124,7 +124,7 @@ WIDE_SHARD_BYTES = 48 << 20  # ~3.5% of the widened model per shard, like a real
 
 
 def _child_make(ckpt: str, wide: bool) -> None:
-    from diffgentor.engine.tiny_model import make_tiny
+    from diffgentor.engine.testing.tiny_model import make_tiny
 
     make_tiny(ckpt, distil=True, config_overrides=WIDE_OVERRIDES if wide else None,
               shard_bytes=WIDE_SHARD_BYTES if wide else None)

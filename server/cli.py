@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 
 def _cmd_make_tiny(args: argparse.Namespace) -> int:
-    from diffgentor.engine.tiny_model import SIZE_FIELDS, SMALL_SIZES, make_tiny, size_overrides
+    from diffgentor.engine.testing.tiny_model import SIZE_FIELDS, SMALL_SIZES, make_tiny, size_overrides
 
     sizes = dict(SMALL_SIZES) if args.size == "small" else {}
     sizes.update({k: getattr(args, k) for k in SIZE_FIELDS if getattr(args, k) is not None})
@@ -28,7 +28,7 @@ def _cmd_make_tiny(args: argparse.Namespace) -> int:
 
 
 def _cmd_verify_golden(args: argparse.Namespace) -> int:
-    from diffgentor.engine.golden import GoldenParallelError, verify_golden_set
+    from diffgentor.engine.verify.golden import GoldenParallelError, verify_golden_set
 
     try:
         report = verify_golden_set(args.golden_dir, atol=args.atol, tensor_parallel_size=args.tensor_parallel_size,

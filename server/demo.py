@@ -49,7 +49,7 @@ def run_demo(out: str | Path, max_new_tokens: int = 24, num_inference_steps: int
     import httpx
     from openai import OpenAI
 
-    from diffgentor.engine.tiny_model import make_tiny
+    from diffgentor.engine.testing.tiny_model import make_tiny
 
     out = Path(out)
     ckpt = out / "tiny-HunyuanImage-3.0-Instruct-Distil"

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from diffgentor.bench.offline import WorkloadError, load_workload, take, warmup_requests
-from diffgentor.engine.tiny_model import make_tiny
+from diffgentor.engine.testing.tiny_model import make_tiny
 from diffgentor.server.cli import main as cli
 
 REPO = Path(__file__).resolve().parents[1]

@@ -62,7 +62,7 @@ def _cli_env(**extra) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def tiny_distil(tmp_path_factory) -> Path:
-    from diffgentor.engine.tiny_model import make_tiny
+    from diffgentor.engine.testing.tiny_model import make_tiny
 
     # a folder name with dots, like the official one: it must just work
     return make_tiny(tmp_path_factory.mktemp("ckpt") / "tiny-HunyuanImage-3.0-Instruct-Distil", distil=True)
@@ -512,7 +512,7 @@ def test_seed_examples_verbatim(tmp_path, tiny_distil, clean_env, monkeypatch, c
 
 @pytest.mark.slow
 def test_seed_full_model_example(tmp_path, clean_env, monkeypatch):
-    from diffgentor.engine.tiny_model import make_tiny
+    from diffgentor.engine.testing.tiny_model import make_tiny
 
     make_tiny(tmp_path / "HunyuanImage-3-Instruct")
     _write_csv(tmp_path / "data.csv", [{"image_url": "", "instruction": "a blue cube"}])

@@ -8,7 +8,7 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers
 
 from diffgentor.engine.detokenizer import REPLACEMENT_CHAR, IncrementalDetokenizer
 from diffgentor.engine.models.hunyuan_image_3.tokenizer import _REQUIRED_NAMES, NUM_RATIO_TOKENS, HunyuanTokenizer
-from diffgentor.engine.tiny_model import build_tiny_tokenizer
+from diffgentor.engine.testing.tiny_model import build_tiny_tokenizer
 
 TEXTS = ["把天空变成紫色", "a cat 🐱 on a 🛹, très bien", "<think>画一只猫</think><recaption>猫 🐈‍⬛</recaption>",
          "mixed: 日本語とEnglish and emoji 👩‍👩‍👧"]

@@ -37,7 +37,7 @@ from diffgentor.engine.core_proc import (
 )
 from diffgentor.engine.request import GenerationRequest
 from diffgentor.engine.request_state import ProcessedRequest
-from diffgentor.engine.tiny_model import make_tiny
+from diffgentor.engine.testing.tiny_model import make_tiny
 from diffgentor.server.engine_client import EngineDeadError
 from diffgentor.server.engine_pool import EnginePool, instance_env, plan_engine_instances
 from diffgentor.server.metrics import ServerMetrics

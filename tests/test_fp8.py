@@ -34,7 +34,7 @@ from diffgentor.kernels.quantization import (
 
 @pytest.fixture(scope="module")
 def tiny_ckpt(tmp_path_factory):
-    from diffgentor.engine.tiny_model import make_tiny
+    from diffgentor.engine.testing.tiny_model import make_tiny
 
     return make_tiny(tmp_path_factory.mktemp("fp8") / "tiny")
 

@@ -161,7 +161,7 @@ def test_kv_blocks_for_is_the_plan(real_cfg):
 
 def test_one_layer_dedupe_equals_the_full_build(tmp_path):
     """The planner builds one decoder layer when all are alike; the full module tree gives the same bytes."""
-    from diffgentor.engine.tiny_model import build_tiny_tokenizer, tiny_config_dict
+    from diffgentor.engine.testing.tiny_model import build_tiny_tokenizer, tiny_config_dict
 
     cfg = HunyuanImage3Config.from_dict(tiny_config_dict(build_tiny_tokenizer()))
     for par, quant in ((ParallelContext(2, 1), "fp8"), (ParallelContext(2, 0, expert_parallel=True), "fp8_block")):

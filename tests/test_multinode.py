@@ -15,7 +15,7 @@ import pytest
 
 from diffgentor.engine.offline import Engine
 from diffgentor.engine.request import FinishReason
-from diffgentor.engine.tiny_model import make_tiny
+from diffgentor.engine.testing.tiny_model import make_tiny
 from diffgentor.engine.tp.executor import TPExecutor
 
 from helpers import free_port_block

@@ -24,7 +24,7 @@ import openai
 import pytest
 from PIL import Image
 
-from diffgentor.engine.tiny_model import make_tiny
+from diffgentor.engine.testing.tiny_model import make_tiny
 from diffgentor.server.openai_schemas import (
     MIN_OUTPUT_SIDE,
     UNSUPPORTED_PARAMETERS,

@@ -23,7 +23,7 @@ from diffgentor.engine.plan import RunnerOutput, SchedulerOutput
 from diffgentor.engine.request import FinishReason, GenerationRequest, RequestStatus
 from diffgentor.engine.request_state import build_request_state, enter_image_phase, load_processor_context
 from diffgentor.engine.scheduler import Scheduler, SchedulerConfig, chunk_end
-from diffgentor.engine.tiny_model import write_tiny_metadata
+from diffgentor.engine.testing.tiny_model import write_tiny_metadata
 
 SPANS = [(10, 20), (30, 50)]
 ENC_BYTES = 1000

@@ -18,7 +18,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from diffgentor.engine.models.hunyuan_image_3.backbone import HunyuanImage3Backbone
 from diffgentor.engine.offline import Engine
-from diffgentor.engine.tiny_model import make_tiny
+from diffgentor.engine.testing.tiny_model import make_tiny
 
 Tensor = torch.Tensor
 aten = torch.ops.aten

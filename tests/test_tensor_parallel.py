@@ -16,7 +16,7 @@ from diffgentor.engine.models.hunyuan_image_3.backbone import MoEBlock
 from diffgentor.engine.models.hunyuan_image_3.model import HunyuanImage3ForCausalMM
 from diffgentor.engine.models.hunyuan_image_3.weights import CheckpointError
 from diffgentor.engine.parallel import ParallelContext, init_distributed
-from diffgentor.engine.tiny_model import make_tiny
+from diffgentor.engine.testing.tiny_model import make_tiny
 from diffgentor.kernels.attention import AttentionMetadata, SequenceChunk
 from diffgentor.kernels.rope import positions_2d
 

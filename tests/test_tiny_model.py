@@ -20,7 +20,7 @@ from diffgentor.engine.models.hunyuan_image_3.checkpoint_writer import (
     shard_file_name,
 )
 from diffgentor.engine.models.hunyuan_image_3.config import GenerationDefaults, HunyuanImage3Config
-from diffgentor.engine.tiny_model import (
+from diffgentor.engine.testing.tiny_model import (
     ADDED_SPECIAL_TOKENS,
     BASE_SPECIAL_TOKENS,
     TOKENIZER_REAL_VOCAB,

@@ -17,7 +17,7 @@ from PIL import Image
 from diffgentor.engine.offline import Engine
 from diffgentor.engine.process import vm_hwm_kb
 from diffgentor.engine.request import FinishReason
-from diffgentor.engine.tiny_model import make_tiny
+from diffgentor.engine.testing.tiny_model import make_tiny
 from diffgentor.engine.tp.executor import TPExecutor, TPExecutorError
 
 ENGINE_ARGS = dict(num_kv_blocks=512, device="cpu", dtype="float32", max_num_seqs=8, max_num_batched_tokens=4096)

@@ -28,7 +28,7 @@ from diffgentor.bench.serve import scrape_metrics
 from diffgentor.engine.offline import Engine
 from diffgentor.engine.request import GenerationRequest
 from diffgentor.engine.request_state import process_request
-from diffgentor.engine.tiny_model import make_tiny
+from diffgentor.engine.testing.tiny_model import make_tiny
 from diffgentor.server.cli import main as cli_main
 
 from helpers import free_port, random_png

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from diffgentor.engine.golden import (
+from diffgentor.engine.verify.golden import (
     GoldenParallelError,
     Line,
     ParallelGoldenRun,

@@ -36,17 +36,17 @@ from torch import Tensor
 
 from diffgentor.engine.config import HunyuanImage3Env
 from diffgentor.engine.models.hunyuan_image_3.flow_match import cfg_combine, guidance_value
-from diffgentor.engine.models.hunyuan_image_3.pipeline import (
-    HunyuanImage3Pipeline,
-    ImageRequest,
-    _Part,
-    _Seq,
-)
 from diffgentor.engine.models.hunyuan_image_3.prompt import BuiltPrompt
 from diffgentor.engine.models.hunyuan_image_3.sampling import SamplingParams, make_generator, warp_logits
 from diffgentor.engine.models.hunyuan_image_3.stage_machine import StageMachine
 from diffgentor.engine.models.hunyuan_image_3.vision import run_vision_tower
 from diffgentor.engine.parallel import ParallelContext, init_distributed
+from diffgentor.engine.verify.pipeline import (
+    HunyuanImage3Pipeline,
+    ImageRequest,
+    _Part,
+    _Seq,
+)
 from diffgentor.kernels.rope import rope_cos_sin
 
 BOS_TEXT = "<|startoftext|>"
@@ -241,7 +241,7 @@ class GoldenVerifier:
             if unknown:
                 self.report.lines.append(Line(name, "<manifest>", False, note=(
                     f"unknown input key(s) {', '.join(unknown)}: this verifier cannot read them, so it does not "
-                    "rebuild this entry (known keys: engine/golden.py KNOWN_INPUT_KEYS)")))
+                    "rebuild this entry (known keys: engine/verify/golden.py KNOWN_INPUT_KEYS)")))
                 continue
             if name == "text_stage_runs":
                 continue

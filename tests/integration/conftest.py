@@ -68,6 +68,6 @@ def read_csv(path: Path) -> list[dict[str, str]]:
 
 @pytest.fixture(scope="session")
 def tiny_distil(tmp_path_factory) -> Path:
-    from diffgentor.engine.tiny_model import make_tiny
+    from diffgentor.engine.testing.tiny_model import make_tiny
 
     return make_tiny(tmp_path_factory.mktemp("ckpt") / "tiny-HunyuanImage-3.0-Instruct-Distil", distil=True)

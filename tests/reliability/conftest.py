@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from diffgentor.bench.serve import RequestSpec, scrape_metrics
-from diffgentor.engine.tiny_model import make_tiny
+from diffgentor.engine.testing.tiny_model import make_tiny
 
 from helpers import free_port, random_png
 
