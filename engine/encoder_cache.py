@@ -59,10 +59,7 @@ class EncoderCacheManager:
     pins: dict[EncoderKey, int] = field(default_factory=dict)
     stats: EncoderCacheStats = field(default_factory=EncoderCacheStats)
     pending_evictions: list[EncoderKey] = field(default_factory=list)  # for the worker, with the next plan
-
-    @property
-    def num_bytes(self) -> int:
-        return sum(self.entries.values())
+    num_bytes: int = 0  # sum of `entries`' bytes, kept as they change (read every step by the stats)
 
     def contains(self, key: EncoderKey) -> bool:
         return key in self.entries
@@ -84,15 +81,15 @@ class EncoderCacheManager:
     def insert(self, key: EncoderKey, nbytes: int) -> None:
         """Record an encode the worker finished, then evict unpinned entries (LRU) past the bound. Pinned entries
         may hold the cache over its bound for a step: the requests that need them are about to be admitted."""
+        self.num_bytes += int(nbytes) - self.entries.get(key, 0)
         self.entries[key] = int(nbytes)
         self.entries.move_to_end(key)
-        total = self.num_bytes
         for old in list(self.entries):
-            if total <= self.capacity_bytes:
+            if self.num_bytes <= self.capacity_bytes:
                 break
             if old == key or old in self.pins:
                 continue
-            total -= self.entries.pop(old)
+            self.num_bytes -= self.entries.pop(old)
             self.pending_evictions.append(old)
             self.stats.evictions += 1
 

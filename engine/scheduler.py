@@ -252,7 +252,7 @@ class Scheduler:
         seats = self.config.max_num_seqs - len(self.running)
         needs_encode: list[tuple[RequestState, list[EncoderInput]]] = []
         for st in list(self.waiting):
-            if seats <= 0 or len(self.running) >= self.config.max_num_seqs:
+            if seats <= 0:  # seats counts the running requests and the ones reserved for their encodes
                 break
             if budget <= 0 and st.status is not RequestStatus.VAE_DECODE:
                 break
