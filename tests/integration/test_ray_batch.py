@@ -6,9 +6,11 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -32,7 +34,10 @@ def ray_cluster(tmp_path_factory):
     """A head node with 2 CPUs and no GPU, in its own process group (stopped by killing that group)."""
     port = free_port()
     log = tmp_path_factory.mktemp("ray") / "head.log"
-    env = cli_env(RAY_USAGE_STATS_ENABLED="0")
+    # Ray's session files, sockets and its "current cluster" record go to a fresh folder of this run (short: unix
+    # socket paths are limited to 107 bytes), never to the machine's shared default, so no dead cluster is left there
+    ray_tmp = Path(tempfile.mkdtemp(prefix="dgray-"))
+    env = cli_env(RAY_USAGE_STATS_ENABLED="0", RAY_TMPDIR=str(ray_tmp))
     with open(log, "wb") as f:
         proc = subprocess.Popen([str(VENV_BIN / "ray"), "start", "--head", "--block", "--num-cpus", "2",
                                  "--num-gpus", "0", f"--port={port}", "--include-dashboard=false",
@@ -52,10 +57,7 @@ def ray_cluster(tmp_path_factory):
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-        # Ray records the last cluster it started here; a plain ray.init() would try this dead one
-        current = Path("/tmp/ray/ray_current_cluster")
-        if current.is_file() and current.read_text().strip().endswith(f":{port}"):
-            current.unlink()
+        shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 @pytest.fixture
