@@ -11,15 +11,10 @@ import io
 import json
 import os
 import re
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import httpx
 import jsonschema
-import numpy as np
 import openai
 import pytest
 from PIL import Image
@@ -39,6 +34,8 @@ from diffgentor.server.openai_schemas import (
     validation_error,
 )
 
+from helpers import random_png, start_server
+
 API_KEY = "sk-conformance"
 MODEL = "tiny-Distil"
 FAST = dict(num_inference_steps=1, max_new_tokens=4, seed=3, bot_task="image")
@@ -49,17 +46,8 @@ MULTIBYTE = dict(prompt="a red bicycle", seed=4, bot_task="think_recaption", max
                  num_inference_steps=1)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _png(h: int = 64, w: int = 96, seed: int = 0) -> bytes:
-    arr = (np.random.RandomState(seed).rand(h, w, 3) * 255).astype(np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="PNG")
-    return buf.getvalue()
+    return random_png(h, w, seed)
 
 
 def _img(b64: str) -> Image.Image:
@@ -254,26 +242,9 @@ def test_batch_cli_orientation(ckpt, tmp_path, monkeypatch):
 # ------------------------------------------------------------------------------------------------ live server
 @pytest.fixture(scope="module")
 def server(ckpt, tmp_path_factory):
-    port = _free_port()
-    log = open(tmp_path_factory.mktemp("log") / "server.log", "w+")
-    cmd = [sys.executable, "-m", "diffgentor.server.cli", "serve", str(ckpt), "--port", str(port), "--api-key",
-           API_KEY, "--device", "cpu", "--dtype", "float32", "--num-kv-blocks", "2048", "--max-num-seqs", "8",
-           "--max-num-batched-tokens", "16384", "--log-level", "warning"]
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parents[1],
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 180
-    while time.time() < deadline:
-        assert proc.poll() is None, Path(log.name).read_text()
-        try:
-            if httpx.get(base + "/health", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    else:
-        proc.kill()
-        pytest.fail("server did not start:\n" + Path(log.name).read_text())
+    proc, base = start_server(ckpt, tmp_path_factory.mktemp("log") / "server.log", "--api-key", API_KEY,
+                              "--device", "cpu", "--dtype", "float32", "--num-kv-blocks", "2048", "--max-num-seqs",
+                              "8", "--max-num-batched-tokens", "16384", "--log-level", "warning")
     yield base
     proc.terminate()
     proc.wait(30)

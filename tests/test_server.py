@@ -8,8 +8,6 @@ import base64
 import io
 import os
 import struct
-import subprocess
-import sys
 import time
 import zlib
 from pathlib import Path
@@ -22,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from diffgentor.engine.testing.tiny_model import make_tiny
 
-from helpers import free_port, random_png
+from helpers import free_port, random_png, start_server
 
 API_KEY = "sk-test-key"
 FAST = dict(num_inference_steps=1, max_new_tokens=6, seed=3)
@@ -46,27 +44,11 @@ def _huge_png(w: int = 30000, h: int = 30000) -> bytes:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     ckpt = make_tiny(tmp_path_factory.mktemp("serve") / MODEL, distil=True)
-    port = free_port()
-    log = open(tmp_path_factory.mktemp("log") / "server.log", "w+")
-    cmd = [sys.executable, "-m", "diffgentor.server.cli", "serve", str(ckpt), "--port", str(port), "--api-key", API_KEY,
-           "--device", "cpu", "--dtype", "float32", "--num-kv-blocks", "4096", "--max-num-seqs", "32",
-           "--max-num-batched-tokens", "16384", "--log-level", "warning"]
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parents[1],
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        assert proc.poll() is None, Path(log.name).read_text()
-        try:
-            if httpx.get(base + "/health", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    else:
-        proc.kill()
-        pytest.fail("server did not start:\n" + Path(log.name).read_text())
-    yield {"base": base, "proc": proc, "log": log.name}
+    log = tmp_path_factory.mktemp("log") / "server.log"
+    proc, base = start_server(ckpt, log, "--api-key", API_KEY, "--device", "cpu", "--dtype", "float32",
+                              "--num-kv-blocks", "4096", "--max-num-seqs", "32", "--max-num-batched-tokens", "16384",
+                              "--log-level", "warning", timeout_s=120)
+    yield {"base": base, "proc": proc, "log": str(log)}
     if proc.poll() is None:
         proc.terminate()
         proc.wait(20)

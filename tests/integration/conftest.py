@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import os
 import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -71,3 +72,14 @@ def tiny_distil(tmp_path_factory) -> Path:
     from diffgentor.engine.testing.tiny_model import make_tiny
 
     return make_tiny(tmp_path_factory.mktemp("ckpt") / "tiny-HunyuanImage-3.0-Instruct-Distil", distil=True)
+
+
+def stop_process(proc: subprocess.Popen) -> None:
+    """Terminate a server started by a test (kill it if it does not exit within 30 s) and reap it."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

@@ -15,7 +15,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from .conftest import cli_env, free_port
+from .conftest import cli_env, free_port, stop_process
 
 CHROMIUM = Path("/usr/bin/chromium")
 pytestmark = [pytest.mark.integration,
@@ -50,22 +50,13 @@ def _start(tiny: Path, tmp: Path, *extra: str) -> tuple[subprocess.Popen, str]:
         time.sleep(0.3)
 
 
-def _stop(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
 @pytest.fixture(scope="module")
 def server(tiny_distil, tmp_path_factory):
     proc, base = _start(tiny_distil, tmp_path_factory.mktemp("playground"))
     try:
         yield base
     finally:
-        _stop(proc)
+        stop_process(proc)
 
 
 @pytest.fixture(scope="module")
@@ -157,7 +148,7 @@ def test_no_playground_flag(tiny_distil, tmp_path):
     try:
         r = httpx.get(base + "/")
     finally:
-        _stop(proc)
+        stop_process(proc)
     assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
 
 

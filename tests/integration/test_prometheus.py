@@ -19,7 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from diffgentor.server.metrics import PHASE_BUCKETS
 
-from .conftest import REPO_ROOT, cli_env, free_port
+from .conftest import REPO_ROOT, cli_env, free_port, stop_process
 
 pytestmark = [pytest.mark.integration,
               pytest.mark.skipif(shutil.which("prometheus") is None or shutil.which("promtool") is None,
@@ -44,16 +44,6 @@ def _wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float = 180
     pytest.fail(f"{url} did not come up:\n{log.read_text()[-4000:]}")
 
 
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
 @pytest.fixture(scope="module")
 def serve(tmp_path_factory, tiny_distil):
     tmp = tmp_path_factory.mktemp("serve")
@@ -68,7 +58,7 @@ def serve(tmp_path_factory, tiny_distil):
         _wait_http(f"http://127.0.0.1:{port}/health", proc, log)
         yield {"base": f"http://127.0.0.1:{port}", "port": port}
     finally:
-        _stop(proc)
+        stop_process(proc)
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +84,7 @@ def prom(tmp_path_factory, serve):
         _wait_http(base + "/-/ready", proc, log)
         yield base
     finally:
-        _stop(proc)
+        stop_process(proc)
 
 
 def _promtool(*args: str) -> str:
