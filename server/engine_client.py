@@ -73,6 +73,7 @@ class EngineClient:
         self.ready: CoreReady | None = None
         self.dead = False
         self.death_reason = ""
+        self._died = asyncio.Event()  # set with `dead`: wakes sends that wait for a peer that is gone
         self.proc: multiprocessing.Process | None = None
         self._tmp = tempfile.mkdtemp(prefix="diffgentor-zmq-")
         self.input_addr = f"ipc://{self._tmp}/input"
@@ -168,10 +169,7 @@ class EngineClient:
             t.cancel()
         # a core still loading does not read its input yet: `_reap` terminates it instead of waiting
         if self.proc is not None and self.proc.is_alive() and self.ready is not None:
-            try:
-                await self._in.send(self._enc.encode(Shutdown()))
-            except zmq.ZMQError:
-                pass
+            await self._send(self._enc.encode(Shutdown()))
             await asyncio.get_running_loop().run_in_executor(None, self.proc.join, 10.0)
         self._reap()
         atexit.unregister(self._reap)
@@ -195,6 +193,7 @@ class EngineClient:
             return
         self.dead = True
         self.death_reason = reason
+        self._died.set()
         logger.error("engine core died (instance %d): %s", self.index, reason)
         for rid, p in list(self.pending.items()):
             p.queue.put_nowait(FinishedInfo(request_id=rid, finish_reason="error", status=500,
@@ -253,6 +252,32 @@ class EngineClient:
             m.on_stats(msg.stats, engine=self.index, num_blocks=self.ready.num_blocks)
 
     # ------------------------------------------------------------------ requests
+    async def _send(self, frame: bytes | memoryview, copy: bool = True) -> bool:
+        """Send one message to the engine core; False when the core died first (or the link failed).
+
+        The core connects to our PUSH socket; once it is gone (killed) the socket has no peer and a send waits
+        for one forever. The watchdog marks the death within `WATCHDOG_S`, so the send races that mark: a request
+        that arrives in between gets its error event instead of hanging (and so does the server's shutdown).
+        """
+        if self.dead:
+            return False
+        send = asyncio.ensure_future(self._in.send(frame, copy=copy))
+        died = asyncio.ensure_future(self._died.wait())
+        try:
+            await asyncio.wait({send, died}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            died.cancel()
+            if not send.done():
+                send.cancel()
+        if send.cancelled():
+            return False
+        try:
+            send.result()
+        except zmq.ZMQError as e:
+            self._die(f"input link failed: {e}")
+            return False
+        return True
+
     async def generate(self, processed: ProcessedRequest) -> AsyncIterator[EngineEvent | FinishedInfo]:
         """Events of one request, ending with its `FinishedInfo`. Closing the iterator early (a client that
         went away, a cancelled task) aborts the request in the engine core, which frees its KV blocks."""
@@ -267,9 +292,9 @@ class EngineClient:
         self.num_in_flight += 1
         done = sent = False
         try:
-            await self._in.send(self._enc.encode(AddRequest(processed=processed)), copy=False)
-            sent = True
-            if self.metrics is not None:
+            # not sent = the core died meanwhile: `_die` has queued this request's error (it was pending)
+            sent = await self._send(self._enc.encode(AddRequest(processed=processed)), copy=False)
+            if sent and self.metrics is not None:
                 self.metrics.on_routed(self.index)
             while True:
                 item = await p.queue.get()
@@ -289,7 +314,4 @@ class EngineClient:
         if self.metrics is not None:
             for _ in request_ids:
                 self.metrics._success.labels(self.metrics.model_name, "abort").inc()
-        try:
-            await self._in.send(msgspec.msgpack.encode(AbortRequests(request_ids=list(request_ids))))
-        except zmq.ZMQError:
-            pass
+        await self._send(msgspec.msgpack.encode(AbortRequests(request_ids=list(request_ids))))

@@ -118,3 +118,41 @@ def test_non_streaming_disconnect_aborts(server, route):
     assert m["diffgentor:request_success_total{abort}"] == before + 1, m
     assert m["diffgentor:kv_cache_free_blocks"] == NUM_KV_BLOCKS, m
     assert time.perf_counter() - hung_up < 10, "the request ran to its end instead of being aborted"
+
+
+def test_request_arriving_after_an_unnoticed_engine_death_gets_its_error():
+    """The core was killed a moment ago and the watchdog has not marked it yet: our PUSH socket has no peer, so a
+    send waits for one forever. The request that arrives in that window (and the shutdown after it) used to hang
+    (a fresh-clone CI run: the kill test's load thread never returned); it now gets the death's error event."""
+    import zmq
+
+    from diffgentor.engine.config import EngineConfig
+    from diffgentor.engine.core_proc import CoreReady, FinishedInfo
+    from diffgentor.engine.request import GenerationRequest
+    from diffgentor.engine.request_state import ProcessedRequest
+    from diffgentor.server.engine_client import EngineClient
+
+    async def run() -> list:
+        client = EngineClient(EngineConfig(device="cpu"))
+        client._in = client._ctx.socket(zmq.PUSH)
+        client._in.setsockopt(zmq.LINGER, 0)
+        client._in.setsockopt(zmq.SNDHWM, 1)
+        client._in.bind(client.input_addr)  # nobody connects: the core is gone
+        client.ready = CoreReady(num_blocks=10, block_size=16, max_num_seqs=2, pid=0)
+        req = ProcessedRequest(request=GenerationRequest(request_id="r-0", prompt="x"))
+
+        async def consume() -> list:
+            return [item async for item in client.generate(req)]
+
+        work = asyncio.ensure_future(consume())
+        await asyncio.sleep(0.3)
+        assert not work.done(), "the send should wait for a peer"
+        client._die("process exited with status -9")  # what the watchdog does
+        items = await asyncio.wait_for(work, 5)
+        client.ready = None  # no process to stop
+        await asyncio.wait_for(client.shutdown(), 5)
+        return items
+
+    items = asyncio.run(run())
+    assert len(items) == 1 and isinstance(items[0], FinishedInfo), items
+    assert items[0].finish_reason == "error" and "died" in items[0].error
