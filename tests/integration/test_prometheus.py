@@ -146,8 +146,11 @@ def test_prometheus_scrapes_the_server(serve, prom):
 
     def one(i: int) -> float:
         t0 = time.monotonic()
+        # 100 steps: a request holds KV blocks from its prefill through its last step only (its VAE decode, ~0.7 s
+        # on the tiny model, runs with them freed). With 2 steps that was ~50 ms of a ~0.75 s request and the 500 ms
+        # scrapes could miss it (a CI run saw max KV usage 0); 100 steps hold them for longer than a scrape interval
         r = httpx.post(serve["base"] + "/v1/images/generations", timeout=600, json={
-            "prompt": f"a red cube number {i}", "size": "256x256", "num_inference_steps": 2, "seed": i,
+            "prompt": f"a red cube number {i}", "size": "256x256", "num_inference_steps": 100, "seed": i,
             "max_new_tokens": 8})
         assert r.status_code == 200, r.text
         return time.monotonic() - t0
