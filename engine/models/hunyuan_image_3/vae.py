@@ -36,14 +36,58 @@ _GN_GROUPS = 32
 _GN_EPS = 1e-6
 
 
-def _swish(x: torch.Tensor) -> torch.Tensor:
-    """x * sigmoid(x) as ONE fused op (the official code multiplies; same values within float rounding,
-    docs/decisions.md, "VAE: F.silu, oneDNN conv3d")."""
-    return F.silu(x)
-
-
 def _norm(channels: int) -> nn.GroupNorm:
     return nn.GroupNorm(_GN_GROUPS, channels, eps=_GN_EPS, affine=True)
+
+
+def _is_channels_last(x: torch.Tensor) -> bool:
+    """Stored channels-last (and not also plain contiguous, as a 1-channel or 1-pixel tensor is)."""
+    return x.is_contiguous(memory_format=torch.channels_last_3d) and not x.is_contiguous()
+
+
+# rows of the [N, C] channels-last matrix summed per chunk: a chunk's square stays in the cache
+_STATS_CHUNK_ROWS = 1 << 15
+
+
+def _group_norm_channels_last(norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
+    """GroupNorm of a channels-last tensor, as accurate as the contiguous kernel, and kept channels-last.
+
+    Why not `norm(x)`: PyTorch's channels-last CPU GroupNorm kernel is off by up to 3e-3 (a one-pass fp32
+    variance; measured against fp64 on a 1x32x4x768x1024 activation, where the contiguous kernel is off by 6e-7),
+    and converting the layout costs two copies of the VAE's largest tensors. Here each channel's sum and sum of
+    squares are cascade sums in fp32 over cache-sized chunks, added up in fp64; the normalisation is one
+    multiply-add per element with per-channel scale and shift (docs/decisions.md, "VAE: channels-last on CPU").
+    """
+    b, c = x.shape[:2]
+    g = norm.num_groups
+    rows = x.permute(0, 2, 3, 4, 1).reshape(b, -1, c)  # a view: channels-last storage is [B, T*H*W, C]
+    n = rows.shape[1]
+    s1 = torch.zeros(b, c, dtype=torch.float64, device=x.device)
+    s2 = torch.zeros_like(s1)
+    for start in range(0, n, _STATS_CHUNK_ROWS):
+        part = rows[:, start:start + _STATS_CHUNK_ROWS]
+        s1 += part.sum(dim=1, dtype=torch.float64) if x.dtype != torch.float32 else part.sum(dim=1).double()
+        s2 += part.square().sum(dim=1).double()
+    count = n * (c // g)
+    mean = s1.view(b, g, c // g).sum(-1) / count
+    var = (s2.view(b, g, c // g).sum(-1) / count - mean * mean).clamp_min(0.0)
+    rstd = (var + norm.eps).rsqrt()
+    weight = norm.weight.double().view(1, g, c // g) if norm.affine else torch.ones(1, g, c // g, dtype=torch.float64)
+    bias = norm.bias.double().view(1, g, c // g) if norm.affine else torch.zeros(1, g, c // g, dtype=torch.float64)
+    scale = weight * rstd[..., None]
+    shift = bias - mean[..., None] * scale
+    shape = (b, c, 1, 1, 1)
+    return torch.addcmul(shift.reshape(shape).to(x.dtype), x, scale.reshape(shape).to(x.dtype))
+
+
+def _group_norm(norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
+    return _group_norm_channels_last(norm, x) if _is_channels_last(x) else norm(x)
+
+
+def _norm_swish(norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
+    """swish(GroupNorm(x)): x * sigmoid(x) as ONE fused op, in place on the fresh normalised tensor (the official
+    code multiplies; same values within float rounding, docs/decisions.md, "VAE: F.silu, oneDNN conv3d")."""
+    return F.silu(_group_norm(norm, x), inplace=True)
 
 
 # below about this many input elements PyTorch's own choice is as fast (measured: a 32x1x64x48 input)
@@ -59,15 +103,40 @@ class Conv3d(nn.Conv3d):
     docs/decisions.md, "VAE: F.silu, oneDNN conv3d").
     """
 
-    def conv(self, x: torch.Tensor, padding: tuple[int, int, int] | None = None) -> torch.Tensor:
+    def conv(self, x: torch.Tensor, padding: tuple[int, int, int] | None = None,
+             weight: torch.Tensor | None = None) -> torch.Tensor:
         pad = list(self.padding if padding is None else padding)
-        if x.device.type == "cpu" and x.dtype == torch.float32 and x.numel() >= ONEDNN_MIN_NUMEL and \
+        weight = self.weight if weight is None else weight
+        channels_last = _is_channels_last(x)
+        if x.device.type == "cpu" and x.dtype == torch.float32 and \
+                (channels_last or x.numel() >= ONEDNN_MIN_NUMEL) and \
                 torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled and \
-                self.weight.dtype == x.dtype:
+                weight.dtype == x.dtype:
+            # oneDNN keeps a channels-last input channels-last (its fastest layout here, ~1.4x on the
+            # full-resolution 32-channel convs; docs/decisions.md, "VAE: channels-last on CPU")
             return torch.ops.aten.mkldnn_convolution(
-                x.contiguous(), self.weight, self.bias, pad, list(self.stride), list(self.dilation), self.groups
+                x if channels_last else x.contiguous(), weight, self.bias, pad, list(self.stride),
+                list(self.dilation), self.groups
             )
-        return F.conv3d(x, self.weight, self.bias, self.stride, pad, self.dilation, self.groups)
+        return F.conv3d(x, weight, self.bias, self.stride, pad, self.dilation, self.groups)
+
+    def can_fold_pointwise(self, x: torch.Tensor) -> bool:
+        """Whether `conv_plus_pointwise` applies: a centred odd kernel (the centre tap reads the output's own
+        position), and an fp32 channels-last CPU input (the fast path, where it was measured; a fp16/bf16 weight
+        would round the sum)."""
+        return x.device.type == "cpu" and x.dtype == torch.float32 and _is_channels_last(x) and self.groups == 1 and \
+            all(k % 2 == 1 and p == k // 2 and s == 1 and d == 1 for k, p, s, d in
+                zip(self.kernel_size, self.padding, self.stride, self.dilation))
+
+    def conv_plus_pointwise(self, x: torch.Tensor, mix: torch.Tensor) -> torch.Tensor:
+        """conv(x) + mix applied to each position's channels ([C_out, C_in]), as ONE conv: mix is added to the
+        centre tap of the kernel. The DC-AE shortcuts are such maps (a channel-group mean, a channel repeat);
+        folding them saves a full-size rearranged copy, a reduction and an add per resample
+        (docs/decisions.md, "VAE: DC-AE shortcuts folded into the conv")."""
+        weight = self.weight.clone()
+        kt, kh, kw = self.kernel_size
+        weight[:, :, kt // 2, kh // 2, kw // 2] += mix.to(weight.dtype)
+        return self.conv(x, weight=weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(x)
@@ -88,8 +157,15 @@ class Conv3d(nn.Conv3d):
         out = self.conv(clip, (0, self.padding[1], self.padding[2]))  # [B, C', distinct, H, W]
         if frames <= 3:
             return out
-        middle = out[:, :, 1:2].expand(-1, -1, frames - 2, -1, -1)
-        return torch.cat([out[:, :, :1], middle, out[:, :, 2:]], dim=2)
+        # one copy into a tensor of the input's layout (a cat with an expanded middle would come out plain
+        # contiguous, and slowly, for a channels-last input)
+        b, c, _, h, w = out.shape
+        fmt = torch.channels_last_3d if _is_channels_last(out) else torch.contiguous_format
+        full = torch.empty((b, c, frames, h, w), dtype=out.dtype, device=out.device, memory_format=fmt)
+        full[:, :, :1] = out[:, :, :1]
+        full[:, :, 1:-1] = out[:, :, 1:2]
+        full[:, :, -1:] = out[:, :, 2:]
+        return full
 
 
 def _conv(cin: int, cout: int, kernel: int = 3) -> Conv3d:
@@ -97,20 +173,24 @@ def _conv(cin: int, cout: int, kernel: int = 3) -> Conv3d:
 
 
 def _space_to_depth(x: torch.Tensor, rt: int) -> torch.Tensor:
-    """[B, C, T*rt, H*2, W*2] -> [B, rt*2*2*C, T, H, W], channel order (rt, rh, rw, c)."""
+    """[B, C, T*rt, H*2, W*2] -> [B, rt*2*2*C, T, H, W], channel order (rt, rh, rw, c), stored channels-last.
+
+    Built on the [B, T, H, W, C] view, one copy whichever layout x has: channels-last input is that view's
+    storage, and the result's (rt, rh, rw, c) channels come out innermost, which is channels-last storage.
+    """
     b, c, t, h, w = x.shape
-    x = x.reshape(b, c, t // rt, rt, h // 2, 2, w // 2, 2)
-    x = x.permute(0, 3, 5, 7, 1, 2, 4, 6)
-    return x.reshape(b, rt * 4 * c, t // rt, h // 2, w // 2)
+    y = x.permute(0, 2, 3, 4, 1).reshape(b, t // rt, rt, h // 2, 2, w // 2, 2, c)
+    y = y.permute(0, 1, 3, 5, 2, 4, 6, 7).reshape(b, t // rt, h // 2, w // 2, rt * 4 * c)
+    return y.permute(0, 4, 1, 2, 3)
 
 
 def _depth_to_space(x: torch.Tensor, rt: int) -> torch.Tensor:
-    """[B, rt*2*2*C, T, H, W] -> [B, C, T*rt, H*2, W*2], the inverse of `_space_to_depth`."""
+    """[B, rt*2*2*C, T, H, W] -> [B, C, T*rt, H*2, W*2], the inverse of `_space_to_depth`, stored channels-last."""
     b, c4, t, h, w = x.shape
     c = c4 // (rt * 4)
-    x = x.reshape(b, rt, 2, 2, c, t, h, w)
-    x = x.permute(0, 4, 5, 1, 6, 2, 7, 3)
-    return x.reshape(b, c, t * rt, h * 2, w * 2)
+    y = x.permute(0, 2, 3, 4, 1).reshape(b, t, h, w, rt, 2, 2, c)
+    y = y.permute(0, 1, 4, 2, 5, 3, 6, 7).reshape(b, t * rt, h * 2, w * 2, c)
+    return y.permute(0, 4, 1, 2, 3)
 
 
 class ResnetBlock(nn.Module):
@@ -126,11 +206,11 @@ class ResnetBlock(nn.Module):
             self.nin_shortcut = _conv(cin, cout, kernel=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(_swish(self.norm1(x)))
-        h = self.conv2(_swish(self.norm2(h)))
+        h = self.conv1(_norm_swish(self.norm1, x))
+        h = self.conv2(_norm_swish(self.norm2, h))
         if hasattr(self, "nin_shortcut"):
             x = self.nin_shortcut(x)
-        return x + h
+        return h.add_(x)  # h is this block's own fresh tensor; x + h, same values
 
 
 class AttnBlock(nn.Module):
@@ -146,7 +226,7 @@ class AttnBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, t, h, w = x.shape
-        y = self.norm(x)
+        y = _group_norm(self.norm, x)
 
         def tokens(m: nn.Module) -> torch.Tensor:  # [B, C, T, H, W] -> [B, 1, T*H*W, C]
             return m(y).reshape(b, 1, c, t * h * w).transpose(-1, -2).contiguous()
@@ -169,10 +249,25 @@ class DownsampleDCAE(nn.Module):
         self.group = factor * cin // cout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        cin = x.shape[1]
+        if cin % self.group == 0 and self.conv.can_fold_pointwise(x):
+            # Each shortcut group is `group` channels of ONE input position (cin % group == 0), so the shortcut
+            # is space-to-depth of a per-position mean of channel groups: output channel o of the conv takes the
+            # mean of input channels o*group .. o*group+group-1 (see Conv3d.conv_plus_pointwise)
+            mix = torch.zeros(cin // self.group, cin, dtype=torch.float64)
+            mix[torch.arange(cin) // self.group, torch.arange(cin)] = 1.0 / self.group
+            return _space_to_depth(self.conv.conv_plus_pointwise(x, mix), self.rt)
         h = _space_to_depth(self.conv(x), self.rt)
         s = _space_to_depth(x, self.rt)
         b, _, t, hh, ww = s.shape
         return h + s.reshape(b, h.shape[1], self.group, t, hh, ww).mean(dim=2)
+
+
+def _repeat_map(cin: int, repeats: int) -> torch.Tensor:
+    """The [cin*repeats, cin] 0/1 map of `repeat_interleave(repeats, dim=1)` on one position's channels."""
+    mix = torch.zeros(cin * repeats, cin, dtype=torch.float64)
+    mix[torch.arange(cin * repeats), torch.arange(cin * repeats) // repeats] = 1.0
+    return mix
 
 
 class UpsampleDCAE(nn.Module):
@@ -188,6 +283,8 @@ class UpsampleDCAE(nn.Module):
         self.repeats = factor * cout // cin
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.conv.can_fold_pointwise(x):  # the shortcut repeats each channel: a 0/1 map, folded
+            return _depth_to_space(self.conv.conv_plus_pointwise(x, _repeat_map(x.shape[1], self.repeats)), self.rt)
         h = _depth_to_space(self.conv(x), self.rt)
         s = _depth_to_space(x.repeat_interleave(self.repeats, dim=1), self.rt)
         return h + s
@@ -270,7 +367,8 @@ class Encoder(nn.Module):
         h = _run_mid(self.mid, h)
         b, c, t, hh, ww = h.shape
         shortcut = h.reshape(b, 2 * self.z_channels, c // (2 * self.z_channels), t, hh, ww).mean(dim=2)
-        return self.conv_out(_swish(self.norm_out(h))) + shortcut
+        # the posterior leaves the VAE plain contiguous (callers chunk and view it)
+        return (self.conv_out(_norm_swish(self.norm_out, h)) + shortcut).contiguous()
 
 
 class Decoder(nn.Module):
@@ -313,14 +411,17 @@ class Decoder(nn.Module):
         self.conv_out = _conv(cin, out_channels)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        h = self.conv_in(z) + z.repeat_interleave(self.z_repeats, dim=1)
+        if self.conv_in.can_fold_pointwise(z):
+            h = self.conv_in.conv_plus_pointwise(z, _repeat_map(z.shape[1], self.z_repeats))
+        else:
+            h = self.conv_in(z) + z.repeat_interleave(self.z_repeats, dim=1)
         h = _run_mid(self.mid, h)
         for level in self.up:
             for block in level.block:
                 h = block(h)
             if hasattr(level, "upsample"):
                 h = level.upsample(h)
-        return self.conv_out(_swish(self.norm_out(h)))
+        return self.conv_out(_norm_swish(self.norm_out, h)).contiguous()
 
 
 class DiagonalGaussian:
@@ -362,6 +463,8 @@ class DiagonalGaussian:
         return self.mean + self.std * eps
 
 
+
+
 def _autocast(device: torch.device, dtype: torch.dtype | None) -> Any:
     """The official CUDA autocast; it is a no-op off CUDA (the official CPU run is plain fp32)."""
     if device.type != "cuda" or dtype is None or dtype == torch.float32:
@@ -378,6 +481,10 @@ class AutoencoderKLConv3D(nn.Module):
         self.latent_channels = int(vae_cfg["latent_channels"])
         self.ffactor_spatial = int(vae_cfg.get("ffactor_spatial", 16))
         self.ffactor_temporal = int(vae_cfg.get("ffactor_temporal", 4))
+        # On CPU the VAE runs channels-last (oneDNN's fast layout), which also enables the folded DC-AE shortcuts
+        # (docs/decisions.md, "VAE: channels-last on CPU"). Elsewhere tensors stay as given: the GPU paths have not
+        # been measured in that layout. False = the plain formulas everywhere (tests compare the two).
+        self.channels_last_on_cpu = True
         self.scaling_factor = vae_cfg.get("scaling_factor")
         self.shift_factor = vae_cfg.get("shift_factor")
         layers = int(vae_cfg["layers_per_block"])
@@ -400,6 +507,11 @@ class AutoencoderKLConv3D(nn.Module):
             bool(vae_cfg.get("upsample_match_channel", True)),
         )
 
+    def _preferred_layout(self, x: torch.Tensor) -> torch.Tensor:
+        if self.channels_last_on_cpu and x.device.type == "cpu":
+            return x.contiguous(memory_format=torch.channels_last_3d)
+        return x
+
     @torch.no_grad()
     def encode(
         self, images: torch.Tensor, autocast_dtype: torch.dtype | None = torch.float16
@@ -421,7 +533,7 @@ class AutoencoderKLConv3D(nn.Module):
         if x.shape[-1] % fs or x.shape[-2] % fs:
             raise ValueError(f"image size {tuple(x.shape[-2:])} is not a multiple of {fs}")
         with _autocast(x.device, autocast_dtype):
-            return DiagonalGaussian(self.encoder(x, repeat_frames=repeat))
+            return DiagonalGaussian(self.encoder(self._preferred_layout(x), repeat_frames=repeat))
 
     @torch.no_grad()
     def decode(self, z: torch.Tensor, autocast_dtype: torch.dtype | None = torch.float16) -> torch.Tensor:
@@ -432,7 +544,7 @@ class AutoencoderKLConv3D(nn.Module):
         if z.dim() == 4:
             z = z.unsqueeze(2)
         with _autocast(z.device, autocast_dtype):
-            return self.decoder(z)
+            return self.decoder(self._preferred_layout(z))
 
     def decode_image(
         self, z: torch.Tensor, autocast_dtype: torch.dtype | None = torch.float16
