@@ -45,8 +45,8 @@ def _is_channels_last(x: torch.Tensor) -> bool:
     return x.is_contiguous(memory_format=torch.channels_last_3d) and not x.is_contiguous()
 
 
-# rows of the [N, C] channels-last matrix summed per chunk: a chunk's square stays in the cache
-_STATS_CHUNK_ROWS = 1 << 15
+# elements of the [N, C] channels-last matrix summed per chunk (4 MiB of fp32): a chunk's square stays in cache
+_STATS_CHUNK_ELEMS = 1 << 20
 
 
 def _group_norm_channels_last(norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
@@ -55,19 +55,26 @@ def _group_norm_channels_last(norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tens
     Why not `norm(x)`: PyTorch's channels-last CPU GroupNorm kernel is off by up to 3e-3 (a one-pass fp32
     variance; measured against fp64 on a 1x32x4x768x1024 activation, where the contiguous kernel is off by 6e-7),
     and converting the layout costs two copies of the VAE's largest tensors. Here each channel's sum and sum of
-    squares are cascade sums in fp32 over cache-sized chunks, added up in fp64; the normalisation is one
-    multiply-add per element with per-channel scale and shift (docs/decisions.md, "VAE: channels-last on CPU").
+    squares are cascade sums in fp32 over cache-sized chunks (the squares written into one reused buffer),
+    added up in fp64; the normalisation is one multiply-add per element with per-channel scale and shift
+    (docs/decisions.md, "VAE: channels-last on CPU").
     """
     b, c = x.shape[:2]
     g = norm.num_groups
     rows = x.permute(0, 2, 3, 4, 1).reshape(b, -1, c)  # a view: channels-last storage is [B, T*H*W, C]
     n = rows.shape[1]
+    step = max(1, _STATS_CHUNK_ELEMS // c)
+    work = torch.float32 if x.dtype == torch.float32 else torch.float64
+    square = torch.empty(min(step, n), c, dtype=work, device=x.device)
     s1 = torch.zeros(b, c, dtype=torch.float64, device=x.device)
     s2 = torch.zeros_like(s1)
-    for start in range(0, n, _STATS_CHUNK_ROWS):
-        part = rows[:, start:start + _STATS_CHUNK_ROWS]
-        s1 += part.sum(dim=1, dtype=torch.float64) if x.dtype != torch.float32 else part.sum(dim=1).double()
-        s2 += part.square().sum(dim=1).double()
+    for i in range(b):
+        for start in range(0, n, step):
+            part = rows[i, start:start + step].to(work)
+            m = part.shape[0]
+            s1[i] += part.sum(dim=0).double()
+            torch.mul(part, part, out=square[:m])
+            s2[i] += square[:m].sum(dim=0).double()
     count = n * (c // g)
     mean = s1.view(b, g, c // g).sum(-1) / count
     var = (s2.view(b, g, c // g).sum(-1) / count - mean * mean).clamp_min(0.0)
