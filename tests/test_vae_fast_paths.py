@@ -109,3 +109,17 @@ def test_fp32_fast_paths_are_as_close_to_fp64_as_the_plain_formulas(hw):
     assert out_fast.is_contiguous() and out_fast.shape == (2, 3, 4, *hw)
     e_fast, e_plain = err(out_fast, out_ref), err(out_plain, out_ref)
     assert e_fast <= 2 * e_plain + 1e-6, (e_fast, e_plain)
+
+
+def test_channels_last_input_with_autograd_takes_the_plain_group_norm():
+    """The chunked statistics are inference-only: with gradients on, a channels-last input still normalises (the
+    contiguous kernel) and gradients flow."""
+    norm = _randomise(nn.GroupNorm(32, 32, eps=1e-6), 8)
+    x = torch.randn(1, 32, 2, 6, 10).contiguous(memory_format=CL).requires_grad_()
+    from diffgentor.engine.models.hunyuan_image_3.vae import _norm_swish
+
+    y = _norm_swish(norm, x)
+    y.sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+    with torch.no_grad():
+        torch.testing.assert_close(y, nn.functional.silu(norm(x.contiguous())))

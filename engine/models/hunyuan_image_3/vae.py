@@ -88,7 +88,9 @@ def _group_norm_channels_last(norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tens
 
 
 def _group_norm(norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
-    return _group_norm_channels_last(norm, x) if _is_channels_last(x) else norm(x)
+    if _is_channels_last(x) and not x.requires_grad:  # (the chunked statistics are inference-only)
+        return _group_norm_channels_last(norm, x)
+    return norm(x.contiguous())
 
 
 def _norm_swish(norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
