@@ -97,6 +97,8 @@ class RequestState:
     status: RequestStatus = RequestStatus.WAITING
     uncond: SeqState | None = None
     ratio_index: int | None = None
+    # auto size: the bucket indexes whose image phase fits the model's positions (None: all of them)
+    allowed_ratios: tuple[int, ...] | None = None
     step: int = 0
     sent_to_worker: bool = False
     diffusion_started: bool = False
@@ -386,6 +388,18 @@ def state_from_processed(ctx: ProcessorContext, p: ProcessedRequest) -> RequestS
     need = len(layout) + (max_new + _max_image_tokens(ctx) if phase == "text" else 0)
     if len(layout) > limit:
         raise RequestError(f"the prompt needs {len(layout)} tokens; the model allows {limit}")
+    allowed_ratios = None
+    if phase == "text" and bot_task != "auto":
+        # the image phase repeats the prompt and condition images and adds the image: refuse now a request whose
+        # image phase could not fit even with no think text and the smallest image, instead of failing it there
+        ratio = fixed_ratio if fixed_ratio is not None else _smallest_ratio_index(ctx)
+        shortest = ctx.builder.image_prompt(req.prompt, ratio_index=ratio, system_prompt=system,
+                                            cond_images=layouts, cfg=use_cfg)
+        if len(shortest) > limit:
+            raise RequestError(f"the image phase needs at least {len(shortest)} tokens (the prompt, its "
+                               f"{len(layouts)} condition image(s) and the image); the model allows {limit}")
+        if fixed_ratio is None:
+            allowed_ratios = _fitting_ratios(ctx, len(shortest) - _image_tokens(ctx, ratio), max_new, limit)
     state = RequestState(
         req=req, request_id=rid, seed=seed, bot_task=bot_task, system_prompt=system, sampling=params.sampling,
         max_new_tokens=max_new, num_steps=steps, guidance_scale=guidance, flow_shift=params.shift,
@@ -393,7 +407,7 @@ def state_from_processed(ctx: ProcessorContext, p: ProcessedRequest) -> RequestS
             "use_taylor_cache", False))),
         align_image_size=params.align, vae_images=vae_images, vit_images=vit_images, image_digests=digests,
         machine=machine, cond=SeqState(f"{rid}#cond", list(layout.token_ids), layout), phase=phase,
-        ratio_index=fixed_ratio, num_prompt_tokens=len(layout),
+        ratio_index=fixed_ratio, allowed_ratios=allowed_ratios, num_prompt_tokens=len(layout),
     )
     state.times["max_tokens_estimate"] = float(need)
     state.encoder_inputs = [EncoderInput(encoder_key(dg, v, t, params.align), v, t)
@@ -427,6 +441,33 @@ def load_processor_context(path: str | Path, request_defaults: dict[str, Any] | 
                             dict(request_defaults or {}))
 
 
+def _image_tokens(ctx: ProcessorContext, ratio_index: int) -> int:
+    h, w = ctx.builder.resolution.buckets[ratio_index]
+    ds = ctx.config.latent_downsample
+    return (h // ds) * (w // ds)
+
+
+def _smallest_ratio_index(ctx: ProcessorContext) -> int:
+    sizes = [_image_tokens(ctx, r) for r in range(len(ctx.builder.resolution.buckets))]
+    return sizes.index(min(sizes))
+
+
+def _fitting_ratios(ctx: ProcessorContext, without_image: int, max_new: int, limit: int) -> tuple[int, ...] | None:
+    """Auto size: the buckets the model may pick, so that its image phase fits the model's positions (the image
+    phase's length is `without_image` plus the bucket's image tokens plus the think text). Those that fit with a
+    full-length think text; if none does, those that fit with none (a long text then fails at the phase switch);
+    None when every bucket fits (the official pick, unrestricted). docs/decisions.md, "Auto size picks a bucket
+    that fits"."""
+    sizes = [_image_tokens(ctx, r) for r in range(len(ctx.builder.resolution.buckets))]
+    for text in (max_new + 8, 0):  # + the closing tags the stage machine forces
+        fit = tuple(r for r, n in enumerate(sizes) if without_image + text + n <= limit)
+        if len(fit) == len(sizes):
+            return None
+        if fit:
+            return fit
+    return None  # not reached: the smallest bucket fits (checked by the caller)
+
+
 def _max_image_tokens(ctx: ProcessorContext) -> int:
     ds = ctx.config.latent_downsample
     return max((h // ds) * (w // ds) for h, w in ctx.builder.resolution.buckets) + 8
@@ -441,8 +482,10 @@ def enter_image_phase(ctx: ProcessorContext, st: RequestState, layout: BuiltProm
             cot_ids=st.machine.cot_ids or None, cfg=st.use_cfg,
         )
     if len(layout) > ctx.config.max_position_embeddings:
-        raise RequestError(f"the image-phase sequence needs {len(layout)} tokens; the model allows "
-                           f"{ctx.config.max_position_embeddings}")
+        raise RequestError(f"the image-phase sequence needs {len(layout)} tokens (the prompt, its condition images, "
+                           f"{len(st.machine.cot_ids or [])} think/recaption tokens and the image); the model allows "
+                           f"{ctx.config.max_position_embeddings}: lower max_new_tokens, shorten the prompt or use "
+                           "fewer condition images")
     ids = list(layout.token_ids)
     keep = common_prefix_len(st.cond.token_ids[: st.cond.num_computed], ids)
     st.cond.token_ids, st.cond.layout = ids, layout

@@ -326,7 +326,11 @@ class Scheduler:
         sample = None
         if end == target:
             m = st.machine
-            sample = SampleSpec(st.sampling, m.forced_token, tuple(m.sp.ratio) if m.needs_ratio_pick else None)
+            ratio_ids = None
+            if m.needs_ratio_pick:  # auto size: only buckets whose image phase fits (RequestState.allowed_ratios)
+                ratios = range(len(m.sp.ratio)) if st.allowed_ratios is None else st.allowed_ratios
+                ratio_ids = tuple(m.sp.ratio[r] for r in ratios)
+            sample = SampleSpec(st.sampling, m.forced_token, ratio_ids)
         if st.status in (RequestStatus.WAITING, RequestStatus.PREFILL):
             st.status = RequestStatus.PREFILL if end < st.num_prompt_tokens else RequestStatus.THINK
             st.mark("first_scheduled")
@@ -513,8 +517,8 @@ class Scheduler:
             if self.transition is None:
                 raise RequestError("this scheduler cannot start image phases (no transition)")
             self.transition(st)
-        except RequestError as e:
-            finish(st, FinishReason.ERROR, str(e))
+        except RequestError as e:  # the request's own inputs and text do not fit: a client error
+            finish(st, FinishReason.ERROR, str(e), status=400)
 
 
 def _taylor_full_step(st: RequestState) -> bool:

@@ -274,3 +274,37 @@ def test_progressive_previews_leave_the_final_image_unchanged(tiny_distil):
     final = np.asarray(Image.open(io.BytesIO(events[2].image_png)))
     assert previews[0].shape == final.shape and not np.array_equal(previews[0], previews[1])
     assert events[2].image_png == plain[0].image_png
+
+
+def test_request_whose_image_phase_cannot_fit_is_refused_up_front(tiny_distil):
+    """A prompt that fits the text phase, but whose image phase (the prompt again plus the smallest image) cannot fit
+    the model's positions: refused at admission with 400, before any step, instead of thinking first and failing at
+    the phase switch. A request whose generated text makes the image phase too long fails there with 400, not 500
+    (schemathesis found the 500)."""
+    from diffgentor.engine.request_state import RequestError, build_request_state
+
+    eng = _engine(tiny_distil)
+    ctx = eng.core.ctx
+
+    def verdict(k: int) -> str:
+        req = eng.make_request(dict(request_id=f"k{k}", prompt="x " * k, bot_task="think_recaption", max_new_tokens=4))
+        try:
+            build_request_state(ctx, req)
+        except RequestError as e:
+            return "image" if "image phase needs" in str(e) else "text"  # else: the prompt alone is too long
+        return "ok"
+
+    lo, hi = 1, 16384  # 16384 "x " need ~33k positions: refused for the text phase already
+    assert verdict(lo) == "ok" and verdict(hi) == "text"
+    while hi - lo > 1:  # the shortest prompt the text phase refuses
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if verdict(mid) != "text" else (lo, mid)
+    assert verdict(lo) == "image", "the image phase (prompt + smallest image) should not fit just below the text limit"
+    events = eng.core.add_request(eng.make_request(dict(request_id="big", prompt="x " * lo,
+                                                        bot_task="think_recaption", max_new_tokens=4)))
+    assert [(e.kind, e.status) for e in events] == [("error", 400)], events
+    assert "image phase needs at least" in events[0].error
+    assert eng.core.kv.num_free_blocks == eng.core.kv.num_blocks and not eng.core.has_unfinished()
+    # the same prompt as a text-only request never enters the image phase: not refused for it
+    req = eng.make_request(dict(request_id="t", prompt="x " * lo, bot_task="auto", max_new_tokens=2))
+    build_request_state(ctx, req)

@@ -78,8 +78,9 @@ class Harness:
     """A scheduler plus a fake worker; `step()` is one schedule -> execute -> update_from_output round."""
 
     def __init__(self, ctx, num_blocks=512, block_size=16, max_num_seqs=8, max_tokens=4096,
-                 encoder_pixels=1 << 20, encoder_bytes=1 << 20, prefix_caching=True):
+                 encoder_pixels=1 << 20, encoder_bytes=1 << 20, prefix_caching=True, ratio_pick: int = 0):
         self.ctx = ctx
+        self.ratio_pick = ratio_pick  # which offered ratio token the fake model picks (0: the first, -1: the last)
         self.kv = KVCacheManager(num_blocks, block_size, prefix_caching)
         self.sched = Scheduler(SchedulerConfig(max_num_seqs, max_tokens, block_size, encoder_pixels, encoder_bytes),
                                self.kv, transition=lambda st: enter_image_phase(ctx, st))
@@ -113,7 +114,7 @@ class Harness:
             if c.sample is not None:
                 spec = c.sample
                 tok = spec.forced_token if spec.forced_token is not None else (
-                    spec.ratio_ids[0] if spec.ratio_ids else self.text_token)
+                    spec.ratio_ids[self.ratio_pick] if spec.ratio_ids else self.text_token)
                 out.sampled_tokens[c.request_id] = tok
         for d in plan.diffusion_steps:
             out.diffusion_steps_done[d.request_id] = d.step
@@ -332,6 +333,45 @@ def test_a_request_that_can_never_fit_fails_alone(ctx_distil):
     h.run()
     (o,) = [o for o in h.outputs if o.finish_reason is not None]
     assert o.finish_reason is FinishReason.ERROR and o.status == 400 and "KV cache" in o.error
+    h.assert_no_leaks()
+
+
+def test_an_image_phase_that_does_not_fit_fails_the_request_with_400(ctx_distil):
+    """The think text made the image-phase sequence longer than the model's positions (the phase switch refuses it):
+    the request's own inputs are at fault, so it fails alone with 400 (it was a 500), and frees everything."""
+    from diffgentor.engine.vocabulary import RequestError
+
+    h = Harness(ctx_distil)
+
+    def too_long(st):
+        raise RequestError("the image-phase sequence needs 9489 tokens; the model allows 8192")
+
+    h.sched.transition = too_long
+    h.add("long", image_size="256x256", bot_task="think_recaption", max_new_tokens=4)
+    h.add("fine", image_size="256x256", bot_task="image")
+    h.run()
+    by_id = {o.state.request_id: o for o in h.outputs if o.finish_reason is not None}
+    assert by_id["long"].finish_reason is FinishReason.ERROR and by_id["long"].status == 400
+    assert by_id["fine"].finish_reason is FinishReason.IMAGE
+    h.assert_no_leaks()
+
+
+def test_auto_size_offers_only_buckets_whose_image_phase_fits(ctx_distil):
+    """Two 4:3 condition images fill most of the tiny model's 8192 positions; the largest buckets (1024x768 and up)
+    would not fit in the image phase. A model that picks the last offered ratio (the official pick is an argmax
+    over all 37) gets only buckets that fit, and the request ends with an image instead of failing at the switch."""
+    h = Harness(ctx_distil, ratio_pick=-1)
+    h.add("fuse", images=[png(48, 64, 11), png(48, 64, 12)], bot_task="think_recaption", image_size="auto",
+          max_new_tokens=4)
+    st = h.sched.requests["fuse"]
+    buckets = ctx_distil.builder.resolution.buckets
+    assert st.allowed_ratios is not None and 0 < len(st.allowed_ratios) < len(buckets)
+    assert len(buckets) - 1 not in st.allowed_ratios
+    h.add("plain", bot_task="think_recaption", image_size="auto", max_new_tokens=4)
+    assert h.sched.requests["plain"].allowed_ratios is None  # everything fits: the official pick, unrestricted
+    h.run()
+    assert h.finished() == {"fuse": FinishReason.IMAGE, "plain": FinishReason.IMAGE}
+    assert st.ratio_index == st.allowed_ratios[-1]
     h.assert_no_leaks()
 
 
