@@ -73,6 +73,8 @@ def constrain_logits(logits: Tensor, spec: SampleSpec) -> Tensor:
     if tok is not None:
         logits.fill_(torch.finfo(logits.dtype).min)
         logits[tok] = 0
+    elif spec.banned_ids:
+        logits[torch.tensor(spec.banned_ids, device=logits.device)] = torch.finfo(logits.dtype).min
     return logits
 
 

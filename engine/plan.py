@@ -38,6 +38,7 @@ class SampleSpec:
     params: SamplingParams
     forced_token: int | None = None
     ratio_ids: tuple[int, ...] | None = None  # greedy pick restricted to these ids (the ratio step)
+    banned_ids: tuple[int, ...] | None = None  # never sampled (ratio tokens whose image phase would not fit)
 
 
 @dataclass

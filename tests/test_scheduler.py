@@ -78,9 +78,13 @@ class Harness:
     """A scheduler plus a fake worker; `step()` is one schedule -> execute -> update_from_output round."""
 
     def __init__(self, ctx, num_blocks=512, block_size=16, max_num_seqs=8, max_tokens=4096,
-                 encoder_pixels=1 << 20, encoder_bytes=1 << 20, prefix_caching=True, ratio_pick: int = 0):
+                 encoder_pixels=1 << 20, encoder_bytes=1 << 20, prefix_caching=True, ratio_pick: int = 0,
+                 ratio_in_text: bool = False):
         self.ctx = ctx
         self.ratio_pick = ratio_pick  # which offered ratio token the fake model picks (0: the first, -1: the last)
+        # the fake model ends free text (think/recaption) at once with the largest ratio token it may sample
+        self.ratio_in_text = ratio_in_text
+        self.ratio_tokens = list(ctx.tokenizer.special.ratio)
         self.kv = KVCacheManager(num_blocks, block_size, prefix_caching)
         self.sched = Scheduler(SchedulerConfig(max_num_seqs, max_tokens, block_size, encoder_pixels, encoder_bytes),
                                self.kv, transition=lambda st: enter_image_phase(ctx, st))
@@ -115,6 +119,8 @@ class Harness:
                 spec = c.sample
                 tok = spec.forced_token if spec.forced_token is not None else (
                     spec.ratio_ids[self.ratio_pick] if spec.ratio_ids else self.text_token)
+                if self.ratio_in_text and spec.forced_token is None and not spec.ratio_ids:
+                    tok = [t for t in self.ratio_tokens if t not in (spec.banned_ids or ())][-1]
                 out.sampled_tokens[c.request_id] = tok
         for d in plan.diffusion_steps:
             out.diffusion_steps_done[d.request_id] = d.step
@@ -373,6 +379,36 @@ def test_auto_size_offers_only_buckets_whose_image_phase_fits(ctx_distil):
     assert h.finished() == {"fuse": FinishReason.IMAGE, "plain": FinishReason.IMAGE}
     assert st.ratio_index == st.allowed_ratios[-1]
     h.assert_no_leaks()
+
+
+def test_free_text_never_ends_with_a_ratio_token_that_would_not_fit(ctx_distil):
+    """A ratio token also ends think/recaption text (auto size). A model that ends its text with the largest ratio
+    token it may sample gets one whose image phase fits (CI's schemathesis run: the tiny model sampled the
+    1024x768 bucket's token in its text, and the phase switch refused 9487 positions)."""
+    h = Harness(ctx_distil, ratio_in_text=True)
+    h.add("fuse", images=[png(48, 64, 11), png(48, 64, 12)], bot_task="think_recaption", image_size="auto",
+          max_new_tokens=4)
+    st = h.sched.requests["fuse"]
+    h.run()
+    assert h.finished() == {"fuse": FinishReason.IMAGE}, [(o.state.request_id, o.error) for o in h.outputs]
+    assert st.ratio_index == max(st.allowed_ratios)
+    h.assert_no_leaks()
+
+
+def test_banned_ids_are_never_sampled_and_forcing_wins():
+    import torch
+
+    from diffgentor.engine.model_runner import constrain_logits
+    from diffgentor.engine.models.hunyuan_image_3.sampling import SamplingParams
+    from diffgentor.engine.plan import SampleSpec
+
+    logits = torch.zeros(10)
+    logits[7] = 50.0
+    out = constrain_logits(logits.clone(), SampleSpec(SamplingParams(), banned_ids=(7, 9)))
+    assert out[7] == out[9] == torch.finfo(out.dtype).min and out.argmax() not in (7, 9)
+    assert torch.equal(out[:7], logits[:7])
+    forced = constrain_logits(logits.clone(), SampleSpec(SamplingParams(), forced_token=9, banned_ids=(7, 9)))
+    assert forced.argmax() == 9  # a forced token (the stage machine's closing tags) is not a sampled one
 
 
 # ------------------------------------------------------------------------------------------------ property
