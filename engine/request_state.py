@@ -97,8 +97,10 @@ class RequestState:
     status: RequestStatus = RequestStatus.WAITING
     uncond: SeqState | None = None
     ratio_index: int | None = None
-    # auto size: the bucket indexes whose image phase fits the model's positions (None: all of them)
+    # auto size: the bucket indexes whose image phase fits the model's positions (None: all of them), and the
+    # ratio tokens of the others, never sampled (derived once here: the scheduler reads it every text step)
     allowed_ratios: tuple[int, ...] | None = None
+    banned_ratio_ids: tuple[int, ...] | None = None
     step: int = 0
     sent_to_worker: bool = False
     diffusion_started: bool = False
@@ -400,6 +402,8 @@ def state_from_processed(ctx: ProcessorContext, p: ProcessedRequest) -> RequestS
                                f"{len(layouts)} condition image(s) and the image); the model allows {limit}")
         if fixed_ratio is None:
             allowed_ratios = _fitting_ratios(ctx, len(shortest) - _image_tokens(ctx, ratio), max_new, limit)
+    banned_ratio_ids = None if allowed_ratios is None else tuple(
+        t for r, t in enumerate(ctx.tokenizer.special.ratio) if r not in allowed_ratios)
     state = RequestState(
         req=req, request_id=rid, seed=seed, bot_task=bot_task, system_prompt=system, sampling=params.sampling,
         max_new_tokens=max_new, num_steps=steps, guidance_scale=guidance, flow_shift=params.shift,
@@ -408,6 +412,7 @@ def state_from_processed(ctx: ProcessorContext, p: ProcessedRequest) -> RequestS
         align_image_size=params.align, vae_images=vae_images, vit_images=vit_images, image_digests=digests,
         machine=machine, cond=SeqState(f"{rid}#cond", list(layout.token_ids), layout), phase=phase,
         ratio_index=fixed_ratio, allowed_ratios=allowed_ratios, num_prompt_tokens=len(layout),
+        banned_ratio_ids=banned_ratio_ids,
     )
     state.times["max_tokens_estimate"] = float(need)
     state.encoder_inputs = [EncoderInput(encoder_key(dg, v, t, params.align), v, t)

@@ -330,10 +330,8 @@ class Scheduler:
             if m.needs_ratio_pick:  # auto size: only buckets whose image phase fits (RequestState.allowed_ratios)
                 ratios = range(len(m.sp.ratio)) if st.allowed_ratios is None else st.allowed_ratios
                 ratio_ids = tuple(m.sp.ratio[r] for r in ratios)
-            elif st.allowed_ratios is not None and st.phase == "text":
-                # a ratio token also ends free text (think/recaption): the ones that would not fit are never sampled
-                allowed = set(st.allowed_ratios)
-                banned = tuple(t for r, t in enumerate(m.sp.ratio) if r not in allowed)
+            elif st.phase == "text":  # a ratio token also ends free text (think/recaption): not those that don't fit
+                banned = st.banned_ratio_ids
             sample = SampleSpec(st.sampling, m.forced_token, ratio_ids, banned)
         if st.status in (RequestStatus.WAITING, RequestStatus.PREFILL):
             st.status = RequestStatus.PREFILL if end < st.num_prompt_tokens else RequestStatus.THINK

@@ -79,10 +79,8 @@ def _group_norm_channels_last(norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tens
     mean = s1.view(b, g, c // g).sum(-1) / count
     var = (s2.view(b, g, c // g).sum(-1) / count - mean * mean).clamp_min(0.0)
     rstd = (var + norm.eps).rsqrt()
-    weight = norm.weight.double().view(1, g, c // g) if norm.affine else torch.ones(1, g, c // g, dtype=torch.float64)
-    bias = norm.bias.double().view(1, g, c // g) if norm.affine else torch.zeros(1, g, c // g, dtype=torch.float64)
-    scale = weight * rstd[..., None]
-    shift = bias - mean[..., None] * scale
+    scale = norm.weight.double().view(1, g, c // g) * rstd[..., None]  # the VAE's norms are all affine (`_norm`)
+    shift = norm.bias.double().view(1, g, c // g) - mean[..., None] * scale
     shape = (b, c, 1, 1, 1)
     return torch.addcmul(shift.reshape(shape).to(x.dtype), x, scale.reshape(shape).to(x.dtype))
 
