@@ -45,6 +45,7 @@ from diffgentor.engine.request_state import (
     process_request,
 )
 from diffgentor.server import openapi
+from diffgentor.server.aio import unless
 from diffgentor.server.engine_client import EngineClient, EngineDeadError
 from diffgentor.server.engine_pool import EnginePool, plan_engine_instances
 from diffgentor.server.http_server import DEFAULT_HEAD_TIMEOUT_S, DrainingServer, head_timeout_protocol
@@ -252,17 +253,8 @@ async def _fetch_images(state: AppState, request: Request, urls: list[str]) -> l
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
-    work = asyncio.ensure_future(fetch_all())
-    watcher = asyncio.ensure_future(_wait_disconnect(request))
-    try:
-        await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watcher.cancel()
-    if not work.done():
-        work.cancel()
-        await asyncio.gather(work, return_exceptions=True)
-        return None
-    return work.result()
+    done, images = await unless(fetch_all(), _wait_disconnect(request))
+    return images if done else None
 
 
 def _validate(model_cls, data: dict[str, Any], strict: bool):

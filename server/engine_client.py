@@ -41,6 +41,7 @@ from diffgentor.engine.core_proc import (
 from diffgentor.engine.process import release_host_memory
 from diffgentor.engine.request import EngineEvent
 from diffgentor.engine.request_state import ProcessedRequest
+from diffgentor.server.aio import unless
 
 logger = logging.getLogger(__name__)
 _ENV_LOCK = threading.Lock()  # os.environ is process-wide: one spawn at a time sees its overlay
@@ -261,22 +262,12 @@ class EngineClient:
         """
         if self.dead:
             return False
-        send = asyncio.ensure_future(self._in.send(frame, copy=copy))
-        died = asyncio.ensure_future(self._died.wait())
         try:
-            await asyncio.wait({send, died}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            died.cancel()
-            if not send.done():
-                send.cancel()
-        if send.cancelled():
-            return False
-        try:
-            send.result()
+            sent, _ = await unless(self._in.send(frame, copy=copy), self._died.wait())
         except zmq.ZMQError as e:
             self._die(f"input link failed: {e}")
             return False
-        return True
+        return sent
 
     async def generate(self, processed: ProcessedRequest) -> AsyncIterator[EngineEvent | FinishedInfo]:
         """Events of one request, ending with its `FinishedInfo`. Closing the iterator early (a client that
