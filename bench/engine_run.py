@@ -28,13 +28,19 @@ import torch
 REAL_SHAPES: dict[str, Any] = dict(
     hidden_size=4096, num_attention_heads=32, num_key_value_heads=8, attention_head_dim=128, vocab_size=133120,
     intermediate_size=3072, num_experts=64, moe_topk=8, moe_intermediate_size=3072, num_shared_expert=1,
-    patch_embed_hidden_dim=1024, image_base_size=1024, max_position_embeddings=22800,
-    vae={"latent_channels": 32, "block_out_channels": [128, 256, 512, 1024, 1024], "layers_per_block": 2},
+    patch_embed_hidden_dim=1024, image_base_size=1024, max_position_embeddings=22800, rms_norm_eps=1e-5,
+    rope_theta=10000.0, norm_type="hf_rms", cla_share_factor=2, vae_autocast_dtype="float16",
+    vae={"latent_channels": 32, "block_out_channels": [128, 256, 512, 1024, 1024], "layers_per_block": 2,
+         "ffactor_spatial": 16, "ffactor_temporal": 4, "sample_size": 384, "sample_tsize": 96,
+         "scaling_factor": 0.562679178327931},
     vit={"hidden_size": 1152, "num_hidden_layers": 27, "num_attention_heads": 16, "intermediate_size": 4304,
-         "num_patches": 256},
-    vit_aligner={"input_dim": 1152},
+         "num_patches": 256, "patch_size": 16, "layer_norm_eps": 1e-6, "hidden_act": "gelu_pytorch_tanh",
+         "vision_use_head": True},
+    vit_aligner={"input_dim": 1152, "depth": 2, "projector_type": "mlp_gelu"},
+    vit_processor={"patch_size": 16, "max_num_patches": 1024},
 )
-"""Spec section 1 sizes (the full model has num_hidden_layers=32)."""
+"""The published HunyuanImage-3.0-Instruct config.json values (the full model has num_hidden_layers=32):
+the ViT sees up to 1024 patches (1024 tokens per condition image) and ships its pooling head."""
 REAL_NUM_LAYERS = 32
 
 
@@ -42,7 +48,8 @@ def write_real_config(out_dir: str | Path, layers: int = REAL_NUM_LAYERS) -> Pat
     """A checkpoint folder without weights whose config.json has the real sizes (for plan-memory and this run)."""
     from diffgentor.engine.testing.tiny_model import write_tiny_metadata
 
-    return write_tiny_metadata(out_dir, config_overrides=dict(REAL_SHAPES, num_hidden_layers=layers))
+    return write_tiny_metadata(out_dir, dtype=torch.bfloat16,
+                               config_overrides=dict(REAL_SHAPES, num_hidden_layers=layers))
 
 
 def build_random_model(ckpt_dir: Path, device: str, dtype: torch.dtype, quantization: str | None, seed: int,

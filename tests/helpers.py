@@ -75,3 +75,30 @@ def start_server(ckpt: Path, log_path: Path, *flags: str, timeout_s: float = 180
         time.sleep(0.3)
     proc.kill()
     pytest.fail("server did not start:\n" + Path(log_path).read_text())
+
+
+# The published HunyuanImage-3.0-Instruct config.json values the module tree and the memory plan depend on (typed
+# from the released config; the Distil checkpoint differs only in cfg_distilled / use_meanflow).
+_H, _L, _I = 4096, 32, 3072
+PUBLISHED_INSTRUCT_CONFIG = {
+    "architectures": ["HunyuanImage3ForCausalMM"], "model_type": "hunyuan_image_3_moe", "torch_dtype": "bfloat16",
+    "hidden_size": _H, "num_hidden_layers": _L, "num_attention_heads": 32, "num_key_value_heads": 8,
+    "attention_head_dim": 128, "vocab_size": 133120, "intermediate_size": _I, "moe_intermediate_size": [_I] * _L,
+    "num_experts": 64, "moe_topk": [8] * _L, "num_shared_expert": [1] * _L, "use_mixed_mlp_moe": True,
+    "moe_layer_num_skipped": 0, "norm_topk_prob": True, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+    "rope_type": "2d", "max_position_embeddings": 22800, "use_qk_norm": True, "tie_word_embeddings": False,
+    "hidden_act": "silu", "attention_bias": False, "use_cla": False, "cla_share_factor": 2, "use_mla": False,
+    "norm_type": "hf_rms", "img_proj_type": "unet", "patch_size": 1, "patch_embed_hidden_dim": 1024,
+    "image_base_size": 1024, "vae_downsample_factor": [16, 16], "vae_autocast_dtype": "float16",
+    "cond_image_type": "vae_vit", "cond_token_attn_type": "joint_full", "cfg_distilled": False,
+    "use_meanflow": False, "vit_type": "siglip2-so400m-patch16-naflex",
+    "vae": {"in_channels": 3, "out_channels": 3, "latent_channels": 32,
+            "block_out_channels": [128, 256, 512, 1024, 1024], "layers_per_block": 2, "ffactor_spatial": 16,
+            "ffactor_temporal": 4, "sample_size": 384, "sample_tsize": 96, "scaling_factor": 0.562679178327931,
+            "shift_factor": None, "downsample_match_channel": True, "upsample_match_channel": True},
+    "vit": {"hidden_size": 1152, "num_hidden_layers": 27, "num_attention_heads": 16, "intermediate_size": 4304,
+            "patch_size": 16, "num_channels": 3, "num_patches": 256, "layer_norm_eps": 1e-6,
+            "hidden_act": "gelu_pytorch_tanh"},
+    "vit_processor": {"patch_size": 16, "max_num_patches": 1024, "image_mean": [0.5] * 3, "image_std": [0.5] * 3},
+    "vit_aligner": {"projector_type": "mlp_gelu", "depth": 2, "input_dim": 1152, "n_embed": 4096},
+}

@@ -78,3 +78,37 @@ def test_real_shapes_and_size():
         assert tuple(sd[name].shape) == shape, name
     total = sum(t.numel() for t in sd.values())
     assert 83.0e9 < total < 83.1e9  # spec 9.1: about 83.05 B for Distil
+
+
+def _differences(published: dict, written: dict, path: str = "") -> list[str]:
+    out = []
+    for key, want in published.items():
+        got = written.get(key, "<missing>")
+        if isinstance(want, dict) and isinstance(got, dict):
+            out += _differences(want, got, f"{path}{key}.")
+        elif got != want:
+            out.append(f"{path}{key}: written {got!r}, published {want!r}")
+    return out
+
+
+def test_real_config_writer_has_the_published_values(tmp_path):
+    """bench/engine_run.write_real_config (the config plan-memory and the GPU check run on) carries every published
+    config.json value, the ViT's 1024 patches per condition image and its pooling head included."""
+    import json
+
+    from PIL import Image
+
+    from diffgentor.bench.engine_run import write_real_config
+    from diffgentor.engine.models.hunyuan_image_3.image_processing import ImageProcessor
+    from diffgentor.engine.models.hunyuan_image_3.vision import build_vision_tower
+
+    from helpers import PUBLISHED_INSTRUCT_CONFIG
+
+    ckpt = write_real_config(tmp_path / "real")
+    written = json.loads((ckpt / "config.json").read_text())
+    assert _differences(PUBLISHED_INSTRUCT_CONFIG, written) == []
+    cfg = HunyuanImage3Config.from_pretrained(ckpt)
+    vit = ImageProcessor(cfg).vit_image(Image.new("RGB", (1024, 1024)))
+    assert tuple(vit.pixel_values.shape) == (1024, 3 * 16 * 16) and tuple(vit.spatial_shapes.tolist()) == (32, 32)
+    with torch.device("meta"):
+        assert len(build_vision_tower(cfg.vit).state_dict()) == 448  # the official ViT keys, head included

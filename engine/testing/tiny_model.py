@@ -455,8 +455,9 @@ def apply_config_overrides(config: dict[str, Any], overrides: dict[str, Any] | N
     """Resize the tiny config (benchmark presets): per-layer fields given as scalars become per-layer lists."""
     if not overrides:
         return config
-    config = {**config, **{k: v for k, v in overrides.items() if k not in ("vae", "vit", "vit_aligner")}}
-    for sub in ("vae", "vit", "vit_aligner"):
+    subs = ("vae", "vit", "vit_aligner", "vit_processor")
+    config = {**config, **{k: v for k, v in overrides.items() if k not in subs}}
+    for sub in subs:
         if sub in overrides:
             config[sub] = {**config[sub], **overrides[sub]}
     n = int(config["num_hidden_layers"])
