@@ -20,28 +20,12 @@ from diffgentor.engine.memory_plan import (
 from diffgentor.engine.models.hunyuan_image_3.config import HunyuanImage3Config
 from diffgentor.engine.parallel import ParallelContext
 
+from helpers import PUBLISHED_INSTRUCT_CONFIG
+
 # spec section 1 (Instruct): the fields the module tree depends on
 H, L, E, I, K = 4096, 32, 64, 3072, 8  # noqa: E741
 NQ, NKV, D, V = 32, 8, 128, 133120
-REAL_INSTRUCT = {
-    "architectures": ["HunyuanImage3ForCausalMM"], "model_type": "hunyuan_image_3_moe", "hidden_size": H,
-    "num_hidden_layers": L, "num_attention_heads": NQ, "num_key_value_heads": NKV, "attention_head_dim": D,
-    "vocab_size": V, "intermediate_size": I, "moe_intermediate_size": [I] * L, "num_experts": E, "moe_topk": [K] * L,
-    "num_shared_expert": [1] * L, "use_mixed_mlp_moe": True, "moe_layer_num_skipped": 0, "norm_topk_prob": True,
-    "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": 22800, "use_qk_norm": True,
-    "tie_word_embeddings": False, "hidden_act": "silu", "img_proj_type": "unet", "patch_size": 1,
-    "patch_embed_hidden_dim": 1024, "image_base_size": 1024, "vae_downsample_factor": [16, 16],
-    "cond_image_type": "vae_vit", "cond_token_attn_type": "joint_full", "cfg_distilled": False, "use_meanflow": False,
-    "vae": {"in_channels": 3, "out_channels": 3, "latent_channels": 32,
-            "block_out_channels": [128, 256, 512, 1024, 1024], "layers_per_block": 2, "ffactor_spatial": 16,
-            "ffactor_temporal": 4, "scaling_factor": 0.562679178327931, "shift_factor": None,
-            "downsample_match_channel": True, "upsample_match_channel": True},
-    "vit": {"hidden_size": 1152, "num_hidden_layers": 27, "num_attention_heads": 16, "intermediate_size": 4304,
-            "patch_size": 16, "num_channels": 3, "num_patches": 256, "layer_norm_eps": 1e-6,
-            "hidden_act": "gelu_pytorch_tanh"},
-    "vit_processor": {"patch_size": 16, "max_num_patches": 1024, "image_mean": [0.5] * 3, "image_std": [0.5] * 3},
-    "vit_aligner": {"projector_type": "mlp_gelu", "depth": 2, "input_dim": 1152, "n_embed": 4096},
-}
+REAL_INSTRUCT = PUBLISHED_INSTRUCT_CONFIG
 
 
 @pytest.fixture(scope="module")

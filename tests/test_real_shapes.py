@@ -14,24 +14,9 @@ import torch
 from diffgentor.engine.models.hunyuan_image_3.config import HunyuanImage3Config
 from diffgentor.engine.models.hunyuan_image_3.model import HunyuanImage3ForCausalMM
 
-REAL_DISTIL = {
- "architectures": ["HunyuanImage3ForCausalMM"], "model_type": "hunyuan_image_3_moe", "hidden_size": 4096,
- "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8, "attention_head_dim": 128,
- "vocab_size": 133120, "intermediate_size": 3072, "moe_intermediate_size": [3072]*32, "num_experts": 64,
- "moe_topk": [8]*32, "num_shared_expert": [1]*32, "use_mixed_mlp_moe": True, "moe_layer_num_skipped": 0,
- "norm_topk_prob": True, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": 22800,
- "use_qk_norm": True, "tie_word_embeddings": False, "hidden_act": "silu", "img_proj_type": "unet", "patch_size": 1,
- "patch_embed_hidden_dim": 1024, "image_base_size": 1024, "vae_downsample_factor": [16, 16],
- "cond_image_type": "vae_vit", "cond_token_attn_type": "joint_full", "cfg_distilled": True, "use_meanflow": True,
- "vae": {"in_channels": 3, "out_channels": 3, "latent_channels": 32, "block_out_channels": [128, 256, 512, 1024, 1024],
-         "layers_per_block": 2, "ffactor_spatial": 16, "ffactor_temporal": 4, "scaling_factor": 0.562679178327931,
-         "shift_factor": None, "downsample_match_channel": True, "upsample_match_channel": True},
- "vit": {"hidden_size": 1152, "num_hidden_layers": 27, "num_attention_heads": 16, "intermediate_size": 4304,
-         "patch_size": 16, "num_channels": 3, "num_patches": 256, "layer_norm_eps": 1e-6,
-         "hidden_act": "gelu_pytorch_tanh"},
- "vit_processor": {"patch_size": 16, "max_num_patches": 1024, "image_mean": [0.5]*3, "image_std": [0.5]*3},
- "vit_aligner": {"projector_type": "mlp_gelu", "depth": 2, "input_dim": 1152, "n_embed": 4096},
-}
+from helpers import PUBLISHED_INSTRUCT_CONFIG
+
+REAL_DISTIL = dict(PUBLISHED_INSTRUCT_CONFIG, cfg_distilled=True, use_meanflow=True)
 
 
 @functools.lru_cache(maxsize=2)
@@ -102,7 +87,6 @@ def test_real_config_writer_has_the_published_values(tmp_path):
     from diffgentor.engine.models.hunyuan_image_3.image_processing import ImageProcessor
     from diffgentor.engine.models.hunyuan_image_3.vision import build_vision_tower
 
-    from helpers import PUBLISHED_INSTRUCT_CONFIG
 
     ckpt = write_real_config(tmp_path / "real")
     written = json.loads((ckpt / "config.json").read_text())
