@@ -503,18 +503,35 @@ def enter_image_phase(ctx: ProcessorContext, st: RequestState, layout: BuiltProm
 
 
 
+def _slot_source(st: RequestState, slot) -> tuple:
+    """What fills an image slot's embeddings: the generated image (unique to the request), the VAE latents of a
+    condition image (its file, crop or stretch, bucket, grid, and the seed its posterior is sampled with) or its
+    SigLIP2 tokens (its file, patch grid and padded length)."""
+    if slot.kind == "gen":
+        return ("gen", st.request_id)
+    i = slot.cond_index
+    if slot.kind == "cond_vae":
+        return ("vae", st.image_digests[i], bool(st.align_image_size), int(st.vae_images[i].ratio_index),
+                tuple(slot.grid), int(st.seed))
+    return ("vit", st.image_digests[i], tuple(slot.grid), slot.end - slot.start)
+
+
 def block_extra_keys(st: RequestState, seq: SeqState, block_size: int, num_tokens: int) -> list[Any]:
-    """Per-block prefix-cache keys: blocks holding image tokens carry the image's digest (and the seed for
-    the VAE run, whose latents are sampled); the generated image makes a block unique to the request."""
+    """Per-block prefix-cache keys: everything besides the token ids that shapes a block's KV. Every position whose
+    embedding is not its token's (condition-image `<timestep>` slots, embedded as timestep 0; VAE latents; ViT
+    tokens; the generated image) and every bidirectional attention span (its KV sees the whole span, later
+    positions included) is named, with its extent and inputs, in the key of each block it touches. A prompt that
+    types the same control tokens as text therefore never shares a block with a real image's, and the same image
+    under another crop, bucket or seed never shares its blocks. None: a block of plain tokens, causal attention."""
+    layout = seq.layout
     n_blocks = num_tokens // block_size
+    features: list[tuple[int, int, tuple]] = [
+        (slot.start, slot.end, ("img", slot.start, slot.end) + _slot_source(st, slot)) for slot in layout.image_slots]
+    features += [(t, t + 1, ("timestep", t, 0)) for t in layout.cond_timestep_indexes]
+    features += [(s, e, ("span", s, e, tuple(k for a, b, k in features if a < e and b > s)))
+                 for s, e in layout.full_attn_spans]
     keys: list[Any] = [None] * n_blocks
-    for slot in seq.layout.image_slots:
-        if slot.kind == "gen":
-            key = ("gen", st.request_id)
-        elif slot.kind == "cond_vae":
-            key = ("vae", st.image_digests[slot.cond_index], st.seed)
-        else:
-            key = ("vit", st.image_digests[slot.cond_index])
-        for b in range(slot.start // block_size, min(n_blocks, -(-slot.end // block_size))):
-            keys[b] = key if keys[b] is None else (keys[b], key)
+    for start, end, key in features:
+        for b in range(start // block_size, min(n_blocks, -(-end // block_size))):
+            keys[b] = (key,) if keys[b] is None else keys[b] + (key,)
     return keys

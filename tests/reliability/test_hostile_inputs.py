@@ -24,6 +24,7 @@ from unittest import mock
 
 import httpx
 import pytest
+import torch
 
 from diffgentor.server import data as D
 from diffgentor.server.url_fetch import FetchError, FetchPolicy, UrlFetcher, fetch_sync, is_internal
@@ -641,3 +642,182 @@ def test_batch_url_downloads_are_capped(targets, tmp_path):
     assert D.download(f"http://127.0.0.1:{targets.port}/ok.png", tmp_path) == png(seed=3)  # the user's own hosts
     assert fetch_sync(f"http://127.0.0.1:{targets.port}/ok.png",
                       FetchPolicy(max_bytes=1 << 20, allow_private=True)) == png(seed=3)
+
+
+# ------------------------------------------------------------------------------------------------ 11. prefix cache
+# A cached block may be reused only by a request whose KV for it would be the same: the keys name every position's
+# embedding source (token, condition-image timestep, VAE latents, ViT tokens) with its inputs, and every
+# bidirectional span. The two poisonings a hostile probe found, then the property itself.
+ODD_PHOTO = png(h=70, w=100, seed=5)  # not a bucket's aspect ratio: a centre crop and a stretch differ
+EDIT = dict(bot_task="image", image_size="256x256", num_inference_steps=1, output_type="latent", seed=7,
+            use_system_prompt="custom")
+
+
+def _engine(tiny_ckpt, **kw):
+    from diffgentor.engine.offline import Engine
+
+    return Engine.from_pretrained(tiny_ckpt, environ={}, num_kv_blocks=256, device="cpu", dtype="float32",
+                                  max_num_seqs=4, max_num_batched_tokens=4096, **kw)
+
+
+@pytest.fixture(scope="module")
+def engines(tiny_ckpt):
+    """(cold, warm): a cold engine never reuses a block; the warm one's prefix cache is emptied by each test."""
+    cold, warm = _engine(tiny_ckpt, enable_prefix_caching=False), _engine(tiny_ckpt)
+    yield cold, warm
+
+
+def _latents(eng, req: dict):
+    (res,) = eng.generate([req])
+    assert res.error is None, res.error
+    return res.latents
+
+
+def test_prefix_cache_separates_crop_and_stretch_of_one_image(engines):
+    """The same image, seed and system prompt with the other infer_align_image_size: its VAE blocks hold another
+    crop's KV and must not be reused (they were keyed by the file's digest and the seed only)."""
+    system = "You are a careful photo editor."
+    crop = dict(EDIT, request_id="crop", prompt="make it blue", images=[ODD_PHOTO], system_prompt=system,
+                infer_align_image_size=False)
+    stretch = dict(crop, request_id="stretch", prompt="make it red", infer_align_image_size=True)
+    cold_eng, eng = engines
+    cold = _latents(cold_eng, stretch)
+    eng.core.kv.reset_prefix_cache()
+    _latents(eng, crop)
+    hits = eng.core.kv.stats.hits
+    warm = _latents(eng, stretch)
+    assert eng.core.kv.stats.hits > hits  # the system prompt's blocks are still shared
+    assert torch.allclose(warm, cold, atol=1e-4), (warm - cold).abs().max()
+    again = eng.core.kv.stats.hits
+    assert torch.allclose(_latents(eng, dict(stretch, request_id="again")), cold, atol=1e-4)
+    st = eng.core.kv.stats
+    assert st.hits - again >= 10 * 16  # an identical request reuses the image's blocks too
+
+
+def _aligned_system_prompt(tiny_ckpt, block_size: int = 16) -> str:
+    """A system prompt after which a condition image's `<timestep>` is the last token of a block (so the block
+    holds `<boi><img_size_N><img_ratio_k><timestep>` and no `<img>` token)."""
+    from diffgentor.engine.request import GenerationRequest
+    from diffgentor.engine.request_state import build_request_state, load_processor_context
+
+    ctx = load_processor_context(tiny_ckpt)
+    for k in range(64):
+        system = "Edit the photo. " + "word " * k
+        st = build_request_state(ctx, GenerationRequest(request_id="probe", prompt="x", images=[ODD_PHOTO],
+                                                        bot_task="image", image_size="256x256",
+                                                        use_system_prompt="custom", system_prompt=system))
+        (t,) = st.cond.layout.cond_timestep_indexes
+        if (t + 1) % block_size == 0:
+            ratio = st.cond.token_ids[t - 1]
+            return system, ctx.tokenizer.decode([ctx.tokenizer.special.boi, ctx.builder.size_id, ratio,
+                                                 ctx.tokenizer.special.timestep])
+    raise AssertionError("no system prompt aligns the timestep with a block end")
+
+
+def test_prefix_cache_control_tokens_typed_as_text_never_hit_an_image_block(tiny_ckpt, engines):
+    """A text prompt typing a condition image's opening control tokens (tokenised as control ids, as the official
+    code does) has the same ids as the edit's image block up to its `<timestep>`, but that slot is embedded as a
+    timestep in the edit and as a token in the text: the blocks must not be shared, in either order."""
+    system, typed = _aligned_system_prompt(tiny_ckpt)
+    edit = dict(EDIT, request_id="edit", prompt="make it blue", images=[ODD_PHOTO], system_prompt=system)
+    text = dict(EDIT, request_id="typed", prompt=typed + " a lighthouse at night", system_prompt=system)
+    cold_eng, eng = engines
+    cold_edit, cold_text = _latents(cold_eng, edit), _latents(cold_eng, text)
+    eng.core.kv.reset_prefix_cache()
+    _latents(eng, text)
+    warm_edit = _latents(eng, edit)
+    assert torch.allclose(warm_edit, cold_edit, atol=1e-4), (warm_edit - cold_edit).abs().max()
+    eng.core.kv.reset_prefix_cache()
+    _latents(eng, dict(edit, request_id="edit-2"))
+    warm_text = _latents(eng, dict(text, request_id="typed-2"))
+    assert torch.allclose(warm_text, cold_text, atol=1e-4), (warm_text - cold_text).abs().max()
+
+
+_PHOTOS = (ODD_PHOTO, png(h=64, w=64, seed=6))
+
+
+@pytest.fixture(scope="module")
+def kv_states(tiny_ckpt):
+    """Request states (no model run) for a small space of inputs, memoised: (image, align, seed, system, prompt)."""
+    import functools
+
+    from diffgentor.engine.request import GenerationRequest
+    from diffgentor.engine.request_state import build_request_state, load_processor_context
+
+    ctx = load_processor_context(tiny_ckpt)
+    system, typed = _aligned_system_prompt(tiny_ckpt)
+    systems, prompts = (system, system + "Be brief. "), ("make it blue", typed + " make it blue")
+
+    @functools.cache
+    def state(image: int | None, align: bool, seed: int, sys_i: int, prompt_i: int, rid: str = "r"):
+        return build_request_state(ctx, GenerationRequest(
+            request_id=rid, prompt=prompts[prompt_i], images=[] if image is None else [_PHOTOS[image]],
+            bot_task="image", image_size="256x256", use_system_prompt="custom", system_prompt=systems[sys_i],
+            infer_align_image_size=align, seed=seed))
+
+    return state
+
+
+def _position_facts(st) -> list[tuple]:
+    """What the model reads at each position of the cond row, written out independently of the cache keys: token
+    id, embedding source with its inputs (for an image slot also the offset in it), RoPE position, and the
+    bidirectional span holding it."""
+    lay = st.cond.layout
+    facts = []
+    for p, tok in enumerate(st.cond.token_ids):
+        src: tuple = ("token",)
+        if p in lay.cond_timestep_indexes:
+            src = ("timestep", 0)
+        for s in lay.image_slots:
+            if s.start <= p < s.end:
+                i = s.cond_index
+                src = {"cond_vae": ("vae", st.image_digests[i] if i is not None else None, st.align_image_size,
+                                    st.seed, p - s.start),
+                       "cond_vit": ("vit", st.image_digests[i] if i is not None else None, p - s.start),
+                       "gen": ("gen", st.request_id, p - s.start)}[s.kind]
+        span = next(((a, b) for a, b in lay.full_attn_spans if a <= p < b), None)
+        facts.append((tok, src, tuple(lay.positions[p].tolist()), span))
+    return facts
+
+
+def _block_reads(st, b: int, bs: int) -> int:
+    """Positions whose facts block b's KV depends on: its own and earlier ones, and the rest of any span it
+    touches (bidirectional attention sees later positions)."""
+    end = (b + 1) * bs
+    for a, e in st.cond.layout.full_attn_spans:
+        if a < end and e > end:
+            end = e
+    return end
+
+
+def _cacheable_hashes(st, bs: int = 16):
+    from diffgentor.engine.block_manager import compute_block_hashes
+    from diffgentor.engine.request_state import block_extra_keys
+
+    n = st.cond.cacheable // bs * bs
+    return compute_block_hashes(st.cond.token_ids[:n], bs, block_extra_keys(st, st.cond, bs, n))
+
+
+
+def test_prefix_cache_keys_name_everything_that_shapes_the_kv(kv_states):
+    """Property: two requests share a block exactly when everything the model reads for it is the same (tokens,
+    embedding sources and their inputs, positions, spans); identical inputs under another request id share all."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as hs
+
+    inputs = hs.tuples(hs.sampled_from([None, 0, 1]), hs.booleans(), hs.sampled_from([1, 2]),
+                       hs.sampled_from([0, 1]), hs.sampled_from([0, 1]))
+
+    @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+    @given(inputs, inputs)
+    def check(a, b):
+        sa, sb = kv_states(*a), kv_states(*b)
+        ha, hb = _cacheable_hashes(sa), _cacheable_hashes(sb)
+        fa, fb = _position_facts(sa), _position_facts(sb)
+        for i in range(min(len(ha), len(hb))):
+            same = fa[:_block_reads(sa, i, 16)] == fb[:_block_reads(sb, i, 16)]
+            assert (ha[i] == hb[i]) == same, (a, b, i)
+        twin = kv_states(*a, rid="other")
+        assert _cacheable_hashes(twin) == ha
+
+    check()
