@@ -25,6 +25,7 @@ from unittest import mock
 import httpx
 import pytest
 import torch
+from PIL import Image
 
 from diffgentor.server import data as D
 from diffgentor.server.url_fetch import FetchError, FetchPolicy, UrlFetcher, fetch_sync, is_internal
@@ -821,3 +822,36 @@ def test_prefix_cache_keys_name_everything_that_shapes_the_kv(kv_states):
         assert _cacheable_hashes(twin) == ha
 
     check()
+
+
+# ------------------------------------------------------------------------------------------------ 12. request cost
+def _peak_rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def _reset_peak_rss(pid: int) -> float:
+    """Resets the process's peak RSS (VmHWM) to its current RSS (Linux: clear_refs 5); returns it."""
+    Path(f"/proc/{pid}/clear_refs").write_text("5")
+    return _peak_rss_mib(pid)
+
+
+def _wide_png() -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (65536, 4), (200, 30, 30)).save(buf, format="PNG", optimize=True)
+    return buf.getvalue()
+
+
+def test_an_860_byte_png_of_extreme_aspect_costs_little(hserver):
+    """65536x4 pixels pass the pixel limit; covering the 128x512 bucket before the crop resized it to 2 million by
+    128 pixels (+1 GB in the API). Only the part the crop keeps is resampled now."""
+    data = _wide_png()
+    assert len(data) < 1000
+    base = _reset_peak_rss(hserver.proc.pid)
+    r = _post(hserver, "/v1/images/edits", files={"image": ("wide.png", data, "image/png")},
+              data={"prompt": "make it blue", "infer_align_image_size": "false", **{k: str(v) for k, v in GEN.items()}})
+    assert r.status_code == 200, r.text[:300]
+    growth = _peak_rss_mib(hserver.proc.pid) - base
+    assert growth < 100, growth

@@ -48,8 +48,17 @@ def load_image(src: Image.Image | str | Path | bytes) -> Image.Image:
     return image.convert("RGB")
 
 
+MAX_COVER_FACTOR = 4  # the covering resize may hold at most this many times the target's pixels
+
+
 def resize_and_crop(image: Image.Image, size_hw: tuple[int, int], mode: CropMode = "center") -> Image.Image:
-    """LANCZOS-fit `image` to (height, width): stretch ("resize") or cover, then centre-crop ("center")."""
+    """LANCZOS-fit `image` to (height, width): stretch ("resize") or cover, then centre-crop ("center").
+
+    The official cover-then-crop resizes the whole image first; for an aspect ratio far beyond the bucket's (a
+    65536x4 image covering a 128x512 bucket would be resized to 8 million by 128 pixels) that intermediate image is
+    unbounded. Past `MAX_COVER_FACTOR` times the target's pixels only the part that survives the crop is resampled
+    (PIL's `box`: the same sampling grid, values within a few levels of the official ones; docs/decisions.md,
+    "Extreme aspect ratios are cropped before the resize")."""
     th, tw = size_hw
     if mode == "resize":
         return image.resize((tw, th), resample=Image.Resampling.LANCZOS)
@@ -61,6 +70,10 @@ def resize_and_crop(image: Image.Image, size_hw: tuple[int, int], mode: CropMode
     else:
         rh, rw = int(round(tw / w * h)), tw
     top, left = int(round((rh - th) / 2.0)), int(round((rw - tw) / 2.0))
+    if rh * rw > MAX_COVER_FACTOR * th * tw:
+        sx, sy = w / rw, h / rh
+        box = (left * sx, top * sy, (left + tw) * sx, (top + th) * sy)
+        return image.resize((tw, th), resample=Image.Resampling.LANCZOS, box=box)
     image = image.resize((rw, rh), resample=Image.Resampling.LANCZOS)
     return image.crop((left, top, left + tw, top + th))
 
