@@ -39,8 +39,13 @@ from diffgentor.engine.models.hunyuan_image_3.flow_match import (
 )
 from diffgentor.engine.models.hunyuan_image_3.image_processing import to_uint8
 from diffgentor.engine.models.hunyuan_image_3.model import HunyuanImage3ForCausalMM
-from diffgentor.engine.models.hunyuan_image_3.sampling import SamplingParams, make_generator, sample_row
-from diffgentor.engine.plan import Chunk, DiffusionStart, NewRequestData, RunnerOutput, SampleSpec, SchedulerOutput
+from diffgentor.engine.models.hunyuan_image_3.sampling import (
+    SamplingParams,
+    constrain_batch,
+    make_generator,
+    sample_batch,
+)
+from diffgentor.engine.plan import Chunk, DiffusionStart, NewRequestData, RunnerOutput, SchedulerOutput
 from diffgentor.kernels.attention import AttentionMetadata, SequenceChunk
 
 
@@ -62,20 +67,6 @@ class _WorkerRequest:
     sampling: SamplingParams
     diffusion: _Diffusion | None = None
     extra: dict = field(default_factory=dict)
-
-
-def constrain_logits(logits: Tensor, spec: SampleSpec) -> Tensor:
-    """The stage machine's forcing as the official processors apply it: one finite score, still sampled."""
-    tok = spec.forced_token
-    if tok is None and spec.ratio_ids is not None:
-        ids = torch.tensor(spec.ratio_ids, device=logits.device)
-        tok = int(spec.ratio_ids[int(torch.argmax(logits[ids]))])
-    if tok is not None:
-        logits.fill_(torch.finfo(logits.dtype).min)
-        logits[tok] = 0
-    elif spec.banned_ids:
-        logits[torch.tensor(spec.banned_ids, device=logits.device)] = torch.finfo(logits.dtype).min
-    return logits
 
 
 class ModelRunner:
@@ -224,13 +215,22 @@ class ModelRunner:
             return hidden
 
     def _sample(self, chunks, hidden: dict[int, Tensor], out: RunnerOutput) -> None:
-        for i, c in chunks:
-            if c.sample is None or i not in hidden or c.request_id in out.failed:
-                continue
-            req = self.requests[c.request_id]
-            logits = self.model.logits(hidden[i][-1:])[0]
-            constrain_logits(logits, c.sample)
-            out.sampled_tokens[c.request_id] = sample_row(logits, c.sample.params, req.sample_rng)
+        """Every sampling row of the step at once: one [B, hidden] gather, one lm_head (vocab-parallel under tensor
+        parallel), the forcing and the sampler over [B, V], and one device-to-host copy of the B ids."""
+        rows = [(i, c) for i, c in chunks
+                if c.sample is not None and i in hidden and c.request_id not in out.failed]
+        if not rows:
+            return
+        ids = self._sample_ids(rows, hidden)
+        for (_, c), tok in zip(rows, ids.tolist()):  # the step's one device-to-host copy
+            out.sampled_tokens[c.request_id] = tok
+
+    def _sample_ids(self, rows: list[tuple[int, Chunk]], hidden: dict[int, Tensor]) -> Tensor:
+        """Sampled ids [B] on the device; reads nothing back to the host."""
+        last = torch.cat([hidden[i][-1:] for i, _ in rows])
+        logits = constrain_batch(self.model.logits(last), [c.sample for _, c in rows])
+        return sample_batch(logits, [c.sample.params for _, c in rows],
+                            [self.requests[c.request_id].sample_rng for _, c in rows])
 
     def _diffuse(self, plan: SchedulerOutput, hidden: dict[int, Tensor], out: RunnerOutput
                  ) -> dict[str, tuple[int, Tensor]]:

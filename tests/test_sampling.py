@@ -14,10 +14,13 @@ from transformers.generation.logits_process import (
 )
 
 from diffgentor.engine.models.hunyuan_image_3.sampling import (
+    Forcing,
     SamplingParams,
+    constrain_batch,
     make_generator,
     sample_batch,
     sample_row,
+    warp_batch,
     warp_logits,
 )
 
@@ -111,6 +114,66 @@ def test_batching_never_changes_a_row():
         got = [sample_batch(rows, [params[i] for i in order], gens).tolist() for _ in range(5)]
         for j, i in enumerate(order):
             assert [step[j] for step in got] == alone[i]
+
+
+def test_warp_batch_equals_each_row_alone():
+    """All the settings in one batch: row i is warp_logits(row i, its settings) bit for bit."""
+    x = torch.cat([_logits(20 + i) for i in range(len(PARAMS))])
+    got = warp_batch(x, PARAMS)
+    for i, p in enumerate(PARAMS):
+        assert torch.equal(got[i], warp_logits(x[i], p)), p
+    # rows that warp nothing pass through unchanged beside rows that do
+    plain = SamplingParams()
+    mixed = warp_batch(x[:3], [plain, PARAMS[5], plain])
+    assert torch.equal(mixed[0], x[0]) and torch.equal(mixed[2], x[2])
+
+
+def test_batched_draw_equals_hf_multinomial_per_row():
+    """A step of mixed rows (sampled, greedy, forced) draws each sampled row's token exactly as HF's chain plus
+    `torch.multinomial` with that row's generator alone would, and leaves every generator in the same state."""
+    params = PARAMS[::3] + [SamplingParams(do_sample=False), SamplingParams(temperature=0.0, top_k=5)]
+    seeds = list(range(100, 100 + len(params)))
+    ours = [make_generator(s) for s in seeds]
+    refs = [torch.Generator().manual_seed(s) for s in seeds]
+    for step in range(6):
+        x = _logits(300 + step, rows=len(params))
+        x[step % len(params)] = torch.finfo(torch.float32).min  # a forced row: still drawn
+        x[step % len(params), 42] = 0
+        got = sample_batch(x, params, ours).tolist()
+        for i, p in enumerate(params):
+            if p.greedy:
+                want = int(x[i].argmax())
+            else:
+                probs = torch.softmax(_hf_chain(p)(None, x[i : i + 1].clone()), dim=-1)
+                want = int(torch.multinomial(probs, num_samples=1, generator=refs[i]).item())
+            assert got[i] == want, (step, i, p)
+    for a, b in zip(ours, refs):
+        assert torch.equal(a.get_state(), b.get_state())
+
+
+def _constrain_one(logits: torch.Tensor, f: Forcing) -> torch.Tensor:
+    """The official processors' forcing on one row, statement by statement (forced > ratio pick > banned)."""
+    tok = f.forced_token
+    if tok is None and f.ratio_ids is not None:
+        tok = f.ratio_ids[int(torch.argmax(logits[list(f.ratio_ids)]))]
+    if tok is not None:
+        logits.fill_(torch.finfo(logits.dtype).min)
+        logits[tok] = 0
+    elif f.banned_ids:
+        logits[list(f.banned_ids)] = torch.finfo(logits.dtype).min
+    return logits
+
+
+def test_constrain_batch_equals_each_row_alone():
+    rows = [Forcing(), Forcing(forced_token=9), Forcing(ratio_ids=(30, 3, 12, 7)), Forcing(banned_ids=(1, 4)),
+            Forcing(ratio_ids=(5, 6)), Forcing(forced_token=2, banned_ids=(2,)), Forcing(ratio_ids=(12, 30, 3))]
+    x = _logits(77, rows=len(rows))
+    x[2, [3, 12]] = x[2].max() + 1  # a tie inside a ratio list: the first listed id wins
+    got = constrain_batch(x.clone(), rows)
+    for i, f in enumerate(rows):
+        assert torch.equal(got[i], _constrain_one(x[i].clone(), f)), f
+    assert int(got[2].argmax()) == 3
+    assert torch.equal(constrain_batch(x.clone(), [Forcing()] * len(rows)), x)
 
 
 def test_greedy_draws_nothing():

@@ -398,16 +398,15 @@ def test_free_text_never_ends_with_a_ratio_token_that_would_not_fit(ctx_distil):
 def test_banned_ids_are_never_sampled_and_forcing_wins():
     import torch
 
-    from diffgentor.engine.model_runner import constrain_logits
-    from diffgentor.engine.models.hunyuan_image_3.sampling import SamplingParams
+    from diffgentor.engine.models.hunyuan_image_3.sampling import SamplingParams, constrain_batch
     from diffgentor.engine.plan import SampleSpec
 
     logits = torch.zeros(10)
     logits[7] = 50.0
-    out = constrain_logits(logits.clone(), SampleSpec(SamplingParams(), banned_ids=(7, 9)))
+    out = constrain_batch(logits.clone()[None], [SampleSpec(SamplingParams(), banned_ids=(7, 9))])[0]
     assert out[7] == out[9] == torch.finfo(out.dtype).min and out.argmax() not in (7, 9)
     assert torch.equal(out[:7], logits[:7])
-    forced = constrain_logits(logits.clone(), SampleSpec(SamplingParams(), forced_token=9, banned_ids=(7, 9)))
+    forced = constrain_batch(logits.clone()[None], [SampleSpec(SamplingParams(), forced_token=9, banned_ids=(7, 9))])[0]
     assert forced.argmax() == 9  # a forced token (the stage machine's closing tags) is not a sampled one
 
 

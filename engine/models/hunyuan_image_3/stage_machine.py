@@ -40,6 +40,7 @@ import torch
 
 from diffgentor.engine.vocabulary import BOT_TASKS
 
+from .sampling import Forcing, constrain_batch
 from .tokenizer import HunyuanTokenizer, SpecialTokens
 
 
@@ -218,21 +219,23 @@ class StageMachine:
         return [self.start_id] + list(toks)
 
     # ------------------------------------------------------------------------------------ steps
+    @property
+    def forcing(self) -> Forcing:
+        """This step's forcing: the forced token, or else the ratio ids when the step is the greedy ratio pick."""
+        if self._forced is None and self._ratio_pick:
+            return Forcing(ratio_ids=tuple(self.sp.ratio))
+        return Forcing(forced_token=self._forced)
+
     def constrain(self, logits: torch.Tensor) -> torch.Tensor:
         """Apply this step's official forcing to a 1-D logits row in place and return it.
 
         A forced token (or the greedy ratio pick) becomes the only finite-probability entry: every score
         is set to the dtype's minimum and the chosen id to 0, as the official processors do. Free steps
-        are left untouched.
+        are left untouched. Same implementation as the serving worker's batched forcing (`constrain_batch`).
         """
         if self._stopped:
             raise StageMachineError("the text phase is over; no further step to constrain")
-        tok = self._forced
-        if tok is None and self._ratio_pick:
-            tok = self.sp.ratio[self.pick_ratio(logits)]
-        if tok is not None:
-            logits.fill_(torch.finfo(logits.dtype).min)
-            logits[tok] = 0
+        constrain_batch(logits.view(1, -1), [self.forcing])
         return logits
 
     def pick_ratio(self, logits: torch.Tensor) -> int:
