@@ -463,15 +463,36 @@ def plan_sdpa_groups(metadata: AttentionMetadata) -> list[SdpaGroup]:
     return groups
 
 
+def expand_kv_heads(k: Tensor, v: Tensor, group: int) -> tuple[Tensor, Tensor]:
+    """[B, m, Hkv, D] K/V -> [B, m, Hkv * group, D]: query head h reads KV head h // group, as `enable_gqa` does.
+
+    Why: a boolean mask together with `enable_gqa` leaves CUDA's SDPA no fused kernel, so it runs the math kernel
+    (fp32 scores [B, Hq, n, m]: ~5.6 GB per layer call for one Distil diffusion step at the real shapes). The
+    eligibility rules of PyTorch 2.11 - 2.13 (aten/src/ATen/native/transformers/cuda/sdp_utils.cpp, its helpers in
+    the installed header torch/include/ATen/native/transformers/sdp_utils_cpp.h):
+    * flash: `check_for_attn_mask` rejects any mask; GQA is fine; `is_causal` only with n == m;
+    * memory-efficient: takes a mask (stride 1 in its last dim) but checks
+      `check_batch_size_and_num_heads_dense<false /*supports GQA*/>`, i.e. equal query, key and value heads;
+    * cuDNN: takes mask and GQA, but is first in line only with cuDNN > 9.15 on sm90 / sm100, else after flash
+      and memory-efficient; the math kernel comes last.
+    So masked groups get their K/V heads repeated (one contiguous copy of the [B, m, Hq, D] keys and values,
+    ~90 MB each at m = 10.7k, instead of gigabytes of scores) and call SDPA without `enable_gqa`: memory-efficient
+    or cuDNN runs. The result is bit-identical to `enable_gqa` on CPU (tests/test_attention_fast.py) and
+    `kernels.sdpa_rules` states these rules for the test that records every SDPA call of an engine step."""
+    return k.repeat_interleave(group, dim=2), v.repeat_interleave(group, dim=2)
+
+
 class TorchPagedAttention:
     """Pure-torch backend with the plan/run contract; also the CPU proof of each FlashInfer decomposition.
 
     plan() does all host work once per forward (from the metadata's host lists: no device reads); run() reads
     the pages and computes attention per the chosen variant. "mask" (the default) runs 4-D
     `scaled_dot_product_attention` per `SdpaGroup` (the fused flash / memory-efficient kernels on CPU and CUDA;
-    3-D inputs would take the slow math kernel): GQA via `enable_gqa`, no mask tensor for full or whole-causal
-    rows, sequences of equal shape batched. On CPU it computes in fp32 (as the reference); on CUDA in the
-    input dtype, so half-precision inputs reach the flash kernel (docs/decisions.md, "Attention fast path").
+    3-D inputs would take the slow math kernel): GQA via `enable_gqa` where no mask is needed (full or
+    whole-causal rows: flash), repeated K/V heads where a mask is (`expand_kv_heads`: a mask with `enable_gqa`
+    leaves CUDA the math kernel), sequences of equal shape batched. On CPU it computes in fp32 (as the
+    reference); on CUDA in the input dtype, so half-precision inputs reach the fused kernels (docs/decisions.md,
+    "Attention fast path").
     "segments" / "cascade" emulate the FlashInfer decompositions with explicit fp32 math (slower, for tests).
     """
 
@@ -534,8 +555,13 @@ class TorchPagedAttention:
         for g in self._groups:
             b, n, m = g.batch, g.n, g.m
             # one gather per K and V: contiguous [B, P * block_size, n_kv, D], then [B, n_kv, m, D] views
-            kc = pages[:, 0].index_select(0, g.pages).view(b, -1, hkv, d)[:, :m].transpose(1, 2)
-            vc = pages[:, 1].index_select(0, g.pages).view(b, -1, hkv, d)[:, :m].transpose(1, 2)
+            kc = pages[:, 0].index_select(0, g.pages).view(b, -1, hkv, d)[:, :m]
+            vc = pages[:, 1].index_select(0, g.pages).view(b, -1, hkv, d)[:, :m]
+            gqa = hq != hkv
+            if gqa and g.mask is not None:
+                kc, vc = expand_kv_heads(kc, vc, hq // hkv)
+                gqa = False
+            kc, vc = kc.transpose(1, 2), vc.transpose(1, 2)
             if g.row_span is not None:
                 qs = q[g.row_span[0] : g.row_span[1]]
             else:
@@ -543,7 +569,7 @@ class TorchPagedAttention:
             qs = qs.view(b, n, hq, d).transpose(1, 2)
             o = F.scaled_dot_product_attention(
                 qs.to(compute), kc.to(compute), vc.to(compute), attn_mask=g.mask, dropout_p=0.0,
-                is_causal=g.kind == "causal", scale=self.scale, enable_gqa=hq != hkv,
+                is_causal=g.kind == "causal", scale=self.scale, enable_gqa=gqa,
             )
             o = o.transpose(1, 2).reshape(b * n, hq, d).to(q.dtype)
             if len(self._groups) == 1 and g.row_span == (0, n_tok):
