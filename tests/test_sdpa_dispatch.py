@@ -7,12 +7,8 @@ the CUDA eligibility rules at the dtype CUDA computes in (bf16)."""
 
 from __future__ import annotations
 
-import io
-
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from diffgentor.engine.cuda_graph import DecodeGraphRunner
 from diffgentor.engine.offline import Engine
@@ -20,17 +16,12 @@ from diffgentor.engine.testing.tiny_model import make_tiny
 from diffgentor.kernels.attention import expand_kv_heads
 from diffgentor.kernels.sdpa_rules import SdpaCall, fused_kernels, record_sdpa_calls
 
+from helpers import random_png
+
 
 @pytest.fixture(scope="module")
 def tiny_distil(tmp_path_factory):
     return make_tiny(tmp_path_factory.mktemp("ckpt") / "tiny.Distil-3.0", distil=True)
-
-
-def _png(h: int, w: int, seed: int) -> bytes:
-    arr = (np.random.RandomState(seed).rand(h, w, 3) * 255).astype(np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def test_rules_at_the_real_shapes():
@@ -74,7 +65,7 @@ def test_no_engine_step_leaves_cuda_only_the_math_kernel(tiny_distil):
                                              use_graphs=False)
     base = dict(num_inference_steps=3, seed=1, image_size="256x256", output_type="latent", max_new_tokens=8,
                 infer_align_image_size=False)
-    edit = dict(base, request_id="edit", prompt="make it night", images=[_png(32, 32, 1)],
+    edit = dict(base, request_id="edit", prompt="make it night", images=[random_png(32, 32, 1)],
                 bot_task="think_recaption")
     later = [dict(base, request_id="t2i", prompt="a red cube", bot_task="think_recaption", seed=2),
              dict(base, request_id="img", prompt="a blue ball", bot_task="image", seed=3)]
