@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .host_copy import to_device
 from .impl_names import ATTN_IMPLS
 
 if TYPE_CHECKING:
@@ -207,9 +208,8 @@ class AttentionMetadata:
         flat_tables = [p for t in tables for p in (*t, *([-1] * (max_blocks - len(t))))]
         # one host tensor, one copy to the device, then views
         parts = [qo_indptr, kv_lens, flat_tables, slots, qidx, b_start, b_end, limit, write_rows, write_slots]
-        packed = torch.tensor([x for p in parts for x in p], dtype=torch.long)
-        if device is not None:
-            packed = packed.to(device)
+        flat = [x for p in parts for x in p]
+        packed = torch.tensor(flat, dtype=torch.long) if device is None else to_device(flat, torch.long, device)
         views = packed.split([len(p) for p in parts])
         host = MetadataLists(
             qo_indptr=tuple(qo_indptr),
@@ -414,7 +414,8 @@ class SdpaGroup:
 
 # Sequences are batched into one SDPA call only from this many query rows up: with 1-3 rows (decode tokens) the
 # CPU kernel gives a row different low bits in a batch than alone (measured on torch 2.13), which would break
-# batch invariance; from 4 rows up batched == alone bit for bit (tests/test_attention_fast.py).
+# batch invariance; from 4 rows up batched == alone bit for bit (tests/test_attention_fast.py). The rule holds only
+# where batch invariance is asked for (on CPU by default); elsewhere decode rows of any lengths form one group.
 MIN_BATCH_ROWS = 8
 
 
@@ -427,31 +428,59 @@ def _mask_kind(limits: Sequence[int], m: int) -> str:
     return "mask"
 
 
-def plan_sdpa_groups(metadata: AttentionMetadata) -> list[SdpaGroup]:
-    """Group a step's sequences for batched 4-D SDPA (host work plus a few device views; no device reads)."""
+def _rows_of(starts: list[int], n: int, dev: torch.device) -> tuple[tuple[int, int] | None, Tensor | None]:
+    """A group's flat query rows: one contiguous span, or else an index tensor."""
+    if all(b == a + n for a, b in zip(starts, starts[1:])):
+        return (starts[0], starts[0] + n * len(starts)), None
+    return None, to_device([r + i for r in starts for i in range(n)], torch.long, dev)
+
+
+def _decode_group(metadata: AttentionMetadata, host: MetadataLists, seqs: list[int]) -> SdpaGroup:
+    """Single-token rows that see all their keys, of different kv_lens, as ONE padded call: keys up to the longest
+    context, each row masked to its own kv_len (pages past a sequence's table read page 0, masked)."""
+    dev = metadata.slot_mapping.device
+    m = max(host.kv_lens[s] for s in seqs)
+    row_span, row_index = _rows_of([host.qo_indptr[s] for s in seqs], 1, dev)
+    idx = to_device(seqs, torch.long, dev)
+    pages = metadata.block_tables.index_select(0, idx)[:, : -(-m // metadata.block_size)].clamp_min(0)
+    mask = (torch.arange(m, device=dev) < metadata.kv_lens.index_select(0, idx).unsqueeze(1)).view(len(seqs), 1, 1, m)
+    return SdpaGroup(tuple(seqs), 1, m, "mask", row_span, row_index, pages.reshape(-1), mask)
+
+
+def plan_sdpa_groups(metadata: AttentionMetadata, batch_invariant: bool | None = None) -> list[SdpaGroup]:
+    """Group a step's sequences for batched 4-D SDPA (host work plus a few device views; no device reads).
+
+    batch_invariant (default: on CPU): a row's bits never depend on the batch (`MIN_BATCH_ROWS`, equal shapes
+    only). Without it, every decode row (one token seeing all its keys) joins one padded group (`_decode_group`)."""
     host = metadata.lists()
     dev = metadata.slot_mapping.device
+    if batch_invariant is None:
+        batch_invariant = dev.type == "cpu"
     bs = metadata.block_size
     by_key: dict[tuple[int, int, str, int], list[int]] = {}
+    decodes: list[int] = []
     for s in range(metadata.num_seqs):
         r0, r1 = host.qo_indptr[s], host.qo_indptr[s + 1]
         if r1 == r0:
             continue
         n, m = r1 - r0, host.kv_lens[s]
+        kind = _mask_kind(host.key_limit[r0:r1], m)
+        if not batch_invariant and n == 1 and kind == "full":
+            decodes.append(s)
+            continue
         # below MIN_BATCH_ROWS query rows the CPU kernel's results depend on the batch size: one call each
-        alone = s if n < MIN_BATCH_ROWS else -1
-        by_key.setdefault((n, m, _mask_kind(host.key_limit[r0:r1], m), alone), []).append(s)
+        alone = s if batch_invariant and n < MIN_BATCH_ROWS else -1
+        by_key.setdefault((n, m, kind, alone), []).append(s)
+    if len(decodes) == 1:
+        by_key.setdefault((1, host.kv_lens[decodes[0]], "full", -1), []).append(decodes.pop())
     groups = []
     for (n, m, kind, _), seqs in by_key.items():
-        starts = [host.qo_indptr[s] for s in seqs]
-        contiguous = all(b == a + n for a, b in zip(starts, starts[1:]))
-        row_span = (starts[0], starts[0] + n * len(seqs)) if contiguous else None
-        row_index = None if contiguous else torch.cat([torch.arange(r, r + n, device=dev) for r in starts])
+        row_span, row_index = _rows_of([host.qo_indptr[s] for s in seqs], n, dev)
         n_pages = -(-m // bs)
         if seqs == list(range(seqs[0], seqs[0] + len(seqs))):
             pages = metadata.block_tables[seqs[0] : seqs[0] + len(seqs), :n_pages]
         else:
-            pages = torch.stack([metadata.block_tables[s, :n_pages] for s in seqs])
+            pages = metadata.block_tables.index_select(0, to_device(seqs, torch.long, dev))[:, :n_pages]
         mask = None
         if kind == "mask":
             lim = metadata.key_limit
@@ -460,6 +489,8 @@ def plan_sdpa_groups(metadata: AttentionMetadata) -> list[SdpaGroup]:
             lim = lim[row_span[0] : row_span[1]] if row_index is None else lim.index_select(0, row_index)
             mask = (torch.arange(m, device=dev) < lim.view(len(seqs), n, 1)).unsqueeze(1)
         groups.append(SdpaGroup(tuple(seqs), n, m, kind, row_span, row_index, pages.reshape(-1), mask))
+    if decodes:
+        groups.append(_decode_group(metadata, host, decodes))
     return groups
 
 
@@ -499,9 +530,10 @@ class TorchPagedAttention:
     name = "sdpa"
 
     def __init__(self, num_qo_heads: int, num_kv_heads: int, head_dim: int, scale: float | None = None,
-                 variant: str = "mask") -> None:
+                 variant: str = "mask", batch_invariant: bool | None = None) -> None:
         if variant not in ATTN_VARIANTS:
             raise ValueError(f"unknown attention variant {variant!r}; allowed: {', '.join(ATTN_VARIANTS)}")
+        self.batch_invariant = batch_invariant  # None: on CPU only (`plan_sdpa_groups`)
         if num_qo_heads % num_kv_heads:
             raise ValueError(f"{num_qo_heads} query heads are not a multiple of {num_kv_heads} KV heads")
         self.num_qo_heads = num_qo_heads
@@ -519,7 +551,7 @@ class TorchPagedAttention:
         self._md = metadata
         self._kv_lens = metadata.lists().kv_lens
         if self.variant == "mask":
-            self._groups = plan_sdpa_groups(metadata)
+            self._groups = plan_sdpa_groups(metadata, self.batch_invariant)
         else:
             self._segments = decompose_segments(metadata)
 

@@ -3,7 +3,9 @@
 Imported lazily by `get_attention_backend("flashinfer")`; `flashinfer` itself is imported at the first plan()
 on a CUDA device, so CPU code never imports it. NHD pages straight from `PagedKVCache.layer(i)`
 ([pages, 2, page_size, n_kv, D]); no in-kernel RoPE (`pos_encoding_mode="NONE"`: RoPE and qk-norm run before
-the cache write). The variants implement exactly the decompositions that `TorchPagedAttention` emulates:
+the cache write). plan() hands FlashInfer host arrays (pinned on CUDA: its planning reads them on the host, so
+device arrays would be copied back, a sync per wrapper per forward); only the row index tensors used by run() go to
+the device, asynchronously. The variants implement exactly the decompositions that `TorchPagedAttention` emulates:
 * "mask": one prefill wrapper per forward, rows = sequences, the official mask as a flat custom mask (FA2).
 * "segments": causal text runs -> a causal paged prefill (or the decode wrapper when the whole step is
   single-token text decode); image-block runs -> a non-causal paged prefill over [0, block end). FA3-eligible.
@@ -29,15 +31,13 @@ from .attention import (
     flashinfer_attention_available,
 )
 from .fallback import warn_once
+from .host_copy import host_tensor, to_device
 
 if TYPE_CHECKING:
     from diffgentor.engine.kv_cache import PagedKVCache
 
 WORKSPACE_BYTES = 128 << 20
 
-
-def _i32(x: list[int], device: torch.device) -> Tensor:
-    return torch.tensor(x, dtype=torch.int32, device=device)
 
 
 class _PagedRows:
@@ -80,6 +80,14 @@ class FlashInferPagedAttention:
         self._workspace: Tensor | None = None
         self._steps: list[tuple] = []
 
+    def _i32(self, x: list[int]) -> Tensor:
+        """A planning array as FlashInfer's plan() takes it: a host tensor (pinned on CUDA), so that planning reads
+        it without copying it back from the device and uploads it asynchronously."""
+        return host_tensor(x, torch.int32, self._device.type == "cuda")
+
+    def _rows(self, rows: list[int]) -> Tensor:
+        return to_device(rows, torch.long, self._device)
+
     # ------------------------------------------------------------------ wrappers
     def _wrapper(self, kind: str):
         import flashinfer
@@ -98,10 +106,9 @@ class FlashInferPagedAttention:
         return w
 
     def _plan_paged(self, kind: str, pr: _PagedRows, causal: bool, page_size: int, custom_mask: Tensor | None = None):
-        dev = self._device
         w = self._wrapper(kind)
         w.plan(
-            _i32(pr.qo_indptr, dev), _i32(pr.kv_indptr, dev), _i32(pr.indices, dev), _i32(pr.last_page_len, dev),
+            self._i32(pr.qo_indptr), self._i32(pr.kv_indptr), self._i32(pr.indices), self._i32(pr.last_page_len),
             self.num_qo_heads, self.num_kv_heads, self.head_dim, page_size, custom_mask=custom_mask, causal=causal,
             pos_encoding_mode="NONE", sm_scale=self.scale, q_data_type=self._q_dtype, kv_data_type=self._kv_dtype,
         )
@@ -141,7 +148,7 @@ class FlashInferPagedAttention:
                                                      metadata.bidir_end[r0:r1], kv_lens[s]).reshape(-1))
             if len(pr):
                 w = self._plan_paged("mask", pr, False, ps, custom_mask=torch.cat(masks).to(dev))
-                self._steps.append(("paged", w, torch.tensor(pr.rows, device=dev)))
+                self._steps.append(("paged", w, self._rows(pr.rows)))
             return
         segs = decompose_segments(metadata)
         if segs and all(sg.causal and sg.num_rows == 1 for sg in segs):  # pure text decode step
@@ -149,10 +156,10 @@ class FlashInferPagedAttention:
             for sg in segs:
                 pr.add(range(sg.row0, sg.row1), tables[sg.seq], sg.kv_end, ps)
             w = self._wrapper("decode")
-            w.plan(_i32(pr.kv_indptr, dev), _i32(pr.indices, dev), _i32(pr.last_page_len, dev), self.num_qo_heads,
+            w.plan(self._i32(pr.kv_indptr), self._i32(pr.indices), self._i32(pr.last_page_len), self.num_qo_heads,
                    self.num_kv_heads, self.head_dim, ps, pos_encoding_mode="NONE", sm_scale=self.scale,
                    q_data_type=self._q_dtype, kv_data_type=self._kv_dtype)
-            self._steps.append(("paged", w, torch.tensor(pr.rows, device=dev)))
+            self._steps.append(("paged", w, self._rows(pr.rows)))
             return
         if self.variant == "segments":
             for causal, kind in ((True, "causal"), (False, "bidir")):
@@ -162,12 +169,11 @@ class FlashInferPagedAttention:
                         pr.add(range(sg.row0, sg.row1), tables[sg.seq], sg.kv_end, ps)
                 if len(pr):
                     w = self._plan_paged(kind, pr, causal, ps)
-                    self._steps.append(("paged", w, torch.tensor(pr.rows, device=dev)))
+                    self._steps.append(("paged", w, self._rows(pr.rows)))
             return
         self._plan_cascade(segs, tables, ps)
 
     def _plan_cascade(self, segs: list[Segment], tables: list[list[int]], ps: int) -> None:
-        dev = self._device
         prefix = _PagedRows()  # non-causal paged rows: prefixes of self-contained runs, whole rows of the others
         ragged: dict[bool, tuple[list[int], list[int]]] = {True: ([0], []), False: ([0], [])}
         for sg in segs:
@@ -181,15 +187,15 @@ class FlashInferPagedAttention:
                 prefix.add(range(sg.row0, sg.row1), tables[sg.seq], sg.kv_end, ps)
         if len(prefix):
             w = self._plan_paged("prefix", prefix, False, ps)
-            self._steps.append(("prefix", w, torch.tensor(prefix.rows, device=dev)))
+            self._steps.append(("prefix", w, self._rows(prefix.rows)))
         for causal in (True, False):
             ind, rows = ragged[causal]
             if rows:
                 w = self._wrapper("ragged_causal" if causal else "ragged_bidir")
-                w.plan(_i32(ind, dev), _i32(ind, dev), self.num_qo_heads, self.num_kv_heads, self.head_dim,
+                w.plan(self._i32(ind), self._i32(ind), self.num_qo_heads, self.num_kv_heads, self.head_dim,
                        causal=causal, pos_encoding_mode="NONE", sm_scale=self.scale, q_data_type=self._q_dtype,
                        kv_data_type=self._kv_dtype)
-                self._steps.append(("ragged", w, torch.tensor(rows, device=dev)))
+                self._steps.append(("ragged", w, self._rows(rows)))
 
     def run(self, q: Tensor, k: Tensor, v: Tensor, kv_cache: PagedKVCache, layer: int) -> Tensor:
         if self._fallback is not None:

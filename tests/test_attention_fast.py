@@ -136,3 +136,22 @@ def test_store_skips_unwritten_rows_and_checks_the_slot_range_on_the_host():
     bad = AttentionMetadata.build([SequenceChunk([0], 1, [5])], BS)  # page 5 of a 2-page cache
     with pytest.raises(IndexError):
         cache.store(0, bad, k[:1], v[:1])
+
+
+def test_decode_rows_of_different_lengths_are_one_padded_call_where_invariance_is_not_asked():
+    """Without the batch-invariance rule (the default off CPU) every decode token joins ONE SDPA call, padded to the
+    longest context and masked per row, beside the step's other groups; same results as the reference. On CPU
+    (invariance asked) the same step keeps one call per decode row."""
+    lens = [9, 30, 17, 5, 23, 12]
+    seqs = _Seqs(lens, seed=4)
+    fast = TorchPagedAttention(HQ, HKV, D, batch_invariant=False)
+    seqs.step([(s, 0, n - 1, n - 1) for s, n in enumerate(lens)], [[]] * len(lens), fast)
+    # five decodes of five different kv_lens, not adjacent in the flat batch (a prefill chunk sits between them)
+    parts = [(0, 8, 9, 9), (1, 29, 30, 30), (5, 0, 12, 12), (2, 16, 17, 17), (3, 4, 5, 5), (4, 22, 23, 23)]
+    out, ref, md = seqs.step(parts, [[]] * len(lens), fast)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    groups = plan_sdpa_groups(md, batch_invariant=False)
+    assert sorted(g.seqs for g in groups) == [(0, 1, 3, 4, 5), (2,)]
+    dec = next(g for g in groups if g.batch == 5)
+    assert (dec.n, dec.m, dec.kind) == (1, 30, "mask") and dec.row_index is not None
+    assert len(plan_sdpa_groups(md)) == 6  # CPU default: batch invariant, one call per decode row

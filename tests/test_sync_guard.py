@@ -11,6 +11,9 @@ here; only its per-expert fallback reads group sizes on the host).
 
 from __future__ import annotations
 
+import sys
+import types
+
 import pytest
 import torch
 from torch.overrides import TorchFunctionMode
@@ -19,6 +22,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from diffgentor.engine.models.hunyuan_image_3.backbone import HunyuanImage3Backbone
 from diffgentor.engine.offline import Engine
 from diffgentor.engine.testing.tiny_model import make_tiny
+from diffgentor.kernels import flashinfer_attention
+from diffgentor.kernels.attention import AttentionMetadata, SequenceChunk
 
 Tensor = torch.Tensor
 aten = torch.ops.aten
@@ -230,3 +235,47 @@ def test_sampling_reads_the_device_once_per_step(tiny):
     for rows, found in calls:
         assert found == (["tolist"] if rows else []), (rows, found)
     assert not [r.error for r in core.results.values() if r.error]
+
+
+class _RecordingWrapper:
+    """Stands in for a FlashInfer wrapper on a machine without it: records what plan() receives."""
+
+    def __init__(self, kind: str, calls: list) -> None:
+        self.kind, self.calls = kind, calls
+
+    def plan(self, *args, **kwargs) -> None:
+        self.calls.append((self.kind, args, kwargs))
+
+
+def _recording_flashinfer(calls: list) -> types.ModuleType:
+    mod = types.ModuleType("flashinfer")
+    for name, kind in (("BatchDecodeWithPagedKVCacheWrapper", "decode"),
+                       ("BatchPrefillWithPagedKVCacheWrapper", "paged"),
+                       ("BatchPrefillWithRaggedKVCacheWrapper", "ragged")):
+        setattr(mod, name, lambda workspace, layout, _kind=kind, **kw: _RecordingWrapper(_kind, calls))
+    return mod
+
+
+@pytest.mark.parametrize("variant", ["segments", "cascade", "mask"])
+def test_flashinfer_plans_on_host_arrays_without_device_reads(variant, monkeypatch):
+    """FlashInfer's plan() reads its index arrays on the host: handed device tensors it copies them back (a sync per
+    wrapper per forward). The backend, planning for a device ("meta" here: every array made for the device lands
+    there), must hand plan() host int32 arrays and read nothing from the device while planning."""
+    calls: list = []
+    monkeypatch.setitem(sys.modules, "flashinfer", _recording_flashinfer(calls))
+    monkeypatch.setattr(flashinfer_attention, "flashinfer_attention_available", lambda device: (True, "ok"))
+    be = flashinfer_attention.FlashInferPagedAttention(8, 2, 16, variant=variant)
+    decode = [SequenceChunk([8], 9, [3, 1, 4]), SequenceChunk([29], 30, list(range(10, 18)))]
+    mixed = decode + [SequenceChunk(range(0, 12), 12, [20, 21, 22], [(4, 9)]),
+                      SequenceChunk(range(4, 9), 9, [23, 24, 25], [(4, 9)])]
+    guard = SyncGuard()
+    for chunks in (decode, mixed):
+        before = len(calls)
+        guard.wrap(be.plan)(AttentionMetadata.build(chunks, 4, device="meta"))
+        assert len(calls) > before
+    assert not guard.found
+    assert ("decode" in {kind for kind, _, _ in calls}) == (variant != "mask")  # "mask" plans one prefill wrapper
+    for kind, args, _ in calls:
+        arrays = [a for a in args if isinstance(a, torch.Tensor)]
+        assert arrays and all(a.device.type == "cpu" and a.dtype == torch.int32 for a in arrays), \
+            (kind, [(a.device, a.dtype) for a in arrays])

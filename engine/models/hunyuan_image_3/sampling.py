@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING, Protocol
 
 import torch
 
+from diffgentor.kernels.host_copy import to_device
+
 if TYPE_CHECKING:
     from .config import GenerationDefaults
 
@@ -96,14 +98,6 @@ class Forcing:
     banned_ids: tuple[int, ...] | None = None
 
 
-def _host_to(values: list[int] | list[float], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A host list on `device` without a stream sync: pinned memory and an asynchronous copy on CUDA."""
-    t = torch.tensor(values, dtype=dtype)
-    if device.type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)
-
-
 def constrain_batch(logits: torch.Tensor, rows: Sequence[RowForcing]) -> torch.Tensor:
     """The stage machine's forcing as the official processors apply it, on logits [B, V] in place.
 
@@ -124,7 +118,7 @@ def constrain_batch(logits: torch.Tensor, rows: Sequence[RowForcing]) -> torch.T
     # one packed host tensor: hot rows, their forced token (0 for ratio rows), the ratio rows' positions among
     # them, their ids (padded with the row's first id: a repeat never wins argmax over the first occurrence),
     # banned (row, id) pairs
-    packed = _host_to(
+    packed = to_device(
         hot_rows + [rows[i].forced_token or 0 for i in hot_rows] + ratio
         + [t for ids in ratio_ids for t in (*ids, *[ids[0]] * (width - len(ids)))]
         + [i for i, _ in banned] + [t for _, t in banned],
@@ -160,7 +154,7 @@ def warp_batch(scores: torch.Tensor, params: Sequence[SamplingParams]) -> torch.
         return s
     # top-k index < 2**24 is exact in float32; the top-p threshold is cast to float32 as the one-row comparison
     # casts it, and -1 never drops (inactive rows)
-    table = _host_to([x for p, k in zip(params, ks) for x in (
+    table = to_device([x for p, k in zip(params, ks) for x in (
         float(p.temperature), float(max(k - 1, 0)), float(k != 0), 1 - p.top_p if p.top_p < 1.0 else -1.0)],
         torch.float32, dev).view(-1, 4)
     if use_t:
@@ -201,7 +195,7 @@ def sample_batch(
     if not drawn:
         return torch.argmax(scores, dim=-1)
     every = len(drawn) == b
-    rows = None if every else _host_to(drawn, torch.long, scores.device)
+    rows = None if every else to_device(drawn, torch.long, scores.device)
     sub = scores if rows is None else scores.index_select(0, rows)
     probs = torch.softmax(warp_batch(sub, [params[i] for i in drawn]), dim=-1)
     q = torch.empty_like(probs)
