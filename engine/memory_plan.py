@@ -9,17 +9,23 @@ numbers on a GPU (`kv_blocks_for`). Everything here is computed from `config.jso
   GPU), fp32 for the routers and the VAE (`keep_fp32_for_model`), and with `--quantization fp8` / `fp8_block` 1 byte
   per routed / shared expert weight plus its fp32 scales (per output row / per 128x128 block). Grouped by part:
   experts, attention, embeddings (wte + lm_head), ViT (+ aligner), VAE, other (norms, routers, image heads).
-* activations: the largest step the scheduler may issue is max(`max_num_batched_tokens`, one denoising step of a
-  1024x1024 image: (64x64 image tokens + its <timestep>/<guidance>/<timestep_r> slots) x the CFG rows), because a
-  diffusion step's image blocks are scheduled atomically even past the token budget. Its peak is the residual stream
-  plus the larger of the attention and the MoE temporaries of ONE layer (layers run one after another; the sorted
-  grouped-GEMM MoE holds [tokens*top_k, H] gathers and [tokens*top_k, 2I] intermediates), or the VAE decode of a
-  1024x1024 image when that is larger. An estimate from shapes, meant to be checked by the GPU run
-  (bench/gpu_check.sh compares it to torch.cuda.max_memory_allocated at the real layer shapes).
-* workspace: the CUDA context, the FlashInfer attention workspace, NCCL buffers under tensor parallel.
-* KV cache: gpu_memory_utilization x total memory - weights - activations - workspace, in blocks of
+* transients, one phase of a step at a time (encode, forward, VAE decode run one after another): the forward of the
+  largest step the scheduler may issue (max(`max_num_batched_tokens`, a 1024x1024 denoising step with its CFG row),
+  over the model's maximum length of keys): the residual stream plus the larger of ONE layer's attention (the kernel
+  CUDA runs: flash, or memory-efficient with a mask; never math) and MoE temporaries (per implementation: the
+  grouped bf16 path, the FP8 scaled paths with `quantize_rows_fp8`'s fp32 copies at 4 bytes per element, the
+  per-layer dequantisation where FP8 has no fast path); and the VAE budget: at least one 1024x1024 decode (the
+  decoder runs 4 frames at full size, fp16 convs and fp32 GroupNorm under CUDA autocast, plus autocast's fp16 copy
+  of the decoder weights) or encode. The worker sizes its VAE calls to that budget.
+* resident besides weights and KV: the encoder cache budget, the CUDA-graph pool (the widest static decode
+  forward), workspace: the CUDA context, cuBLAS, the FlashInfer attention workspace, NCCL buffers under tensor
+  parallel.
+* KV cache: gpu_memory_utilization x total memory - every term above, in blocks of
   2 (K, V) x layers x block_size x local KV heads x head_dim x 2 bytes; it must hold at least one request at the
   model's maximum length with its CFG row (2 x max_position_embeddings tokens).
+Every transient term is checked against a measurement of the real modules at the real shapes on the meta device
+(tests/test_memory_plan_measured.py, `engine.testing.meta_memory`); bench/gpu_check.sh compares the plan with
+torch.cuda.max_memory_allocated on a GPU.
 """
 
 from __future__ import annotations
@@ -61,14 +67,22 @@ CUDA_CONTEXT_BYTES = 640 * MiB
 """CUDA context + loaded kernel modules (lazy loading), outside torch's allocator; typical for CUDA 12 on sm90."""
 ATTENTION_WORKSPACE_BYTES = 128 * MiB
 """kernels.flashinfer_attention.WORKSPACE_BYTES: one float workspace shared by the planned wrappers."""
+CUBLAS_WORKSPACE_BYTES = 2 * (32 + 1) * MiB
+"""cuBLAS (32 MiB on sm90, PyTorch's default CUBLAS_WORKSPACE_CONFIG) plus cuBLASLt (1 MiB) per stream that runs a
+GEMM: the compute stream and the CUDA-graph warm-up stream (engine/cuda_graph.py)."""
 NCCL_BYTES = 512 * MiB
 """NCCL communicator buffers and its streams' workspace under tensor parallel (per rank, a conservative figure)."""
 CFG_ROWS = 2
 IMAGE_SIDE = 1024
 IMAGE_EXTRA_SLOTS = 3  # <timestep>, <guidance>, <timestep_r> recomputed with the image block each step
-VAE_DECODE_LIVE_MAPS = 8
-"""Live full-resolution feature maps (first VAE level, fp16 autocast) at the decoder's peak: a residual block's input,
-two convolution outputs, GroupNorm's fp32 copy (2x) and the upsampled output; an estimate."""
+VAE_BYTES_PER_ELEMENT = 12
+"""Bytes per element of the VAE's full-resolution level ([c0 channels, ft frames, H, W]: the decoder's last level,
+the encoder's first) at its peak under CUDA's fp16 autocast: a ResnetBlock's fp16 input and the previous block's
+output still referenced (2 + 2), GroupNorm's fp32 output (4), its fp16 cast for the convolution (2) and the
+convolution's fp16 output (2). Measured on the meta device at the real shapes (tests/test_memory_plan.py)."""
+FP8_QUANT_BYTES_PER_ELEMENT = 12
+"""`kernels.quantization.quantize_rows_fp8` holds three fp32 [rows, K] tensors at once: the fp32 copy, x / scale
+and its clamp (the fp8 result comes after the division is freed)."""
 
 
 class MemoryPlanError(ValueError):
@@ -168,6 +182,145 @@ def largest_step_tokens(config: EngineConfig, model_config: HunyuanImage3Config)
                                            f"of {block} tokens)")
 
 
+def planned_moe_impl(quantization: str | None, moe_impl: str | None, capability: tuple[int, int]) -> str:
+    """The MoE path `kernels.moe.resolve_moe_impl` takes on a CUDA card of `capability` (flashinfer assumed to
+    import and build; if it does not, the engine falls back to the eager path, whose plan is the larger one)."""
+    layout = fp8_layout(quantization)
+    wants_fi = (moe_impl or "eager").strip().lower() == "flashinfer"
+    if wants_fi and capability[0] >= 9 and (layout is None or (layout == "block" and capability[0] == 9)):
+        return "flashinfer"
+    if layout is None:
+        return "grouped"
+    if layout == "channel" and capability >= (9, 0):
+        return "fp8_grouped"
+    if layout == "channel" and capability >= (8, 9):
+        return "fp8_scaled_mm"
+    return "dequantized"
+
+
+def moe_bytes(model_config: HunyuanImage3Config, parallel: ParallelContext, tokens: int, impl: str,
+              quantization: str | None = None, dtype_bytes: int = 2) -> dict[str, int]:
+    """Transient bytes of one MoE block on `tokens` tokens by stage (`kernels/moe.py`'s sorted grouped path; the
+    peak is the largest stage plus `routing`, which lives throughout):
+
+    * routing: top-k ids (int64) and weights, the sort order (int64) of the T*k assignments;
+    * router: the fp32 copy of the input and the fp32 logits and probabilities;
+    * up: the T*k gathered rows, the [up; gate] GEMM output and SiLU-and-mul's two [T*k, I] tensors;
+    * quantize (FP8 scaled paths): the gathered rows plus `quantize_rows_fp8`'s three fp32 copies (4 bytes each);
+    * combine: the gathered rows, the sorted and un-permuted outputs (a third copy under expert parallel: the
+      masked select), the weighted sum and one product;
+    * dequantize (FP8 weights without a fast path): this layer's local experts dequantised in fp32 then cast, and
+      the dense copies held through the layer.
+    flashinfer's fused MoE is planned as the eager path (its own workspace is not visible here)."""
+    c = model_config
+    layer = max(range(c.num_hidden_layers), key=lambda i: c.moe_topk[i] * c.moe_intermediate_size[i])
+    t, h, k, b = tokens, c.hidden_size, c.moe_topk[layer], dtype_bytes
+    inter = c.moe_intermediate_size[layer] // parallel.expert_tp_size
+    experts = len(parallel.expert_range(c.num_experts))
+    r = t * k
+    rows = r * h * b
+    out = {
+        "routing": t * k * (8 + b) + r * 8 + 4 * experts,
+        "router": t * h * 4 + 2 * t * c.num_experts * 4,
+        "up": rows + r * 2 * inter * b + 2 * r * inter * b,
+        "combine": rows * (4 if parallel.expert_parallel and parallel.is_parallel else 3) + 2 * t * h * b,
+    }
+    if impl in ("fp8_grouped", "fp8_scaled_mm"):
+        out["quantize"] = rows + r * h * FP8_QUANT_BYTES_PER_ELEMENT + r * 4
+    if impl == "dequantized":
+        per_elem = 14 if fp8_layout(quantization) == "block" else 10  # fp32 copy, fp32 product(, scales), cast
+        dense = experts * 3 * inter * h * b
+        out["dequantize"] = experts * 2 * inter * h * per_elem
+        out["up"] += dense
+        out["combine"] += dense
+    return out
+
+
+def moe_peak(stages: dict[str, int]) -> int:
+    return stages["routing"] + max(v for kk, v in stages.items() if kk != "routing")
+
+
+def attention_bytes(model_config: HunyuanImage3Config, parallel: ParallelContext, rows: int, keys: int,
+                    sequences: int = 1, masked: bool = False, dtype_bytes: int = 2, block_size: int = 16
+                    ) -> dict[str, int]:
+    """Transient bytes of one attention layer call on `rows` query rows of `sequences` equal sequences, each over
+    `keys` keys (the torch SDPA path on CUDA, `kernels.attention.TorchPagedAttention`), by stage:
+
+    * rope: the fused QKV output, RoPE's fp32 q and k and the q-norm's two fp32 temporaries;
+    * o_proj: QKV, q and k, the attention output (as [rows, heads * head_dim]) and the projection's output;
+    * sdpa: QKV, q and k cast back, the page-granular K/V gathers, and the kernel that runs on CUDA: without a mask
+      flash (GQA in the kernel: output only); with a mask the memory-efficient kernel (the mask's additive copy in
+      the query dtype padded to 16 keys, a fp32 log-sum-exp, the output), never the math kernel. The boolean mask
+      [B, n, m] of a masked group lives through the whole forward (`mask`).
+    tests/test_memory_plan_measured.py measures every stage on the meta device: a change of the torch attention
+    path's temporaries (e.g. K/V heads repeated for masked groups: 2 x B x m x Hq x D more) shows there."""
+    c = model_config
+    d, b = c.head_dim, dtype_bytes
+    hq = len(parallel.q_head_range(c.num_attention_heads))
+    hkv = len(parallel.kv_head_range(c.num_key_value_heads))
+    n = rows // sequences
+    qkv = rows * (hq + 2 * hkv) * d * b
+    mask = sequences * n * keys if masked else 0
+    gathered = 2 * sequences * math.ceil(keys / block_size) * block_size * hkv * d * b
+    qk = rows * (hq + hkv) * d * b
+    kernel = rows * hq * d * b  # the output
+    if masked:
+        kernel += sequences * n * math.ceil(keys / 16) * 16 * b
+        kernel += sequences * hq * math.ceil(n / 32) * 32 * 4
+    return {
+        "mask": mask,
+        "rope": qkv + rows * hq * d * 4 * 3 + rows * hkv * d * 4,
+        "sdpa": qkv + qk + gathered + kernel,
+        "o_proj": qkv + qk + rows * hq * d * b + rows * c.hidden_size * b,
+    }
+
+
+def attention_peak(stages: dict[str, int]) -> int:
+    return stages["mask"] + max(v for k, v in stages.items() if k != "mask")
+
+
+def residual_bytes(model_config: HunyuanImage3Config, tokens: int, dtype_bytes: int = 2) -> int:
+    """What a decoder layer's temporaries sit on: the step's input embeddings and the previous layer's output (both
+    referenced by the backbone's loop), the layer's post-attention stream and its normed copy, and RoPE's fp32
+    cos / sin tables."""
+    return 4 * tokens * model_config.hidden_size * dtype_bytes + 2 * tokens * model_config.head_dim * 4
+
+
+def vae_decoder_cache_bytes(model_config: HunyuanImage3Config) -> int:
+    """Autocast's fp16 copies of the decoder's weights, kept for the whole decode (the VAE's parameters require grad,
+    so CUDA autocast caches their casts for its region)."""
+    from diffgentor.engine.models.hunyuan_image_3.vae import AutoencoderKLConv3D
+
+    with torch.device("meta"):
+        vae = AutoencoderKLConv3D(model_config.vae)
+    return sum(p.numel() * 2 for p in vae.decoder.parameters() if p.is_floating_point())
+
+
+def vae_image_bytes(model_config: HunyuanImage3Config, height: int, width: int) -> int:
+    """Peak bytes ONE image adds to a VAE decode or encode of an height x width image (fp16 autocast): its
+    full-resolution level of c0 channels x ft frames at VAE_BYTES_PER_ELEMENT."""
+    v = model_config.vae
+    c0, ft = int(v["block_out_channels"][0]), int(v.get("ffactor_temporal", 4))
+    return VAE_BYTES_PER_ELEMENT * c0 * ft * height * width
+
+
+def vae_decode_bytes(model_config: HunyuanImage3Config, height: int, width: int, images: int = 1) -> int:
+    return vae_decoder_cache_bytes(model_config) + images * vae_image_bytes(model_config, height, width)
+
+
+def vae_encode_bytes(model_config: HunyuanImage3Config, height: int, width: int, images: int = 1) -> int:
+    """The encoder peaks at its first level, before autocast has cast the deeper levels' weights."""
+    return images * vae_image_bytes(model_config, height, width)
+
+
+def forward_bytes(model_config: HunyuanImage3Config, parallel: ParallelContext, tokens: int, moe_impl: str,
+                  attention: dict[str, int], quantization: str | None = None, dtype_bytes: int = 2) -> int:
+    """Peak of a whole forward on `tokens` tokens: the residual plus the larger of one layer's attention and MoE
+    (layers run one after another and free their temporaries)."""
+    moe = moe_peak(moe_bytes(model_config, parallel, tokens, moe_impl, quantization, dtype_bytes))
+    return residual_bytes(model_config, tokens, dtype_bytes) + max(attention_peak(attention), attention["mask"] + moe)
+
+
 def activation_peak_bytes(
     model_config: HunyuanImage3Config,
     parallel: ParallelContext,
@@ -175,38 +328,45 @@ def activation_peak_bytes(
     max_num_seqs: int,
     dtype_bytes: int = 2,
     quantization: str | None = None,
-    fp8_dequantized: bool = False,
+    moe_impl: str = "grouped",
+    max_num_batched_tokens: int = 8192,
+    block_size: int = 16,
 ) -> tuple[int, dict[str, int]]:
-    """(peak bytes, breakdown) of one forward of `tokens` tokens on this rank, or of the VAE decode if larger.
-    fp8_dequantized: FP8 experts without a fast path on this card are dequantised one layer at a time, so one
-    layer's local experts in the activation dtype are a transient of the MoE."""
+    """(peak bytes, breakdown) of the largest forward on this rank: the larger of a masked prefill chunk of
+    max_num_batched_tokens rows and a CFG denoising step of `tokens` rows, each over the model's maximum length of
+    keys, plus the fp32 logits of a full batch (under tensor parallel also their gather)."""
     c = model_config
-    n, h, d = tokens, c.hidden_size, c.head_dim
-    q_heads = len(parallel.q_head_range(c.num_attention_heads))
-    kv_heads = len(parallel.kv_head_range(c.num_key_value_heads))
-    layer = max(range(c.num_hidden_layers), key=lambda i: c.moe_topk[i] * c.moe_intermediate_size[i])
-    k = c.moe_topk[layer]
-    inter = c.moe_intermediate_size[layer] // parallel.expert_tp_size
-    shared = c.moe_intermediate_size[layer] * c.num_shared_expert[layer] // parallel.tp_size
-    b = dtype_bytes
-    residual = 3 * n * h * b  # the stream, the normed input, the block output
-    attention = (n * (q_heads + 2 * kv_heads) * d * b  # fused qkv
-                 + n * (q_heads + kv_heads) * d * 4  # RoPE / qk-norm in fp32
-                 + n * q_heads * d * b + n * h * b)  # attention output, o_proj output
-    rows = n * k
-    fp8 = rows * (h + inter) if quantization else 0  # per-token FP8 copies of the GEMM inputs (fast paths)
-    moe = (2 * n * c.num_experts * 4  # router logits and probabilities (fp32)
-           + max(rows * (h + 3 * inter) * b, 3 * rows * h * b)  # gathered rows + [up; gate] + act | 3 x [rows, H]
-           + fp8 + n * h * b + n * 2 * shared * b)  # routed output held while the shared expert runs
-    if fp8_dequantized:
-        moe += len(parallel.expert_range(c.num_experts)) * 3 * inter * h * b
-    heads = max_num_seqs * c.vocab_size * 4 * (2 if parallel.is_parallel else 1)  # fp32 logits (+ gather)
-    forward = residual + max(attention, moe) + heads
-    side = IMAGE_SIDE
-    vae = VAE_DECODE_LIVE_MAPS * int(c.vae["block_out_channels"][0]) * side * side * 2
-    detail = {"residual": residual, "attention": attention, "moe": moe, "logits": heads, "forward": forward,
-              "vae_decode": vae}
-    return max(forward, vae), detail
+    keys = c.max_position_embeddings
+    prefill = attention_bytes(c, parallel, max_num_batched_tokens, keys, 1, True, dtype_bytes, block_size)
+    step = attention_bytes(c, parallel, tokens, keys, CFG_ROWS, False, dtype_bytes, block_size)
+    attn = max((prefill, step), key=attention_peak)
+    moe = moe_peak(moe_bytes(c, parallel, tokens, moe_impl, quantization, dtype_bytes))
+    heads = max_num_seqs * c.vocab_size * 4 * (2 if parallel.is_parallel else 1)
+    forward = max(forward_bytes(c, parallel, n, moe_impl, a, quantization, dtype_bytes)
+                  for n, a in ((max_num_batched_tokens, prefill), (tokens, step))) + heads
+    detail = {"residual": residual_bytes(c, tokens, dtype_bytes), "attention": attention_peak(attn), "moe": moe,
+              "logits": heads, "forward": forward}
+    return forward, detail
+
+
+def graph_pool_bytes(model_config: HunyuanImage3Config, parallel: ParallelContext, max_num_seqs: int,
+                     block_size: int, moe_impl: str, quantization: str | None, dtype_bytes: int = 2) -> int:
+    """The CUDA-graph pool (engine/cuda_graph.py): the peak of the widest static decode forward it captures
+    (max_num_seqs rows, page tables of DEFAULT_MAX_CONTEXT_TOKENS keys), which the pool keeps reserved: the key
+    mask, one layer's K/V page gathers and that layer's attention or MoE temporaries on max_num_seqs tokens."""
+    from diffgentor.engine.cuda_graph import DEFAULT_MAX_CONTEXT_TOKENS, width_buckets
+
+    c = model_config
+    keys = width_buckets(min(DEFAULT_MAX_CONTEXT_TOKENS, c.max_position_embeddings), block_size)[-1] * block_size
+    n, d, b = max_num_seqs, c.head_dim, dtype_bytes
+    hq = len(parallel.q_head_range(c.num_attention_heads))
+    hkv = len(parallel.kv_head_range(c.num_key_value_heads))
+    rope = attention_bytes(c, parallel, n, keys, n, False, b, block_size)["rope"]
+    # StaticDecodeAttention: QKV, q and k cast back, the [B, keys] K/V gathers, the masked kernel's additive mask
+    static = n * (hq + 2 * hkv) * d * b + n * (hq + hkv) * d * b + 2 * n * keys * hkv * d * b + \
+        n * math.ceil(keys / 16) * 16 * b + n * hq * d * b
+    moe = moe_peak(moe_bytes(c, parallel, n, moe_impl, quantization, b))
+    return n * keys + residual_bytes(c, n, b) + max(rope, static, moe)
 
 
 def kv_block_bytes(model_config: HunyuanImage3Config, parallel: ParallelContext, block_size: int,
@@ -217,7 +377,8 @@ def kv_block_bytes(model_config: HunyuanImage3Config, parallel: ParallelContext,
 
 
 def workspace_bytes(parallel: ParallelContext) -> dict[str, int]:
-    out = {"cuda_context": CUDA_CONTEXT_BYTES, "attention_workspace": ATTENTION_WORKSPACE_BYTES}
+    out = {"cuda_context": CUDA_CONTEXT_BYTES, "cublas": CUBLAS_WORKSPACE_BYTES,
+           "attention_workspace": ATTENTION_WORKSPACE_BYTES}
     if parallel.is_parallel:
         out["nccl"] = NCCL_BYTES
     return out
@@ -226,7 +387,12 @@ def workspace_bytes(parallel: ParallelContext) -> dict[str, int]:
 # ------------------------------------------------------------------------------------------------ the plan
 @dataclass
 class MemoryPlan:
-    """One rank's memory budget (rank 0: the largest vocabulary slice, so the worst rank)."""
+    """One rank's memory budget (rank 0: the largest vocabulary slice, so the worst rank).
+
+    Resident: weights, workspace, the encoder cache, the CUDA-graph pool and the KV cache. Transient: ONE of the
+    step's phases at a time (the encode, the forward, the VAE decode run one after another), so the plan reserves
+    `vae_budget` = the largest of the forward's peak and one 1024x1024 image's decode / encode; the worker sizes its
+    VAE calls to that budget (`vae_images_per_call`)."""
 
     gpu: str
     total_bytes: int
@@ -243,6 +409,10 @@ class MemoryPlan:
     kv_block_bytes: int
     block_size: int
     min_kv_blocks: int
+    moe_impl: str = "grouped"
+    vae: dict[str, int] = field(default_factory=dict)
+    encoder_cache_bytes: int = 0
+    graph_pool_bytes: int = 0
     kv_blocks: int = 0
     problems: list[str] = field(default_factory=list)
 
@@ -259,33 +429,53 @@ class MemoryPlan:
         return self.kv_blocks * self.kv_block_bytes
 
     @property
+    def transient_bytes(self) -> int:
+        return max(self.activation_peak, self.vae.get("budget", 0))
+
+    @property
     def fits(self) -> bool:
         return not self.problems
+
+    def terms(self) -> dict[str, int]:
+        """Every planned term by name, in bytes (what a measurement is compared with)."""
+        out = {f"weights.{k}": v for k, v in self.weights.items()}
+        out.update({f"workspace.{k}": v for k, v in self.workspace.items()})
+        out.update({f"activations.{k}": v for k, v in self.activations.items()})
+        out.update({f"vae.{k}": v for k, v in self.vae.items()})
+        out.update(encoder_cache=self.encoder_cache_bytes, graph_pool=self.graph_pool_bytes, kv_cache=self.kv_bytes,
+                   transient=self.transient_bytes)
+        return out
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d.update(weight_bytes=self.weight_bytes, usable_bytes=self.usable_bytes, kv_bytes=self.kv_bytes,
-                 fits=self.fits)
+                 transient_bytes=self.transient_bytes, fits=self.fits)
         return d
 
     def render(self) -> str:
         g = lambda x: f"{x / GiB:8.2f} GiB"  # noqa: E731
         par = f"tensor parallel {self.tensor_parallel_size}" + (" + expert parallel" if self.expert_parallel else "")
+        a, v = self.activations, self.vae
         lines = [
             f"{self.gpu} ({self.total_bytes / GiB:.1f} GiB), {par}, quantization {self.quantization}, "
             f"gpu_memory_utilization {self.gpu_memory_utilization:.2f}",
             f"per rank (rank 0 of {self.tensor_parallel_size}):",
             f"  weights          {g(self.weight_bytes)}",
         ]
-        lines += [f"    {p:<14} {g(v)}" for p, v in self.weights.items()]
+        lines += [f"    {p:<14} {g(val)}" for p, val in self.weights.items()]
         lines += [
-            f"  activation peak  {g(self.activation_peak)}   largest step {self.largest_step_tokens} tokens: "
+            f"  forward peak     {g(self.activation_peak)}   largest step {self.largest_step_tokens} tokens: "
             f"{self.largest_step_reason}",
-            f"    forward {self.activations['forward'] / GiB:.2f} GiB (moe {self.activations['moe'] / GiB:.2f}, "
-            f"attention {self.activations['attention'] / GiB:.2f}), VAE decode "
-            f"{self.activations['vae_decode'] / GiB:.2f} GiB",
+            f"    moe ({self.moe_impl}) {a['moe'] / GiB:.2f} GiB, attention {a['attention'] / GiB:.2f} GiB, residual "
+            f"{a['residual'] / GiB:.2f} GiB, logits {a['logits'] / GiB:.2f} GiB",
+            f"  VAE budget       {g(v['budget'])}   decode {v['decode_images_per_call']} / encode "
+            f"{v['encode_images_per_call']} images of {IMAGE_SIDE}x{IMAGE_SIDE} per call",
+            f"    decode {v['decode_per_image'] / GiB:.2f} GiB per image + {v['decoder_weight_cache'] / GiB:.2f} GiB "
+            f"fp16 weight cache, encode {v['encode_per_image'] / GiB:.2f} GiB per image (fp16 autocast)",
+            f"  encoder cache    {g(self.encoder_cache_bytes)}",
+            f"  CUDA-graph pool  {g(self.graph_pool_bytes)}",
             f"  workspace        {g(sum(self.workspace.values()))}   "
-            + ", ".join(f"{k} {v / MiB:.0f} MiB" for k, v in self.workspace.items()),
+            + ", ".join(f"{k} {val / MiB:.0f} MiB" for k, val in self.workspace.items()),
             f"  usable           {g(self.usable_bytes)}   ({self.gpu_memory_utilization:.2f} x total)",
             f"  KV cache         {g(self.kv_bytes)}   {self.kv_blocks} blocks x {self.block_size} tokens "
             f"({self.kv_block_bytes / MiB:.3f} MiB per block) = {self.kv_blocks * self.block_size} tokens",
@@ -299,6 +489,16 @@ class MemoryPlan:
         return "\n".join(lines)
 
 
+def vae_plan(model_config: HunyuanImage3Config, forward_peak: int) -> dict[str, int]:
+    """The VAE's budget (the forward's transient peak, or one 1024x1024 decode / encode when larger) and how many
+    1024x1024 images one decode / encode call may carry within it."""
+    per = vae_image_bytes(model_config, IMAGE_SIDE, IMAGE_SIDE)
+    cache = vae_decoder_cache_bytes(model_config)
+    budget = max(forward_peak, cache + per, per)
+    return {"budget": budget, "decode_per_image": per, "encode_per_image": per, "decoder_weight_cache": cache,
+            "decode_images_per_call": max(1, (budget - cache) // per), "encode_images_per_call": max(1, budget // per)}
+
+
 def plan_memory(
     model_config: HunyuanImage3Config,
     config: EngineConfig,
@@ -308,18 +508,20 @@ def plan_memory(
     capability: tuple[int, int] = (9, 0),
 ) -> MemoryPlan:
     """The plan of `parallel`'s rank on a card of `total_memory_bytes` (dtype: the config's, bf16 when auto) and
-    compute `capability` (which FP8 MoE path runs: `kernels.moe.resolve_moe_impl`'s rules)."""
+    compute `capability` (which MoE path runs: `planned_moe_impl`)."""
     dtype = getattr(torch, config.resolve_dtype(cuda_available=True))
     elem = torch.finfo(dtype).bits // 8
     quant = config.quantization if config.quantization != "none" else None
     weights = weight_bytes_by_part(model_config, parallel, quant, dtype)
     tokens, why = largest_step_tokens(config, model_config)
-    layout = fp8_layout(quant)
-    fast = (layout == "channel" and capability >= (8, 9)) or \
-        (layout == "block" and config.moe_impl == "flashinfer" and capability[0] == 9)
-    act, detail = activation_peak_bytes(model_config, parallel, tokens, config.max_num_seqs, elem, quant,
-                                        fp8_dequantized=layout is not None and not fast)
+    impl = planned_moe_impl(quant, config.moe_impl, capability)
+    act, detail = activation_peak_bytes(model_config, parallel, tokens, config.max_num_seqs, elem, quant, impl,
+                                        config.max_num_batched_tokens, config.block_size)
+    vae = vae_plan(model_config, act)
     ws = workspace_bytes(parallel)
+    graphs = not config.enforce_eager and not parallel.is_parallel
+    pool = graph_pool_bytes(model_config, parallel, config.max_num_seqs, config.block_size, impl, quant, elem) \
+        if graphs else 0
     per_block = kv_block_bytes(model_config, parallel, config.block_size, elem)
     min_blocks = CFG_ROWS * math.ceil(model_config.max_position_embeddings / config.block_size)
     plan = MemoryPlan(
@@ -327,24 +529,35 @@ def plan_memory(
         expert_parallel=parallel.expert_parallel, quantization=config.quantization,
         gpu_memory_utilization=config.gpu_memory_utilization, weights=weights, activation_peak=act,
         activations=detail, largest_step_tokens=tokens, largest_step_reason=why, workspace=ws,
-        kv_block_bytes=per_block, block_size=config.block_size, min_kv_blocks=min_blocks,
+        kv_block_bytes=per_block, block_size=config.block_size, min_kv_blocks=min_blocks, moe_impl=impl, vae=vae,
+        encoder_cache_bytes=config.encoder_cache_bytes, graph_pool_bytes=pool,
     )
-    left = plan.usable_bytes - plan.weight_bytes - act - sum(ws.values())
+    fixed = plan.weight_bytes + plan.transient_bytes + sum(ws.values()) + plan.encoder_cache_bytes + pool
+    left = plan.usable_bytes - fixed
     plan.kv_blocks = max(0, left // per_block)
     if left < 0:
         plan.problems.append(
-            f"weights {plan.weight_bytes / GiB:.2f} GiB + activations {act / GiB:.2f} GiB + workspace "
-            f"{sum(ws.values()) / GiB:.2f} GiB exceed the usable {plan.usable_bytes / GiB:.2f} GiB "
+            f"weights {plan.weight_bytes / GiB:.2f} GiB + transients {plan.transient_bytes / GiB:.2f} GiB + "
+            f"workspace, encoder cache and graph pool {(fixed - plan.weight_bytes - plan.transient_bytes) / GiB:.2f} "
+            f"GiB exceed the usable {plan.usable_bytes / GiB:.2f} GiB "
             f"({config.gpu_memory_utilization:.2f} x {total_memory_bytes / GiB:.1f} GiB) by {-left / GiB:.2f} GiB; "
             f"the experts alone are {weights['experts'] / GiB:.2f} GiB: raise --tensor-parallel-size"
             + ("" if quant else " or use --quantization fp8"))
     elif plan.kv_blocks < min_blocks:
         plan.problems.append(
             f"the KV cache left ({left / GiB:.2f} GiB = {plan.kv_blocks} blocks) holds less than one request at the "
-            f"maximum length with its CFG row ({min_blocks} blocks of {config.block_size} tokens, "
+            f"maximum length with their CFG row ({min_blocks} blocks of {config.block_size} tokens, "
             f"{min_blocks * per_block / GiB:.2f} GiB); lower --max-num-batched-tokens, raise "
             f"--gpu-memory-utilization or --tensor-parallel-size")
     return plan
+
+
+def plan_for(config: EngineConfig, model_config: HunyuanImage3Config, parallel: ParallelContext | None = None,
+             gpu: str | GpuSpec = "h100") -> MemoryPlan:
+    """The plan of `parallel`'s rank (default: one process) on a card named in GPUS or given as a GpuSpec."""
+    spec = GPUS[gpu] if isinstance(gpu, str) else gpu
+    return plan_memory(model_config, config, parallel or ParallelContext(), spec.total_bytes, spec.name,
+                       spec.capability)
 
 
 def kv_blocks_for(

@@ -107,8 +107,8 @@ def test_real_layouts_match_the_hand_computation(real_cfg):
         replicated = replicated or rest
         assert rest == replicated
         assert plan.kv_block_bytes == kv_block(tp)
-        left = int(GPUS[gpu].total_bytes * 0.9) - plan.weight_bytes - plan.activation_peak
-        left -= sum(plan.workspace.values())
+        left = int(GPUS[gpu].total_bytes * 0.9) - plan.weight_bytes - plan.transient_bytes
+        left -= sum(plan.workspace.values()) + plan.encoder_cache_bytes + plan.graph_pool_bytes
         assert plan.kv_blocks == left // kv_block(tp) and plan.fits, plan.render()
         assert plan.largest_step_tokens == 2 * (64 * 64 + 3)  # a 1024x1024 CFG denoising step > 8192
     # the replicated parts: VAE weights are fp32 (4 bytes each), and the whole model is the spec's ~83 B
@@ -126,7 +126,7 @@ def test_fp8_is_what_makes_one_h200_fit(real_cfg):
     fp8 = _plan(real_cfg, "h200", 1, False, "fp8")
     assert fp8.fits and fp8.weights["experts"] < 0.51 * bf16.weights["experts"]
     # a KV cache too small for one request at the maximum length is named as such
-    tight = _plan(real_cfg, "h200", 1, False, "fp8", gpu_memory_utilization=0.64)
+    tight = _plan(real_cfg, "h200", 1, False, "fp8", gpu_memory_utilization=0.68)
     assert not tight.fits and "less than one request" in tight.problems[0], tight.render()
     # the A100 has no FP8 tensor cores: the dequantised layer is a transient the plan counts
     assert _plan(real_cfg, "a100-80g", 2, False, "fp8").activations["moe"] > \

@@ -86,7 +86,10 @@ def _group_norm_channels_last(norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tens
 
 
 def _group_norm(norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
-    if _is_channels_last(x) and not x.requires_grad:  # (the chunked statistics are inference-only)
+    """The chunked channels-last statistics on CPU (inference only); elsewhere torch's GroupNorm on a contiguous
+    tensor, which CUDA autocast runs in fp32 as officially (the DC-AE resamples leave channels-last storage on any
+    device, and the chunked loop would run fp16 statistics with thousands of small kernels on a GPU)."""
+    if x.device.type == "cpu" and _is_channels_last(x) and not x.requires_grad:
         return _group_norm_channels_last(norm, x)
     return norm(x.contiguous())
 
