@@ -590,7 +590,10 @@ class TorchPagedAttention:
             kc = pages[:, 0].index_select(0, g.pages).view(b, -1, hkv, d)[:, :m]
             vc = pages[:, 1].index_select(0, g.pages).view(b, -1, hkv, d)[:, :m]
             gqa = hq != hkv
-            if gqa and g.mask is not None:
+            # one query token per row under a key mask (the padded decode group): each KV head's query heads become
+            # its query rows [B, n_kv, Hq / n_kv, D] against the [B, 1, 1, m] mask, with no K/V repeat
+            heads_as_rows = gqa and n == 1 and g.mask is not None
+            if gqa and g.mask is not None and not heads_as_rows:
                 kc, vc = expand_kv_heads(kc, vc, hq // hkv)
                 gqa = False
             kc, vc = kc.transpose(1, 2), vc.transpose(1, 2)
@@ -598,12 +601,15 @@ class TorchPagedAttention:
                 qs = q[g.row_span[0] : g.row_span[1]]
             else:
                 qs = q.index_select(0, g.row_index)
-            qs = qs.view(b, n, hq, d).transpose(1, 2)
+            if heads_as_rows:
+                qs, gqa = qs.reshape(b, hkv, hq // hkv, d), False
+            else:
+                qs = qs.view(b, n, hq, d).transpose(1, 2)
             o = F.scaled_dot_product_attention(
                 qs.to(compute), kc.to(compute), vc.to(compute), attn_mask=g.mask, dropout_p=0.0,
                 is_causal=g.kind == "causal", scale=self.scale, enable_gqa=gqa,
             )
-            o = o.transpose(1, 2).reshape(b * n, hq, d).to(q.dtype)
+            o = (o.reshape(b, hq, d) if heads_as_rows else o.transpose(1, 2).reshape(b * n, hq, d)).to(q.dtype)
             if len(self._groups) == 1 and g.row_span == (0, n_tok):
                 return o
             if out is None:

@@ -18,6 +18,7 @@ from diffgentor.kernels.attention import (
     paged_attention_reference,
     plan_sdpa_groups,
 )
+from diffgentor.kernels.sdpa_rules import fused_kernels, record_sdpa_calls
 
 HQ, HKV, D, BS = 8, 2, 16, 4
 
@@ -150,6 +151,12 @@ def test_decode_rows_of_different_lengths_are_one_padded_call_where_invariance_i
     parts = [(0, 8, 9, 9), (1, 29, 30, 30), (5, 0, 12, 12), (2, 16, 17, 17), (3, 4, 5, 5), (4, 22, 23, 23)]
     out, ref, md = seqs.step(parts, [[]] * len(lens), fast)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    with record_sdpa_calls() as rec:
+        fast.run(torch.cat([seqs.q[s][a:b] for s, a, b, _ in parts]), None, None, seqs.cache, 0)
+    assert len(rec.calls) == 2  # the decode group and the prefill chunk
+    for c in rec.calls:  # GQA heads as query rows: no K/V repeat, and a fused CUDA kernel stays eligible
+        assert not c.masked_gqa and {"flash", "efficient"} & set(fused_kernels(c, torch.bfloat16)), c.describe()
+    assert (5, HKV, HQ // HKV, D) in [c.q_shape for c in rec.calls]
     groups = plan_sdpa_groups(md, batch_invariant=False)
     assert sorted(g.seqs for g in groups) == [(0, 1, 3, 4, 5), (2,)]
     dec = next(g for g in groups if g.batch == 5)
