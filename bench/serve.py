@@ -272,6 +272,7 @@ def _spec(args: argparse.Namespace, prompt: str, images: list[bytes], seed: int,
     params = _params(args, seed) | {"prompt": prompt}
     if stream:
         params["stream"] = True
+        params["stream_text_deltas"] = True  # the think-token timings come from the text deltas
     if args.endpoint == "generations":
         return RequestSpec("/v1/images/generations", json=params, headers=headers, stream=stream,
                            prompt_len=len(prompt.split()))

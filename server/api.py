@@ -1,7 +1,8 @@
 """`diffgentor serve`: an OpenAI-compatible image API (FastAPI on uvicorn + uvloop) over the engine-core process.
 
 Endpoints: POST /v1/images/edits (multipart `image` / `image[]`, or JSON with image URLs / data URLs),
-POST /v1/images/generations, GET /v1/models, GET /health, GET /metrics. The API server validates, decodes and
+POST /v1/images/generations, GET /v1/models, GET /v1/models/{model}, GET /images/{token} (the images of
+`response_format=url` answers, server/image_store.py), GET /health, GET /metrics. The API server validates, decodes and
 preprocesses images in a thread pool (`process_request`) and hands the engine core a `ProcessedRequest` over
 ZeroMQ; it streams think/recaption deltas and encodes the output images. Errors are always OpenAI's
 `{"error": {message, type, param, code}}`.
@@ -49,6 +50,7 @@ from diffgentor.server.aio import unless
 from diffgentor.server.engine_client import EngineClient, EngineDeadError
 from diffgentor.server.engine_pool import EnginePool, plan_engine_instances
 from diffgentor.server.http_server import DEFAULT_HEAD_TIMEOUT_S, DrainingServer, head_timeout_protocol
+from diffgentor.server.image_store import ImageStore
 from diffgentor.server.limits import (
     CHARGE_SCOPE_KEY,
     DEFAULT_BODY_DEADLINE_S,
@@ -80,6 +82,7 @@ from diffgentor.server.openai_schemas import (
     sse,
     sse_event,
     steps_for_quality,
+    unknown_parameter,
     usage,
     validation_error,
 )
@@ -128,6 +131,9 @@ class AppState:
     created: int = field(default_factory=now)
     fetcher: UrlFetcher | None = None  # built from `limits` when None and URL fetching is allowed
     playground: bool = True  # the page at / (diffgentor.server.playground); off with --no-playground
+    # browser origins allowed to call the API (CORS); `*`: any, the default as in vLLM; empty: no CORS headers
+    allowed_origins: tuple[str, ...] = ("*",)
+    image_store: ImageStore = field(default_factory=ImageStore)  # response_format=url
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -300,6 +306,11 @@ def build_app(state: AppState) -> FastAPI:
                                                      deadline_s=lim.fetch_deadline_s))
     app.add_middleware(BodyLimit, max_body_bytes=lim.max_request_bytes, budget=ByteBudget(lim.max_inflight_bytes),
                        body_idle_timeout_s=lim.body_idle_timeout_s, body_deadline_s=lim.body_deadline_s)
+    if state.allowed_origins:  # outermost: a browser's preflight (no API key) is answered before the key check
+        from starlette.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=list(state.allowed_origins), allow_methods=["*"],
+                           allow_headers=["*"])
 
     if state.playground:
         from fastapi.responses import HTMLResponse
@@ -321,14 +332,32 @@ def build_app(state: AppState) -> FastAPI:
     async def metrics():
         return Response(state.metrics.render(), media_type=CONTENT_TYPE)
 
+    def card(name: str) -> dict[str, Any]:
+        return {"id": name, "object": "model", "created": state.created, "owned_by": "diffgentor",
+                "root": state.model_root}
+
     @app.get("/v1/models", **openapi.MODELS)
     async def models():
-        return {"object": "list", "data": [
-            {"id": n, "object": "model", "created": state.created, "owned_by": "diffgentor", "root": state.model_root}
-            for n in state.model_names]}
+        return {"object": "list", "data": [card(n) for n in state.model_names]}
+
+    @app.get("/v1/models/{model:path}", **openapi.MODEL)
+    async def model(model: str):
+        if model not in state.model_names:
+            raise OpenAIError(404, f"the model {model!r} does not exist; this server serves "
+                              f"{', '.join(state.model_names)}", "model", "model_not_found")
+        return card(model)
+
+    @app.get("/images/{token}", **openapi.STORED_IMAGE)
+    async def stored_image(token: str):
+        item = state.image_store.get(token)
+        if item is None:
+            raise OpenAIError(404, "no such image: image URLs expire (response_format=url keeps an image for "
+                              f"{state.image_store.ttl_s:g} s)", None, "not_found")
+        return Response(item.data, media_type=item.media_type, headers={"Cache-Control": "private, max-age=60"})
 
     @app.post("/v1/images/generations", **openapi.GENERATIONS)
     async def generations(request: Request):
+        _require_json(request)
         body = await _json_body(request)
         params = _validate(ImageGenerationRequest, body, strict=True)
         return await _run_images(state, request, "image_generation", params, [])
@@ -358,6 +387,7 @@ def build_app(state: AppState) -> FastAPI:
                 raise OpenAIError(400, f"image {i} must be a file upload", "image", "invalid_image")
             images.append(await _read_upload(f, i, state.limits))
         check_supported({k: form.get(k) for k in REFUSED_FIELDS})  # e.g. a `mask` file
+        _check_form_names(form.keys())
         fields = {k: form.get(k) for k in FORM_FIELDS if isinstance(form.get(k), str)}
         if "prompt" not in fields:
             raise OpenAIError(400, "prompt is required", "prompt", "missing_required_parameter")
@@ -414,6 +444,31 @@ def _check_count(n: int, limits: ServerLimits) -> None:
                           "missing_required_parameter")
     if n > limits.max_images:
         raise OpenAIError(400, f"{n} images; at most {limits.max_images} are supported", "image", "too_many_images")
+
+
+def _require_json(request: Request) -> None:
+    """A JSON body must say so: JSON sent as text/plain (or form data to a JSON-only endpoint) is refused."""
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype != "application/json" and not ctype.endswith("+json"):
+        raise OpenAIError(400, f"send the request body as JSON with Content-Type: application/json (got "
+                          f"{ctype or 'no Content-Type'})", None, "invalid_content_type")
+
+
+def _check_form_names(names) -> None:
+    """Every multipart field is a parameter: `svg[model]` (how clients send the nested `svg` object) is `svg`, refused
+    by name; a name neither OpenAI nor this server defines is 400 unknown_parameter; a scalar parameter sent in
+    pieces (`n[0]`) is refused instead of being read as absent."""
+    known = set(FORM_FIELDS) | {"image", "image[]"}
+    for name in names:
+        base = name.split("[", 1)[0]
+        if base in REFUSED_FIELDS:
+            check_supported({base: name})
+        if name in known:
+            continue
+        if base in known:
+            raise OpenAIError(400, f"{base} takes a single value; the multipart field {name!r} is not one", base,
+                              "invalid_value")
+        raise unknown_parameter(name)
 
 
 async def _json_body(request: Request) -> dict[str, Any]:
@@ -526,7 +581,8 @@ async def _admitted(state: AppState, request: Request, kind: str, params, images
     data, prompt_tokens, out_tokens = [], 0, 0
     for o in outcomes:
         b = await loop.run_in_executor(state.pool, _encode_output, o.png, fmt, params.output_compression)
-        data.append({"b64_json": base64.b64encode(b).decode(), "revised_prompt": revised_prompt(o.info.text)})
+        data.append({**_image_ref(state, request, b, fmt, params.response_format),
+                     "revised_prompt": revised_prompt(o.info.text)})
         prompt_tokens += o.info.num_prompt_tokens
         out_tokens += o.info.num_generated_tokens
     return ImagesResponse(
@@ -534,6 +590,17 @@ async def _admitted(state: AppState, request: Request, kind: str, params, images
         quality=None if params.num_inference_steps is not None else {"auto": "high"}.get(params.quality,
                                                                                            params.quality),
         usage=usage(prompt_tokens, image_tokens * len(outcomes), out_tokens)).model_dump(exclude_none=True)
+
+
+def _image_ref(state: AppState, request: Request, data: bytes, fmt: str, response_format: str) -> dict[str, str]:
+    """An image of a response: inline (`b64_json`) or a URL on this server (`url`, server/image_store.py)."""
+    if response_format != "url":
+        return {"b64_json": base64.b64encode(data).decode()}
+    try:
+        token = state.image_store.put(data, fmt)
+    except ValueError as e:
+        raise OpenAIError(500, str(e), "response_format", "image_store_full") from None
+    return {"url": str(request.url_for("stored_image", token=token))}
 
 
 def _steps(state: AppState, params) -> int | None:
@@ -616,7 +683,8 @@ async def _wait_disconnect(request: Request) -> None:
 
 
 async def _stream(state: AppState, kind: str, subs: list[ProcessedRequest], fmt: str, params, image_tokens: int):
-    """SSE: `<kind>.text_delta` events as the think/recaption text is decoded, `<kind>.partial_image` previews,
+    """SSE: (with `stream_text_deltas`) `<kind>.text_delta` events as the think/recaption text is decoded,
+    `<kind>.partial_image` previews,
     `<kind>.completed` per image (b64_json, revised_prompt, usage), then `data: [DONE]`; an error is one `error`
     event, then [DONE]. Each event is its model in openai_schemas (the OpenAPI document's event schemas)."""
     queue: asyncio.Queue = asyncio.Queue()
@@ -652,6 +720,8 @@ async def _stream(state: AppState, kind: str, subs: list[ProcessedRequest], fmt:
             if isinstance(item, EngineEvent):
                 if item.kind == "text":
                     texts[i] += item.text
+                    if not params.stream_text_deltas:  # opt-in: OpenAI's streams have no text events
+                        continue
                     yield sse_event(TextDeltaEvent(type=f"{kind}.text_delta", delta=item.text, index=i,
                                                    created_at=now()))
                 elif item.kind == "partial_image":
@@ -719,7 +789,9 @@ async def serve_async(args: argparse.Namespace, started: asyncio.Event | None = 
                           max_inflight_bytes=args.max_inflight_bytes, head_timeout_s=args.header_timeout_s,
                           body_idle_timeout_s=args.body_timeout_s)
     state = AppState(ctx=ctx, client=client, metrics=metrics, model_names=names, model_root=str(args.model),
-                     api_key=args.api_key, limits=limits, playground=getattr(args, "playground", True))
+                     api_key=args.api_key, limits=limits, playground=getattr(args, "playground", True),
+                     allowed_origins=tuple(args.allowed_origins),
+                     image_store=ImageStore(args.image_url_store_bytes, args.image_url_ttl_s))
     try:
         await client.start()
     except Exception as e:  # noqa: BLE001

@@ -14,7 +14,7 @@ import time
 from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
 from diffgentor.engine.models.hunyuan_image_3.system_prompt import ALL_KINDS
 from diffgentor.engine.vocabulary import BOT_TASKS
@@ -28,6 +28,7 @@ MIN_OUTPUT_SIDE = 16
 # an image reference the server reads: a base64 data URL of an image, or an http(s) URL
 IMAGE_URL_PATTERN = r"^(?:https?://\S+|data:image/[A-Za-z0-9.+-]+;base64,[A-Za-z0-9+/=\s]*)$"
 TEXT_ONLY_BOT_TASKS = ("auto",)  # a free text answer, never an image: refused by the images API
+EXTENSION_MARK = "x-diffgentor-extension"  # marks a request field OpenAI does not define
 IMAGE_BOT_TASKS = tuple(t for t in BOT_TASKS if t not in TEXT_ONLY_BOT_TASKS)
 
 # OpenAI parameters this server refuses whatever their value (400 unsupported_parameter), with the reason
@@ -44,7 +45,6 @@ UNSUPPORTED_PARAMETERS: dict[str, str] = {
 # OpenAI values this server refuses (400 unsupported_value); the other values of these parameters are honoured
 UNSUPPORTED_VALUES: dict[str, dict[str, str]] = {
     "background": {"transparent": "the model generates opaque RGB images (no alpha channel)"},
-    "response_format": {"url": "images are returned as b64_json (this server stores no files)"},
     "output_format": {"gif": "only png, jpeg and webp are produced", "svg": "only png, jpeg and webp are produced"},
     "quality": {q: "quality is low, medium, high or auto (diffusion step counts)" for q in
                 ("standard", "hd", "xhigh", "max")},
@@ -135,9 +135,17 @@ def validation_error(errors: list[dict[str, Any]]) -> OpenAIError:
     kind = str(err.get("type", ""))
     if kind == "missing":
         return OpenAIError(400, f"missing required parameter: {param}", param, "missing_required_parameter")
+    if kind == "extra_forbidden":
+        return unknown_parameter(param or "")
     msg = f"{param}: {err.get('msg')}" if param else str(err.get("msg"))
     typed = kind.endswith("_type") or kind.endswith("_parsing") or kind in ("model_attributes_type", "dict_type")
     return OpenAIError(400, msg, param, "invalid_type" if typed else "invalid_value")
+
+
+def unknown_parameter(name: str) -> OpenAIError:
+    """OpenAI's answer to a parameter it does not define (a misspelt `qualty` is not silently dropped)."""
+    return OpenAIError(400, f"unknown parameter: {name!r} (see GET /openapi.json for the parameters this server "
+                       "takes)", name, "unknown_parameter")
 
 
 def check_supported(fields: Mapping[str, Any]) -> None:
@@ -157,17 +165,34 @@ def check_supported(fields: Mapping[str, Any]) -> None:
                               "file store); send image_url", f"images[{i}].file_id", "unsupported_parameter")
 
 
-class _Common(BaseModel):
-    """Fields shared by generations and edits, with the HunyuanImage / diffgentor extensions."""
+def _extension(description: str | None = None, **schema: Any) -> dict[str, Any]:
+    """Field arguments of a diffgentor extension: marked `x-diffgentor-extension` in the OpenAPI document (OpenAI
+    does not define it; other servers ignore or refuse it)."""
+    return {"description": description, "json_schema_extra": {EXTENSION_MARK: True, **schema}}
 
-    model_config = ConfigDict(extra="ignore")
+
+def _check_size(v: Any) -> Any:
+    """`size` in plain words when it is not `auto` or WIDTHxHEIGHT (the document carries the exact pattern)."""
+    if isinstance(v, str) and not SIZE_RE.match(v):
+        raise ValueError(f"size must be 'auto' or WIDTHxHEIGHT in pixels, such as 1024x1024 or 1536x1024; got {v!r}")
+    return v
+
+
+SizeText = Annotated[str, AfterValidator(_check_size), Field(json_schema_extra={"pattern": SIZE_PATTERN})]
+
+
+class _Common(BaseModel):
+    """Fields shared by generations and edits, with the HunyuanImage / diffgentor extensions. A parameter neither
+    OpenAI nor this server defines is a 400 `unknown_parameter` (extra="forbid"); OpenAI's own parameters that the
+    server cannot honour are refused by name before that (`check_supported`)."""
+
+    model_config = ConfigDict(extra="forbid")
 
     prompt: str = Field(json_schema_extra={"minLength": 1, "pattern": r"\S"})
     model: str | None = Field(None, description="one of GET /v1/models; 404 otherwise")
     n: json_int(1, 10) | None = 1
-    size: Annotated[str, Field(pattern=SIZE_PATTERN)] | None = Field(
-        "auto", description="`auto` or WIDTHxHEIGHT: the aspect ratio of the output, which is the resolution bucket "
-                            "of the checkpoint nearest to it")
+    size: SizeText | None = Field("auto", description="`auto` or WIDTHxHEIGHT: the aspect ratio of the output, which "
+                                  "is the resolution bucket of the checkpoint nearest to it")
     quality: Quality | None = Field("auto", description="diffusion steps relative to the checkpoint's default: "
                                     "high and auto = the default, medium = half, low = a quarter (rounded up); "
                                     "`num_inference_steps` overrides it")
@@ -175,8 +200,9 @@ class _Common(BaseModel):
         "auto", description="images are opaque; `transparent` is refused (400 unsupported_value)")
     moderation: Literal["low", "auto"] | None = Field("auto", description="accepted: this server applies no "
                                                       "content moderation of its own")
-    response_format: Literal["b64_json"] | None = Field(
-        "b64_json", description="images are returned as b64_json; `url` is refused (400 unsupported_value)")
+    response_format: Literal["b64_json", "url"] | None = Field(
+        "b64_json", description="`b64_json`: the image in the response; `url`: a link to it on this server, valid for "
+                                "a limited time (`--image-url-ttl-s`, default 3600 s)")
     output_format: OutputFormat | None = "png"
     output_compression: json_int(0, 100) | None = Field(
         None, description="jpeg / webp quality, 0-100 (default 100, the least compression); png is "
@@ -185,30 +211,38 @@ class _Common(BaseModel):
                                                    "the image")
     partial_images: json_int(0, 3) | None = Field(0, description="with stream: this many progressive previews "
                                            "(decoded predictions at evenly spaced diffusion steps) before the image")
-    user: str = Field(None, description="accepted (an end-user id for abuse monitoring); not stored")  # not null
+    user: str | None = Field(None, description="accepted (an end-user id for abuse monitoring); not stored")
     safety_identifier: str | None = Field(None, description="accepted (an end-user id for abuse monitoring); not "
                                                             "stored")
-    # extensions
-    seed: json_int(0, 2**63 - 1) | None = None  # the engine's seeds are non-negative 64-bit integers
-    num_inference_steps: json_int(1, 200) | None = None
-    guidance_scale: float | None = Field(None, ge=0)
-    bot_task: str | None = Field(None, json_schema_extra={"enum": [*IMAGE_BOT_TASKS, None]})
-    use_system_prompt: Literal[ALL_KINDS] | None = Field(None, description="a system-prompt kind of the checkpoint, or "
-                                                                             "`custom` (with system_prompt)")
-    system_prompt: str | None = None
-    max_new_tokens: json_int(1) | None = Field(None, description="the think / recaption token budget")
-    infer_align_image_size: bool | None = None
+    # diffgentor extensions (EXTENSIONS; each marked in the OpenAPI document)
+    seed: json_int(0, 2**63 - 1) | None = Field(None, **_extension(  # the engine's seeds: non-negative 64-bit
+        "the seed of the first image (image i uses seed + i); random when absent"))
+    num_inference_steps: json_int(1, 200) | None = Field(None, **_extension("diffusion steps; overrides `quality`"))
+    guidance_scale: float | None = Field(None, ge=0, **_extension("CFG scale (CFG-distilled checkpoints ignore it)"))
+    bot_task: str | None = Field(None, **_extension("what the model writes before the image",
+                                                    enum=[*IMAGE_BOT_TASKS, None]))
+    use_system_prompt: Literal[ALL_KINDS] | None = Field(None, **_extension(
+        "a system-prompt kind of the checkpoint, or `custom` (with system_prompt)"))
+    system_prompt: str | None = Field(None, **_extension("the system prompt of use_system_prompt=custom"))
+    max_new_tokens: json_int(1) | None = Field(None, **_extension("the think / recaption token budget"))
+    infer_align_image_size: bool | None = Field(None, **_extension(
+        "edits: output size aligned to the first input image instead of a resolution bucket"))
+    stream_text_deltas: bool | None = Field(False, **_extension(
+        "with stream: also send `<kind>.text_delta` events (the think / recaption text as it is decoded); off by "
+        "default, so a stream carries only OpenAI's event types"))
 
     @model_validator(mode="after")
     def _defaults_for_nulls(self):
         """OpenAI's parameters are nullable; null means the default."""
         for name in ("n", "size", "quality", "background", "moderation", "response_format", "output_format", "stream",
-                     "partial_images"):
+                     "partial_images", "stream_text_deltas"):
             if getattr(self, name) is None:
                 setattr(self, name, type(self).model_fields[name].default)
         return self
 
 
+EXTENSION_FIELDS = tuple(k for k, f in _Common.model_fields.items()
+                         if isinstance(f.json_schema_extra, dict) and f.json_schema_extra.get(EXTENSION_MARK))
 FORM_FIELDS = tuple(_Common.model_fields)  # the fields a multipart edit may carry besides its images
 REFUSED_FIELDS = tuple(UNSUPPORTED_PARAMETERS)  # read from a multipart body too, to be refused by name
 
@@ -223,7 +257,7 @@ ImageURL = Annotated[str, Field(pattern=IMAGE_URL_PATTERN)]
 class ImageRef(BaseModel):
     """An input image by URL (`file_id` references are refused: this server has no file store)."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")
 
     image_url: ImageURL
 
@@ -272,7 +306,8 @@ class Usage(BaseModel):
 
 
 class ImageData(BaseModel):
-    b64_json: str
+    b64_json: str | None = Field(None, description="the image (response_format b64_json)")
+    url: str | None = Field(None, description="where to GET the image for a limited time (response_format url)")
     revised_prompt: str = Field(description="the recaption the image was generated from (or the think text)")
 
 

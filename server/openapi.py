@@ -14,7 +14,7 @@ from typing import Any
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import PlainTextResponse
+from fastapi.responses import PlainTextResponse, Response
 from pydantic import BaseModel
 
 from diffgentor.server.openai_schemas import (
@@ -26,12 +26,15 @@ from diffgentor.server.openai_schemas import (
     ImageEditJSONRequest,
     ImageGenerationRequest,
     ImagesResponse,
+    ModelCard,
     ModelList,
     size_pattern,
 )
 
 DESCRIPTION = ("OpenAI-compatible Images API for HunyuanImage-3.0. Every non-2xx answer is OpenAI's error object "
-               "`{\"error\": {message, type, param, code}}`.")
+               "`{\"error\": {message, type, param, code}}`. A parameter OpenAI does not define is refused (400 "
+               "`unknown_parameter`) unless it is one of this server's extensions, each marked "
+               "`x-diffgentor-extension: true` in the request schemas.")
 _REF = "#/components/schemas/{model}"
 _IMAGE_TYPES = "image/png, image/jpeg, image/webp, image/bmp, image/gif"
 
@@ -86,6 +89,14 @@ HEALTH: dict[str, Any] = {"responses": {
 METRICS: dict[str, Any] = {"response_class": PlainTextResponse,
                            "responses": {200: {"description": "Prometheus text exposition"}}}
 MODELS: dict[str, Any] = {"responses": {200: {"model": ModelList, "description": "the served model names"}}}
+MODEL: dict[str, Any] = {"responses": {200: {"model": ModelCard, "description": "the model"},
+                                       404: _err("not a model this server serves")}}
+STORED_IMAGE: dict[str, Any] = {
+    "response_class": Response, "summary": "an image of a response_format=url answer",
+    "description": "the URL is the credential (no API key); it expires after the server's --image-url-ttl-s",
+    "responses": {200: {"description": "the image", "content": {t: {"schema": {"type": "string", "format": "binary"}}
+                                                               for t in ("image/png", "image/jpeg", "image/webp")}},
+                  404: _err("unknown or expired image")}}
 
 
 GENERATIONS: dict[str, Any] = {"responses": _IMAGES_OK | _IMAGE_ERRORS, "openapi_extra": {"requestBody": {
@@ -164,6 +175,8 @@ def document(app: FastAPI, limits, api_key: bool = False) -> dict[str, Any]:
             comps["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
         err = {"application/json": {"schema": _ref("ErrorResponse")}}
         for path, ops in doc["paths"].items():
+            for op in ops.values():  # path parameters are plain strings: FastAPI's 422 never happens
+                op["responses"].pop("422", None)
             if not path.startswith("/v1/"):
                 continue
             for op in ops.values():  # the guard in front of /v1/

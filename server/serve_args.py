@@ -57,6 +57,14 @@ def add_serve_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="close a connection whose request head is not complete this long after its first byte")
     g.add_argument("--body-timeout-s", type=_positive_float, default=30.0,
                    help="answer 408 when a request body stalls this long between chunks")
+    p.add_argument("--allowed-origins", nargs="*", default=["*"], metavar="ORIGIN",
+                   help="browser origins (scheme://host[:port]) that may call the API from their pages (CORS); "
+                   "default `*`, any origin; with no value, no CORS headers (browsers then allow only this server's "
+                   "own pages)")
+    p.add_argument("--image-url-ttl-s", type=_positive_float, default=3600.0,
+                   help="how long an image of a response_format=url answer stays at its URL")
+    p.add_argument("--image-url-store-bytes", type=_positive_int, default=256 * MiB,
+                   help="memory for the images of response_format=url answers; the oldest are dropped beyond it")
     p.add_argument("--drain-timeout-s", type=float, default=120.0,
                    help="on SIGTERM/SIGINT stop accepting and let in-flight requests finish for up to this long")
     p.add_argument("--data-parallel-size", type=_positive_int, default=None, metavar="N",

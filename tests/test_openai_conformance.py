@@ -39,6 +39,9 @@ from helpers import random_png, start_server
 API_KEY = "sk-conformance"
 MODEL = "tiny-Distil"
 FAST = dict(num_inference_steps=1, max_new_tokens=4, seed=3, bot_task="image")
+# fields whose null we take as "absent" although OpenAI's published schema types them without null: the SDK sends
+# `"user": null` for `user=None` (docs/decisions.md, "null is absent")
+NULL_AS_ABSENT = {"user"}
 OPENAI_SCHEMA = json.loads((Path(__file__).parent / "fixtures" / "openai_images_schema.json").read_text())
 # a prompt and seed whose think text (random tiny weights) has multi-byte characters split across tokens: the old
 # decode-everything deltas stopped at the first one
@@ -160,6 +163,8 @@ def test_request_fields_validate_against_openai(ours, theirs):
     v_ours, v_theirs = _our_validator(doc, ours), _openai_validator(theirs)
     for field in shared:
         for value in _CANDIDATES:
+            if value is None and field in NULL_AS_ABSENT:
+                continue
             if _field_ok(v_ours, field, value):
                 assert _field_ok(v_theirs, field, value), (ours, field, value)
     # sizes: any WIDTHxHEIGHT we take is a `size` of OpenAI's multipart edit and generation schemas
@@ -185,6 +190,145 @@ def test_405_has_allow_header_and_429_retry_after():
     assert r.status_code == 404 and set(r.json()["error"]) == {"message", "type", "param", "code"}
     resp = _error_response(OpenAIError(429, "busy", None, "rate_limit_exceeded"))
     assert resp.status_code == 429 and int(resp.headers["retry-after"]) >= 0
+
+
+def _app(**kw):
+    from diffgentor.server.api import AppState, build_app
+
+    return build_app(AppState(ctx=None, client=None, metrics=None, model_names=[MODEL], model_root=MODEL, **kw))
+
+
+def test_openapi_document_is_a_valid_openapi_document():
+    """/openapi.json passes openapi-spec-validator (a `type: string` field with `default: null` did not)."""
+    from openapi_spec_validator import validate
+
+    from diffgentor.server.api import ServerLimits
+    from diffgentor.server.openapi import document
+
+    for api_key in (False, True):
+        validate(document(_app(api_key="k" if api_key else None), ServerLimits(), api_key=api_key))
+
+
+def test_null_is_absent_where_openai_takes_it():
+    """`images.generate(..., user=None)` sends `"user": null`: the default, not a 400."""
+    for model in (ImageGenerationRequest, ImageEditJSONRequest):
+        p = model.model_validate({"prompt": "x", "user": None, "safety_identifier": None, "size": None,
+                                  "response_format": None, "stream_text_deltas": None}, strict=True)
+        assert (p.user, p.size, p.response_format, p.stream_text_deltas) == (None, "auto", "b64_json", False)
+
+
+@pytest.mark.parametrize("body,param", [({"qualty": "high"}, "qualty"), ({"sed": 1}, "sed"),
+                                        ({"images": [{"image_url": "https://a.example/x.png", "detail": "x"}]},
+                                         "images[0].detail")])
+def test_unknown_parameters_are_400_unknown_parameter(body, param):
+    with pytest.raises(Exception) as ei:
+        ImageEditJSONRequest.model_validate({"prompt": "x", **body}, strict=True)
+    err = validation_error(ei.value.errors())
+    assert (err.status, err.param, err.code) == (400, param, "unknown_parameter"), err.body()
+    assert param in err.message
+
+
+def test_extensions_are_marked_in_the_document():
+    """Every request field OpenAI does not define is marked `x-diffgentor-extension` (and only those)."""
+    from diffgentor.server.api import ServerLimits
+    from diffgentor.server.openai_schemas import EXTENSION_FIELDS, EXTENSION_MARK
+    from diffgentor.server.openapi import document
+
+    doc = document(_app(), ServerLimits())
+    from openai.types.image_generate_params import ImageGenerateParamsBase
+
+    # OpenAI's parameters: the published schema's, and the SDK's (newer: safety_identifier)
+    theirs = set(OPENAI_SCHEMA["$defs"]["CreateImageRequest"]["properties"]) | set(
+        ImageGenerateParamsBase.__annotations__)
+    props = doc["components"]["schemas"]["ImageGenerationRequest"]["properties"]
+    marked = {k for k, v in props.items() if v.get(EXTENSION_MARK)}
+    assert marked == set(EXTENSION_FIELDS) == set(props) - theirs, (marked, set(props) - theirs)
+    assert "stream_text_deltas" in marked
+
+
+def test_size_errors_are_plain_words():
+    with pytest.raises(Exception) as ei:
+        ImageGenerationRequest.model_validate({"prompt": "x", "size": "big"}, strict=True)
+    err = validation_error(ei.value.errors())
+    assert (err.param, err.code) == ("size", "invalid_value")
+    assert "WIDTHxHEIGHT" in err.message and not any(c in err.message for c in "^\\[]{}"), err.message
+
+
+def test_multipart_forms_of_official_parameters():
+    """The SDK sends `svg` as `svg[model]` / `svg[reasoning][effort]`: refused by name, never ignored; an unknown
+    field is unknown_parameter; a scalar parameter in pieces is refused."""
+    from fastapi.testclient import TestClient
+
+    c = TestClient(_app())
+    img = {"image": ("a.png", _png(), "image/png")}
+    cases = [({"svg[model]": "m"}, "svg", "unsupported_parameter"),
+             ({"svg[reasoning][effort]": "low"}, "svg", "unsupported_parameter"),
+             ({"qualty": "high"}, "qualty", "unknown_parameter"),
+             ({"n[0]": "1"}, "n", "invalid_value")]
+    for extra, param, code in cases:
+        r = c.post("/v1/images/edits", data={"prompt": "x", **extra}, files=img)
+        err = r.json()["error"]
+        assert (r.status_code, err["param"], err["code"]) == (400, param, code), (extra, err)
+        assert param in err["message"]
+
+
+def test_json_must_say_it_is_json():
+    from fastapi.testclient import TestClient
+
+    r = TestClient(_app()).post("/v1/images/generations", content=json.dumps({"prompt": "x"}),
+                                headers={"Content-Type": "text/plain"})
+    err = r.json()["error"]
+    assert (r.status_code, err["code"]) == (400, "invalid_content_type") and "application/json" in err["message"]
+
+
+def test_cors_preflight_and_origins():
+    """Browsers on another origin can call the API (default `*`, as vLLM): the preflight carries no API key and
+    is answered before the key check; `--allowed-origins` with no value sends no CORS headers."""
+    from fastapi.testclient import TestClient
+
+    pre = {"Origin": "https://app.example", "Access-Control-Request-Method": "POST",
+           "Access-Control-Request-Headers": "authorization,content-type"}
+    c = TestClient(_app(api_key="k"))
+    r = c.options("/v1/images/generations", headers=pre)
+    assert r.status_code == 200 and r.headers["access-control-allow-origin"] in ("*", "https://app.example")
+    assert "authorization" in r.headers["access-control-allow-headers"].lower()
+    r = c.get("/v1/models", headers={"Origin": "https://app.example", "Authorization": "Bearer k"})
+    assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "*"
+    only = TestClient(_app(api_key="k", allowed_origins=("https://ok.example",)))
+    assert only.options("/v1/models", headers=pre | {"Origin": "https://ok.example"}).status_code == 200
+    assert "access-control-allow-origin" not in only.options("/v1/models", headers=pre).headers
+    none = TestClient(_app(api_key="k", allowed_origins=()))
+    r = none.options("/v1/images/generations", headers=pre)
+    assert r.status_code == 401 and "access-control-allow-origin" not in r.headers
+
+
+def test_models_retrieve():
+    from fastapi.testclient import TestClient
+
+    c = TestClient(_app())
+    r = c.get(f"/v1/models/{MODEL}")
+    assert r.status_code == 200 and (r.json()["id"], r.json()["object"]) == (MODEL, "model")
+    r = c.get("/v1/models/dall-e-3")
+    assert (r.status_code, r.json()["error"]["code"]) == (404, "model_not_found")
+
+
+def test_image_url_store_is_bounded_and_expires():
+    from diffgentor.server.image_store import ImageStore
+
+    t = [0.0]
+    store = ImageStore(max_bytes=100, ttl_s=10.0, clock=lambda: t[0])
+    a = store.put(b"a" * 40, "png")
+    b = store.put(b"b" * 40, "jpeg")
+    assert store.get(a).data == b"a" * 40 and store.get(b).media_type == "image/jpeg"
+    c = store.put(b"c" * 40, "webp")  # 120 > 100: the oldest goes
+    assert store.get(a) is None and store.get(b) is not None and store.nbytes == 80 and len(store) == 2
+    t[0] = 9.0
+    d = store.put(b"d" * 10, "png")
+    t[0] = 10.5  # b and c expired, d (stored at 9) has not
+    assert store.get(b) is None and store.get(c) is None and store.get(d).data == b"d" * 10
+    assert store.nbytes == 10 and len(a) >= 32  # tokens are unguessable
+    with pytest.raises(ValueError):
+        store.put(b"x" * 101, "png")
 
 
 # ------------------------------------------------------------------------------------------------ offline + CLI
@@ -326,7 +470,6 @@ def test_output_compression_is_jpeg_and_webp_quality():
     ("style", "style", "unsupported_parameter"),
     ("input_fidelity", "input_fidelity", "unsupported_parameter"),
     ("quality_hd", "quality", "unsupported_value"),
-    ("url", "response_format", "unsupported_value"),
     ("file_id", "images[0].file_id", "unsupported_parameter"),
 ])
 def test_official_parameters_refused_by_name(server, client, call, param, code):
@@ -348,10 +491,8 @@ def test_official_parameters_refused_by_name(server, client, call, param, code):
                 client.images.generate(prompt="x", style="vivid", extra_body=FAST)
             elif call == "input_fidelity":
                 client.images.edit(image=img, prompt="x", input_fidelity="high", extra_body=FAST)
-            elif call == "quality_hd":
-                client.images.generate(prompt="x", quality="hd", extra_body=FAST)
             else:
-                client.images.generate(prompt="x", response_format="url", extra_body=FAST)
+                client.images.generate(prompt="x", quality="hd", extra_body=FAST)
         status, err = ei.value.status_code, ei.value.body
     assert (status, err["param"], err["code"], err["type"]) == (400, param, code, "invalid_request_error"), err
     assert param.split("[")[0] in err["message"]
@@ -384,7 +525,8 @@ def test_stream_events_match_the_schemas(server):
     component schema), the image events validate against OpenAI's, and `[DONE]` ends it."""
     doc = httpx.get(server + "/openapi.json").json()
     events = _events(server, "/v1/images/edits", data={**{k: str(v) for k, v in MULTIBYTE.items()},
-                                                       "stream": "true", "output_format": "jpeg"},
+                                                       "stream": "true", "output_format": "jpeg",
+                                                       "stream_text_deltas": "true"},
                      files={"image": ("a.png", _png())})
     assert events[-1] == (None, "[DONE]")
     by_type = {"text_delta": "TextDeltaEvent", "completed": "CompletedEvent", "partial_image": "PartialImageEvent"}
@@ -402,7 +544,7 @@ def test_stream_events_match_the_schemas(server):
 def test_streamed_text_deltas_add_up(server, engine):
     """SSE: the concatenated deltas are the model's text (the offline engine's, same request and seed), even with
     multi-byte characters split across tokens (needs EngineCore to use engine/detokenizer.py)."""
-    events = _events(server, "/v1/images/generations", json=dict(MULTIBYTE, stream=True))
+    events = _events(server, "/v1/images/generations", json=dict(MULTIBYTE, stream=True, stream_text_deltas=True))
     deltas = [json.loads(d)["delta"] for e, d in events if e == "image_generation.text_delta"]
     text = _offline_text(engine)
     assert any(ord(c) > 127 and c != "\ufffd" for c in text), text
@@ -423,3 +565,39 @@ def test_partial_images_stream(server):
         assert _img(p["b64_json"]).size == _img(json.loads(events[2][1])["b64_json"]).size
     plain = _events(server, "/v1/images/generations", json=body)
     assert json.loads(plain[-2][1])["b64_json"] == json.loads(events[2][1])["b64_json"]
+
+
+def test_sdk_typed_streams_carry_only_openai_events(client):
+    """The official SDK's typed streams: every event of a default stream is one of OpenAI's event classes with its
+    image (the think text is only sent with `stream_text_deltas`, which the SDK would misparse as a preview)."""
+    from openai.types import (
+        ImageEditCompletedEvent,
+        ImageEditPartialImageEvent,
+        ImageGenCompletedEvent,
+        ImageGenPartialImageEvent,
+    )
+
+    body = dict(MULTIBYTE, num_inference_steps=2)
+    kw = {k: body.pop(k) for k in ("prompt", "size")}
+    gen = list(client.images.generate(**kw, stream=True, partial_images=1, extra_body=body))
+    edit = list(client.images.edit(image=("in.png", _png(), "image/png"), **kw, stream=True, partial_images=1,
+                                   extra_body=body))
+    for events, partial, completed in ((gen, ImageGenPartialImageEvent, ImageGenCompletedEvent),
+                                       (edit, ImageEditPartialImageEvent, ImageEditCompletedEvent)):
+        assert [type(e) for e in events] == [partial, completed], [e.type for e in events]
+        for e in events:
+            assert isinstance(e, (partial, completed)) and _img(e.b64_json).size == _img(events[-1].b64_json).size
+
+
+def test_url_responses_user_null_and_models_retrieve(server, client):
+    """`response_format=url`: a URL on this server that URL-reading clients GET without the API key; `user=None`
+    as the SDK sends it; `models.retrieve`."""
+    r = client.images.generate(prompt="a tower", size="256x256", response_format="url", user=None, extra_body=FAST)
+    (d,) = r.data
+    assert d.b64_json is None and d.url.startswith(server + "/images/")
+    got = httpx.get(d.url)
+    assert got.status_code == 200 and got.headers["content-type"] == "image/png"
+    assert Image.open(io.BytesIO(got.content)).size == tuple(map(int, r.size.split("x")))
+    _openai_validator("ImagesResponse").validate(r.model_dump(exclude_none=True))
+    assert httpx.get(server + "/images/not-a-token").status_code == 404
+    assert client.models.retrieve(MODEL).id == MODEL

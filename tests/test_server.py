@@ -144,7 +144,8 @@ def test_fetch_url_http(tmp_path):
 
 def test_stream_text_then_image(client):
     stream = client.images.edit(image=("in.png", _png(), "image/png"), prompt="make it snowy", size="256x256",
-                                stream=True, extra_body=dict(FAST, max_new_tokens=12, bot_task="think_recaption"))
+                                stream=True, extra_body=dict(FAST, max_new_tokens=12, bot_task="think_recaption",
+                                                                        stream_text_deltas=True))
     kinds = [ev.type for ev in stream]
     assert kinds[-1] == "image_edit.completed", kinds
     assert "image_edit.text_delta" in kinds and kinds.index("image_edit.text_delta") < kinds.index(
@@ -223,7 +224,8 @@ def _wait_idle(server, timeout: float = 60) -> dict[str, float]:
 def test_disconnect_during_think_frees_blocks(server):
     before = _metrics(server)["diffgentor:request_success_total{abort}"]
     body = {"prompt": "describe every detail, then make it night", "size": "256x256", "stream": "true",
-            "bot_task": "think_recaption", "max_new_tokens": "4000", "num_inference_steps": "1", "seed": "0"}
+            "stream_text_deltas": "true", "bot_task": "think_recaption", "max_new_tokens": "4000",
+            "num_inference_steps": "1", "seed": "0"}
     with httpx.stream("POST", server["base"] + "/v1/images/edits", data=body, files={"image": ("a.png", _png())},
                       headers={"Authorization": f"Bearer {API_KEY}"}, timeout=120) as r:
         assert r.status_code == 200

@@ -210,7 +210,7 @@ def test_tp2_serve_stream(tp_server, reference):
     """A streamed think_recaption request: the same think text (the same generated ids) and image as TP=1."""
     _, ref = reference
     fields, images = REQUESTS["think"]
-    r = _post(tp_server.wait_ready().base, dict(fields, stream=True), images)
+    r = _post(tp_server.wait_ready().base, dict(fields, stream=True, stream_text_deltas=True), images)
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream"), r.text
     events = _sse(r.text)
     assert events[-1] == (None, "[DONE]")

@@ -368,7 +368,7 @@ def test_download_is_cancelled_when_the_client_leaves(hserver, targets):
 
 def test_cheap_checks_come_before_any_fetch(hserver, targets):
     before = targets.hits.get("/ok.png", 0)
-    for bad in ({"size": "huge"}, {"model": "dall-e-9"}, {"n": 50}, {"response_format": "url"}):
+    for bad in ({"size": "huge"}, {"model": "dall-e-9"}, {"n": 50}, {"qualty": "high"}):
         r = _edit_urls(hserver, [f"http://localhost:{targets.port}/ok.png"], **bad)
         assert 400 <= r.status_code < 500, r.text
     assert targets.hits.get("/ok.png", 0) == before
