@@ -249,11 +249,12 @@ def attention_bytes(model_config: HunyuanImage3Config, parallel: ParallelContext
     * rope: the fused QKV output, RoPE's fp32 q and k and the q-norm's two fp32 temporaries;
     * o_proj: QKV, q and k, the attention output (as [rows, heads * head_dim]) and the projection's output;
     * sdpa: QKV, q and k cast back, the page-granular K/V gathers, and the kernel that runs on CUDA: without a mask
-      flash (GQA in the kernel: output only); with a mask the memory-efficient kernel (the mask's additive copy in
-      the query dtype padded to 16 keys, a fp32 log-sum-exp, the output), never the math kernel. The boolean mask
-      [B, n, m] of a masked group lives through the whole forward (`mask`).
+      flash (GQA in the kernel: output only); with a mask the K/V heads repeated to the query heads
+      (`kernels.attention.expand_kv_heads`) and the memory-efficient kernel (the mask's additive copy in the query
+      dtype padded to 16 keys, a fp32 log-sum-exp, the output), never the math kernel. The boolean mask [B, n, m]
+      of a masked group lives through the whole forward (`mask`).
     tests/test_memory_plan_measured.py measures every stage on the meta device: a change of the torch attention
-    path's temporaries (e.g. K/V heads repeated for masked groups: 2 x B x m x Hq x D more) shows there."""
+    path's temporaries shows there."""
     c = model_config
     d, b = c.head_dim, dtype_bytes
     hq = len(parallel.q_head_range(c.num_attention_heads))
@@ -265,7 +266,7 @@ def attention_bytes(model_config: HunyuanImage3Config, parallel: ParallelContext
     qk = rows * (hq + hkv) * d * b
     kernel = rows * hq * d * b  # the output
     if masked:
-        kernel += sequences * n * math.ceil(keys / 16) * 16 * b
+        kernel += 2 * sequences * keys * hq * d * b + sequences * n * math.ceil(keys / 16) * 16 * b
         kernel += sequences * hq * math.ceil(n / 32) * 32 * 4
     return {
         "mask": mask,
