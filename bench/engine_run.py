@@ -124,12 +124,14 @@ class LayerTimer:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from diffgentor.engine.config import EngineConfig
     from diffgentor.engine.core import EngineCore
+    from diffgentor.engine.executor import UniProcExecutor
     from diffgentor.engine.models.hunyuan_image_3.config import GenerationDefaults
     from diffgentor.engine.models.hunyuan_image_3.system_prompt import SystemPrompts
     from diffgentor.engine.models.hunyuan_image_3.tokenizer import HunyuanTokenizer
     from diffgentor.engine.offline import Engine
     from diffgentor.engine.request import GenerationRequest
     from diffgentor.engine.testing.tiny_model import write_tiny_metadata
+    from diffgentor.engine.worker import Worker
 
     cuda = args.device.startswith("cuda")
     dtype = torch.bfloat16 if cuda else torch.float32
@@ -154,8 +156,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                               moe_impl=args.moe_impl, quantization=args.quantization or "none",
                               enforce_eager=True)  # LayerTimer's per-layer hooks cannot time CUDA-graph replays
         tok = HunyuanTokenizer.from_pretrained(ckpt, require_distil_tokens=model.config.cfg_distilled)
-        core = EngineCore(model, tok, GenerationDefaults.from_pretrained(ckpt), SystemPrompts.from_pretrained(ckpt),
-                          config, args.kv_blocks)
+        core = EngineCore(model.config, tok, GenerationDefaults.from_pretrained(ckpt),
+                          SystemPrompts.from_pretrained(ckpt), config,
+                          UniProcExecutor(Worker(model, config, args.kv_blocks)))
         engine = Engine(core)
         timer = LayerTimer(model.model.layers) if cuda else None
 

@@ -20,15 +20,12 @@ from PIL import Image
 from diffgentor.engine.block_manager import KVCacheManager
 from diffgentor.engine.config import EngineConfig
 from diffgentor.engine.detokenizer import IncrementalDetokenizer
-from diffgentor.engine.memory_plan import kv_blocks_for
-from diffgentor.engine.model_runner import ModelRunner
+from diffgentor.engine.executor import Executor, ExecutorError, UniProcExecutor
 from diffgentor.engine.models.hunyuan_image_3.config import GenerationDefaults, HunyuanImage3Config
 from diffgentor.engine.models.hunyuan_image_3.image_processing import ImageProcessor
-from diffgentor.engine.models.hunyuan_image_3.model import HunyuanImage3ForCausalMM
 from diffgentor.engine.models.hunyuan_image_3.prompt import PromptBuilder
 from diffgentor.engine.models.hunyuan_image_3.system_prompt import SystemPrompts
 from diffgentor.engine.models.hunyuan_image_3.tokenizer import HunyuanTokenizer
-from diffgentor.engine.parallel import ParallelContext
 from diffgentor.engine.plan import RunnerOutput, SchedulerOutput
 from diffgentor.engine.request import (
     CoreSnapshot,
@@ -47,6 +44,7 @@ from diffgentor.engine.request_state import (
     state_from_processed,
 )
 from diffgentor.engine.scheduler import RequestOutput, Scheduler, SchedulerConfig
+from diffgentor.engine.worker import Worker
 
 
 @dataclass
@@ -67,37 +65,37 @@ class StepStats:
 
 
 class EngineCore:
-    """One engine replica. Its drivers (the offline `Engine`, the engine-core process loop, a tensor-parallel rank)
-    use only the public methods, which `TPExecutor` implements too, so either can sit behind them."""
+    """The engine core: the one scheduler, input and output processing, and an `Executor` that runs each step's
+    plan on the worker(s) (in-process, or one process per tensor-parallel rank)."""
 
-    failed: str | None = None  # a fatal error (only a tensor-parallel executor ever has one)
+    failed: str | None = None  # a fatal error (a tensor-parallel rank was lost); every later request is refused
 
     def __init__(
         self,
-        model: HunyuanImage3ForCausalMM,
+        model_config: HunyuanImage3Config,
         tokenizer: HunyuanTokenizer,
         defaults: GenerationDefaults,
         system_prompts: SystemPrompts | None,
         config: EngineConfig,
-        num_blocks: int,
+        executor: Executor,
     ) -> None:
         self.config = config
-        self.model = model
-        mc = model.config
+        mc = model_config
         builder = PromptBuilder.from_config(tokenizer, mc, template=defaults.sequence_template)
         req_defaults = config.request_defaults()
         if config.default_num_inference_steps:
             req_defaults["num_inference_steps"] = config.default_num_inference_steps
         self.ctx = ProcessorContext(mc, defaults, tokenizer, builder, ImageProcessor(mc), system_prompts, req_defaults)
-        kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        kv = KVCacheManager(executor.num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, config.block_size,
                             config.max_num_encoder_pixels, config.encoder_cache_bytes),
             kv, transition=lambda st: enter_image_phase(self.ctx, st),
         )
-        self.runner = ModelRunner(model, num_blocks, config.block_size, config.enforce_eager, config.max_num_seqs)
+        self.executor = executor
         self.results: dict[str, RequestResult] = {}
         self.stats = StepStats()
+        self._final_latents: dict[str, torch.Tensor] = {}  # request id -> latents of its finished diffusion
 
     @property
     def kv(self) -> KVCacheManager:
@@ -109,40 +107,26 @@ class EngineCore:
         return self.scheduler.requests
 
     @classmethod
-    def from_config(cls, config: EngineConfig, parallel: ParallelContext | None = None) -> EngineCore:
-        """Load the checkpoint and build the core; `parallel` makes this a tensor-parallel rank's replica (the model
-        loads only the rank's shards; its collectives keep the replicas in lockstep, see `engine.tp.executor`)."""
+    def from_config(cls, config: EngineConfig, **executor_args) -> EngineCore:
+        """Read the checkpoint's tokenizer and metadata here, and load the model in the worker: in this process, or
+        with a resolved tensor-parallel size > 1 in one process per rank (``executor_args`` go to
+        `MultiprocExecutor`, e.g. expert_parallel, ready_timeout_s, step_timeout_s)."""
         if config.model is None:
             raise ValueError("EngineConfig.model (the checkpoint folder) is required")
         path = Path(config.model)
-        dtype = getattr(torch, config.resolve_dtype())
-        planned = None
-        if config.on_cuda() and config.num_kv_blocks is None and config.kv_cache_memory_bytes is None:
-            # the memory planner sizes the KV cache, and refuses (MemoryPlanError, the whole plan) BEFORE any weight
-            # is loaded when the layout cannot fit this GPU
-            planned = kv_blocks_for(config, HunyuanImage3Config.from_pretrained(path), parallel)
-        model = HunyuanImage3ForCausalMM.from_pretrained(
-            path, dtype=dtype, device=config.resolve_device(), attn_backend=config.attn_impl, moe_impl=config.moe_impl,
-            parallel=parallel, quantization=config.quantization,
-        )
-        tok = HunyuanTokenizer.from_pretrained(path, require_distil_tokens=model.config.cfg_distilled)
-        c = model.config
-        kv_heads = len(parallel.kv_head_range(c.num_key_value_heads)) if parallel else c.num_key_value_heads
-        bytes_per_block = 2 * c.num_hidden_layers * config.block_size * kv_heads * c.head_dim * \
-            torch.finfo(dtype).bits // 8
-        if planned is not None:
-            num_blocks = planned
-        else:
-            free = torch.cuda.mem_get_info()[0] if config.on_cuda() else None
-            num_blocks = config.resolve_num_blocks(bytes_per_block, free)
-        if parallel is not None and parallel.is_parallel:  # replicas must schedule alike: the smallest cache wins
-            import torch.distributed as dist
+        mc = HunyuanImage3Config.from_pretrained(path)
+        tok = HunyuanTokenizer.from_pretrained(path, require_distil_tokens=mc.cfg_distilled)
+        defaults, prompts = GenerationDefaults.from_pretrained(path), SystemPrompts.from_pretrained(path)
+        tp = config.resolve_tensor_parallel_size()
+        if tp > 1:
+            from diffgentor.engine.tp.executor import MultiprocExecutor
 
-            n = torch.tensor([num_blocks], dtype=torch.int64, device=model.device if config.on_cuda() else "cpu")
-            dist.all_reduce(n, op=dist.ReduceOp.MIN, group=parallel.group)
-            num_blocks = int(n.item())
-        return cls(model, tok, GenerationDefaults.from_pretrained(path), SystemPrompts.from_pretrained(path),
-                   config, num_blocks)
+            executor: Executor = MultiprocExecutor(config, world_size=tp, **executor_args)
+        elif executor_args:
+            raise TypeError(f"tensor-parallel options {sorted(executor_args)} need tensor_parallel_size > 1")
+        else:
+            executor = UniProcExecutor(Worker.load(config))
+        return cls(mc, tok, defaults, prompts, config, executor)
 
     # ------------------------------------------------------------------ requests
     @property
@@ -151,6 +135,7 @@ class EngineCore:
 
     def add_request(self, req: GenerationRequest) -> list[EngineEvent]:
         """Validate, preprocess and queue; a bad request is answered at once with its error (no block taken)."""
+        self._check()
         try:
             p = process_request(self.ctx, req)
         except RequestError as e:
@@ -160,6 +145,7 @@ class EngineCore:
     def add_processed(self, p: ProcessedRequest) -> list[EngineEvent]:
         """Queue a request whose images the caller already decoded (the API server does, in its own process).
         A refusal is one error event carrying its HTTP status: 400 bad input or duplicate id, 429 queue full."""
+        self._check()
         rid = p.request.request_id
         if rid in self.requests:
             return self._reject(rid, 400, f"duplicate request id {rid!r}")
@@ -191,11 +177,37 @@ class EngineCore:
         return self.scheduler.needs_release()
 
     def close(self) -> None:
-        """Nothing to stop in-process (a tensor-parallel executor stops its ranks)."""
+        """Stop the worker processes, if any."""
+        self.executor.close()
 
     def poll_failures(self) -> list[EngineEvent]:
-        """Between steps: nothing can fail in-process (a tensor-parallel executor checks its ranks here)."""
+        """Between steps, while idle: a worker lost meanwhile fails the core (and its in-flight requests) now."""
+        if self.failed is not None:
+            return []
+        try:
+            self.executor.check_health()
+        except ExecutorError as e:
+            return self._fail(str(e))
         return []
+
+    def _check(self) -> None:
+        if self.failed is not None:
+            raise ExecutorError(self.failed)
+
+    def _execute(self, plan: SchedulerOutput) -> RunnerOutput:
+        out = self.executor.execute_model(plan)
+        self._final_latents.update(out.final_latents)
+        return out
+
+    def _fail(self, msg: str) -> list[EngineEvent]:
+        """A worker was lost: every unfinished request ends with `msg`; the core refuses everything after."""
+        self.failed = msg
+        events = []
+        for st in self.scheduler.finish_requests(list(self.requests), FinishReason.ERROR):
+            events += self._finished(RequestOutput(st, finish_reason=FinishReason.ERROR, error=msg, status=500))
+        self.scheduler.take_finished_ids()
+        self.executor.close()
+        return events
 
     def snapshot(self) -> CoreSnapshot:
         kv, sched = self.kv, self.scheduler
@@ -211,14 +223,18 @@ class EngineCore:
     # ------------------------------------------------------------------ the loop body
     def step(self) -> list[EngineEvent]:
         """schedule -> execute -> update_from_output, then the outputs become events and results."""
+        self._check()
         t0 = time.perf_counter()
         plan = self.scheduler.schedule()
-        if not plan.has_model_work:
-            if plan.finished_request_ids or plan.encoder_evictions:
-                self.runner.execute(plan)  # only frees worker-side state
-            return self._process(self.scheduler.unschedulable())
-        t1 = time.perf_counter()
-        out = self.runner.execute(plan)
+        try:
+            if not plan.has_model_work:
+                if plan.finished_request_ids or plan.encoder_evictions:
+                    self._execute(plan)  # only frees worker-side state
+                return self._process(self.scheduler.unschedulable())
+            t1 = time.perf_counter()
+            out = self._execute(plan)
+        except ExecutorError as e:
+            return self._fail(str(e))
         t2 = time.perf_counter()
         events = self._process(self.scheduler.update_from_output(plan, out))
         t3 = time.perf_counter()
@@ -299,12 +315,13 @@ class EngineCore:
         st, reason = o.state, o.finish_reason
         rid = st.request_id
         res = self._result(st, reason, o.error)
+        latents = self._final_latents.pop(rid, None)
         if reason in (FinishReason.ERROR, FinishReason.ABORT):
             self.results[rid] = res
             return [self._error_event(rid, o.error or reason.value, reason, o.status)]
         events = []
         if reason is FinishReason.IMAGE:
-            res.latents = self.runner.final_latents(rid).detach().cpu()
+            res.latents = latents
             if o.image is not None:
                 res.image = self._output_image(st, o.image)
                 events.append(EngineEvent(request_id=rid, kind="image", image_png=self._png(res.image)))
@@ -343,6 +360,9 @@ class EngineCore:
         events: list[EngineEvent] = []
         while self.has_unfinished():
             events += self.step()
-        if self.scheduler.needs_release():
-            self.runner.execute(SchedulerOutput(finished_request_ids=self.scheduler.take_finished_ids()))
+        if self.scheduler.needs_release() and self.failed is None:
+            try:
+                self._execute(SchedulerOutput(finished_request_ids=self.scheduler.take_finished_ids()))
+            except ExecutorError as e:
+                events += self._fail(str(e))
         return events

@@ -10,11 +10,10 @@ Every message is one msgspec msgpack frame of a tagged union, so one decoder rea
 
 The loop: drain the input socket (blocking with a short timeout only when idle), step the core while it has
 work, push the step's outputs. Per request, the API server sees its text/image events then exactly one
-`FinishedInfo` (success, error with an HTTP status, or abort). The loop drives the core only through its public
-interface (add_processed, abort, step, has_unfinished, needs_release, run_until_done, poll_failures, snapshot,
-results, failed, close), which `TPExecutor` implements too: with a resolved tensor-parallel size > 1 the core is a
-`TPExecutor` whose ranks are this process's children. A rank failure fails the in-flight requests (HTTP 500), then
-the process reports `CoreFailed` and exits 1. The process exits when its parent dies (a watchdog thread, so also
+`FinishedInfo` (success, error with an HTTP status, or abort). This process owns the engine's one scheduler; with a
+resolved tensor-parallel size > 1 the core's executor runs the model in one child process per rank, which receive
+plans only. A rank failure fails the in-flight requests (HTTP 500), then the process reports `CoreFailed` and exits
+1. The process exits when its parent dies (a watchdog thread, so also
 while loading or inside a long step), and its ranks exit with it.
 """
 
@@ -25,15 +24,17 @@ import os
 import signal
 import time
 import traceback
+from typing import TYPE_CHECKING
 
 import msgspec
 
 from diffgentor.engine.config import EngineConfig
-from diffgentor.engine.core_client import EngineCoreClient
 from diffgentor.engine.process import exit_with_parent
 from diffgentor.engine.request import EngineEvent, FinishReason, GenerationRequest, RequestResult
 from diffgentor.engine.request_state import ProcessedRequest
-from diffgentor.engine.tp.executor import TPExecutor
+
+if TYPE_CHECKING:
+    from diffgentor.engine.core import EngineCore
 
 logger = logging.getLogger(__name__)
 
@@ -126,7 +127,7 @@ class EngineCoreProc:
     IDLE_POLL_MS = 50
     PARENT_CHECK_S = 1.0
 
-    def __init__(self, core: EngineCoreClient, input_addr: str, output_addr: str,
+    def __init__(self, core: EngineCore, input_addr: str, output_addr: str,
                  parent_pid: int | None = None) -> None:
         import zmq
 
@@ -263,17 +264,6 @@ class EngineCoreFatal(RuntimeError):
     """The core cannot go on (a tensor-parallel rank died, failed or hung); the process exits non-zero."""
 
 
-def build_core(config: EngineConfig) -> EngineCoreClient:
-    """An in-process `EngineCore`, or a `TPExecutor` (one child process per rank) when the resolved
-    tensor-parallel size is > 1."""
-    tp = config.resolve_tensor_parallel_size()
-    if tp > 1:
-        return TPExecutor(config, world_size=tp)
-    from diffgentor.engine.core import EngineCore
-
-    return EngineCore.from_config(config)
-
-
 def run_engine_core(config: EngineConfig, input_addr: str, output_addr: str, parent_pid: int | None = None) -> None:
     """Process entry point: load the model, announce readiness, run the loop. Fatal errors are reported on
     the output socket (best effort) and end the process with exit status 1 (stopping any tensor-parallel ranks)."""
@@ -284,8 +274,8 @@ def run_engine_core(config: EngineConfig, input_addr: str, output_addr: str, par
     core = None
 
     def kill_ranks() -> None:
-        if isinstance(core, TPExecutor):
-            core.kill()
+        if core is not None:
+            core.executor.kill()
 
     if parent_pid is not None:
         exit_with_parent(parent_pid, on_exit=kill_ranks)
@@ -293,12 +283,14 @@ def run_engine_core(config: EngineConfig, input_addr: str, output_addr: str, par
         # must not kill it while the server drains; the server sends `Shutdown` once drained (docs/decisions.md).
         signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
-        core = build_core(config)
+        from diffgentor.engine.core import EngineCore
+
+        core = EngineCore.from_config(config)
         proc = EngineCoreProc(core, input_addr, output_addr, parent_pid)
         proc.send(CoreReady(num_blocks=core.num_blocks, block_size=config.block_size,
                             max_num_seqs=config.max_num_seqs, pid=os.getpid()))
         logger.info("engine core ready: %d KV blocks of %d tokens%s", core.num_blocks, config.block_size,
-                    f", {core.world_size} tensor-parallel ranks" if isinstance(core, TPExecutor) else "")
+                    f", {tp} tensor-parallel ranks" if (tp := config.resolve_tensor_parallel_size()) > 1 else "")
         proc.run()
     except BaseException as e:  # noqa: BLE001 - report, then die with a non-zero status
         msg = str(e) if isinstance(e, EngineCoreFatal) else f"{type(e).__name__}: {e}"
@@ -325,6 +317,6 @@ def run_engine_core(config: EngineConfig, input_addr: str, output_addr: str, par
 
 __all__ = [
     "AbortRequests", "AddRequest", "CoreFailed", "CoreOutputs", "CoreReady", "EngineCoreFatal", "EngineCoreProc",
-    "FinishedInfo", "GenerationRequest", "ProcessedRequest", "SchedulerStats", "Shutdown", "build_core",
+    "FinishedInfo", "GenerationRequest", "ProcessedRequest", "SchedulerStats", "Shutdown",
     "run_engine_core",
 ]

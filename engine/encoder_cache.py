@@ -15,11 +15,11 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any
 
 from diffgentor.engine.models.hunyuan_image_3.image_processing import VaeCondImage, VitCondImage
 
-EncoderKey = tuple[Any, ...]
+EncoderKey = tuple[str, int, tuple[int, ...], bool, tuple[int, ...]]
+"""(content digest, bucket, VAE pixel shape, aligned, ViT pixel shape): see `encoder_key`."""
 
 
 @dataclass

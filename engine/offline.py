@@ -1,7 +1,7 @@
 """The offline API: `Engine.generate(requests)` and `Engine.stream(requests)` over one engine core.
 
-With ``tensor_parallel_size > 1`` the core is a `TPExecutor` (engine/tp/): one process per rank, each
-with its own core replica over its model shard, stepping in lockstep; call `close()` (or use `with`) to stop them.
+With ``tensor_parallel_size > 1`` the core's executor runs one worker process per rank (engine/tp/), each over
+its model shard, executing the core's plans; call `close()` (or use `with`) to stop them.
 
 Requests may be `GenerationRequest`s or plain dicts of the same fields; images may be bytes, file paths
 or PIL images (PIL images are encoded losslessly as PNG so the engine only ever sees encoded files, as
@@ -20,7 +20,6 @@ import msgspec
 
 from diffgentor.engine.config import EngineConfig
 from diffgentor.engine.core import EngineCore, StepStats
-from diffgentor.engine.core_client import EngineCoreClient
 from diffgentor.engine.request import EngineEvent, GenerationRequest, RequestResult
 
 
@@ -37,26 +36,19 @@ def _image_bytes(src: Any) -> bytes:
 
 
 class Engine:
-    def __init__(self, core: EngineCoreClient) -> None:
+    def __init__(self, core: EngineCore) -> None:
         self.core = core
         self._ids = itertools.count()
 
     @classmethod
     def from_config(cls, config: EngineConfig, **executor_args: Any) -> Engine:
-        """One in-process core, or when the resolved tensor-parallel size is > 1 (``tensor_parallel_size`` > 1, or 0 =
-        every visible GPU) a tensor-parallel executor (one process per rank; ``executor_args`` go to `TPExecutor`,
+        """One engine core; when the resolved tensor-parallel size is > 1 (``tensor_parallel_size`` > 1, or 0 =
+        every visible GPU) its executor runs one process per rank (``executor_args`` go to `MultiprocExecutor`,
         e.g. expert_parallel, ready_timeout_s, step_timeout_s)."""
-        tp = config.resolve_tensor_parallel_size()
-        if tp > 1:
-            from diffgentor.engine.tp.executor import TPExecutor
-
-            return cls(TPExecutor(config, world_size=tp, **executor_args))
-        if executor_args:
-            raise TypeError(f"tensor-parallel options {sorted(executor_args)} need tensor_parallel_size > 1")
-        return cls(EngineCore.from_config(config))
+        return cls(EngineCore.from_config(config, **executor_args))
 
     def close(self) -> None:
-        """Stop the tensor-parallel ranks (a no-op for an in-process core)."""
+        """Stop the tensor-parallel ranks (a no-op for a single-process engine)."""
         self.core.close()
 
     def __enter__(self) -> Engine:
@@ -73,10 +65,7 @@ class Engine:
 
     @property
     def stats(self) -> StepStats:
-        """The in-process core's cumulative step counters (read-only use: benchmarks snapshot them between steps);
-        a tensor-parallel executor's counters live in its rank processes."""
-        if not isinstance(self.core, EngineCore):
-            raise TypeError("step counters are kept only by an in-process EngineCore (tensor_parallel_size 1)")
+        """The core's cumulative step counters (read-only use: benchmarks snapshot them between steps)."""
         return self.core.stats
 
     def make_request(self, req: GenerationRequest | dict[str, Any]) -> GenerationRequest:

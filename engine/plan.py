@@ -3,8 +3,9 @@
 The scheduler decides *what* runs (which condition images are encoded, which token ranges of which sequences,
 which requests sample a token, take a diffusion step or get decoded); the worker owns the model, the KV pages,
 the encoder cache's tensors and each request's device-side state (condition embeddings, generators, latents) and
-does it in one step. These plain dataclasses never leave the process: every tensor-parallel rank runs its own
-scheduler and worker in lockstep.
+does it in one step. With tensor parallelism the one scheduler's plan is broadcast to every rank's worker and rank
+0's output comes back, as msgpack frames (engine/tp/messages.py): every field's type must stay msgspec-decodable
+(tensors and arrays travel as extension types).
 """
 
 from __future__ import annotations
@@ -116,4 +117,5 @@ class RunnerOutput:
     encoded: dict[EncoderKey, int] = field(default_factory=dict)  # encoder-cache key -> bytes held by the worker
     encode_failed: dict[EncoderKey, str] = field(default_factory=dict)  # key -> error message
     failed: dict[str, str] = field(default_factory=dict)  # request id -> error message
+    final_latents: dict[str, Any] = field(default_factory=dict)  # request id -> CPU latents of a finished diffusion
     timings: dict[str, float] = field(default_factory=dict)

@@ -182,7 +182,7 @@ def test_graphs_only_on_cuda_and_never_with_enforce_eager(tiny):
     with pytest.raises(ValueError, match="enforce_eager"):
         EngineConfig(enforce_eager="yes")
     for flag in (False, True):  # CPU: never a graph runner, whatever the flag
-        runner = _engine(tiny, enforce_eager=flag).core.runner
+        runner = _engine(tiny, enforce_eager=flag).core.executor.worker.runner
         assert runner.decode_graphs is None
         assert runner.kv_cache.num_blocks == 128 + 1 and runner.scratch_block == 128  # one page past the manager's
 
@@ -206,7 +206,7 @@ def test_static_decode_forward_compiles_fullgraph(tiny_one_layer):
     """Dynamo traces the whole decode forward (embedding -> every layer, MoE included) without a graph break: no
     host syncs, no data-dependent shapes. bfloat16, the GPU dtype: torch's fake (meta) `_grouped_mm` accepts only
     bf16 although its CPU kernel also runs fp32, so an fp32 trace fails inside torch, not in our code."""
-    runner = _engine(tiny_one_layer, dtype="bfloat16", num_kv_blocks=16).core.runner
+    runner = _engine(tiny_one_layer, dtype="bfloat16", num_kv_blocks=16).core.executor.worker.runner
     static = DecodeGraphRunner(runner.model, runner.kv_cache, runner.scratch_block, 4, max_context_tokens=64,
                                use_graphs=False)
     width = static.widths[-1]
@@ -226,7 +226,7 @@ def test_static_decode_path_equals_eager_on_a_mixed_run(tiny):
     the static decode path on the same inputs; hidden states and the K/V it wrote must agree, and the engine goes
     on with the STATIC results (so later steps read the static path's K/V). Mixed steps must stay eager."""
     eng = _engine(tiny)
-    core, runner = eng.core, eng.core.runner
+    core, runner = eng.core, eng.core.executor.worker.runner
     static = DecodeGraphRunner(runner.model, runner.kv_cache, runner.scratch_block, 4, max_context_tokens=2048,
                                use_graphs=False)
     eager_run = runner._run
@@ -272,7 +272,7 @@ def test_gpu_decode_graph_replay_equals_eager(tiny):
     """On CUDA (bf16): every pure-decode step replays its bucket's graph; the replay equals the uncaptured static
     forward on the same inputs (same kernels) and the eager forward within bf16 rounding."""
     eng = _engine(tiny, device="cuda", dtype="bfloat16")
-    core, runner = eng.core, eng.core.runner
+    core, runner = eng.core, eng.core.executor.worker.runner
     graphs = runner.decode_graphs
     assert graphs is not None and graphs.use_graphs
     uncaptured = DecodeGraphRunner(runner.model, runner.kv_cache, runner.scratch_block, 4, use_graphs=False)

@@ -138,14 +138,14 @@ def test_no_leaks_with_finished_aborted_failed_and_preempted(tiny_distil, monkey
     for r in reqs:
         assert core.add_request(r) == []
     # a request that fails inside the worker must fail alone
-    real = core.runner._run
+    real = core.executor.worker.runner._run
 
     def flaky(chunks, step_of):
         if any(c.request_id == "r1" for _, c in chunks):
             raise RuntimeError("injected failure")
         return real(chunks, step_of)
 
-    monkeypatch.setattr(core.runner, "_run", flaky)
+    monkeypatch.setattr(core.executor.worker.runner, "_run", flaky)
     events = []
     for _ in range(3):
         events += core.step()
@@ -161,7 +161,7 @@ def test_no_leaks_with_finished_aborted_failed_and_preempted(tiny_distil, monkey
     assert core.scheduler.num_preemptions > 0
     assert core.kv.num_free_blocks == core.kv.num_blocks
     assert all(c == 0 for c in core.kv.pool.ref_cnt)
-    assert core.requests == {} and core.runner.requests == {}
+    assert core.requests == {} and core.executor.worker.runner.requests == {}
 
 
 def test_prefix_cache_computes_shared_system_prompt_once(tiny_distil):

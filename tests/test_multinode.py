@@ -16,7 +16,7 @@ import pytest
 from diffgentor.engine.offline import Engine
 from diffgentor.engine.request import FinishReason
 from diffgentor.engine.testing.tiny_model import make_tiny
-from diffgentor.engine.tp.executor import TPExecutor
+from diffgentor.engine.tp.executor import MultiprocExecutor
 
 from helpers import free_port_block
 
@@ -77,7 +77,7 @@ def test_two_torchrun_nodes_match_single_process(ckpt, tmp_path):
     try:
         with Engine.from_pretrained(ckpt, environ={}, tensor_parallel_size=2, rank_endpoint=f"127.0.0.1:{endpoint}",
                                     executor_args=dict(ready_timeout_s=600), **ARGS) as eng:
-            assert isinstance(eng.core, TPExecutor) and eng.core.endpoint is not None
+            assert isinstance(eng.core.executor, MultiprocExecutor) and eng.core.executor.endpoint is not None
             got = eng.generate(_requests())
         codes = _reap(nodes)
     finally:
@@ -99,7 +99,7 @@ def test_killed_remote_rank_fails_in_flight_request(ckpt, tmp_path):
         eng = Engine.from_pretrained(ckpt, environ={}, tensor_parallel_size=2, rank_endpoint=f"127.0.0.1:{endpoint}",
                                      executor_args=dict(ready_timeout_s=600), **ARGS)
         core = eng.core
-        rank_pids = list(core.rank_pids)
+        rank_pids = list(core.executor.rank_pids)
         eng.core.add_request(eng.make_request(dict(request_id="long", prompt="a long one", bot_task="image",
                                                    num_inference_steps=200, seed=3, **LAT)))
         core.step()  # prefill done: the request is in flight on both nodes

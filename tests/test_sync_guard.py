@@ -169,7 +169,7 @@ def test_guard_catches_the_calls_it_is_meant_to():
 def test_mixed_step_has_no_host_syncs_in_the_backbone(tiny, monkeypatch):
     eng = Engine.from_pretrained(tiny, environ={}, num_kv_blocks=256, device="cpu", dtype="float32",
                                  max_num_seqs=8, max_num_batched_tokens=4096)
-    backbone = next(m for m in eng.core.runner.model.modules() if isinstance(m, HunyuanImage3Backbone))
+    backbone = next(m for m in eng.core.executor.worker.runner.model.modules() if isinstance(m, HunyuanImage3Backbone))
     guard = SyncGuard()
     guard.install(backbone)
 

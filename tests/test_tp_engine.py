@@ -1,11 +1,12 @@
-"""The tensor-parallel engine (engine/tp/) on CPU / gloo: TP=2 and EP=2 replicas stepping in lockstep give
-the single-process engine's generated ids and latents; a rank killed mid-run fails the in-flight requests quickly and
-leaves no child process behind."""
+"""The tensor-parallel engine (engine/tp/) on CPU / gloo: TP=2 and EP=2 worker ranks executing the one scheduler's
+plans give the single-process engine's generated ids and latents; a rank killed mid-run fails the in-flight requests
+quickly and leaves no child process behind."""
 
 from __future__ import annotations
 
 import io
 import os
+import shutil
 import signal
 import time
 
@@ -14,11 +15,12 @@ import pytest
 import torch
 from PIL import Image
 
+from diffgentor.engine.executor import ExecutorError
 from diffgentor.engine.offline import Engine
 from diffgentor.engine.process import vm_hwm_kb
 from diffgentor.engine.request import FinishReason
 from diffgentor.engine.testing.tiny_model import make_tiny
-from diffgentor.engine.tp.executor import TPExecutor, TPExecutorError
+from diffgentor.engine.tp.executor import MultiprocExecutor
 
 ENGINE_ARGS = dict(num_kv_blocks=512, device="cpu", dtype="float32", max_num_seqs=8, max_num_batched_tokens=4096)
 
@@ -61,10 +63,11 @@ def single(ckpt):
 def test_tp_engine_matches_single_process(ckpt, single, ep):
     with Engine.from_pretrained(ckpt, environ={}, tensor_parallel_size=2, executor_args=dict(expert_parallel=ep),
                                 **ENGINE_ARGS) as eng:
-        assert isinstance(eng.core, TPExecutor) and eng.core.expert_parallel is ep
-        pids = list(eng.core.rank_pids)
+        ex = eng.core.executor
+        assert isinstance(ex, MultiprocExecutor) and ex.expert_parallel is ep
+        pids = list(ex.rank_pids)
         got = eng.generate(_requests())
-        hwm = list(eng.core.rank_vm_hwm_kb)
+        hwm = list(ex.rank_vm_hwm_kb)
     assert not _alive_children(pids)
     print(f"\n{'ep' if ep else 'tp'}=2 peak RSS per rank (VmHWM) {[h // 1024 for h in hwm]} MiB; "
           f"this (single-process) test process {vm_hwm_kb() // 1024} MiB")
@@ -82,7 +85,7 @@ def test_killed_rank_fails_in_flight_requests(ckpt):
     eng = Engine.from_pretrained(ckpt, environ={}, tensor_parallel_size=2, executor_args=dict(poll_s=0.1),
                                  **ENGINE_ARGS)
     ex = eng.core
-    pids = list(ex.rank_pids)
+    pids = list(ex.executor.rank_pids)
     try:
         reqs = [eng.make_request(r) for r in _requests(steps=50)]
         events = []
@@ -102,7 +105,7 @@ def test_killed_rank_fails_in_flight_requests(ckpt):
         assert set(errors) == {r.request_id for r in reqs}, events
         assert all("rank 1" in msg and "exit" in msg for msg in errors.values()), errors
         assert all(ex.results[r.request_id].finish_reason == FinishReason.ERROR for r in reqs)
-        with pytest.raises(TPExecutorError, match="rank 1"):
+        with pytest.raises(ExecutorError, match="rank 1"):
             eng.generate(_requests()[:1])
         deadline = time.monotonic() + 5
         while _alive_children(pids) and time.monotonic() < deadline:
@@ -113,11 +116,15 @@ def test_killed_rank_fails_in_flight_requests(ckpt):
         eng.close()
 
 
-def test_rank_startup_failure_is_reported(tmp_path):
-    """A rank that cannot load (no checkpoint) is reported with its error and no rank is left running."""
-    with pytest.raises(TPExecutorError, match="rank .* failed"):
-        Engine.from_pretrained(tmp_path / "missing", environ={}, tensor_parallel_size=2,
-                               executor_args=dict(ready_timeout_s=60), **ENGINE_ARGS)
+def test_rank_startup_failure_is_reported(ckpt, tmp_path):
+    """A rank that cannot load (the checkpoint's metadata is readable, its weights are gone) is reported with its
+    error and no rank is left running."""
+    broken = shutil.copytree(ckpt, tmp_path / "no-weights")
+    for f in broken.glob("*.safetensors"):
+        f.unlink()
+    with pytest.raises(ExecutorError, match="rank .* failed"):
+        Engine.from_pretrained(broken, environ={}, tensor_parallel_size=2,
+                               executor_args=dict(ready_timeout_s=300), **ENGINE_ARGS)
 
 
 def test_hung_rank_is_noticed_and_stopped(ckpt):
@@ -125,7 +132,7 @@ def test_hung_rank_is_noticed_and_stopped(ckpt):
     eng = Engine.from_pretrained(ckpt, environ={}, tensor_parallel_size=2,
                                  executor_args=dict(poll_s=0.1, step_timeout_s=3.0), **ENGINE_ARGS)
     ex = eng.core
-    pids = list(ex.rank_pids)
+    pids = list(ex.executor.rank_pids)
     try:
         # no condition image: its VAE encode can take longer than step_timeout_s on a loaded CPU
         reqs = [eng.make_request(r) for r in _requests(steps=50) if not r["images"]]
@@ -145,3 +152,67 @@ def test_hung_rank_is_noticed_and_stopped(ckpt):
         assert not _alive_children(pids)
     finally:
         eng.close()
+
+
+def _type_names(t, seen=None) -> set[str]:
+    """Every struct / dataclass name reachable from a msgspec type."""
+    import msgspec.inspect as mi
+
+    seen = set() if seen is None else seen
+    info = mi.type_info(t) if not isinstance(t, mi.Type) else t
+    if isinstance(info, (mi.StructType, mi.DataclassType)):
+        name = info.cls.__name__
+        if name in seen:
+            return seen
+        seen.add(name)
+        for f in info.fields:
+            _type_names(f.type, seen)
+    for attr in ("types", "item_type", "key_type", "value_type", "item_types"):
+        sub = getattr(info, attr, None)
+        for s in (sub if isinstance(sub, tuple) else [sub] if sub is not None else []):
+            _type_names(s, seen)
+    return seen
+
+
+def test_ranks_receive_plans_not_requests(ckpt):
+    """One scheduler: what a rank can receive is a plan (`SchedulerOutput`), never a request; and a bare
+    MultiprocExecutor (no scheduler, no tokenizer on its side) replaying the plans a single-process engine scheduled
+    gives that engine's sampled tokens and final latents."""
+    from diffgentor.engine.tp.messages import RankInput, decoder, encoder
+
+    names = _type_names(RankInput)
+    assert "SchedulerOutput" in names
+    assert not names & {"GenerationRequest", "ProcessedRequest", "RequestState"}, names
+
+    eng = Engine.from_pretrained(ckpt, environ={}, **ENGINE_ARGS)
+    ex = eng.core.executor
+    recorded: list[tuple[bytes, object]] = []
+    execute = ex.execute_model
+
+    def record(plan):
+        frame = encoder().encode(plan)  # now: later steps grow the token lists the plan shares
+        out = execute(plan)
+        recorded.append((frame, out))
+        return out
+
+    ex.execute_model = record
+    reqs = [r for r in _requests() if r["bot_task"] == "think_recaption"]
+    single = eng.generate(reqs)
+    assert all(r.error is None for r in single) and any(r.generated_ids for r in single)
+    assert any(out.sampled_tokens for _, out in recorded) and any(out.final_latents for _, out in recorded)
+
+    from diffgentor.engine.config import EngineConfig
+    from diffgentor.engine.plan import SchedulerOutput
+
+    config = EngineConfig.from_cli_and_env({"model": str(ckpt), "tensor_parallel_size": 2, **ENGINE_ARGS}, environ={})
+    with MultiprocExecutor(config) as tp:
+        pids = list(tp.rank_pids)
+        assert tp.num_blocks == ENGINE_ARGS["num_kv_blocks"]
+        for frame, want in recorded:
+            got = tp.execute_model(decoder(SchedulerOutput).decode(frame))
+            assert got.sampled_tokens == want.sampled_tokens
+            assert got.diffusion_steps_done == want.diffusion_steps_done and not got.failed
+            assert set(got.final_latents) == set(want.final_latents)
+            for rid, lat in want.final_latents.items():
+                assert (got.final_latents[rid] - lat).abs().max().item() <= 1e-4
+    assert not _alive_children(pids)

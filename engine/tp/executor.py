@@ -1,14 +1,13 @@
-"""The tensor-parallel frontend: `TPExecutor` runs one engine-core replica per rank (`engine.tp.rank`) and drives
-them in lockstep (SGLang-style) behind the `EngineCoreClient` interface.
+"""`MultiprocExecutor`: the engine core's one scheduler drives one worker process per tensor-parallel rank.
 
-Each step the executor broadcasts the queued inputs (`engine.tp.messages.StepCmd`) to every rank and collects
-their replies; rank 0's events and results are the step's outputs, and every rank's event digest must agree.
+Each step the executor broadcasts the plan (`engine.tp.messages.ExecuteModel`, the `SchedulerOutput`) to every rank
+(`engine.tp.rank`), waits until every rank has executed it, and returns rank 0's `RunnerOutput`.
 
-Failure handling: the frontend waits for a step's replies in short polls, checking every rank's process liveness in
+Failure handling: the executor waits for a step's replies in short polls, checking every rank's process liveness in
 between, so a rank that dies is noticed within `poll_s`; a rank that hangs is noticed after `step_timeout_s` (and the
 torch.distributed process group's own timeout, `pg_timeout_s`, ends collectives blocked on a dead peer). On a rank
-failure the executor fails every in-flight request with a clear error (error events + error results), stops every
-rank (terminate, then kill, then join: no zombies), sets `failed` and raises `TPExecutorError` on any later use.
+failure the executor stops every rank (terminate, then kill, then join: no zombies), sets `failed` and raises
+`ExecutorError` (the engine core then fails its in-flight requests), and again on any later use.
 On CPU the ranks use gloo with a file:// rendezvous; on CUDA nccl, rank r on device r of the visible devices.
 External ranks (torchrun, multi-node) connect to `config.rank_endpoint` instead of being spawned.
 """
@@ -23,15 +22,13 @@ import signal
 import tempfile
 import time
 import weakref
-from collections import Counter
 from typing import Any
 
-import msgspec
-
 from diffgentor.engine.config import EngineConfig, omp_num_threads
-from diffgentor.engine.request import CoreSnapshot, EngineEvent, FinishReason, GenerationRequest, RequestResult
-from diffgentor.engine.request_state import ProcessedRequest
+from diffgentor.engine.executor import Executor, ExecutorError
+from diffgentor.engine.plan import RunnerOutput, SchedulerOutput
 from diffgentor.engine.tp.messages import (
+    ExecuteModel,
     RankFailed,
     RankHeartbeat,
     RankHello,
@@ -40,20 +37,16 @@ from diffgentor.engine.tp.messages import (
     RankReply,
     RankSetup,
     ShutdownCmd,
-    StepCmd,
-    result_from_wire,
+    decoder,
+    encoder,
 )
 from diffgentor.engine.tp.rank import rank_main
 
 logger = logging.getLogger(__name__)
 
 
-class TPExecutorError(RuntimeError):
-    """A tensor-parallel rank failed to start, died, hung, or the replicas diverged."""
-
-
-class TPExecutor:
-    """Runs `world_size` engine-core replicas, one per tensor-parallel rank, behind the `EngineCore` interface."""
+class MultiprocExecutor(Executor):
+    """One worker process per tensor-parallel rank, all executing the same plans."""
 
     def __init__(
         self,
@@ -79,19 +72,11 @@ class TPExecutor:
         self.poll_ms = max(1, int(poll_s * 1000))
         if num_threads is None and not config.on_cuda():  # this process's thread share (OMP_NUM_THREADS), split
             num_threads = max(1, (omp_num_threads() or os.cpu_count() or 1) // self.world_size)
-        self.results: dict[str, RequestResult] = {}
         self.failed: str | None = None
         self.num_blocks = 0
-        self._snapshot = CoreSnapshot()
         self.rank_pids: list[int] = []
         self.rank_vm_hwm_kb: list[int] = [0] * self.world_size  # peak RSS per rank, as last reported
         self._seq = 0
-        self._adds: list[GenerationRequest] = []
-        self._processed: list[ProcessedRequest] = []
-        self._aborts: list[str] = []
-        self._in_flight: Counter[str] = Counter()  # a counter: refusing a duplicate id must not forget the first
-        self._unfinished = False
-        self._needs_release = False
         self._closed = False
 
         self.endpoint = config.rank_endpoint  # external ranks (torchrun, multi-node) connect here
@@ -123,9 +108,9 @@ class TPExecutor:
         except zmq.ZMQError as e:
             self._zctx.destroy(linger=0)
             shutil.rmtree(self._dir, ignore_errors=True)
-            raise TPExecutorError(f"cannot bind the tensor-parallel endpoint {out_addr} .. {in_addrs[-1]}: {e}") from e
-        self._enc = msgspec.msgpack.Encoder()
-        self._dec = msgspec.msgpack.Decoder(RankOutput)
+            raise ExecutorError(f"cannot bind the tensor-parallel endpoint {out_addr} .. {in_addrs[-1]}: {e}") from e
+        self._enc = encoder()
+        self._dec = decoder(RankOutput)
         spawn = mp.get_context("spawn")
         init_method = f"file://{self._dir}/rendezvous"
         self._procs = [] if self.endpoint is not None else [
@@ -136,7 +121,7 @@ class TPExecutor:
             )
             for r in range(self.world_size)
         ]
-        self._finalizer = weakref.finalize(self, TPExecutor._cleanup, self._procs, self._dir)
+        self._finalizer = weakref.finalize(self, MultiprocExecutor._cleanup, self._procs, self._dir)
         atexit.register(self._finalizer)
         try:
             for p in self._procs:
@@ -163,9 +148,8 @@ class TPExecutor:
                 ready[msg.rank] = msg
         blocks = {m.num_blocks for m in ready.values()}
         if len(blocks) != 1:
-            raise TPExecutorError(f"tensor-parallel ranks disagree on the KV cache size: {sorted(blocks)}")
+            raise ExecutorError(f"tensor-parallel ranks disagree on the KV cache size: {sorted(blocks)}")
         self.num_blocks = blocks.pop()
-        self._snapshot = ready[0].snapshot
         if self.endpoint is not None:
             self.rank_pids = [ready[r].pid for r in range(self.world_size)]  # pids on their own nodes
         logger.info("tensor-parallel executor ready: %d ranks (%s), %d KV blocks, rank pids %s", self.world_size,
@@ -173,7 +157,7 @@ class TPExecutor:
                     [ready[r].pid for r in range(self.world_size)])
 
     def _recv(self, deadline: float, timeout_msg) -> Any:
-        """The next message from any rank; raises TPExecutorError on a rank failure, death or timeout."""
+        """The next message from any rank; raises ExecutorError on a rank failure, death or timeout."""
         while True:
             if self._out.poll(self.poll_ms):
                 msg = self._dec.decode(self._out.recv())
@@ -185,19 +169,19 @@ class TPExecutor:
                 return msg
             dead = self._dead_ranks()
             if dead:
-                raise TPExecutorError(dead)
+                raise ExecutorError(dead)
             if time.monotonic() > deadline:
-                raise TPExecutorError(f"tensor-parallel executor: {timeout_msg()} (hung?)")
+                raise ExecutorError(f"tensor-parallel executor: {timeout_msg()} (hung?)")
 
     def _raise_rank_failed(self, msg: RankFailed) -> None:
         time.sleep(min(0.5, self.poll_ms / 1000 * 2))  # let a peer's death (the usual cause) show
         dead = self._dead_ranks()
-        raise TPExecutorError(f"tensor-parallel rank {msg.rank} failed: {msg.error}" + (f" ({dead})" if dead else ""))
+        raise ExecutorError(f"tensor-parallel rank {msg.rank} failed: {msg.error}" + (f" ({dead})" if dead else ""))
 
     def _on_hello(self, msg: RankHello) -> None:
         """An external rank connected: check it belongs to this group, then send it the config to load."""
         if msg.world_size != self.world_size or not 0 <= msg.rank < self.world_size:
-            raise TPExecutorError(f"a tensor-parallel rank on {msg.host} (pid {msg.pid}) says rank {msg.rank} of "
+            raise ExecutorError(f"a tensor-parallel rank on {msg.host} (pid {msg.pid}) says rank {msg.rank} of "
                                   f"{msg.world_size}, but this engine has --tensor-parallel-size {self.world_size}")
         logger.info("tensor-parallel rank %d connected from %s (pid %d)", msg.rank, msg.host, msg.pid)
         self._ins[msg.rank].send(self._enc.encode(self._setup))
@@ -224,7 +208,7 @@ class TPExecutor:
                 s.send(self._enc.encode(ShutdownCmd()), flags=1)  # zmq.NOBLOCK
             except Exception:  # noqa: BLE001
                 pass
-        TPExecutor._stop(self._procs, grace_s=5.0 if self.failed is None else 0.0)
+        MultiprocExecutor._stop(self._procs, grace_s=5.0 if self.failed is None else 0.0)
         for s in self._ins:  # external ranks: give the shutdown a moment to leave (they also exit on disconnect)
             s.close(linger=2000 if self.endpoint is not None and self.failed is None else 0)
         self._out.close(linger=0)
@@ -260,10 +244,10 @@ class TPExecutor:
 
     @staticmethod
     def _cleanup(procs, tmpdir: str) -> None:
-        TPExecutor._stop(procs, grace_s=0.0)
+        MultiprocExecutor._stop(procs, grace_s=0.0)
         shutil.rmtree(tmpdir, ignore_errors=True)
 
-    def __enter__(self) -> TPExecutor:
+    def __enter__(self) -> MultiprocExecutor:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -271,48 +255,15 @@ class TPExecutor:
 
     def check(self) -> None:
         if self.failed is not None:
-            raise TPExecutorError(self.failed)
+            raise ExecutorError(self.failed)
         if self._closed:
-            raise TPExecutorError("the tensor-parallel executor is closed")
+            raise ExecutorError("the tensor-parallel executor is closed")
 
-    # -------------------------------------------------------------- the EngineCore interface
-    def add_request(self, req: GenerationRequest) -> list[EngineEvent]:
-        """Queue for the next step (validation errors come back as that step's events)."""
-        self.check()
-        self._adds.append(req)
-        self._in_flight[req.request_id] += 1
-        return []
-
-    def add_processed(self, p: ProcessedRequest) -> list[EngineEvent]:
-        """Queue a preprocessed request (the served path) for the next step; refusals (with their HTTP status)
-        come back as that step's events."""
-        self.check()
-        self._processed.append(p)
-        self._in_flight[p.request.request_id] += 1
-        return []
-
-    def abort(self, request_id: str) -> list[EngineEvent]:
-        self.check()
-        self._aborts.append(request_id)
-        return []
-
-    def has_unfinished(self) -> bool:
-        return self.failed is None and not self._closed and bool(
-            self._adds or self._processed or self._aborts or self._unfinished)
-
-    def needs_release(self) -> bool:
-        return self._needs_release and self.failed is None and not self._closed
-
-    def snapshot(self) -> CoreSnapshot:
-        """Rank 0's counters after the last step; requests queued for the next step count as waiting."""
-        s = self._snapshot
-        return msgspec.structs.replace(s, num_waiting=s.num_waiting + len(self._adds) + len(self._processed))
-
-    def poll_failures(self) -> list[EngineEvent]:
+    # -------------------------------------------------------------- the Executor interface
+    def check_health(self) -> None:
         """Between steps (the served loop calls this while idle): a rank that failed or died since the last step
         fails the executor now, not on the next request."""
-        if self.failed is not None or self._closed:
-            return []
+        self.check()
         try:
             while self._out.poll(0):
                 msg = self._dec.decode(self._out.recv())
@@ -321,82 +272,41 @@ class TPExecutor:
                     self._raise_rank_failed(msg)
             dead = self._dead_ranks()
             if dead:
-                raise TPExecutorError(dead)
-        except TPExecutorError as e:
-            return self._fail(str(e))
-        return []
+                raise ExecutorError(dead)
+        except ExecutorError as e:
+            self._fail(str(e))
+            raise
 
-    def step(self, release: bool = False) -> list[EngineEvent]:
-        """Broadcast the queued inputs and one step to every rank; rank 0's events (all ranks agreeing)."""
+    def execute_model(self, plan: SchedulerOutput) -> RunnerOutput:
+        """Broadcast the plan to every rank; rank 0's output once every rank has executed it."""
         self.check()
         self._seq += 1
-        cmd = StepCmd(seq=self._seq, adds=self._adds, processed=self._processed, aborts=self._aborts, release=release)
-        self._adds, self._processed, self._aborts = [], [], []
+        seq = self._seq
         try:
-            frame = self._enc.encode(cmd)
+            frame = self._enc.encode(ExecuteModel(seq=seq, plan=plan))
             for s in self._ins:
-                s.send(frame)
+                s.send(frame, copy=False)
             replies: dict[int, RankReply] = {}
             deadline = time.monotonic() + self.step_timeout_s
             while len(replies) < self.world_size:
                 msg = self._recv(deadline, lambda: f"rank(s) {sorted(set(range(self.world_size)) - set(replies))} "
-                                                   f"did not finish step {cmd.seq} within {self.step_timeout_s:.0f} s")
-                if isinstance(msg, RankReply) and msg.seq == cmd.seq:
+                                                   f"did not finish step {seq} within {self.step_timeout_s:.0f} s")
+                if isinstance(msg, RankReply) and msg.seq == seq:
                     replies[msg.rank] = msg
-            lead = replies[0]
-            for r, rep in replies.items():
-                self.rank_vm_hwm_kb[r] = rep.vm_hwm_kb
-                if rep.digest != lead.digest or rep.unfinished != lead.unfinished:
-                    raise TPExecutorError(
-                        f"tensor-parallel ranks diverged at step {cmd.seq}: rank 0 {lead.digest}"
-                        + (f" (errors {lead.errors})" if lead.errors else "")
-                        + f" vs rank {r} {rep.digest}" + (f" (errors {rep.errors})" if rep.errors else ""))
-        except TPExecutorError as e:
-            return self._fail(str(e))
-        self._unfinished = lead.unfinished
-        if lead.snapshot is not None:
-            self._snapshot = lead.snapshot
-        for w in lead.results:
-            res = result_from_wire(w)
-            self.results[res.request_id] = res
-        for ev in lead.events:
-            if ev.kind in ("finished", "error"):
-                self._in_flight[ev.request_id] -= 1
-                if self._in_flight[ev.request_id] <= 0:
-                    del self._in_flight[ev.request_id]
-                self._needs_release = True
-                if ev.request_id not in self.results:  # rejected before a state existed (duplicate id, full queue)
-                    self.results[ev.request_id] = RequestResult(
-                        request_id=ev.request_id, finish_reason=FinishReason(ev.finish_reason or "error"),
-                        error=ev.error)
-        return lead.events
+            if replies[0].output is None:
+                raise ExecutorError(f"tensor-parallel rank 0 sent no output for step {seq}")
+        except ExecutorError as e:
+            self._fail(str(e))
+            raise
+        for r, rep in replies.items():
+            self.rank_vm_hwm_kb[r] = rep.vm_hwm_kb
+        return replies[0].output
 
-    def _fail(self, msg: str) -> list[EngineEvent]:
-        """A rank failed: every in-flight request ends with `msg`, every rank is stopped."""
-        logger.error("%s; failing %d in-flight request(s) and stopping all ranks", msg, len(self._in_flight))
+    def _fail(self, msg: str) -> None:
+        """A rank failed: every rank is stopped, and every later use raises `msg`."""
+        logger.error("%s; stopping all ranks", msg)
         self.failed = msg
-        events = []
-        for rid in sorted(self._in_flight):
-            self.results[rid] = RequestResult(request_id=rid, finish_reason=FinishReason.ERROR, error=msg)
-            events.append(EngineEvent(request_id=rid, kind="error", error=msg, finish_reason=FinishReason.ERROR.value))
-        self._in_flight.clear()
-        self._adds, self._processed, self._aborts = [], [], []
-        self._unfinished = self._needs_release = False
         self.close()
-        return events
-
-    def run_until_done(self) -> list[EngineEvent]:
-        events: list[EngineEvent] = []
-        while self.has_unfinished():
-            events += self.step()
-        if self._needs_release and self.failed is None and not self._closed:
-            self._needs_release = False
-            events += self.step(release=True)
-        return events
-
-    @property
-    def in_flight(self) -> set[str]:
-        return set(self._in_flight)
 
 
-__all__ = ["TPExecutor", "TPExecutorError"]
+__all__ = ["MultiprocExecutor"]

@@ -1,29 +1,30 @@
-"""The frontend <-> rank protocol of tensor-parallel execution: one msgspec msgpack frame per message.
+"""The executor <-> rank protocol of tensor-parallel execution: one msgspec msgpack frame per message.
 
-* input (frontend PUSH -> rank PULL, one socket per rank): `StepCmd` (new `GenerationRequest`s and
-  `ProcessedRequest`s, aborts, then one core step), `ShutdownCmd`, or (external ranks only, first) `RankSetup`;
-* output (every rank PUSH -> frontend PULL, one socket): `RankHello` (external ranks, before loading), `RankReady`
-  once the shard is loaded, `RankReply` per step (rank 0 carries the events, finished results and its scheduler
-  snapshot; every rank a digest of its events, so diverging replicas are caught, and its error messages, so the
-  report says what each rank saw), `RankHeartbeat` (external ranks), or `RankFailed` before a rank exits on a
-  fatal error.
+* input (executor PUSH -> rank PULL, one socket per rank): `ExecuteModel` (one step's `SchedulerOutput`, the same
+  plan for every rank), `ShutdownCmd`, or (external ranks only, first) `RankSetup`;
+* output (every rank PUSH -> executor PULL, one socket): `RankHello` (external ranks, before loading), `RankReady`
+  once the shard is loaded, `RankReply` per plan (rank 0 carries the `RunnerOutput`; the others only say they are
+  done), `RankHeartbeat` (external ranks), or `RankFailed` before a rank exits on a fatal error.
+
+Ranks never see a request as the user wrote it (text, encoded images): only plans. Tensors and numpy arrays inside
+plans and outputs travel as msgpack extension types (`encoder` / `decoder`).
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import msgspec
+import numpy as np
+import torch
 
 from diffgentor.engine.config import EngineConfig
-from diffgentor.engine.request import CoreSnapshot, EngineEvent, FinishReason, GenerationRequest, RequestResult
-from diffgentor.engine.request_state import ProcessedRequest
+from diffgentor.engine.plan import RunnerOutput, SchedulerOutput
 
 
-class StepCmd(msgspec.Struct, tag="step", kw_only=True):
+class ExecuteModel(msgspec.Struct, tag="execute", kw_only=True):
     seq: int
-    adds: list[GenerationRequest] = msgspec.field(default_factory=list)
-    processed: list[ProcessedRequest] = msgspec.field(default_factory=list)  # added after `adds`
-    aborts: list[str] = msgspec.field(default_factory=list)
-    release: bool = False  # when idle: free the worker-side state of finished requests (`run_until_done`)
+    plan: SchedulerOutput
 
 
 class ShutdownCmd(msgspec.Struct, tag="shutdown"):
@@ -31,7 +32,7 @@ class ShutdownCmd(msgspec.Struct, tag="shutdown"):
 
 
 class RankSetup(msgspec.Struct, tag="setup", kw_only=True):
-    """What an external rank (started by torchrun) learns from the frontend after its hello: the one config."""
+    """What an external rank (started by torchrun) learns from the executor after its hello: the one config."""
 
     config: EngineConfig
     expert_parallel: bool
@@ -39,37 +40,19 @@ class RankSetup(msgspec.Struct, tag="setup", kw_only=True):
     num_threads: int | None = None
 
 
-RankInput = StepCmd | ShutdownCmd | RankSetup
-
-
-class WireTensor(msgspec.Struct, array_like=True):
-    dtype: str
-    shape: list[int]
-    data: bytes
-
-
-class WireResult(msgspec.Struct, kw_only=True):
-    result: RequestResult  # image / latents stripped
-    latents: WireTensor | None = None
-    image_png: bytes = b""
+RankInput = ExecuteModel | ShutdownCmd | RankSetup
 
 
 class RankReady(msgspec.Struct, tag="ready", kw_only=True):
     rank: int
     pid: int
     num_blocks: int
-    snapshot: CoreSnapshot
 
 
 class RankReply(msgspec.Struct, tag="reply", kw_only=True):
     rank: int
     seq: int
-    unfinished: bool
-    digest: list[str]  # "request_id:kind:finish_reason" per event, compared across ranks
-    errors: dict[str, str] = msgspec.field(default_factory=dict)  # request id -> this rank's error message
-    events: list[EngineEvent] = msgspec.field(default_factory=list)  # rank 0 only
-    results: list[WireResult] = msgspec.field(default_factory=list)  # rank 0 only
-    snapshot: CoreSnapshot | None = None  # rank 0 only
+    output: RunnerOutput | None = None  # rank 0 only
     vm_hwm_kb: int = 0
 
 
@@ -88,7 +71,7 @@ class RankHello(msgspec.Struct, tag="hello", kw_only=True):
 
 
 class RankHeartbeat(msgspec.Struct, tag="heartbeat"):
-    """Sent every `HEARTBEAT_S` by an external rank's own thread: the frontend cannot see remote processes, so
+    """Sent every `HEARTBEAT_S` by an external rank's own thread: the executor cannot see remote processes, so
     silence longer than `heartbeat_timeout_s` (a dead node, a SIGSTOPped rank) is how it notices them."""
 
     rank: int
@@ -97,60 +80,48 @@ class RankHeartbeat(msgspec.Struct, tag="heartbeat"):
 RankOutput = RankReady | RankReply | RankFailed | RankHello | RankHeartbeat
 HEARTBEAT_S = 1.0
 
-
-def to_wire(t) -> WireTensor:
-    import torch
-
-    t = t.detach().cpu().contiguous()
-    return WireTensor(dtype=str(t.dtype).removeprefix("torch."), shape=list(t.shape),
-                      data=t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+_TENSOR, _NDARRAY = 1, 2
 
 
-def from_wire(w: WireTensor):
-    import torch
-
-    dtype = getattr(torch, w.dtype)
-    if not w.data:
-        return torch.empty(w.shape, dtype=dtype)
-    return torch.frombuffer(bytearray(w.data), dtype=torch.uint8).view(dtype).reshape(w.shape)
-
-
-def result_to_wire(res: RequestResult) -> WireResult:
-    import io
-
-    png = b""
-    if res.image is not None:
-        buf = io.BytesIO()
-        res.image.save(buf, format="PNG")
-        png = buf.getvalue()
-    lat = to_wire(res.latents) if res.latents is not None else None
-    stripped = msgspec.structs.replace(res, image=None, latents=None,
-                                       finish_reason=getattr(res.finish_reason, "value", res.finish_reason))
-    return WireResult(result=stripped, latents=lat, image_png=png)
+def _enc_hook(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous()
+        data = t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        return msgspec.msgpack.Ext(_TENSOR, msgspec.msgpack.encode((str(t.dtype).removeprefix("torch."),
+                                                                    list(t.shape), data)))
+    if isinstance(obj, np.ndarray):
+        return msgspec.msgpack.Ext(_NDARRAY, msgspec.msgpack.encode((obj.dtype.str, list(obj.shape),
+                                                                     np.ascontiguousarray(obj).tobytes())))
+    raise NotImplementedError(f"cannot send a {type(obj).__name__} to a tensor-parallel rank")
 
 
-def result_from_wire(w: WireResult) -> RequestResult:
-    import io
+def _ext_hook(code: int, data: memoryview) -> Any:
+    dtype, shape, raw = msgspec.msgpack.decode(data)
+    if code == _TENSOR:
+        dt = getattr(torch, dtype)
+        if not raw:
+            return torch.empty(shape, dtype=dt)
+        return torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(dt).reshape(shape)
+    if code == _NDARRAY:
+        return np.frombuffer(bytearray(raw), dtype=np.dtype(dtype)).reshape(shape)
+    raise ValueError(f"unknown msgpack extension type {code}")
 
-    res = w.result
-    try:
-        res.finish_reason = FinishReason(res.finish_reason)
-    except ValueError:
-        pass
-    if res.image_size is not None:
-        res.image_size = tuple(res.image_size)
-    if w.latents is not None:
-        res.latents = from_wire(w.latents)
-    if w.image_png:
-        from PIL import Image
 
-        res.image = Image.open(io.BytesIO(w.image_png))
-        res.image.load()
-    return res
+def _dec_hook(typ: type, obj: Any) -> Any:
+    if isinstance(obj, typ):  # a tensor field: the extension hook already built it
+        return obj
+    raise TypeError(f"expected {typ.__name__}, got {type(obj).__name__}")
+
+
+def encoder() -> msgspec.msgpack.Encoder:
+    return msgspec.msgpack.Encoder(enc_hook=_enc_hook)
+
+
+def decoder(typ: Any) -> msgspec.msgpack.Decoder:
+    return msgspec.msgpack.Decoder(typ, ext_hook=_ext_hook, dec_hook=_dec_hook)
 
 
 __all__ = [
-    "HEARTBEAT_S", "RankFailed", "RankHeartbeat", "RankHello", "RankInput", "RankOutput", "RankReady", "RankReply",
-    "RankSetup", "ShutdownCmd", "StepCmd", "WireResult", "WireTensor", "from_wire", "result_from_wire",
-    "result_to_wire", "to_wire",
+    "HEARTBEAT_S", "ExecuteModel", "RankFailed", "RankHeartbeat", "RankHello", "RankInput", "RankOutput",
+    "RankReady", "RankReply", "RankSetup", "ShutdownCmd", "decoder", "encoder",
 ]

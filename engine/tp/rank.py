@@ -1,13 +1,13 @@
-"""One tensor-parallel rank: an `EngineCore` replica over its shard of the model, stepping on the frontend's command.
+"""One tensor-parallel rank: a `Worker` over its shard of the model, executing the plans the executor broadcasts.
 
-Every rank runs `EngineCore.from_config(config, parallel=ctx)`. The core is deterministic, so replicas given the
-same request arrivals / aborts in the same order (and, thanks to the model's collectives, identical logits and
-hidden states) schedule, sample and diffuse alike; the frontend (`engine.tp.executor.TPExecutor`) only broadcasts
-each step's inputs and collects the outputs (`engine.tp.messages`).
+The rank loop is "receive a plan, execute it, reply": the one scheduler lives in the engine core
+(`engine.core.EngineCore`), and `engine.tp.executor.MultiprocExecutor` sends every rank the same `SchedulerOutput`
+(`engine.tp.messages`); the model's collectives keep the shards in lockstep, and rank 0's `RunnerOutput` is the
+step's. A rank never sees a request's text or images as the user sent them.
 
-Two ways to start: spawned by the frontend (`rank_main`, ipc:// sockets, file:// rendezvous, exits with its parent)
+Two ways to start: spawned by the executor (`rank_main`, ipc:// sockets, file:// rendezvous, exits with its parent)
 or by torchrun on any node (`run_external_rank`, tcp:// sockets, env:// rendezvous, heartbeats, exits when the
-frontend's connection drops). A rank exits 0 after a `ShutdownCmd` and 1 on any failure.
+executor's connection drops). A rank exits 0 after a `ShutdownCmd` and 1 on any failure.
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ import msgspec
 
 from diffgentor.engine.config import EngineConfig
 from diffgentor.engine.process import exit_with_parent, vm_hwm_kb
-from diffgentor.engine.request import EngineEvent
 from diffgentor.engine.tp.messages import (
     HEARTBEAT_S,
+    ExecuteModel,
     RankFailed,
     RankHeartbeat,
     RankHello,
@@ -34,14 +34,14 @@ from diffgentor.engine.tp.messages import (
     RankReply,
     RankSetup,
     ShutdownCmd,
-    StepCmd,
-    result_to_wire,
+    decoder,
+    encoder,
 )
 
 logger = logging.getLogger(__name__)
 
-# After the frontend's connection drops, how long a rank waits for the main loop to take an already delivered
-# `ShutdownCmd` (a clean shutdown: exit 0) before it exits 1 (the frontend is gone).
+# After the executor's connection drops, how long a rank waits for the main loop to take an already delivered
+# `ShutdownCmd` (a clean shutdown: exit 0) before it exits 1 (the executor is gone).
 DISCONNECT_GRACE_S = 10.0
 
 
@@ -76,17 +76,17 @@ def _rank_sockets(zctx, in_addr: str, out_addr: str):
 def _serve_rank(rank: int, world_size: int, config: EngineConfig, init_method: str, out, inp, expert_parallel: bool,
                 pg_timeout_s: float, num_threads: int | None, device_index: int, parent_pid: int | None,
                 shutdown: threading.Event | None = None) -> None:
-    """The rank's life after its sockets exist: join the group, load its shard, then step on command until a
+    """The rank's life after its sockets exist: join the group, load its shard, then execute plans until a
     shutdown (exit 0) or an error (reported as `RankFailed`, exit 1). Never returns."""
     import zmq
 
-    enc = msgspec.msgpack.Encoder()
-    dec = msgspec.msgpack.Decoder(RankInput)
+    enc = encoder()
+    dec = decoder(RankInput)
     try:
         import torch
 
-        from diffgentor.engine.core import EngineCore
         from diffgentor.engine.parallel import init_distributed
+        from diffgentor.engine.worker import Worker
 
         if num_threads:
             torch.set_num_threads(num_threads)
@@ -95,46 +95,26 @@ def _serve_rank(rank: int, world_size: int, config: EngineConfig, init_method: s
             torch.cuda.set_device(device_index)
         ctx = init_distributed("nccl" if cuda else "gloo", init_method, rank, world_size,
                                expert_parallel=expert_parallel, timeout_s=pg_timeout_s)
-        core = EngineCore.from_config(config, parallel=ctx)
-        out.send(enc.encode(RankReady(rank=rank, pid=os.getpid(), num_blocks=core.num_blocks,
-                                      snapshot=core.snapshot())))
+        worker = Worker.load(config, parallel=ctx)
+        out.send(enc.encode(RankReady(rank=rank, pid=os.getpid(), num_blocks=worker.num_blocks)))
         poller = zmq.Poller()
         poller.register(inp, zmq.POLLIN)
         while True:
             if not poller.poll(1000):
                 if parent_pid is not None and os.getppid() != parent_pid:
-                    logger.warning("the frontend (pid %d) is gone; exiting", parent_pid)
+                    logger.warning("the executor's process (pid %d) is gone; exiting", parent_pid)
                     break
                 continue
-            msg = dec.decode(inp.recv())
+            msg = dec.decode(inp.recv(copy=False).buffer)
             if isinstance(msg, ShutdownCmd):
                 if shutdown is not None:
                     shutdown.set()
                 break
-            if not isinstance(msg, StepCmd):
+            if not isinstance(msg, ExecuteModel):
                 continue
-            events: list[EngineEvent] = []
-            for req in msg.adds:
-                events += core.add_request(req)
-            for p in msg.processed:
-                events += core.add_processed(p)
-            for rid in msg.aborts:
-                events += core.abort(rid)
-            if core.has_unfinished():
-                events += core.step()
-            elif msg.release or core.needs_release():
-                events += core.run_until_done()
-            reply = RankReply(rank=rank, seq=msg.seq, unfinished=core.has_unfinished(),
-                              digest=[f"{e.request_id}:{e.kind}:{e.finish_reason}" for e in events],
-                              errors={e.request_id: e.error or "" for e in events if e.kind == "error"},
-                              vm_hwm_kb=vm_hwm_kb())
-            done = [e.request_id for e in events if e.kind in ("finished", "error")]
-            results = [core.results.pop(rid) for rid in done if rid in core.results]
-            if rank == 0:
-                reply.events = events
-                reply.results = [result_to_wire(r) for r in results]
-                reply.snapshot = core.snapshot()
-            out.send(enc.encode(reply))
+            output = worker.execute_model(msg.plan)
+            out.send(enc.encode(RankReply(rank=rank, seq=msg.seq, output=output if rank == 0 else None,
+                                          vm_hwm_kb=vm_hwm_kb())))
     except BaseException as e:  # noqa: BLE001 - report, then die with a non-zero status
         msg = f"{type(e).__name__}: {e}"
         logger.error("rank %d failed: %s\n%s", rank, msg, traceback.format_exc())
@@ -150,27 +130,27 @@ def _serve_rank(rank: int, world_size: int, config: EngineConfig, init_method: s
 
 
 def _exit_when_disconnected(sock, what: str, shutdown: threading.Event) -> None:
-    """Watch `sock`'s connection from a thread: once the frontend's end goes away (its process died, its node is
+    """Watch `sock`'s connection from a thread: once the executor's end goes away (its process died, its node is
     unreachable), this rank exits instead of waiting forever for a step that will never come.
 
-    A clean shutdown also drops the connection: the frontend sends `ShutdownCmd`, then closes its sockets, and the
+    A clean shutdown also drops the connection: the executor sends `ShutdownCmd`, then closes its sockets, and the
     disconnect can be seen before the main loop has read the command. So the watcher waits up to
     `DISCONNECT_GRACE_S` for the main loop to take it (`shutdown` set: the main loop exits 0) before exiting 1."""
     import zmq
     from zmq.utils.monitor import recv_monitor_message
 
     mon = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)  # fires only after a connection was up, never while
-    # the frontend is still starting (those are connect retries)
+    # the executor is still starting (those are connect retries)
 
     def watch() -> None:
         while recv_monitor_message(mon)["event"] != zmq.EVENT_DISCONNECTED:
             pass
         if shutdown.wait(DISCONNECT_GRACE_S):
             return
-        logger.warning("lost the connection to the frontend (%s); exiting", what)
+        logger.warning("lost the connection to the executor (%s); exiting", what)
         os._exit(1)
 
-    threading.Thread(target=watch, name="frontend-watch", daemon=True).start()
+    threading.Thread(target=watch, name="executor-watch", daemon=True).start()
 
 
 def _heartbeat(zctx, out_addr: str, rank: int) -> None:
@@ -196,10 +176,10 @@ def run_external_rank(connect: str, setup_timeout_s: float = 600.0, environ: dic
     """Entry of a rank started by torchrun (`diffgentor tp-worker --connect HEAD:PORT`), on any node.
 
     Rank, world size and the local GPU come from torchrun's RANK / WORLD_SIZE / LOCAL_RANK; the process group
-    rendezvous is torchrun's (env://: MASTER_ADDR / MASTER_PORT). The rank connects to the frontend (`diffgentor
+    rendezvous is torchrun's (env://: MASTER_ADDR / MASTER_PORT). The rank connects to the executor (`diffgentor
     serve|edit ... --tensor-parallel-size N --rank-endpoint HOST:PORT`), says hello, receives the engine config
     from it (one config, no flags to keep in sync across nodes; the checkpoint path must exist on every node),
-    then loads its shard and steps like a spawned rank. It exits when the frontend shuts it down (0), fails (1),
+    then loads its shard and steps like a spawned rank. It exits when the executor shuts it down (0), fails (1),
     or disappears (1)."""
     import zmq
 
@@ -219,9 +199,9 @@ def run_external_rank(connect: str, setup_timeout_s: float = 600.0, environ: dic
     out.send(msgspec.msgpack.encode(RankHello(rank=rank, world_size=world_size, pid=os.getpid(),
                                               host=socket.gethostname())))
     if not inp.poll(int(setup_timeout_s * 1000)):
-        logger.error("no setup from the frontend at %s within %.0f s", connect, setup_timeout_s)
+        logger.error("no setup from the executor at %s within %.0f s", connect, setup_timeout_s)
         return 1
-    setup = msgspec.msgpack.Decoder(RankInput).decode(inp.recv())
+    setup = decoder(RankInput).decode(inp.recv())
     if isinstance(setup, ShutdownCmd):
         return 1
     if not isinstance(setup, RankSetup):

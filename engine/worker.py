@@ -1,0 +1,75 @@
+"""The worker: one model shard (the whole model in a single process) and the `ModelRunner` that executes plans.
+
+A worker knows nothing of requests as users wrote them: it receives `SchedulerOutput`s from the one scheduler and
+answers `RunnerOutput`s. In a single process the engine core calls it directly (`engine.executor.UniProcExecutor`);
+with tensor parallelism every rank process holds one (`engine.tp.rank`) and runs the plans the executor broadcasts,
+its collectives keeping the shards in lockstep.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from diffgentor.engine.config import EngineConfig
+from diffgentor.engine.memory_plan import kv_blocks_for
+from diffgentor.engine.model_runner import ModelRunner
+from diffgentor.engine.models.hunyuan_image_3.config import HunyuanImage3Config
+from diffgentor.engine.models.hunyuan_image_3.model import HunyuanImage3ForCausalMM
+from diffgentor.engine.parallel import ParallelContext
+from diffgentor.engine.plan import RunnerOutput, SchedulerOutput
+
+
+class Worker:
+    def __init__(self, model: HunyuanImage3ForCausalMM, config: EngineConfig, num_blocks: int) -> None:
+        self.model = model
+        self.num_blocks = num_blocks
+        self.runner = ModelRunner(model, num_blocks, config.block_size, config.enforce_eager, config.max_num_seqs)
+
+    @classmethod
+    def load(cls, config: EngineConfig, parallel: ParallelContext | None = None) -> Worker:
+        """Load the checkpoint (only this rank's shards when `parallel` is given) and size the KV cache; the ranks
+        of a group agree on the smallest cache (one scheduler plans for all of them)."""
+        if config.model is None:
+            raise ValueError("EngineConfig.model (the checkpoint folder) is required")
+        path = Path(config.model)
+        dtype = getattr(torch, config.resolve_dtype())
+        planned = None
+        if config.on_cuda() and config.num_kv_blocks is None and config.kv_cache_memory_bytes is None:
+            # the memory planner sizes the KV cache, and refuses (MemoryPlanError, the whole plan) BEFORE any weight
+            # is loaded when the layout cannot fit this GPU
+            planned = kv_blocks_for(config, HunyuanImage3Config.from_pretrained(path), parallel)
+        model = HunyuanImage3ForCausalMM.from_pretrained(
+            path, dtype=dtype, device=config.resolve_device(), attn_backend=config.attn_impl, moe_impl=config.moe_impl,
+            parallel=parallel, quantization=config.quantization,
+        )
+        c = model.config
+        kv_heads = len(parallel.kv_head_range(c.num_key_value_heads)) if parallel else c.num_key_value_heads
+        bytes_per_block = 2 * c.num_hidden_layers * config.block_size * kv_heads * c.head_dim * \
+            torch.finfo(dtype).bits // 8
+        if planned is not None:
+            num_blocks = planned
+        else:
+            free = torch.cuda.mem_get_info()[0] if config.on_cuda() else None
+            num_blocks = config.resolve_num_blocks(bytes_per_block, free)
+        if parallel is not None and parallel.is_parallel:
+            import torch.distributed as dist
+
+            n = torch.tensor([num_blocks], dtype=torch.int64, device=model.device if config.on_cuda() else "cpu")
+            dist.all_reduce(n, op=dist.ReduceOp.MIN, group=parallel.group)
+            num_blocks = int(n.item())
+        return cls(model, config, num_blocks)
+
+    def execute_model(self, plan: SchedulerOutput) -> RunnerOutput:
+        """Run one plan; the final latents of a diffusion that just ended ride along (the result of the latent output
+        type, and what checks compare)."""
+        out = self.runner.execute(plan)
+        for rid, step in out.diffusion_steps_done.items():
+            d = self.runner.requests[rid].diffusion
+            if step + 1 >= d.schedule.num_steps:
+                out.final_latents[rid] = d.latents.detach().cpu()
+        return out
+
+
+__all__ = ["Worker"]
