@@ -59,7 +59,7 @@ def test_no_engine_step_leaves_cuda_only_the_math_kernel(tiny_distil):
     eng = Engine.from_pretrained(tiny_distil, environ={}, device="cpu", dtype="float32", num_kv_blocks=256,
                                  max_num_seqs=4, max_num_batched_tokens=1024, attn_impl="sdpa")
     core = eng.core
-    runner = core.runner
+    runner = core.executor.worker.runner
     # follow CUDA's dispatch: decode rows batched across lengths (no batch-invariance rule) and decode-only steps
     # through the static forward a captured graph replays (graphs are off on CPU)
     runner.model.model.attn.batch_invariant = False

@@ -210,7 +210,7 @@ def test_sampling_reads_the_device_once_per_step(tiny):
     each row's token (`.item()`) and multinomial's validity check on the host: one or more syncs per row."""
     eng = Engine.from_pretrained(tiny, environ={}, num_kv_blocks=256, device="cpu", dtype="float32",
                                  max_num_seqs=8, max_num_batched_tokens=4096)
-    runner = eng.core.runner
+    runner = eng.core.executor.worker.runner
     guard = SyncGuard(strict=False)
     calls: list[tuple[int, list[str]]] = []
     sample = runner._sample
