@@ -8,10 +8,26 @@ DEMO_DIR ?= demo_out
 
 .PHONY: install test lint pytest verify-golden demo clean test-integration
 
+# torch: constraints-cpu.txt pins the CPU build (torch==X+cpu), which PyPI does not have (PyPI's Linux torch is the
+# CUDA build, ~20 nvidia packages with it). Where pip resolves the pin as configured (a local wheel or index: CI
+# machines), nothing is added and no other host is asked; elsewhere PyTorch's CPU index is added as an extra index.
+# TORCH_INDEX_URL=URL always adds URL (a mirror); TORCH_INDEX_URL= (empty) never adds one.
+TORCH_CPU_INDEX := https://download.pytorch.org/whl/cpu
+TORCH_INDEX_URL ?= auto
+TORCH_PIN = $(shell sed -n 's/^torch==//p' constraints-cpu.txt)
+TORCH_INDEX_FLAGS = $$(case "$(TORCH_INDEX_URL)" in \
+	  auto) $(PY) -m pip install -q --dry-run --no-deps --retries 0 --timeout 20 'torch==$(TORCH_PIN)' \
+	        >/dev/null 2>&1 || echo --extra-index-url $(TORCH_CPU_INDEX);; \
+	  "") ;; \
+	  *) echo --extra-index-url $(TORCH_INDEX_URL);; esac)
+PIP_INSTALL = $(PY) -m pip install -q -c constraints-cpu.txt $(TORCH_INDEX_FLAGS)
+
 $(STAMP): pyproject.toml constraints-cpu.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints-cpu.txt -e '.[dev]'
+	@# the distribution used to be called `diffgentor`, which is also an unrelated PyPI project: neither may stay
+	@$(PY) -m pip uninstall -q -y diffgentor >/dev/null 2>&1 || true
+	$(PIP_INSTALL) -e '.[dev]'
 	@touch $(STAMP)
 
 install: $(STAMP)
@@ -38,7 +54,7 @@ test: lint pytest verify-golden
 # installs them: apt-get install prometheus chromium); their tests are skipped, with the reason, where absent.
 INTEGRATION_STAMP := $(VENV)/.diffgentor-integration-installed
 $(INTEGRATION_STAMP): $(STAMP)
-	$(PY) -m pip install -q -c constraints-cpu.txt -e '.[dev,integration]'
+	$(PIP_INSTALL) -e '.[dev,integration]'
 	@touch $(INTEGRATION_STAMP)
 
 test-integration: $(INTEGRATION_STAMP)

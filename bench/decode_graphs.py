@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -123,6 +124,10 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.shapes == "real" and args.layers is None:
         args.layers = 2
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        print("bench decode_graphs: CUDA graphs need a CUDA device and this torch has none (torch "
+              f"{torch.__version__}); on CPU run with --device cpu (eager only: no graphs to compare)", file=sys.stderr)
+        return 2
     result = run(args)
     text = json.dumps(result, indent=2)
     if args.out:

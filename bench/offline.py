@@ -28,16 +28,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-
-from diffgentor.engine.testing.tiny_model import SMALL_SIZES, size_overrides
-
 
 @dataclass(frozen=True)
 class Preset:
     description: str
-    config_overrides: dict[str, Any]
+    sizes: str  # "small": tiny_model.SMALL_SIZES; "tiny": the embedded tiny model (read when a run builds it, so
+    # that `diffgentor --help` does not import torch)
     distil: bool = True
     image_size: str = "256x256"
     think_tokens: int = 32
@@ -52,12 +48,12 @@ PRESETS: dict[str, Preset] = {
     "small": Preset(
         description="4 layers, hidden 256, 8 q / 2 kv heads of 32, 16 experts top-4 (width 256) + shared expert, "
         "Distil, 256x256 output, 32 think tokens, 8 steps, 16 requests",
-        config_overrides=size_overrides(**SMALL_SIZES),
+        sizes="small",
     ),
     "tiny": Preset(
         description="the embedded tiny model (2 layers, hidden 64, 4 experts top-2), 4 requests, 8 think tokens, "
         "2 steps (a smoke run)",
-        config_overrides={}, think_tokens=8, steps=2, num_requests=4, max_num_seqs=4,
+        sizes="tiny", think_tokens=8, steps=2, num_requests=4, max_num_seqs=4,
     ),
 }
 
@@ -158,11 +154,18 @@ def warmup_requests(requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
         r = next((r for r in requests if kind_of(r) == kind), None)
         if r is not None:
             out.append({**r, "request_id": f"warmup-{kind}", "prompt": "warm-up: " + r["prompt"],
-                        "seed": int(r.get("seed") or 0) + 7919, "images": [_invert_png(b) for b in r["images"]]})
+                        "seed": int(r.get("seed") or 0) + 7919,
+                        "images": [_invert_png(b) for b in r.get("images") or []]})
     return out
 
 
 # ----------------------------------------------------------------------------------------------- measuring
+
+
+def _config_overrides(preset: Preset) -> dict[str, Any]:
+    from diffgentor.engine.testing.tiny_model import SMALL_SIZES, size_overrides
+
+    return size_overrides(**SMALL_SIZES) if preset.sizes == "small" else {}
 
 
 @dataclass
@@ -245,6 +248,8 @@ class _PhaseAccumulator:
 def _summary(values: list[float]) -> dict[str, float | int | None]:
     if not values:
         return {"count": 0, "mean": None, "p50": None, "p99": None, "max": None}
+    import numpy as np
+
     a = np.asarray(values, dtype=np.float64)
     return {"count": len(values), "mean": float(a.mean()), "p50": float(np.percentile(a, 50)),
             "p99": float(np.percentile(a, 99)), "max": float(a.max())}
@@ -362,6 +367,8 @@ def summarize(runs: list[RunResult]) -> dict[str, Any]:
 
 
 def machine_info() -> dict[str, Any]:
+    import torch
+
     """What the numbers depend on: code version, CPU, threads, and how busy the machine was."""
     root = Path(__file__).resolve().parents[1]
 
@@ -435,6 +442,8 @@ def build_result(args: argparse.Namespace, info: dict[str, Any], load_before: tu
 
 
 def main(args: argparse.Namespace) -> int:
+    import torch
+
     preset = PRESETS[args.preset]
     load_before = os.getloadavg()
     info = machine_info()
@@ -462,7 +471,7 @@ def main(args: argparse.Namespace) -> int:
             from diffgentor.engine.testing.tiny_model import make_tiny
 
             ckpt = make_tiny(Path(tmp) / f"random-{args.preset}", distil=preset.distil, seed=0,
-                             config_overrides=preset.config_overrides)
+                             config_overrides=_config_overrides(preset))
         for mns in settings:
             engine_args = dict(device=args.device, dtype=args.dtype, max_num_seqs=mns,
                                max_num_batched_tokens=args.max_num_batched_tokens or preset.max_num_batched_tokens,

@@ -60,6 +60,7 @@ FALSE_STRINGS = ("false", "0", "no", "off")
 
 GiB = 1 << 30
 DEFAULT_CPU_KV_CACHE_BYTES = 2 * GiB
+CFG_ROWS = 2  # a request's sequences at most: its own and its classifier-free-guidance row
 """KV budget on CPU when neither --num-kv-blocks nor --kv-cache-memory is given."""
 
 
@@ -583,9 +584,13 @@ class EngineConfig:
         return min(DEFAULT_CPU_KV_CACHE_BYTES, int(free_memory_bytes * self.kv_cache_memory_fraction))
 
     def resolve_num_blocks(
-        self, bytes_per_block: int, free_memory_bytes: int | None = None, cuda_available: bool | None = None
+        self, bytes_per_block: int, free_memory_bytes: int | None = None, cuda_available: bool | None = None,
+        max_model_len: int | None = None,
     ) -> int:
         """KV blocks to allocate: ``num_kv_blocks`` if given, else `kv_cache_budget_bytes` // ``bytes_per_block``.
+        On CPU without an explicit size (`num_kv_blocks`, `kv_cache_memory_bytes`), no more than ``max_num_seqs``
+        requests at ``max_model_len`` tokens with a CFG row each can use: a small model gets a small cache instead of
+        the whole default budget.
 
         ``bytes_per_block`` is the size of one block across all layers (K and V) on one rank. Raises ValueError
         when the budget does not hold a single block.
@@ -596,6 +601,8 @@ class EngineConfig:
             raise ValueError(f"bytes_per_block must be a positive integer, got {bytes_per_block!r}")
         budget = self.kv_cache_budget_bytes(free_memory_bytes, cuda_available)
         n = budget // bytes_per_block
+        if max_model_len is not None and self.kv_cache_memory_bytes is None and not self.on_cuda(cuda_available):
+            n = min(n, self.max_num_seqs * CFG_ROWS * self.max_blocks_per_seq(max_model_len))
         if n < 1:
             raise ValueError(
                 f"KV cache budget of {budget} bytes holds no block of {bytes_per_block} bytes; "

@@ -432,8 +432,10 @@ class _Guard:
 def _version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
+    from diffgentor import DISTRIBUTION
+
     try:
-        return version("diffgentor")
+        return version(DISTRIBUTION)
     except PackageNotFoundError:
         return "0"
 

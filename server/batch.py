@@ -94,7 +94,7 @@ def _add_common_args(p: argparse.ArgumentParser) -> None:
                    help="no progress bar")
     g.add_argument("--executor", choices=("local", "ray"), default="local",
                    help="local: instances on this machine (default); ray: a pool of replicas on a Ray cluster "
-                        "(pip install 'diffgentor[ray]'; see diffgentor.server.batch_ray)")
+                        "(pip install -e '.[ray]' in the checkout; see diffgentor.server.batch_ray)")
     g.add_argument("--ray_address", "--ray-address", dest="ray_address", default=None,
                    help="Ray cluster to join with --executor ray (default: RAY_ADDRESS, else a local cluster)")
     p.add_argument("--_worker_spec", dest="worker_spec", default=None, help=argparse.SUPPRESS)

@@ -43,7 +43,7 @@ ENV_PREFIX = "DG_HUNYUAN_IMAGE_3_"
 
 def require_ray() -> None:
     if importlib.util.find_spec("ray") is None or importlib.util.find_spec("ray.data") is None:
-        raise B.FatalError("--executor ray needs Ray Data: pip install 'diffgentor[ray]' (or 'ray[data]')")
+        raise B.FatalError("--executor ray needs Ray Data: pip install -e '.[ray]' in the checkout (or 'ray[data]')")
 
 
 # ---------------------------------------------------------------------------------------------------- pool size
@@ -172,7 +172,8 @@ def run_ray(args: argparse.Namespace, pending: Sequence[B.Task], base: Path, cac
         environ = {k: v for k, v in os.environ.items() if k.startswith(ENV_PREFIX)}
         worker_args = {k: v for k, v in vars(args).items() if k not in ("func", "worker_spec")}
         out = ds.map_batches(
-            Replica, batch_size=args.batch_size, batch_format="numpy", concurrency=n,
+            Replica, batch_size=args.batch_size, batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=n),  # `concurrency=n` is deprecated since Ray 2.51
             fn_constructor_kwargs={"args": worker_args, "environ": environ, "cwd": os.getcwd(), "base_dir": str(base),
                                    "cache_dir": str(cache_dir), "log_dir": str(log_dir)},
             max_restarts=-1, max_task_retries=max(1, args.max_retries), **resources)

@@ -78,7 +78,13 @@ def _cmd_tp_worker(args: argparse.Namespace) -> int:
     return run_external_rank(args.connect, setup_timeout_s=args.setup_timeout)
 
 
-def build_parser() -> argparse.ArgumentParser:
+PLAN_MEMORY_HELP = "per-rank GPU memory plan of a checkpoint (weights, activations, KV)"
+
+
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The whole parser; given the command line `argv`, commands whose flags import torch get their flags only when
+    `argv` runs them (`diffgentor --help` lists every command without loading torch)."""
+    command = next((a for a in argv if not a.startswith("-")), None) if argv is not None else None
     p = argparse.ArgumentParser(prog="diffgentor", description="Serve and run HunyuanImage-3.0-Instruct.")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -141,15 +147,19 @@ def build_parser() -> argparse.ArgumentParser:
     dm.add_argument("--out", default="demo_out")
     dm.set_defaults(func=_cmd_demo)
 
-    from diffgentor.engine.memory_plan import add_parser as add_plan_memory
-    from diffgentor.engine.memory_plan import run as run_plan_memory
+    if argv is None or command == "plan-memory":
+        from diffgentor.engine.memory_plan import add_parser as add_plan_memory
+        from diffgentor.engine.memory_plan import run as run_plan_memory
 
-    add_plan_memory(sub).set_defaults(func=run_plan_memory)
+        add_plan_memory(sub).set_defaults(func=run_plan_memory)
+    else:
+        sub.add_parser("plan-memory", help=PLAN_MEMORY_HELP)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser(argv).parse_args(argv)
     return int(args.func(args) or 0)
 
 

@@ -99,3 +99,17 @@ def test_make_tiny_size_flags_are_checked(tmp_path, capsys):
     assert cli(["make-tiny", str(tmp_path / "b"), "--size", "small", "--heads", "6", "--kv-heads", "4"]) == 2
     assert "heads (6) must be a multiple of kv_heads (4)" in capsys.readouterr().err
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_preset_warmup_without_images(tmp_path):
+    """The README's first benchmark (`bench offline --preset small --compare-max-num-seqs 1`, text-to-image presets
+    without images) warmed up with KeyError 'images'; here on the tiny preset, one prompt."""
+    from diffgentor.bench.offline import PRESETS, preset_requests
+
+    (warm,) = warmup_requests(preset_requests(PRESETS["small"], 2))
+    assert warm["images"] == [] and warm["prompt"].startswith("warm-up: ")
+    out = tmp_path / "r.json"
+    assert cli(["bench", "offline", "--preset", "tiny", "--num-prompts", "1", "--warmup", "1",
+                "--compare-max-num-seqs", "1", "--max-num-seqs", "2", "--save-result", str(out)]) == 0
+    d = json.loads(out.read_text())
+    assert [r["max_num_seqs"] for r in d["runs"]] == [2, 1] and all(r["num_images"] == 1 for r in d["runs"])

@@ -451,3 +451,16 @@ def test_describe_is_json_serialisable():
     assert d["model"] == "/m" and d["kv_cache_memory_bytes"] == GiB and d["attn_impl"] == "sdpa"
     assert d["env"]["bot_task"] == "think_recaption" and d["env"]["moe_drop_tokens"] is True
     assert d["moe_drop_tokens_effective"] is False
+
+
+def test_cpu_default_kv_cache_is_sized_by_what_the_scheduler_can_use():
+    """Without an explicit size, a CPU engine holds at most max_num_seqs requests at the model's length with a CFG
+    row each (the tiny model's 8192 tokens: 1024 blocks of 16 per request), not the whole 2 GiB default budget."""
+    c = EngineConfig(device="cpu", max_num_seqs=4)
+    assert c.resolve_num_blocks(1024, max_model_len=8192) == 4 * 2 * 512
+    assert c.resolve_num_blocks(MiB, max_model_len=10**7) == DEFAULT_CPU_KV_CACHE_BYTES // MiB  # the budget caps it
+    assert EngineConfig(device="cpu", num_kv_blocks=7).resolve_num_blocks(1024, max_model_len=8192) == 7
+    explicit = EngineConfig(device="cpu", kv_cache_memory_bytes=64 * MiB)
+    assert explicit.resolve_num_blocks(1024, max_model_len=8192) == 64 * 1024  # an explicit budget is all used
+    gpu = EngineConfig(device="cuda")
+    assert gpu.resolve_num_blocks(MiB, free_memory_bytes=10 * GiB, max_model_len=16) == int(10 * GiB * 0.9) // MiB

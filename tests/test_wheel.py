@@ -18,7 +18,7 @@ def test_wheel_installs_and_imports(tmp_path):
          "-w", str(dist), str(REPO)],
         check=True,
     )
-    wheels = list(dist.glob("diffgentor-*.whl"))
+    wheels = list(dist.glob("hunyuanimage3_diffgentor-*.whl"))  # not PyPI's unrelated `diffgentor`
     assert len(wheels) == 1, wheels
 
     env_dir = tmp_path / "venv"

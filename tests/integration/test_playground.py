@@ -22,7 +22,7 @@ pytestmark = [pytest.mark.integration,
               pytest.mark.skipif(not CHROMIUM.is_file(), reason="Chromium is not installed at /usr/bin/chromium "
                                  "(apt-get install chromium; .ci/run does)"),
               pytest.mark.skipif(importlib.util.find_spec("playwright") is None,
-                                 reason="playwright is not installed (pip install 'diffgentor[integration]')")]
+                                 reason="playwright is not installed (pip install -e '.[integration]')")]
 
 API_KEY = "sk-playground"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

@@ -23,7 +23,7 @@ from .conftest import VENV_BIN, cli_env, free_port, read_csv, write_csv, write_i
 pytestmark = [pytest.mark.integration,
               pytest.mark.skipif(sys.platform != "linux", reason="the Ray tests use /proc to find replicas"),
               pytest.mark.skipif(importlib.util.find_spec("ray") is None,
-                                 reason="Ray is not installed (pip install 'diffgentor[ray]')")]
+                                 reason="Ray is not installed (pip install -e '.[ray]')")]
 
 GOOD = [0, 1, 2, 3, 5, 6, 8, 9, 11]
 BAD = {4: "not found", 7: "4 input images", 10: "empty instruction"}
