@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -71,6 +72,20 @@ def _package_root(tree: Path, tmp: Path, name: str) -> Path:
     return root
 
 
+@contextmanager
+def side_roots(base: str):
+    """{"base": ..., "head": ...} package roots: the base commit checked out in a temporary git worktree, and this
+    tree; the worktree is removed afterwards."""
+    with tempfile.TemporaryDirectory() as tmp_s:
+        tmp = Path(tmp_s)
+        wt = tmp / "base-tree"
+        _git("worktree", "add", "--detach", str(wt), base)
+        try:
+            yield {"base": _package_root(wt, tmp, "base"), "head": _package_root(REPO, tmp, "head")}
+        finally:
+            _git("worktree", "remove", "--force", str(wt))
+
+
 def _run(pkg_root: Path, model: str, workload: str, mns: int, threads: int) -> dict:
     env = dict(os.environ, PYTHONPATH=str(pkg_root))
     proc = subprocess.run([sys.executable, "-c", DRIVER, model, workload, str(mns), str(threads)], env=env,
@@ -117,26 +132,19 @@ def main(argv: list[str] | None = None) -> int:
     out: dict = dict(base=base, head=head, head_dirty=bool(dirty), model=args.model, workload=args.workload,
                      threads=args.threads, loadavg_before=os.getloadavg(), started=time.strftime("%Y-%m-%d %H:%M:%S"),
                      cpu=_cpu_model(), results={})
-    with tempfile.TemporaryDirectory() as tmp_s:
-        tmp = Path(tmp_s)
-        wt = tmp / "base-tree"
-        _git("worktree", "add", "--detach", str(wt), base)
-        try:
-            roots = {"base": _package_root(wt, tmp, "base"), "head": _package_root(REPO, tmp, "head")}
-            workload = str(Path(args.workload).resolve())
-            for mns in args.max_num_seqs:
-                runs: dict[str, list[dict]] = {"base": [], "head": []}
-                for i in range(args.repeat):
-                    for side in ("base", "head"):
-                        res = _run(roots[side], args.model, workload, mns, args.threads)
-                        runs[side].append(res)
-                        print(f"mns={mns} run {i} {side}: {60 * res['images'] / res['wall_s']:.1f} images/min "
-                              f"({res['wall_s']:.1f} s)", flush=True)
-                summ = {side: _summary(r) for side, r in runs.items()}
-                summ["ratio_images_per_min"] = summ["head"]["images_per_min"] / summ["base"]["images_per_min"]
-                out["results"][f"mns{mns}"] = dict(summary=summ, runs=runs)
-        finally:
-            _git("worktree", "remove", "--force", str(wt))
+    with side_roots(base) as roots:
+        workload = str(Path(args.workload).resolve())
+        for mns in args.max_num_seqs:
+            runs: dict[str, list[dict]] = {"base": [], "head": []}
+            for i in range(args.repeat):
+                for side in ("base", "head"):
+                    res = _run(roots[side], args.model, workload, mns, args.threads)
+                    runs[side].append(res)
+                    print(f"mns={mns} run {i} {side}: {60 * res['images'] / res['wall_s']:.1f} images/min "
+                          f"({res['wall_s']:.1f} s)", flush=True)
+            summ = {side: _summary(r) for side, r in runs.items()}
+            summ["ratio_images_per_min"] = summ["head"]["images_per_min"] / summ["base"]["images_per_min"]
+            out["results"][f"mns{mns}"] = dict(summary=summ, runs=runs)
     out["loadavg_after"] = os.getloadavg()
     Path(args.save_result).write_text(json.dumps(out, indent=1))
     for k, v in out["results"].items():

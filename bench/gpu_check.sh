@@ -140,8 +140,8 @@ gpu_section test_gpu_torch 240 "$PY" -m pytest -q -m gpu -p no:cacheprovider tes
 # decode-only steps: capture + replay == eager (gpu test), then decode step time eager vs graph replay
 gpu_section test_gpu_cuda_graph 180 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/test_cuda_graph.py \
   --junitxml="$OUT/test_gpu_cuda_graph.xml"
-gpu_section bench_decode_graphs 150 "$PY" -m diffgentor.bench.decode_graphs --shapes small --batch 1 4 16 \
-  --context 512 --steps 20 --out "$OUT/decode_graphs.json"
+gpu_section bench_decode 240 "$PY" -m diffgentor.bench.decode --shapes real --layers 2 --device cuda \
+  --batch 1 16 64 --context 2048 --modes eager graphs --steps 10 --save-result "$OUT/decode.json"
 
 # ------------------------------------------------------------------------------------------------ whole engine
 if [ $HAVE_GPU = 1 ]; then
@@ -182,7 +182,7 @@ for line in Path(out, "sections.tsv").read_text().splitlines():
     sections.append({"name": name, "status": status, "seconds": float(seconds), "log": log})
 result = {"card": card, "have_gpu": have_gpu == "1", "failed_sections": int(failed), "total_s": int(total),
           "sections": sections}
-for name in ("engine_run", "engine_run_fp8", "engine_smoke", "kernels", "decode_graphs"):
+for name in ("engine_run", "engine_run_fp8", "engine_smoke", "kernels", "decode"):
     p = Path(out, f"{name}.json")
     if p.is_file():
         try:

@@ -133,6 +133,9 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
 
     add_bench_serve(bench_sub)
     add_compare(bench_sub)
+    from diffgentor.bench.decode import add_parser as add_decode
+
+    add_decode(bench_sub)
 
     _add_serve(sub)
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "bench" / "gpu_check.sh"
-GPU_SECTIONS = ("install_gpu_extra", "test_gpu_torch", "test_gpu_cuda_graph", "bench_decode_graphs", "engine_real",
+GPU_SECTIONS = ("install_gpu_extra", "test_gpu_torch", "test_gpu_cuda_graph", "bench_decode", "engine_real",
                 "bench_kernels", "test_gpu_flashinfer_attention", "engine_real_fp8", "test_gpu_flashinfer_moe")
 
 

@@ -78,7 +78,8 @@ def test_help_loads_no_torch():
         "import sys\n"
         "from diffgentor.server.cli import main\n"
         "for argv in (['--help'], ['serve', '--help'], ['edit', '--help'], ['t2i', '--help'],\n"
-        "             ['bench', 'offline', '--help'], ['bench', 'serve', '--help'], ['make-tiny', '--help']):\n"
+        "             ['bench', 'offline', '--help'], ['bench', 'serve', '--help'], ['bench', 'decode', '--help'],\n"
+        "             ['make-tiny', '--help']):\n"
         "    try:\n"
         "        main(argv)\n"
         "    except SystemExit:\n"
@@ -98,9 +99,9 @@ def test_plan_memory_flags_load_with_the_command():
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the message a CPU-only torch gives")
-def test_decode_graphs_bench_on_cpu_says_why(capsys):
-    from diffgentor.bench.decode_graphs import main
+def test_decode_bench_on_cpu_says_why(capsys):
+    from diffgentor.bench.decode import main
 
-    assert main([]) == 2
+    assert main(["--device", "cuda"]) == 2
     err = capsys.readouterr().err
     assert "CUDA" in err and "--device cpu" in err
