@@ -319,6 +319,10 @@ class EngineConfig:
     """cpu | cuda | cuda:N | auto (auto = cuda when available, else cpu)."""
     max_num_seqs: int = 16
     max_num_batched_tokens: int = 8192
+    max_num_image_tokens: int | None = None
+    """Denoising-block tokens per step, a budget apart from max_num_batched_tokens (prefill and text), so several
+    1024x1024 blocks (4099 tokens per CFG row) can share a step; None: one budget for both (the memory plan sizes
+    the largest step as their sum)."""
     block_size: int = 16
     num_kv_blocks: int | None = None
     """Explicit KV block count; wins over every budget."""
@@ -386,7 +390,7 @@ class EngineConfig:
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "max_waiting_requests",
                      "max_num_encoder_pixels", "encoder_cache_bytes"):
             positive(name)
-        for name in ("num_kv_blocks", "kv_cache_memory_bytes", "default_num_inference_steps"):
+        for name in ("num_kv_blocks", "kv_cache_memory_bytes", "default_num_inference_steps", "max_num_image_tokens"):
             if getattr(self, name) is not None:
                 positive(name)
         if self.block_size & (self.block_size - 1):
@@ -487,6 +491,7 @@ class EngineConfig:
             "device": ("device",),
             "max_num_seqs": ("max_num_seqs",),
             "max_num_batched_tokens": ("max_num_batched_tokens",),
+            "max_num_image_tokens": ("max_num_image_tokens",),
             "block_size": ("block_size",),
             "num_kv_blocks": ("num_kv_blocks",),
             "kv_cache_memory_fraction": ("kv_cache_memory_fraction",),
@@ -689,6 +694,10 @@ def add_engine_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--max-num-seqs", type=int, default=None, help="max requests running at once (default 16)")
     g.add_argument(
         "--max-num-batched-tokens", type=int, default=None, help="token budget of one engine step (default 8192)"
+    )
+    g.add_argument(
+        "--max-num-image-tokens", type=int, default=None,
+        help="denoising-block tokens per step, apart from --max-num-batched-tokens (default: they share it)",
     )
     g.add_argument("--block-size", type=int, default=None, help="tokens per KV block, a power of two (default 16)")
     g.add_argument("--num-kv-blocks", type=int, default=None, help="explicit KV block count (overrides any budget)")

@@ -175,6 +175,11 @@ def largest_step_tokens(config: EngineConfig, model_config: HunyuanImage3Config)
     """Tokens in the largest forward the scheduler may issue, and why."""
     side = IMAGE_SIDE // model_config.latent_downsample
     block = CFG_ROWS * (side * side + IMAGE_EXTRA_SLOTS)
+    if config.max_num_image_tokens is not None:  # denoising blocks beside a full prefill budget
+        images = max(block, config.max_num_image_tokens)
+        return config.max_num_batched_tokens + images, (
+            f"max_num_batched_tokens {config.max_num_batched_tokens} + {images} denoising-block tokens "
+            f"(max_num_image_tokens {config.max_num_image_tokens}, at least one {IMAGE_SIDE}x{IMAGE_SIDE} step)")
     if block > config.max_num_batched_tokens:
         return block, (f"a {IMAGE_SIDE}x{IMAGE_SIDE} denoising step: {CFG_ROWS} CFG rows x ({side}x{side} image + "
                        f"{IMAGE_EXTRA_SLOTS} slots) > max_num_batched_tokens {config.max_num_batched_tokens}")

@@ -66,6 +66,9 @@ class SchedulerConfig:
     block_size: int = 16
     max_num_encoder_pixels: int = 1024 * 1024
     encoder_cache_bytes: int = 512 * 1024 * 1024
+    # denoising-block tokens per step, apart from max_num_batched_tokens (prefill and text); None: both share the
+    # one budget. The first denoising step of a step always fits.
+    max_num_image_tokens: int | None = None
 
 
 @dataclass
@@ -101,6 +104,7 @@ class Scheduler:
         self.num_preemptions = 0
         self._finished_ids: list[str] = []  # worker-side state to free, sent with the next plan
         self._failed_outputs: list[RequestOutput] = []  # requests failed while scheduling, reported next update
+        self._image_left: int | None = config.max_num_image_tokens  # this step's denoising budget left
 
     # ------------------------------------------------------------------ requests in and out
     def add_request(self, st: RequestState) -> None:
@@ -246,6 +250,7 @@ class Scheduler:
         plan = SchedulerOutput(finished_request_ids=self.take_finished_ids(),
                                encoder_evictions=self.encoder_cache.take_evictions())
         budget = self.config.max_num_batched_tokens
+        self._image_left = self.config.max_num_image_tokens
         for st in list(self.running):
             if st in self.running:
                 budget -= self._schedule_request(st, plan, budget)
@@ -364,7 +369,11 @@ class Scheduler:
         # a denoising step: every row's image block, atomically
         full_step = not st.use_taylor_cache or _taylor_full_step(st)
         need = (slot_end - ts) * len(st.rows) if full_step else 0
-        if need > budget and (plan.chunks or budget < 0):
+        cap = self.config.max_num_image_tokens
+        if cap is None:
+            if need > budget and (plan.chunks or budget < 0):
+                return -1 if admitting else 0
+        elif need > self._image_left and self._image_left < cap:  # its own budget, already partly spent
             return -1 if admitting else 0
         for seq in st.rows:
             if not self._allocate(st, seq, slot_end, plan, admitting):
@@ -384,6 +393,9 @@ class Scheduler:
         plan.diffusion_steps.append(DiffusionStep(st.request_id, st.step, idx, preview))
         st.status = RequestStatus.DIFFUSE
         st.mark("first_scheduled")
+        if cap is not None:
+            self._image_left -= need
+            return 0  # nothing taken from the prefill / text budget
         return need
 
     def _blocks_needed(self, st: RequestState) -> int:

@@ -19,6 +19,7 @@ from hypothesis import strategies as hs
 from PIL import Image
 
 from diffgentor.engine.block_manager import KVCacheManager
+from diffgentor.engine.config import EngineConfig
 from diffgentor.engine.plan import RunnerOutput, SchedulerOutput
 from diffgentor.engine.request import FinishReason, GenerationRequest, RequestStatus
 from diffgentor.engine.request_state import build_request_state, enter_image_phase, load_processor_context
@@ -79,15 +80,15 @@ class Harness:
 
     def __init__(self, ctx, num_blocks=512, block_size=16, max_num_seqs=8, max_tokens=4096,
                  encoder_pixels=1 << 20, encoder_bytes=1 << 20, prefix_caching=True, ratio_pick: int = 0,
-                 ratio_in_text: bool = False):
+                 ratio_in_text: bool = False, image_tokens: int | None = None):
         self.ctx = ctx
         self.ratio_pick = ratio_pick  # which offered ratio token the fake model picks (0: the first, -1: the last)
         # the fake model ends free text (think/recaption) at once with the largest ratio token it may sample
         self.ratio_in_text = ratio_in_text
         self.ratio_tokens = list(ctx.tokenizer.special.ratio)
         self.kv = KVCacheManager(num_blocks, block_size, prefix_caching)
-        self.sched = Scheduler(SchedulerConfig(max_num_seqs, max_tokens, block_size, encoder_pixels, encoder_bytes),
-                               self.kv, transition=lambda st: enter_image_phase(ctx, st))
+        self.sched = Scheduler(SchedulerConfig(max_num_seqs, max_tokens, block_size, encoder_pixels, encoder_bytes,
+                                               image_tokens), self.kv, transition=lambda st: enter_image_phase(ctx, st))
         self.worker_encoded: set = set()  # what a real worker would hold in its encoder cache
         self.worker_requests: set[str] = set()
         self.plans: list[SchedulerOutput] = []
@@ -393,6 +394,32 @@ def test_free_text_never_ends_with_a_ratio_token_that_would_not_fit(ctx_distil):
     assert h.finished() == {"fuse": FinishReason.IMAGE}, [(o.state.request_id, o.error) for o in h.outputs]
     assert st.ratio_index == max(st.allowed_ratios)
     h.assert_no_leaks()
+
+
+def test_denoising_blocks_have_their_own_budget(ctx_distil):
+    """A step budget of 1.5 denoising blocks (as 8192 is for 1024x1024 blocks of 4099 tokens on the real model) runs
+    one denoising step per engine step; a separate image budget of four blocks runs four requests' denoising steps
+    in one step, and the prefills beside them keep their own budget."""
+    def run(max_tokens, image_tokens):
+        h = Harness(ctx_distil, num_blocks=4096, max_num_seqs=8, max_tokens=max_tokens, image_tokens=image_tokens)
+        for i in range(4):
+            h.add(f"img{i}", bot_task="image", image_size="1024x1024", num_inference_steps=3, seed=i)
+        h.run()
+        h.assert_no_leaks()
+        return h.plans
+
+    block = max(c.end - c.start for p in run(1 << 20, None) for c in p.chunks if c.diffusion)
+    budget = block + block // 2
+
+    def widest(plans):
+        return max(sum(c.diffusion for c in p.chunks) for p in plans)
+
+    assert widest(run(budget, None)) == 1
+    plans = run(budget, 4 * block)
+    assert widest(plans) == 4
+    assert all(sum(c.end - c.start for c in p.chunks if not c.diffusion) <= budget for p in plans)
+    with pytest.raises(ValueError, match="max_num_image_tokens"):
+        EngineConfig(max_num_image_tokens=0)
 
 
 def test_banned_ids_are_never_sampled_and_forcing_wins():
