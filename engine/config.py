@@ -27,7 +27,7 @@ import math
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -151,6 +151,12 @@ def _size_arg(text: str) -> int:
         return parse_size(text)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def hf_offline(environ: Mapping[str, str] | None = None) -> bool:
+    """huggingface_hub's offline switch (HF_HUB_OFFLINE=1): model ids resolve from the local cache only."""
+    raw = (os.environ if environ is None else environ).get("HF_HUB_OFFLINE", "")
+    return raw.strip().lower() in ("1", "true", "yes", "on")
 
 
 def omp_num_threads(environ: Mapping[str, str] | None = None) -> int | None:
@@ -354,6 +360,12 @@ class EngineConfig:
     """Fraction of each GPU's TOTAL memory the engine may use (weights + activations + workspace + KV cache);
     `engine.memory_plan` sizes the KV cache from it (vLLM's meaning of the name)."""
     enforce_eager: bool = False
+    revision: str | None = None
+    """A Hugging Face model id's branch, tag or commit (`model` is then resolved by `with_local_checkpoint`)."""
+    download_dir: str | None = None
+    """The Hugging Face cache folder for model ids (default: huggingface_hub's, e.g. ~/.cache/huggingface/hub)."""
+    hf_offline: bool = False
+    """Resolve model ids from the cache only (HF_HUB_OFFLINE)."""
     """Never use CUDA graphs (decode-only steps are captured per batch-size bucket and replayed on CUDA otherwise;
     see `engine.cuda_graph`)."""
 
@@ -482,7 +494,7 @@ class EngineConfig:
                     return given[k]
             return None
 
-        kw: dict[str, Any] = {"env": env}
+        kw: dict[str, Any] = {"env": env, "hf_offline": hf_offline(environ)}
         model = first("model", "model_name")
         if model is not None:
             kw["model"] = os.fspath(model)
@@ -507,6 +519,8 @@ class EngineConfig:
             "quantization": ("quantization",),
             "gpu_memory_utilization": ("gpu_memory_utilization",),
             "enforce_eager": ("enforce_eager",),
+            "revision": ("revision",),
+            "download_dir": ("download_dir",),
         }
         for fname, keys in simple.items():
             v = first(*keys)
@@ -615,6 +629,16 @@ class EngineConfig:
             )
         return n
 
+    def with_local_checkpoint(self) -> EngineConfig:
+        """This config with `model` as a local folder: a Hugging Face repo id is resolved (and downloaded unless
+        offline) through engine/model_source.py; a folder stays as it is. Raises model_source.CheckpointNotFound."""
+        from diffgentor.engine.model_source import resolve_checkpoint
+
+        if self.model is None:
+            return self
+        path = resolve_checkpoint(self.model, self.revision, self.download_dir, offline=self.hf_offline)
+        return self if str(path) == self.model else replace(self, model=str(path))
+
     def max_blocks_per_seq(self, max_tokens: int) -> int:
         return math.ceil(max_tokens / self.block_size)
 
@@ -691,6 +715,11 @@ def add_engine_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         help="weights/activations dtype; auto = bfloat16 on CUDA, float32 on CPU (default auto)",
     )
     g.add_argument("--device", default=None, help="cpu | cuda | cuda:N | auto (default auto)")
+    g.add_argument("--revision", default=None,
+                   help="with a Hugging Face model id: the branch, tag or commit to use (default: main)")
+    g.add_argument("--download-dir", "--download_dir", dest="download_dir", default=None, metavar="DIR",
+                   help="with a Hugging Face model id: the cache folder to download to and read from (default: "
+                   "huggingface_hub's, ~/.cache/huggingface/hub or $HF_HUB_CACHE); HF_HUB_OFFLINE=1 reads it only")
     g.add_argument("--max-num-seqs", type=int, default=None, help="max requests running at once (default 16)")
     g.add_argument(
         "--max-num-batched-tokens", type=int, default=None, help="token budget of one engine step (default 8192)"

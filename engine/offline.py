@@ -60,8 +60,10 @@ class Engine:
     @classmethod
     def from_pretrained(cls, model: str | Path, environ: dict[str, str] | None = None,
                         executor_args: dict[str, Any] | None = None, **engine_args: Any) -> Engine:
+        """`model`: a checkpoint folder or a Hugging Face model id (`revision=`, `download_dir=`; HF_HUB_OFFLINE=1
+        in `environ` reads only the cache)."""
         config = EngineConfig.from_cli_and_env({"model": str(model), **engine_args}, environ=environ)
-        return cls.from_config(config, **(executor_args or {}))
+        return cls.from_config(config.with_local_checkpoint(), **(executor_args or {}))
 
     @property
     def stats(self) -> StepStats:

@@ -762,10 +762,16 @@ async def serve_async(args: argparse.Namespace, started: asyncio.Event | None = 
     import uvicorn
 
     from diffgentor.engine.config import EngineConfig
+    from diffgentor.engine.model_source import is_repo_id
     from diffgentor.engine.request_state import load_processor_context
 
-    config = EngineConfig.from_cli_and_env(args)
-    names = args.served_model_name or [Path(args.model).name]
+    try:  # a Hugging Face model id becomes its snapshot folder in the cache (downloaded unless offline)
+        config = EngineConfig.from_cli_and_env(args).with_local_checkpoint()
+    except FileNotFoundError as e:
+        logger.error("%s", e)
+        return 1
+    # the name clients send: the model id as given (as vLLM serves it), else the folder's name
+    names = args.served_model_name or [args.model if is_repo_id(args.model) else Path(args.model).name]
     metrics = ServerMetrics(names[0])
     holder: dict[str, Any] = {}
 
@@ -780,7 +786,7 @@ async def serve_async(args: argparse.Namespace, started: asyncio.Event | None = 
         logger.error("%s", e)
         return 1
     client = EnginePool(config, slices, metrics=metrics, on_death=on_death)
-    ctx = load_processor_context(args.model, config.request_defaults() | (
+    ctx = load_processor_context(config.model, config.request_defaults() | (
         {"num_inference_steps": config.default_num_inference_steps} if config.default_num_inference_steps else {}))
     limits = ServerLimits(max_upload_bytes=args.max_upload_bytes, max_image_pixels=args.max_image_pixels,
                           max_prompt_chars=args.max_prompt_chars, max_request_bytes=args.max_request_bytes,
@@ -790,7 +796,7 @@ async def serve_async(args: argparse.Namespace, started: asyncio.Event | None = 
                           request_fetch_deadline_s=2 * args.url_fetch_timeout_s,
                           max_inflight_bytes=args.max_inflight_bytes, head_timeout_s=args.header_timeout_s,
                           body_idle_timeout_s=args.body_timeout_s)
-    state = AppState(ctx=ctx, client=client, metrics=metrics, model_names=names, model_root=str(args.model),
+    state = AppState(ctx=ctx, client=client, metrics=metrics, model_names=names, model_root=config.model,
                      api_key=args.api_key, limits=limits, playground=getattr(args, "playground", True),
                      allowed_origins=tuple(args.allowed_origins),
                      image_store=ImageStore(args.image_url_store_bytes, args.image_url_ttl_s))

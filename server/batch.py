@@ -54,8 +54,10 @@ def _add_common_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--backend", default="hunyuan_image_3",
                    help="inference backend; only hunyuan_image_3 is served by this engine (default)")
     g.add_argument("--model_name", "--model-name", dest="model_name", default=None,
-                   help="checkpoint folder (HunyuanImage-3.0-Instruct or -Instruct-Distil); any folder name, "
-                        "dots included (required)")
+                   help="checkpoint folder (HunyuanImage-3.0-Instruct or -Instruct-Distil; any folder name, "
+                        "dots included) or Hugging Face model id such as tencent/HunyuanImage-3.0-Instruct-Distil, "
+                        "downloaded into the cache once (--revision, --download-dir; HF_HUB_OFFLINE=1: cache only) "
+                        "(required)")
     g.add_argument("--model_type", "--model-type", dest="model_type", default=None,
                    help="accepted for compatibility; must be hunyuan_image_3 when given (not needed)")
     g = p.add_argument_group("generation")
@@ -156,8 +158,10 @@ def _validate(args: argparse.Namespace, command: str) -> None:
         raise FatalError(f"--model_type {args.model_type!r} is not supported; use hunyuan_image_3")
     if not args.model_name:
         raise FatalError("--model_name (the checkpoint folder) is required")
-    if not Path(args.model_name).is_dir():
-        raise FatalError(f"--model_name {args.model_name}: no such checkpoint folder")
+    from diffgentor.engine.model_source import is_repo_id
+
+    if not Path(args.model_name).is_dir() and not is_repo_id(args.model_name):
+        raise FatalError(f"--model_name {args.model_name}: no such checkpoint folder (nor a Hugging Face model id)")
     if command == "edit" and not args.input:
         raise FatalError("--input (a CSV file, parquet file or folder) is required")
     if command == "t2i" and not args.prompt and not args.prompts_file:
@@ -528,6 +532,11 @@ def _run(args: argparse.Namespace, command: str) -> int:
     t_start = time.perf_counter()
     _validate(args, command)
     config = engine_config(args)  # every env var checked before any work
+    try:  # a Hugging Face model id becomes its folder in the cache (downloaded once); instances get that folder
+        config = config.with_local_checkpoint()
+    except FileNotFoundError as e:
+        raise FatalError(str(e)) from None
+    args.model_name = config.model
     output_dir = Path(args.output_dir)
     output_csv = Path(args.output_csv) if args.output_csv else output_dir / "results.csv"
     log_dir = Path(args.log_dir) if args.log_dir else output_dir / "logs" / time.strftime("%Y%m%d_%H%M%S")

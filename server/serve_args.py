@@ -27,7 +27,9 @@ def _positive_float(text: str) -> float:
 def add_serve_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     from diffgentor.engine.config import add_engine_args
 
-    p.add_argument("model", help="checkpoint folder (HunyuanImage-3.0-Instruct layout)")
+    p.add_argument("model", help="checkpoint folder (HunyuanImage-3.0-Instruct layout) or Hugging Face model id "
+                   "(tencent/HunyuanImage-3.0-Instruct-Distil: downloaded into the cache once; see --revision, "
+                   "--download-dir, HF_HUB_OFFLINE)")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: loopback only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on /v1/* (default: none)")
