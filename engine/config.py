@@ -368,11 +368,18 @@ class EngineConfig:
     """Resolve model ids from the cache only (HF_HUB_OFFLINE)."""
     """Never use CUDA graphs (decode-only steps are captured per batch-size bucket and replayed on CUDA otherwise;
     see `engine.cuda_graph`)."""
+    flashinfer_warmup_s: float = 600.0
+    """Start-up budget for building and running once every FlashInfer kernel the engine would use (its JIT
+    compiles at first use); what is not proven by then runs on the torch path (`engine.kernel_warmup`)."""
+    attn_impl_explicit: bool = field(default=False, init=False, compare=False)
+    """An attention implementation was asked for (argument, flag or DG_HUNYUAN_IMAGE_3_ATTN_IMPL); when not, CUDA
+    tries FlashInfer first (`wants_flashinfer_attention`)."""
 
     def __post_init__(self) -> None:
         set_ = lambda k, v: object.__setattr__(self, k, v)  # frozen dataclass: normalise in place
         if not isinstance(self.env, HunyuanImage3Env):
             raise TypeError(f"env must be a HunyuanImage3Env, got {type(self.env).__name__}")
+        set_("attn_impl_explicit", self.attn_impl is not None or "attn_impl" in self.env.explicit)
         if self.attn_impl is None:
             set_("attn_impl", self.env.attn_impl)
         if self.moe_impl is None:
@@ -433,6 +440,9 @@ class EngineConfig:
         if quant not in QUANTIZATIONS:
             raise ValueError(f"quantization={self.quantization!r} is invalid; allowed: {', '.join(QUANTIZATIONS)}")
         set_("quantization", quant)
+        budget = self.flashinfer_warmup_s
+        if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not budget >= 0:
+            raise ValueError(f"flashinfer_warmup_s must be a number of seconds >= 0, got {budget!r}")
         util = self.gpu_memory_utilization
         if isinstance(util, bool) or not isinstance(util, (int, float)) or not (0.0 < util <= 1.0):
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {util!r}")
@@ -521,6 +531,7 @@ class EngineConfig:
             "enforce_eager": ("enforce_eager",),
             "revision": ("revision",),
             "download_dir": ("download_dir",),
+            "flashinfer_warmup_s": ("flashinfer_warmup_s", "flashinfer_warmup_timeout"),
         }
         for fname, keys in simple.items():
             v = first(*keys)
@@ -552,6 +563,11 @@ class EngineConfig:
 
     def on_cuda(self, cuda_available: bool | None = None) -> bool:
         return self.resolve_device(cuda_available).startswith("cuda")
+
+    def wants_flashinfer_attention(self, cuda_available: bool | None = None) -> bool:
+        """FlashInfer attention is tried (and proven at start-up) when asked for, or on CUDA when no attention
+        implementation was asked for; `sdpa` is what runs otherwise and when FlashInfer is not proven."""
+        return self.attn_impl == "flashinfer" or (not self.attn_impl_explicit and self.on_cuda(cuda_available))
 
     def resolve_dtype(self, cuda_available: bool | None = None) -> str:
         """``auto`` -> ``bfloat16`` on CUDA, ``float32`` on CPU; other values unchanged."""
@@ -761,7 +777,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "--attn-impl",
         default=None,
         choices=ATTN_IMPLS,
-        help="attention kernels (default: DG_HUNYUAN_IMAGE_3_ATTN_IMPL, sdpa)",
+        help="attention kernels (default: DG_HUNYUAN_IMAGE_3_ATTN_IMPL, else FlashInfer on CUDA when its kernels "
+        "build and pass at start-up, else sdpa)",
     )
     g.add_argument(
         "--moe-impl", default=None, choices=MOE_IMPLS, help="MoE kernels (default: DG_HUNYUAN_IMAGE_3_MOE_IMPL, eager)"
@@ -779,6 +796,14 @@ def add_engine_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         type=float,
         default=None,
         help="fraction of each GPU's total memory the engine may use; sizes the KV cache (default 0.9)",
+    )
+    g.add_argument(
+        "--flashinfer-warmup-timeout",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="start-up budget for building and proving FlashInfer's kernels (JIT); what is not proven in time runs "
+        "on the torch path (default 600)",
     )
     g.add_argument(
         "--enforce-eager",

@@ -133,6 +133,11 @@ class EngineCore:
     def num_blocks(self) -> int:
         return self.kv.num_blocks
 
+    @property
+    def kernel_impls(self) -> dict[str, str]:
+        """op -> the kernel implementation the workers run (attention, moe), as proven at start-up."""
+        return self.executor.kernel_impls
+
     def add_request(self, req: GenerationRequest) -> list[EngineEvent]:
         """Validate, preprocess and queue; a bad request is answered at once with its error (no block taken)."""
         self._check()

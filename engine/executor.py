@@ -19,6 +19,7 @@ class Executor:
     """The engine core's view of its workers."""
 
     num_blocks: int  # KV cache blocks every worker holds (the scheduler's block pool)
+    kernel_impls: dict[str, str] = {}  # noqa: RUF012 - op -> implementation that runs; set by executors that know
 
     def execute_model(self, plan: SchedulerOutput) -> RunnerOutput:
         """Run one plan on every worker; raises `ExecutorError` when a worker is lost."""
@@ -40,6 +41,7 @@ class UniProcExecutor(Executor):
     def __init__(self, worker: Worker) -> None:
         self.worker = worker
         self.num_blocks = worker.num_blocks
+        self.kernel_impls = worker.kernel_impls
 
     def execute_model(self, plan: SchedulerOutput) -> RunnerOutput:
         return self.worker.execute_model(plan)

@@ -8,11 +8,13 @@ its collectives keeping the shards in lockstep.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
 
 from diffgentor.engine.config import EngineConfig
+from diffgentor.engine.kernel_warmup import choose_kernels
 from diffgentor.engine.memory_plan import kv_blocks_for
 from diffgentor.engine.model_runner import ModelRunner
 from diffgentor.engine.models.hunyuan_image_3.config import HunyuanImage3Config
@@ -22,9 +24,11 @@ from diffgentor.engine.plan import RunnerOutput, SchedulerOutput
 
 
 class Worker:
-    def __init__(self, model: HunyuanImage3ForCausalMM, config: EngineConfig, num_blocks: int) -> None:
+    def __init__(self, model: HunyuanImage3ForCausalMM, config: EngineConfig, num_blocks: int,
+                 kernel_impls: dict[str, str] | None = None) -> None:
         self.model = model
         self.num_blocks = num_blocks
+        self.kernel_impls = dict(kernel_impls or {})  # op -> the implementation that runs (engine/kernel_warmup.py)
         self.runner = ModelRunner(model, num_blocks, config.block_size, config.enforce_eager, config.max_num_seqs)
 
     @classmethod
@@ -35,11 +39,19 @@ class Worker:
             raise ValueError("EngineConfig.model (the checkpoint folder) is required")
         path = Path(config.model)
         dtype = getattr(torch, config.resolve_dtype())
+        model_config = HunyuanImage3Config.from_pretrained(path)
         planned = None
-        if config.on_cuda() and config.num_kv_blocks is None and config.kv_cache_memory_bytes is None:
+        plan_kv = config.on_cuda() and config.num_kv_blocks is None and config.kv_cache_memory_bytes is None
+        if plan_kv:
             # the memory planner sizes the KV cache, and refuses (MemoryPlanError, the whole plan) BEFORE any weight
-            # is loaded when the layout cannot fit this GPU
-            planned = kv_blocks_for(config, HunyuanImage3Config.from_pretrained(path), parallel)
+            # is loaded (and before the kernel warm-up) when the layout cannot fit this GPU
+            kv_blocks_for(config, model_config, parallel)
+        # FlashInfer only where its kernels build and pass at start-up (engine/kernel_warmup.py); the config then
+        # names what actually runs, for the memory plan and the model
+        kernels = choose_kernels(config, model_config, parallel)
+        config = dataclasses.replace(config, attn_impl=kernels.attn_impl, moe_impl=kernels.moe_impl)
+        if plan_kv:
+            planned = kv_blocks_for(config, model_config, parallel)
         model = HunyuanImage3ForCausalMM.from_pretrained(
             path, dtype=dtype, device=config.resolve_device(), attn_backend=config.attn_impl, moe_impl=config.moe_impl,
             parallel=parallel, quantization=config.quantization,
@@ -59,7 +71,7 @@ class Worker:
             n = torch.tensor([num_blocks], dtype=torch.int64, device=model.device if config.on_cuda() else "cpu")
             dist.all_reduce(n, op=dist.ReduceOp.MIN, group=parallel.group)
             num_blocks = int(n.item())
-        return cls(model, config, num_blocks)
+        return cls(model, config, num_blocks, kernels.labels)
 
     def execute_model(self, plan: SchedulerOutput) -> RunnerOutput:
         """Run one plan; the final latents of a diffusion that just ended ride along (the result of the latent output

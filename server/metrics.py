@@ -75,6 +75,9 @@ class ServerMetrics:
                                 ["model_name", "finished_reason"], registry=r)
         for reason in ("image", "text", "length", "abort", "error"):
             self._success.labels(model_name, reason)
+        self._kernels = Gauge("diffgentor:kernel_impl", "1 for the kernel implementation each engine instance runs "
+                              "per op (attention: flashinfer or sdpa; moe: flashinfer, grouped, fp8_grouped, ...), as "
+                              "proven at start-up.", ["model_name", "engine", "op", "impl"], registry=r)
         self._routed = Counter("diffgentor:engine_requests", "Requests sent to each engine instance (data parallel).",
                                ["model_name", "engine"], registry=r)
         self._last: dict[int, dict[str, int]] = {}  # cumulative counters last seen, per engine instance
@@ -82,9 +85,12 @@ class ServerMetrics:
         self._max_batch = 0
 
     # ------------------------------------------------------------------ updates
-    def on_engine_ready(self, engine: int, num_blocks: int) -> None:
-        """An instance's KV cache before its first step: all blocks free (so /metrics adds up from the start)."""
+    def on_engine_ready(self, engine: int, num_blocks: int, kernels: dict[str, str] | None = None) -> None:
+        """An instance's KV cache before its first step: all blocks free (so /metrics adds up from the start), and
+        the kernel implementation it runs per op."""
         self._routed.labels(self.model_name, str(engine))
+        for op, impl in (kernels or {}).items():
+            self._kernels.labels(self.model_name, str(engine), op, impl).set(1)
         self.on_stats(SchedulerStats(num_running=0, num_waiting=0, kv_usage=0.0, num_free_blocks=num_blocks,
                                      prefix_cache_queries=0, prefix_cache_hits=0, num_preemptions=0, num_steps=0),
                       engine=engine, num_blocks=num_blocks)

@@ -206,7 +206,8 @@ def test_metrics_parse_and_move(server, client):
     assert after["diffgentor:time_to_first_token_seconds_count"] > 0  # from the earlier think requests
     for name in ("diffgentor:num_requests_running", "diffgentor:num_requests_waiting", "diffgentor:kv_cache_usage_perc",
                  "diffgentor:num_preemptions_total", "diffgentor:request_queue_time_seconds_count",
-                 "diffgentor:inter_token_latency_seconds_count", "diffgentor:generation_tokens_total"):
+                 "diffgentor:inter_token_latency_seconds_count", "diffgentor:generation_tokens_total",
+                 "diffgentor:kernel_impl"):
         assert name in after, name
 
 
