@@ -15,7 +15,7 @@ import torch
 
 from diffgentor.engine.config import EngineConfig
 from diffgentor.engine.kernel_warmup import choose_kernels
-from diffgentor.engine.memory_plan import kv_blocks_for
+from diffgentor.engine.memory_plan import kv_blocks_for, largest_step_tokens
 from diffgentor.engine.model_runner import ModelRunner
 from diffgentor.engine.models.hunyuan_image_3.config import HunyuanImage3Config
 from diffgentor.engine.models.hunyuan_image_3.model import HunyuanImage3ForCausalMM
@@ -30,6 +30,7 @@ class Worker:
         self.num_blocks = num_blocks
         self.kernel_impls = dict(kernel_impls or {})  # op -> the implementation that runs (engine/kernel_warmup.py)
         self.runner = ModelRunner(model, num_blocks, config.block_size, config.enforce_eager, config.max_num_seqs)
+        model.tune_kernels(largest_step_tokens(config, model.config)[0])
 
     @classmethod
     def load(cls, config: EngineConfig, parallel: ParallelContext | None = None) -> Worker:

@@ -482,6 +482,35 @@ def fused_experts_flashinfer(
     return out
 
 
+_FLASHINFER_TUNED: set[tuple] = set()
+"""Weight shapes (with the token limit) whose FlashInfer fused-MoE tactics this process has profiled."""
+
+
+def tune_flashinfer_moe(w13: Tensor | Fp8Weight, w2: Tensor | Fp8Weight, top_k: int, max_tokens: int,
+                        dtype: torch.dtype, parallel: MoEParallel = MoEParallel()) -> bool:
+    """Profile FlashInfer's fused-MoE tactics once per process and weight shape: one call of `max_tokens` tokens
+    inside `flashinfer.autotune()`, which tunes every token-count bucket up to it and keeps the choices for the
+    process (untuned, each call runs FlashInfer's fallback tactic). Returns False when already tuned."""
+    import flashinfer
+
+    fp8 = isinstance(w13, Fp8Weight)
+    q13, q2 = (w13.qweight, w2.qweight) if fp8 else (w13, w2)
+    key = (str(q13.device), dtype, tuple(q13.shape), tuple(q2.shape), fp8, parallel.tp_size, parallel.ep_size,
+           top_k, max_tokens)
+    if key in _FLASHINFER_TUNED:
+        return False
+    total = int(q13.shape[0]) * parallel.ep_size
+    gen = torch.Generator(device=q13.device).manual_seed(0)
+    x = torch.randn(max_tokens, int(q13.shape[2]), generator=gen, device=q13.device).to(dtype)
+    # every token on top_k distinct experts, all experts used: the shapes a real step has
+    ids = (torch.arange(max_tokens * top_k, device=q13.device) % total).view(max_tokens, top_k)
+    weights = torch.full((max_tokens, top_k), 1.0 / top_k, device=q13.device)
+    with flashinfer.autotune(True):
+        fused_experts_flashinfer(x, weights, ids, w13, w2, parallel)
+    _FLASHINFER_TUNED.add(key)
+    return True
+
+
 # ------------------------------------------------------------------------------------------------ selection
 
 

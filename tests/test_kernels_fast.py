@@ -346,3 +346,62 @@ def test_gpu_fused_elementwise_vs_reference():
     assert _rel(rms_norm(x, w, 1e-5, fused=True), rms_norm_reference(x, w, 1e-5)) < 1e-2
     y = torch.randn(64, 2 * 3072, device=CUDA, dtype=torch.bfloat16)
     assert _rel(silu_and_mul(y, gate_first=True, fused=True), silu_and_mul_reference(y, gate_first=True)) < 1e-2
+
+
+class _RecordingFusedMoe:
+    """Stands in for `flashinfer` on a machine without it: records each fused-MoE call's token count and whether it
+    ran inside `flashinfer.autotune()` (the output buffer is left as passed)."""
+
+    def __init__(self) -> None:
+        import contextlib
+        import types
+
+        self.calls: list[tuple[int, bool]] = []
+        self.tuning = False
+        rec = self
+
+        @contextlib.contextmanager
+        def autotune(tune_mode: bool = True):
+            rec.tuning = tune_mode
+            try:
+                yield
+            finally:
+                rec.tuning = False
+
+        def cutlass_fused_moe(x, ids, scales, w1, w2, dtype, **kw):
+            rec.calls.append((int(x.shape[0]), rec.tuning))
+            return [kw["output"]]
+
+        self.module = types.ModuleType("flashinfer")
+        self.module.autotune = autotune
+        self.module.fused_moe = types.ModuleType("flashinfer.fused_moe")
+        self.module.fused_moe.cutlass_fused_moe = cutlass_fused_moe
+
+
+def test_flashinfer_moe_is_tuned_once_per_process_at_start_up(tmp_path, monkeypatch):
+    """A worker whose model runs FlashInfer's fused MoE tunes it at start-up for the largest step the scheduler can
+    issue: one call inside `flashinfer.autotune()` per weight shape (all layers share it), none again in the same
+    process, and the steps that follow run untuned calls."""
+    from diffgentor.bench.engine_run import build_random_model
+    from diffgentor.engine.config import EngineConfig
+    from diffgentor.engine.memory_plan import largest_step_tokens
+    from diffgentor.engine.models.hunyuan_image_3.backbone import MoEBlock
+    from diffgentor.engine.testing.tiny_model import write_tiny_metadata
+    from diffgentor.engine.worker import Worker
+
+    fake = _RecordingFusedMoe()
+    monkeypatch.setitem(sys.modules, "flashinfer", fake.module)
+    monkeypatch.setitem(sys.modules, "flashinfer.fused_moe", fake.module.fused_moe)
+    monkeypatch.setattr(moe_mod, "flashinfer_moe_available", lambda device, layout=None: (True, "ok"))
+    monkeypatch.setattr(moe_mod, "_FLASHINFER_TUNED", set())
+    model = build_random_model(write_tiny_metadata(tmp_path / "tiny"), "cpu", torch.float32, None, 0, "sdpa",
+                               "flashinfer")
+    config = EngineConfig(device="cpu", dtype="float32", max_num_batched_tokens=256)
+    Worker(model, config, 64)
+    tokens = largest_step_tokens(config, model.config)[0]
+    assert fake.calls == [(tokens, True)]
+    assert model.tune_kernels(tokens) == 0 and len(fake.calls) == 1  # kept for the process
+    blocks = [m for m in model.modules() if isinstance(m, MoEBlock)]
+    assert len(blocks) > 1  # every layer shares the one tuned shape
+    blocks[0](torch.randn(5, model.config.hidden_size))
+    assert fake.calls[-1] == (5, False)

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from diffgentor.engine.kv_cache import PagedKVCache
 from diffgentor.engine.parallel import ParallelContext
 from diffgentor.kernels.attention import AttentionBackend, AttentionMetadata, get_attention_backend
-from diffgentor.kernels.moe import fused_experts, resolve_moe_impl, select_experts, swiglu_mlp
+from diffgentor.kernels.moe import fused_experts, resolve_moe_impl, select_experts, swiglu_mlp, tune_flashinfer_moe
 from diffgentor.kernels.norm import RMSNorm
 from diffgentor.kernels.quantization import linear_weight, stack_linear_weights, storage_ptr
 from diffgentor.kernels.rope import apply_rope, rope_cos_sin
@@ -138,6 +138,17 @@ class MoEBlock(nn.Module):
         if isinstance(w, Tensor):
             return None
         return "fp8" if w.block is None else "fp8_block"
+
+    def tune(self, max_tokens: int, dtype: torch.dtype) -> bool:
+        """Start-up kernel tuning for steps of up to `max_tokens` tokens (FlashInfer's fused MoE: once per process
+        and weight shape); nothing for the other paths. True when it tuned."""
+        w = self.gate.wg.weight
+        if self._impl is None:
+            self._impl = resolve_moe_impl(self.moe_impl, w.device, self.quantization())
+        if self._impl != "flashinfer":
+            return False
+        w13, w2 = self._stacked()
+        return tune_flashinfer_moe(w13, w2, self.top_k, max_tokens, dtype, self.moe_parallel)
 
     def forward(self, x: Tensor) -> Tensor:
         """Routed + shared output; under tensor / expert parallel this rank's PARTIAL sum (the layer reduces)."""

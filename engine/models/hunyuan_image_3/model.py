@@ -29,7 +29,7 @@ from diffgentor.engine.parallel import ParallelContext
 from diffgentor.engine.process import release_host_memory
 from diffgentor.kernels.attention import AttentionMetadata
 
-from .backbone import HunyuanImage3Backbone, keep_fp32_param
+from .backbone import HunyuanImage3Backbone, MoEBlock, keep_fp32_param
 from .config import HunyuanImage3Config
 from .image_embed import TimestepEmbedder, UNetDown, UNetUp
 from .vae import AutoencoderKLConv3D, DiagonalGaussian
@@ -122,6 +122,11 @@ class HunyuanImage3ForCausalMM(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.model.wte.weight.device
+
+    def tune_kernels(self, max_tokens: int) -> int:
+        """Start-up tuning of the kernels that profile their tactics (FlashInfer's fused MoE, once per process and
+        weight shape) for steps of up to `max_tokens` tokens; the number of MoE layers that tuned."""
+        return sum(m.tune(max_tokens, self.dtype) for m in self.modules() if isinstance(m, MoEBlock))
 
     def make_kv_cache(self, num_blocks: int, block_size: int) -> PagedKVCache:
         return self.model.make_kv_cache(num_blocks, block_size, device=self.device)
