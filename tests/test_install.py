@@ -105,3 +105,62 @@ def test_decode_bench_on_cpu_says_why(capsys):
     assert main(["--device", "cuda"]) == 2
     err = capsys.readouterr().err
     assert "CUDA" in err and "--device cpu" in err
+
+
+README = (REPO / "README.md").read_text()
+
+
+def test_dockerfile_runs_the_readme_gpu_install():
+    """No Docker engine here: the Dockerfile is parsed. An official PyTorch CUDA base, and its install step is the
+    script the README's GPU install runs."""
+    dockerfile = pytest.importorskip("dockerfile")
+    cmds = dockerfile.parse_file(str(REPO / "Dockerfile"))
+    by = {}
+    for c in cmds:
+        by.setdefault(c.cmd.upper(), []).append(c.value)
+    (arg,) = [v[0] for v in by["ARG"] if v[0].startswith("BASE_IMAGE=")]
+    base = arg.split("=", 1)[1]
+    assert base.startswith("pytorch/pytorch:") and "-cuda" in base and by["FROM"] == [("${BASE_IMAGE}",)]
+    (run,) = by["RUN"]
+    assert run == ("bash scripts/install_gpu.sh",)
+    assert "bash scripts/install_gpu.sh" in README and base in README
+    assert by["ENTRYPOINT"] == [("diffgentor",)]
+    assert (REPO / "scripts" / "install_gpu.sh").is_file()
+
+
+def test_gpu_install_script_refuses_a_cpu_torch(tmp_path):
+    """The GPU install keeps the CUDA torch it finds; given a CPU-only torch (this machine) it says what to do and
+    installs nothing."""
+    import torch
+
+    if torch.version.cuda:
+        pytest.skip("this torch is a CUDA build")
+    r = subprocess.run(["bash", str(REPO / "scripts" / "install_gpu.sh")], capture_output=True, text=True,
+                       env={**os.environ, "PYTHON": sys.executable}, cwd=tmp_path)
+    assert r.returncode == 1 and "no CUDA build of torch" in r.stderr and "download.pytorch.org/whl/cu" in r.stderr
+
+
+def test_readme_names_every_metric():
+    """Every metric the server exports, and every one the dashboard and alert rules use, by its full name."""
+    import re
+
+    from diffgentor.server.metrics import ServerMetrics
+
+    exported = set(re.findall(r"^# TYPE diffgentor:(\w+) (\w+)", ServerMetrics("m").render().decode(), re.M))
+    used = set()
+    for f in [REPO / "examples" / "grafana" / "diffgentor.json", *(REPO / "examples" / "prometheus").iterdir()]:
+        used |= {re.sub(r"_(bucket|sum|count)$", "", n) for n in re.findall(r"diffgentor:(\w+)", f.read_text())}
+    names = {n for n, _ in exported if not n.endswith("_created")} | used  # (_created: client bookkeeping)
+    assert len(names) > 20
+    missing = sorted(n for n in names if f"`{n}`" not in README and f"`{n}{{" not in README)
+    assert missing == [], missing
+
+
+def test_readme_first_hour():
+    """What a new GPU user needs is in the README, and it cites nothing outside the repository."""
+    for needed in ("source .venv/bin/activate", "tencent/HunyuanImage-3.0-Instruct-Distil",
+                   "hf download tencent/HunyuanImage-3.0-Instruct", "166 GB", "--download-dir", "HF_HUB_OFFLINE",
+                   "plan-memory", "docker build", "TORCH_INDEX_URL", "hunyuanimage3-diffgentor", "(#on-a-gpu)"):
+        assert needed in README, needed
+    for outside in ("seed document", "the spec", "spec numbers", "issue 1", "issue 2", "../shared/spec"):
+        assert outside not in README, outside

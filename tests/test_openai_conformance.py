@@ -601,3 +601,16 @@ def test_url_responses_user_null_and_models_retrieve(server, client):
     _openai_validator("ImagesResponse").validate(r.model_dump(exclude_none=True))
     assert httpx.get(server + "/images/not-a-token").status_code == 404
     assert client.models.retrieve(MODEL).id == MODEL
+
+
+def test_aligned_edit_sizes_are_what_the_readme_says(engine):
+    """The README's `size` row: with infer_align_image_size an edit may come back at no bucket size (the tiny model:
+    a 384x256 input with size 1536x1024, the engine's 1024x1536, gives 314x209); without it, the bucket."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert "a 384x256 input with `size=1536x1024` comes back 314x209" in readme
+    common = dict(prompt="a tower", seed=1, bot_task="image", num_inference_steps=1, image_size="1024x1536",
+                  images=[random_png(256, 384, 3)])
+    aligned, bucket = engine.generate([dict(common, infer_align_image_size=True),
+                                       dict(common, infer_align_image_size=False)])
+    assert aligned.image.size == (314, 209)
+    assert bucket.image.size != aligned.image.size and bucket.image.width > bucket.image.height
