@@ -7,18 +7,26 @@ Each timed run gets a fresh engine (so no prefix or encoder cache carries over b
 warm-up runs first, and runs `--repeat` times at the preset's max_num_seqs and, with `--compare-max-num-seqs K`,
 again at K in the same process. The JSON holds images/min, the per-phase split of the wall time (encode, prefill,
 think, diffusion, VAE decode, scheduler, preprocess, other), time to first think token and end-to-end latency per
-request (mean / p50 / p99, text-to-image and edits apart), mean and spread over the repeats, and the machine's state
-(git commit, load average before / after, torch threads, CPU model).
+request (mean / p50 / p99, text-to-image and edits apart), minor page faults and system / user CPU seconds of the
+engine's process (and of its rank processes, if any), mean and spread over the repeats, and the machine's state (git
+commit, load average before / after, torch threads, CPU model).
+
+`--compare-allocator` is the A/B of the host heap policy (engine/allocator.py): every repeat runs the workload twice,
+in two fresh processes, with glibc's defaults (`--heap-reuse-memory 0`) and with heap reuse (the default ceiling or
+`--heap-reuse-memory`), in alternating order; the JSON holds both sides, their ratio and whether every image is
+identical. The policy is process-wide and cannot be undone, hence one process per side.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import io
 import itertools
 import json
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -27,6 +35,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from diffgentor.engine.config import DEFAULT_HEAP_REUSE_BYTES, _size_arg
 
 
 @dataclass(frozen=True)
@@ -190,6 +200,30 @@ class RunResult:
     slowest_steps: list[dict[str, Any]] = field(default_factory=list)
     requests: list[dict[str, Any]] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    heap_reuse_bytes: int | None = None  # the engine's host heap ceiling (0: glibc's defaults)
+    cpu: dict[str, float] = field(default_factory=dict)  # `cpu_usage`: this process over the timed run + children
+
+
+def cpu_usage(before: tuple[Any, Any], after: tuple[Any, Any]) -> dict[str, float]:
+    """What the kernel did for the engine between two `_rusage()` readings: minor / major page faults and system /
+    user CPU seconds of this process, and of its reaped child processes (tensor-parallel ranks) as ``children_*``.
+    Counts, so a loaded machine does not change them much (unlike wall time)."""
+    out: dict[str, float] = {}
+    for prefix, a, b in (("", before[0], after[0]), ("children_", before[1], after[1])):
+        out[prefix + "minor_faults"] = float(b.ru_minflt - a.ru_minflt)
+        out[prefix + "major_faults"] = float(b.ru_majflt - a.ru_majflt)
+        out[prefix + "system_s"] = b.ru_stime - a.ru_stime
+        out[prefix + "user_s"] = b.ru_utime - a.ru_utime
+    return out
+
+
+def _rusage() -> tuple[Any, Any]:
+    return resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+
+
+def _image_digest(res: Any) -> str | None:
+    img = getattr(res, "image", None)
+    return hashlib.sha256(img.tobytes()).hexdigest()[:16] if img is not None else None
 
 
 def _stats_snapshot(stats: Any) -> dict[str, Any]:
@@ -275,16 +309,19 @@ def run_once(ckpt: Path, engine_args: dict[str, Any], reqs: list[dict[str, Any]]
     every step's counters can be attributed to phases."""
     from diffgentor.engine.offline import Engine
 
+    children0 = _rusage()[1]
     eng = Engine.from_pretrained(ckpt, environ={}, **engine_args)
     try:
         for _ in range(warmup):
             eng.generate(warmup_requests(reqs))
+        eng.idle_release.busy()  # the timed run follows at once: no idle release of the warm-up's heap in it
         core = eng.core
         kinds = {r["request_id"]: kind_of(r) for r in reqs}
         first_text: dict[str, int] = {}
         acc = _PhaseAccumulator()
         steps: list[dict[str, Any]] = []
         start = _stats_snapshot(eng.stats)
+        usage0 = _rusage()
         t0 = time.perf_counter()
         for r in reqs:
             core.add_request(eng.make_request(r))
@@ -304,10 +341,13 @@ def run_once(ckpt: Path, engine_args: dict[str, Any], reqs: list[dict[str, Any]]
                     first_text.setdefault(ev.request_id, len(steps) - 1)
         core.run_until_done()
         dur = time.perf_counter() - t0
+        usage1 = _rusage()
         end = _stats_snapshot(eng.stats)
         results = [core.results.pop(r["request_id"]) for r in reqs]
     finally:
         eng.close()
+    # children (ranks) are counted once reaped, so over the engine's whole life; this process over the timed run
+    cpu = cpu_usage((usage0[0], children0), (usage1[0], _rusage()[1]))
     acc.time_s["other"] = dur - sum(v for k, v in acc.time_s.items() if k != "other")
     rows = []
     for res in results:
@@ -318,6 +358,7 @@ def run_once(ckpt: Path, engine_args: dict[str, Any], reqs: list[dict[str, Any]]
             "think_s": t.get("think"), "diffuse_s": t.get("diffuse"), "vae_decode_s": t.get("vae_decode"),
             "think_tokens": res.num_generated_tokens, "prompt_tokens": res.num_prompt_tokens,
             "first_text_step": first_text.get(res.request_id), "error": res.error,
+            "image_sha256": _image_digest(res),
         })
     images = sum(r.finish_reason == "image" for r in results)  # output_type latent counts: the image was made
     think = sum(r.num_generated_tokens for r in results)
@@ -337,6 +378,7 @@ def run_once(ckpt: Path, engine_args: dict[str, Any], reqs: list[dict[str, Any]]
         slowest_steps=sorted(steps, key=lambda s: -s["wall_s"])[:5],
         requests=rows,
         errors=[f"{r.request_id}: {r.error}" for r in results if r.error],
+        heap_reuse_bytes=eng.core.config.heap_reuse_bytes, cpu=cpu,
     )
 
 
@@ -359,6 +401,7 @@ def summarize(runs: list[RunResult]) -> dict[str, Any]:
         "diffusion_steps_per_s": _spread([r.diffusion_steps_per_s for r in runs]),
         "phase_time_s": {k: statistics.fmean(r.phase_time_s[k] for r in runs) for k in PHASES},
         "phase_fraction": {k: statistics.fmean(r.phase_fraction[k] for r in runs) for k in PHASES},
+        "cpu": {k: statistics.fmean(r.cpu[k] for r in runs) for k in runs[0].cpu},
     }
     for kind in ("t2i", "edit", "all"):
         out[kind] = {m: {s: statistics.fmean(v) for s in ("mean", "p50", "p99") if (v := lat(kind, m, s))}
@@ -403,11 +446,14 @@ def render(run: RunResult) -> str:
     lat = run.latency
     ft = {k: lat[k]["first_token_s"]["mean"] for k in ("t2i", "edit")}
     ft_s = ", ".join(f"{k} {v:.2f}s" for k, v in ft.items() if v is not None)
+    heap = "glibc defaults" if not run.heap_reuse_bytes else f"heap reuse {(run.heap_reuse_bytes or 0) >> 20} MiB"
     return (
         f"max_num_seqs={run.max_num_seqs:>3} #{run.repeat}: {run.duration_s:7.2f} s  {run.images_per_min:7.2f} "
         f"images/min  {run.think_tokens_per_s:6.1f} think tok/s  first think token (mean) {ft_s or '-'}\n"
         f"    split: " + ", ".join(f"{k} {p[k]:.2f}s" for k in PHASES)
-        + f"  [{run.engine_steps} steps, scheduler {run.scheduler_overhead_ms_per_step:.2f} ms/step]"
+        + f"  [{run.engine_steps} steps, scheduler {run.scheduler_overhead_ms_per_step:.2f} ms/step]\n"
+        f"    {heap}: {run.cpu.get('minor_faults', 0):.0f} minor page faults, system {run.cpu.get('system_s', 0):.2f} s"
+        f", user {run.cpu.get('user_s', 0):.2f} s"
     )
 
 
@@ -441,6 +487,98 @@ def build_result(args: argparse.Namespace, info: dict[str, Any], load_before: tu
     return out
 
 
+ALLOCATOR_SIDES = ("glibc_default", "heap_reuse")
+"""The two sides of `--compare-allocator`: ``--heap-reuse-memory 0``, and heap reuse at the run's ceiling."""
+
+
+def _side_argv(args: argparse.Namespace, model: Path, heap_reuse_bytes: int, out: Path) -> list[str]:
+    """`bench offline` for one side of the allocator A/B: one timed run in a fresh process, same settings."""
+    argv = [sys.executable, "-m", "diffgentor.server.cli", "bench", "offline", "--preset", args.preset,
+            "--model", str(model), "--warmup", str(args.warmup), "--repeat", "1",
+            "--num-kv-blocks", str(args.num_kv_blocks), "--device", args.device, "--dtype", args.dtype,
+            "--heap-reuse-memory", str(heap_reuse_bytes), "--save-result", str(out)]
+    optional = {"--workload": args.workload, "--num-prompts": args.num_prompts, "--max-num-seqs": args.max_num_seqs,
+                "--max-num-batched-tokens": args.max_num_batched_tokens}
+    for flag, value in optional.items():
+        if value is not None:
+            argv += [flag, str(value)]
+    return argv
+
+
+def allocator_result(args: argparse.Namespace, info: dict[str, Any], load_before: tuple[float, ...],
+                     reqs: list[dict[str, Any]], runs: dict[str, list[RunResult]], ceiling: int) -> dict[str, Any]:
+    """The A/B document: each side's runs and summary, heap reuse / glibc ratios, and whether the images agree."""
+    done = {side: rs for side, rs in runs.items() if rs}
+    summary = {side: summarize(rs) for side, rs in done.items()}
+    digests = {side: {(row["request_id"], row["image_sha256"]) for r in rs for row in r.requests}
+               for side, rs in done.items()}
+    out: dict[str, Any] = {
+        "benchmark": "offline-allocator", "label": args.label,
+        "complete": all(len(rs) == args.repeat for rs in runs.values()), **info,
+        "loadavg_before": list(load_before), "loadavg_after": list(os.getloadavg()),
+        "model": str(args.model) if args.model else f"random preset {args.preset}", "preset": args.preset,
+        "workload": str(args.workload) if args.workload else None, "num_requests": len(reqs),
+        "warmup_runs": args.warmup, "repeats": args.repeat, "device": args.device, "dtype": args.dtype,
+        "max_num_seqs": args.max_num_seqs or PRESETS[args.preset].max_num_seqs,
+        "heap_reuse_bytes": {"glibc_default": 0, "heap_reuse": ceiling},
+        "summary": summary,
+        "identical_images": len(digests) == 2 and digests["glibc_default"] == digests["heap_reuse"],
+        "runs": {side: [asdict(r) for r in rs] for side, rs in runs.items()},
+    }
+    if len(summary) == 2:
+        a, b = summary["glibc_default"], summary["heap_reuse"]
+        out["ratio"] = {key: b[key]["mean"] / a[key]["mean"] for key in ("images_per_min", "think_tokens_per_s",
+                                                                        "diffusion_steps_per_s")}
+        out["ratio"] |= {f"cpu_{k}": b["cpu"][k] / a["cpu"][k] if a["cpu"][k] else None
+                         for k in ("minor_faults", "system_s", "user_s")}
+    return out
+
+
+def compare_allocator(args: argparse.Namespace, info: dict[str, Any], load_before: tuple[float, ...],
+                      reqs: list[dict[str, Any]]) -> int:
+    """`--compare-allocator`: each repeat runs glibc's defaults and heap reuse in a fresh process each, the order
+    alternating between repeats; saved after every run."""
+    ceiling = args.heap_reuse_memory if args.heap_reuse_memory is not None else DEFAULT_HEAP_REUSE_BYTES
+    save = Path(args.save_result) if args.save_result else None
+    if save:
+        save.parent.mkdir(parents=True, exist_ok=True)
+    runs: dict[str, list[RunResult]] = {side: [] for side in ALLOCATOR_SIDES}
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.model:
+            model = Path(args.model)
+        else:
+            from diffgentor.engine.testing.tiny_model import make_tiny
+
+            preset = PRESETS[args.preset]
+            model = make_tiny(Path(tmp) / f"random-{args.preset}", distil=preset.distil, seed=0,
+                              config_overrides=_config_overrides(preset))
+        for rep in range(args.repeat):
+            for side in ALLOCATOR_SIDES if rep % 2 == 0 else ALLOCATOR_SIDES[::-1]:
+                side_out = Path(tmp) / f"{side}-{rep}.json"
+                print(f"allocator A/B #{rep}: {side} (a fresh process)", flush=True)
+                heap = 0 if side == "glibc_default" else ceiling
+                rc = subprocess.run(_side_argv(args, model, heap, side_out)).returncode
+                if not side_out.is_file():
+                    print(f"bench offline: the {side} run failed (exit {rc})", file=sys.stderr)
+                    return 1
+                (run,) = json.loads(side_out.read_text())["runs"]
+                runs[side].append(RunResult(**{**run, "repeat": rep}))
+                if save:
+                    doc = allocator_result(args, info, load_before, reqs, runs, ceiling)
+                    save.write_text(json.dumps(doc, indent=2, ensure_ascii=False) + "\n")
+    out = allocator_result(args, info, load_before, reqs, runs, ceiling)
+    r = out["ratio"]
+    print(f"heap reuse ({ceiling >> 20} MiB) vs glibc defaults: images/min x{r['images_per_min']:.2f}, minor page "
+          f"faults x{r['cpu_minor_faults'] or 0:.3f}, system time x{r['cpu_system_s'] or 0:.3f}, user time "
+          f"x{r['cpu_user_s'] or 0:.3f}; identical images: {out['identical_images']}")
+    print(f"load average before {load_before[0]:.2f}, after {out['loadavg_after'][0]:.2f}")
+    if save:
+        save.write_text(json.dumps(out, indent=2, ensure_ascii=False) + "\n")
+        print(f"saved {save}")
+    failed = any(r.errors for rs in runs.values() for r in rs)
+    return 1 if failed or not out["identical_images"] else 0
+
+
 def main(args: argparse.Namespace) -> int:
     import torch
 
@@ -457,6 +595,12 @@ def main(args: argparse.Namespace) -> int:
     if args.repeat < 1 or args.warmup < 0:
         print("bench offline: --repeat must be >= 1 and --warmup >= 0", file=sys.stderr)
         return 2
+    if args.compare_allocator:
+        if args.compare_max_num_seqs or args.heap_reuse_memory == 0:
+            print("bench offline: --compare-allocator compares glibc's defaults with heap reuse at one max_num_seqs "
+                  "(no --compare-max-num-seqs, no --heap-reuse-memory 0)", file=sys.stderr)
+            return 2
+        return compare_allocator(args, info, load_before, reqs)
     torch.manual_seed(0)
     settings = [args.max_num_seqs or preset.max_num_seqs] + ([args.compare_max_num_seqs]
                                                               if args.compare_max_num_seqs else [])
@@ -475,7 +619,7 @@ def main(args: argparse.Namespace) -> int:
         for mns in settings:
             engine_args = dict(device=args.device, dtype=args.dtype, max_num_seqs=mns,
                                max_num_batched_tokens=args.max_num_batched_tokens or preset.max_num_batched_tokens,
-                               num_kv_blocks=args.num_kv_blocks)
+                               num_kv_blocks=args.num_kv_blocks, heap_reuse_memory=args.heap_reuse_memory)
             for rep in range(args.repeat):
                 runs.append(run_once(ckpt, engine_args, reqs, args.warmup, rep))
                 print(render(runs[-1]), flush=True)
@@ -515,6 +659,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="also run the same requests at this max_num_seqs and print the ratio")
     p.add_argument("--max-num-batched-tokens", type=int, default=None)
     p.add_argument("--num-kv-blocks", type=int, default=4096)
+    p.add_argument("--heap-reuse-memory", type=_size_arg, default=None, metavar="SIZE",
+                   help="the engine's host heap ceiling (engine/allocator.py); 0 = glibc's defaults (default 4GiB)")
+    p.add_argument("--compare-allocator", action="store_true",
+                   help="A/B of glibc's defaults against heap reuse: each repeat runs both, each in a fresh process")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--label", default=None, help="a name for this result (shown by `bench compare`)")

@@ -62,6 +62,8 @@ GiB = 1 << 30
 DEFAULT_CPU_KV_CACHE_BYTES = 2 * GiB
 CFG_ROWS = 2  # a request's sequences at most: its own and its classifier-free-guidance row
 """KV budget on CPU when neither --num-kv-blocks nor --kv-cache-memory is given."""
+DEFAULT_HEAP_REUSE_BYTES = 4 * GiB
+"""Freed host heap an engine process keeps for reuse by default (docs/decisions.md: Host heap reuse)."""
 
 
 class EnvVarError(ValueError):
@@ -197,7 +199,7 @@ def _is_int(v: Any) -> bool:
 # ---------------------------------------------------------------------------------------------------- env block
 @dataclass(frozen=True)
 class _EnvSpec:
-    kind: str  # "int" | "bool" | "choice"
+    kind: str  # "int" | "bool" | "choice" | "size" (bytes, `parse_size`)
     minimum: int = 0
     choices: tuple[str, ...] = ()
 
@@ -206,6 +208,8 @@ class _EnvSpec:
             return ", ".join(TRUE_STRINGS + FALSE_STRINGS)
         if self.kind == "choice":
             return ", ".join(self.choices)
+        if self.kind == "size":
+            return "a size in bytes or with a unit, e.g. 0, 512MiB, 4GiB"
         return f"an integer >= {self.minimum}"
 
     def parse(self, text: str) -> Any:
@@ -213,6 +217,8 @@ class _EnvSpec:
             return parse_bool(text)
         if self.kind == "choice":
             return _parse_choice(text, self.choices)
+        if self.kind == "size":
+            return parse_size(text)
         s = text.strip()
         if not re.fullmatch(r"[+-]?[0-9]+", s):
             raise ValueError(text)
@@ -227,6 +233,7 @@ class _EnvSpec:
             "bool": isinstance(value, bool),
             "choice": value in self.choices,
             "int": _is_int(value) and value >= self.minimum,
+            "size": _is_int(value) and value >= 0,
         }[self.kind]
         if not ok:
             raise ValueError(f"{name}={value!r} is invalid; allowed: {self.allowed()}")
@@ -244,6 +251,7 @@ _ENV_SPECS: dict[str, _EnvSpec] = {
     "max_new_tokens": _EnvSpec("int", minimum=1),
     "use_taylor_cache": _EnvSpec("bool"),
     "expert_parallel": _EnvSpec("bool"),
+    "heap_reuse_memory": _EnvSpec("size"),
 }
 
 
@@ -270,6 +278,9 @@ class HunyuanImage3Env:
     use_taylor_cache: bool = False
     expert_parallel: bool = False
     """Tensor-parallel MoE sharded by whole experts instead of by expert width (`--expert-parallel` wins)."""
+    heap_reuse_memory: int = DEFAULT_HEAP_REUSE_BYTES
+    """Bytes of freed host heap an engine process keeps for reuse (`--heap-reuse-memory` wins); 0 = glibc's
+    defaults (engine/allocator.py)."""
     explicit: frozenset[str] = field(default=frozenset(), compare=False, repr=False)
     """The fields a variable or a flag set; the others hold the contract's defaults (`request_defaults`)."""
 
@@ -374,6 +385,12 @@ class EngineConfig:
     attn_impl_explicit: bool = field(default=False, init=False, compare=False)
     """An attention implementation was asked for (argument, flag or DG_HUNYUAN_IMAGE_3_ATTN_IMPL); when not, CUDA
     tries FlashInfer first (`wants_flashinfer_attention`)."""
+    heap_reuse_bytes: int | None = None
+    """Freed host heap an engine process keeps for the next large CPU tensor instead of unmapping it (0 = glibc's
+    defaults: every large tensor is mapped and faulted in anew); None = the env block's HEAP_REUSE_MEMORY. See
+    `engine.allocator`."""
+    heap_idle_release_s: float = 1.0
+    """Seconds an engine stays idle before it hands its freed host heap back to the OS."""
 
     def __post_init__(self) -> None:
         set_ = lambda k, v: object.__setattr__(self, k, v)  # frozen dataclass: normalise in place
@@ -388,6 +405,8 @@ class EngineConfig:
             set_("quantization", self.env.quantization)
         if self.tensor_parallel_size is None:
             set_("tensor_parallel_size", self.env.gpus_per_model)
+        if self.heap_reuse_bytes is None:
+            set_("heap_reuse_bytes", self.env.heap_reuse_memory)
 
         dtype = self.dtype.strip().lower() if isinstance(self.dtype, str) else self.dtype
         dtype = _DTYPE_ALIASES.get(dtype, dtype)
@@ -443,6 +462,11 @@ class EngineConfig:
         budget = self.flashinfer_warmup_s
         if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not budget >= 0:
             raise ValueError(f"flashinfer_warmup_s must be a number of seconds >= 0, got {budget!r}")
+        if not _is_int(self.heap_reuse_bytes) or self.heap_reuse_bytes < 0:
+            raise ValueError(f"heap_reuse_bytes must be a byte count >= 0 (0 = off), got {self.heap_reuse_bytes!r}")
+        idle = self.heap_idle_release_s
+        if isinstance(idle, bool) or not isinstance(idle, (int, float)) or not (0.0 <= idle < math.inf):
+            raise ValueError(f"heap_idle_release_s must be a number of seconds >= 0, got {idle!r}")
         util = self.gpu_memory_utilization
         if isinstance(util, bool) or not isinstance(util, (int, float)) or not (0.0 < util <= 1.0):
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {util!r}")
@@ -473,7 +497,8 @@ class EngineConfig:
         ``kv_cache_memory_bytes`` (int bytes or a size string), ``kv_cache_memory_fraction``,
         ``enable_prefix_caching``, ``max_waiting_requests``, ``seed``, ``default_num_inference_steps`` /
         ``num_inference_steps``, ``tensor_parallel_size``, ``attn_impl``, ``moe_impl``, ``quantization``,
-        ``gpu_memory_utilization``, ``enforce_eager``.
+        ``gpu_memory_utilization``, ``enforce_eager``, ``heap_reuse_memory`` / ``heap_reuse_bytes`` (int bytes
+        or a size string), ``heap_idle_release_s``.
         """
         if args is None:
             a: dict[str, Any] = {}
@@ -486,7 +511,8 @@ class EngineConfig:
         env = HunyuanImage3Env.from_environ(environ)
         env_overrides = {}
         for name, spec in _ENV_SPECS.items():
-            if name in ("gpus_per_model", "attn_impl", "moe_impl", "quantization") or name not in given:
+            if name in ("gpus_per_model", "attn_impl", "moe_impl", "quantization", "heap_reuse_memory") \
+                    or name not in given:
                 continue  # these are overridden through EngineConfig's own fields
             value = given[name]
             if isinstance(value, str):
@@ -532,6 +558,7 @@ class EngineConfig:
             "revision": ("revision",),
             "download_dir": ("download_dir",),
             "flashinfer_warmup_s": ("flashinfer_warmup_s", "flashinfer_warmup_timeout"),
+            "heap_idle_release_s": ("heap_idle_release_s",),
         }
         for fname, keys in simple.items():
             v = first(*keys)
@@ -540,6 +567,9 @@ class EngineConfig:
         mem = first("kv_cache_memory", "kv_cache_memory_bytes")
         if mem is not None:
             kw["kv_cache_memory_bytes"] = parse_size(mem)
+        heap = first("heap_reuse_memory", "heap_reuse_bytes")
+        if heap is not None:
+            kw["heap_reuse_bytes"] = parse_size(heap)
         enc = first("encoder_cache_memory", "encoder_cache_bytes")
         if enc is not None:
             kw["encoder_cache_bytes"] = parse_size(enc)
@@ -810,6 +840,14 @@ def add_engine_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         action="store_true",
         default=None,
         help="never capture CUDA graphs: decode-only steps run eagerly too (graphs are only ever used on CUDA)",
+    )
+    g.add_argument(
+        "--heap-reuse-memory",
+        type=_size_arg,
+        default=None,
+        metavar="SIZE",
+        help="freed host memory an engine process keeps for reuse by large CPU tensors instead of returning it to "
+        "the OS on every free; 0 = glibc's defaults (default: DG_HUNYUAN_IMAGE_3_HEAP_REUSE_MEMORY, 4GiB)",
     )
     g.add_argument(
         "--no-prefix-caching",

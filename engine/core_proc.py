@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 
 import msgspec
 
+from diffgentor.engine.allocator import IdleRelease
 from diffgentor.engine.config import EngineConfig
 from diffgentor.engine.process import exit_with_parent
 from diffgentor.engine.request import EngineEvent, FinishReason, GenerationRequest, RequestResult
@@ -133,6 +134,7 @@ class EngineCoreProc:
         import zmq
 
         self.core = core
+        self.idle_release = IdleRelease.from_config(core.config)  # hands a burst's freed heap back once idle
         self.ctx = zmq.Context()
         self.inp = self.ctx.socket(zmq.PULL)
         self.inp.connect(input_addr)
@@ -241,10 +243,12 @@ class EngineCoreProc:
             self._poll_inputs(0 if busy else self.IDLE_POLL_MS)
             if core.has_unfinished():
                 self.step_once()
+                self.idle_release.busy()
             elif core.needs_release():  # release the worker-side state of finished requests while idle
                 self._collect(core.run_until_done())
             else:
                 self._collect(core.poll_failures())
+                self.idle_release.poll()
             self._flush()
             if core.failed is not None:
                 raise EngineCoreFatal(core.failed)

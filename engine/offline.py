@@ -18,6 +18,7 @@ from typing import Any
 
 import msgspec
 
+from diffgentor.engine.allocator import IdleRelease
 from diffgentor.engine.config import EngineConfig
 from diffgentor.engine.core import EngineCore, StepStats
 from diffgentor.engine.request import EngineEvent, GenerationRequest, RequestResult
@@ -39,6 +40,8 @@ class Engine:
     def __init__(self, core: EngineCore) -> None:
         self.core = core
         self._ids = itertools.count()
+        # after each batch the engine is idle until the caller's next one: its freed heap goes back after a while
+        self.idle_release = IdleRelease.from_config(core.config)
 
     @classmethod
     def from_config(cls, config: EngineConfig, **executor_args: Any) -> Engine:
@@ -80,11 +83,15 @@ class Engine:
 
     def stream(self, requests: Iterable[GenerationRequest | dict[str, Any]]) -> Iterator[EngineEvent]:
         """Per-request events (text deltas, image, finished / error) as the engine produces them."""
-        for r in requests:
-            yield from self.core.add_request(self.make_request(r))
-        while self.core.has_unfinished():
-            yield from self.core.step()
-        yield from self.core.run_until_done()
+        self.idle_release.busy()
+        try:
+            for r in requests:
+                yield from self.core.add_request(self.make_request(r))
+            while self.core.has_unfinished():
+                yield from self.core.step()
+            yield from self.core.run_until_done()
+        finally:
+            self.idle_release.release_after_idle()
 
     def generate(self, requests: Sequence[GenerationRequest | dict[str, Any]]) -> list[RequestResult]:
         """Run all requests batched together; results in input order (errors as results, never raised)."""

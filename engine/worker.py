@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from diffgentor.engine.allocator import configure_heap, trim_if_over
 from diffgentor.engine.config import EngineConfig
 from diffgentor.engine.kernel_warmup import choose_kernels
 from diffgentor.engine.memory_plan import kv_blocks_for, largest_step_tokens
@@ -29,15 +30,18 @@ class Worker:
         self.model = model
         self.num_blocks = num_blocks
         self.kernel_impls = dict(kernel_impls or {})  # op -> the implementation that runs (engine/kernel_warmup.py)
+        self.heap_reuse_bytes = config.heap_reuse_bytes
         self.runner = ModelRunner(model, num_blocks, config.block_size, config.enforce_eager, config.max_num_seqs)
         model.tune_kernels(largest_step_tokens(config, model.config)[0])
 
     @classmethod
     def load(cls, config: EngineConfig, parallel: ParallelContext | None = None) -> Worker:
         """Load the checkpoint (only this rank's shards when `parallel` is given) and size the KV cache; the ranks
-        of a group agree on the smallest cache (one scheduler plans for all of them)."""
+        of a group agree on the smallest cache (one scheduler plans for all of them). Sets this process's host heap
+        policy first (`engine.allocator.configure_heap`): every process that runs a model shard loads it here."""
         if config.model is None:
             raise ValueError("EngineConfig.model (the checkpoint folder) is required")
+        configure_heap(config.heap_reuse_bytes)
         path = Path(config.model)
         dtype = getattr(torch, config.resolve_dtype())
         model_config = HunyuanImage3Config.from_pretrained(path)
@@ -82,6 +86,7 @@ class Worker:
             d = self.runner.requests[rid].diffusion
             if step + 1 >= d.schedule.num_steps:
                 out.final_latents[rid] = d.latents.detach().cpu()
+        trim_if_over(self.heap_reuse_bytes)  # the step's temporaries are free now: keep at most the ceiling resident
         return out
 
 

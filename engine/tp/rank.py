@@ -21,6 +21,7 @@ import traceback
 
 import msgspec
 
+from diffgentor.engine.allocator import IdleRelease
 from diffgentor.engine.config import EngineConfig
 from diffgentor.engine.process import exit_with_parent, vm_hwm_kb
 from diffgentor.engine.tp.messages import (
@@ -99,7 +100,9 @@ def _serve_rank(rank: int, world_size: int, config: EngineConfig, init_method: s
         out.send(enc.encode(RankReady(rank=rank, pid=os.getpid(), num_blocks=worker.num_blocks)))
         poller = zmq.Poller()
         poller.register(inp, zmq.POLLIN)
+        idle = IdleRelease.from_config(config)
         while True:
+            idle.poll()  # no step for a while: hand the freed heap back
             if not poller.poll(1000):
                 if parent_pid is not None and os.getppid() != parent_pid:
                     logger.warning("the executor's process (pid %d) is gone; exiting", parent_pid)
@@ -113,6 +116,7 @@ def _serve_rank(rank: int, world_size: int, config: EngineConfig, init_method: s
             if not isinstance(msg, ExecuteModel):
                 continue
             output = worker.execute_model(msg.plan)
+            idle.busy()
             out.send(enc.encode(RankReply(rank=rank, seq=msg.seq, output=output if rank == 0 else None,
                                           vm_hwm_kb=vm_hwm_kb())))
     except BaseException as e:  # noqa: BLE001 - report, then die with a non-zero status

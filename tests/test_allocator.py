@@ -1,0 +1,116 @@
+"""The host heap policy (engine/allocator.py): with heap reuse a repeated large CPU tensor is served without page
+faults, the freed memory kept resident is bounded by the ceiling, an idle driver hands it back once, and the
+setting flows from the flag / env var into `EngineConfig`.
+
+The allocator tests run in fresh processes: the policy is process-wide and this test process has its own."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import pytest
+
+from diffgentor.engine import allocator
+from diffgentor.engine.allocator import IdleRelease
+from diffgentor.engine.config import DEFAULT_HEAP_REUSE_BYTES, EngineConfig, EnvVarError
+
+glibc = pytest.mark.skipif(allocator._LIBC is None or not hasattr(allocator._LIBC, "mallinfo2"),
+                           reason="needs Linux glibc >= 2.33")
+
+PROBE = textwrap.dedent("""
+    import json, resource, sys
+    import torch
+    from diffgentor.engine import allocator
+    on = allocator.configure_heap(int(sys.argv[1]))  # after torch is loaded, as in an engine process
+    n = 10 << 20  # 40 MiB of float32: above glibc's largest mmap threshold (32 MiB)
+    faults = []
+    for _ in range(16):  # glibc < 2.38 reuses a freed block for a 64-byte-aligned request only once blocks coalesce
+        f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        torch.empty(n).fill_(1.0)
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
+    x = torch.ones(64 << 20)  # 256 MiB, then freed: kept resident for reuse (with heap reuse on)
+    del x
+    held = allocator.held_free_bytes()
+    rss = allocator.resident_bytes()
+    kept_under_1g = allocator.trim_if_over(1 << 30)
+    trimmed_over_128m = allocator.trim_if_over(128 << 20)
+    print(json.dumps(dict(on=on, faults=faults, held=held, kept_under_1g=kept_under_1g,
+                          trimmed_over_128m=trimmed_over_128m, held_after=allocator.held_free_bytes(),
+                          rss_drop=rss - allocator.resident_bytes())))
+""")
+
+
+def _probe(reuse_bytes: int) -> dict:
+    out = subprocess.run([sys.executable, "-c", PROBE, str(reuse_bytes)], capture_output=True, text=True,
+                         timeout=300, check=True).stdout
+    return json.loads(out.splitlines()[-1])
+
+
+@glibc
+def test_heap_reuse_serves_a_repeated_large_tensor_without_page_faults_and_keeps_at_most_the_ceiling():
+    pages = (40 << 20) // 4096
+    default = _probe(0)
+    assert default["on"] is False
+    assert min(default["faults"][-4:]) > 0.9 * pages  # glibc's defaults: mapped and faulted in on every call
+    assert default["kept_under_1g"] is False and default["trimmed_over_128m"] is False  # nothing to bound
+
+    reuse = _probe(DEFAULT_HEAP_REUSE_BYTES)
+    assert reuse["on"] is True
+    assert sum(reuse["faults"][-4:]) < 0.02 * pages, reuse  # a freed block is reused, already resident
+    assert reuse["held"] >= 200 << 20, reuse  # the freed 256 MiB stays resident...
+    assert reuse["kept_under_1g"] is False  # ... while under the ceiling
+    assert reuse["trimmed_over_128m"] is True and reuse["held_after"] < 32 << 20  # over it: handed back
+    assert reuse["rss_drop"] >= 200 << 20, reuse
+
+
+def test_idle_release_hands_the_heap_back_once_after_the_idle_time(monkeypatch):
+    released = []
+    monkeypatch.setattr(allocator, "release_free_heap", lambda: released.append(1))
+    now = [0.0]
+    idle = IdleRelease(1.0, clock=lambda: now[0])
+    assert not idle.poll()  # never busy: nothing to give back
+    idle.busy()
+    now[0] = 0.9
+    assert not idle.poll() and not released
+    now[0] = 1.0
+    assert idle.poll() and len(released) == 1
+    now[0] = 5.0
+    assert not idle.poll() and len(released) == 1  # once per idle period
+    idle.busy()
+    now[0] = 5.5
+    idle.busy()  # a step resets the timer
+    now[0] = 6.4
+    assert not idle.poll()
+    now[0] = 6.5
+    assert idle.poll() and len(released) == 2
+
+
+def test_release_after_idle_runs_on_a_timer_unless_the_driver_is_busy_first(monkeypatch):
+    released = threading.Event()
+    monkeypatch.setattr(allocator, "release_free_heap", released.set)
+    idle = IdleRelease(0.3)
+    idle.release_after_idle()
+    idle.busy()  # the next batch started: no release under it
+    assert not released.wait(0.6)
+    idle.release_after_idle()
+    t0 = time.monotonic()
+    assert released.wait(10.0) and time.monotonic() - t0 >= 0.25
+
+
+def test_heap_reuse_config_from_flag_and_env():
+    assert EngineConfig().heap_reuse_bytes == DEFAULT_HEAP_REUSE_BYTES == 4 << 30
+    assert EngineConfig.from_cli_and_env({"heap_reuse_memory": "512MiB"}, environ={}).heap_reuse_bytes == 512 << 20
+    env = {"DG_HUNYUAN_IMAGE_3_HEAP_REUSE_MEMORY": "0"}
+    assert EngineConfig.from_cli_and_env({}, environ=env).heap_reuse_bytes == 0
+    assert EngineConfig.from_cli_and_env({"heap_reuse_memory": "1GiB"}, environ=env).heap_reuse_bytes == 1 << 30
+    with pytest.raises(EnvVarError, match="HEAP_REUSE_MEMORY"):
+        EngineConfig.from_cli_and_env({}, environ={"DG_HUNYUAN_IMAGE_3_HEAP_REUSE_MEMORY": "lots"})
+    with pytest.raises(ValueError, match="heap_reuse_bytes"):
+        EngineConfig(heap_reuse_bytes=-1)
+    with pytest.raises(ValueError, match="heap_idle_release_s"):
+        EngineConfig(heap_idle_release_s=-1.0)
