@@ -7,7 +7,7 @@ kernel, again on every call. `configure_heap` tells glibc to serve every allocat
 results are bit-identical (docs/decisions.md: Host heap reuse).
 
 Memory kept for reuse is bounded twice: after an engine step that leaves more than the ceiling of freed memory
-resident (`trim_if_over`, called by the engine core), and once a driver has been idle for a while (`IdleRelease`, in
+resident (`trim_if_over`, called by the worker), and once a driver has been idle for a while (`IdleRelease`, in
 the engine-core loop, the tensor-parallel ranks and after each offline batch), ``malloc_trim(0)`` hands every free
 page back to the OS; glibc also returns the heap's top automatically above the ceiling (``M_TRIM_THRESHOLD``).
 
