@@ -59,6 +59,12 @@ def test_bench_offline_cli_end_to_end(tmp_path):
         assert lat["first_token_s"]["max"] <= lat["e2e_s"]["max"]
     assert run["latency"]["all"]["e2e_s"]["count"] == 2
     assert d["summary"]["mns4"]["images_per_min"]["mean"] == pytest.approx(run["images_per_min"])
+    # what the kernel did for the engine: counts next to the wall time, and which heap policy ran
+    assert run["heap_reuse_bytes"] == 4 << 30
+    assert run["cpu"]["user_s"] > 0 and run["cpu"]["minor_faults"] >= 0 and "children_system_s" in run["cpu"]
+    assert d["summary"]["mns4"]["cpu"]["user_s"] == pytest.approx(run["cpu"]["user_s"])
+    digests = {r["kind"]: r["image_sha256"] for r in run["requests"]}
+    assert len(digests["t2i"]) == 16 and digests["edit"] is None  # the edit asks for latents: no image
     assert d["images_per_min"] == pytest.approx(120.0 / dur, rel=1e-6)
 
 
@@ -113,3 +119,18 @@ def test_preset_warmup_without_images(tmp_path):
                 "--compare-max-num-seqs", "1", "--max-num-seqs", "2", "--save-result", str(out)]) == 0
     d = json.loads(out.read_text())
     assert [r["max_num_seqs"] for r in d["runs"]] == [2, 1] and all(r["num_images"] == 1 for r in d["runs"])
+
+
+@pytest.mark.slow
+def test_bench_offline_compare_allocator_end_to_end(tmp_path):
+    """Both heap policies, each in a fresh process: faults counted per side, images identical."""
+    ckpt = make_tiny(tmp_path / "ckpt", distil=True)
+    out = tmp_path / "ab.json"
+    rc = cli(["bench", "offline", "--preset", "tiny", "--model", str(ckpt), "--workload", str(_workload(tmp_path)),
+              "--warmup", "1", "--compare-allocator", "--save-result", str(out)])
+    d = json.loads(out.read_text())
+    assert rc == 0 and d["complete"] and d["identical_images"], d.get("ratio")
+    assert d["heap_reuse_bytes"] == {"glibc_default": 0, "heap_reuse": 4 << 30}
+    sides = d["runs"]
+    assert [r["heap_reuse_bytes"] for r in sides["glibc_default"] + sides["heap_reuse"]] == [0, 4 << 30]
+    assert d["ratio"]["cpu_minor_faults"] < 1.0 and d["ratio"]["images_per_min"] > 0
