@@ -42,6 +42,7 @@ import torch
 from diffgentor.engine.config import EngineConfig
 from diffgentor.engine.models.hunyuan_image_3.config import HunyuanImage3Config
 from diffgentor.engine.parallel import ParallelContext
+from diffgentor.engine.vae_budget import VaeBudget
 from diffgentor.kernels.quantization import FP8_BLOCK, fp8_layout
 
 GiB = 1 << 30
@@ -442,6 +443,10 @@ class MemoryPlan:
     def fits(self) -> bool:
         return not self.problems
 
+    def vae_budget(self) -> VaeBudget:
+        """The worker's and the scheduler's VAE limits from this plan."""
+        return VaeBudget(self.vae["budget"], self.vae["bytes_per_pixel"], self.vae["decoder_weight_cache"])
+
     def terms(self) -> dict[str, int]:
         """Every planned term by name, in bytes (what a measurement is compared with)."""
         out = {f"weights.{k}": v for k, v in self.weights.items()}
@@ -502,6 +507,7 @@ def vae_plan(model_config: HunyuanImage3Config, forward_peak: int) -> dict[str, 
     cache = vae_decoder_cache_bytes(model_config)
     budget = max(forward_peak, cache + per, per)
     return {"budget": budget, "decode_per_image": per, "encode_per_image": per, "decoder_weight_cache": cache,
+            "bytes_per_pixel": vae_image_bytes(model_config, 1, 1),
             "decode_images_per_call": max(1, (budget - cache) // per), "encode_images_per_call": max(1, budget // per)}
 
 
@@ -566,14 +572,15 @@ def plan_for(config: EngineConfig, model_config: HunyuanImage3Config, parallel: 
                        spec.capability)
 
 
-def kv_blocks_for(
+def device_plan(
     config: EngineConfig,
     model_config: HunyuanImage3Config,
     parallel: ParallelContext | None,
     total_memory_bytes: int | None = None,
-) -> int:
-    """KV blocks this rank may allocate on its GPU (`EngineCore.from_config` on CUDA); MemoryPlanError with the
-    plan's explanation when the layout does not fit. total_memory_bytes defaults to the current CUDA device's."""
+) -> MemoryPlan:
+    """This rank's plan on its GPU (`EngineCore.from_config` on CUDA: the KV blocks and the VAE budget);
+    MemoryPlanError with the plan's explanation when the layout does not fit. total_memory_bytes defaults to the
+    current CUDA device's."""
     parallel = parallel or ParallelContext()
     name, cap = "GPU", (9, 0)
     if total_memory_bytes is None:
@@ -582,7 +589,17 @@ def kv_blocks_for(
     plan = plan_memory(model_config, config, parallel, total_memory_bytes, name, cap)
     if not plan.fits:
         raise MemoryPlanError(plan.render())
-    return plan.kv_blocks
+    return plan
+
+
+def kv_blocks_for(
+    config: EngineConfig,
+    model_config: HunyuanImage3Config,
+    parallel: ParallelContext | None,
+    total_memory_bytes: int | None = None,
+) -> int:
+    """KV blocks this rank may allocate on its GPU (`device_plan`'s)."""
+    return device_plan(config, model_config, parallel, total_memory_bytes).kv_blocks
 
 
 # ------------------------------------------------------------------------------------------------ CLI
