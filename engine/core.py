@@ -89,7 +89,8 @@ class EngineCore:
         kv = KVCacheManager(executor.num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, config.block_size,
-                            config.max_num_encoder_pixels, config.encoder_cache_bytes, config.max_num_image_tokens),
+                            config.max_num_encoder_pixels, config.encoder_cache_bytes, config.max_num_image_tokens,
+                            vae_budget=executor.vae_budget),
             kv, transition=lambda st: enter_image_phase(self.ctx, st),
         )
         self.executor = executor

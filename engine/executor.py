@@ -8,6 +8,7 @@ worker process per tensor-parallel rank and returns rank 0's output. Either way 
 from __future__ import annotations
 
 from diffgentor.engine.plan import RunnerOutput, SchedulerOutput
+from diffgentor.engine.vae_budget import VaeBudget
 from diffgentor.engine.worker import Worker
 
 
@@ -20,6 +21,7 @@ class Executor:
 
     num_blocks: int  # KV cache blocks every worker holds (the scheduler's block pool)
     kernel_impls: dict[str, str] = {}  # noqa: RUF012 - op -> implementation that runs; set by executors that know
+    vae_budget: VaeBudget | None = None  # the VAE work one step may carry (the memory plan's, on a GPU)
 
     def execute_model(self, plan: SchedulerOutput) -> RunnerOutput:
         """Run one plan on every worker; raises `ExecutorError` when a worker is lost."""
@@ -42,6 +44,7 @@ class UniProcExecutor(Executor):
         self.worker = worker
         self.num_blocks = worker.num_blocks
         self.kernel_impls = worker.kernel_impls
+        self.vae_budget = worker.vae_budget
 
     def execute_model(self, plan: SchedulerOutput) -> RunnerOutput:
         return self.worker.execute_model(plan)

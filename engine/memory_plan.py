@@ -445,7 +445,8 @@ class MemoryPlan:
 
     def vae_budget(self) -> VaeBudget:
         """The worker's and the scheduler's VAE limits from this plan."""
-        return VaeBudget(self.vae["budget"], self.vae["bytes_per_pixel"], self.vae["decoder_weight_cache"])
+        return VaeBudget(self.vae["budget"], self.vae["bytes_per_pixel"], self.vae["decoder_weight_cache"],
+                         self.vae["latent_factor"])
 
     def terms(self) -> dict[str, int]:
         """Every planned term by name, in bytes (what a measurement is compared with)."""
@@ -507,7 +508,7 @@ def vae_plan(model_config: HunyuanImage3Config, forward_peak: int) -> dict[str, 
     cache = vae_decoder_cache_bytes(model_config)
     budget = max(forward_peak, cache + per, per)
     return {"budget": budget, "decode_per_image": per, "encode_per_image": per, "decoder_weight_cache": cache,
-            "bytes_per_pixel": vae_image_bytes(model_config, 1, 1),
+            "bytes_per_pixel": vae_image_bytes(model_config, 1, 1), "latent_factor": model_config.latent_downsample,
             "decode_images_per_call": max(1, (budget - cache) // per), "encode_images_per_call": max(1, budget // per)}
 
 
@@ -577,17 +578,18 @@ def device_plan(
     model_config: HunyuanImage3Config,
     parallel: ParallelContext | None,
     total_memory_bytes: int | None = None,
+    require_fit: bool = True,
 ) -> MemoryPlan:
-    """This rank's plan on its GPU (`EngineCore.from_config` on CUDA: the KV blocks and the VAE budget);
-    MemoryPlanError with the plan's explanation when the layout does not fit. total_memory_bytes defaults to the
-    current CUDA device's."""
+    """This rank's plan on its GPU (`Worker.load` on CUDA: the KV blocks and the VAE budget); MemoryPlanError with
+    the plan's explanation when the layout does not fit and `require_fit`. total_memory_bytes defaults to the current
+    CUDA device's."""
     parallel = parallel or ParallelContext()
     name, cap = "GPU", (9, 0)
     if total_memory_bytes is None:
         props = torch.cuda.get_device_properties(torch.cuda.current_device())
         total_memory_bytes, name, cap = int(props.total_memory), props.name, (props.major, props.minor)
     plan = plan_memory(model_config, config, parallel, total_memory_bytes, name, cap)
-    if not plan.fits:
+    if require_fit and not plan.fits:
         raise MemoryPlanError(plan.render())
     return plan
 

@@ -46,6 +46,7 @@ from diffgentor.engine.models.hunyuan_image_3.sampling import (
     sample_batch,
 )
 from diffgentor.engine.plan import Chunk, DiffusionStart, NewRequestData, RunnerOutput, SchedulerOutput
+from diffgentor.engine.vae_budget import VaeBudget, chunks
 from diffgentor.kernels.attention import AttentionMetadata, SequenceChunk
 
 
@@ -71,9 +72,10 @@ class _WorkerRequest:
 
 class ModelRunner:
     def __init__(self, model: HunyuanImage3ForCausalMM, num_blocks: int, block_size: int,
-                 enforce_eager: bool = False, max_num_seqs: int = 16) -> None:
+                 enforce_eager: bool = False, max_num_seqs: int = 16, vae_budget: VaeBudget | None = None) -> None:
         self.model = model
         self.config = model.config
+        self.vae_budget = vae_budget  # None: one VAE call per size (CPU); else calls sized to the plan's budget
         self.block_size = block_size
         # One page past the block manager's ids 0..num_blocks-1: the scratch block that CUDA-graph padding rows
         # write to and read from (engine/cuda_graph.py); never handed to a request.
@@ -88,12 +90,17 @@ class ModelRunner:
 
     # ------------------------------------------------------------------ encoder stage
     def _encode(self, inputs: list[EncoderInput], out: RunnerOutput) -> None:
-        """Encode the scheduled condition images, one VAE (and ViT) call per bucket."""
+        """Encode the scheduled condition images, one VAE (and ViT) call per bucket, in chunks that fit the VAE
+        budget (`engine.vae_budget`)."""
         groups: dict[tuple, list[EncoderInput]] = defaultdict(list)
         for e in inputs:
             vit_shape = tuple(e.vit.pixel_values.shape) if e.vit is not None else None
             groups[(tuple(e.vae.pixels.shape), vit_shape)].append(e)
-        for group in groups.values():
+        calls = []
+        for (shape, _), group in groups.items():
+            size = self.vae_budget.encode_images(*shape[-2:]) if self.vae_budget else len(group)
+            calls += chunks(group, size)
+        for group in calls:
             try:
                 encoded = encode_images(self.model, [e.vae for e in group], [e.vit for e in group])
             except Exception as err:  # noqa: BLE001 - pin the failure on the images; retry alone to find which
@@ -268,8 +275,9 @@ class ModelRunner:
 
     def _decode(self, request_ids: list[str], out: RunnerOutput,
                 previews: dict[str, tuple[int, Tensor]] | None = None) -> None:
-        """Final images and previews in one VAE batch per output size. A failed preview is dropped silently (the
-        request goes on); a failed final decode fails its requests."""
+        """Final images and previews in one VAE batch per output size, split into chunks that fit the VAE budget
+        (`engine.vae_budget`; the images are the same either way). A failed preview is dropped silently (the request
+        goes on); a failed final decode fails its requests."""
         groups: dict[tuple[int, ...], list[tuple[str, int | None, Tensor]]] = defaultdict(list)
         for rid in request_ids:
             if rid not in out.failed:
@@ -278,7 +286,12 @@ class ModelRunner:
         for rid, (index, lat) in (previews or {}).items():
             if rid not in out.failed:
                 groups[tuple(lat.shape)].append((rid, index, lat))
-        for items in groups.values():  # batched by output size
+        calls = []
+        for shape, items in groups.items():  # batched by output size
+            f = self.config.latent_downsample
+            size = self.vae_budget.decode_images(shape[-2] * f, shape[-1] * f) if self.vae_budget else len(items)
+            calls += chunks(items, size)
+        for items in calls:
             try:
                 images = to_uint8(self.model.decode_latents(torch.stack([lat for _, _, lat in items])))
             except Exception as e:  # noqa: BLE001

@@ -42,6 +42,7 @@ from diffgentor.engine.plan import (
 )
 from diffgentor.engine.request import FinishReason, RequestStatus
 from diffgentor.engine.request_state import RequestError, RequestState, SeqState, block_extra_keys
+from diffgentor.engine.vae_budget import VaeBudget
 
 
 def chunk_end(start: int, target: int, budget: int, spans: Sequence[tuple[int, int]]) -> int:
@@ -69,6 +70,8 @@ class SchedulerConfig:
     # denoising-block tokens per step, apart from max_num_batched_tokens (prefill and text); None: both share the
     # one budget. The first denoising step of a step always fits.
     max_num_image_tokens: int | None = None
+    vae_budget: VaeBudget | None = None
+    """The VAE work one step may carry (`engine.vae_budget`, from the GPU memory plan); None: unbounded."""
 
 
 @dataclass
@@ -105,6 +108,8 @@ class Scheduler:
         self._finished_ids: list[str] = []  # worker-side state to free, sent with the next plan
         self._failed_outputs: list[RequestOutput] = []  # requests failed while scheduling, reported next update
         self._image_left: int | None = config.max_num_image_tokens  # this step's denoising budget left
+        self._vae_decode_bytes = 0  # per-image decode bytes admitted into the step being planned
+        self._vae_decodes: set[str] = set()  # the step's admitted final decodes
 
     # ------------------------------------------------------------------ requests in and out
     def add_request(self, st: RequestState) -> None:
@@ -226,12 +231,15 @@ class Scheduler:
 
     def _schedule_encodes(self, needs_encode: list[tuple[RequestState, list[EncoderInput]]],
                           plan: SchedulerOutput) -> None:
-        """Encodes for waiting requests, within the step's pixel budget (the first encode of a step always fits).
+        """Encodes for waiting requests, within the step's pixel budget and VAE budget (the first encode of a step
+        always fits).
 
         A step that admits new requests (their prefill ends in their first think token) carries no encode, so an
         encode never delays another request's first token; a request is deferred so at most `MAX_ENCODE_DEFERRALS`
         times, then its encode rides along anyway (no starvation under a stream of arrivals)."""
         admitting = bool(plan.new_requests)
+        vae = self.config.vae_budget
+        vae_bytes = 0
         encoding: dict[Any, int] = {}
         for st, missing in needs_encode:
             if admitting and st.encode_deferrals < MAX_ENCODE_DEFERRALS:
@@ -242,6 +250,10 @@ class Scheduler:
                     continue
                 if encoding and sum(encoding.values()) + e.num_pixels > self.config.max_num_encoder_pixels:
                     return
+                cost = vae.image_bytes(*e.vae.pixels.shape[-2:]) if vae is not None else 0
+                if encoding and vae is not None and vae_bytes + cost > vae.budget_bytes:
+                    return
+                vae_bytes += cost
                 encoding[e.key] = e.num_pixels
                 plan.encoder_inputs.append(e)
 
@@ -251,6 +263,7 @@ class Scheduler:
                                encoder_evictions=self.encoder_cache.take_evictions())
         budget = self.config.max_num_batched_tokens
         self._image_left = self.config.max_num_image_tokens
+        self._admit_vae_decodes()
         for st in list(self.running):
             if st in self.running:
                 budget -= self._schedule_request(st, plan, budget)
@@ -302,10 +315,32 @@ class Scheduler:
                                       error="the request does not fit in the KV cache")]
         return []
 
+    # ------------------------------------------------------------------ VAE budget
+    def _decode_bytes(self, st: RequestState) -> int:
+        vae = self.config.vae_budget
+        return 0 if vae is None else vae.grid_bytes(*st.cond.layout.slots("gen")[0].grid)
+
+    def _vae_fits(self, st: RequestState) -> bool:
+        """Admit one more image into this step's decode (the first always fits: any image gets through)."""
+        vae = self.config.vae_budget
+        cost = self._decode_bytes(st)
+        if vae is not None and self._vae_decode_bytes and self._vae_decode_bytes + cost > vae.decode_bytes_left():
+            return False
+        self._vae_decode_bytes += cost
+        return True
+
+    def _admit_vae_decodes(self) -> None:
+        """Final decodes first, in queue order (running, then waiting), within the step's VAE budget; previews of
+        this step's denoising steps take what is left."""
+        self._vae_decode_bytes = 0
+        self._vae_decodes = {st.request_id for st in (*self.running, *self.waiting)
+                             if st.status is RequestStatus.VAE_DECODE and self._vae_fits(st)}
+
     def _schedule_request(self, st: RequestState, plan: SchedulerOutput, budget: int, admitting: bool = False) -> int:
         """Add the request's work for this step; returns tokens used (-1: could not admit)."""
         if st.status is RequestStatus.VAE_DECODE:
-            plan.vae_decodes.append(st.request_id)
+            if st.request_id in self._vae_decodes:  # else it waits for a step with VAE budget left
+                plan.vae_decodes.append(st.request_id)
             return 0
         if st.phase == "text":
             return self._schedule_text(st, plan, budget, admitting)
@@ -390,6 +425,8 @@ class Scheduler:
                 idx.append(len(plan.chunks))
                 self._add_chunk(st, seq, ts, slot_end, plan, diffusion=True)
         preview = st.preview_steps.index(st.step) if st.step in st.preview_steps else None
+        if preview is not None and not self._vae_fits(st):
+            preview = None  # a preview never displaces a final image from the step's VAE budget
         plan.diffusion_steps.append(DiffusionStep(st.request_id, st.step, idx, preview))
         st.status = RequestStatus.DIFFUSE
         st.mark("first_scheduled")

@@ -21,9 +21,15 @@ class VaeBudget:
     """Peak bytes one image adds per pixel of its size (decode and encode alike: `memory_plan.vae_image_bytes`)."""
     decode_fixed_bytes: int = 0
     """What a decode holds whatever its batch: autocast's fp16 copy of the decoder weights."""
+    latent_factor: int = 16
+    """Pixels per latent cell along each side (the scheduler sizes decodes from latent grids)."""
 
     def image_bytes(self, height: int, width: int) -> int:
         return self.bytes_per_pixel * int(height) * int(width)
+
+    def grid_bytes(self, grid_h: int, grid_w: int) -> int:
+        """`image_bytes` of the image a latent grid decodes to."""
+        return self.image_bytes(grid_h * self.latent_factor, grid_w * self.latent_factor)
 
     def decode_bytes_left(self) -> int:
         """The per-image part of the budget of one decode call (or step)."""

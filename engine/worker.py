@@ -16,22 +16,25 @@ import torch
 from diffgentor.engine.allocator import configure_heap, trim_if_over
 from diffgentor.engine.config import EngineConfig
 from diffgentor.engine.kernel_warmup import choose_kernels
-from diffgentor.engine.memory_plan import kv_blocks_for, largest_step_tokens
+from diffgentor.engine.memory_plan import device_plan, largest_step_tokens
 from diffgentor.engine.model_runner import ModelRunner
 from diffgentor.engine.models.hunyuan_image_3.config import HunyuanImage3Config
 from diffgentor.engine.models.hunyuan_image_3.model import HunyuanImage3ForCausalMM
 from diffgentor.engine.parallel import ParallelContext
 from diffgentor.engine.plan import RunnerOutput, SchedulerOutput
+from diffgentor.engine.vae_budget import VaeBudget
 
 
 class Worker:
     def __init__(self, model: HunyuanImage3ForCausalMM, config: EngineConfig, num_blocks: int,
-                 kernel_impls: dict[str, str] | None = None) -> None:
+                 kernel_impls: dict[str, str] | None = None, vae_budget: VaeBudget | None = None) -> None:
         self.model = model
         self.num_blocks = num_blocks
         self.kernel_impls = dict(kernel_impls or {})  # op -> the implementation that runs (engine/kernel_warmup.py)
         self.heap_reuse_bytes = config.heap_reuse_bytes
-        self.runner = ModelRunner(model, num_blocks, config.block_size, config.enforce_eager, config.max_num_seqs)
+        self.vae_budget = vae_budget  # the memory plan's VAE limits on a GPU; None: unbounded (CPU)
+        self.runner = ModelRunner(model, num_blocks, config.block_size, config.enforce_eager, config.max_num_seqs,
+                                  vae_budget=vae_budget)
         model.tune_kernels(largest_step_tokens(config, model.config)[0])
 
     @classmethod
@@ -45,18 +48,20 @@ class Worker:
         path = Path(config.model)
         dtype = getattr(torch, config.resolve_dtype())
         model_config = HunyuanImage3Config.from_pretrained(path)
-        planned = None
+        planned, vae_budget = None, None
         plan_kv = config.on_cuda() and config.num_kv_blocks is None and config.kv_cache_memory_bytes is None
         if plan_kv:
             # the memory planner sizes the KV cache, and refuses (MemoryPlanError, the whole plan) BEFORE any weight
             # is loaded (and before the kernel warm-up) when the layout cannot fit this GPU
-            kv_blocks_for(config, model_config, parallel)
+            device_plan(config, model_config, parallel)
         # FlashInfer only where its kernels build and pass at start-up (engine/kernel_warmup.py); the config then
         # names what actually runs, for the memory plan and the model
         kernels = choose_kernels(config, model_config, parallel)
         config = dataclasses.replace(config, attn_impl=kernels.attn_impl, moe_impl=kernels.moe_impl)
-        if plan_kv:
-            planned = kv_blocks_for(config, model_config, parallel)
+        if config.on_cuda():  # the plan's VAE budget sizes the VAE calls (an explicit KV size skips its verdict)
+            plan = device_plan(config, model_config, parallel, require_fit=plan_kv)
+            planned = plan.kv_blocks if plan_kv else None
+            vae_budget = plan.vae_budget()
         model = HunyuanImage3ForCausalMM.from_pretrained(
             path, dtype=dtype, device=config.resolve_device(), attn_backend=config.attn_impl, moe_impl=config.moe_impl,
             parallel=parallel, quantization=config.quantization,
@@ -76,7 +81,7 @@ class Worker:
             n = torch.tensor([num_blocks], dtype=torch.int64, device=model.device if config.on_cuda() else "cpu")
             dist.all_reduce(n, op=dist.ReduceOp.MIN, group=parallel.group)
             num_blocks = int(n.item())
-        return cls(model, config, num_blocks, kernels.labels)
+        return cls(model, config, num_blocks, kernels.labels, vae_budget)
 
     def execute_model(self, plan: SchedulerOutput) -> RunnerOutput:
         """Run one plan; the final latents of a diffusion that just ended ride along (the result of the latent output

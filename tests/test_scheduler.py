@@ -25,6 +25,7 @@ from diffgentor.engine.request import FinishReason, GenerationRequest, RequestSt
 from diffgentor.engine.request_state import build_request_state, enter_image_phase, load_processor_context
 from diffgentor.engine.scheduler import Scheduler, SchedulerConfig, chunk_end
 from diffgentor.engine.testing.tiny_model import write_tiny_metadata
+from diffgentor.engine.vae_budget import VaeBudget
 
 SPANS = [(10, 20), (30, 50)]
 ENC_BYTES = 1000
@@ -80,7 +81,7 @@ class Harness:
 
     def __init__(self, ctx, num_blocks=512, block_size=16, max_num_seqs=8, max_tokens=4096,
                  encoder_pixels=1 << 20, encoder_bytes=1 << 20, prefix_caching=True, ratio_pick: int = 0,
-                 ratio_in_text: bool = False, image_tokens: int | None = None):
+                 ratio_in_text: bool = False, image_tokens: int | None = None, vae_budget: VaeBudget | None = None):
         self.ctx = ctx
         self.ratio_pick = ratio_pick  # which offered ratio token the fake model picks (0: the first, -1: the last)
         # the fake model ends free text (think/recaption) at once with the largest ratio token it may sample
@@ -88,7 +89,8 @@ class Harness:
         self.ratio_tokens = list(ctx.tokenizer.special.ratio)
         self.kv = KVCacheManager(num_blocks, block_size, prefix_caching)
         self.sched = Scheduler(SchedulerConfig(max_num_seqs, max_tokens, block_size, encoder_pixels, encoder_bytes,
-                                               image_tokens), self.kv, transition=lambda st: enter_image_phase(ctx, st))
+                                               image_tokens, vae_budget),
+                               self.kv, transition=lambda st: enter_image_phase(ctx, st))
         self.worker_encoded: set = set()  # what a real worker would hold in its encoder cache
         self.worker_requests: set[str] = set()
         self.plans: list[SchedulerOutput] = []
@@ -332,6 +334,61 @@ def test_previews_at_evenly_spaced_steps(ctx_distil):
     assert previews == [(1, 0), (3, 1), (5, 2)]
     got = [o.partial_image[0] for o in h.outputs if o.partial_image is not None]
     assert got == [0, 1, 2]
+
+
+def _vae_work(h: Harness, plan: SchedulerOutput) -> tuple[list[int], list[int]]:
+    """(decode pixels of the plan's final images and previews, encode pixels of its condition images)."""
+    grids = [h.sched.requests[rid].cond.layout.slots("gen")[0].grid for rid in plan.vae_decodes]
+    grids += [h.sched.requests[d.request_id].cond.layout.slots("gen")[0].grid for d in plan.diffusion_steps
+              if d.preview_index is not None]
+    decodes = [gh * 16 * gw * 16 for gh, gw in grids]
+    return decodes, [int(e.vae.pixels.shape[-2] * e.vae.pixels.shape[-1]) for e in plan.encoder_inputs]
+
+
+def _run_recording_vae_work(h: Harness) -> list[tuple[list[int], list[int]]]:
+    work = []
+    for _ in range(500):
+        if not h.sched.has_work():
+            break
+        plan = h.sched.schedule()
+        work.append(_vae_work(h, plan))
+        h.check_plan(plan)
+        h.plans.append(plan)
+        if plan.has_model_work:
+            h.outputs += h.sched.update_from_output(plan, h.execute(plan))
+        else:
+            h.execute(plan)
+            h.outputs += h.sched.unschedulable()
+    assert not h.sched.has_work()
+    return work
+
+
+def test_vae_work_per_step_stays_within_the_budget(ctx_distil):
+    """Edits with condition images of several sizes and previews, finishing close together: without a budget some
+    step decodes (or encodes) more than two 256x256 images' worth; with that budget no step carries more, a larger
+    image still goes alone, and every request ends with its image."""
+    def workload(h: Harness) -> None:
+        for i in range(6):
+            h.add(f"e{i}", image_size=("256x256", "192x320", "320x192")[i % 3], bot_task="image",
+                  num_inference_steps=3, partial_images=1 if i % 2 else 0,
+                  images=[png(64 + 8 * i, 96 - 8 * i, 10 + i), png(96, 64, 30 + i)][: 1 + i % 2])
+
+    budget = VaeBudget(budget_bytes=2 * 256 * 256, bytes_per_pixel=1, decode_fixed_bytes=0, latent_factor=16)
+
+    def over(work) -> bool:
+        return any(len(d) > 1 and sum(d) > budget.decode_bytes_left() or len(e) > 1 and sum(e) > budget.budget_bytes
+                   for d, e in work)
+
+    free = Harness(ctx_distil, max_num_seqs=8)
+    workload(free)
+    assert over(_run_recording_vae_work(free))  # the budget below binds on this workload
+
+    h = Harness(ctx_distil, max_num_seqs=8, vae_budget=budget)
+    workload(h)
+    work = _run_recording_vae_work(h)
+    assert not over(work), work
+    assert set(h.finished().values()) == {FinishReason.IMAGE} and len(h.finished()) == 6
+    assert any(len(d) == 2 for d, _ in work)  # the budget is used, not just one image a step
 
 
 def test_a_request_that_can_never_fit_fails_alone(ctx_distil):
