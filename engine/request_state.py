@@ -36,6 +36,9 @@ from diffgentor.engine.request import GenerationRequest, RequestStatus
 from diffgentor.engine.vocabulary import BOT_TASKS, MAX_COND_IMAGES, RequestError
 
 MAX_IMAGE_PIXELS = 64 * 1024 * 1024
+# the decoders a condition image may use: the formats clients send photos in; never PostScript / EPS (PIL hands
+# those to Ghostscript) or the many rarely used decoders PIL would otherwise try on any upload
+ALLOWED_IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
 MAX_PARTIAL_IMAGES = 3  # OpenAI's bound on streamed previews
 
 
@@ -134,16 +137,19 @@ def _without_reprs(text: str) -> str:
 
 def _decode_image(data: bytes, i: int, max_pixels: int = MAX_IMAGE_PIXELS):
     """Decode one encoded image, refusing decompression bombs before any pixel is decoded."""
-    from PIL import Image
+    from PIL import Image, UnidentifiedImageError
 
     try:
-        img = Image.open(io.BytesIO(data))
+        img = Image.open(io.BytesIO(data), formats=ALLOWED_IMAGE_FORMATS)
         if img.width * img.height > max_pixels:
             raise RequestError(f"input image {i} has {img.width}x{img.height} pixels; the limit is {max_pixels}")
         img.load()
         return img.convert("RGB")
     except RequestError:
         raise
+    except UnidentifiedImageError:
+        raise RequestError(f"input image {i} could not be read: it is not a "
+                           f"{', '.join(ALLOWED_IMAGE_FORMATS)} image") from None
     except Exception as e:  # noqa: BLE001 - any decoder failure is this request's error
         raise RequestError(f"input image {i} could not be read: {type(e).__name__}: {_without_reprs(str(e))}") from None
 
@@ -335,6 +341,13 @@ def _check_context(ctx: ProcessorContext, params: _Params, req: GenerationReques
     if need > limit:
         raise RequestError(f"the prompt, system prompt and images need at least {need} tokens; the model's "
                            f"context is {limit}")
+
+
+def check_request(ctx: ProcessorContext, req: GenerationRequest, num_images: int,
+                  max_text_chars: int = MAX_TEXT_CHARS) -> None:
+    """Every check of a request's scalar fields (`process_request` makes them again): cheap, no image touched, no
+    text tokenised; the API server runs it before it fetches any image URL."""
+    _resolve(ctx, req, num_images, max_text_chars)
 
 
 def process_request(ctx: ProcessorContext, req: GenerationRequest,

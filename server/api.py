@@ -16,6 +16,7 @@ import base64
 import binascii
 import hmac
 import io
+import json
 import logging
 import random
 import re
@@ -25,6 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import msgspec
 from fastapi import FastAPI, Request
@@ -39,17 +41,25 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from diffgentor.engine.core_proc import FinishedInfo
 from diffgentor.engine.request import EngineEvent, GenerationRequest
 from diffgentor.engine.request_state import (
+    ALLOWED_IMAGE_FORMATS,
     MAX_COND_IMAGES,
     ProcessedRequest,
     ProcessorContext,
     RequestError,
+    check_request,
     process_request,
 )
 from diffgentor.server import openapi
 from diffgentor.server.aio import unless
 from diffgentor.server.engine_client import EngineClient, EngineDeadError
 from diffgentor.server.engine_pool import EnginePool, plan_engine_instances
-from diffgentor.server.http_server import DEFAULT_HEAD_TIMEOUT_S, DrainingServer, head_timeout_protocol
+from diffgentor.server.http_server import (
+    DEFAULT_HEAD_TIMEOUT_S,
+    ConnectionLimiter,
+    DrainingServer,
+    fd_capped,
+    head_timeout_protocol,
+)
 from diffgentor.server.image_store import ImageStore
 from diffgentor.server.limits import (
     CHARGE_SCOPE_KEY,
@@ -86,6 +96,14 @@ from diffgentor.server.openai_schemas import (
     usage,
     validation_error,
 )
+from diffgentor.server.request_cost import (
+    DEFAULT_MAX_QUEUED_COST_BYTES,
+    DEFAULT_MAX_REQUEST_COST_BYTES,
+    ImageHeader,
+    RequestCost,
+    read_header,
+    request_cost,
+)
 from diffgentor.server.serve_args import DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MAX_PROMPT_CHARS, DEFAULT_MAX_UPLOAD_BYTES
 from diffgentor.server.url_fetch import DEFAULT_FETCH_DEADLINE_S, FetchError, FetchPolicy, UrlFetcher
 
@@ -116,6 +134,9 @@ class ServerLimits:
     body_idle_timeout_s: float = DEFAULT_BODY_IDLE_TIMEOUT_S
     body_deadline_s: float = DEFAULT_BODY_DEADLINE_S
     head_timeout_s: float = DEFAULT_HEAD_TIMEOUT_S
+    # memory a request will cost (server/request_cost.py): one request's limit, and all admitted requests' budget
+    max_request_cost_bytes: int = DEFAULT_MAX_REQUEST_COST_BYTES
+    max_queued_cost_bytes: int = DEFAULT_MAX_QUEUED_COST_BYTES
 
 
 @dataclass
@@ -134,6 +155,7 @@ class AppState:
     # browser origins allowed to call the API (CORS); `*`: any, the default as in vLLM; empty: no CORS headers
     allowed_origins: tuple[str, ...] = ("*",)
     image_store: ImageStore = field(default_factory=ImageStore)  # response_format=url
+    cost_budget: ByteBudget | None = None  # the memory cost of admitted requests; built from `limits` when None
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -219,7 +241,7 @@ async def _fetch_url(url: str, i: int, limits: ServerLimits, fetcher: UrlFetcher
             raise OpenAIError(413, f"image {i} is larger than {limits.max_upload_bytes} bytes", "images",
                               "file_too_large")
         try:
-            return base64.b64decode(payload, validate=False)
+            return await asyncio.to_thread(base64.b64decode, payload, validate=False)  # megabytes: off the loop
         except (binascii.Error, ValueError):
             raise OpenAIError(400, f"image {i}: the data URL is not valid base64", "images",
                               "invalid_image_url") from None
@@ -278,6 +300,7 @@ def _validate(model_cls, data: dict[str, Any], strict: bool):
 def build_app(state: AppState) -> FastAPI:
     app = FastAPI(title="diffgentor", version=_version(), docs_url=None, redoc_url=None,
                   openapi_url="/openapi.json", description=openapi.DESCRIPTION)
+    app.router.redirect_slashes = False  # Starlette's redirect echoes the Host header; `_slash_twin` instead
     app.state.dg = state
     app.openapi = lambda: openapi.document(app, state.limits, api_key=state.api_key is not None)
 
@@ -290,7 +313,11 @@ def build_app(state: AppState) -> FastAPI:
         return _error_response(validation_error(list(e.errors())))
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http_error(_: Request, e: StarletteHTTPException):
+    async def _http_error(request: Request, e: StarletteHTTPException):
+        if e.status_code == 404:
+            other = _slash_twin(app, request)
+            if other is not None:  # a path-only Location: never built from the client's Host header
+                return Response(status_code=307, headers={"Location": other})
         code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code)
         return _error_response(OpenAIError(e.status_code, str(e.detail), None, code), e.headers)  # 405: Allow
 
@@ -301,6 +328,8 @@ def build_app(state: AppState) -> FastAPI:
 
     app.add_middleware(_Guard, state=state)
     lim = state.limits
+    if state.cost_budget is None:
+        state.cost_budget = ByteBudget(lim.max_queued_cost_bytes)
     if state.fetcher is None and lim.allow_url_fetch:
         state.fetcher = UrlFetcher(FetchPolicy.build(lim.max_upload_bytes, lim.allowed_url_hosts,
                                                      deadline_s=lim.fetch_deadline_s))
@@ -358,7 +387,7 @@ def build_app(state: AppState) -> FastAPI:
     @app.post("/v1/images/generations", **openapi.GENERATIONS)
     async def generations(request: Request):
         _require_json(request)
-        body = await _json_body(request)
+        body = await _json_body(state, request)
         params = _validate(ImageGenerationRequest, body, strict=True)
         return await _run_images(state, request, "image_generation", params, [])
 
@@ -366,7 +395,7 @@ def build_app(state: AppState) -> FastAPI:
     async def edits(request: Request):
         ctype = request.headers.get("content-type", "")
         if ctype.startswith("application/json"):
-            body = await _json_body(request)
+            body = await _json_body(state, request)
             params = _validate(ImageEditJSONRequest, body, strict=True)
             urls = params.image_urls()
             _check_count(len(urls), state.limits)
@@ -429,6 +458,21 @@ class _Guard:
         return None
 
 
+def _slash_twin(app: FastAPI, request: Request) -> str | None:
+    """The path with its trailing slash added or removed, when that one is a route: where a 404 redirects to."""
+    from starlette.routing import Match
+
+    path = request.url.path
+    if path == "/":
+        return None
+    other = path[:-1] if path.endswith("/") else path + "/"
+    scope = {**request.scope, "path": other}
+    if any(route.matches(scope)[0] != Match.NONE for route in app.router.routes):
+        query = request.scope.get("query_string", b"").decode("latin-1")
+        return quote(other) + (f"?{query}" if query else "")
+    return None
+
+
 def _version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -473,14 +517,29 @@ def _check_form_names(names) -> None:
         raise unknown_parameter(name)
 
 
-async def _json_body(request: Request) -> dict[str, Any]:
+JSON_MARKS = (b'"', b",", b":", b"[", b"{")  # each string, member and element of a JSON text needs one of these
+
+
+def _parse_json(body: bytes, max_text_chars: int) -> Any:
+    """A request body's JSON (the worker pool runs it: parsing holds the GIL, but not the event loop). A text with
+    more structure than any request can have (its text fields bound the quotes and separators; images are base64
+    or URLs) is refused from a count of its marks before it is parsed: 5 million keys took seconds and 670 MB."""
+    if sum(body.count(m) for m in JSON_MARKS) > 4 * max_text_chars + 65536:
+        raise OpenAIError(400, "the JSON body has more strings, members or elements than any request needs", None,
+                          "invalid_json")
     try:
-        body = await request.json()
-    except Exception:  # noqa: BLE001
+        return json.loads(body)
+    except (ValueError, RecursionError):
         raise OpenAIError(400, "the request body is not valid JSON", None, "invalid_json") from None
-    if not isinstance(body, dict):
+
+
+async def _json_body(state: AppState, request: Request) -> dict[str, Any]:
+    body = await request.body()
+    loop = asyncio.get_running_loop()
+    parsed = await loop.run_in_executor(state.pool, _parse_json, body, state.limits.max_prompt_chars)
+    if not isinstance(parsed, dict):
         raise OpenAIError(400, "the request body must be a JSON object", None, "invalid_json")
-    return body
+    return parsed
 
 
 @dataclass
@@ -508,43 +567,83 @@ async def _run_images(state: AppState, request: Request, kind: str, params, imag
         raise OpenAIError(400, f"bot_task {params.bot_task!r} answers in text only; use one of "
                           f"{', '.join(IMAGE_BOT_TASKS)}", "bot_task", "invalid_value")
     size = _parse_size(params.size, limits)
+    rid = f"img-{uuid.uuid4().hex[:16]}"
+    req = GenerationRequest(
+        request_id=rid, prompt=params.prompt, images=[], image_size=size, bot_task=params.bot_task,
+        use_system_prompt=params.use_system_prompt, system_prompt=params.system_prompt,
+        num_inference_steps=_steps(state, params), guidance_scale=params.guidance_scale, seed=params.seed,
+        max_new_tokens=params.max_new_tokens, infer_align_image_size=params.infer_align_image_size,
+        partial_images=params.partial_images if params.stream else 0,  # previews exist only in a stream
+    )
+    try:  # every check of the request's fields, before any slot is taken or any URL fetched
+        check_request(state.ctx, req, len(urls) if urls else len(images), limits.max_prompt_chars)
+    except RequestError as e:
+        raise _request_error(e) from None
     client = state.client
     if not client.healthy:
         raise OpenAIError(503, "the engine core is not running", None, "engine_unavailable")
     if params.n > client.capacity:
         raise OpenAIError(400, f"n={params.n} is more than this server can ever run at once ({client.capacity})",
                           "n", "invalid_value")
-    rid = f"img-{uuid.uuid4().hex[:16]}"
     sub_ids = [f"{rid}-{i}" for i in range(params.n)]
     if not client.reserve(sub_ids):  # the check and the taking of the slots in one step: no race
         raise OpenAIError(429, "too many requests in flight; retry later", None, "rate_limit_exceeded")
+    held = _Held(state, sub_ids)
     streaming = False
     try:
-        response = await _admitted(state, request, kind, params, images, urls, size, rid, sub_ids)
+        response = await _admitted(state, request, kind, params, req, images, urls, held)
         streaming = isinstance(response, StreamingResponse)  # it gives the slots back when the stream ends
         return response
     finally:
         if not streaming:
-            client.release(sub_ids)
+            held.release()
 
 
-async def _admitted(state: AppState, request: Request, kind: str, params, images: list[bytes],
-                    urls: list[str] | None, size: str, rid: str, sub_ids: list[str]):
-    """`_run_images` once the request holds its engine slots (``sub_ids``)."""
-    limits, client = state.limits, state.client
+@dataclass
+class _Held:
+    """What an admitted request holds until its response is complete: engine slots and its memory cost."""
+
+    state: AppState
+    sub_ids: list[str]
+    cost: int = 0
+
+    def take_cost(self, cost: RequestCost) -> None:
+        limits, budget = self.state.limits, self.state.cost_budget
+        if cost.total > limits.max_request_cost_bytes:
+            raise OpenAIError(400, f"this request would hold {cost.describe()} of memory; the limit is "
+                              f"{limits.max_request_cost_bytes // MiB} MiB (send smaller or fewer images, or a "
+                              "lower n)", "image", "request_too_large")
+        if budget is not None:
+            if not budget.take(cost.total):
+                raise OpenAIError(429, "the server's queued and running requests hold its memory budget; retry "
+                                  "later", None, "rate_limit_exceeded")
+            self.cost = cost.total
+
+    def release(self) -> None:
+        self.state.client.release(self.sub_ids)
+        if self.state.cost_budget is not None:
+            self.state.cost_budget.give(self.cost)
+        self.cost = 0
+
+
+async def _admitted(state: AppState, request: Request, kind: str, params, req: GenerationRequest,
+                    images: list[bytes], urls: list[str] | None, held: _Held):
+    """`_run_images` once the request holds its engine slots (``held``): the images fetched, the request's memory
+    cost taken from the budget (from the images' headers, before any is decoded), then processed and run."""
+    limits, client, sub_ids = state.limits, state.client, held.sub_ids
     if urls:
         fetched = await _fetch_images(state, request, urls)
         if fetched is None:
             return Response(status_code=499)
         images = fetched
-    req = GenerationRequest(
-        request_id=rid, prompt=params.prompt, images=images, image_size=size, bot_task=params.bot_task,
-        use_system_prompt=params.use_system_prompt, system_prompt=params.system_prompt,
-        num_inference_steps=_steps(state, params), guidance_scale=params.guidance_scale, seed=params.seed,
-        max_new_tokens=params.max_new_tokens, infer_align_image_size=params.infer_align_image_size,
-        partial_images=params.partial_images if params.stream else 0,  # previews exist only in a stream
-    )
     loop = asyncio.get_running_loop()
+    headers = await loop.run_in_executor(state.pool, _read_headers, images)
+    try:
+        cost = request_cost(state.ctx, headers, req.image_size or "auto", params.n)
+    except ValueError as e:
+        raise OpenAIError(400, f"invalid size: {e}", "size", "invalid_size") from None
+    held.take_cost(cost)
+    req = msgspec.structs.replace(req, images=images)
     try:
         processed: ProcessedRequest = await loop.run_in_executor(state.pool, _process, state.ctx, req, limits)
     except RequestError as e:
@@ -562,7 +661,7 @@ async def _admitted(state: AppState, request: Request, kind: str, params, images
         # when the client left before the stream began)
         return StreamingResponse(_stream(state, kind, subs, fmt, params, image_tokens), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-                                 background=BackgroundTask(client.release, sub_ids))
+                                 background=BackgroundTask(held.release))
 
     work = asyncio.ensure_future(_collect_all(client, subs))
     watcher = asyncio.ensure_future(_wait_disconnect(request))
@@ -621,7 +720,7 @@ def _process(ctx: ProcessorContext, req: GenerationRequest, limits: ServerLimits
 
     for i, data in enumerate(req.images):
         try:
-            with Image.open(io.BytesIO(data)) as img:  # the header only
+            with Image.open(io.BytesIO(data), formats=ALLOWED_IMAGE_FORMATS) as img:  # the header only
                 w, h = img.size
         except Exception:  # noqa: BLE001 - undecodable: process_request reports it
             continue
@@ -629,6 +728,10 @@ def _process(ctx: ProcessorContext, req: GenerationRequest, limits: ServerLimits
             raise RequestError(f"input image {i} is {w}x{h} pixels; each side must be at least "
                                f"{limits.min_image_side}")
     return process_request(ctx, req, limits.max_image_pixels, max_text_chars=limits.max_prompt_chars)
+
+
+def _read_headers(images: list[bytes]) -> list[ImageHeader | None]:
+    return [read_header(d) for d in images]
 
 
 def _raise_for(info: FinishedInfo | None) -> None:
@@ -795,7 +898,9 @@ async def serve_async(args: argparse.Namespace, started: asyncio.Event | None = 
                           fetch_deadline_s=args.url_fetch_timeout_s,
                           request_fetch_deadline_s=2 * args.url_fetch_timeout_s,
                           max_inflight_bytes=args.max_inflight_bytes, head_timeout_s=args.header_timeout_s,
-                          body_idle_timeout_s=args.body_timeout_s)
+                          body_idle_timeout_s=args.body_timeout_s,
+                          max_request_cost_bytes=args.max_request_cost_mib * MiB,
+                          max_queued_cost_bytes=args.max_queued_cost_mib * MiB)
     state = AppState(ctx=ctx, client=client, metrics=metrics, model_names=names, model_root=config.model,
                      api_key=args.api_key, limits=limits, playground=getattr(args, "playground", True),
                      allowed_origins=tuple(args.allowed_origins),
@@ -807,10 +912,11 @@ async def serve_async(args: argparse.Namespace, started: asyncio.Event | None = 
         await client.shutdown()
         return 1
     app = build_app(state)
+    limiter = ConnectionLimiter(*fd_capped(args.max_connections, args.max_pending_connections))
     # SIGTERM/SIGINT: stop accepting, let in-flight requests finish (drain), then shut the engines down and exit 0
     server = DrainingServer(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                                            loop="none", lifespan="off",
-                                           http=head_timeout_protocol(limits.head_timeout_s),
+                                           http=head_timeout_protocol(limits.head_timeout_s, limiter),
                                            timeout_graceful_shutdown=args.drain_timeout_s))
     holder["server"] = server
     logger.info("serving %s on http://%s:%d", names[0], args.host, args.port)

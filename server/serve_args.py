@@ -57,8 +57,19 @@ def add_serve_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    "answered 429 (default 512 MiB)")
     g.add_argument("--header-timeout-s", type=_positive_float, default=10.0,
                    help="close a connection whose request head is not complete this long after its first byte")
+    g.add_argument("--max-connections", type=_positive_int, default=2048,
+                   help="open client connections; lowered to fit the file-descriptor limit. A new connection past it "
+                   "closes the oldest one that has not sent a complete request head (503 when none)")
+    g.add_argument("--max-pending-connections", type=_positive_int, default=512,
+                   help="connections without a complete request head (half-sent or idle); past it the oldest one of "
+                   "the client holding the most is closed")
     g.add_argument("--body-timeout-s", type=_positive_float, default=30.0,
                    help="answer 408 when a request body stalls this long between chunks")
+    g.add_argument("--max-request-cost-mib", type=_positive_int, default=2048,
+                   help="the memory one request may cost (decoded and preprocessed images, encoder outputs, output "
+                   "images; computed from its images' headers before any is decoded); more is answered 400")
+    g.add_argument("--max-queued-cost-mib", type=_positive_int, default=8192,
+                   help="the memory cost all queued and running requests may hold together; more is answered 429")
     p.add_argument("--allowed-origins", nargs="*", default=["*"], metavar="ORIGIN",
                    help="browser origins (scheme://host[:port]) that may call the API from their pages (CORS); "
                    "default `*`, any origin; with no value, no CORS headers (browsers then allow only this server's "

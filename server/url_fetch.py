@@ -34,6 +34,9 @@ DEFAULT_FETCH_DEADLINE_S = 20.0
 DEFAULT_MAX_REDIRECTS = 3
 DEFAULT_FETCH_CONCURRENCY = 8
 USER_AGENT = "diffgentor"
+# one text for every reason a URL was not fetched (no such host, an internal address, refused, an HTTP error):
+# which internal names resolve, or which ports listen, is not the client's to learn
+FETCH_FAILED = "the URL could not be fetched (it failed, or its host is not allowed)"
 
 
 class FetchError(Exception):
@@ -138,7 +141,7 @@ class UrlFetcher:
         try:
             addrs = await self.resolver(host, port)
         except (OSError, UnicodeError) as e:
-            raise FetchError("the URL could not be fetched", f"resolving {host}: {e}") from None
+            raise FetchError(FETCH_FAILED, f"resolving {host}: {e}") from None
         ips = []
         for a in addrs:
             try:
@@ -146,11 +149,11 @@ class UrlFetcher:
             except ValueError:
                 continue
         if not ips:
-            raise FetchError("the URL could not be fetched", f"{host} has no address")
+            raise FetchError(FETCH_FAILED, f"{host} has no address")
         if not self.policy.host_allowed(host):
             bad = [str(ip) for ip in ips if not self.policy.address_allowed(ip)]
             if bad:  # any internal answer refuses the host: a round-robin name must not sneak one in
-                raise FetchError("the URL's host is not allowed", f"{host} resolves to internal {', '.join(bad)}")
+                raise FetchError(FETCH_FAILED, f"{host} resolves to internal {', '.join(bad)}")
         path = parts.path or "/"
         if parts.query:
             path += "?" + parts.query
@@ -178,11 +181,11 @@ class UrlFetcher:
                         url = urljoin(url, r.headers["location"])
                         continue
                     if r.status_code != 200:
-                        raise FetchError("the URL could not be fetched", f"HTTP {r.status_code}")
+                        raise FetchError(FETCH_FAILED, f"HTTP {r.status_code}")
                     return await self._read(r, charge)
                 finally:
                     await r.aclose()
-            raise FetchError("the URL could not be fetched", "too many redirects")
+            raise FetchError(FETCH_FAILED, "too many redirects")
 
     async def _connect(self, http, t: _Target):
         """Send the GET to the first checked address that accepts the connection."""
@@ -203,8 +206,8 @@ class UrlFetcher:
             except httpx.ConnectError as e:
                 last = e
             except httpx.HTTPError as e:
-                raise FetchError("the URL could not be fetched", f"{type(e).__name__}: {e}") from None
-        raise FetchError("the URL could not be fetched", f"{type(last).__name__}: {last}")
+                raise FetchError(FETCH_FAILED, f"{type(e).__name__}: {e}") from None
+        raise FetchError(FETCH_FAILED, f"{type(last).__name__}: {last}")
 
     async def _read(self, r, charge) -> bytes:
         import httpx
@@ -224,7 +227,7 @@ class UrlFetcher:
                     charge.add(len(chunk))
                 buf += chunk
         except httpx.HTTPError as e:
-            raise FetchError("the URL could not be fetched", f"{type(e).__name__}: {e}") from None
+            raise FetchError(FETCH_FAILED, f"{type(e).__name__}: {e}") from None
         return bytes(buf)
 
 

@@ -36,7 +36,8 @@ def tiny_ckpt(tmp_path_factory) -> Path:
 
 
 class Server:
-    def __init__(self, ckpt: Path, log_dir: Path, max_num_seqs: int = 8, extra: list[str] | None = None) -> None:
+    def __init__(self, ckpt: Path, log_dir: Path, max_num_seqs: int = 8, extra: list[str] | None = None,
+                 preexec_fn=None) -> None:
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.log_path = log_dir / f"server-{self.port}.log"
@@ -46,7 +47,7 @@ class Server:
                str(max_num_seqs), "--max-num-batched-tokens", "16384", "--log-level", "warning",
                "--max-upload-bytes", str(1 << 20), *(extra or [])]
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, cwd=REPO,
-                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                     env={**os.environ, "PYTHONUNBUFFERED": "1"}, preexec_fn=preexec_fn)
         deadline = time.time() + 120
         while time.time() < deadline:
             assert self.proc.poll() is None, self.log()

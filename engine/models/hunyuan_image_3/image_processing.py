@@ -57,7 +57,7 @@ def resize_and_crop(image: Image.Image, size_hw: tuple[int, int], mode: CropMode
     The official cover-then-crop resizes the whole image first; for an aspect ratio far beyond the bucket's (a
     65536x4 image covering a 128x512 bucket would be resized to 8 million by 128 pixels) that intermediate image is
     unbounded. Past `MAX_COVER_FACTOR` times the target's pixels only the part that survives the crop is resampled
-    (PIL's `box`: the same sampling grid, values within a few levels of the official ones; docs/decisions.md,
+    (PIL's `box`: the same sampling grid, close to the official values, not identical; docs/decisions.md,
     "Extreme aspect ratios are cropped before the resize")."""
     th, tw = size_hw
     if mode == "resize":
