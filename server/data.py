@@ -28,16 +28,20 @@ import hashlib
 import io
 import json
 import os
+import stat
 import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from diffgentor.server.serve_args import DEFAULT_MAX_UPLOAD_BYTES
+
 MAX_INPUT_IMAGES = 3
 IMAGE_COLUMNS = ("input_images", "image_url")
 DEFAULT_DOWNLOAD_TIMEOUT_S = 30.0  # the whole download, not one read
 MAX_DOWNLOAD_BYTES = 64 << 20  # one image URL; the download stops once it is passed
+MAX_IMAGE_BYTES = DEFAULT_MAX_UPLOAD_BYTES  # one local or embedded image file: the server's upload cap
 RESULT_COLUMNS = ("output_image", "instruction_enhanced", "error")
 
 
@@ -227,6 +231,31 @@ def check_image(data: bytes, what: str) -> None:
         raise RowError(f"{what} is not a readable image ({detail})") from None
 
 
+def read_image_file(p: Path, max_bytes: int = MAX_IMAGE_BYTES) -> bytes:
+    """A local image file's bytes; RowError for anything else: missing, not a regular file (a device, a FIFO that
+    would block, a folder), over ``max_bytes`` (the server's upload cap), or any OS error (a name too long)."""
+    try:
+        st = p.stat()
+        if not stat.S_ISREG(st.st_mode):
+            raise RowError(f"input image {_short(p)} is not a regular file")
+        if st.st_size > max_bytes:
+            raise RowError(f"input image {_short(p)} is {st.st_size} bytes; the limit is {max_bytes}")
+        with open(p, "rb") as f:
+            data = f.read(max_bytes + 1)  # the file may have grown since
+    except FileNotFoundError:
+        raise RowError(f"input image not found: {_short(p)}") from None
+    except OSError as e:
+        raise RowError(f"input image {_short(p)} could not be read: {e.strerror or e}") from None
+    if len(data) > max_bytes:
+        raise RowError(f"input image {_short(p)} is larger than {max_bytes} bytes")
+    return data
+
+
+def _short(p: Path) -> str:
+    text = str(p)
+    return text if len(text) <= 300 else text[:150] + "..." + text[-100:]
+
+
 def resolve_images(
     refs: Sequence[str | bytes], base_dir: Path, cache_dir: Path, timeout: float = DEFAULT_DOWNLOAD_TIMEOUT_S
 ) -> list[bytes]:
@@ -243,13 +272,10 @@ def resolve_images(
             p = Path(ref).expanduser()
             if not p.is_absolute():
                 p = Path(base_dir) / p
-            if not p.is_file():
-                raise RowError(f"input image not found: {p}")
-            try:
-                data = p.read_bytes()
-            except OSError as e:
-                raise RowError(f"input image {p} could not be read: {e}") from None
-            what = str(p)
+            data, what = read_image_file(p), str(p)
+        if len(data) > MAX_IMAGE_BYTES:
+            raise RowError(f"{what if not isinstance(ref, bytes) else f'embedded image {i}'} is larger than "
+                           f"{MAX_IMAGE_BYTES} bytes")
         check_image(data, what)
         out.append(data)
     return out
@@ -278,19 +304,24 @@ def _summarise_cell(v: Any) -> str:
     return _as_text(v)
 
 
+MAX_INDEX = 10**15 - 1  # output names are the index, zero-padded: a longer one is no file name
+
+
 def _parse_index(raw: Any, position: int) -> int:
+    """A row's ``index`` (empty: its position). RowError when it is not a usable output name: not an integer,
+    negative, infinite or absurdly large (``1e300`` would be a 301-digit file name)."""
     s = _as_text(raw).strip()
     if not s:
         return position
     try:
         f = float(s)
-        if f != int(f):
-            raise ValueError
         idx = int(f)
-    except ValueError:
-        raise InputError(f"row {position}: index {s!r} is not an integer") from None
-    if idx < 0:
-        raise InputError(f"row {position}: index {idx} is negative")
+        if f != idx:
+            raise ValueError
+    except (ValueError, OverflowError):
+        raise RowError(f"index {s[:40]!r} is not an integer") from None
+    if not 0 <= idx <= MAX_INDEX:
+        raise RowError(f"index {s[:40]!r} is not in 0..{MAX_INDEX}")
     return idx
 
 
@@ -298,7 +329,10 @@ def _rows_from_records(records: Iterable[Mapping[str, Any]], instruction_key: st
     rows: list[EditRow] = []
     seen: dict[int, int] = {}
     for pos, rec in enumerate(records):
-        idx = _parse_index(rec.get("index"), pos)
+        try:
+            idx, bad_index = _parse_index(rec.get("index"), pos), None
+        except RowError as e:  # that row's error, under a key no valid index has
+            idx, bad_index = -(pos + 1), f"row {pos}: {e}"
         if idx in seen:
             raise InputError(f"rows {seen[idx]} and {pos} share index {idx}; output names would collide")
         seen[idx] = pos
@@ -314,8 +348,24 @@ def _rows_from_records(records: Iterable[Mapping[str, Any]], instruction_key: st
             row.images = split_image_cell(cell)
         except RowError as e:
             row.error = str(e)
+        row.error = bad_index or row.error
         rows.append(row)
     return rows
+
+
+def _csv_records(f, path: Path) -> tuple[list[dict[str, Any]], list[str]]:
+    """Every record of a CSV, strictly: a quoted field that is never closed would swallow every row after it (the
+    lenient reader returns them as one cell), so it is an InputError naming the line the broken row starts on."""
+    reader = csv.DictReader(f, strict=True)
+    records: list[dict[str, Any]] = []
+    start = 1
+    try:
+        for rec in reader:
+            records.append(rec)
+            start = reader.line_num + 1
+    except csv.Error as e:
+        raise InputError(f"{path}: line {start}: {e} (a quoted field that is never closed?)") from None
+    return records, list(reader.fieldnames or [])
 
 
 def _parquet_files(path: Path) -> list[Path]:
@@ -361,10 +411,8 @@ def load_edit_rows(input_path: str | Path, instruction_key: str = "instruction")
     else:
         try:
             with open(path, newline="", encoding="utf-8-sig") as f:
-                reader = csv.DictReader(f)
-                records = list(reader)
-                columns = list(reader.fieldnames or [])
-        except (OSError, UnicodeDecodeError, csv.Error) as e:
+                records, columns = _csv_records(f, path)
+        except (OSError, UnicodeDecodeError) as e:
             raise InputError(f"cannot read CSV {path}: {e}") from None
         _refuse_duplicates(path, columns)
     if records and instruction_key not in columns:
@@ -405,11 +453,11 @@ def load_prompts(prompt: Sequence[str] | None, prompts_file: str | Path | None) 
                 raise InputError(f"{path}: expected a JSON list of prompts")
             records.extend(obj(x) for x in data)
         elif suffix == ".csv":
-            reader = csv.DictReader(io.StringIO(text))
-            _refuse_duplicates(path, reader.fieldnames or [])
-            if "prompt" not in (reader.fieldnames or []):
+            rows, names = _csv_records(io.StringIO(text), path)
+            _refuse_duplicates(path, names)
+            if "prompt" not in names:
                 raise InputError(f"{path} has no 'prompt' column")
-            records.extend(reader)
+            records.extend(rows)
         else:
             records.extend({"prompt": line.strip()} for line in text.splitlines() if line.strip())
     if not records:

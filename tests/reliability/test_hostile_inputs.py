@@ -368,7 +368,9 @@ def test_download_is_cancelled_when_the_client_leaves(hserver, targets):
 
 def test_cheap_checks_come_before_any_fetch(hserver, targets):
     before = targets.hits.get("/ok.png", 0)
-    for bad in ({"size": "huge"}, {"model": "dall-e-9"}, {"n": 50}, {"qualty": "high"}):
+    for bad in ({"size": "huge"}, {"model": "dall-e-9"}, {"n": 50}, {"qualty": "high"},
+                {"guidance_scale": 1000.0}, {"max_new_tokens": 10**9}, {"system_prompt": "y" * 40000},
+                {"bot_task": "sing"}, {"num_inference_steps": 5000}):
         r = _edit_urls(hserver, [f"http://localhost:{targets.port}/ok.png"], **bad)
         assert 400 <= r.status_code < 500, r.text
     assert targets.hits.get("/ok.png", 0) == before
@@ -858,3 +860,180 @@ def test_an_860_byte_png_of_extreme_aspect_costs_little(hserver):
     assert r.status_code == 200, r.text[:300]
     growth = _peak_rss_mib(hserver.proc.pid) - base
     assert growth < 100, growth
+
+
+def test_queued_edits_are_admitted_by_their_memory_cost(tiny_ckpt, make_server):
+    """60 two-image edits of tiny PNGs at once: the queue has room for all of them, the memory budget for six. The
+    rest are answered 429 with Retry-After at once, and the API's peak memory grows by less than the budget."""
+    from diffgentor.engine.request_state import load_processor_context
+    from diffgentor.server.request_cost import read_header, request_cost
+
+    photos = [png(seed=1), png(seed=2)]
+    cost = request_cost(load_processor_context(tiny_ckpt), [read_header(p) for p in photos], "64x64", 1).total
+    budget_mib = -(-6 * cost // (1 << 20))
+    s = make_server(max_num_seqs=2, extra=["--max-waiting-requests", "64", "--max-queued-cost-mib", str(budget_mib)])
+    base = _reset_peak_rss(s.proc.pid)
+    form = {"prompt": "make it blue", **{k: str(v) for k, v in GEN.items()}}
+
+    async def burst():
+        async with httpx.AsyncClient(trust_env=False, timeout=300) as c:
+            return await asyncio.gather(*(c.post(s.base + "/v1/images/edits", data=dict(form, seed=str(i)),
+                                                 files=[("image[]", ("a.png", p, "image/png")) for p in photos])
+                                          for i in range(60)))
+
+    rs = asyncio.run(burst())
+    codes = [r.status_code for r in rs]
+    assert set(codes) <= {200, 429}, [r.text[:200] for r in rs if r.status_code not in (200, 429)]
+    assert 1 <= codes.count(200) and codes.count(429) >= 30, codes
+    assert all(r.headers.get("retry-after") == "1" for r in rs if r.status_code == 429)
+    growth = _peak_rss_mib(s.proc.pid) - base
+    assert growth < budget_mib + 60, (growth, budget_mib)
+    r = httpx.post(s.base + "/v1/images/edits", data=form, files=[("image[]", ("a.png", p, "image/png"))
+                                                                 for p in photos], timeout=300, trust_env=False)
+    assert r.status_code == 200, r.text[:300]  # the budget came back
+
+
+def test_postscript_never_reaches_a_decoder():
+    """EPS would be handed to Ghostscript wherever it is installed: condition images are opened with the decoders
+    the model needs only (PNG, JPEG, WebP, GIF, BMP); an EPS upload is refused without its plugin being asked."""
+    from PIL import EpsImagePlugin
+
+    from diffgentor.engine.request_state import RequestError, _decode_image
+    from diffgentor.server.request_cost import read_header
+
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\nnewpath 0 0 moveto 8 8 lineto stroke\nshowpage\n"
+    with mock.patch.object(EpsImagePlugin.EpsImageFile, "_open", side_effect=AssertionError("EPS opened")) as opened:
+        with pytest.raises(RequestError, match="is not a PNG"):
+            _decode_image(eps, 0)
+        assert read_header(eps) is None
+    assert not opened.called
+
+
+# ------------------------------------------------------------------------------------------------ 13. connections
+def _fd_limit_1024() -> None:
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_NOFILE, (1024, 1024))  # a common default: the flood can exhaust it
+
+
+def test_health_answers_under_a_flood_of_half_open_connections(make_server):
+    """1,100 connections that each sent half a request head (no API key needed), held open, against a server whose
+    descriptor limit is 1024: the oldest headless ones are closed to make room, /health still answers."""
+    s = make_server(max_num_seqs=1, preexec_fn=_fd_limit_1024)
+    socks = []
+    try:
+        for _ in range(1100):
+            c = socket.create_connection(("127.0.0.1", s.port), timeout=10)
+            c.sendall(b"POST /v1/images/generations HTTP/1.1\r\nHost: x\r\n")
+            socks.append(c)
+        r = httpx.get(s.base + "/health", timeout=10, trust_env=False)
+        assert r.status_code == 200, r.text
+        r = httpx.get(s.base + "/v1/models", timeout=10, trust_env=False)
+        assert r.status_code == 200, r.text
+        open_fds = len(os.listdir(f"/proc/{s.proc.pid}/fd"))
+        assert open_fds < 1024 - 64, open_fds
+    finally:
+        for c in socks:
+            c.close()
+
+
+def test_a_63_mb_json_body_does_not_stall_other_clients(make_server):
+    """5.2 million keys in 63 MB: parsed on the event loop, it froze every client for seconds. The body is parsed in
+    the worker pool, and refused from a count of its marks before that; /health answers all along."""
+    s = make_server(max_num_seqs=1)
+    body = b"{" + b",".join(b'"%07x":0' % i for i in range(5_200_000)) + b"}"
+    assert len(body) > 60_000_000
+    res: dict = {}
+
+    def big() -> None:
+        res["r"] = httpx.post(s.base + "/v1/images/generations", content=body, timeout=120, trust_env=False,
+                              headers={"content-type": "application/json"})
+
+    t = threading.Thread(target=big)
+    t.start()
+    worst = 0.0
+    while t.is_alive():
+        t0 = time.monotonic()
+        assert httpx.get(s.base + "/health", timeout=30, trust_env=False).status_code == 200
+        worst = max(worst, time.monotonic() - t0)
+        time.sleep(0.05)
+    t.join()
+    assert res["r"].status_code == 400 and _error(res["r"])["code"] == "invalid_json", res["r"].text[:300]
+    assert worst < 1.5, worst
+
+
+def test_fetch_errors_do_not_tell_which_internal_names_resolve():
+    """A name that resolves to an internal address and a name that does not resolve at all read the same."""
+
+    async def resolver(host: str, port: int) -> list[str]:
+        if host == "db.internal.example":
+            return ["10.1.2.3"]
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    f = UrlFetcher(FetchPolicy.build(1 << 20), resolver)
+    msgs = set()
+    for host in ("db.internal.example", "nothing.internal.example"):
+        with pytest.raises(FetchError) as e:
+            asyncio.run(f.fetch(f"http://{host}/a.png"))
+        msgs.add(str(e.value))
+    assert len(msgs) == 1, msgs
+
+
+def test_trailing_slash_redirects_ignore_the_host_header(hserver):
+    r = httpx.get(hserver.base + "/v1/models/", headers={"Host": "evil.example"}, trust_env=False,
+                  follow_redirects=False, timeout=10)
+    assert r.status_code in (307, 308), r.text
+    assert r.headers["location"] == "/v1/models", r.headers["location"]
+    r = httpx.get(hserver.base + "/v1/models/", trust_env=False, follow_redirects=True, timeout=10)
+    assert r.status_code == 200 and r.json()["object"] == "list"
+
+
+# ------------------------------------------------------------------------------------------------ 14. batch rows
+def test_batch_row_io_errors_are_that_rows_error(tiny_ckpt, tmp_path, capsys):
+    """Each bad row fails alone, with its reason in the results CSV: a path too long for the OS (it aborted the job
+    with exit 2, and every rerun the same), indexes `inf` / `1e400` (a traceback) and `1e300` (generated, then not
+    writable), a sparse 30 MB file (read whole: the server caps uploads at 20 MiB), a device and a FIFO."""
+    import csv as csv_mod
+
+    from diffgentor.server.batch import EXIT_ROWS_FAILED
+    from diffgentor.server.cli import main
+
+    big = tmp_path / "big.png"
+    with open(big, "wb") as f:
+        f.truncate(30 << 20)
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)
+    rows = [("0", "a" * 5000 + ".png"), ("inf", "x.png"), ("1e400", "x.png"), ("1e300", "x.png"), ("4", str(big)),
+            ("5", "/dev/zero"), ("6", str(fifo))]
+    text = "index,instruction,input_images\n" + "".join(f"{i},make it blue,{p}\n" for i, p in rows)
+    rc = main(_edit_args(tiny_ckpt, tmp_path, text, tmp_path / "out"))
+    err = capsys.readouterr().err
+    assert rc == EXIT_ROWS_FAILED, err
+    assert "Traceback" not in err
+    with open(tmp_path / "out" / "results.csv", newline="") as f:
+        got = list(csv_mod.DictReader(f))
+    assert len(got) == len(rows), got
+    errors = [r["error"] for r in got]
+    assert all(errors), errors
+    joined = "\n".join(errors)
+    for reason in ("name too long", "'inf' is not an integer", "'1e400' is not an integer", "'1e300' is not in",
+                   "is 31457280 bytes; the limit is", "/dev/zero is not a regular file", "pipe.png is not a regular"):
+        assert reason in joined, (reason, errors)
+
+
+def test_batch_prompt_file_index_inf_is_that_rows_error(tmp_path):
+    p = tmp_path / "prompts.jsonl"
+    p.write_text('{"prompt": "a cat", "index": Infinity}\n{"prompt": "a dog", "index": 3}\n')
+    rows, _ = D.load_prompts(None, p)
+    assert "not an integer" in rows[0].error and rows[1].error is None and rows[1].index == 3
+
+
+def test_batch_unterminated_quote_is_exit_2_naming_the_line(tiny_ckpt, tmp_path, capsys):
+    """The lenient CSV reader took everything after an unclosed quote as one cell: rows silently lost, exit 0."""
+    from diffgentor.server.cli import main
+
+    text = 'index,instruction,input_images\n0,make it blue,\n1,"make it red,\n2,make it green,\n3,make it gold,\n'
+    rc = main(_edit_args(tiny_ckpt, tmp_path, text, tmp_path / "out"))
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert "line 3" in err and "Traceback" not in err, err
