@@ -36,7 +36,7 @@ def _settled_rss(server, pid: int, below: float, timeout_s: float) -> float:
 def test_engine_core_returns_a_bursts_memory_when_idle(make_server):
     server = make_server(max_num_seqs=BURST)
     core = server.core_pid()
-    assert _edit(server, BURST) == 200  # the first edit's one-off allocations (preprocessors, kernels) are not the burst
+    assert _edit(server, BURST) == 200  # the first edit's one-off allocations (preprocessors) are not the burst
     server.wait_idle()
     time.sleep(2.0)  # past the idle release of the warm-up
     before = server.rss_mib(core)
