@@ -160,7 +160,7 @@ def bad_spec(kind: str, i: int = 0) -> RequestSpec:
         return RequestSpec(gens, json=dict(GEN, prompt="x", num_inference_steps=-3), expect_ok=False, tag=kind)
     if kind == "bad_n":
         return RequestSpec(gens, json=dict(GEN, prompt="x", n="many"), expect_ok=False, tag=kind)
-    if kind == "unknown_field_type":  # unknown fields are ignored, a known field of the wrong type is refused
+    if kind == "unknown_field_type":  # an unknown field (unknown_parameter) and a known one of the wrong type
         return RequestSpec(gens, json=dict(GEN, prompt="x", frobnicate={"a": 1}, seed=[1, 2]), expect_ok=False,
                            tag=kind)
     if kind == "wrong_content_type":
