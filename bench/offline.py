@@ -327,23 +327,24 @@ def run_once(ckpt: Path, engine_args: dict[str, Any], reqs: list[dict[str, Any]]
             core.add_request(eng.make_request(r))
         acc.time_s["preprocess"] = time.perf_counter() - t0
         before = start
-        while core.has_unfinished():
+        finished = {}
+        while core.has_unfinished_requests():
             ts = time.perf_counter()
-            events = core.step()
+            outputs = core.step()
+            finished.update(outputs.finished)
             wall = time.perf_counter() - ts
             after = _stats_snapshot(eng.stats)
             split = acc.add_step(before, after)
             steps.append({"index": len(steps), "wall_s": wall, **split,
                           "tokens": _dict_delta(before, after, "phase_tokens")})
             before = after
-            for ev in events:
+            for ev in outputs.events:
                 if ev.kind == "text":
                     first_text.setdefault(ev.request_id, len(steps) - 1)
-        core.run_until_done()
         dur = time.perf_counter() - t0
         usage1 = _rusage()
         end = _stats_snapshot(eng.stats)
-        results = [core.results.pop(r["request_id"]) for r in reqs]
+        results = [finished[r["request_id"]] for r in reqs]
     finally:
         eng.close()
     # children (ranks) are counted once reaped, so over the engine's whole life; this process over the timed run

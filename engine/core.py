@@ -1,10 +1,17 @@
 """The engine core: admits requests, runs scheduler -> worker steps, and turns their outputs into events.
 
-`EngineCore.step()` is the busy loop's body: `Scheduler.schedule()` packs a `SchedulerOutput`, the worker
-executes it (encodes, one flat forward, sampling, Euler steps, VAE decodes) and `Scheduler.update_from_output()`
-applies the result to the requests; the core only turns the per-request outputs into text deltas, previews,
-images and results. Every request-level failure (bad input, a worker error pinned on it) becomes that request's
-error event; the others carry on.
+`EngineCore.step()` is the busy loop's body: `Scheduler.schedule()` packs a `SchedulerOutput`, the executor's
+worker(s) execute it (encodes, one flat forward, sampling, Euler steps, VAE decodes) and
+`Scheduler.update_from_output()` applies the result to the requests; the core only turns the per-request outputs
+into text deltas, previews, images and results. Every driver is the same loop:
+
+    while core.has_unfinished_requests():
+        outputs = core.step()  # one EngineCoreOutputs: the step's events and the results of the requests it ended
+
+Everything the core reports travels in those outputs, refusals of `add_request` and aborts included (they come
+with the next step); requests that finished release their worker-side state in the next plan, which that loop
+also runs. Every request-level failure (bad input, a worker error pinned on it) becomes that request's error
+event; the others carry on.
 """
 
 from __future__ import annotations
@@ -45,6 +52,15 @@ from diffgentor.engine.request_state import (
 )
 from diffgentor.engine.scheduler import RequestOutput, Scheduler, SchedulerConfig
 from diffgentor.engine.worker import Worker
+
+
+@dataclass
+class EngineCoreOutputs:
+    """What one `EngineCore.step()` reports: the streamed events in order (text deltas, previews, images, then one
+    finished or error event per ended request) and the result of every request that ended."""
+
+    events: list[EngineEvent] = field(default_factory=list)
+    finished: dict[str, RequestResult] = field(default_factory=dict)
 
 
 @dataclass
@@ -94,8 +110,8 @@ class EngineCore:
             kv, transition=lambda st: enter_image_phase(self.ctx, st),
         )
         self.executor = executor
-        self.results: dict[str, RequestResult] = {}
         self.stats = StepStats()
+        self._outputs = EngineCoreOutputs()  # what the next step() reports
         self._final_latents: dict[str, torch.Tensor] = {}  # request id -> latents of its finished diffusion
 
     @property
@@ -139,18 +155,20 @@ class EngineCore:
         """op -> the kernel implementation the workers run (attention, moe), as proven at start-up."""
         return self.executor.kernel_impls
 
-    def add_request(self, req: GenerationRequest) -> list[EngineEvent]:
-        """Validate, preprocess and queue; a bad request is answered at once with its error (no block taken)."""
+    def add_request(self, req: GenerationRequest) -> None:
+        """Validate, preprocess and queue; a bad request is refused (its error in the next step's outputs, no block
+        taken)."""
         self._check()
         try:
             p = process_request(self.ctx, req)
         except RequestError as e:
             return self._reject(req.request_id, 400, str(e))
-        return self.add_processed(p)
+        self.add_processed(p)
 
-    def add_processed(self, p: ProcessedRequest) -> list[EngineEvent]:
+    def add_processed(self, p: ProcessedRequest) -> None:
         """Queue a request whose images the caller already decoded (the API server does, in its own process).
-        A refusal is one error event carrying its HTTP status: 400 bad input or duplicate id, 429 queue full."""
+        A refusal is one error event, in the next step's outputs, carrying its HTTP status: 400 bad input or
+        duplicate id, 429 queue full."""
         self._check()
         rid = p.request.request_id
         if rid in self.requests:
@@ -162,39 +180,36 @@ class EngineCore:
         except RequestError as e:
             return self._reject(rid, 400, str(e))
         self.scheduler.add_request(st)
-        return []
 
-    def _reject(self, rid: str, status: int, msg: str) -> list[EngineEvent]:
+    def _reject(self, rid: str, status: int, msg: str) -> None:
         if rid not in self.requests:  # a duplicate id must not clobber the running request's result
-            self.results[rid] = RequestResult(request_id=rid, finish_reason=FinishReason.ERROR, error=msg)
-        return [self._error_event(rid, msg, status=status)]
+            self._outputs.finished[rid] = RequestResult(request_id=rid, finish_reason=FinishReason.ERROR, error=msg)
+        self._outputs.events.append(self._error_event(rid, msg, status=status))
 
-    def abort(self, request_id: str) -> list[EngineEvent]:
-        events: list[EngineEvent] = []
+    def abort(self, request_id: str) -> None:
+        """End a request in any phase; its abort error comes with the next step's outputs."""
         for st in self.scheduler.finish_requests([request_id], FinishReason.ABORT):
-            events += self._finished(RequestOutput(st, finish_reason=FinishReason.ABORT, error="aborted"))
-        return events
+            self._outputs.events += self._finished(RequestOutput(st, finish_reason=FinishReason.ABORT,
+                                                                 error="aborted"))
 
-    def has_unfinished(self) -> bool:
-        return self.scheduler.has_work()
-
-    def needs_release(self) -> bool:
-        """Finished requests still hold worker-side state (latents, caches) that an idle `run_until_done` frees."""
-        return self.scheduler.needs_release()
+    def has_unfinished_requests(self) -> bool:
+        """Whether `step()` has anything to do: requests to run, finished ones whose worker-side state the next plan
+        releases, or outputs (refusals, aborts) not yet reported."""
+        return self.scheduler.has_requests() or bool(self._outputs.events or self._outputs.finished)
 
     def close(self) -> None:
         """Stop the worker processes, if any."""
         self.executor.close()
 
-    def poll_failures(self) -> list[EngineEvent]:
-        """Between steps, while idle: a worker lost meanwhile fails the core (and its in-flight requests) now."""
-        if self.failed is not None:
-            return []
+    def check_health(self) -> None:
+        """Between steps, while idle: raises `ExecutorError` (the core has failed) if a worker was lost meanwhile;
+        requests in flight then end with that error in the next step's outputs."""
+        self._check()
         try:
             self.executor.check_health()
         except ExecutorError as e:
-            return self._fail(str(e))
-        return []
+            self._fail(str(e))
+            raise
 
     def _check(self) -> None:
         if self.failed is not None:
@@ -205,15 +220,14 @@ class EngineCore:
         self._final_latents.update(out.final_latents)
         return out
 
-    def _fail(self, msg: str) -> list[EngineEvent]:
+    def _fail(self, msg: str) -> None:
         """A worker was lost: every unfinished request ends with `msg`; the core refuses everything after."""
         self.failed = msg
-        events = []
         for st in self.scheduler.finish_requests(list(self.requests), FinishReason.ERROR):
-            events += self._finished(RequestOutput(st, finish_reason=FinishReason.ERROR, error=msg, status=500))
+            self._outputs.events += self._finished(RequestOutput(st, finish_reason=FinishReason.ERROR, error=msg,
+                                                                 status=500))
         self.scheduler.take_finished_ids()
         self.executor.close()
-        return events
 
     def snapshot(self) -> CoreSnapshot:
         kv, sched = self.kv, self.scheduler
@@ -227,25 +241,30 @@ class EngineCore:
         )
 
     # ------------------------------------------------------------------ the loop body
-    def step(self) -> list[EngineEvent]:
-        """schedule -> execute -> update_from_output, then the outputs become events and results."""
-        self._check()
+    def step(self) -> EngineCoreOutputs:
+        """schedule -> execute -> update_from_output; the outputs become events and results."""
+        if self.failed is None:
+            self._step()
+        outputs, self._outputs = self._outputs, EngineCoreOutputs()
+        return outputs
+
+    def _step(self) -> None:
         t0 = time.perf_counter()
         plan = self.scheduler.schedule()
         try:
             if not plan.has_model_work:
                 if plan.finished_request_ids or plan.encoder_evictions:
                     self._execute(plan)  # only frees worker-side state
-                return self._process(self.scheduler.unschedulable())
+                self._outputs.events += self._process(self.scheduler.unschedulable())
+                return
             t1 = time.perf_counter()
             out = self._execute(plan)
         except ExecutorError as e:
             return self._fail(str(e))
         t2 = time.perf_counter()
-        events = self._process(self.scheduler.update_from_output(plan, out))
+        self._outputs.events += self._process(self.scheduler.update_from_output(plan, out))
         t3 = time.perf_counter()
         self._account(plan, out, t1 - t0, t2 - t1, t3 - t2)
-        return events
 
     def _account(self, plan: SchedulerOutput, out: RunnerOutput, schedule_s: float, execute_s: float,
                  update_s: float) -> None:
@@ -323,7 +342,7 @@ class EngineCore:
         res = self._result(st, reason, o.error)
         latents = self._final_latents.pop(rid, None)
         if reason in (FinishReason.ERROR, FinishReason.ABORT):
-            self.results[rid] = res
+            self._outputs.finished[rid] = res
             return [self._error_event(rid, o.error or reason.value, reason, o.status)]
         events = []
         if reason is FinishReason.IMAGE:
@@ -331,7 +350,7 @@ class EngineCore:
             if o.image is not None:
                 res.image = self._output_image(st, o.image)
                 events.append(EngineEvent(request_id=rid, kind="image", image_png=self._png(res.image)))
-        self.results[rid] = res
+        self._outputs.finished[rid] = res
         return events + [EngineEvent(request_id=rid, kind="finished", finish_reason=reason.value)]
 
     def _result(self, st: RequestState, reason: FinishReason, error: str | None = None) -> RequestResult:
@@ -360,15 +379,3 @@ class EngineCore:
     def _error_event(rid: str, msg: str, reason: FinishReason = FinishReason.ERROR,
                      status: int | None = None) -> EngineEvent:
         return EngineEvent(request_id=rid, kind="error", error=msg, finish_reason=reason.value, status=status)
-
-    def run_until_done(self) -> list[EngineEvent]:
-        """Step until nothing is left, then free the finished requests' worker-side state."""
-        events: list[EngineEvent] = []
-        while self.has_unfinished():
-            events += self.step()
-        if self.scheduler.needs_release() and self.failed is None:
-            try:
-                self._execute(SchedulerOutput(finished_request_ids=self.scheduler.take_finished_ids()))
-            except ExecutorError as e:
-                events += self._fail(str(e))
-        return events

@@ -30,12 +30,13 @@ import msgspec
 
 from diffgentor.engine.allocator import IdleRelease
 from diffgentor.engine.config import EngineConfig
+from diffgentor.engine.executor import ExecutorError
 from diffgentor.engine.process import exit_with_parent
 from diffgentor.engine.request import EngineEvent, FinishReason, GenerationRequest, RequestResult
 from diffgentor.engine.request_state import ProcessedRequest
 
 if TYPE_CHECKING:
-    from diffgentor.engine.core import EngineCore
+    from diffgentor.engine.core import EngineCore, EngineCoreOutputs
 
 logger = logging.getLogger(__name__)
 
@@ -173,20 +174,20 @@ class EngineCoreProc:
     def _handle(self, msg) -> None:
         self._dirty = True
         if isinstance(msg, AddRequest):
-            self._collect(self.core.add_processed(msg.processed))
+            self.core.add_processed(msg.processed)
         elif isinstance(msg, AbortRequests):
             for rid in msg.request_ids:
-                self._collect(self.core.abort(rid))
+                self.core.abort(rid)
         elif isinstance(msg, Shutdown):
             self.running = False
 
     # -------------------------------------------------------------- outputs
-    def _collect(self, events: list[EngineEvent]) -> None:
-        for ev in events:
+    def _collect(self, outputs: EngineCoreOutputs) -> None:
+        for ev in outputs.events:
             if ev.kind in ("text", "partial_image", "image"):  # streamed as they come
                 self._events.append(ev)
                 continue
-            res: RequestResult | None = self.core.results.pop(ev.request_id, None)
+            res: RequestResult | None = outputs.finished.get(ev.request_id)
             reason = ev.finish_reason or (FinishReason.ERROR.value if ev.kind == "error" else "image")
             info = FinishedInfo(request_id=ev.request_id, finish_reason=reason, error=ev.error)
             if ev.kind == "error":
@@ -222,15 +223,16 @@ class EngineCoreProc:
     # -------------------------------------------------------------- main loop
     def step_once(self) -> None:
         core = self.core
-        before = core.snapshot()
+        before, steps = core.snapshot(), core.stats.steps
         t0 = time.perf_counter()
-        events = core.step()
+        outputs = core.step()
         dt = time.perf_counter() - t0
-        self._num_steps += 1
-        self._batch_sizes.append(before.num_running + before.num_waiting)
-        if core.snapshot().diffusion_steps > before.diffusion_steps:
-            self._diff_steps.append(dt)
-        self._collect(events)
+        if core.stats.steps > steps:  # the model ran (not only a release or a refusal)
+            self._num_steps += 1
+            self._batch_sizes.append(before.num_running + before.num_waiting)
+            if core.snapshot().diffusion_steps > before.diffusion_steps:
+                self._diff_steps.append(dt)
+        self._collect(outputs)
         self._dirty = True
 
     def run(self) -> None:
@@ -239,15 +241,15 @@ class EngineCoreProc:
         core = self.core
         last_parent_check = time.monotonic()
         while self.running:
-            busy = core.has_unfinished()
-            self._poll_inputs(0 if busy else self.IDLE_POLL_MS)
-            if core.has_unfinished():
+            self._poll_inputs(0 if core.has_unfinished_requests() else self.IDLE_POLL_MS)
+            if core.has_unfinished_requests():
                 self.step_once()
                 self.idle_release.busy()
-            elif core.needs_release():  # release the worker-side state of finished requests while idle
-                self._collect(core.run_until_done())
             else:
-                self._collect(core.poll_failures())
+                try:
+                    core.check_health()  # a rank lost while idle fails the process now, not at the next request
+                except ExecutorError:
+                    pass  # core.failed is set
                 self.idle_release.poll()
             self._flush()
             if core.failed is not None:

@@ -39,6 +39,7 @@ def _image_bytes(src: Any) -> bytes:
 class Engine:
     def __init__(self, core: EngineCore) -> None:
         self.core = core
+        self.results: dict[str, RequestResult] = {}  # request id -> result of a finished request (generate pops)
         self._ids = itertools.count()
         # after each batch the engine is idle until the caller's next one: its freed heap goes back after a while
         self.idle_release = IdleRelease.from_config(core.config)
@@ -82,14 +83,16 @@ class Engine:
         return msgspec.convert(fields, GenerationRequest)
 
     def stream(self, requests: Iterable[GenerationRequest | dict[str, Any]]) -> Iterator[EngineEvent]:
-        """Per-request events (text deltas, image, finished / error) as the engine produces them."""
+        """Per-request events (text deltas, image, finished / error) as the engine produces them; each ended
+        request's `RequestResult` lands in `results`."""
         self.idle_release.busy()
         try:
             for r in requests:
-                yield from self.core.add_request(self.make_request(r))
-            while self.core.has_unfinished():
-                yield from self.core.step()
-            yield from self.core.run_until_done()
+                self.core.add_request(self.make_request(r))
+            while self.core.has_unfinished_requests():
+                outputs = self.core.step()
+                self.results.update(outputs.finished)
+                yield from outputs.events
         finally:
             self.idle_release.release_after_idle()
 
@@ -98,4 +101,4 @@ class Engine:
         reqs = [self.make_request(r) for r in requests]
         for _ in self.stream(reqs):
             pass
-        return [self.core.results.pop(r.request_id) for r in reqs]
+        return [self.results.pop(r.request_id) for r in reqs]

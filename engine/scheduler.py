@@ -118,12 +118,16 @@ class Scheduler:
         self.requests[st.request_id] = st
         self.waiting.append(st)
 
-    def has_work(self) -> bool:
+    def has_unfinished_requests(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def needs_release(self) -> bool:
+    def has_finished_requests(self) -> bool:
         """Finished requests still hold worker-side state that the next plan frees."""
         return bool(self._finished_ids)
+
+    def has_requests(self) -> bool:
+        """Whether the next `schedule()` has anything for the worker: requests to run or state to free."""
+        return self.has_unfinished_requests() or self.has_finished_requests()
 
     def take_finished_ids(self) -> list[str]:
         out, self._finished_ids = self._finished_ids, []

@@ -255,11 +255,12 @@ def test_static_decode_path_equals_eager_on_a_mixed_run(tiny):
         core.add_request(eng.make_request(dict(request_id=f"think{i}", prompt=prompt, bot_task="think_recaption",
                                                max_new_tokens=16, seed=i, **BASE)))
     core.add_request(eng.make_request(dict(request_id="img", prompt="a cube", bot_task="image", seed=9, **BASE)))
+    results = {}
     for _ in range(40):
-        core.step()
+        results.update(core.step().finished)
         if len([n for n in compared if n == 3]) >= 3:
             break
-    assert not [r.error for r in core.results.values() if r.error]
+    assert not [r.error for r in results.values() if r.error]
     assert compared.count(3) >= 3, (compared, eager_steps)  # three rows in bucket 4: one padding row
     assert ["decode", "diffusion"] in eager_steps or ["decode", "prefill"] in eager_steps, eager_steps
 
@@ -298,11 +299,12 @@ def test_gpu_decode_graph_replay_equals_eager(tiny):
     for i, prompt in enumerate(["think about a cat", "think about a red car on a wet road", "a dog"]):
         core.add_request(eng.make_request(dict(request_id=f"think{i}", prompt=prompt, bot_task="think_recaption",
                                                max_new_tokens=16, seed=i, **BASE)))
+    results = {}
     for _ in range(40):
-        core.step()
+        results.update(core.step().finished)
         if len(compared) >= 6:
             break
     if torch.cuda.get_device_capability() >= (9, 0):  # torch._grouped_mm (sync-free MoE) needs sm90
         assert graphs.disabled_reason is None, graphs.disabled_reason
         assert compared and graphs.captured, (compared, graphs.captured)
-    assert not [r.error for r in core.results.values() if r.error]
+    assert not [r.error for r in results.values() if r.error]

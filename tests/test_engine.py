@@ -134,9 +134,13 @@ def test_no_leaks_with_finished_aborted_failed_and_preempted(tiny_distil, monkey
     core = eng.core
     reqs = [eng.make_request(r) for r in _mixed_requests()]
     bad = eng.make_request(dict(request_id="bad", prompt="x", images=[b"not an image"]))
-    assert core.add_request(bad)[0].kind == "error"  # rejected before taking a block
+    core.add_request(bad)
     for r in reqs:
-        assert core.add_request(r) == []
+        core.add_request(r)
+    assert core.kv.num_free_blocks == core.kv.num_blocks  # nothing scheduled yet
+    first = core.step()
+    assert [e.kind for e in first.events if e.request_id == "bad"] == ["error"]  # refused, reported by the step
+    assert first.finished["bad"].finish_reason == FinishReason.ERROR
     # a request that fails inside the worker must fail alone
     real = core.executor.worker.runner._run
 
@@ -146,14 +150,13 @@ def test_no_leaks_with_finished_aborted_failed_and_preempted(tiny_distil, monkey
         return real(chunks, step_of)
 
     monkeypatch.setattr(core.executor.worker.runner, "_run", flaky)
-    events = []
-    for _ in range(3):
-        events += core.step()
-    events += core.abort("r7")
-    while core.has_unfinished():
-        events += core.step()
-    core.run_until_done()
-    results = {rid: core.results[rid] for rid in [r.request_id for r in reqs]}
+    results = {}
+    for _ in range(2):
+        results.update(core.step().finished)
+    core.abort("r7")
+    while core.has_unfinished_requests():  # the last iteration hands the finished ids to the worker
+        results.update(core.step().finished)
+    assert set(results) == {r.request_id for r in reqs}
     assert results["r1"].finish_reason == FinishReason.ERROR and "injected" in results["r1"].error
     assert results["r7"].finish_reason == FinishReason.ABORT
     ok = [r for rid, r in results.items() if rid not in ("r1", "r7")]
@@ -300,11 +303,38 @@ def test_request_whose_image_phase_cannot_fit_is_refused_up_front(tiny_distil):
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if verdict(mid) != "text" else (lo, mid)
     assert verdict(lo) == "image", "the image phase (prompt + smallest image) should not fit just below the text limit"
-    events = eng.core.add_request(eng.make_request(dict(request_id="big", prompt="x " * lo,
-                                                        bot_task="think_recaption", max_new_tokens=4)))
+    eng.core.add_request(eng.make_request(dict(request_id="big", prompt="x " * lo, bot_task="think_recaption",
+                                               max_new_tokens=4)))
+    assert not eng.core.requests  # refused: never queued
+    events = eng.core.step().events
     assert [(e.kind, e.status) for e in events] == [("error", 400)], events
     assert "image phase needs at least" in events[0].error
-    assert eng.core.kv.num_free_blocks == eng.core.kv.num_blocks and not eng.core.has_unfinished()
+    assert eng.core.kv.num_free_blocks == eng.core.kv.num_blocks and not eng.core.has_unfinished_requests()
     # the same prompt as a text-only request never enters the image phase: not refused for it
     req = eng.make_request(dict(request_id="t", prompt="x " * lo, bot_task="auto", max_new_tokens=2))
     build_request_state(ctx, req)
+
+
+def test_one_loop_one_output_channel(tiny_distil):
+    """Every driver is `while core.has_unfinished_requests(): core.step()`: each step returns one EngineCoreOutputs
+    (a refusal made at add time included), and a finished request's worker-side state is released by the next plan
+    that same loop runs (no separate release call)."""
+    eng = _engine(tiny_distil)
+    core = eng.core
+    plans = []
+    execute = core.executor.execute_model
+    core.executor.execute_model = lambda plan: (plans.append(plan), execute(plan))[1]
+    core.add_request(eng.make_request(dict(request_id="ok", prompt="a cube", bot_task="image", seed=1,
+                                           image_size="256x256", num_inference_steps=1, output_type="latent")))
+    core.add_request(eng.make_request(dict(request_id="bad", prompt="x", images=[b"not an image"])))
+    outputs = []
+    while core.has_unfinished_requests():
+        outputs.append(core.step())
+    assert [e.kind for e in outputs[0].events if e.request_id == "bad"] == ["error"]
+    finished = {rid: res for o in outputs for rid, res in o.finished.items()}
+    assert finished["bad"].finish_reason == FinishReason.ERROR
+    assert finished["ok"].finish_reason == FinishReason.IMAGE and finished["ok"].latents is not None
+    ended = next(i for i, o in enumerate(outputs) if "ok" in o.finished)
+    assert plans[-1].finished_request_ids == ["ok"] and not plans[-1].has_model_work
+    assert len(outputs) == ended + 2  # one more iteration released it
+    assert core.executor.worker.runner.requests == {}

@@ -105,13 +105,15 @@ def test_killed_remote_rank_fails_in_flight_request(ckpt, tmp_path):
         core.step()  # prefill done: the request is in flight on both nodes
         os.kill(rank_pids[1], signal.SIGKILL)
         t0 = time.monotonic()
-        events = []
-        while core.has_unfinished() and time.monotonic() - t0 < 30:
-            events += core.step()
+        events, results = [], {}
+        while core.has_unfinished_requests() and time.monotonic() - t0 < 30:
+            outputs = core.step()
+            events += outputs.events
+            results.update(outputs.finished)
         took = time.monotonic() - t0
         assert core.failed is not None and "rank" in core.failed
         assert any(e.request_id == "long" and e.kind == "error" for e in events)
-        assert core.results["long"].finish_reason == FinishReason.ERROR
+        assert results["long"].finish_reason == FinishReason.ERROR
         assert took < 10, took
         eng.close()
         codes = _reap(nodes)

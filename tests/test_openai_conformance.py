@@ -360,7 +360,7 @@ def test_engine_orientation_and_streamed_text(engine):
     assert (land.image.height, land.image.width) == land.image_size
     req = {k: v for k, v in MULTIBYTE.items() if k != "size"} | {"image_size": "256x256", "output_type": "latent"}
     deltas = [ev.text for ev in eng.stream([dict(req, request_id="mb")]) if ev.kind == "text"]
-    text = eng.core.results.pop("mb").text
+    text = eng.results.pop("mb").text
     assert text == _offline_text(eng)  # deterministic: what the server test compares its stream with
     assert any(ord(c) > 127 and c != "\ufffd" for c in text), text  # the seed still makes multi-byte text
     assert "".join(deltas) == text

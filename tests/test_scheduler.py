@@ -157,12 +157,11 @@ class Harness:
         assert len(self.sched.running) <= self.sched.config.max_num_seqs
 
     def run(self, max_steps=500):
-        for _ in range(max_steps):
-            if not self.sched.has_work():
+        for _ in range(max_steps):  # the engine core's loop; the last step hands the finished ids to the worker
+            if not self.sched.has_requests():
                 break
             self.step()
-        assert not self.sched.has_work(), "did not finish"
-        self.execute(self.sched.schedule())  # hands the last finished ids to the worker
+        assert not self.sched.has_requests(), "did not finish"
         assert not self.worker_requests
 
     def finished(self) -> dict[str, FinishReason]:
@@ -513,7 +512,7 @@ def test_no_leaks_after_random_interleavings(ctx_distil, seed):
               partial_images=rng.randint(0, 2))
         added.append(f"q{i}")
         for _ in range(rng.randint(0, 4)):
-            if h.sched.has_work():
+            if h.sched.has_requests():
                 h.step()
         if rng.random() < 0.3:
             victim = rng.choice(added)

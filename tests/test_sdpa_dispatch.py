@@ -74,16 +74,16 @@ def test_no_engine_step_leaves_cuda_only_the_math_kernel(tiny_distil):
              dict(base, request_id="img", prompt="a blue ball", bot_task="image", seed=3)]
     steps: list[tuple[dict[str, int], list[SdpaCall]]] = []
     core.add_request(eng.make_request(edit))
-    while core.has_unfinished():
+    results = {}
+    while core.has_unfinished_requests():
         if later and len(steps) in (2, 8):
             core.add_request(eng.make_request(later.pop(0)))
         before = dict(core.stats.phase_tokens)
         with record_sdpa_calls() as rec:
-            core.step()
+            results.update(core.step().finished)
         kinds = {k: core.stats.phase_tokens[k] - before[k] for k in before}
         steps.append((kinds, rec.calls))
-    core.run_until_done()
-    assert all(core.results[r].error is None for r in ("edit", "t2i", "img"))
+    assert all(results[r].error is None for r in ("edit", "t2i", "img"))
     calls = [c for _, cs in steps for c in cs]
     bad = [c.describe() for c in calls if c.masked_gqa or not {"flash", "efficient"} & set(
         fused_kernels(c, torch.bfloat16))]

@@ -188,19 +188,19 @@ def test_mixed_step_has_no_host_syncs_in_the_backbone(tiny, monkeypatch):
     core.add_request(eng.make_request(dict(request_id="img", prompt="a red cube", bot_task="image", seed=1, **base)))
     core.add_request(eng.make_request(dict(request_id="think", prompt="think about a cat", bot_task="think_recaption",
                                            max_new_tokens=64, seed=2, **base)))
-    mixed = False
+    mixed, results = False, {}
     for step in range(12):
         if step == 2:  # a fresh prefill joins while "img" diffuses and "think" decodes
             core.add_request(eng.make_request(dict(request_id="late", prompt="a blue sphere on grass",
                                                    bot_task="image", seed=3, **base)))
-        core.step()
+        results.update(core.step().finished)
         assert not guard.found, f"step {step}: {guard.found}"
         if plans and _kinds(plans[-1]) == {"prefill", "decode", "diffusion"}:
             mixed = True
             break
     assert mixed, [sorted(_kinds(p)) for p in plans]
     assert guard.forwards >= len(plans) - 1 and not guard.active
-    failed = [r for r in core.results.values() if r.error]
+    failed = [r for r in results.values() if r.error]
     assert not failed, [r.error for r in failed]
 
 
@@ -226,15 +226,16 @@ def test_sampling_reads_the_device_once_per_step(tiny):
     for i in range(3):
         core.add_request(eng.make_request(dict(request_id=f"t{i}", prompt=f"think about cat number {i}",
                                                bot_task="think_recaption", max_new_tokens=6, seed=i, **base)))
+    results = {}
     for _ in range(40):
-        if not core.has_unfinished():
+        if not core.has_unfinished_requests():
             break
-        core.step()
+        results.update(core.step().finished)
     batched = [found for rows, found in calls if rows >= 2]
     assert len(batched) >= 5, calls
     for rows, found in calls:
         assert found == (["tolist"] if rows else []), (rows, found)
-    assert not [r.error for r in core.results.values() if r.error]
+    assert not [r.error for r in results.values() if r.error]
 
 
 class _RecordingWrapper:

@@ -88,23 +88,25 @@ def test_killed_rank_fails_in_flight_requests(ckpt):
     pids = list(ex.executor.rank_pids)
     try:
         reqs = [eng.make_request(r) for r in _requests(steps=50)]
-        events = []
+        events, results = [], {}
         for r in reqs:
             ex.add_request(r)
         for _ in range(3):  # a few lockstep steps, then rank 1 dies mid-run
-            events += ex.step()
-        assert ex.has_unfinished()
+            events += ex.step().events
+        assert ex.has_unfinished_requests()
         os.kill(pids[1], signal.SIGKILL)
         t0 = time.monotonic()
-        while ex.has_unfinished():
-            events += ex.step()
+        while ex.has_unfinished_requests():
+            outputs = ex.step()
+            events += outputs.events
+            results.update(outputs.finished)
             assert time.monotonic() - t0 < 10
         took = time.monotonic() - t0
         assert took < 10, took
         errors = {e.request_id: e.error for e in events if e.kind == "error"}
         assert set(errors) == {r.request_id for r in reqs}, events
         assert all("rank 1" in msg and "exit" in msg for msg in errors.values()), errors
-        assert all(ex.results[r.request_id].finish_reason == FinishReason.ERROR for r in reqs)
+        assert all(results[r.request_id].finish_reason == FinishReason.ERROR for r in reqs)
         with pytest.raises(ExecutorError, match="rank 1"):
             eng.generate(_requests()[:1])
         deadline = time.monotonic() + 5
@@ -142,8 +144,8 @@ def test_hung_rank_is_noticed_and_stopped(ckpt):
         os.kill(pids[1], signal.SIGSTOP)
         t0 = time.monotonic()
         events = []
-        while ex.has_unfinished():
-            events += ex.step()
+        while ex.has_unfinished_requests():
+            events += ex.step().events
         took = time.monotonic() - t0
         assert took < 10, took
         errors = {e.request_id: e.error for e in events if e.kind == "error"}

@@ -245,18 +245,20 @@ def test_add_processed_refusals_carry_status(reference):
     core = eng.core
     ps = [process_request(core.ctx, GenerationRequest(request_id=f"q{i}", prompt="a cube", image_size="64x64",
                                                       bot_task="image", num_inference_steps=1)) for i in range(5)]
-    for p in ps[:4]:
-        assert core.add_processed(p) == []
-    dup = core.add_processed(ps[0])
-    full = core.add_processed(ps[4])
-    assert [(e.kind, e.status) for e in dup] == [("error", 400)] and "duplicate" in dup[0].error
-    assert [(e.kind, e.status) for e in full] == [("error", 429)] and "too many waiting" in full[0].error
+    for p in ps:
+        core.add_processed(p)
+    core.add_processed(ps[0])  # a duplicate id
     snap = core.snapshot()
     assert (snap.num_waiting, snap.num_running) == (4, 0)
     for p in ps[:4]:
         core.abort(p.request.request_id)
-    core.run_until_done()
-    assert core.snapshot().num_free_blocks == core.num_blocks and not core.needs_release()
+    events = core.step().events  # the refusals and the aborts, in order
+    assert [(e.request_id, e.kind, e.status) for e in events[:2]] == [("q4", "error", 429), ("q0", "error", 400)]
+    assert "too many waiting" in events[0].error and "duplicate" in events[1].error
+    assert [(e.request_id, e.finish_reason) for e in events[2:]] == [(f"q{i}", "abort") for i in range(4)]
+    while core.has_unfinished_requests():
+        core.step()
+    assert core.snapshot().num_free_blocks == core.num_blocks
 
 
 def test_tp2_rank_exception_reaches_the_client(tp_server):
