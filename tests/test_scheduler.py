@@ -347,7 +347,7 @@ def _vae_work(h: Harness, plan: SchedulerOutput) -> tuple[list[int], list[int]]:
 def _run_recording_vae_work(h: Harness) -> list[tuple[list[int], list[int]]]:
     work = []
     for _ in range(500):
-        if not h.sched.has_work():
+        if not h.sched.has_unfinished_requests():
             break
         plan = h.sched.schedule()
         work.append(_vae_work(h, plan))
@@ -358,7 +358,7 @@ def _run_recording_vae_work(h: Harness) -> list[tuple[list[int], list[int]]]:
         else:
             h.execute(plan)
             h.outputs += h.sched.unschedulable()
-    assert not h.sched.has_work()
+    assert not h.sched.has_unfinished_requests()
     return work
 
 
