@@ -345,7 +345,6 @@ class EngineConfig:
     """Explicit KV block count; wins over every budget."""
     kv_cache_memory_bytes: int | None = None
     """Explicit KV budget in bytes; used when num_kv_blocks is not given."""
-    kv_cache_memory_fraction: float = 0.9
     """Fraction of free device memory for the KV cache when neither of the above is given."""
     enable_prefix_caching: bool = True
     max_waiting_requests: int = 1024
@@ -354,7 +353,8 @@ class EngineConfig:
     is encoded per step even when it is larger, so any image gets through."""
     encoder_cache_bytes: int = 512 * 1024 * 1024
     """Bound of the encoder cache (posterior parameters and ViT outputs by image digest and bucket), LRU."""
-    seed: int = 42
+    seed: int | None = None
+    """The seed of a request that gives none; None: 42 in the offline engine, a random seed per request when served."""
     default_num_inference_steps: int | None = None
     """None = the checkpoint's generation_config value."""
     env: HunyuanImage3Env = field(default_factory=HunyuanImage3Env)
@@ -442,10 +442,7 @@ class EngineConfig:
                 f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= max_num_seqs "
                 f"({self.max_num_seqs}): every running sequence needs at least one token per step"
             )
-        frac = self.kv_cache_memory_fraction
-        if isinstance(frac, bool) or not isinstance(frac, (int, float)) or not (0.0 < frac <= 1.0):
-            raise ValueError(f"kv_cache_memory_fraction must be in (0, 1], got {frac!r}")
-        if not _is_int(self.seed) or self.seed < 0:
+        if self.seed is not None and (not _is_int(self.seed) or self.seed < 0):
             raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
         if not isinstance(self.enable_prefix_caching, bool):
             raise ValueError(f"enable_prefix_caching must be a bool, got {self.enable_prefix_caching!r}")
@@ -494,7 +491,7 @@ class EngineConfig:
         and keys named like an env field (``bot_task``, ``max_new_tokens``, ...) override that field.
         Recognised keys: ``model`` / ``model_name``, ``dtype`` / ``torch_dtype``, ``device``, ``max_num_seqs``,
         ``max_num_batched_tokens``, ``block_size``, ``num_kv_blocks``, ``kv_cache_memory`` /
-        ``kv_cache_memory_bytes`` (int bytes or a size string), ``kv_cache_memory_fraction``,
+        ``kv_cache_memory_bytes`` (int bytes or a size string),
         ``enable_prefix_caching``, ``max_waiting_requests``, ``seed``, ``default_num_inference_steps`` /
         ``num_inference_steps``, ``tensor_parallel_size``, ``attn_impl``, ``moe_impl``, ``quantization``,
         ``gpu_memory_utilization``, ``enforce_eager``, ``heap_reuse_memory`` / ``heap_reuse_bytes`` (int bytes
@@ -542,7 +539,6 @@ class EngineConfig:
             "max_num_image_tokens": ("max_num_image_tokens",),
             "block_size": ("block_size",),
             "num_kv_blocks": ("num_kv_blocks",),
-            "kv_cache_memory_fraction": ("kv_cache_memory_fraction",),
             "enable_prefix_caching": ("enable_prefix_caching",),
             "max_waiting_requests": ("max_waiting_requests",),
             "max_num_encoder_pixels": ("max_num_encoder_pixels",),
@@ -630,27 +626,18 @@ class EngineConfig:
         """Model instances side by side (data parallel): visible devices // ranks per instance (at least 1)."""
         return max(1, num_visible_devices // self.resolve_tensor_parallel_size(num_visible_devices))
 
-    def kv_cache_budget_bytes(self, free_memory_bytes: int | None = None, cuda_available: bool | None = None) -> int:
-        """Bytes for the KV cache when no explicit block count is given.
-
-        ``kv_cache_memory_bytes`` if set; else on CUDA ``kv_cache_memory_fraction * free_memory_bytes`` (required);
-        on CPU `DEFAULT_CPU_KV_CACHE_BYTES`, capped at the fraction of ``free_memory_bytes`` when that is given.
-        """
+    def kv_cache_budget_bytes(self, cuda_available: bool | None = None) -> int:
+        """Bytes for the KV cache when no explicit block count is given: ``kv_cache_memory_bytes`` if set, else on
+        CPU `DEFAULT_CPU_KV_CACHE_BYTES`; on CUDA the memory plan sizes the cache instead (engine/memory_plan.py)."""
         if self.kv_cache_memory_bytes is not None:
             return self.kv_cache_memory_bytes
-        if free_memory_bytes is not None and (not _is_int(free_memory_bytes) or free_memory_bytes < 0):
-            raise ValueError(f"free_memory_bytes must be a non-negative integer, got {free_memory_bytes!r}")
         if self.on_cuda(cuda_available):
-            if free_memory_bytes is None:
-                raise ValueError("free_memory_bytes is required to size the KV cache on CUDA")
-            return int(free_memory_bytes * self.kv_cache_memory_fraction)
-        if free_memory_bytes is None:
-            return DEFAULT_CPU_KV_CACHE_BYTES
-        return min(DEFAULT_CPU_KV_CACHE_BYTES, int(free_memory_bytes * self.kv_cache_memory_fraction))
+            raise ValueError("on CUDA the memory plan sizes the KV cache; set --kv-cache-memory or --num-kv-blocks "
+                             "to size it yourself")
+        return DEFAULT_CPU_KV_CACHE_BYTES
 
     def resolve_num_blocks(
-        self, bytes_per_block: int, free_memory_bytes: int | None = None, cuda_available: bool | None = None,
-        max_model_len: int | None = None,
+        self, bytes_per_block: int, cuda_available: bool | None = None, max_model_len: int | None = None,
     ) -> int:
         """KV blocks to allocate: ``num_kv_blocks`` if given, else `kv_cache_budget_bytes` // ``bytes_per_block``.
         On CPU without an explicit size (`num_kv_blocks`, `kv_cache_memory_bytes`), no more than ``max_num_seqs``
@@ -664,14 +651,14 @@ class EngineConfig:
             return self.num_kv_blocks
         if not _is_int(bytes_per_block) or bytes_per_block <= 0:
             raise ValueError(f"bytes_per_block must be a positive integer, got {bytes_per_block!r}")
-        budget = self.kv_cache_budget_bytes(free_memory_bytes, cuda_available)
+        budget = self.kv_cache_budget_bytes(cuda_available)
         n = budget // bytes_per_block
         if max_model_len is not None and self.kv_cache_memory_bytes is None and not self.on_cuda(cuda_available):
             n = min(n, self.max_num_seqs * CFG_ROWS * self.max_blocks_per_seq(max_model_len))
         if n < 1:
             raise ValueError(
                 f"KV cache budget of {budget} bytes holds no block of {bytes_per_block} bytes; "
-                "raise --kv-cache-memory or free device memory, or set --num-kv-blocks"
+                "raise --kv-cache-memory or set --num-kv-blocks"
             )
         return n
 
@@ -705,6 +692,10 @@ class EngineConfig:
         for key in ("bot_task", "use_system_prompt", "infer_align_image_size", "max_new_tokens", "use_taylor_cache"):
             if key in e.explicit or key not in CHECKPOINT_REQUEST_KEYS or checkpoint.get(key) is None:
                 out[key] = getattr(e, key)
+        if self.seed is not None:
+            out["seed"] = self.seed
+        if self.default_num_inference_steps:
+            out["num_inference_steps"] = self.default_num_inference_steps
         return out
 
     def checkpoint_generation_config(self) -> dict[str, Any]:
@@ -781,14 +772,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         type=_size_arg,
         default=None,
         metavar="SIZE",
-        help="KV cache budget: bytes or e.g. 512MiB, 2GiB, 4GB (default: "
-        "--kv-cache-memory-fraction of free GPU memory; 2GiB on CPU)",
-    )
-    g.add_argument(
-        "--kv-cache-memory-fraction",
-        type=float,
-        default=None,
-        help="fraction of free device memory for the KV cache (default 0.9)",
+        help="KV cache budget: bytes or e.g. 512MiB, 2GiB, 4GB (default: on CUDA what the memory plan leaves "
+        "under --gpu-memory-utilization; 2GiB on CPU)",
     )
     g.add_argument(
         "--tensor-parallel-size",

@@ -98,10 +98,8 @@ class EngineCore:
         self.config = config
         mc = model_config
         builder = PromptBuilder.from_config(tokenizer, mc, template=defaults.sequence_template)
-        req_defaults = config.request_defaults()
-        if config.default_num_inference_steps:
-            req_defaults["num_inference_steps"] = config.default_num_inference_steps
-        self.ctx = ProcessorContext(mc, defaults, tokenizer, builder, ImageProcessor(mc), system_prompts, req_defaults)
+        self.ctx = ProcessorContext(mc, defaults, tokenizer, builder, ImageProcessor(mc), system_prompts,
+                                    config.request_defaults())
         kv = KVCacheManager(executor.num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, config.block_size,

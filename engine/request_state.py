@@ -389,7 +389,7 @@ def state_from_processed(ctx: ProcessorContext, p: ProcessedRequest) -> RequestS
     except ValueError as e:
         raise RequestError(str(e)) from None
     use_cfg = not ctx.config.cfg_distilled and guidance > 1.0
-    seed = int(_pick(req.seed, 42))
+    seed = int(_pick(req.seed, ctx.request_defaults.get("seed", 42)))
     rid = req.request_id
     if machine.prompt_task is not None:
         layout = ctx.builder.text_prompt(req.prompt, task=machine.prompt_task, system_prompt=system,

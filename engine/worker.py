@@ -73,8 +73,7 @@ class Worker:
         if planned is not None:
             num_blocks = planned
         else:
-            free = torch.cuda.mem_get_info()[0] if config.on_cuda() else None
-            num_blocks = config.resolve_num_blocks(bytes_per_block, free, max_model_len=c.max_position_embeddings)
+            num_blocks = config.resolve_num_blocks(bytes_per_block, max_model_len=c.max_position_embeddings)
         if parallel is not None and parallel.is_parallel:
             import torch.distributed as dist
 

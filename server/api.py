@@ -648,7 +648,9 @@ async def _admitted(state: AppState, request: Request, kind: str, params, req: G
         processed: ProcessedRequest = await loop.run_in_executor(state.pool, _process, state.ctx, req, limits)
     except RequestError as e:
         raise _request_error(e) from None
-    base_seed = params.seed if params.seed is not None else random.randrange(2**31 - params.n)
+    base_seed = params.seed if params.seed is not None else state.ctx.request_defaults.get("seed")
+    if base_seed is None:  # no --seed: each seedless request draws its own
+        base_seed = random.randrange(2**31 - params.n)
     subs = []
     for i in range(params.n):
         sub_req = msgspec.structs.replace(processed.request, request_id=sub_ids[i], seed=base_seed + i)
@@ -889,8 +891,7 @@ async def serve_async(args: argparse.Namespace, started: asyncio.Event | None = 
         logger.error("%s", e)
         return 1
     client = EnginePool(config, slices, metrics=metrics, on_death=on_death)
-    ctx = load_processor_context(config.model, config.request_defaults() | (
-        {"num_inference_steps": config.default_num_inference_steps} if config.default_num_inference_steps else {}))
+    ctx = load_processor_context(config.model, config.request_defaults())
     limits = ServerLimits(max_upload_bytes=args.max_upload_bytes, max_image_pixels=args.max_image_pixels,
                           max_prompt_chars=args.max_prompt_chars, max_request_bytes=args.max_request_bytes,
                           allow_url_fetch=args.allowed_url_fetch,

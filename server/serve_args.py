@@ -35,7 +35,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on /v1/* (default: none)")
     p.add_argument("--served-model-name", nargs="+", default=None,
                    help="model name(s) clients may send (default: the checkpoint folder's name)")
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--seed", type=int, default=None,
+                   help="seed of every request that gives none (default: a random seed per request)")
     p.add_argument("--num-inference-steps", dest="default_num_inference_steps", type=int, default=None,
                    help="default diffusion steps (default: the checkpoint's generation config)")
     p.add_argument("--max-upload-bytes", type=int, default=DEFAULT_MAX_UPLOAD_BYTES, help="per image file")

@@ -203,9 +203,9 @@ def test_engine_defaults():
     assert c.model is None
     assert c.dtype == "auto" and c.device == "auto"
     assert c.max_num_seqs == 16 and c.max_num_batched_tokens == 8192 and c.block_size == 16
-    assert c.num_kv_blocks is None and c.kv_cache_memory_bytes is None and c.kv_cache_memory_fraction == 0.9
+    assert c.num_kv_blocks is None and c.kv_cache_memory_bytes is None
     assert c.enable_prefix_caching is True and c.max_waiting_requests == 1024
-    assert c.seed == 42 and c.default_num_inference_steps is None
+    assert c.seed is None and c.default_num_inference_steps is None
     assert c.attn_impl == "sdpa" and c.moe_impl == "eager" and c.tensor_parallel_size == 0
     assert c.env == HunyuanImage3Env()
     assert c == EngineConfig()
@@ -237,7 +237,7 @@ def test_all_flags_parsed():
     argv = [
         "--dtype", "bf16", "--device", "cuda:1", "--max-num-seqs", "8", "--max-num-batched-tokens", "4096",
         "--block-size", "32", "--num-kv-blocks", "100", "--kv-cache-memory", "512MiB",
-        "--kv-cache-memory-fraction", "0.5", "--no-prefix-caching", "--max-waiting-requests", "10",
+        "--no-prefix-caching", "--max-waiting-requests", "10",
     ]  # fmt: skip
     args = parser().parse_args(argv)
     args.model_name = "/models/HunyuanImage-3-Instruct-Distil"
@@ -247,7 +247,7 @@ def test_all_flags_parsed():
     assert c.model == "/models/HunyuanImage-3-Instruct-Distil"
     assert c.dtype == "bfloat16" and c.device == "cuda:1"
     assert (c.max_num_seqs, c.max_num_batched_tokens, c.block_size) == (8, 4096, 32)
-    assert c.num_kv_blocks == 100 and c.kv_cache_memory_bytes == 512 * MiB and c.kv_cache_memory_fraction == 0.5
+    assert c.num_kv_blocks == 100 and c.kv_cache_memory_bytes == 512 * MiB
     assert c.enable_prefix_caching is False and c.max_waiting_requests == 10
     assert c.seed == 7 and c.default_num_inference_steps == 8
 
@@ -307,30 +307,34 @@ def test_parse_size_invalid(bad):
 # ------------------------------------------------------------------------------------------------ KV sizing
 def test_resolve_num_blocks_explicit_wins():
     c = EngineConfig(num_kv_blocks=77, kv_cache_memory_bytes=GiB)
-    assert c.resolve_num_blocks(1024, free_memory_bytes=10 * GiB, cuda_available=True) == 77
+    assert c.resolve_num_blocks(1024, cuda_available=True) == 77
 
 
 def test_resolve_num_blocks_budget():
     c = EngineConfig(kv_cache_memory_bytes=GiB)
-    assert c.resolve_num_blocks(MiB, free_memory_bytes=80 * GiB, cuda_available=True) == 1024
+    assert c.resolve_num_blocks(MiB, cuda_available=True) == 1024
     assert c.resolve_num_blocks(3 * MiB) == 341  # floor
 
 
-def test_resolve_num_blocks_fraction_on_cuda():
-    c = EngineConfig(device="cuda")
-    assert c.resolve_num_blocks(MiB, free_memory_bytes=10 * GiB) == int(10 * GiB * 0.9) // MiB
-    c = EngineConfig(device="auto", kv_cache_memory_fraction=0.5)
-    assert c.resolve_num_blocks(MiB, free_memory_bytes=4 * GiB, cuda_available=True) == 2048
-    with pytest.raises(ValueError, match="free_memory_bytes is required"):
+def test_resolve_num_blocks_on_cuda_needs_a_size():
+    """On CUDA the memory plan sizes the KV cache (under --gpu-memory-utilization); without it a size is needed."""
+    with pytest.raises(ValueError, match="memory plan sizes the KV cache"):
         EngineConfig(device="cuda:0").resolve_num_blocks(MiB)
+    with pytest.raises(ValueError, match="memory plan"):
+        EngineConfig(device="auto").resolve_num_blocks(MiB, cuda_available=True)
 
 
 def test_resolve_num_blocks_cpu_default():
     c = EngineConfig(device="cpu")
     assert c.resolve_num_blocks(MiB) == DEFAULT_CPU_KV_CACHE_BYTES // MiB == 2048
-    assert c.resolve_num_blocks(MiB, free_memory_bytes=1 * GiB) == int(GiB * 0.9) // MiB  # capped by free memory
-    assert c.resolve_num_blocks(MiB, free_memory_bytes=100 * GiB) == 2048
     assert EngineConfig().resolve_num_blocks(MiB, cuda_available=False) == 2048
+
+
+def test_kv_cache_memory_fraction_is_gone():
+    """The flag sized nothing (CUDA: the memory plan; CPU: --kv-cache-memory or 2 GiB): it is refused, not ignored."""
+    with pytest.raises(SystemExit):
+        parser().parse_args(["--kv-cache-memory-fraction", "0.5"])
+    assert not hasattr(EngineConfig(), "kv_cache_memory_fraction")
 
 
 def test_resolve_num_blocks_errors():
@@ -339,8 +343,6 @@ def test_resolve_num_blocks_errors():
         c.resolve_num_blocks(4096)
     with pytest.raises(ValueError, match="bytes_per_block"):
         c.resolve_num_blocks(0)
-    with pytest.raises(ValueError, match="free_memory_bytes"):
-        EngineConfig(device="cuda").resolve_num_blocks(MiB, free_memory_bytes=-1)
 
 
 # ------------------------------------------------------------------------------------------------ device/dtype/tp
@@ -385,8 +387,6 @@ def test_tensor_parallel_resolution():
         ({"max_num_seqs": 64, "max_num_batched_tokens": 32}, r"must be >= max_num_seqs"),
         ({"num_kv_blocks": 0}, "num_kv_blocks"),
         ({"kv_cache_memory_bytes": 0}, "kv_cache_memory_bytes"),
-        ({"kv_cache_memory_fraction": 0.0}, "kv_cache_memory_fraction"),
-        ({"kv_cache_memory_fraction": 1.5}, "kv_cache_memory_fraction"),
         ({"max_waiting_requests": 0}, "max_waiting_requests"),
         ({"seed": -1}, "seed"),
         ({"default_num_inference_steps": 0}, "default_num_inference_steps"),
@@ -462,5 +462,5 @@ def test_cpu_default_kv_cache_is_sized_by_what_the_scheduler_can_use():
     assert EngineConfig(device="cpu", num_kv_blocks=7).resolve_num_blocks(1024, max_model_len=8192) == 7
     explicit = EngineConfig(device="cpu", kv_cache_memory_bytes=64 * MiB)
     assert explicit.resolve_num_blocks(1024, max_model_len=8192) == 64 * 1024  # an explicit budget is all used
-    gpu = EngineConfig(device="cuda")
-    assert gpu.resolve_num_blocks(MiB, free_memory_bytes=10 * GiB, max_model_len=16) == int(10 * GiB * 0.9) // MiB
+    gpu = EngineConfig(device="cuda", kv_cache_memory_bytes=GiB)
+    assert gpu.resolve_num_blocks(MiB, max_model_len=16) == 1024  # CUDA: the given budget, not the CPU cap

@@ -8,6 +8,9 @@ from __future__ import annotations
 import json
 
 from diffgentor.engine.config import EngineConfig, HunyuanImage3Env
+from diffgentor.engine.request import GenerationRequest
+from diffgentor.engine.request_state import load_processor_context, process_request, state_from_processed
+from diffgentor.engine.testing.tiny_model import make_tiny
 
 P = "DG_HUNYUAN_IMAGE_3_"
 
@@ -41,3 +44,18 @@ def test_values_given_in_code_count_as_explicit(tmp_path):
 def test_no_checkpoint_file_means_every_default(tmp_path):
     d = EngineConfig(model=str(tmp_path)).request_defaults()
     assert d["bot_task"] == "think_recaption" and d["use_system_prompt"] == "en_unified"
+
+
+def test_seed_flag_is_the_default_seed_of_seedless_requests(tmp_path):
+    """`--seed` (EngineConfig.seed) seeds every request that gives none; a request's own seed wins; unset, the
+    offline default stays 42 (the served API draws a random one per request instead)."""
+    ckpt = make_tiny(tmp_path / "tiny")
+
+    def seed_of(config: EngineConfig, **fields) -> int:
+        ctx = load_processor_context(ckpt, config.request_defaults())
+        req = GenerationRequest(request_id="r", prompt="a cube", bot_task="image", **fields)
+        return state_from_processed(ctx, process_request(ctx, req)).seed
+
+    seeded = EngineConfig.from_cli_and_env({"model": str(ckpt), "seed": 7}, environ={})
+    assert seed_of(seeded) == 7 and seed_of(seeded, seed=3) == 3
+    assert seed_of(EngineConfig(model=str(ckpt))) == 42
