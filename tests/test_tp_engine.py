@@ -65,6 +65,9 @@ def test_tp_engine_matches_single_process(ckpt, single, ep):
                                 **ENGINE_ARGS) as eng:
         ex = eng.core.executor
         assert isinstance(ex, MultiprocExecutor) and ex.expert_parallel is ep
+        # the ranks report what they run and their VAE budget (None on CPU), and the one scheduler plans with it
+        assert set(ex.kernel_impls) >= {"attention", "moe"}, ex.kernel_impls
+        assert eng.core.scheduler.config.vae_budget is ex.vae_budget is None
         pids = list(ex.rank_pids)
         got = eng.generate(_requests())
         hwm = list(ex.rank_vm_hwm_kb)
@@ -218,3 +221,14 @@ def test_ranks_receive_plans_not_requests(ckpt):
             for rid, lat in want.final_latents.items():
                 assert (got.final_latents[rid] - lat).abs().max().item() <= 1e-4
     assert not _alive_children(pids)
+
+
+def test_rank_ready_carries_the_vae_budget_and_kernels():
+    """On a GPU each rank's memory plan sets the VAE budget the one scheduler must plan with; it crosses the wire."""
+    from diffgentor.engine.tp.messages import RankOutput, RankReady, decoder, encoder
+    from diffgentor.engine.vae_budget import VaeBudget
+
+    sent = RankReady(rank=0, pid=1, num_blocks=7, kernel_impls={"attention": "flashinfer", "moe": "fp8_grouped"},
+                     vae_budget=VaeBudget(budget_bytes=8 << 30, bytes_per_pixel=6144, decode_fixed_bytes=1 << 30))
+    got = decoder(RankOutput).decode(encoder().encode(sent))
+    assert got == sent and isinstance(got.vae_budget, VaeBudget)

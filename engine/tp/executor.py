@@ -150,6 +150,9 @@ class MultiprocExecutor(Executor):
         if len(blocks) != 1:
             raise ExecutorError(f"tensor-parallel ranks disagree on the KV cache size: {sorted(blocks)}")
         self.num_blocks = blocks.pop()
+        # rank 0 speaks for the group: every rank ran the same warm-up and memory plan on a GPU of the same kind
+        self.kernel_impls = dict(ready[0].kernel_impls)
+        self.vae_budget = ready[0].vae_budget
         if self.endpoint is not None:
             self.rank_pids = [ready[r].pid for r in range(self.world_size)]  # pids on their own nodes
         logger.info("tensor-parallel executor ready: %d ranks (%s), %d KV blocks, rank pids %s", self.world_size,

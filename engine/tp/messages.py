@@ -20,6 +20,7 @@ import torch
 
 from diffgentor.engine.config import EngineConfig
 from diffgentor.engine.plan import RunnerOutput, SchedulerOutput
+from diffgentor.engine.vae_budget import VaeBudget
 
 
 class ExecuteModel(msgspec.Struct, tag="execute", kw_only=True):
@@ -47,6 +48,8 @@ class RankReady(msgspec.Struct, tag="ready", kw_only=True):
     rank: int
     pid: int
     num_blocks: int
+    kernel_impls: dict[str, str] = {}  # op -> the implementation this rank runs (what the start-up warm-up chose)
+    vae_budget: VaeBudget | None = None  # the VAE work one step may carry on this rank's GPU (memory plan); None: CPU
 
 
 class RankReply(msgspec.Struct, tag="reply", kw_only=True):
