@@ -5,11 +5,14 @@ tiny-model writer, resized). The requests are a `--workload FILE.jsonl` (one off
 paths relative to the file; `--num-prompts N` takes / cycles N of them) or the preset's text-to-image prompts.
 Each timed run gets a fresh engine (so no prefix or encoder cache carries over between runs), `--warmup` untimed
 warm-up runs first, and runs `--repeat` times at the preset's max_num_seqs and, with `--compare-max-num-seqs K`,
-again at K in the same process. The JSON holds images/min, the per-phase split of the wall time (encode, prefill,
-think, diffusion, VAE decode, scheduler, preprocess, other), time to first think token and end-to-end latency per
-request (mean / p50 / p99, text-to-image and edits apart), minor page faults and system / user CPU seconds of the
-engine's process (and of its rank processes, if any), mean and spread over the repeats, and the machine's state (git
-commit, load average before / after, torch threads, CPU model).
+again at K in the same process, and with `--compare-async-encode` each max_num_seqs with condition-image encodes
+inside the steps (`--no-async-encode`, before) then beside them (after), so one run shows what moving the encodes
+off the step's critical path does to text-to-image latency and images/min. The JSON holds images/min, the
+per-phase split of the wall time (encode, prefill, think, diffusion, VAE decode, scheduler, preprocess, other), time
+to first think token and end-to-end latency per request (mean / p50 / p99, text-to-image and edits apart), minor
+page faults and system / user CPU seconds of the engine's process (and of its rank processes, if any), mean and
+spread over the repeats, and the machine's state (git commit, load average before / after, torch threads, CPU
+model).
 
 `--compare-allocator` is the A/B of the host heap policy (engine/allocator.py): every repeat runs the workload twice,
 in two fresh processes, with glibc's defaults (`--heap-reuse-memory 0`) and with heap reuse (the default ceiling or
@@ -178,6 +181,18 @@ def _config_overrides(preset: Preset) -> dict[str, Any]:
     return size_overrides(**SMALL_SIZES) if preset.sizes == "small" else {}
 
 
+@dataclass(frozen=True)
+class Setting:
+    """One engine setting a run is timed at."""
+
+    max_num_seqs: int
+    async_encode: bool = True
+
+    @property
+    def key(self) -> str:
+        return f"mns{self.max_num_seqs}" + ("" if self.async_encode else "_inline")
+
+
 @dataclass
 class RunResult:
     max_num_seqs: int
@@ -202,6 +217,11 @@ class RunResult:
     errors: list[str] = field(default_factory=list)
     heap_reuse_bytes: int | None = None  # the engine's host heap ceiling (0: glibc's defaults)
     cpu: dict[str, float] = field(default_factory=dict)  # `cpu_usage`: this process over the timed run + children
+    async_encode: bool = True
+
+    @property
+    def setting(self) -> Setting:
+        return Setting(self.max_num_seqs, self.async_encode)
 
 
 def cpu_usage(before: tuple[Any, Any], after: tuple[Any, Any]) -> dict[str, float]:
@@ -367,7 +387,8 @@ def run_once(ckpt: Path, engine_args: dict[str, Any], reqs: list[dict[str, Any]]
     diffusion_steps = int(_delta(start, end, "diffusion_steps"))
     sched = _delta(start, end, "schedule_s") + _delta(start, end, "update_s")
     return RunResult(
-        max_num_seqs=int(engine_args["max_num_seqs"]), repeat=repeat, duration_s=dur, num_requests=len(reqs),
+        max_num_seqs=int(engine_args["max_num_seqs"]), async_encode=bool(engine_args.get("async_encode", True)),
+        repeat=repeat, duration_s=dur, num_requests=len(reqs),
         num_images=images, think_tokens=think, diffusion_steps=diffusion_steps, engine_steps=engine_steps,
         images_per_min=60.0 * images / dur, think_tokens_per_s=think / dur,
         diffusion_steps_per_s=diffusion_steps / dur,
@@ -449,7 +470,8 @@ def render(run: RunResult) -> str:
     ft_s = ", ".join(f"{k} {v:.2f}s" for k, v in ft.items() if v is not None)
     heap = "glibc defaults" if not run.heap_reuse_bytes else f"heap reuse {(run.heap_reuse_bytes or 0) >> 20} MiB"
     return (
-        f"max_num_seqs={run.max_num_seqs:>3} #{run.repeat}: {run.duration_s:7.2f} s  {run.images_per_min:7.2f} "
+        f"max_num_seqs={run.max_num_seqs:>3}{'' if run.async_encode else ' inline encodes'} #{run.repeat}: "
+        f"{run.duration_s:7.2f} s  {run.images_per_min:7.2f} "
         f"images/min  {run.think_tokens_per_s:6.1f} think tok/s  first think token (mean) {ft_s or '-'}\n"
         f"    split: " + ", ".join(f"{k} {p[k]:.2f}s" for k in PHASES)
         + f"  [{run.engine_steps} steps, scheduler {run.scheduler_overhead_ms_per_step:.2f} ms/step]\n"
@@ -459,11 +481,11 @@ def render(run: RunResult) -> str:
 
 
 def build_result(args: argparse.Namespace, info: dict[str, Any], load_before: tuple[float, ...],
-                 reqs: list[dict[str, Any]], settings: list[int], runs: list[RunResult]) -> dict[str, Any]:
+                 reqs: list[dict[str, Any]], settings: list[Setting], runs: list[RunResult]) -> dict[str, Any]:
     """The JSON document; `complete` is false while runs are still missing (it is saved after every run)."""
     preset = PRESETS[args.preset]
-    by_setting = {mns: rs for mns in settings if (rs := [r for r in runs if r.max_num_seqs == mns])}
-    summary = {f"mns{mns}": summarize(rs) for mns, rs in by_setting.items()}
+    by_setting = {st: rs for st in settings if (rs := [r for r in runs if r.setting == st])}
+    summary = {st.key: summarize(rs) for st, rs in by_setting.items()}
     counts = {k: sum(kind_of(r) == k for r in reqs) for k in ("t2i", "edit")}
     out: dict[str, Any] = {
         "benchmark": "offline", "label": args.label, "complete": len(runs) == len(settings) * args.repeat, **info,
@@ -472,19 +494,39 @@ def build_result(args: argparse.Namespace, info: dict[str, Any], load_before: tu
         "preset": args.preset, "description": preset.description, "preset_settings": asdict(preset),
         "workload": str(args.workload) if args.workload else None, "num_requests": len(reqs),
         "num_t2i": counts["t2i"], "num_edit": counts["edit"], "warmup_runs": args.warmup, "repeats": args.repeat,
-        "device": args.device, "dtype": args.dtype, "max_num_seqs": settings,
-        "images_per_min": summary[f"mns{settings[0]}"]["images_per_min"]["mean"] if summary else None,
+        "device": args.device, "dtype": args.dtype,
+        "max_num_seqs": list(dict.fromkeys(st.max_num_seqs for st in settings)),
+        "settings": [st.key for st in settings],
+        "images_per_min": summary[settings[0].key]["images_per_min"]["mean"] if settings[0] in by_setting else None,
         "summary": summary,
         "runs": [asdict(r) for r in runs],
     }
-    if len(settings) == 2 and len(by_setting) == 2:
-        a, b = (summary[f"mns{m}"] for m in settings)
-        no_vae = [statistics.fmean(r.duration_s - r.phase_time_s["vae_decode"] for r in by_setting[m])
-                  for m in settings]
+    mns = list(dict.fromkeys(st.max_num_seqs for st in settings))
+    pair = [st for st in settings if st.async_encode == settings[-1].async_encode]  # one per max_num_seqs
+    if len(pair) == 2 and all(st in by_setting for st in pair):
+        a, b = (summary[st.key] for st in pair)
+        no_vae = [statistics.fmean(r.duration_s - r.phase_time_s["vae_decode"] for r in by_setting[st])
+                  for st in pair]
         out["ratio"] = {
             key: a[key]["mean"] / b[key]["mean"]
             for key in ("images_per_min", "think_tokens_per_s", "diffusion_steps_per_s")
         } | {"engine_time_excluding_vae": no_vae[1] / no_vae[0]}
+    out["encode_comparison"] = {
+        f"mns{m}": encode_comparison(summary[before.key], summary[after.key])
+        for m in mns if (before := Setting(m, False)) in by_setting and (after := Setting(m, True)) in by_setting
+    }
+    return out
+
+
+def encode_comparison(inline: dict[str, Any], asynchronous: dict[str, Any]) -> dict[str, Any]:
+    """Inline (before) vs asynchronous (after) encodes at one max_num_seqs: end-to-end latency by kind and
+    images/min, with the after / before ratios."""
+    out: dict[str, Any] = {}
+    for kind in ("t2i", "edit"):
+        b, a = inline[kind]["e2e_s"].get("mean"), asynchronous[kind]["e2e_s"].get("mean")
+        out[f"{kind}_e2e_mean_s"] = {"inline": b, "async": a, "ratio": a / b if a is not None and b else None}
+    b, a = inline["images_per_min"]["mean"], asynchronous["images_per_min"]["mean"]
+    out["images_per_min"] = {"inline": b, "async": a, "ratio": a / b if b else None}
     return out
 
 
@@ -503,6 +545,8 @@ def _side_argv(args: argparse.Namespace, model: Path, heap_reuse_bytes: int, out
     for flag, value in optional.items():
         if value is not None:
             argv += [flag, str(value)]
+    if args.no_async_encode:
+        argv.append("--no-async-encode")
     return argv
 
 
@@ -597,14 +641,16 @@ def main(args: argparse.Namespace) -> int:
         print("bench offline: --repeat must be >= 1 and --warmup >= 0", file=sys.stderr)
         return 2
     if args.compare_allocator:
-        if args.compare_max_num_seqs or args.heap_reuse_memory == 0:
+        if args.compare_max_num_seqs or args.compare_async_encode or args.heap_reuse_memory == 0:
             print("bench offline: --compare-allocator compares glibc's defaults with heap reuse at one max_num_seqs "
-                  "(no --compare-max-num-seqs, no --heap-reuse-memory 0)", file=sys.stderr)
+                  "(no --compare-max-num-seqs or --compare-async-encode, no --heap-reuse-memory 0)", file=sys.stderr)
             return 2
         return compare_allocator(args, info, load_before, reqs)
     torch.manual_seed(0)
-    settings = [args.max_num_seqs or preset.max_num_seqs] + ([args.compare_max_num_seqs]
-                                                              if args.compare_max_num_seqs else [])
+    mns = [args.max_num_seqs or preset.max_num_seqs] + ([args.compare_max_num_seqs]
+                                                         if args.compare_max_num_seqs else [])
+    modes = [False, True] if args.compare_async_encode else [not args.no_async_encode]
+    settings = [Setting(m, mode) for m in mns for mode in modes]
     save = Path(args.save_result) if args.save_result else None
     if save:
         save.parent.mkdir(parents=True, exist_ok=True)
@@ -617,10 +663,11 @@ def main(args: argparse.Namespace) -> int:
 
             ckpt = make_tiny(Path(tmp) / f"random-{args.preset}", distil=preset.distil, seed=0,
                              config_overrides=_config_overrides(preset))
-        for mns in settings:
-            engine_args = dict(device=args.device, dtype=args.dtype, max_num_seqs=mns,
+        for st in settings:
+            engine_args = dict(device=args.device, dtype=args.dtype, max_num_seqs=st.max_num_seqs,
                                max_num_batched_tokens=args.max_num_batched_tokens or preset.max_num_batched_tokens,
-                               num_kv_blocks=args.num_kv_blocks, heap_reuse_memory=args.heap_reuse_memory)
+                               num_kv_blocks=args.num_kv_blocks, heap_reuse_memory=args.heap_reuse_memory,
+                               async_encode=st.async_encode)
             for rep in range(args.repeat):
                 runs.append(run_once(ckpt, engine_args, reqs, args.warmup, rep))
                 print(render(runs[-1]), flush=True)
@@ -630,9 +677,14 @@ def main(args: argparse.Namespace) -> int:
     out = build_result(args, info, load_before, reqs, settings, runs)
     if "ratio" in out:
         r = out["ratio"]
-        print(f"ratio max_num_seqs={settings[0]} vs {settings[1]}: images/min x{r['images_per_min']:.2f}, "
+        print(f"ratio max_num_seqs={mns[0]} vs {mns[1]}: images/min x{r['images_per_min']:.2f}, "
               f"think tok/s x{r['think_tokens_per_s']:.2f}, diffusion steps/s x{r['diffusion_steps_per_s']:.2f}, "
               f"time without VAE decode x{r['engine_time_excluding_vae']:.2f}")
+    for key, c in out["encode_comparison"].items():
+        t2i, ipm = c["t2i_e2e_mean_s"], c["images_per_min"]
+        t2i_s = f"{t2i['inline']:.2f} s -> {t2i['async']:.2f} s" if t2i["ratio"] is not None else "-"
+        print(f"{key} inline -> async encodes: text-to-image mean end-to-end {t2i_s}, images/min "
+              f"{ipm['inline']:.2f} -> {ipm['async']:.2f} (x{ipm['ratio']:.3f})")
     print(f"load average before {load_before[0]:.2f}, after {out['loadavg_after'][0]:.2f}; "
           f"{info['torch_threads']} torch threads")
     if save:
@@ -658,6 +710,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-num-seqs", type=int, default=None)
     p.add_argument("--compare-max-num-seqs", type=int, default=None,
                    help="also run the same requests at this max_num_seqs and print the ratio")
+    p.add_argument("--compare-async-encode", action="store_true",
+                   help="run each max_num_seqs with condition-image encodes inside the steps (before) and beside "
+                   "them (after), and print text-to-image latency and images/min of both")
+    p.add_argument("--no-async-encode", action="store_true",
+                   help="encode condition images inside the steps (the engine's --no-async-encode)")
     p.add_argument("--max-num-batched-tokens", type=int, default=None)
     p.add_argument("--num-kv-blocks", type=int, default=4096)
     p.add_argument("--heap-reuse-memory", type=_size_arg, default=None, metavar="SIZE",

@@ -349,8 +349,11 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     max_waiting_requests: int = 1024
     max_num_encoder_pixels: int = 1024 * 1024
-    """Encoder budget: condition-image pixels (VAE + ViT of one image) encoded per engine step; at least one image
-    is encoded per step even when it is larger, so any image gets through."""
+    """Encoder budget: condition-image pixels (VAE + ViT of one image) being encoded at once (scheduled and not yet
+    reported); at least one image is in flight even when it is larger, so any image gets through."""
+    async_encode: bool = True
+    """Condition-image encodes run beside the steps (a worker thread on CPU, a side stream on CUDA) and are picked
+    up by a later step, instead of inside the step that schedules them (engine/encode_stage.py)."""
     encoder_cache_bytes: int = 512 * 1024 * 1024
     """Bound of the encoder cache (posterior parameters and ViT outputs by image digest and bucket), LRU."""
     seed: int | None = None
@@ -446,6 +449,8 @@ class EngineConfig:
             raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
         if not isinstance(self.enable_prefix_caching, bool):
             raise ValueError(f"enable_prefix_caching must be a bool, got {self.enable_prefix_caching!r}")
+        if not isinstance(self.async_encode, bool):
+            raise ValueError(f"async_encode must be a bool, got {self.async_encode!r}")
         if not isinstance(self.enforce_eager, bool):
             raise ValueError(f"enforce_eager must be a bool, got {self.enforce_eager!r}")
         if self.attn_impl not in ATTN_IMPLS:
@@ -542,6 +547,7 @@ class EngineConfig:
             "enable_prefix_caching": ("enable_prefix_caching",),
             "max_waiting_requests": ("max_waiting_requests",),
             "max_num_encoder_pixels": ("max_num_encoder_pixels",),
+            "async_encode": ("async_encode",),
             "seed": ("seed",),
             "default_num_inference_steps": ("default_num_inference_steps", "num_inference_steps"),
             "tensor_parallel_size": ("tensor_parallel_size",),
@@ -851,7 +857,15 @@ def add_engine_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "--max-num-encoder-pixels",
         type=int,
         default=None,
-        help="condition-image pixels encoded per engine step (default 1048576; at least one image per step)",
+        help="condition-image pixels being encoded at once (default 1048576; at least one image at a time)",
+    )
+    g.add_argument(
+        "--no-async-encode",
+        dest="async_encode",
+        action="store_false",
+        default=None,
+        help="encode condition images inside the engine step that schedules them (default: beside the steps, "
+        "picked up by a later step)",
     )
     g.add_argument(
         "--encoder-cache-memory",

@@ -104,7 +104,7 @@ class EngineCore:
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, config.block_size,
                             config.max_num_encoder_pixels, config.encoder_cache_bytes, config.max_num_image_tokens,
-                            vae_budget=executor.vae_budget),
+                            vae_budget=executor.vae_budget, async_encode=config.async_encode),
             kv, transition=lambda st: enter_image_phase(self.ctx, st),
         )
         self.executor = executor

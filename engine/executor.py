@@ -49,5 +49,8 @@ class UniProcExecutor(Executor):
     def execute_model(self, plan: SchedulerOutput) -> RunnerOutput:
         return self.worker.execute_model(plan)
 
+    def close(self) -> None:
+        self.worker.close()
+
 
 __all__ = ["Executor", "ExecutorError", "UniProcExecutor"]

@@ -19,7 +19,8 @@ import torch
 from torch import Tensor
 
 from diffgentor.engine.cuda_graph import DecodeGraphRunner, cuda_graphs_allowed
-from diffgentor.engine.encoder_cache import EncoderInput, EncoderKey
+from diffgentor.engine.encode_stage import EncodeStage
+from diffgentor.engine.encoder_cache import EncoderKey
 from diffgentor.engine.kv_cache import PagedKVCache
 from diffgentor.engine.models.hunyuan_image_3.embedding import (
     CondImage,
@@ -27,7 +28,6 @@ from diffgentor.engine.models.hunyuan_image_3.embedding import (
     GenInputs,
     assemble_embeddings,
     condition_from_encoded,
-    encode_images,
     positions_for,
 )
 from diffgentor.engine.models.hunyuan_image_3.flow_match import (
@@ -72,7 +72,8 @@ class _WorkerRequest:
 
 class ModelRunner:
     def __init__(self, model: HunyuanImage3ForCausalMM, num_blocks: int, block_size: int,
-                 enforce_eager: bool = False, max_num_seqs: int = 16, vae_budget: VaeBudget | None = None) -> None:
+                 enforce_eager: bool = False, max_num_seqs: int = 16, vae_budget: VaeBudget | None = None,
+                 async_encode: bool = False) -> None:
         self.model = model
         self.config = model.config
         self.vae_budget = vae_budget  # None: one VAE call per size (CPU); else calls sized to the plan's budget
@@ -87,32 +88,7 @@ class ModelRunner:
         )
         self.requests: dict[str, _WorkerRequest] = {}
         self.encoder_cache: dict[EncoderKey, EncodedImage] = {}  # the scheduler decides what enters and leaves
-
-    # ------------------------------------------------------------------ encoder stage
-    def _encode(self, inputs: list[EncoderInput], out: RunnerOutput) -> None:
-        """Encode the scheduled condition images, one VAE (and ViT) call per bucket, in chunks that fit the VAE
-        budget (`engine.vae_budget`)."""
-        groups: dict[tuple, list[EncoderInput]] = defaultdict(list)
-        for e in inputs:
-            vit_shape = tuple(e.vit.pixel_values.shape) if e.vit is not None else None
-            groups[(tuple(e.vae.pixels.shape), vit_shape)].append(e)
-        calls = []
-        for (shape, _), group in groups.items():
-            size = self.vae_budget.encode_images(*shape[-2:]) if self.vae_budget else len(group)
-            calls += chunks(group, size)
-        for group in calls:
-            try:
-                encoded = encode_images(self.model, [e.vae for e in group], [e.vit for e in group])
-            except Exception as err:  # noqa: BLE001 - pin the failure on the images; retry alone to find which
-                if len(group) > 1:
-                    for e in group:
-                        self._encode([e], out)
-                    continue
-                out.encode_failed[group[0].key] = f"{type(err).__name__}: {err}"
-                continue
-            for e, enc in zip(group, encoded):
-                self.encoder_cache[e.key] = enc
-                out.encoded[e.key] = enc.nbytes
+        self.encodes = EncodeStage(model, async_encode, vae_budget)  # inline, or a thread beside the steps
 
     # ------------------------------------------------------------------ per-request state
     def _add_request(self, new: NewRequestData) -> None:
@@ -120,6 +96,9 @@ class ModelRunner:
         # on CUDA a seed then gives the official image, and draws happen where the logits / latents are.
         dev = self.model.device
         gen_rng = make_generator(new.seed, dev)
+        for k in new.cond_keys:  # a tensor-parallel rank may still be encoding what rank 0 reported
+            if k not in self.encoder_cache and self.encodes.is_pending(k):
+                self.encodes.store(self.encodes.wait_for(k), self.encoder_cache, None)
         conds = [condition_from_encoded(self.model, self.encoder_cache[k], v, t, gen_rng)
                  for k, v, t in zip(new.cond_keys, new.vae_images, new.vit_images)]
         self.requests[new.request_id] = _WorkerRequest(conds, gen_rng, make_generator(new.seed, dev), new.sampling)
@@ -155,9 +134,11 @@ class ModelRunner:
         for rid in plan.finished_request_ids:
             self.requests.pop(rid, None)
         for key in plan.encoder_evictions:
+            if key not in self.encoder_cache and self.encodes.is_pending(key):  # a rank behind rank 0
+                self.encodes.store(self.encodes.wait_for(key), self.encoder_cache, None)
             self.encoder_cache.pop(key, None)
-        if plan.encoder_inputs:
-            self._encode(plan.encoder_inputs, out)
+        self.encodes.submit(plan.encoder_inputs)
+        self.encodes.fit_step_threads()
         t_enc = time.perf_counter()
         for new in plan.new_requests:
             try:
@@ -179,7 +160,10 @@ class ModelRunner:
         previews = self._diffuse(plan, hidden, out)
         t2 = time.perf_counter()
         self._decode(plan.vae_decodes, out, previews)
-        out.timings.update(encode=t_enc - t0, forward=t1 - t_enc, post=t2 - t1, vae=time.perf_counter() - t2)
+        t3 = time.perf_counter()
+        self.encodes.collect(self.encoder_cache, out, wait=plan.wait_for_encode)
+        out.timings.update(encode=t_enc - t0 + time.perf_counter() - t3, forward=t1 - t_enc, post=t2 - t1,
+                           vae=t3 - t2)
         return out
 
     def _embed(self, i: int, c: Chunk, step_of: dict[int, int]) -> tuple[Tensor, Tensor]:

@@ -82,7 +82,7 @@ class DiffusionStep:
 
 @dataclass
 class SchedulerOutput:
-    encoder_inputs: list[EncoderInput] = field(default_factory=list)  # encode before the forward, by bucket
+    encoder_inputs: list[EncoderInput] = field(default_factory=list)  # start these encodes (reported when done)
     encoder_evictions: list[EncoderKey] = field(default_factory=list)  # drop these cached encodes first
     new_requests: list[NewRequestData] = field(default_factory=list)
     diffusion_starts: list[DiffusionStart] = field(default_factory=list)
@@ -90,6 +90,8 @@ class SchedulerOutput:
     diffusion_steps: list[DiffusionStep] = field(default_factory=list)
     vae_decodes: list[str] = field(default_factory=list)
     finished_request_ids: list[str] = field(default_factory=list)
+    # nothing else to run while encodes are in flight: the worker blocks until one has finished (no busy loop)
+    wait_for_encode: bool = False
 
     @property
     def num_tokens(self) -> int:
@@ -99,13 +101,13 @@ class SchedulerOutput:
     def is_empty(self) -> bool:
         return not (self.new_requests or self.chunks or self.diffusion_steps or self.vae_decodes
                     or self.finished_request_ids or self.diffusion_starts or self.encoder_inputs
-                    or self.encoder_evictions)
+                    or self.encoder_evictions or self.wait_for_encode)
 
     @property
     def has_model_work(self) -> bool:
         """Anything beyond freeing state: a step that counts."""
         return bool(self.new_requests or self.chunks or self.diffusion_steps or self.vae_decodes
-                    or self.diffusion_starts or self.encoder_inputs)
+                    or self.diffusion_starts or self.encoder_inputs or self.wait_for_encode)
 
 
 @dataclass

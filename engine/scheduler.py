@@ -8,9 +8,11 @@ Every phase is a token range of a request's sequence(s), so one policy packs the
 over the running requests, then admissions from the waiting queue):
 
 * encoder stage: a waiting request's condition images are encoded (VAE posterior + SigLIP2) before it may
-  prefill, under a per-step pixel budget (`max_num_encoder_pixels`, at least one image per step), images shared by
-  several requests once; it does not hold a seat in the running batch, and requests behind it (text-to-image ones,
-  edits whose images are cached) are admitted meanwhile, so encodes never stall the decode and diffusion of others;
+  prefill, under a pixel budget of encodes in flight (`max_num_encoder_pixels`, at least one image), images shared
+  by several requests once; it does not hold a seat in the running batch, and requests behind it (text-to-image
+  ones, edits whose images are cached) are admitted meanwhile. The worker may finish an encode in a later step
+  (engine/encode_stage.py): a key stays in flight until a `RunnerOutput` reports it, and only then may its
+  requests prefill, so encodes never stall the decode and diffusion of others;
 * text phase: the uncomputed tail of the cond row (prefill chunks, then one decode token per step); when the chunk
   reaches the end of the row the worker samples the next token under the stage machine's forcing;
 * image phase: first the rows' prefixes up to the generated image's `<timestep>` (the cond row keeps the think
@@ -30,7 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from diffgentor.engine.block_manager import KVCacheManager, compute_block_hashes
-from diffgentor.engine.encoder_cache import EncoderCacheManager, EncoderInput
+from diffgentor.engine.encoder_cache import EncoderCacheManager, EncoderInput, EncoderKey
 from diffgentor.engine.plan import (
     Chunk,
     DiffusionStart,
@@ -72,6 +74,9 @@ class SchedulerConfig:
     max_num_image_tokens: int | None = None
     vae_budget: VaeBudget | None = None
     """The VAE work one step may carry (`engine.vae_budget`, from the GPU memory plan); None: unbounded."""
+    # the worker encodes beside the steps (engine/encode_stage.py): an encode never delays a step, so it is never
+    # held back for other requests' first prefill
+    async_encode: bool = False
 
 
 @dataclass
@@ -110,6 +115,7 @@ class Scheduler:
         self._image_left: int | None = config.max_num_image_tokens  # this step's denoising budget left
         self._vae_decode_bytes = 0  # per-image decode bytes admitted into the step being planned
         self._vae_decodes: set[str] = set()  # the step's admitted final decodes
+        self.encoding: dict[EncoderKey, tuple[int, int]] = {}  # sent, not reported yet -> (pixels, VAE bytes)
 
     # ------------------------------------------------------------------ requests in and out
     def add_request(self, st: RequestState) -> None:
@@ -119,7 +125,14 @@ class Scheduler:
         self.waiting.append(st)
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self.waiting or self.running)
+        """Requests to serve, or encodes the worker has not reported yet (an aborted request's encode still runs
+        to its end; its report empties the encode queue)."""
+        return bool(self.waiting or self.running or self.encoding)
+
+    @property
+    def num_encoding(self) -> int:
+        """Condition images the worker is encoding (sent, not reported yet): the encode queue."""
+        return len(self.encoding)
 
     def has_finished_requests(self) -> bool:
         """Finished requests still hold worker-side state that the next plan frees."""
@@ -235,16 +248,18 @@ class Scheduler:
 
     def _schedule_encodes(self, needs_encode: list[tuple[RequestState, list[EncoderInput]]],
                           plan: SchedulerOutput) -> None:
-        """Encodes for waiting requests, within the step's pixel budget and VAE budget (the first encode of a step
-        always fits).
+        """Encodes for waiting requests, within the pixel budget and the VAE budget of the encodes in flight (one
+        always fits when none is).
 
-        A step that admits new requests (their prefill ends in their first think token) carries no encode, so an
-        encode never delays another request's first token; a request is deferred so at most `MAX_ENCODE_DEFERRALS`
-        times, then its encode rides along anyway (no starvation under a stream of arrivals)."""
-        admitting = bool(plan.new_requests)
+        Inline encodes (not `async_encode`): a step that admits new requests (their prefill ends in their first
+        think token) carries no encode, so an encode never delays another request's first token; a request is
+        deferred so at most `MAX_ENCODE_DEFERRALS` times, then its encode rides along anyway (no starvation under a
+        stream of arrivals)."""
+        admitting = bool(plan.new_requests) and not self.config.async_encode
         vae = self.config.vae_budget
-        vae_bytes = 0
-        encoding: dict[Any, int] = {}
+        encoding = self.encoding
+        pixels = sum(p for p, _ in encoding.values())
+        vae_bytes = sum(b for _, b in encoding.values())
         for st, missing in needs_encode:
             if admitting and st.encode_deferrals < MAX_ENCODE_DEFERRALS:
                 st.encode_deferrals += 1
@@ -252,13 +267,14 @@ class Scheduler:
             for e in missing:
                 if e.key in encoding:
                     continue
-                if encoding and sum(encoding.values()) + e.num_pixels > self.config.max_num_encoder_pixels:
+                if encoding and pixels + e.num_pixels > self.config.max_num_encoder_pixels:
                     return
                 cost = vae.image_bytes(*e.vae.pixels.shape[-2:]) if vae is not None else 0
                 if encoding and vae is not None and vae_bytes + cost > vae.budget_bytes:
                     return
+                pixels += e.num_pixels
                 vae_bytes += cost
-                encoding[e.key] = e.num_pixels
+                encoding[e.key] = (e.num_pixels, cost)
                 plan.encoder_inputs.append(e)
 
     # ------------------------------------------------------------------ one step
@@ -304,6 +320,7 @@ class Scheduler:
                 st.sent_to_worker = True
             budget -= used
         self._schedule_encodes(needs_encode, plan)
+        plan.wait_for_encode = bool(self.encoding) and not plan.has_model_work
         return plan
 
     def unschedulable(self) -> list[RequestOutput]:
@@ -489,7 +506,10 @@ class Scheduler:
 
         cache = self.encoder_cache
         for key, nbytes in out.encoded.items():
+            self.encoding.pop(key, None)
             cache.insert(key, nbytes)
+        for key in out.encode_failed:
+            self.encoding.pop(key, None)
         if out.encode_failed:
             for st in list(self.waiting):
                 bad = [out.encode_failed[e.key] for e in st.encoder_inputs if e.key in out.encode_failed]

@@ -34,7 +34,7 @@ class Worker:
         self.heap_reuse_bytes = config.heap_reuse_bytes
         self.vae_budget = vae_budget  # the memory plan's VAE limits on a GPU; None: unbounded (CPU)
         self.runner = ModelRunner(model, num_blocks, config.block_size, config.enforce_eager, config.max_num_seqs,
-                                  vae_budget=vae_budget)
+                                  vae_budget=vae_budget, async_encode=config.async_encode)
         model.tune_kernels(largest_step_tokens(config, model.config)[0])
 
     @classmethod
@@ -92,6 +92,10 @@ class Worker:
                 out.final_latents[rid] = d.latents.detach().cpu()
         trim_if_over(self.heap_reuse_bytes)  # the step's temporaries are free now: keep at most the ceiling resident
         return out
+
+    def close(self) -> None:
+        """Stop the encode thread."""
+        self.runner.encodes.close()
 
 
 __all__ = ["Worker"]

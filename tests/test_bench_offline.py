@@ -134,3 +134,21 @@ def test_bench_offline_compare_allocator_end_to_end(tmp_path):
     sides = d["runs"]
     assert [r["heap_reuse_bytes"] for r in sides["glibc_default"] + sides["heap_reuse"]] == [0, 4 << 30]
     assert d["ratio"]["cpu_minor_faults"] < 1.0 and d["ratio"]["images_per_min"] > 0
+
+
+def test_compare_async_encode_reports_both_settings(tmp_path):
+    """Before (encodes inside the steps) vs after (beside them) in one run: both settings' runs, latency by kind and
+    images/min side by side."""
+    ckpt = make_tiny(tmp_path / "ckpt", distil=True)
+    out = tmp_path / "result.json"
+    assert cli(["bench", "offline", "--preset", "tiny", "--model", str(ckpt), "--workload", str(_workload(tmp_path)),
+                "--warmup", "0", "--compare-async-encode", "--save-result", str(out)]) == 0
+    d = json.loads(out.read_text())
+    assert d["settings"] == ["mns4_inline", "mns4"] and d["complete"]
+    assert [(r["max_num_seqs"], r["async_encode"]) for r in d["runs"]] == [(4, False), (4, True)]
+    assert all(r["errors"] == [] and r["num_images"] == 2 for r in d["runs"])
+    c = d["encode_comparison"]["mns4"]
+    for key in ("t2i_e2e_mean_s", "edit_e2e_mean_s", "images_per_min"):
+        assert c[key]["inline"] > 0 and c[key]["async"] > 0
+        assert c[key]["ratio"] == pytest.approx(c[key]["async"] / c[key]["inline"])
+    assert c["images_per_min"]["async"] == pytest.approx(d["summary"]["mns4"]["images_per_min"]["mean"])

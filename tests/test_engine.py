@@ -338,3 +338,44 @@ def test_one_loop_one_output_channel(tiny_distil):
     assert plans[-1].finished_request_ids == ["ok"] and not plans[-1].has_model_work
     assert len(outputs) == ended + 2  # one more iteration released it
     assert core.executor.worker.runner.requests == {}
+
+
+def test_encodes_in_flight_change_no_result(tiny_distil, monkeypatch):
+    """The encode thread is held for several steps while the requests without images think and denoise: no
+    request with images is admitted before its encode is reported, the step runs on the cores the encode thread
+    leaves, and every result equals the one with inline encodes (each posterior drawn from its own generator)."""
+    import threading
+
+    from diffgentor.engine import encode_stage
+
+    gate = threading.Event()
+    real = encode_stage.encode_groups
+
+    def held(*args):
+        gate.wait(timeout=120)
+        return real(*args)
+
+    monkeypatch.setattr(encode_stage, "encode_groups", held)
+    reqs = _mixed_requests()[:5]  # four with images, one without
+    eng = _engine(tiny_distil)
+    core = eng.core
+    for r in reqs:
+        core.add_request(eng.make_request(r))
+    stage = core.executor.worker.runner.encodes
+    finished = {}
+    for _ in range(4):
+        finished.update(core.step().finished)
+        assert core.scheduler.num_encoding > 0 and stage.num_pending > 0
+        assert torch.get_num_threads() == max(1, stage.total_threads - stage.encode_threads)
+        assert {st.request_id for st in core.scheduler.running} <= {"r2"}  # the one without images
+        assert all(not core.requests[f"r{i}"].sent_to_worker for i in (0, 1, 3, 4))  # never before the encode
+    assert core.stats.tokens > 0  # they stepped meanwhile
+    gate.set()
+    while core.has_unfinished_requests():
+        finished.update(core.step().finished)
+    assert all(res.error is None for res in finished.values())
+    assert torch.get_num_threads() == stage.total_threads  # the step has every core back
+    inline = _engine(tiny_distil, async_encode=False).generate(reqs)
+    for req, want in zip(reqs, inline):
+        _assert_same(finished[req["request_id"]], want)
+    eng.close()

@@ -81,15 +81,20 @@ class Harness:
 
     def __init__(self, ctx, num_blocks=512, block_size=16, max_num_seqs=8, max_tokens=4096,
                  encoder_pixels=1 << 20, encoder_bytes=1 << 20, prefix_caching=True, ratio_pick: int = 0,
-                 ratio_in_text: bool = False, image_tokens: int | None = None, vae_budget: VaeBudget | None = None):
+                 ratio_in_text: bool = False, image_tokens: int | None = None, vae_budget: VaeBudget | None = None,
+                 encode_delay: int = 0):
         self.ctx = ctx
+        # the fake worker reports an encode this many steps after the step that scheduled it (0: the same step, as
+        # inline encodes do); a step that only waits for encodes gets the oldest one (engine/encode_stage.py)
+        self.encode_delay = encode_delay
+        self.encoding: dict = {}  # key -> steps left before the fake worker reports it
         self.ratio_pick = ratio_pick  # which offered ratio token the fake model picks (0: the first, -1: the last)
         # the fake model ends free text (think/recaption) at once with the largest ratio token it may sample
         self.ratio_in_text = ratio_in_text
         self.ratio_tokens = list(ctx.tokenizer.special.ratio)
         self.kv = KVCacheManager(num_blocks, block_size, prefix_caching)
         self.sched = Scheduler(SchedulerConfig(max_num_seqs, max_tokens, block_size, encoder_pixels, encoder_bytes,
-                                               image_tokens, vae_budget),
+                                               image_tokens, vae_budget, async_encode=encode_delay > 0),
                                self.kv, transition=lambda st: enter_image_phase(ctx, st))
         self.worker_encoded: set = set()  # what a real worker would hold in its encoder cache
         self.worker_requests: set[str] = set()
@@ -111,8 +116,18 @@ class Harness:
         for key in plan.encoder_evictions:
             self.worker_encoded.discard(key)
         for e in plan.encoder_inputs:
-            self.worker_encoded.add(e.key)
-            out.encoded[e.key] = ENC_BYTES
+            assert e.key not in self.encoding and e.key not in self.worker_encoded, "encoded twice"
+            self.encoding[e.key] = self.encode_delay
+        if plan.wait_for_encode:
+            assert self.encoding and not (plan.chunks or plan.new_requests or plan.vae_decodes)
+            self.encoding[next(iter(self.encoding))] = 0
+        for key, left in list(self.encoding.items()):
+            if left <= 0:
+                del self.encoding[key]
+                self.worker_encoded.add(key)
+                out.encoded[key] = ENC_BYTES
+            else:
+                self.encoding[key] = left - 1
         for new in plan.new_requests:
             assert all(k in self.worker_encoded for k in new.cond_keys), "admitted before its images were encoded"
             self.worker_requests.add(new.request_id)
@@ -172,6 +187,7 @@ class Harness:
         assert all(c == 0 for c in self.kv.pool.ref_cnt)
         assert self.sched.requests == {} and not self.sched.waiting and not self.sched.running
         assert self.sched.encoder_cache.pins == {}
+        assert self.sched.num_encoding == 0 and not self.encoding
 
 
 # ------------------------------------------------------------------------------------------------ scenarios
@@ -231,6 +247,59 @@ def test_encodes_are_deferred_at_most_twice_for_new_arrivals(ctx_distil):
         if plan.encoder_inputs:
             break
     assert i == 2  # held back for two steps that admitted new requests, then encoded anyway
+    h.run()
+    h.assert_no_leaks()
+
+
+def test_async_encodes_never_stall_the_steps_and_never_admit_early(ctx_distil):
+    h = Harness(ctx_distil, encoder_pixels=1, encode_delay=3)  # each encode takes three more steps
+    h.add("edit", images=[IMG_A, IMG_B], image_size="256x256")
+    h.add("t2i", image_size="256x256", bot_task="think_recaption", max_new_tokens=8)
+    plan, _ = h.step()
+    # encoded beside the steps: not held back for the text-to-image request's first prefill
+    assert len(plan.encoder_inputs) == 1 and [n.request_id for n in plan.new_requests] == ["t2i"]
+    t2i_steps = 1
+    while not any(n.request_id == "edit" for n in plan.new_requests):
+        plan, _ = h.step()
+        t2i_steps += any(c.request_id == "t2i" for c in plan.chunks) or any(
+            d.request_id == "t2i" for d in plan.diffusion_steps)
+        assert h.sched.num_encoding <= 1  # the budget bounds the encodes in flight, not the ones per step
+    assert t2i_steps == len(h.plans)  # the text-to-image request stepped in every step meanwhile
+    assert len(h.plans) >= 9  # two encodes of four steps each before the edit's admission
+    h.run()
+    assert h.finished() == {"edit": FinishReason.IMAGE, "t2i": FinishReason.IMAGE}
+    h.assert_no_leaks()
+
+
+def test_a_step_with_only_encodes_in_flight_waits_for_one(ctx_distil):
+    h = Harness(ctx_distil, encode_delay=5)
+    h.add("edit", images=[IMG_A], image_size="256x256")
+    plan, _ = h.step()
+    assert plan.encoder_inputs and not plan.wait_for_encode
+    plan, _ = h.step()  # nothing else to run: the worker blocks until the encode is done instead of spinning
+    assert plan.wait_for_encode and plan.has_model_work and h.sched.num_encoding == 0
+    plan, _ = h.step()
+    assert [n.request_id for n in plan.new_requests] == ["edit"] and not plan.wait_for_encode
+    h.run()
+    assert h.finished() == {"edit": FinishReason.IMAGE}
+    h.assert_no_leaks()
+
+
+def test_abort_while_encoding_frees_everything_once_the_encode_reports(ctx_distil):
+    h = Harness(ctx_distil, encode_delay=2)
+    h.add("edit", images=[IMG_A, IMG_B], image_size="256x256")
+    h.add("t2i", image_size="256x256")
+    h.step()
+    assert h.sched.num_encoding == 2
+    h.sched.finish_requests(["edit"], FinishReason.ABORT)
+    assert h.sched.encoder_cache.pins == {} and "edit" not in h.sched.requests
+    assert h.sched.has_unfinished_requests()  # the encodes still report (the worker cannot recall them)
+    h.run()
+    assert h.finished() == {"t2i": FinishReason.IMAGE}
+    h.assert_no_leaks()
+    h.add("again", images=[IMG_A], image_size="256x256")  # the finished encode serves a later request
+    plan, _ = h.step()
+    assert not plan.encoder_inputs and [n.request_id for n in plan.new_requests] == ["again"]
     h.run()
     h.assert_no_leaks()
 
@@ -502,7 +571,8 @@ def test_no_leaks_after_random_interleavings(ctx_distil, seed):
     rng = random.Random(seed)
     h = Harness(ctx_distil, num_blocks=rng.choice([24, 48, 200]), max_tokens=rng.choice([32, 128, 4096]),
                 max_num_seqs=rng.choice([1, 2, 4]), encoder_pixels=rng.choice([1, 1 << 20]),
-                encoder_bytes=rng.choice([ENC_BYTES, 1 << 20]), prefix_caching=rng.random() < 0.8)
+                encoder_bytes=rng.choice([ENC_BYTES, 1 << 20]), prefix_caching=rng.random() < 0.8,
+                encode_delay=rng.choice([0, 0, 1, 3]))
     imgs = [IMG_A, IMG_B, IMG_C]
     added, aborted = [], set()
     for i in range(rng.randint(2, 6)):

@@ -110,7 +110,8 @@ def test_encode_chunks_give_the_posteriors_of_one_call(tiny_model):
         runner.model.encode_condition_vae = count
         try:
             out = RunnerOutput()
-            runner._encode(inputs, out)
+            runner.encodes.submit(inputs)
+            runner.encodes.collect(runner.encoder_cache, out)
         finally:
             del runner.model.encode_condition_vae
         assert not out.encode_failed and len(out.encoded) == len(inputs)

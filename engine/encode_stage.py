@@ -1,0 +1,212 @@
+"""The worker's encoder stage: condition-image encodes (VAE posterior + SigLIP2 tokens) off the step's critical path.
+
+A 1024x768 encode costs seconds on a CPU and tens of milliseconds of compute-bound work on a GPU; run inside a step
+it stretches every running request's decode and denoising step. Asynchronously, `submit()` queues the scheduled
+images for one background thread and returns at once; each step's `collect()` hands the finished ones to the
+encoder cache and the `RunnerOutput`, so the scheduler admits their requests in a later step (it never schedules a
+request's prefill before its encode is reported). Inline (`asynchronous=False`) the encodes run in `submit()` and
+are reported by the same step's `collect()`: the same protocol, the behaviour before the stage went asynchronous.
+
+Why the results are the same either way: an encode draws nothing at random (`encode_images`); every request's
+posterior sample is drawn later, at admission, from its own seeded generator on the step's thread, in input order.
+The thread shares only read-only weights with the step (the VAE's encoder and the vision tower; the step uses the
+backbone and the VAE's decoder) and hands over fresh tensors that nothing else writes.
+
+Threads on CPU: the step and the encode thread each set their own OpenMP/MKL team size (torch.set_num_threads is
+per calling thread for both). While an encode is in flight the step runs on the cores the encode thread leaves
+(`total - encode_threads`, at least one) and gets all of them back once nothing is in flight, so the two never ask
+for more threads than there are cores: on 2 cores, one each while encoding, two for the step otherwise. On CUDA the
+thread encodes on its own stream; the step's stream waits on the encode's event before it uses the tensors, which
+are marked as used by the step's stream so the allocator never hands their memory back to the encode stream early.
+Under tensor parallelism every rank encodes for itself (the VAE and the vision tower are replicated; no collective
+runs on the thread); a rank behind rank 0 waits for an image at admission (`wait_for`).
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch
+
+from diffgentor.engine.encoder_cache import EncoderInput, EncoderKey
+from diffgentor.engine.models.hunyuan_image_3.embedding import EncodedImage, encode_images
+from diffgentor.engine.models.hunyuan_image_3.model import HunyuanImage3ForCausalMM
+from diffgentor.engine.plan import RunnerOutput
+from diffgentor.engine.vae_budget import VaeBudget, chunks
+
+
+@dataclass
+class _Done:
+    key: EncoderKey
+    encoded: EncodedImage | None
+    error: str | None = None
+    event: object | None = None  # torch.cuda.Event recorded on the encode stream after the encode
+
+
+def encode_groups(model: HunyuanImage3ForCausalMM, inputs: list[EncoderInput],
+                  vae_budget: VaeBudget | None = None) -> list[_Done]:
+    """Encode the images, one VAE (and ViT) call per bucket, in chunks that fit the VAE budget
+    (`engine.vae_budget`); a failing batch is retried image by image so the failure is pinned on the image(s) at
+    fault."""
+    groups: dict[tuple, list[EncoderInput]] = defaultdict(list)
+    for e in inputs:
+        vit_shape = tuple(e.vit.pixel_values.shape) if e.vit is not None else None
+        groups[(tuple(e.vae.pixels.shape), vit_shape)].append(e)
+    calls = []
+    for (shape, _), group in groups.items():
+        calls += chunks(group, vae_budget.encode_images(*shape[-2:]) if vae_budget else len(group))
+    done: list[_Done] = []
+    for group in calls:
+        try:
+            encoded = encode_images(model, [e.vae for e in group], [e.vit for e in group])
+        except Exception as err:  # noqa: BLE001 - the image's own content or size
+            if len(group) > 1:
+                for e in group:
+                    done += encode_groups(model, [e])
+            else:
+                done.append(_Done(group[0].key, None, f"{type(err).__name__}: {err}"))
+            continue
+        done += [_Done(e.key, enc) for e, enc in zip(group, encoded)]
+    return done
+
+
+def encode_thread_count(total: int) -> int:
+    """Intra-op threads of the encode thread: half the step's (at least one), the step keeps the rest meanwhile."""
+    return max(1, total // 2)
+
+
+class EncodeStage:
+    def __init__(self, model: HunyuanImage3ForCausalMM, asynchronous: bool = True,
+                 vae_budget: VaeBudget | None = None) -> None:
+        self.model = model
+        self.vae_budget = vae_budget
+        self.asynchronous = asynchronous
+        self.total_threads = torch.get_num_threads()
+        self.encode_threads = encode_thread_count(self.total_threads)
+        self._pending: set[EncoderKey] = set()  # submitted, not yet collected
+        self._done: list[_Done] = []  # finished on the thread, not yet collected
+        self._cond = threading.Condition()
+        self._jobs: queue.SimpleQueue[list[EncoderInput] | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._stream = None
+        self._step_threads = self.total_threads
+
+    @property
+    def num_pending(self) -> int:
+        """Images submitted and not yet collected (the encode queue)."""
+        with self._cond:
+            return len(self._pending)
+
+    def is_pending(self, key: EncoderKey) -> bool:
+        with self._cond:
+            return key in self._pending
+
+    # ------------------------------------------------------------------ the step's side
+    def submit(self, inputs: list[EncoderInput]) -> None:
+        """Queue images for the encode thread (asynchronous), or encode them now (inline)."""
+        if not inputs:
+            return
+        if not self.asynchronous:
+            with self._cond:
+                self._pending.update(e.key for e in inputs)
+                self._done += encode_groups(self.model, inputs, self.vae_budget)
+            return
+        if self._thread is None:
+            self._start()
+        with self._cond:
+            self._pending.update(e.key for e in inputs)
+        self._jobs.put(list(inputs))
+
+    def fit_step_threads(self) -> None:
+        """CPU: the step's intra-op team is what the encode thread leaves while an encode is in flight."""
+        if not self.asynchronous or self.model.device.type != "cpu":
+            return
+        want = max(1, self.total_threads - self.encode_threads) if self.num_pending else self.total_threads
+        if want != self._step_threads:
+            torch.set_num_threads(want)
+            self._step_threads = want
+
+    def wait_for(self, key: EncoderKey) -> list[_Done]:
+        """Block until `key` is encoded (a rank behind rank 0 admitting a request); returns what finished."""
+        with self._cond:
+            self._cond.wait_for(lambda: key not in self._pending or any(d.key == key for d in self._done))
+        return self._take()
+
+    def collect(self, cache: dict[EncoderKey, EncodedImage], out: RunnerOutput | None, wait: bool = False) -> None:
+        """Move finished encodes into the worker's encoder cache and report them in `out`; `wait`: block until at
+        least one has finished if any is in flight (a step with nothing else to do)."""
+        if wait:
+            with self._cond:
+                self._cond.wait_for(lambda: bool(self._done) or not self._pending)
+        self.store(self._take(), cache, out)
+
+    def store(self, done: list[_Done], cache: dict[EncoderKey, EncodedImage], out: RunnerOutput | None) -> None:
+        main = torch.cuda.current_stream(self.model.device) if self.model.device.type == "cuda" else None
+        for d in done:
+            if d.encoded is None:
+                if out is not None:
+                    out.encode_failed[d.key] = d.error or "encode failed"
+                continue
+            if main is not None:  # the step's stream reads what the encode stream wrote
+                main.wait_event(d.event)
+                for t in (d.encoded.posterior, d.encoded.vit_tokens):
+                    if t is not None:
+                        t.record_stream(main)
+            cache[d.key] = d.encoded
+            if out is not None:
+                out.encoded[d.key] = d.encoded.nbytes
+
+    def _take(self) -> list[_Done]:
+        with self._cond:
+            done, self._done = self._done, []
+            for d in done:
+                self._pending.discard(d.key)
+        return done
+
+    def close(self) -> None:
+        """Stop the encode thread after its current job (idempotent)."""
+        if self._thread is not None:
+            self._jobs.put(None)
+            self._thread.join(timeout=60)
+            self._thread = None
+
+    # ------------------------------------------------------------------ the encode thread
+    def _start(self) -> None:
+        dev = self.model.device
+        if dev.type == "cuda":
+            self._stream = torch.cuda.Stream(dev)
+        self._thread = threading.Thread(target=self._loop, name="diffgentor-encode", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        dev = self.model.device
+        if dev.type == "cuda":
+            torch.cuda.set_device(dev)
+        else:
+            torch.set_num_threads(self.encode_threads)  # this thread's own team (see the module docstring)
+        while True:
+            inputs = self._jobs.get()
+            if inputs is None:
+                return
+            try:
+                with torch.no_grad():
+                    if self._stream is not None:
+                        with torch.cuda.stream(self._stream):
+                            done = encode_groups(self.model, inputs, self.vae_budget)
+                            event = torch.cuda.Event()
+                            event.record(self._stream)
+                        for d in done:
+                            d.event = event
+                    else:
+                        done = encode_groups(self.model, inputs, self.vae_budget)
+            except Exception as err:  # noqa: BLE001 - never leave a key pending forever
+                done = [_Done(e.key, None, f"{type(err).__name__}: {err}") for e in inputs]
+            with self._cond:
+                self._done += done
+                self._cond.notify_all()
+
+
+__all__ = ["EncodeStage", "encode_groups", "encode_thread_count"]
