@@ -74,6 +74,8 @@ class SchedulerStats(msgspec.Struct, kw_only=True, array_like=True):
     encoder_cache_hits: int = 0  # condition images found encoded (cumulative)
     encoder_cache_misses: int = 0  # condition images encoded (cumulative)
     encoder_cache_bytes: int = 0  # bytes the encoder cache holds now
+    step_s: list[float] = msgspec.field(default_factory=list)  # durations of every step in this message
+    num_encoding: int = 0  # condition images being encoded now (the encode queue)
 
 
 class FinishedInfo(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -152,6 +154,7 @@ class EngineCoreProc:
         self._finished: list[FinishedInfo] = []
         self._batch_sizes: list[int] = []
         self._diff_steps: list[float] = []
+        self._step_s: list[float] = []
         self._num_steps = 0
         self._dirty = False
 
@@ -208,9 +211,9 @@ class EngineCoreProc:
             prefix_cache_hits=s.prefix_cache_hits, num_preemptions=s.num_preemptions,
             num_steps=self._num_steps, step_batch_sizes=self._batch_sizes, diffusion_step_s=self._diff_steps,
             encoder_cache_hits=s.encoder_cache_hits, encoder_cache_misses=s.encoder_cache_misses,
-            encoder_cache_bytes=s.encoder_cache_bytes,
+            encoder_cache_bytes=s.encoder_cache_bytes, step_s=self._step_s, num_encoding=s.num_encoding,
         )
-        self._batch_sizes, self._diff_steps, self._num_steps = [], [], 0
+        self._batch_sizes, self._diff_steps, self._step_s, self._num_steps = [], [], [], 0
         return stats
 
     def _flush(self) -> None:
@@ -230,6 +233,7 @@ class EngineCoreProc:
         if core.stats.steps > steps:  # the model ran (not only a release or a refusal)
             self._num_steps += 1
             self._batch_sizes.append(before.num_running + before.num_waiting)
+            self._step_s.append(dt)
             if core.snapshot().diffusion_steps > before.diffusion_steps:
                 self._diff_steps.append(dt)
         self._collect(outputs)

@@ -49,6 +49,9 @@ class ServerMetrics:
         self.encoder_hits = c("diffgentor:encoder_cache_hits", "Condition images found already encoded.")
         self.encoder_misses = c("diffgentor:encoder_cache_misses", "Condition images the encoder stage encoded.")
         self.encoder_bytes = g("diffgentor:encoder_cache_bytes", "Bytes held by the encoder cache.")
+        self.encode_queue = g("diffgentor:encode_queue_images", "Condition images being encoded beside the steps.")
+        self.step_time = h("diffgentor:engine_step_latency_seconds", "Duration of every engine step (what a running "
+                           "request waits between two of its steps).", TOKEN_STEP_BUCKETS)
         self.engine_steps = c("diffgentor:engine_steps", "Engine-core steps.")
         self.batch = h("diffgentor:iteration_num_requests", "Requests in flight during an engine step "
                        "(batching).", BATCH_BUCKETS)
@@ -107,6 +110,7 @@ class ServerMetrics:
         self.waiting.set(sum(x.num_waiting for x, _ in latest))
         self.kv_free.set(sum(x.num_free_blocks for x, _ in latest))
         self.encoder_bytes.set(sum(x.encoder_cache_bytes for x, _ in latest))
+        self.encode_queue.set(sum(x.num_encoding for x, _ in latest))
         if len(latest) == 1:
             self.kv_usage.set(s.kv_usage)
         else:
@@ -131,6 +135,8 @@ class ServerMetrics:
                 self.max_batch.set(b)
         for d in s.diffusion_step_s:
             self.diff_step.observe(d)
+        for d in s.step_s:
+            self.step_time.observe(d)
 
     def on_first_token(self, seconds: float) -> None:
         self.ttft.observe(seconds)
