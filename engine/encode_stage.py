@@ -15,9 +15,12 @@ backbone and the VAE's decoder) and hands over fresh tensors that nothing else w
 Threads on CPU: the step and the encode thread each set their own OpenMP/MKL team size (torch.set_num_threads is
 per calling thread for both). While an encode is in flight the step runs on the cores the encode thread leaves
 (`total - encode_threads`, at least one) and gets all of them back once nothing is in flight, so the two never ask
-for more threads than there are cores: on 2 cores, one each while encoding, two for the step otherwise. On CUDA the
-thread encodes on its own stream; the step's stream waits on the encode's event before it uses the tensors, which
-are marked as used by the step's stream so the allocator never hands their memory back to the encode stream early.
+for more threads than there are cores: on 2 cores, one each while encoding, two for the step otherwise. While the
+step blocks waiting for an encode, the encode thread takes every core (a forward pre-hook on the encoder modules
+re-reads its team size before each module), and a step with nothing else to run encodes inline with every core.
+On CUDA the thread encodes on its own stream; the step's stream waits on the encode's event before it uses the
+tensors, which are marked as used by the step's stream so the allocator never hands their memory back to the encode
+stream early.
 Under tensor parallelism every rank encodes for itself (the VAE and the vision tower are replicated; no collective
 runs on the thread); a rank behind rank 0 waits for an image at admission (`wait_for`).
 """
@@ -93,6 +96,15 @@ class EncodeStage:
         self._thread: threading.Thread | None = None
         self._stream = None
         self._step_threads = self.total_threads
+        # the encode thread's team: re-read before each encoder module runs, so it takes every core while the step
+        # waits for it and gives the step its share back when the step runs again
+        self._encode_team = self.encode_threads
+        self._thread_ident: int | None = None
+        if asynchronous and model.device.type == "cpu":
+            parts = (model.vae.encoder, getattr(model, "vision_model", None), getattr(model, "vision_aligner", None))
+            for part in parts:
+                for m in part.modules() if part is not None else ():
+                    m.register_forward_pre_hook(self._fit_encode_team)
 
     @property
     def num_pending(self) -> int:
@@ -105,11 +117,15 @@ class EncodeStage:
             return key in self._pending
 
     # ------------------------------------------------------------------ the step's side
-    def submit(self, inputs: list[EncoderInput]) -> None:
-        """Queue images for the encode thread (asynchronous), or encode them now (inline)."""
+    def submit(self, inputs: list[EncoderInput], step_idle: bool = False) -> None:
+        """Queue images for the encode thread (asynchronous), or encode them now (inline). `step_idle`: the step
+        has nothing else to run, so with no encode in flight it encodes them itself with every core (on the thread
+        it would leave half of them idle while it waits)."""
         if not inputs:
             return
-        if not self.asynchronous:
+        if step_idle and not self.num_pending:
+            self.fit_step_threads()
+        if not self.asynchronous or (step_idle and not self.num_pending):
             with self._cond:
                 self._pending.update(e.key for e in inputs)
                 self._done += encode_groups(self.model, inputs, self.vae_budget)
@@ -132,15 +148,24 @@ class EncodeStage:
     def wait_for(self, key: EncoderKey) -> list[_Done]:
         """Block until `key` is encoded (a rank behind rank 0 admitting a request); returns what finished."""
         with self._cond:
+            self._encode_team = self.total_threads  # the step is idle meanwhile
             self._cond.wait_for(lambda: key not in self._pending or any(d.key == key for d in self._done))
+            self._encode_team = self.encode_threads
         return self._take()
+
+    def _fit_encode_team(self, module, args) -> None:
+        """Forward pre-hook of the encoder modules: on the encode thread, its team size for the next op."""
+        if threading.get_ident() == self._thread_ident and torch.get_num_threads() != self._encode_team:
+            torch.set_num_threads(self._encode_team)
 
     def collect(self, cache: dict[EncoderKey, EncodedImage], out: RunnerOutput | None, wait: bool = False) -> None:
         """Move finished encodes into the worker's encoder cache and report them in `out`; `wait`: block until at
         least one has finished if any is in flight (a step with nothing else to do)."""
         if wait:
             with self._cond:
+                self._encode_team = self.total_threads  # the step is idle meanwhile
                 self._cond.wait_for(lambda: bool(self._done) or not self._pending)
+                self._encode_team = self.encode_threads
         self.store(self._take(), cache, out)
 
     def store(self, done: list[_Done], cache: dict[EncoderKey, EncodedImage], out: RunnerOutput | None) -> None:
@@ -186,6 +211,7 @@ class EncodeStage:
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
         else:
+            self._thread_ident = threading.get_ident()
             torch.set_num_threads(self.encode_threads)  # this thread's own team (see the module docstring)
         while True:
             inputs = self._jobs.get()

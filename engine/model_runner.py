@@ -137,7 +137,8 @@ class ModelRunner:
             if key not in self.encoder_cache and self.encodes.is_pending(key):  # a rank behind rank 0
                 self.encodes.store(self.encodes.wait_for(key), self.encoder_cache, None)
             self.encoder_cache.pop(key, None)
-        self.encodes.submit(plan.encoder_inputs)
+        idle = not (plan.chunks or plan.diffusion_steps or plan.vae_decodes)
+        self.encodes.submit(plan.encoder_inputs, step_idle=idle)
         self.encodes.fit_step_threads()
         t_enc = time.perf_counter()
         for new in plan.new_requests:
