@@ -260,6 +260,15 @@ class Scheduler:
         encoding = self.encoding
         pixels = sum(p for p, _ in encoding.values())
         vae_bytes = sum(b for _, b in encoding.values())
+        busy = bool(encoding)  # one encode always fits when no VAE work is in flight
+        if self.config.async_encode and vae is not None:
+            if any(st.status is RequestStatus.VAE_DECODE and st.request_id not in self._vae_decodes
+                   for st in (*self.running, *self.waiting)):
+                return  # a final decode waits for the encodes in flight: no new ones until it has run
+            step_decodes = self._vae_decode_bytes - vae_bytes  # this step's decodes run beside the new encodes
+            if step_decodes > 0:
+                vae_bytes += step_decodes + vae.decode_fixed_bytes
+                busy = True
         for st, missing in needs_encode:
             if admitting and st.encode_deferrals < MAX_ENCODE_DEFERRALS:
                 st.encode_deferrals += 1
@@ -270,8 +279,9 @@ class Scheduler:
                 if encoding and pixels + e.num_pixels > self.config.max_num_encoder_pixels:
                     return
                 cost = vae.image_bytes(*e.vae.pixels.shape[-2:]) if vae is not None else 0
-                if encoding and vae is not None and vae_bytes + cost > vae.budget_bytes:
+                if busy and vae is not None and vae_bytes + cost > vae.budget_bytes:
                     return
+                busy = True
                 pixels += e.num_pixels
                 vae_bytes += cost
                 encoding[e.key] = (e.num_pixels, cost)
@@ -350,10 +360,18 @@ class Scheduler:
         self._vae_decode_bytes += cost
         return True
 
+    def _vae_bytes_in_flight(self) -> int:
+        """VAE bytes of the encodes running beside the steps. An asynchronous encode (a side CUDA stream) overlaps
+        the step's decodes, so both share the one VAE budget the memory plan reserves; an inline encode runs before
+        the step's decodes, one after the other, and each has the budget to itself."""
+        if not self.config.async_encode or self.config.vae_budget is None:
+            return 0
+        return sum(b for _, b in self.encoding.values())
+
     def _admit_vae_decodes(self) -> None:
         """Final decodes first, in queue order (running, then waiting), within the step's VAE budget; previews of
         this step's denoising steps take what is left."""
-        self._vae_decode_bytes = 0
+        self._vae_decode_bytes = self._vae_bytes_in_flight()
         self._vae_decodes = {st.request_id for st in (*self.running, *self.waiting)
                              if st.status is RequestStatus.VAE_DECODE and self._vae_fits(st)}
 

@@ -459,6 +459,36 @@ def test_vae_work_per_step_stays_within_the_budget(ctx_distil):
     assert any(len(d) == 2 for d, _ in work)  # the budget is used, not just one image a step
 
 
+def test_async_encodes_and_decodes_share_the_vae_budget(ctx_distil):
+    """On a GPU an asynchronous encode runs on a side stream beside the step's decodes: the VAE bytes of the encodes
+    in flight plus the step's decodes stay within the one budget the memory plan reserves (more than one item
+    only when they fit), and a final decode that waits for room is not starved by new encodes."""
+    budget = VaeBudget(budget_bytes=2 * 256 * 256, bytes_per_pixel=1, decode_fixed_bytes=0, latent_factor=16)
+    h = Harness(ctx_distil, max_num_seqs=8, vae_budget=budget, encode_delay=6)  # each encode spans six steps
+    for i in range(3):  # text-to-image requests reach their decode while the edits' encodes are in flight
+        h.add(f"t{i}", image_size="256x256", bot_task="image", num_inference_steps=2)
+    for i in range(4):
+        h.add(f"e{i}", image_size="256x256", bot_task="image", num_inference_steps=2,
+              images=[png(64 + 8 * i, 96 - 8 * i, 40 + i)])
+    for _ in range(500):
+        if not h.sched.has_unfinished_requests():
+            break
+        plan = h.sched.schedule()
+        decodes, _ = _vae_work(h, plan)
+        in_flight = [b for _, b in h.sched.encoding.values()]  # sent and not reported, this step's included
+        items = decodes + in_flight
+        assert len(items) <= 1 or sum(items) <= budget.budget_bytes, (decodes, in_flight)
+        h.check_plan(plan)
+        h.plans.append(plan)
+        if plan.has_model_work:
+            h.outputs += h.sched.update_from_output(plan, h.execute(plan))
+        else:
+            h.execute(plan)
+            h.outputs += h.sched.unschedulable()
+    assert set(h.finished().values()) == {FinishReason.IMAGE} and len(h.finished()) == 7
+    h.assert_no_leaks()
+
+
 def test_a_request_that_can_never_fit_fails_alone(ctx_distil):
     h = Harness(ctx_distil, num_blocks=6)
     h.add("big", images=[IMG_A, IMG_B, IMG_C], image_size="256x256")
