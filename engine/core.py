@@ -192,8 +192,10 @@ class EngineCore:
 
     def has_unfinished_requests(self) -> bool:
         """Whether `step()` has anything to do: requests to run, finished ones whose worker-side state the next plan
-        releases, or outputs (refusals, aborts) not yet reported."""
-        return self.scheduler.has_requests() or bool(self._outputs.events or self._outputs.finished)
+        releases, or outputs (refusals, aborts) not yet reported. A failed core has only its outputs left: the
+        workers that would release state or report encodes in flight are gone."""
+        pending = bool(self._outputs.events or self._outputs.finished)
+        return pending if self.failed is not None else self.scheduler.has_requests() or pending
 
     def close(self) -> None:
         """Stop the worker processes, if any."""

@@ -557,46 +557,6 @@ def test_a_failed_sub_request_cancels_its_siblings():
     assert [m.request_ids for m in got if isinstance(m, AbortRequests)] == [["r-1"]]
 
 
-# ------------------------------------------------------------------------------------------------ health afterwards
-def test_zz_health_memory_and_kv_after_the_hostile_cases(hserver):
-    assert httpx.get(hserver.base + "/health", timeout=5, trust_env=False).status_code == 200
-    m = hserver.wait_idle(timeout=60)
-    assert m["diffgentor:kv_cache_free_blocks"] == NUM_KV_BLOCKS, m
-    api0, core0 = hserver.rss0
-    core, deadline = hserver.core_pid(), time.time() + 10  # an idle core hands its freed heap back after 1 s
-    while hserver.rss_mib(core) - core0 >= CORE_RSS_BOUND_MIB and time.time() < deadline:
-        time.sleep(0.25)
-    api_growth, core_growth = hserver.rss_mib() - api0, hserver.rss_mib(core) - core0
-    print(f"RSS growth over the hostile cases: API {api_growth:.0f} MiB, engine core {core_growth:.0f} MiB")
-    assert api_growth < API_RSS_BOUND_MIB, api_growth
-    assert core_growth < CORE_RSS_BOUND_MIB, core_growth
-
-
-# ------------------------------------------------------------------------------------------------ 7. SIGTERM (last)
-def test_zzz_sigterm_drains_shuts_the_engine_down_and_exits_0(hserver):
-    server = hserver
-    core = server.core_pid()
-    assert list(server.tmpdir.glob("diffgentor-zmq-*")), "the ZeroMQ temp dir is expected under TMPDIR"
-    res: dict = {}
-
-    def go():
-        res["r"] = _post(server, "/v1/images/generations", json=dict(
-            GEN, prompt="a lighthouse", seed=1, bot_task="think_recaption", max_new_tokens=16, num_inference_steps=2))
-
-    t = threading.Thread(target=go)
-    t.start()
-    deadline = time.time() + 60
-    while server.metrics().get("diffgentor:num_requests_running", 0) == 0 and time.time() < deadline:
-        time.sleep(0.05)
-    server.proc.send_signal(signal.SIGTERM)
-    t.join(300)
-    assert res["r"].status_code == 200, res["r"].text[:300]  # drained
-    assert server.proc.wait(60) == 0, server.log()[-2000:]
-    assert not Path(f"/proc/{core}").exists()  # the engine core exited and was reaped
-    assert "engine core failed" not in server.log()  # it got Shutdown, it was not killed
-    assert not list(server.tmpdir.glob("diffgentor-zmq-*")), list(server.tmpdir.iterdir())
-
-
 # ------------------------------------------------------------------------------------------------ 9. batch CLI
 def _edit_args(tiny_ckpt, tmp_path, csv_text: str, out: Path) -> list[str]:
     (tmp_path / "in.csv").write_text(csv_text)
@@ -1037,3 +997,43 @@ def test_batch_unterminated_quote_is_exit_2_naming_the_line(tiny_ckpt, tmp_path,
     err = capsys.readouterr().err
     assert rc == 2, err
     assert "line 3" in err and "Traceback" not in err, err
+
+
+# ------------------------------------------------------------------------------------------------ health afterwards
+def test_zz_health_memory_and_kv_after_the_hostile_cases(hserver):
+    assert httpx.get(hserver.base + "/health", timeout=5, trust_env=False).status_code == 200
+    m = hserver.wait_idle(timeout=60)
+    assert m["diffgentor:kv_cache_free_blocks"] == NUM_KV_BLOCKS, m
+    api0, core0 = hserver.rss0
+    core, deadline = hserver.core_pid(), time.time() + 10  # an idle core hands its freed heap back after 1 s
+    while hserver.rss_mib(core) - core0 >= CORE_RSS_BOUND_MIB and time.time() < deadline:
+        time.sleep(0.25)
+    api_growth, core_growth = hserver.rss_mib() - api0, hserver.rss_mib(core) - core0
+    print(f"RSS growth over the hostile cases: API {api_growth:.0f} MiB, engine core {core_growth:.0f} MiB")
+    assert api_growth < API_RSS_BOUND_MIB, api_growth
+    assert core_growth < CORE_RSS_BOUND_MIB, core_growth
+
+
+# ------------------------------------------------------------------------------------------------ 7. SIGTERM (last)
+def test_zzz_sigterm_drains_shuts_the_engine_down_and_exits_0(hserver):
+    server = hserver
+    core = server.core_pid()
+    assert list(server.tmpdir.glob("diffgentor-zmq-*")), "the ZeroMQ temp dir is expected under TMPDIR"
+    res: dict = {}
+
+    def go():
+        res["r"] = _post(server, "/v1/images/generations", json=dict(
+            GEN, prompt="a lighthouse", seed=1, bot_task="think_recaption", max_new_tokens=16, num_inference_steps=2))
+
+    t = threading.Thread(target=go)
+    t.start()
+    deadline = time.time() + 60
+    while server.metrics().get("diffgentor:num_requests_running", 0) == 0 and time.time() < deadline:
+        time.sleep(0.05)
+    server.proc.send_signal(signal.SIGTERM)
+    t.join(300)
+    assert res["r"].status_code == 200, res["r"].text[:300]  # drained
+    assert server.proc.wait(60) == 0, server.log()[-2000:]
+    assert not Path(f"/proc/{core}").exists()  # the engine core exited and was reaped
+    assert "engine core failed" not in server.log()  # it got Shutdown, it was not killed
+    assert not list(server.tmpdir.glob("diffgentor-zmq-*")), list(server.tmpdir.iterdir())
