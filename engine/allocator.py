@@ -3,8 +3,8 @@
 glibc gives every allocation above its mmap threshold (128 KiB, rising to at most 32 MiB) a fresh ``mmap`` and unmaps
 it on free, so each large CPU tensor (a VAE activation, a MoE buffer, a KV gather) is page-faulted in, zeroed by the
 kernel, again on every call. `configure_heap` tells glibc to serve every allocation from its heap instead
-(``mallopt(M_MMAP_MAX, 0)``), so a freed block is handed to the next allocation of that size already resident; the
-results are bit-identical (docs/decisions.md: Host heap reuse).
+(``mallopt(M_MMAP_MAX, 0)``, one arena for all threads), so a freed block is handed to the next allocation of that
+size already resident; the results are bit-identical (docs/decisions.md: Host heap reuse).
 
 Memory kept for reuse is bounded twice: after an engine step that leaves more than the ceiling of freed memory
 resident (`trim_if_over`, called by the worker), and once a driver has been idle for a while (`IdleRelease`, in
@@ -31,6 +31,7 @@ logger = logging.getLogger(__name__)
 
 M_TRIM_THRESHOLD = -1
 M_MMAP_MAX = -4
+M_ARENA_MAX = -8
 _C_INT_MAX = 2**31 - 1  # mallopt takes a C int
 
 
@@ -66,7 +67,11 @@ def configure_heap(reuse_bytes: int) -> bool:
     global _ceiling
     if reuse_bytes <= 0 or _LIBC is None:
         return _ceiling is not None
-    ok = _LIBC.mallopt(M_MMAP_MAX, 0) == 1 and _LIBC.mallopt(M_TRIM_THRESHOLD, min(reuse_bytes, _C_INT_MAX)) == 1
+    # one arena for every thread: a thread's own arena grows in 64 MiB heaps, and an allocation larger than that (a VAE
+    # activation made on the encode thread, engine/encode_stage.py) falls back to a fresh mmap whatever M_MMAP_MAX
+    # says, so it would be faulted in on every call again
+    ok = _LIBC.mallopt(M_MMAP_MAX, 0) == 1 and _LIBC.mallopt(M_TRIM_THRESHOLD, min(reuse_bytes, _C_INT_MAX)) == 1 \
+        and _LIBC.mallopt(M_ARENA_MAX, 1) == 1
     if not ok:
         logger.warning("mallopt refused the heap-reuse settings; large allocations keep glibc's defaults")
         return False
