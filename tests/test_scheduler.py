@@ -413,12 +413,15 @@ def _vae_work(h: Harness, plan: SchedulerOutput) -> tuple[list[int], list[int]]:
     return decodes, [int(e.vae.pixels.shape[-2] * e.vae.pixels.shape[-1]) for e in plan.encoder_inputs]
 
 
-def _run_recording_vae_work(h: Harness) -> list[tuple[list[int], list[int]]]:
+def _run_recording_vae_work(h: Harness, check=None) -> list[tuple[list[int], list[int]]]:
+    """Run to the end, recording each plan's VAE work; `check(plan)` sees every plan right after it is made."""
     work = []
     for _ in range(500):
         if not h.sched.has_unfinished_requests():
             break
         plan = h.sched.schedule()
+        if check is not None:
+            check(plan)
         work.append(_vae_work(h, plan))
         h.check_plan(plan)
         h.plans.append(plan)
@@ -470,21 +473,14 @@ def test_async_encodes_and_decodes_share_the_vae_budget(ctx_distil):
     for i in range(4):
         h.add(f"e{i}", image_size="256x256", bot_task="image", num_inference_steps=2,
               images=[png(64 + 8 * i, 96 - 8 * i, 40 + i)])
-    for _ in range(500):
-        if not h.sched.has_unfinished_requests():
-            break
-        plan = h.sched.schedule()
+
+    def within_budget(plan: SchedulerOutput) -> None:
         decodes, _ = _vae_work(h, plan)
         in_flight = [b for _, b in h.sched.encoding.values()]  # sent and not reported, this step's included
         items = decodes + in_flight
         assert len(items) <= 1 or sum(items) <= budget.budget_bytes, (decodes, in_flight)
-        h.check_plan(plan)
-        h.plans.append(plan)
-        if plan.has_model_work:
-            h.outputs += h.sched.update_from_output(plan, h.execute(plan))
-        else:
-            h.execute(plan)
-            h.outputs += h.sched.unschedulable()
+
+    _run_recording_vae_work(h, within_budget)
     assert set(h.finished().values()) == {FinishReason.IMAGE} and len(h.finished()) == 7
     h.assert_no_leaks()
 
