@@ -29,7 +29,7 @@ PROBE = textwrap.dedent("""
     on = allocator.configure_heap(int(sys.argv[1]))  # after torch is loaded, as in an engine process
     n = 10 << 20  # 40 MiB of float32: above glibc's largest mmap threshold (32 MiB)
     faults = []
-    for _ in range(16):  # glibc < 2.38 reuses a freed block for a 64-byte-aligned request only once blocks coalesce
+    for _ in range(32):  # glibc < 2.38 reuses a freed block for a 64-byte-aligned request only once blocks coalesce
         f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         torch.empty(n).fill_(1.0)
         faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
