@@ -41,7 +41,6 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from diffgentor.engine.core_proc import FinishedInfo
 from diffgentor.engine.request import EngineEvent, GenerationRequest
 from diffgentor.engine.request_state import (
-    ALLOWED_IMAGE_FORMATS,
     MAX_COND_IMAGES,
     ProcessedRequest,
     ProcessorContext,
@@ -638,11 +637,12 @@ async def _admitted(state: AppState, request: Request, kind: str, params, req: G
         images = fetched
     loop = asyncio.get_running_loop()
     headers = await loop.run_in_executor(state.pool, _read_headers, images)
-    try:
-        cost = request_cost(state.ctx, headers, req.image_size or "auto", params.n)
-    except ValueError as e:
-        raise OpenAIError(400, f"invalid size: {e}", "size", "invalid_size") from None
-    held.take_cost(cost)
+    for i, h in enumerate(headers):  # the check process_request does not make itself, from the headers read once
+        if h is not None and min(h.width, h.height) < limits.min_image_side:
+            raise _request_error(RequestError(f"input image {i} is {h.width}x{h.height} pixels; each side must be "
+                                              f"at least {limits.min_image_side}"))
+    # check_request validated the size already (the same parse)
+    held.take_cost(request_cost(state.ctx, headers, req.image_size or "auto", params.n))
     req = msgspec.structs.replace(req, images=images)
     try:
         processed: ProcessedRequest = await loop.run_in_executor(state.pool, _process, state.ctx, req, limits)
@@ -717,18 +717,7 @@ def _steps(state: AppState, params) -> int | None:
 
 
 def _process(ctx: ProcessorContext, req: GenerationRequest, limits: ServerLimits) -> ProcessedRequest:
-    """`process_request` after the image check it does not make itself: each side at least `min_image_side`."""
-    from PIL import Image
-
-    for i, data in enumerate(req.images):
-        try:
-            with Image.open(io.BytesIO(data), formats=ALLOWED_IMAGE_FORMATS) as img:  # the header only
-                w, h = img.size
-        except Exception:  # noqa: BLE001 - undecodable: process_request reports it
-            continue
-        if min(w, h) < limits.min_image_side:
-            raise RequestError(f"input image {i} is {w}x{h} pixels; each side must be at least "
-                               f"{limits.min_image_side}")
+    """`process_request` under the server's limits (the minimum image side is checked from the headers first)."""
     return process_request(ctx, req, limits.max_image_pixels, max_text_chars=limits.max_prompt_chars)
 
 

@@ -274,8 +274,7 @@ def resolve_images(
                 p = Path(base_dir) / p
             data, what = read_image_file(p), str(p)
         if len(data) > MAX_IMAGE_BYTES:
-            raise RowError(f"{what if not isinstance(ref, bytes) else f'embedded image {i}'} is larger than "
-                           f"{MAX_IMAGE_BYTES} bytes")
+            raise RowError(f"{what} is larger than {MAX_IMAGE_BYTES} bytes")
         check_image(data, what)
         out.append(data)
     return out

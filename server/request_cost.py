@@ -75,8 +75,8 @@ def request_cost(ctx: ProcessorContext, headers: Sequence[ImageHeader | None], i
     res = ctx.builder.resolution
     ds = cfg.latent_downsample
     decoded = processed = encoded = 0
-    patches = int(cfg.vit_processor.get("max_num_patches", 0)) if cfg.has_vision else 0
-    patch = int(cfg.vit_processor.get("patch_size", 16))
+    vit = ctx.images.vit if cfg.has_vision else None  # the processor the engine runs: its patch count and size
+    patches, patch = (vit.max_num_patches, vit.patch_size) if vit is not None else (0, 0)
     for h in headers:
         if h is None:
             continue

@@ -152,8 +152,8 @@ def test_stream_text_then_image(client):
         "image_edit.completed")
 
 
-@pytest.mark.parametrize("case", ["no_image", "four_images", "corrupt", "huge", "bad_size", "unknown_model",
-                                  "wrong_key", "prompt_too_long", "bad_n"])
+@pytest.mark.parametrize("case", ["no_image", "four_images", "corrupt", "huge", "too_small", "bad_size",
+                                  "unknown_model", "wrong_key", "prompt_too_long", "bad_n"])
 def test_bad_inputs(server, client, case):
     img = ("in.png", _png(), "image/png")
     kw = dict(prompt="x", size="256x256", extra_body=FAST)
@@ -167,6 +167,7 @@ def test_bad_inputs(server, client, case):
         assert set(err) == {"message", "type", "param", "code"}
         return
     expected = {"four_images": (400, "image"), "corrupt": (400, "image"), "huge": (400, "image"),
+                "too_small": (400, "image"),
                 "bad_size": (400, "size"), "unknown_model": (404, "model"), "wrong_key": (401, None),
                 "prompt_too_long": (400, "prompt"), "bad_n": (400, "n")}[case]
     if case == "four_images":
@@ -175,6 +176,8 @@ def test_bad_inputs(server, client, case):
         kw["image"] = ("bad.png", b"\x89PNG\r\n\x1a\nnot really a png", "image/png")
     elif case == "huge":
         kw["image"] = ("huge.png", _huge_png(), "image/png")
+    elif case == "too_small":  # each side must be at least the server's minimum (4 pixels)
+        kw["image"] = [img, ("small.png", _png(2, 3), "image/png")]
     elif case == "bad_size":
         kw.update(image=img, size="big")
     elif case == "unknown_model":
@@ -191,6 +194,8 @@ def test_bad_inputs(server, client, case):
     e = ei.value
     assert e.status_code == expected[0], e.body
     assert set(e.body) == {"message", "type", "param", "code"} and e.body["param"] == expected[1], e.body
+    if case == "too_small":
+        assert "input image 1 is 3x2 pixels" in e.body["message"], e.body
 
 
 def test_metrics_parse_and_move(server, client):
