@@ -149,8 +149,9 @@ def _child_engine(ckpt: str, tp: int, ep: bool) -> dict[str, Any]:
         out = dict(load_s=round(t_load, 2), total_s=round(time.monotonic() - t0, 2), num_kv_blocks=eng.core.num_blocks,
                    frontend_pid=os.getpid(), frontend_vm_hwm_kb=vm_hwm_kb(), frontend_status_kb=_status(os.getpid()))
         if tp > 1:
-            out.update(rank_pids=list(eng.core.rank_pids), rank_vm_hwm_kb=list(eng.core.rank_vm_hwm_kb),
-                       rank_status_kb=[_status(p) for p in eng.core.rank_pids])
+            ex = eng.core.executor  # the multiprocess executor holds the ranks
+            out.update(rank_pids=list(ex.rank_pids), rank_vm_hwm_kb=list(ex.rank_vm_hwm_kb),
+                       rank_status_kb=[_status(p) for p in ex.rank_pids])
     return out
 
 

@@ -60,8 +60,8 @@ FALSE_STRINGS = ("false", "0", "no", "off")
 
 GiB = 1 << 30
 DEFAULT_CPU_KV_CACHE_BYTES = 2 * GiB
-CFG_ROWS = 2  # a request's sequences at most: its own and its classifier-free-guidance row
 """KV budget on CPU when neither --num-kv-blocks nor --kv-cache-memory is given."""
+CFG_ROWS = 2  # a request's sequences at most: its own and its classifier-free-guidance row
 DEFAULT_HEAP_REUSE_BYTES = 4 * GiB
 """Freed host heap an engine process keeps for reuse by default (docs/decisions.md: Host heap reuse)."""
 
@@ -158,7 +158,7 @@ def _size_arg(text: str) -> int:
 def hf_offline(environ: Mapping[str, str] | None = None) -> bool:
     """huggingface_hub's offline switch (HF_HUB_OFFLINE=1): model ids resolve from the local cache only."""
     raw = (os.environ if environ is None else environ).get("HF_HUB_OFFLINE", "")
-    return raw.strip().lower() in ("1", "true", "yes", "on")
+    return raw.strip().lower() in TRUE_STRINGS
 
 
 def omp_num_threads(environ: Mapping[str, str] | None = None) -> int | None:
@@ -345,7 +345,6 @@ class EngineConfig:
     """Explicit KV block count; wins over every budget."""
     kv_cache_memory_bytes: int | None = None
     """Explicit KV budget in bytes; used when num_kv_blocks is not given."""
-    """Fraction of free device memory for the KV cache when neither of the above is given."""
     enable_prefix_caching: bool = True
     max_waiting_requests: int = 1024
     max_num_encoder_pixels: int = 1024 * 1024
@@ -374,14 +373,14 @@ class EngineConfig:
     """Fraction of each GPU's TOTAL memory the engine may use (weights + activations + workspace + KV cache);
     `engine.memory_plan` sizes the KV cache from it (vLLM's meaning of the name)."""
     enforce_eager: bool = False
+    """Never use CUDA graphs (decode-only steps are captured per batch-size bucket and replayed on CUDA otherwise;
+    see `engine.cuda_graph`)."""
     revision: str | None = None
     """A Hugging Face model id's branch, tag or commit (`model` is then resolved by `with_local_checkpoint`)."""
     download_dir: str | None = None
     """The Hugging Face cache folder for model ids (default: huggingface_hub's, e.g. ~/.cache/huggingface/hub)."""
     hf_offline: bool = False
     """Resolve model ids from the cache only (HF_HUB_OFFLINE)."""
-    """Never use CUDA graphs (decode-only steps are captured per batch-size bucket and replayed on CUDA otherwise;
-    see `engine.cuda_graph`)."""
     flashinfer_warmup_s: float = 600.0
     """Start-up budget for building and running once every FlashInfer kernel the engine would use (its JIT
     compiles at first use); what is not proven by then runs on the torch path (`engine.kernel_warmup`)."""

@@ -39,7 +39,7 @@ from typing import Any
 
 import torch
 
-from diffgentor.engine.config import EngineConfig
+from diffgentor.engine.config import CFG_ROWS, EngineConfig
 from diffgentor.engine.models.hunyuan_image_3.config import HunyuanImage3Config
 from diffgentor.engine.parallel import ParallelContext
 from diffgentor.engine.vae_budget import VaeBudget
@@ -73,7 +73,6 @@ CUBLAS_WORKSPACE_BYTES = 2 * (32 + 1) * MiB
 GEMM: the compute stream and the CUDA-graph warm-up stream (engine/cuda_graph.py)."""
 NCCL_BYTES = 512 * MiB
 """NCCL communicator buffers and its streams' workspace under tensor parallel (per rank, a conservative figure)."""
-CFG_ROWS = 2
 IMAGE_SIDE = 1024
 IMAGE_EXTRA_SLOTS = 3  # <timestep>, <guidance>, <timestep_r> recomputed with the image block each step
 VAE_BYTES_PER_ELEMENT = 12

@@ -16,7 +16,7 @@ import torch
 from diffgentor.engine.allocator import configure_heap, trim_if_over
 from diffgentor.engine.config import EngineConfig
 from diffgentor.engine.kernel_warmup import choose_kernels
-from diffgentor.engine.memory_plan import device_plan, largest_step_tokens
+from diffgentor.engine.memory_plan import device_plan, kv_block_bytes, largest_step_tokens
 from diffgentor.engine.model_runner import ModelRunner
 from diffgentor.engine.models.hunyuan_image_3.config import HunyuanImage3Config
 from diffgentor.engine.models.hunyuan_image_3.model import HunyuanImage3ForCausalMM
@@ -67,9 +67,8 @@ class Worker:
             parallel=parallel, quantization=config.quantization,
         )
         c = model.config
-        kv_heads = len(parallel.kv_head_range(c.num_key_value_heads)) if parallel else c.num_key_value_heads
-        bytes_per_block = 2 * c.num_hidden_layers * config.block_size * kv_heads * c.head_dim * \
-            torch.finfo(dtype).bits // 8
+        bytes_per_block = kv_block_bytes(c, parallel or ParallelContext(), config.block_size,
+                                         torch.finfo(dtype).bits // 8)
         if planned is not None:
             num_blocks = planned
         else:

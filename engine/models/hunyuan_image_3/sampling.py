@@ -136,7 +136,7 @@ def constrain_batch(logits: torch.Tensor, rows: Sequence[RowForcing]) -> torch.T
         onehot.scatter_(1, target.view(-1, 1), 0)
         logits.index_copy_(0, hot_t, onehot)
     if n_ban:
-        logits.index_put_((ban_rows, ban_ids), torch.tensor(lo, dtype=logits.dtype, device=logits.device))
+        logits.index_put_((ban_rows, ban_ids), logits.new_full((), lo))  # filled on the device: no host copy
     return logits
 
 
