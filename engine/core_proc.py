@@ -226,15 +226,16 @@ class EngineCoreProc:
     # -------------------------------------------------------------- main loop
     def step_once(self) -> None:
         core = self.core
-        before, steps = core.snapshot(), core.stats.steps
+        stats, sched = core.stats, core.scheduler  # counters only: a full snapshot per step is not needed
+        steps, diffusion_steps, batch = stats.steps, stats.diffusion_steps, len(sched.running) + len(sched.waiting)
         t0 = time.perf_counter()
         outputs = core.step()
         dt = time.perf_counter() - t0
-        if core.stats.steps > steps:  # the model ran (not only a release or a refusal)
+        if stats.steps > steps:  # the model ran (not only a release or a refusal)
             self._num_steps += 1
-            self._batch_sizes.append(before.num_running + before.num_waiting)
+            self._batch_sizes.append(batch)
             self._step_s.append(dt)
-            if core.snapshot().diffusion_steps > before.diffusion_steps:
+            if stats.diffusion_steps > diffusion_steps:
                 self._diff_steps.append(dt)
         self._collect(outputs)
         self._dirty = True

@@ -33,6 +33,7 @@ class Worker:
         self.kernel_impls = dict(kernel_impls or {})  # op -> the implementation that runs (engine/kernel_warmup.py)
         self.heap_reuse_bytes = config.heap_reuse_bytes
         self.vae_budget = vae_budget  # the memory plan's VAE limits on a GPU; None: unbounded (CPU)
+        self.reports_latents = True  # final latents ride along in the output (tensor-parallel ranks other than 0: no)
         self.runner = ModelRunner(model, num_blocks, config.block_size, config.enforce_eager, config.max_num_seqs,
                                   vae_budget=vae_budget, async_encode=config.async_encode)
         model.tune_kernels(largest_step_tokens(config, model.config)[0])
@@ -85,7 +86,7 @@ class Worker:
         """Run one plan; the final latents of a diffusion that just ended ride along (the result of the latent output
         type, and what checks compare)."""
         out = self.runner.execute(plan)
-        for rid, step in out.diffusion_steps_done.items():
+        for rid, step in out.diffusion_steps_done.items() if self.reports_latents else ():
             d = self.runner.requests[rid].diffusion
             if step + 1 >= d.schedule.num_steps:
                 out.final_latents[rid] = d.latents.detach().cpu()

@@ -97,6 +97,7 @@ def _serve_rank(rank: int, world_size: int, config: EngineConfig, init_method: s
         ctx = init_distributed("nccl" if cuda else "gloo", init_method, rank, world_size,
                                expert_parallel=expert_parallel, timeout_s=pg_timeout_s)
         worker = Worker.load(config, parallel=ctx)
+        worker.reports_latents = rank == 0  # only rank 0's output reaches the core: no device-to-host copy elsewhere
         out.send(enc.encode(RankReady(rank=rank, pid=os.getpid(), num_blocks=worker.num_blocks,
                                      kernel_impls=worker.kernel_impls, vae_budget=worker.vae_budget)))
         poller = zmq.Poller()
