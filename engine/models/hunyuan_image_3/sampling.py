@@ -132,9 +132,8 @@ def constrain_batch(logits: torch.Tensor, rows: Sequence[RowForcing]) -> torch.T
         scores = logits.index_select(0, hot_t.index_select(0, ratio_pos)).gather(1, ids_t)
         target = target.index_copy(0, ratio_pos, ids_t.gather(1, scores.argmax(1, keepdim=True)).view(-1))
     if n_hot:
-        onehot = torch.full((n_hot, logits.size(1)), lo, dtype=logits.dtype, device=logits.device)
-        onehot.scatter_(1, target.view(-1, 1), 0)
-        logits.index_copy_(0, hot_t, onehot)
+        logits.index_fill_(0, hot_t, lo)  # in place: no [rows, vocab] temporary (the hot rows are distinct)
+        logits.index_put_((hot_t, target), logits.new_zeros(()))
     if n_ban:
         logits.index_put_((ban_rows, ban_ids), logits.new_full((), lo))  # filled on the device: no host copy
     return logits
