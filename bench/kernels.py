@@ -31,8 +31,8 @@ from types import ModuleType
 
 import torch
 
-from diffgentor.engine.kv_cache import PagedKVCache
 from diffgentor.kernels.attention import ATTN_VARIANTS, AttentionMetadata, SequenceChunk, get_attention_backend
+from diffgentor.kernels.kv_cache import PagedKVCache
 from diffgentor.kernels.moe import flashinfer_moe_available, fused_experts, select_experts
 
 # dense bf16 tensor-core peak (no sparsity) and HBM bandwidth, SXM parts (NVIDIA data sheets)

@@ -28,12 +28,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from diffgentor.engine.kv_cache import PagedKVCache
 from diffgentor.engine.models.hunyuan_image_3.embedding import positions_for
 from diffgentor.engine.models.hunyuan_image_3.model import HunyuanImage3ForCausalMM
 from diffgentor.engine.plan import Chunk
 from diffgentor.kernels.decode_attention import StaticDecodeAttention, StaticDecodeMetadata
 from diffgentor.kernels.fallback import warn_once
+from diffgentor.kernels.kv_cache import PagedKVCache
 
 DEFAULT_MAX_CONTEXT_TOKENS = 8192
 """Keys a graph-decoded sequence may have (the widest page table = this / block_size, capped by the model's

@@ -27,7 +27,6 @@ from dataclasses import dataclass
 import torch
 
 from diffgentor.engine.config import EngineConfig
-from diffgentor.engine.kv_cache import PagedKVCache
 from diffgentor.engine.models.hunyuan_image_3.config import HunyuanImage3Config
 from diffgentor.engine.parallel import ParallelContext
 from diffgentor.kernels.attention import (
@@ -37,6 +36,7 @@ from diffgentor.kernels.attention import (
     get_attention_backend,
     paged_attention_reference,
 )
+from diffgentor.kernels.kv_cache import PagedKVCache
 from diffgentor.kernels.moe import (
     flashinfer_moe_available,
     fused_experts_flashinfer,

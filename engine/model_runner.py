@@ -21,7 +21,6 @@ from torch import Tensor
 from diffgentor.engine.cuda_graph import DecodeGraphRunner, cuda_graphs_allowed
 from diffgentor.engine.encode_stage import EncodeStage
 from diffgentor.engine.encoder_cache import EncoderKey
-from diffgentor.engine.kv_cache import PagedKVCache
 from diffgentor.engine.models.hunyuan_image_3.embedding import (
     CondImage,
     EncodedImage,
@@ -48,6 +47,7 @@ from diffgentor.engine.models.hunyuan_image_3.sampling import (
 from diffgentor.engine.plan import Chunk, DiffusionStart, NewRequestData, RunnerOutput, SchedulerOutput
 from diffgentor.engine.vae_budget import VaeBudget, chunks
 from diffgentor.kernels.attention import AttentionMetadata, SequenceChunk
+from diffgentor.kernels.kv_cache import PagedKVCache
 
 
 @dataclass

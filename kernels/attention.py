@@ -42,7 +42,7 @@ from .host_copy import to_device
 from .impl_names import ATTN_IMPLS
 
 if TYPE_CHECKING:
-    from diffgentor.engine.kv_cache import PagedKVCache
+    from .kv_cache import PagedKVCache
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,7 @@ from .fallback import warn_once
 from .host_copy import host_tensor, to_device
 
 if TYPE_CHECKING:
-    from diffgentor.engine.kv_cache import PagedKVCache
+    from .kv_cache import PagedKVCache
 
 WORKSPACE_BYTES = 128 << 20
 

@@ -10,7 +10,6 @@ import pytest
 import torch
 from torch.profiler import profile
 
-from diffgentor.engine.kv_cache import PagedKVCache
 from diffgentor.kernels.attention import (
     AttentionMetadata,
     SequenceChunk,
@@ -18,6 +17,7 @@ from diffgentor.kernels.attention import (
     paged_attention_reference,
     plan_sdpa_groups,
 )
+from diffgentor.kernels.kv_cache import PagedKVCache
 from diffgentor.kernels.sdpa_rules import fused_kernels, record_sdpa_calls
 
 HQ, HKV, D, BS = 8, 2, 16, 4

@@ -10,11 +10,11 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from diffgentor.engine.kv_cache import PagedKVCache
 from diffgentor.engine.models.hunyuan_image_3.backbone import HunyuanImage3Backbone
 from diffgentor.engine.models.hunyuan_image_3.config import HunyuanImage3Config
 from diffgentor.engine.models.hunyuan_image_3.weights import load_hunyuan_image_3
 from diffgentor.kernels.attention import AttentionMetadata, SequenceChunk
+from diffgentor.kernels.kv_cache import PagedKVCache
 from diffgentor.kernels.rope import positions_2d
 
 BLOCK = 4

@@ -25,7 +25,6 @@ from diffgentor.engine.cuda_graph import (
     pick_bucket,
     width_buckets,
 )
-from diffgentor.engine.kv_cache import PagedKVCache
 from diffgentor.engine.models.hunyuan_image_3.prompt import BuiltPrompt, ImageSlot
 from diffgentor.engine.models.hunyuan_image_3.sampling import SamplingParams
 from diffgentor.engine.offline import Engine
@@ -33,6 +32,7 @@ from diffgentor.engine.plan import Chunk, SampleSpec
 from diffgentor.engine.testing.tiny_model import make_tiny, size_overrides
 from diffgentor.kernels.attention import AttentionMetadata, SequenceChunk, paged_attention_reference
 from diffgentor.kernels.decode_attention import StaticDecodeAttention, StaticDecodeMetadata
+from diffgentor.kernels.kv_cache import PagedKVCache
 
 BASE = dict(infer_align_image_size=False, output_type="latent", num_inference_steps=3, image_size="256x256")
 

@@ -10,7 +10,6 @@ import sys
 import pytest
 import torch
 
-from diffgentor.engine.kv_cache import PagedKVCache
 from diffgentor.kernels import moe as moe_mod
 from diffgentor.kernels.activation import silu_and_mul, silu_and_mul_reference
 from diffgentor.kernels.attention import (
@@ -24,6 +23,7 @@ from diffgentor.kernels.attention import (
     merge_state,
     paged_attention_reference,
 )
+from diffgentor.kernels.kv_cache import PagedKVCache
 from diffgentor.kernels.moe import (
     MoEParallel,
     fused_experts,

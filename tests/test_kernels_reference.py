@@ -10,7 +10,6 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 
-from diffgentor.engine.kv_cache import PagedKVCache
 from diffgentor.kernels.activation import silu_and_mul
 from diffgentor.kernels.attention import (
     AttentionMetadata,
@@ -18,6 +17,7 @@ from diffgentor.kernels.attention import (
     get_attention_backend,
     paged_attention_reference,
 )
+from diffgentor.kernels.kv_cache import PagedKVCache
 from diffgentor.kernels.moe import (
     fused_experts_reference,
     moe_forward_reference,

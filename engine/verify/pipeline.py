@@ -20,7 +20,6 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from diffgentor.engine.kv_cache import PagedKVCache
 from diffgentor.engine.models.hunyuan_image_3.config import GenerationDefaults
 from diffgentor.engine.models.hunyuan_image_3.embedding import (
     CondImage,
@@ -49,6 +48,7 @@ from diffgentor.engine.models.hunyuan_image_3.tokenizer import HunyuanTokenizer
 from diffgentor.engine.parallel import ParallelContext
 from diffgentor.engine.vocabulary import BOT_TASKS, MAX_COND_IMAGES, RequestError
 from diffgentor.kernels.attention import AttentionMetadata, SequenceChunk
+from diffgentor.kernels.kv_cache import PagedKVCache
 
 
 @dataclass

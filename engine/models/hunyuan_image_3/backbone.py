@@ -29,9 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from diffgentor.engine.kv_cache import PagedKVCache
 from diffgentor.engine.parallel import ParallelContext
 from diffgentor.kernels.attention import AttentionBackend, AttentionMetadata, get_attention_backend
+from diffgentor.kernels.kv_cache import PagedKVCache
 from diffgentor.kernels.moe import fused_experts, resolve_moe_impl, select_experts, swiglu_mlp, tune_flashinfer_moe
 from diffgentor.kernels.norm import RMSNorm
 from diffgentor.kernels.quantization import linear_weight, stack_linear_weights, storage_ptr

@@ -24,10 +24,10 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from diffgentor.engine.kv_cache import PagedKVCache
 from diffgentor.engine.parallel import ParallelContext
 from diffgentor.engine.process import release_host_memory
 from diffgentor.kernels.attention import AttentionMetadata
+from diffgentor.kernels.kv_cache import PagedKVCache
 
 from .backbone import HunyuanImage3Backbone, MoEBlock, keep_fp32_param
 from .config import HunyuanImage3Config

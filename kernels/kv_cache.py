@@ -1,9 +1,10 @@
 """Paged KV-cache storage: one [num_blocks, 2, block_size, n_kv_heads, head_dim] tensor per layer.
 
-The NHD page layout is the one FlashInfer's paged wrappers read directly (index 0 = K, 1 = V), so the FlashInfer
-backend (kernels/flashinfer_attention.py) reads these tensors without copies. This class is storage only: which
-request owns which block is the block manager's business (engine/block_manager.py); here a "slot" is simply
-page * block_size + offset.
+It lives beside the attention kernels because they define its layout: the NHD pages are the ones FlashInfer's paged
+wrappers read directly (index 0 = K, 1 = V), so the FlashInfer backend (kernels/flashinfer_attention.py) reads these
+tensors without copies, and the torch reference (kernels/attention.py) gathers and stores through the same slots.
+This class is storage only: which request owns which block is the engine's KV-cache manager's business; here a
+"slot" is simply page * block_size + offset.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch
 from torch import Tensor
 
 if TYPE_CHECKING:
-    from diffgentor.kernels.attention import AttentionMetadata
+    from .attention import AttentionMetadata
 
 
 class PagedKVCache:
