@@ -32,15 +32,11 @@ from pathlib import Path
 from typing import Any
 
 from diffgentor.engine.vocabulary import BOT_TASKS
-from diffgentor.kernels.impl_names import ATTN_IMPLS, MOE_IMPLS
+from diffgentor.kernels.impl_names import ATTN_IMPLS, MOE_IMPLS, QUANTIZATIONS
 
 logger = logging.getLogger(__name__)
 
 ENV_PREFIX = "DG_HUNYUAN_IMAGE_3_"
-
-QUANTIZATIONS = ("none", "fp8", "fp8_block")
-"""Expert-weight quantization (kernels/quantization.py): fp8 = float8_e4m3fn, per-output-channel scales; fp8_block =
-128x128 block scales (FlashInfer's block-scale fused MoE)."""
 SYSTEM_PROMPT_KINDS = ("None", "dynamic", "en_vanilla", "en_recaption", "en_think_recaption", "en_unified", "custom")
 DTYPES = ("float32", "bfloat16", "float16", "auto")
 _DTYPE_ALIASES = {

@@ -20,11 +20,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from .impl_names import QUANTIZATIONS
+
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448
-QUANTIZATIONS = ("none", "fp8", "fp8_block")
-"""User-facing names (EngineConfig.quantization / --quantization): fp8 = per-output-channel scales, fp8_block =
-128x128 block scales (the layout FlashInfer's block-scale fused MoE reads)."""
 FP8_SCALE_LAYOUTS = ("channel", "block")
 FP8_BLOCK = (128, 128)
 _MIN_SCALE = 1e-12  # an all-zero row / block gets this scale instead of 0 (no division by zero)

@@ -73,6 +73,11 @@ def test_quantization_names():
     assert parse_quantization(" FP8 ") == "fp8" and parse_quantization("fp8-block") == "fp8_block"
     with pytest.raises(ValueError, match="allowed: none, fp8, fp8_block"):
         parse_quantization("int4")
+    # one list of names: the flag's choices are the ones the loader accepts
+    from diffgentor.engine import config
+    from diffgentor.kernels import quantization
+
+    assert config.QUANTIZATIONS is quantization.QUANTIZATIONS
 
 
 # ----------------------------------------------------------------------------------------------- MoE paths
