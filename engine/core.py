@@ -28,6 +28,7 @@ from diffgentor.engine.block_manager import KVCacheManager
 from diffgentor.engine.config import EngineConfig
 from diffgentor.engine.detokenizer import IncrementalDetokenizer
 from diffgentor.engine.executor import Executor, ExecutorError, UniProcExecutor
+from diffgentor.engine.input_processor import ProcessedRequest, ProcessorContext, process_request
 from diffgentor.engine.models.hunyuan_image_3.config import GenerationDefaults, HunyuanImage3Config
 from diffgentor.engine.models.hunyuan_image_3.image_processing import ImageProcessor
 from diffgentor.engine.models.hunyuan_image_3.prompt import PromptBuilder
@@ -41,16 +42,9 @@ from diffgentor.engine.request import (
     GenerationRequest,
     RequestResult,
 )
-from diffgentor.engine.request_state import (
-    ProcessedRequest,
-    ProcessorContext,
-    RequestError,
-    RequestState,
-    enter_image_phase,
-    process_request,
-    state_from_processed,
-)
+from diffgentor.engine.request_state import RequestState, enter_image_phase, state_from_processed
 from diffgentor.engine.scheduler import RequestOutput, Scheduler, SchedulerConfig
+from diffgentor.engine.vocabulary import RequestError
 from diffgentor.engine.worker import Worker
 
 

@@ -31,9 +31,9 @@ import msgspec
 from diffgentor.engine.allocator import IdleRelease
 from diffgentor.engine.config import EngineConfig
 from diffgentor.engine.executor import ExecutorError
+from diffgentor.engine.input_processor import ProcessedRequest
 from diffgentor.engine.process import exit_with_parent
 from diffgentor.engine.request import EngineEvent, FinishReason, GenerationRequest, RequestResult
-from diffgentor.engine.request_state import ProcessedRequest
 
 if TYPE_CHECKING:
     from diffgentor.engine.core import EngineCore, EngineCoreOutputs

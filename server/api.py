@@ -39,15 +39,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from diffgentor.engine.core_proc import FinishedInfo
+from diffgentor.engine.input_processor import ProcessedRequest, ProcessorContext, check_request, process_request
 from diffgentor.engine.request import EngineEvent, GenerationRequest
-from diffgentor.engine.request_state import (
-    MAX_COND_IMAGES,
-    ProcessedRequest,
-    ProcessorContext,
-    RequestError,
-    check_request,
-    process_request,
-)
+from diffgentor.engine.vocabulary import MAX_COND_IMAGES, RequestError
 from diffgentor.server import openapi
 from diffgentor.server.aio import unless
 from diffgentor.server.engine_client import EngineClient, EngineDeadError
@@ -856,8 +850,8 @@ async def serve_async(args: argparse.Namespace, started: asyncio.Event | None = 
     import uvicorn
 
     from diffgentor.engine.config import EngineConfig
+    from diffgentor.engine.input_processor import load_processor_context
     from diffgentor.engine.model_source import is_repo_id
-    from diffgentor.engine.request_state import load_processor_context
 
     try:  # a Hugging Face model id becomes its snapshot folder in the cache (downloaded unless offline)
         config = EngineConfig.from_cli_and_env(args).with_local_checkpoint()

@@ -38,9 +38,9 @@ from diffgentor.engine.core_proc import (
     output_decoder,
     run_engine_core,
 )
+from diffgentor.engine.input_processor import ProcessedRequest
 from diffgentor.engine.process import release_host_memory
 from diffgentor.engine.request import EngineEvent
-from diffgentor.engine.request_state import ProcessedRequest
 from diffgentor.server.aio import unless
 
 logger = logging.getLogger(__name__)

@@ -22,8 +22,8 @@ from collections.abc import AsyncIterator, Callable, Sequence
 
 from diffgentor.engine.config import EngineConfig
 from diffgentor.engine.core_proc import FinishedInfo
+from diffgentor.engine.input_processor import ProcessedRequest
 from diffgentor.engine.request import EngineEvent
-from diffgentor.engine.request_state import ProcessedRequest
 from diffgentor.server import launcher
 from diffgentor.server.engine_client import EngineClient, EngineDeadError
 

@@ -19,7 +19,7 @@ import io
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from diffgentor.engine.request_state import ALLOWED_IMAGE_FORMATS, ProcessorContext
+from diffgentor.engine.input_processor import ALLOWED_IMAGE_FORMATS, ProcessorContext
 
 MiB = 1 << 20
 DEFAULT_MAX_REQUEST_COST_BYTES = 2048 * MiB

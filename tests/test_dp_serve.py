@@ -35,8 +35,8 @@ from diffgentor.engine.core_proc import (
     SchedulerStats,
     input_decoder,
 )
+from diffgentor.engine.input_processor import ProcessedRequest
 from diffgentor.engine.request import GenerationRequest
-from diffgentor.engine.request_state import ProcessedRequest
 from diffgentor.engine.testing.tiny_model import make_tiny
 from diffgentor.server.engine_client import EngineDeadError
 from diffgentor.server.engine_pool import EnginePool, instance_env, plan_engine_instances

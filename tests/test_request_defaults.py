@@ -1,15 +1,16 @@
 """An unset variable never overrides the checkpoint's own generation_config.json; an explicit one does.
 
-`EngineConfig.request_defaults()` feeds the per-request resolution (`request_state._resolve`: request field, then
-these defaults, then the checkpoint's `GenerationDefaults`), so a key it leaves out falls to the checkpoint."""
+`EngineConfig.request_defaults()` feeds the per-request resolution (`input_processor.resolve_params`: request field,
+then these defaults, then the checkpoint's `GenerationDefaults`), so a key it leaves out falls to the checkpoint."""
 
 from __future__ import annotations
 
 import json
 
 from diffgentor.engine.config import EngineConfig, HunyuanImage3Env
+from diffgentor.engine.input_processor import load_processor_context, process_request
 from diffgentor.engine.request import GenerationRequest
-from diffgentor.engine.request_state import load_processor_context, process_request, state_from_processed
+from diffgentor.engine.request_state import state_from_processed
 from diffgentor.engine.testing.tiny_model import make_tiny
 
 P = "DG_HUNYUAN_IMAGE_3_"

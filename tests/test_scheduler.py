@@ -20,9 +20,10 @@ from PIL import Image
 
 from diffgentor.engine.block_manager import KVCacheManager
 from diffgentor.engine.config import EngineConfig
+from diffgentor.engine.input_processor import load_processor_context
 from diffgentor.engine.plan import RunnerOutput, SchedulerOutput
 from diffgentor.engine.request import FinishReason, GenerationRequest, RequestStatus
-from diffgentor.engine.request_state import build_request_state, enter_image_phase, load_processor_context
+from diffgentor.engine.request_state import build_request_state, enter_image_phase
 from diffgentor.engine.scheduler import Scheduler, SchedulerConfig, chunk_end
 from diffgentor.engine.testing.tiny_model import write_tiny_metadata
 from diffgentor.engine.vae_budget import VaeBudget

@@ -25,9 +25,9 @@ import pytest
 from PIL import Image
 
 from diffgentor.bench.serve import scrape_metrics
+from diffgentor.engine.input_processor import process_request
 from diffgentor.engine.offline import Engine
 from diffgentor.engine.request import GenerationRequest
-from diffgentor.engine.request_state import process_request
 from diffgentor.engine.testing.tiny_model import make_tiny
 from diffgentor.server.cli import main as cli_main
 

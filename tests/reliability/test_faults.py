@@ -128,8 +128,8 @@ def test_request_arriving_after_an_unnoticed_engine_death_gets_its_error():
 
     from diffgentor.engine.config import EngineConfig
     from diffgentor.engine.core_proc import CoreReady, FinishedInfo
+    from diffgentor.engine.input_processor import ProcessedRequest
     from diffgentor.engine.request import GenerationRequest
-    from diffgentor.engine.request_state import ProcessedRequest
     from diffgentor.server.engine_client import EngineClient
 
     async def run() -> list:

@@ -482,8 +482,8 @@ def test_stream_pump_failure_still_ends_the_stream(tmp_path):
     """Not an engine death: the link to an engine core that never started fails with an ordinary exception. The
     stream still ends with an error event and [DONE] (it used to hang the client)."""
     from diffgentor.engine.config import EngineConfig
+    from diffgentor.engine.input_processor import ProcessedRequest
     from diffgentor.engine.request import GenerationRequest
-    from diffgentor.engine.request_state import ProcessedRequest
     from diffgentor.server.api import AppState, _stream
     from diffgentor.server.engine_client import EngineClient
     from diffgentor.server.openai_schemas import ImageGenerationRequest
@@ -521,8 +521,8 @@ def test_a_failed_sub_request_cancels_its_siblings():
         FinishedInfo,
         input_decoder,
     )
+    from diffgentor.engine.input_processor import ProcessedRequest
     from diffgentor.engine.request import GenerationRequest
-    from diffgentor.engine.request_state import ProcessedRequest
     from diffgentor.server.api import _collect_all
     from diffgentor.server.engine_client import EngineClient
     from diffgentor.server.openai_schemas import OpenAIError
@@ -663,8 +663,9 @@ def test_prefix_cache_separates_crop_and_stretch_of_one_image(engines):
 def _aligned_system_prompt(tiny_ckpt, block_size: int = 16) -> str:
     """A system prompt after which a condition image's `<timestep>` is the last token of a block (so the block
     holds `<boi><img_size_N><img_ratio_k><timestep>` and no `<img>` token)."""
+    from diffgentor.engine.input_processor import load_processor_context
     from diffgentor.engine.request import GenerationRequest
-    from diffgentor.engine.request_state import build_request_state, load_processor_context
+    from diffgentor.engine.request_state import build_request_state
 
     ctx = load_processor_context(tiny_ckpt)
     for k in range(64):
@@ -707,8 +708,9 @@ def kv_states(tiny_ckpt):
     """Request states (no model run) for a small space of inputs, memoised: (image, align, seed, system, prompt)."""
     import functools
 
+    from diffgentor.engine.input_processor import load_processor_context
     from diffgentor.engine.request import GenerationRequest
-    from diffgentor.engine.request_state import build_request_state, load_processor_context
+    from diffgentor.engine.request_state import build_request_state
 
     ctx = load_processor_context(tiny_ckpt)
     system, typed = _aligned_system_prompt(tiny_ckpt)
@@ -825,7 +827,7 @@ def test_an_860_byte_png_of_extreme_aspect_costs_little(hserver):
 def test_queued_edits_are_admitted_by_their_memory_cost(tiny_ckpt, make_server):
     """60 two-image edits of tiny PNGs at once: the queue has room for all of them, the memory budget for six. The
     rest are answered 429 with Retry-After at once, and the API's peak memory grows by less than the budget."""
-    from diffgentor.engine.request_state import load_processor_context
+    from diffgentor.engine.input_processor import load_processor_context
     from diffgentor.server.request_cost import read_header, request_cost
 
     photos = [png(seed=1), png(seed=2)]
@@ -858,13 +860,14 @@ def test_postscript_never_reaches_a_decoder():
     the model needs only (PNG, JPEG, WebP, GIF, BMP); an EPS upload is refused without its plugin being asked."""
     from PIL import EpsImagePlugin
 
-    from diffgentor.engine.request_state import RequestError, _decode_image
+    from diffgentor.engine.input_processor import decode_image
+    from diffgentor.engine.vocabulary import RequestError
     from diffgentor.server.request_cost import read_header
 
     eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\nnewpath 0 0 moveto 8 8 lineto stroke\nshowpage\n"
     with mock.patch.object(EpsImagePlugin.EpsImageFile, "_open", side_effect=AssertionError("EPS opened")) as opened:
         with pytest.raises(RequestError, match="is not a PNG"):
-            _decode_image(eps, 0)
+            decode_image(eps, 0)
         assert read_header(eps) is None
     assert not opened.called
 
