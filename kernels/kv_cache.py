@@ -46,6 +46,20 @@ class PagedKVCache:
             torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(num_layers)
         ]
 
+    def head_slice(self, heads: range) -> PagedKVCache:
+        """A cache over the same pages restricted to KV heads `heads` (views: writes land in this cache's pages).
+
+        Sequence-parallel attention (kernels/ulysses.py) stores and reads only the KV heads its rank attends with."""
+        if heads.step != 1 or not 0 <= heads.start < heads.stop <= self.num_kv_heads:
+            raise ValueError(f"head slice {heads} outside the cache's {self.num_kv_heads} KV heads")
+        if len(heads) == self.num_kv_heads:
+            return self
+        view = object.__new__(PagedKVCache)
+        view.__dict__.update(self.__dict__)
+        view.num_kv_heads = len(heads)
+        view.kv = [t[:, :, :, heads.start : heads.stop] for t in self.kv]
+        return view
+
     @property
     def num_slots(self) -> int:
         return self.num_blocks * self.block_size
