@@ -35,7 +35,7 @@ from torch import Tensor
 from .attention import AttentionBackend, AttentionMetadata
 
 if TYPE_CHECKING:
-    from diffgentor.engine.kv_cache import PagedKVCache
+    from .kv_cache import PagedKVCache
 
 
 @dataclass(frozen=True)

@@ -13,13 +13,13 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from diffgentor.engine.kv_cache import PagedKVCache
 from diffgentor.kernels.attention import (
     AttentionMetadata,
     SequenceChunk,
     TorchPagedAttention,
     paged_attention_reference,
 )
+from diffgentor.kernels.kv_cache import PagedKVCache
 from diffgentor.kernels.ulysses import RowShard, SequenceParallelGroup, UlyssesAttention, UlyssesHeads
 
 BLOCK = 4
