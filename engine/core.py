@@ -24,11 +24,11 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from diffgentor.engine.block_manager import KVCacheManager
 from diffgentor.engine.config import EngineConfig
 from diffgentor.engine.detokenizer import IncrementalDetokenizer
 from diffgentor.engine.executor import Executor, ExecutorError, UniProcExecutor
 from diffgentor.engine.input_processor import ProcessedRequest, ProcessorContext, process_request
+from diffgentor.engine.kv_cache_manager import KVCacheManager
 from diffgentor.engine.models.hunyuan_image_3.config import GenerationDefaults, HunyuanImage3Config
 from diffgentor.engine.models.hunyuan_image_3.image_processing import ImageProcessor
 from diffgentor.engine.models.hunyuan_image_3.prompt import PromptBuilder

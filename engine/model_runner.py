@@ -78,7 +78,7 @@ class ModelRunner:
         self.config = model.config
         self.vae_budget = vae_budget  # None: one VAE call per size (CPU); else calls sized to the plan's budget
         self.block_size = block_size
-        # One page past the block manager's ids 0..num_blocks-1: the scratch block that CUDA-graph padding rows
+        # One page past the KV cache manager's ids 0..num_blocks-1: the scratch block that CUDA-graph padding rows
         # write to and read from (engine/cuda_graph.py); never handed to a request.
         self.scratch_block = num_blocks
         self.kv_cache: PagedKVCache = model.make_kv_cache(num_blocks + 1, block_size)

@@ -1,4 +1,4 @@
-"""The scheduler: owns the waiting and running requests, the KV block manager and the encoder cache's books,
+"""The scheduler: owns the waiting and running requests, the KV cache manager and the encoder cache's books,
 decides what runs in each step, and applies what the worker did.
 
 A step is `schedule()` -> the worker's `execute()` -> `update_from_output()`, as in vLLM v1; `finish_requests()`
@@ -31,8 +31,8 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from diffgentor.engine.block_manager import KVCacheManager, compute_block_hashes
 from diffgentor.engine.encoder_cache import EncoderCacheManager, EncoderInput, EncoderKey
+from diffgentor.engine.kv_cache_manager import KVCacheManager, compute_block_hashes
 from diffgentor.engine.plan import (
     Chunk,
     DiffusionStart,

@@ -7,7 +7,7 @@ sequences' lengths, so one captured graph serves every step of that bucket: the 
 and reach the attention as a tensor mask. Nothing in `plan` or `run` reads a device value on the host (no
 `.item()`, `.tolist()`, `nonzero`, boolean-mask indexing) and nothing loops over sequences in Python.
 
-Padding rows (bucket B > real batch) point at a scratch KV block that the block manager never hands out:
+Padding rows (bucket B > real batch) point at a scratch KV block that the KV cache manager never hands out:
 their K/V writes land there and their kv_len of 1 keeps softmax away from an all-masked row (NaN). Page-table
 entries past a sequence's pages also name the scratch block, so every `index_select` index is valid; those keys
 are masked. Same plan/run contract as `kernels.attention` (`AttentionBackend`).

@@ -18,9 +18,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as hs
 from PIL import Image
 
-from diffgentor.engine.block_manager import KVCacheManager
 from diffgentor.engine.config import EngineConfig
 from diffgentor.engine.input_processor import load_processor_context
+from diffgentor.engine.kv_cache_manager import KVCacheManager
 from diffgentor.engine.plan import RunnerOutput, SchedulerOutput
 from diffgentor.engine.request import FinishReason, GenerationRequest, RequestStatus
 from diffgentor.engine.request_state import build_request_state, enter_image_phase

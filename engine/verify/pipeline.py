@@ -87,7 +87,7 @@ class ImageResult:
 
 
 class _BlockPool:
-    """Block ids for the sequences of one request (the engine's block manager replaces this)."""
+    """Block ids for the sequences of one request (the engine's KV cache manager replaces this)."""
 
     def __init__(self, num_blocks: int) -> None:
         self.free = list(range(num_blocks - 1, -1, -1))

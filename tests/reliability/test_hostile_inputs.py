@@ -759,7 +759,7 @@ def _block_reads(st, b: int, bs: int) -> int:
 
 
 def _cacheable_hashes(st, bs: int = 16):
-    from diffgentor.engine.block_manager import compute_block_hashes
+    from diffgentor.engine.kv_cache_manager import compute_block_hashes
     from diffgentor.engine.request_state import block_extra_keys
 
     n = st.cond.cacheable // bs * bs

@@ -1,4 +1,4 @@
-"""KV block manager: ref counts, LRU free queue, prefix cache with extra keys, no-side-effect failures."""
+"""KV cache manager: ref counts, LRU free queue, prefix cache with extra keys, no-side-effect failures."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from diffgentor.engine.block_manager import (
+from diffgentor.engine.kv_cache_manager import (
     BlockPool,
     KVCacheManager,
     UnknownRequestError,
@@ -68,7 +68,7 @@ def test_hash_chain_and_keys():
 
 
 _SUBPROC = (
-    "from diffgentor.engine.block_manager import compute_block_hashes;"
+    "from diffgentor.engine.kv_cache_manager import compute_block_hashes;"
     "print(','.join(h.hex() for h in compute_block_hashes(list(range(100, 113)), 4, "
     "[None, 'img:deadbeef', (1, b'x'), None])))"
 )

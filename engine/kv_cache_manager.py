@@ -1,4 +1,4 @@
-"""KV block manager: which request owns which paged-KV block, with an automatic prefix cache.
+"""KV cache manager: which request owns which paged-KV block, with an automatic prefix cache.
 
 Two layers, in the spirit of vLLM v1's block pool / KV cache manager (own implementation):
 
