@@ -113,7 +113,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     from diffgentor.engine.cuda_graph import DecodeGraphRunner
     from diffgentor.engine.model_runner import ModelRunner
     from diffgentor.engine.models.hunyuan_image_3.sampling import SamplingParams
-    from diffgentor.engine.plan import Chunk, NewRequestData, SampleSpec, SchedulerOutput
+    from diffgentor.engine.scheduler_output import Chunk, NewRequestData, SampleSpec, SchedulerOutput
     from diffgentor.engine.testing.tiny_model import write_tiny_metadata
 
     torch.manual_seed(0)

@@ -354,7 +354,7 @@ def section_cuda_graphs(chk: Check, gpu: bool, out: Path) -> dict[str, Any]:
     from diffgentor.engine.cuda_graph import DecodeGraphRunner
     from diffgentor.engine.models.hunyuan_image_3.embedding import positions_for
     from diffgentor.engine.models.hunyuan_image_3.sampling import SamplingParams
-    from diffgentor.engine.plan import Chunk, SampleSpec
+    from diffgentor.engine.scheduler_output import Chunk, SampleSpec
     from diffgentor.kernels.attention import AttentionMetadata, SequenceChunk
 
     dev = "cuda" if gpu else "cpu"

@@ -34,7 +34,6 @@ from diffgentor.engine.models.hunyuan_image_3.image_processing import ImageProce
 from diffgentor.engine.models.hunyuan_image_3.prompt import PromptBuilder
 from diffgentor.engine.models.hunyuan_image_3.system_prompt import SystemPrompts
 from diffgentor.engine.models.hunyuan_image_3.tokenizer import HunyuanTokenizer
-from diffgentor.engine.plan import RunnerOutput, SchedulerOutput
 from diffgentor.engine.request import (
     CoreSnapshot,
     EngineEvent,
@@ -44,6 +43,7 @@ from diffgentor.engine.request import (
 )
 from diffgentor.engine.request_state import RequestState, enter_image_phase, state_from_processed
 from diffgentor.engine.scheduler import RequestOutput, Scheduler, SchedulerConfig
+from diffgentor.engine.scheduler_output import RunnerOutput, SchedulerOutput
 from diffgentor.engine.vocabulary import RequestError
 from diffgentor.engine.worker import Worker
 

@@ -30,7 +30,7 @@ from torch import Tensor
 
 from diffgentor.engine.models.hunyuan_image_3.embedding import positions_for
 from diffgentor.engine.models.hunyuan_image_3.model import HunyuanImage3ForCausalMM
-from diffgentor.engine.plan import Chunk
+from diffgentor.engine.scheduler_output import Chunk
 from diffgentor.kernels.decode_attention import StaticDecodeAttention, StaticDecodeMetadata
 from diffgentor.kernels.fallback import warn_once
 from diffgentor.kernels.kv_cache import PagedKVCache

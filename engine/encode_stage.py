@@ -37,7 +37,7 @@ import torch
 from diffgentor.engine.encoder_cache import EncoderInput, EncoderKey
 from diffgentor.engine.models.hunyuan_image_3.embedding import EncodedImage, encode_images
 from diffgentor.engine.models.hunyuan_image_3.model import HunyuanImage3ForCausalMM
-from diffgentor.engine.plan import RunnerOutput
+from diffgentor.engine.scheduler_output import RunnerOutput
 from diffgentor.engine.vae_budget import VaeBudget, chunks
 
 

@@ -7,7 +7,7 @@ worker process per tensor-parallel rank and returns rank 0's output. Either way 
 
 from __future__ import annotations
 
-from diffgentor.engine.plan import RunnerOutput, SchedulerOutput
+from diffgentor.engine.scheduler_output import RunnerOutput, SchedulerOutput
 from diffgentor.engine.vae_budget import VaeBudget
 from diffgentor.engine.worker import Worker
 

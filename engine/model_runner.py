@@ -44,7 +44,7 @@ from diffgentor.engine.models.hunyuan_image_3.sampling import (
     make_generator,
     sample_batch,
 )
-from diffgentor.engine.plan import Chunk, DiffusionStart, NewRequestData, RunnerOutput, SchedulerOutput
+from diffgentor.engine.scheduler_output import Chunk, DiffusionStart, NewRequestData, RunnerOutput, SchedulerOutput
 from diffgentor.engine.vae_budget import VaeBudget, chunks
 from diffgentor.kernels.attention import AttentionMetadata, SequenceChunk
 from diffgentor.kernels.kv_cache import PagedKVCache

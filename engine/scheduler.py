@@ -33,7 +33,9 @@ from typing import Any
 
 from diffgentor.engine.encoder_cache import EncoderCacheManager, EncoderInput, EncoderKey
 from diffgentor.engine.kv_cache_manager import KVCacheManager, compute_block_hashes
-from diffgentor.engine.plan import (
+from diffgentor.engine.request import FinishReason, RequestStatus
+from diffgentor.engine.request_state import RequestError, RequestState, SeqState, block_extra_keys
+from diffgentor.engine.scheduler_output import (
     Chunk,
     DiffusionStart,
     DiffusionStep,
@@ -42,8 +44,6 @@ from diffgentor.engine.plan import (
     SampleSpec,
     SchedulerOutput,
 )
-from diffgentor.engine.request import FinishReason, RequestStatus
-from diffgentor.engine.request_state import RequestError, RequestState, SeqState, block_extra_keys
 from diffgentor.engine.vae_budget import VaeBudget
 
 

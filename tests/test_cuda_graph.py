@@ -28,7 +28,7 @@ from diffgentor.engine.cuda_graph import (
 from diffgentor.engine.models.hunyuan_image_3.prompt import BuiltPrompt, ImageSlot
 from diffgentor.engine.models.hunyuan_image_3.sampling import SamplingParams
 from diffgentor.engine.offline import Engine
-from diffgentor.engine.plan import Chunk, SampleSpec
+from diffgentor.engine.scheduler_output import Chunk, SampleSpec
 from diffgentor.engine.testing.tiny_model import make_tiny, size_overrides
 from diffgentor.kernels.attention import AttentionMetadata, SequenceChunk, paged_attention_reference
 from diffgentor.kernels.decode_attention import StaticDecodeAttention, StaticDecodeMetadata

@@ -21,10 +21,10 @@ from PIL import Image
 from diffgentor.engine.config import EngineConfig
 from diffgentor.engine.input_processor import load_processor_context
 from diffgentor.engine.kv_cache_manager import KVCacheManager
-from diffgentor.engine.plan import RunnerOutput, SchedulerOutput
 from diffgentor.engine.request import FinishReason, GenerationRequest, RequestStatus
 from diffgentor.engine.request_state import build_request_state, enter_image_phase
 from diffgentor.engine.scheduler import Scheduler, SchedulerConfig, chunk_end
+from diffgentor.engine.scheduler_output import RunnerOutput, SchedulerOutput
 from diffgentor.engine.testing.tiny_model import write_tiny_metadata
 from diffgentor.engine.vae_budget import VaeBudget
 
@@ -578,7 +578,7 @@ def test_banned_ids_are_never_sampled_and_forcing_wins():
     import torch
 
     from diffgentor.engine.models.hunyuan_image_3.sampling import SamplingParams, constrain_batch
-    from diffgentor.engine.plan import SampleSpec
+    from diffgentor.engine.scheduler_output import SampleSpec
 
     logits = torch.zeros(10)
     logits[7] = 50.0

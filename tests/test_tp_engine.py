@@ -207,7 +207,7 @@ def test_ranks_receive_plans_not_requests(ckpt):
     assert any(out.sampled_tokens for _, out in recorded) and any(out.final_latents for _, out in recorded)
 
     from diffgentor.engine.config import EngineConfig
-    from diffgentor.engine.plan import SchedulerOutput
+    from diffgentor.engine.scheduler_output import SchedulerOutput
 
     config = EngineConfig.from_cli_and_env({"model": str(ckpt), "tensor_parallel_size": 2, **ENGINE_ARGS}, environ={})
     with MultiprocExecutor(config) as tp:

@@ -26,7 +26,7 @@ from typing import Any
 
 from diffgentor.engine.config import EngineConfig, omp_num_threads
 from diffgentor.engine.executor import Executor, ExecutorError
-from diffgentor.engine.plan import RunnerOutput, SchedulerOutput
+from diffgentor.engine.scheduler_output import RunnerOutput, SchedulerOutput
 from diffgentor.engine.tp.messages import (
     ExecuteModel,
     RankFailed,

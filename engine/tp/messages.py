@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from diffgentor.engine.config import EngineConfig
-from diffgentor.engine.plan import RunnerOutput, SchedulerOutput
+from diffgentor.engine.scheduler_output import RunnerOutput, SchedulerOutput
 from diffgentor.engine.vae_budget import VaeBudget
 
 
