@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from diffgentor.engine.vocabulary import BOT_TASKS
+from diffgentor.engine.request_contract import BOT_TASKS
 from diffgentor.kernels.impl_names import ATTN_IMPLS, MOE_IMPLS, QUANTIZATIONS
 
 logger = logging.getLogger(__name__)

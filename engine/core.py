@@ -41,10 +41,10 @@ from diffgentor.engine.request import (
     GenerationRequest,
     RequestResult,
 )
+from diffgentor.engine.request_contract import RequestError
 from diffgentor.engine.request_state import RequestState, enter_image_phase, state_from_processed
 from diffgentor.engine.scheduler import RequestOutput, Scheduler, SchedulerConfig
 from diffgentor.engine.scheduler_output import RunnerOutput, SchedulerOutput
-from diffgentor.engine.vocabulary import RequestError
 from diffgentor.engine.worker import Worker
 
 

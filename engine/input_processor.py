@@ -26,7 +26,7 @@ from diffgentor.engine.models.hunyuan_image_3.sampling import SamplingParams
 from diffgentor.engine.models.hunyuan_image_3.system_prompt import SystemPrompts, choose_system_prompt
 from diffgentor.engine.models.hunyuan_image_3.tokenizer import HunyuanTokenizer
 from diffgentor.engine.request import GenerationRequest
-from diffgentor.engine.vocabulary import BOT_TASKS, MAX_COND_IMAGES, RequestError
+from diffgentor.engine.request_contract import BOT_TASKS, MAX_COND_IMAGES, RequestError
 
 MAX_IMAGE_PIXELS = 64 * 1024 * 1024
 # the decoders a condition image may use: the formats clients send photos in; never PostScript / EPS (PIL hands

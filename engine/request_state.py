@@ -27,7 +27,7 @@ from diffgentor.engine.models.hunyuan_image_3.prompt import BuiltPrompt, common_
 from diffgentor.engine.models.hunyuan_image_3.sampling import SamplingParams
 from diffgentor.engine.models.hunyuan_image_3.stage_machine import StageMachine
 from diffgentor.engine.request import GenerationRequest, RequestStatus
-from diffgentor.engine.vocabulary import RequestError
+from diffgentor.engine.request_contract import RequestError
 
 MAX_PARTIAL_IMAGES = 3  # OpenAI's bound on streamed previews
 

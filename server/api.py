@@ -41,7 +41,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from diffgentor.engine.core_proc import FinishedInfo
 from diffgentor.engine.input_processor import ProcessedRequest, ProcessorContext, check_request, process_request
 from diffgentor.engine.request import EngineEvent, GenerationRequest
-from diffgentor.engine.vocabulary import MAX_COND_IMAGES, RequestError
+from diffgentor.engine.request_contract import MAX_COND_IMAGES, RequestError
 from diffgentor.server import openapi
 from diffgentor.server.aio import unless
 from diffgentor.server.engine_client import EngineClient, EngineDeadError

@@ -17,7 +17,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
 from diffgentor.engine.models.hunyuan_image_3.system_prompt import ALL_KINDS
-from diffgentor.engine.vocabulary import BOT_TASKS
+from diffgentor.engine.request_contract import BOT_TASKS
 
 OutputFormat = Literal["png", "jpeg", "webp"]
 Quality = Literal["low", "medium", "high", "auto"]

@@ -284,8 +284,8 @@ def test_request_whose_image_phase_cannot_fit_is_refused_up_front(tiny_distil):
     the model's positions: refused at admission with 400, before any step, instead of thinking first and failing at
     the phase switch. A request whose generated text makes the image phase too long fails there with 400, not 500
     (schemathesis found the 500)."""
+    from diffgentor.engine.request_contract import RequestError
     from diffgentor.engine.request_state import build_request_state
-    from diffgentor.engine.vocabulary import RequestError
 
     eng = _engine(tiny_distil)
     ctx = eng.core.ctx

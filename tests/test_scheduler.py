@@ -498,7 +498,7 @@ def test_a_request_that_can_never_fit_fails_alone(ctx_distil):
 def test_an_image_phase_that_does_not_fit_fails_the_request_with_400(ctx_distil):
     """The think text made the image-phase sequence longer than the model's positions (the phase switch refuses it):
     the request's own inputs are at fault, so it fails alone with 400 (it was a 500), and frees everything."""
-    from diffgentor.engine.vocabulary import RequestError
+    from diffgentor.engine.request_contract import RequestError
 
     h = Harness(ctx_distil)
 

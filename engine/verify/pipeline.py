@@ -46,7 +46,7 @@ from diffgentor.engine.models.hunyuan_image_3.system_prompt import (
 )
 from diffgentor.engine.models.hunyuan_image_3.tokenizer import HunyuanTokenizer
 from diffgentor.engine.parallel import ParallelContext
-from diffgentor.engine.vocabulary import BOT_TASKS, MAX_COND_IMAGES, RequestError
+from diffgentor.engine.request_contract import BOT_TASKS, MAX_COND_IMAGES, RequestError
 from diffgentor.kernels.attention import AttentionMetadata, SequenceChunk
 from diffgentor.kernels.kv_cache import PagedKVCache
 

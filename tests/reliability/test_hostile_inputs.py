@@ -861,7 +861,7 @@ def test_postscript_never_reaches_a_decoder():
     from PIL import EpsImagePlugin
 
     from diffgentor.engine.input_processor import decode_image
-    from diffgentor.engine.vocabulary import RequestError
+    from diffgentor.engine.request_contract import RequestError
     from diffgentor.server.request_cost import read_header
 
     eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\nnewpath 0 0 moveto 8 8 lineto stroke\nshowpage\n"

@@ -38,7 +38,7 @@ from collections.abc import Sequence
 
 import torch
 
-from diffgentor.engine.vocabulary import BOT_TASKS
+from diffgentor.engine.request_contract import BOT_TASKS
 
 from .sampling import Forcing, constrain_batch
 from .tokenizer import HunyuanTokenizer, SpecialTokens

@@ -1,5 +1,6 @@
-"""The request vocabulary shared by the engine, the reference pipeline, the config and the server: the tasks a
-request may ask for, the per-request error, and the limits that are part of the model's contract.
+"""The request contract shared by the engine, the reference pipeline, the config and the server: the tasks a
+request may ask for, the limits that are part of the model's contract, and the error a request that breaks them
+gets.
 
 Kept free of imports so every layer (config parsing, the OpenAI schemas, the stage machine) can use it cheaply."""
 
