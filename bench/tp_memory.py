@@ -134,7 +134,7 @@ def _child_engine(ckpt: str, tp: int, ep: bool) -> dict[str, Any]:
     import torch
 
     from diffgentor.engine.offline import Engine
-    from diffgentor.engine.process import vm_hwm_kb
+    from diffgentor.engine.os_process import vm_hwm_kb
 
     torch.manual_seed(0)
     t0 = time.monotonic()

@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from diffgentor.engine.process import release_host_memory
+from diffgentor.engine.os_process import release_host_memory
 
 logger = logging.getLogger(__name__)
 

@@ -32,7 +32,7 @@ from diffgentor.engine.allocator import IdleRelease
 from diffgentor.engine.config import EngineConfig
 from diffgentor.engine.executor import ExecutorError
 from diffgentor.engine.input_processor import ProcessedRequest
-from diffgentor.engine.process import exit_with_parent
+from diffgentor.engine.os_process import exit_with_parent
 from diffgentor.engine.request import EngineEvent, FinishReason, GenerationRequest, RequestResult
 
 if TYPE_CHECKING:

@@ -39,7 +39,7 @@ from diffgentor.engine.core_proc import (
     run_engine_core,
 )
 from diffgentor.engine.input_processor import ProcessedRequest
-from diffgentor.engine.process import release_host_memory
+from diffgentor.engine.os_process import release_host_memory
 from diffgentor.engine.request import EngineEvent
 from diffgentor.server.aio import unless
 
@@ -125,7 +125,7 @@ class EngineClient:
         mp = multiprocessing.get_context("spawn")
         # Not daemonic: a tensor-parallel engine core starts one process per rank, and daemonic processes may not
         # have children. It still cannot outlive this process: it exits by itself once its parent is gone (a
-        # watchdog thread, `engine.process.exit_with_parent`; its ranks likewise), and on a normal exit `_reap` stops
+        # watchdog thread, `engine.os_process.exit_with_parent`; its ranks likewise), and on a normal exit `_reap` stops
         # it before multiprocessing's exit hook would wait for it.
         self.proc = mp.Process(target=run_engine_core, name="diffgentor-engine-core", daemon=False,
                                args=(self.config, self.input_addr, self.output_addr, os.getpid()))

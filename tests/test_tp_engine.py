@@ -17,7 +17,7 @@ from PIL import Image
 
 from diffgentor.engine.executor import ExecutorError
 from diffgentor.engine.offline import Engine
-from diffgentor.engine.process import vm_hwm_kb
+from diffgentor.engine.os_process import vm_hwm_kb
 from diffgentor.engine.request import FinishReason
 from diffgentor.engine.testing.tiny_model import make_tiny
 from diffgentor.engine.tp.executor import MultiprocExecutor

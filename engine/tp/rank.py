@@ -23,7 +23,7 @@ import msgspec
 
 from diffgentor.engine.allocator import IdleRelease
 from diffgentor.engine.config import EngineConfig
-from diffgentor.engine.process import exit_with_parent, vm_hwm_kb
+from diffgentor.engine.os_process import exit_with_parent, vm_hwm_kb
 from diffgentor.engine.tp.messages import (
     HEARTBEAT_S,
     ExecuteModel,

@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from diffgentor.engine.os_process import release_host_memory
 from diffgentor.engine.parallel import ParallelContext
-from diffgentor.engine.process import release_host_memory
 from diffgentor.kernels.attention import AttentionMetadata
 from diffgentor.kernels.kv_cache import PagedKVCache
 

@@ -1,4 +1,5 @@
-"""Helpers every engine process needs: exit with its parent, return freed heap to the OS, read its peak memory."""
+"""OS-process helpers every engine process (API server, engine core, rank) needs: exit with its parent, return freed
+heap to the OS, read its peak memory."""
 
 from __future__ import annotations
 
