@@ -361,8 +361,7 @@ class EngineCore:
         }
         if "first_token" in t:
             timings["first_token"] = t["first_token"] - st.arrival
-        layout = st.cond.layout
-        size = layout.gen_image_size if st.phase == "image" else None
+        size = st.cond.layout.gen_image_size  # None unless its image-phase sequence was built
         return RequestResult(
             request_id=st.request_id, finish_reason=reason, text=self._text(st) if st.generated else "",
             generated_ids=list(st.generated), image_size=size, ratio_index=st.ratio_index,

@@ -38,16 +38,37 @@ class GenerationRequest(msgspec.Struct, kw_only=True, omit_defaults=True):
 
 
 class RequestStatus(enum.Enum):
-    WAITING = "waiting"
-    PREFILL = "prefill"
-    THINK = "think"
-    DIFFUSE = "diffuse"
-    VAE_DECODE = "vae_decode"
+    """Where a request is in its life: the one record of it inside the engine core. Only the scheduler moves it,
+    through its transition table (engine/scheduler.py, `TRANSITIONS`). Whether a request runs or waits is the
+    queue it sits in: a preempted request keeps its status and waits with its KV dropped."""
+
+    WAITING = "waiting"  # queued; its condition images not looked up yet
+    ENCODING = "encoding"  # queued; its condition images pinned in the encoder cache, some still being encoded
+    PREFILL = "prefill"  # admitted (the worker holds its state); text phase, the prompt is being computed
+    THINK = "think"  # text phase: one sampled token per step (think, recaption, ratio pick or answer)
+    IMAGE_PREFILL = "image_prefill"  # image phase: its rows up to the image's <timestep>; no noise drawn yet
+    DIFFUSE = "diffuse"  # denoising steps (the worker holds its latents)
+    VAE_DECODE = "vae_decode"  # denoised; waits for a step with VAE budget to decode it
     FINISHED = "finished"
 
     @property
     def is_finished(self) -> bool:
         return self is RequestStatus.FINISHED
+
+    @property
+    def admitted(self) -> bool:
+        """The worker holds the request's state (its generators, condition embeddings, latents)."""
+        return self in _ADMITTED
+
+    @property
+    def phase(self) -> str | None:
+        """"text" or "image" once admitted; None before (the request's first phase is its own business)."""
+        return _PHASE.get(self)
+
+
+_PHASE = {RequestStatus.PREFILL: "text", RequestStatus.THINK: "text", RequestStatus.IMAGE_PREFILL: "image",
+          RequestStatus.DIFFUSE: "image", RequestStatus.VAE_DECODE: "image"}
+_ADMITTED = frozenset(_PHASE)
 
 
 class FinishReason(str, enum.Enum):

@@ -73,8 +73,7 @@ class RequestState:
     image_digests: list[str]
     machine: StageMachine
     cond: SeqState
-    phase: str  # "text" | "image"
-    status: RequestStatus = RequestStatus.WAITING
+    status: RequestStatus = RequestStatus.WAITING  # moved by the scheduler only (engine/scheduler.py)
     uncond: SeqState | None = None
     ratio_index: int | None = None
     # auto size: the bucket indexes whose image phase fits the model's positions (None: all of them), and the
@@ -82,8 +81,6 @@ class RequestState:
     allowed_ratios: tuple[int, ...] | None = None
     banned_ratio_ids: tuple[int, ...] | None = None
     step: int = 0
-    sent_to_worker: bool = False
-    diffusion_started: bool = False
     generated: list[int] = field(default_factory=list)
     detokenizer: Any = None  # the engine core's IncrementalDetokenizer for streamed text deltas
     arrival: float = field(default_factory=time.perf_counter)
@@ -92,9 +89,13 @@ class RequestState:
     num_preemptions: int = 0
     taylor_schedule: list[bool] | None = None
     encoder_inputs: list[EncoderInput] = field(default_factory=list)  # one per condition image, input order
-    encoder_checked: bool = False  # the scheduler looked its images up in the encoder cache (and pinned them)
-    encode_deferrals: int = 0  # steps its encode was held back for other requests' first prefill
     preview_steps: tuple[int, ...] = ()  # denoising steps whose predicted clean image is streamed as a preview
+
+    @property
+    def phase(self) -> str:
+        """"text" or "image": the status's phase once admitted; before, the first phase (text when the stage
+        machine has a text phase)."""
+        return self.status.phase or ("text" if self.machine.prompt_task is not None else "image")
 
     @property
     def rows(self) -> list[SeqState]:
@@ -159,7 +160,7 @@ def state_from_processed(ctx: ProcessorContext, p: ProcessedRequest) -> RequestS
         use_cfg=use_cfg, use_taylor_cache=bool(or_default(req.use_taylor_cache, ctx.request_defaults.get(
             "use_taylor_cache", False))),
         align_image_size=params.align, vae_images=vae_images, vit_images=vit_images, image_digests=digests,
-        machine=machine, cond=SeqState(f"{rid}#cond", list(layout.token_ids), layout), phase=phase,
+        machine=machine, cond=SeqState(f"{rid}#cond", list(layout.token_ids), layout),
         ratio_index=fixed_ratio, allowed_ratios=allowed_ratios, num_prompt_tokens=len(layout),
         banned_ratio_ids=banned_ratio_ids,
     )
@@ -235,7 +236,6 @@ def enter_image_phase(ctx: ProcessorContext, st: RequestState, layout: BuiltProm
     if st.use_cfg:
         st.uncond = SeqState(f"{st.request_id}#uncond", list(layout.uncond_token_ids), layout,
                              cacheable=layout.gen_timestep_index)
-    st.phase = "image"
 
 
 

@@ -92,6 +92,36 @@ class RequestOutput:
     status: int | None = None  # an error's HTTP status where known
 
 
+_S = RequestStatus
+TRANSITIONS: dict[RequestStatus, frozenset[RequestStatus]] = {
+    _S.WAITING: frozenset({_S.ENCODING, _S.PREFILL, _S.THINK, _S.IMAGE_PREFILL, _S.FINISHED}),
+    _S.ENCODING: frozenset({_S.PREFILL, _S.THINK, _S.IMAGE_PREFILL, _S.FINISHED}),
+    _S.PREFILL: frozenset({_S.THINK, _S.FINISHED}),
+    _S.THINK: frozenset({_S.IMAGE_PREFILL, _S.FINISHED}),
+    _S.IMAGE_PREFILL: frozenset({_S.DIFFUSE, _S.FINISHED}),
+    _S.DIFFUSE: frozenset({_S.VAE_DECODE, _S.FINISHED}),
+    _S.VAE_DECODE: frozenset({_S.FINISHED}),
+    _S.FINISHED: frozenset(),
+}
+"""Every status change a request may make (a request may also stay where it is, except once finished). Admission
+goes from WAITING (no condition image) or ENCODING to the request's first phase: PREFILL, THINK (a prompt that fits
+in one chunk) or IMAGE_PREFILL (a fixed-size image request has no text phase); preemption changes no status."""
+
+
+class IllegalTransition(RuntimeError):
+    """The scheduler tried a status change its table does not allow: an engine bug, never a request's fault."""
+
+
+def move(st: RequestState, new: RequestStatus) -> None:
+    """Set `st.status` to `new` through `TRANSITIONS` (staying put is allowed, except once finished)."""
+    old = st.status
+    if new is old and old is not RequestStatus.FINISHED:
+        return
+    if new not in TRANSITIONS[old]:
+        raise IllegalTransition(f"request {st.request_id!r}: {old.value} -> {new.value} is not a legal transition")
+    st.status = new
+
+
 MAX_ENCODE_DEFERRALS = 2
 """Steps a waiting request's encode may be held back for other requests' first prefill (see `_schedule_encodes`)."""
 
@@ -116,6 +146,7 @@ class Scheduler:
         self._vae_decode_bytes = 0  # per-image decode bytes admitted into the step being planned
         self._vae_decodes: set[str] = set()  # the step's admitted final decodes
         self.encoding: dict[EncoderKey, tuple[int, int]] = {}  # sent, not reported yet -> (pixels, VAE bytes)
+        self._encode_deferrals: dict[str, int] = {}  # request id -> steps its encode was held back
 
     # ------------------------------------------------------------------ requests in and out
     def add_request(self, st: RequestState) -> None:
@@ -163,13 +194,13 @@ class Scheduler:
         elif st in self.waiting:
             self.waiting.remove(st)
         self.requests.pop(st.request_id, None)
-        if st.sent_to_worker:
+        self._encode_deferrals.pop(st.request_id, None)
+        if st.status.admitted:
             self._finished_ids.append(st.request_id)
-        elif st.encoder_checked:
+        elif st.status is RequestStatus.ENCODING:
             for e in st.encoder_inputs:
                 self.encoder_cache.unpin(e.key)
-            st.encoder_checked = False
-        st.status = RequestStatus.FINISHED
+        move(st, RequestStatus.FINISHED)
 
     # ------------------------------------------------------------------ KV blocks
     def _ensure_seq(self, st: RequestState, seq: SeqState) -> None:
@@ -211,14 +242,14 @@ class Scheduler:
                 seq.allocated = False
 
     def preempt(self, st: RequestState) -> None:
-        """Recompute-style preemption: drop the request's KV; it restarts from its current tokens later."""
+        """Recompute-style preemption: drop the request's KV; it restarts from its current tokens later (its status
+        stays: the worker keeps its state, latents included)."""
         self.free_kv(st)
         for seq in st.rows:
             seq.num_computed = 0
         st.num_preemptions += 1
         self.num_preemptions += 1
         self.running.remove(st)
-        st.status = RequestStatus.WAITING
         self.waiting.appendleft(st)
 
     def _prefix_in_flight(self, st: RequestState) -> bool:
@@ -236,8 +267,8 @@ class Scheduler:
         """The request's condition images not in the encoder cache. The first look pins its entries and counts
         hits (cached, or already wanted by another waiting request: one encode serves both) and misses."""
         cache = self.encoder_cache
-        if not st.encoder_checked:
-            st.encoder_checked = True
+        if st.status is RequestStatus.WAITING and st.encoder_inputs:
+            move(st, RequestStatus.ENCODING)
             for e in st.encoder_inputs:
                 if cache.contains(e.key) or cache.pins.get(e.key, 0) > 0:
                     cache.stats.hits += 1
@@ -270,8 +301,8 @@ class Scheduler:
                 vae_bytes += step_decodes + vae.decode_fixed_bytes
                 busy = True
         for st, missing in needs_encode:
-            if admitting and st.encode_deferrals < MAX_ENCODE_DEFERRALS:
-                st.encode_deferrals += 1
+            if admitting and self._encode_deferrals.get(st.request_id, 0) < MAX_ENCODE_DEFERRALS:
+                self._encode_deferrals[st.request_id] = self._encode_deferrals.get(st.request_id, 0) + 1
                 continue
             for e in missing:
                 if e.key in encoding:
@@ -304,7 +335,8 @@ class Scheduler:
                 break
             if budget <= 0 and st.status is not RequestStatus.VAE_DECODE:
                 break
-            if not st.sent_to_worker:
+            new = not st.status.admitted
+            if new:
                 missing = self._missing_encodes(st)
                 if missing:  # encode first, prefill once encoded; it keeps a seat, later requests may go first
                     needs_encode.append((st, missing))
@@ -320,14 +352,13 @@ class Scheduler:
             self.waiting.remove(st)
             self.running.append(st)
             seats -= 1
-            if not st.sent_to_worker:
+            if new:  # its status left WAITING / ENCODING in _schedule_request: the worker gets it now
                 for e in st.encoder_inputs:
                     self.encoder_cache.touch(e.key)
                     self.encoder_cache.unpin(e.key)
-                st.encoder_checked = False
+                self._encode_deferrals.pop(st.request_id, None)
                 plan.new_requests.append(NewRequestData(st.request_id, st.seed, st.vae_images, st.vit_images,
                                                         st.sampling, [e.key for e in st.encoder_inputs]))
-                st.sent_to_worker = True
             budget -= used
         self._schedule_encodes(needs_encode, plan)
         plan.wait_for_encode = bool(self.encoding) and not plan.has_model_work
@@ -340,7 +371,7 @@ class Scheduler:
         if self.running or failed:
             return failed
         for st in list(self.waiting):
-            if st.sent_to_worker or all(self.encoder_cache.contains(e.key) for e in st.encoder_inputs):
+            if st.status.admitted or all(self.encoder_cache.contains(e.key) for e in st.encoder_inputs):
                 self._free(st)
                 return [RequestOutput(st, finish_reason=FinishReason.ERROR, status=400,
                                       error="the request does not fit in the KV cache")]
@@ -412,8 +443,8 @@ class Scheduler:
             elif st.phase == "text":  # a ratio token also ends free text (think/recaption): not those that don't fit
                 banned = st.banned_ratio_ids
             sample = SampleSpec(st.sampling, m.forced_token, ratio_ids, banned)
-        if st.status in (RequestStatus.WAITING, RequestStatus.PREFILL):
-            st.status = RequestStatus.PREFILL if end < st.num_prompt_tokens else RequestStatus.THINK
+        if st.status in (RequestStatus.WAITING, RequestStatus.ENCODING, RequestStatus.PREFILL):
+            move(st, RequestStatus.PREFILL if end < st.num_prompt_tokens else RequestStatus.THINK)
             st.mark("first_scheduled")
         return self._add_chunk(st, seq, start, end, plan, sample)
 
@@ -436,9 +467,9 @@ class Scheduler:
                 used += self._add_chunk(st, seq, start, end, plan)
             if admitting and not used:
                 return -1
-            if st.status in (RequestStatus.WAITING, RequestStatus.PREFILL, RequestStatus.THINK):
-                st.status = RequestStatus.PREFILL if st.step == 0 else RequestStatus.DIFFUSE
-                st.mark("first_scheduled")
+            if not st.status.admitted:
+                move(st, RequestStatus.IMAGE_PREFILL)
+            st.mark("first_scheduled")
             return used
         # a denoising step: every row's image block, atomically
         full_step = not st.use_taylor_cache or _taylor_full_step(st)
@@ -452,11 +483,13 @@ class Scheduler:
         for seq in st.rows:
             if not self._allocate(st, seq, slot_end, plan, admitting):
                 return self._cannot_fit(st, plan, admitting)
-        if not st.diffusion_started:
+        if st.status is not RequestStatus.DIFFUSE:
+            if not st.status.admitted:  # admitted with every row's prefix found in the prefix cache
+                move(st, RequestStatus.IMAGE_PREFILL)
             h, w = layout.slots("gen")[0].grid
             plan.diffusion_starts.append(DiffusionStart(st.request_id, (h, w), st.num_steps, st.flow_shift,
                                                         st.guidance_scale, st.use_cfg, st.use_taylor_cache))
-            st.diffusion_started = True
+            move(st, RequestStatus.DIFFUSE)
             st.mark("diffusion_start")
         idx = []
         if full_step:
@@ -467,7 +500,6 @@ class Scheduler:
         if preview is not None and not self._vae_fits(st):
             preview = None  # a preview never displaces a final image from the step's VAE budget
         plan.diffusion_steps.append(DiffusionStep(st.request_id, st.step, idx, preview))
-        st.status = RequestStatus.DIFFUSE
         st.mark("first_scheduled")
         if cap is not None:
             self._image_left -= need
@@ -531,7 +563,7 @@ class Scheduler:
         if out.encode_failed:
             for st in list(self.waiting):
                 bad = [out.encode_failed[e.key] for e in st.encoder_inputs if e.key in out.encode_failed]
-                if bad and not st.sent_to_worker:
+                if bad and not st.status.admitted:
                     finish(st, FinishReason.ERROR, f"condition image encoding failed: {bad[0]}")
         for rid, msg in out.failed.items():
             st = self.requests.get(rid)
@@ -550,7 +582,7 @@ class Scheduler:
             st.step = step + 1
             if st.step >= st.num_steps:
                 st.mark("diffusion_end")
-                st.status = RequestStatus.VAE_DECODE
+                move(st, RequestStatus.VAE_DECODE)
                 self.free_kv(st)  # the image needs no KV any more
                 if st.req.output_type == "latent":
                     finish(st, FinishReason.IMAGE)
@@ -585,8 +617,7 @@ class Scheduler:
 
     def _on_token(self, st: RequestState, tok: int, o: RequestOutput, finish) -> None:
         m = st.machine
-        if st.status is RequestStatus.PREFILL:
-            st.status = RequestStatus.THINK
+        move(st, RequestStatus.THINK)
         st.mark("first_token")
         m.feed(tok)
         new = [tok]
@@ -612,6 +643,8 @@ class Scheduler:
             self.transition(st)
         except RequestError as e:  # the request's own inputs and text do not fit: a client error
             finish(st, FinishReason.ERROR, str(e), status=400)
+            return
+        move(st, RequestStatus.IMAGE_PREFILL)
 
 
 def _taylor_full_step(st: RequestState) -> bool:

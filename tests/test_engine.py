@@ -369,7 +369,7 @@ def test_encodes_in_flight_change_no_result(tiny_distil, monkeypatch):
         assert core.snapshot().num_encoding > 0 and stage.num_pending > 0
         assert torch.get_num_threads() == max(1, stage.total_threads - stage.encode_threads)
         assert {st.request_id for st in core.scheduler.running} <= {"r2"}  # the one without images
-        assert all(not core.requests[f"r{i}"].sent_to_worker for i in (0, 1, 3, 4))  # never before the encode
+        assert all(not core.requests[f"r{i}"].status.admitted for i in (0, 1, 3, 4))  # never before the encode
     assert core.stats.tokens > 0  # they stepped meanwhile
     gate.set()
     while core.has_unfinished_requests():

@@ -18,12 +18,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as hs
 from PIL import Image
 
+from diffgentor.engine import scheduler as scheduler_module
 from diffgentor.engine.config import EngineConfig
 from diffgentor.engine.input_processor import load_processor_context
 from diffgentor.engine.kv_cache_manager import KVCacheManager
 from diffgentor.engine.request import FinishReason, GenerationRequest, RequestStatus
 from diffgentor.engine.request_state import build_request_state, enter_image_phase
-from diffgentor.engine.scheduler import Scheduler, SchedulerConfig, chunk_end
+from diffgentor.engine.scheduler import TRANSITIONS, IllegalTransition, Scheduler, SchedulerConfig, chunk_end, move
 from diffgentor.engine.scheduler_output import RunnerOutput, SchedulerOutput
 from diffgentor.engine.testing.tiny_model import write_tiny_metadata
 from diffgentor.engine.vae_budget import VaeBudget
@@ -351,6 +352,55 @@ def test_preemption_by_recompute_and_readmission(ctx_distil):
     h.assert_no_leaks()
 
 
+# ------------------------------------------------------------------------------------------------ status
+def test_the_transition_table_rejects_every_other_status_change(ctx_distil):
+    S = RequestStatus
+    for old in S:
+        for new in S:
+            st = build_request_state(ctx_distil, GenerationRequest(request_id="s", prompt="p", bot_task="image"))
+            st.status = old
+            if new in TRANSITIONS[old] or (new is old and old is not S.FINISHED):
+                move(st, new)
+                assert st.status is new
+            else:
+                with pytest.raises(IllegalTransition, match=f"{old.value} -> {new.value}"):
+                    move(st, new)
+                assert st.status is old
+    assert not TRANSITIONS[S.FINISHED] and S.PREFILL not in TRANSITIONS[S.THINK]  # no way back
+    assert S.DIFFUSE not in TRANSITIONS[S.ENCODING]  # noise is drawn only after the image phase's prefill
+
+
+def test_each_request_walks_its_statuses_once_through_preemption(ctx_distil, monkeypatch):
+    """Preemption keeps a request's status (its worker state stays): it is sent to the worker once, starts its
+    diffusion once, and passes each status in order whatever it was preempted in."""
+    walked: dict[str, list[RequestStatus]] = {}
+
+    def recording_move(st, new):
+        if new is not st.status:
+            walked.setdefault(st.request_id, [st.status]).append(new)
+        move(st, new)
+
+    monkeypatch.setattr(scheduler_module, "move", recording_move)
+    h = Harness(ctx_distil, num_blocks=48, max_num_seqs=4)
+    for i in range(4):
+        h.add(f"r{i}", image_size="256x256", bot_task="think_recaption", max_new_tokens=8, seed=i,
+              images=[IMG_A] if i % 2 else [])
+    h.add("img", image_size="256x256", bot_task="image", images=[IMG_B])
+    h.run()
+    assert h.sched.num_preemptions > 0
+    assert set(h.finished().values()) == {FinishReason.IMAGE}
+    S = RequestStatus
+    for i in range(4):
+        first = [S.WAITING, S.ENCODING] if i % 2 else [S.WAITING]
+        assert walked[f"r{i}"] in (first + [S.PREFILL, S.THINK, S.IMAGE_PREFILL, S.DIFFUSE, S.VAE_DECODE, S.FINISHED],
+                                   first + [S.THINK, S.IMAGE_PREFILL, S.DIFFUSE, S.VAE_DECODE, S.FINISHED])
+    assert walked["img"] == [S.WAITING, S.ENCODING, S.IMAGE_PREFILL, S.DIFFUSE, S.VAE_DECODE, S.FINISHED]
+    for rid in walked:
+        assert sum(n.request_id == rid for p in h.plans for n in p.new_requests) == 1
+        assert sum(d.request_id == rid for p in h.plans for d in p.diffusion_starts) == 1
+    h.assert_no_leaks()
+
+
 def test_prefix_cache_hit_and_in_flight_dedupe(ctx_distil):
     h = Harness(ctx_distil, max_tokens=32)
     h.add("a", image_size="256x256", use_system_prompt="en_unified", prompt="same prompt")
@@ -378,11 +428,11 @@ def test_abort_in_each_phase_frees_everything(ctx_distil, phase):
     h = Harness(ctx_distil, max_tokens=16)
     h.add("x", images=[IMG_A], image_size="256x256", bot_task="think_recaption", max_new_tokens=4)
     h.add("other", image_size="256x256")
-    want = {"encoding": RequestStatus.WAITING, "prefill": RequestStatus.PREFILL, "think": RequestStatus.THINK,
+    want = {"encoding": RequestStatus.ENCODING, "prefill": RequestStatus.PREFILL, "think": RequestStatus.THINK,
             "diffuse": RequestStatus.DIFFUSE, "vae_decode": RequestStatus.VAE_DECODE}[phase]
     st = h.sched.requests["x"]
     for _ in range(300):
-        if st.status is want and (phase != "encoding" or st.encoder_checked):
+        if st.status is want:
             break
         h.step()
     assert st.status is want
