@@ -74,16 +74,18 @@ def decode_image(data: bytes, i: int, max_pixels: int = MAX_IMAGE_PIXELS):
     try:
         img = Image.open(io.BytesIO(data), formats=ALLOWED_IMAGE_FORMATS)
         if img.width * img.height > max_pixels:
-            raise RequestError(f"input image {i} has {img.width}x{img.height} pixels; the limit is {max_pixels}")
+            raise RequestError(f"input image {i} has {img.width}x{img.height} pixels; the limit is {max_pixels}",
+                               "image", "invalid_image")
         img.load()
         return img.convert("RGB")
     except RequestError:
         raise
     except UnidentifiedImageError:
         raise RequestError(f"input image {i} could not be read: it is not a "
-                           f"{', '.join(ALLOWED_IMAGE_FORMATS)} image") from None
+                           f"{', '.join(ALLOWED_IMAGE_FORMATS)} image", "image", "invalid_image") from None
     except Exception as e:  # noqa: BLE001 - any decoder failure is this request's error
-        raise RequestError(f"input image {i} could not be read: {type(e).__name__}: {_without_reprs(str(e))}") from None
+        raise RequestError(f"input image {i} could not be read: {type(e).__name__}: {_without_reprs(str(e))}",
+                           "image", "invalid_image") from None
 
 
 def or_default(value, default):
@@ -174,18 +176,20 @@ MAX_TEMPERATURE = 100.0
 MAX_INFERENCE_STEPS = 1000
 
 
-def _check_text(name: str, text: str | None, max_chars: int) -> None:
-    """A text field: within ``max_chars`` characters and encodable as UTF-8 (JSON may carry lone surrogates)."""
+def _check_text(name: str, text: str | None, max_chars: int, param: str | None = None) -> None:
+    """A text field: within ``max_chars`` characters and encodable as UTF-8 (JSON may carry lone surrogates);
+    `param`: its name in the HTTP API (default ``name``)."""
+    param = param or name
     if text is None:
         return
     if not isinstance(text, str):
-        raise RequestError(f"{name} must be a string")
+        raise RequestError(f"{name} must be a string", param)
     if len(text) > max_chars:
-        raise RequestError(f"{name} is {len(text)} characters; the limit is {max_chars}")
+        raise RequestError(f"{name} is {len(text)} characters; the limit is {max_chars}", param)
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
-        raise RequestError(f"{name} is not valid Unicode text (it holds a lone surrogate)") from None
+        raise RequestError(f"{name} is not valid Unicode text (it holds a lone surrogate)", param) from None
 
 
 def _check_number(name: str, value: float, low: float, high: float, low_open: bool = False) -> float:
@@ -193,10 +197,10 @@ def _check_number(name: str, value: float, low: float, high: float, low_open: bo
     try:
         v = float(value)
     except (TypeError, ValueError, OverflowError):
-        raise RequestError(f"{name} must be a number") from None
+        raise RequestError(f"{name} must be a number", name) from None
     if not math.isfinite(v) or v > high or v < low or (low_open and v == low):
         raise RequestError(f"{name} must be a finite number in {'(' if low_open else '['}{low:g}, {high:g}], "
-                           f"got {v!r}")
+                           f"got {v!r}", name)
     return v
 
 
@@ -206,32 +210,35 @@ def resolve_params(ctx: ProcessorContext, req: GenerationRequest, num_images: in
     bounded here so that no component tokenises an unbounded string; numbers must be finite and in range."""
     d, env = ctx.defaults, ctx.request_defaults
     if not isinstance(req.prompt, str) or not req.prompt.strip():
-        raise RequestError("prompt must be a non-empty string")
+        raise RequestError("prompt must be a non-empty string", "prompt")
     _check_text("prompt", req.prompt, max_text_chars)
     _check_text("system_prompt", req.system_prompt, max_text_chars)
     for name in ("bot_task", "use_system_prompt", "image_size", "request_id"):
-        _check_text(name, getattr(req, name, None), 1000)
+        _check_text(name, getattr(req, name, None), 1000, "size" if name == "image_size" else None)
     bot_task = req.bot_task or env.get("bot_task") or d.bot_task
     if bot_task not in BOT_TASKS:
-        raise RequestError(f"unknown bot_task {bot_task!r}; expected one of {', '.join(BOT_TASKS)}")
+        raise RequestError(f"unknown bot_task {bot_task!r}; expected one of {', '.join(BOT_TASKS)}", "bot_task")
     if req.output_type not in ("pil", "latent"):
-        raise RequestError(f"output_type must be 'pil' or 'latent', got {req.output_type!r}")
+        raise RequestError(f"output_type must be 'pil' or 'latent', got {req.output_type!r}", "output_type")
     if num_images > MAX_COND_IMAGES:
-        raise RequestError(f"{num_images} input images; at most {MAX_COND_IMAGES} are supported")
+        raise RequestError(f"{num_images} input images; at most {MAX_COND_IMAGES} are supported", "image",
+                           "too_many_images")
     max_new = or_default(req.max_new_tokens, env.get("max_new_tokens") or d.max_new_tokens)
     if max_new <= 0:
-        raise RequestError(f"max_new_tokens must be positive, got {max_new}")
+        raise RequestError(f"max_new_tokens must be positive, got {max_new}", "max_new_tokens")
     context = ctx.config.max_position_embeddings
     if max_new > context:
-        raise RequestError(f"max_new_tokens must be at most {context} (the model's context), got {max_new}")
+        raise RequestError(f"max_new_tokens must be at most {context} (the model's context), got {max_new}",
+                           "max_new_tokens")
     steps = or_default(req.num_inference_steps, env.get("num_inference_steps") or d.diff_infer_steps)
     if steps <= 0:
-        raise RequestError(f"num_inference_steps must be positive, got {steps}")
+        raise RequestError(f"num_inference_steps must be positive, got {steps}", "num_inference_steps")
     if steps > MAX_INFERENCE_STEPS:
-        raise RequestError(f"num_inference_steps must be at most {MAX_INFERENCE_STEPS}, got {steps}")
+        raise RequestError(f"num_inference_steps must be at most {MAX_INFERENCE_STEPS}, got {steps}",
+                           "num_inference_steps")
     guidance = float(or_default(req.guidance_scale, d.diff_guidance_scale))
     if guidance < 0:
-        raise RequestError(f"guidance_scale must be >= 0, got {guidance}")
+        raise RequestError(f"guidance_scale must be >= 0, got {guidance}", "guidance_scale")
     guidance = _check_number("guidance_scale", guidance, 0.0, MAX_GUIDANCE_SCALE)
     shift = _check_number("flow_shift", or_default(req.flow_shift, d.flow_shift), 0.0, MAX_FLOW_SHIFT, low_open=True)
     try:
@@ -241,22 +248,24 @@ def resolve_params(ctx: ProcessorContext, req: GenerationRequest, num_images: in
             top_k=int(or_default(req.top_k, d.top_k)),
             top_p=_check_number("top_p", or_default(req.top_p, d.top_p), 0.0, 1.0),
         )
-    except (ValueError, OverflowError) as e:
-        raise RequestError(str(e)) from None
+    except RequestError:
+        raise
+    except (ValueError, OverflowError) as e:  # temperature and top_p are checked above: top_k is left
+        raise RequestError(str(e), "top_k") from None
     image_size = req.image_size or "auto"
     fixed_ratio = None
     if image_size != "auto":
         try:
             fixed_ratio, _ = ctx.builder.resolution.parse_size(image_size)
         except ValueError as e:
-            raise RequestError(f"invalid image size {image_size!r}: {e}") from None
+            raise RequestError(f"invalid image size {image_size!r}: {e}", "size", "invalid_size") from None
 
     kind = or_default(req.use_system_prompt, env.get("use_system_prompt") or d.use_system_prompt)
     try:
         system = choose_system_prompt(ctx.system_prompts, kind, bot_task, req.system_prompt,
                                       kind_given=req.use_system_prompt is not None)
     except ValueError as e:
-        raise RequestError(str(e)) from None
+        raise RequestError(str(e), "use_system_prompt") from None
     align = bool(or_default(req.infer_align_image_size, env.get("infer_align_image_size", False)))
     return ResolvedParams(bot_task, int(max_new), int(steps), guidance, shift, sampling, image_size, fixed_ratio,
                           system, align)
@@ -274,7 +283,7 @@ def _check_context(ctx: ProcessorContext, params: ResolvedParams, req: Generatio
                 for x in images)
     if need > limit:
         raise RequestError(f"the prompt, system prompt and images need at least {need} tokens; the model's "
-                           f"context is {limit}")
+                           f"context is {limit}", "prompt")
 
 
 def check_request(ctx: ProcessorContext, req: GenerationRequest, num_images: int,

@@ -16,7 +16,14 @@ MAX_COND_IMAGES = 3
 
 
 class RequestError(ValueError):
-    """A request that cannot run (bad image, size, task, budget): reported to that request only."""
+    """A request that cannot run (bad image, size, task, budget): reported to that request only. `param` names the
+    request field at fault as the HTTP API calls it (None: the request as a whole) and `code` says what is wrong
+    with it; the API server answers with both as they are."""
+
+    def __init__(self, message: str, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+        self.code = code or ("invalid_value" if param is not None else "invalid_request")
 
 
 __all__ = ["BOT_TASKS", "MAX_COND_IMAGES", "RequestError"]

@@ -44,7 +44,7 @@ from diffgentor.engine.request import EngineEvent, GenerationRequest
 from diffgentor.engine.request_contract import MAX_COND_IMAGES, RequestError
 from diffgentor.server import openapi
 from diffgentor.server.aio import unless
-from diffgentor.server.engine_client import EngineClient, EngineDeadError
+from diffgentor.server.engine_client import EngineDeadError
 from diffgentor.server.engine_pool import EnginePool, plan_engine_instances
 from diffgentor.server.http_server import (
     DEFAULT_HEAD_TIMEOUT_S,
@@ -135,7 +135,7 @@ class ServerLimits:
 @dataclass
 class AppState:
     ctx: ProcessorContext
-    client: EnginePool | EngineClient
+    client: EnginePool
     metrics: ServerMetrics
     model_names: list[str]
     model_root: str
@@ -202,18 +202,8 @@ def _png_size(png: bytes) -> str:
 
 
 def _request_error(e: RequestError) -> OpenAIError:
-    msg = str(e)
-    if msg.startswith("input image"):
-        return OpenAIError(400, msg, "image", "invalid_image")
-    if "image size" in msg:
-        return OpenAIError(400, msg, "size", "invalid_size")
-    if "input images" in msg:
-        return OpenAIError(400, msg, "image", "too_many_images")
-    for p in ("bot_task", "use_system_prompt", "system_prompt", "max_new_tokens", "num_inference_steps",
-              "guidance_scale", "prompt"):
-        if p in msg:
-            return OpenAIError(400, msg, p, "invalid_value")
-    return OpenAIError(400, msg, None, "invalid_request")
+    """The engine's refusal as an HTTP 400: the field it names (`RequestError.param`) and its code."""
+    return OpenAIError(400, str(e), e.param, e.code)
 
 
 async def _read_upload(f: UploadFile, i: int, limits: ServerLimits) -> bytes:
@@ -634,7 +624,7 @@ async def _admitted(state: AppState, request: Request, kind: str, params, req: G
     for i, h in enumerate(headers):  # the check process_request does not make itself, from the headers read once
         if h is not None and min(h.width, h.height) < limits.min_image_side:
             raise _request_error(RequestError(f"input image {i} is {h.width}x{h.height} pixels; each side must be "
-                                              f"at least {limits.min_image_side}"))
+                                              f"at least {limits.min_image_side}", "image", "invalid_image"))
     # check_request validated the size already (the same parse)
     held.take_cost(request_cost(state.ctx, headers, req.image_size or "auto", params.n))
     req = msgspec.structs.replace(req, images=images)
@@ -736,7 +726,7 @@ def _raise_for(info: FinishedInfo | None) -> None:
                           "bot_task that generates an image", "bot_task", "no_image")
 
 
-async def _collect(client: EnginePool | EngineClient, index: int, sub: ProcessedRequest) -> _Outcome:
+async def _collect(client: EnginePool, index: int, sub: ProcessedRequest) -> _Outcome:
     out = _Outcome(index)
     gen = client.generate(sub)
     try:
@@ -752,7 +742,7 @@ async def _collect(client: EnginePool | EngineClient, index: int, sub: Processed
     return out
 
 
-async def _collect_all(client: EnginePool | EngineClient, subs: list[ProcessedRequest]) -> list[_Outcome]:
+async def _collect_all(client: EnginePool, subs: list[ProcessedRequest]) -> list[_Outcome]:
     """Every sub-request's outcome, in order; the first that fails (error, abort, no image) cancels its siblings
     at once (which aborts them in the engine) and is raised."""
     tasks = [asyncio.ensure_future(_collect(client, i, s)) for i, s in enumerate(subs)]

@@ -4,7 +4,8 @@
 its `CoreReady`. An output task routes each `CoreOutputs` message: text / image events to the queue of their
 request, a `FinishedInfo` closes a request, scheduler stats go to the metrics. A watchdog notices a dead
 engine core: every in-flight request gets an error, `healthy` turns False and `on_death` runs (the server then
-exits non-zero). Several clients side by side are the data-parallel instances of `engine_pool.EnginePool`.
+exits non-zero). Several clients side by side are the data-parallel instances of `engine_pool.EnginePool`, which
+the API server talks to (it admits requests against their capacity: one instance is a pool of one).
 """
 
 from __future__ import annotations
@@ -84,7 +85,6 @@ class EngineClient:
         self._dec = output_decoder()
         self._tasks: list[asyncio.Task] = []
         self.num_in_flight = 0
-        self.reserved: set[str] = set()  # request ids admitted (`reserve`) that have not started yet
         self._last_trim = 0.0
 
     @property
@@ -98,21 +98,6 @@ class EngineClient:
         the next step moves any to running, so more in flight could be refused by the core after the API admitted
         them (issue 15; docs/decisions.md)."""
         return self.config.max_waiting_requests
-
-    def has_room(self, n: int) -> bool:
-        return self.num_in_flight + len(self.reserved) + n <= self.capacity
-
-    def reserve(self, request_ids: list[str]) -> bool:
-        """Admit these requests now, if they fit, by taking their slots at once: the check and the taking happen in
-        one step, so concurrent requests cannot both pass the check (the slots turn into in-flight requests in
-        `generate`; `release` gives back the ones never started)."""
-        if not self.healthy or not self.has_room(len(request_ids)):
-            return False
-        self.reserved.update(request_ids)
-        return True
-
-    def release(self, request_ids: list[str]) -> None:
-        self.reserved.difference_update(request_ids)
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -280,7 +265,6 @@ class EngineClient:
             raise ValueError(f"duplicate request id {rid!r}")
         p = _Pending()
         self.pending[rid] = p
-        self.reserved.discard(rid)
         self.num_in_flight += 1
         done = sent = False
         try:

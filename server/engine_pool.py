@@ -92,7 +92,7 @@ class EnginePool:
 
     def has_room(self, n: int) -> bool:
         """Whether n more requests fit the healthy instances' capacity together (balancing keeps each instance
-        within its own)."""
+        within its own). The server's only slot accounting: one instance is a pool of one."""
         return self.num_in_flight + len(self.reserved) + n <= self.capacity
 
     @property
@@ -101,7 +101,9 @@ class EnginePool:
         return sum(c.capacity for c in self.clients if c.healthy)
 
     def reserve(self, request_ids: list[str]) -> bool:
-        """`EngineClient.reserve` over the pool: slots taken at admission, turned into in-flight in `generate`."""
+        """Admit these requests now, if they fit, by taking their slots at once: the check and the taking happen in
+        one step, so concurrent requests cannot both pass the check (the slots turn into in-flight requests in
+        `generate`; `release` gives back the ones never started)."""
         if not self.healthy or not self.has_room(len(request_ids)):
             return False
         self.reserved.update(request_ids)

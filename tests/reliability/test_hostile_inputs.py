@@ -482,19 +482,23 @@ def test_stream_pump_failure_still_ends_the_stream(tmp_path):
     """Not an engine death: the link to an engine core that never started fails with an ordinary exception. The
     stream still ends with an error event and [DONE] (it used to hang the client)."""
     from diffgentor.engine.config import EngineConfig
+    from diffgentor.engine.core_proc import CoreReady
     from diffgentor.engine.input_processor import ProcessedRequest
     from diffgentor.engine.request import GenerationRequest
     from diffgentor.server.api import AppState, _stream
-    from diffgentor.server.engine_client import EngineClient
+    from diffgentor.server.engine_pool import EnginePool
     from diffgentor.server.openai_schemas import ImageGenerationRequest
 
-    client = EngineClient(EngineConfig(device="cpu"))
-    state = AppState(ctx=None, client=client, metrics=None, model_names=["m"], model_root="m")
+    pool = EnginePool(EngineConfig(device="cpu"), [[]])
+    client = pool.clients[0]
+    client.ready = CoreReady(num_blocks=10, block_size=16, max_num_seqs=2, pid=0)  # "ready", but never started
+    state = AppState(ctx=None, client=pool, metrics=None, model_names=["m"], model_root="m")
     subs = [ProcessedRequest(request=GenerationRequest(request_id="r-0", prompt="x"))]
 
     async def go() -> list[str]:
         params = ImageGenerationRequest(prompt="x", stream=True)
         out = [chunk async for chunk in _stream(state, "image_generation", subs, "png", params, 0)]
+        client.ready = None  # no process to stop
         await client.shutdown()
         return out
 
