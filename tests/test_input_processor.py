@@ -8,8 +8,8 @@ import pytest
 
 from diffgentor.engine.input_processor import check_request, load_processor_context, process_request
 from diffgentor.engine.request import GenerationRequest
+from diffgentor.engine.request_contract import RequestError
 from diffgentor.engine.testing.tiny_model import make_tiny
-from diffgentor.engine.vocabulary import RequestError
 from diffgentor.server.api import _request_error
 
 from helpers import random_png
