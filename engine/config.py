@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from diffgentor.engine.parallel_layout import ParallelLayout
 from diffgentor.engine.request_contract import BOT_TASKS
 from diffgentor.kernels.impl_names import ATTN_IMPLS, MOE_IMPLS, QUANTIZATIONS
 
@@ -360,6 +361,11 @@ class EngineConfig:
     moe_impl: str | None = None
     tensor_parallel_size: int | None = None
     """0 = all visible devices (see `resolve_tensor_parallel_size`)."""
+    cfg_parallel_size: int = 1
+    """CFG groups (1 or 2), each a full tensor-parallel model copy: the conditional and unconditional rows of a
+    request with classifier-free guidance run on different groups (engine/parallel_layout.py)."""
+    sequence_parallel_size: int = 1
+    """Ranks that split one image block's tokens (Ulysses) inside each model copy."""
     rank_endpoint: str | None = None
     """HOST:PORT this process binds for tensor-parallel ranks started elsewhere (torchrun, possibly on several
     nodes: `diffgentor tp-worker --connect HOST:PORT`) instead of spawning them; uses PORT .. PORT + size."""
@@ -470,13 +476,18 @@ class EngineConfig:
         tp = self.tensor_parallel_size
         if not _is_int(tp) or tp < 0:
             raise ValueError(f"tensor_parallel_size must be an integer >= 0 (0 = all visible devices), got {tp!r}")
+        layout = ParallelLayout(tp=max(tp, 1), cfg=self.cfg_parallel_size, sp=self.sequence_parallel_size)
+        if layout.sp > 1:
+            raise ValueError(f"sequence_parallel_size={layout.sp}: sequence parallel is not yet supported (use "
+                             "--tensor-parallel-size and --cfg-parallel-size)")
         if self.rank_endpoint is not None:
             host, port = parse_endpoint(self.rank_endpoint)
-            if tp < 2:
-                raise ValueError(f"rank_endpoint={self.rank_endpoint!r} needs an explicit tensor_parallel_size >= 2 "
-                                 "(the ranks run elsewhere, so the visible devices do not say how many)")
-            if port + tp > 65535:
-                raise ValueError(f"rank_endpoint port {port} + tensor_parallel_size {tp} is past 65535")
+            if tp == 0 or layout.world_size < 2:
+                raise ValueError(f"rank_endpoint={self.rank_endpoint!r} needs an explicit layout of >= 2 ranks "
+                                 "(tensor_parallel_size x cfg_parallel_size x sequence_parallel_size; the ranks run "
+                                 "elsewhere, so the visible devices do not say how many)")
+            if port + layout.world_size > 65535:
+                raise ValueError(f"rank_endpoint port {port} + {layout.world_size} ranks is past 65535")
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -493,7 +504,8 @@ class EngineConfig:
         ``max_num_batched_tokens``, ``block_size``, ``num_kv_blocks``, ``kv_cache_memory`` /
         ``kv_cache_memory_bytes`` (int bytes or a size string),
         ``enable_prefix_caching``, ``max_waiting_requests``, ``seed``, ``default_num_inference_steps`` /
-        ``num_inference_steps``, ``tensor_parallel_size``, ``attn_impl``, ``moe_impl``, ``quantization``,
+        ``num_inference_steps``, ``tensor_parallel_size``, ``cfg_parallel_size``, ``sequence_parallel_size``,
+        ``attn_impl``, ``moe_impl``, ``quantization``,
         ``gpu_memory_utilization``, ``enforce_eager``, ``heap_reuse_memory`` / ``heap_reuse_bytes`` (int bytes
         or a size string), ``heap_idle_release_s``.
         """
@@ -546,6 +558,8 @@ class EngineConfig:
             "seed": ("seed",),
             "default_num_inference_steps": ("default_num_inference_steps", "num_inference_steps"),
             "tensor_parallel_size": ("tensor_parallel_size",),
+            "cfg_parallel_size": ("cfg_parallel_size",),
+            "sequence_parallel_size": ("sequence_parallel_size",),
             "rank_endpoint": ("rank_endpoint",),
             "attn_impl": ("attn_impl",),
             "moe_impl": ("moe_impl",),
@@ -608,24 +622,40 @@ class EngineConfig:
         return getattr(torch, self.resolve_dtype(cuda_available))
 
     def resolve_tensor_parallel_size(self, num_visible_devices: int | None = None) -> int:
-        """Ranks per model instance: the configured size, or all visible devices when it is 0.
+        """Tensor-parallel ranks of each model copy: the configured size, or when it is 0 all visible devices over
+        the CFG and sequence-parallel sizes (at least 1)."""
+        return self.parallel_layout(num_visible_devices).tp
 
-        ``num_visible_devices`` defaults to ``torch.cuda.device_count()`` on CUDA and 1 on CPU. A size larger
-        than the visible device count is an error on CUDA.
-        """
+    def parallel_layout(self, num_visible_devices: int | None = None) -> ParallelLayout:
+        """The rank grid of one model instance (tp x cfg x sp, engine/parallel_layout.py).
+
+        ``num_visible_devices`` defaults to ``torch.cuda.device_count()`` on CUDA and 1 on CPU. A layout of more
+        ranks than visible devices is an error on CUDA (one GPU per rank), unless the ranks are external."""
         cuda = self.on_cuda(None if num_visible_devices is None else num_visible_devices > 0)
         if num_visible_devices is None:
             num_visible_devices = _cuda_device_count() if cuda else 1
+        other = self.cfg_parallel_size * self.sequence_parallel_size
+        tp = self.tensor_parallel_size or max(1, num_visible_devices // other)
+        layout = ParallelLayout(tp=tp, cfg=self.cfg_parallel_size, sp=self.sequence_parallel_size)
+        if cuda and layout.world_size > num_visible_devices and self.rank_endpoint is None:
+            raise ValueError(f"the layout {layout.describe()} (--tensor-parallel-size x --cfg-parallel-size x "
+                             f"--sequence-parallel-size) needs one GPU per rank, but only {num_visible_devices} "
+                             "device(s) are visible")
+        return layout
+
+    @property
+    def ranks_per_instance(self) -> int:
+        """GPUs (rank processes) one model instance takes: tp x cfg x sp, or 0 with tp 0 (all visible devices)."""
         tp = self.tensor_parallel_size
-        if tp == 0:
-            return max(1, num_visible_devices)
-        if cuda and tp > num_visible_devices and self.rank_endpoint is None:  # external ranks bring their own GPUs
-            raise ValueError(f"tensor_parallel_size={tp} but only {num_visible_devices} device(s) are visible")
-        return tp
+        return tp * self.cfg_parallel_size * self.sequence_parallel_size if tp else 0
+
+    def resolve_world_size(self, num_visible_devices: int | None = None) -> int:
+        """Rank processes (GPUs) per model instance: tp x cfg x sp."""
+        return self.parallel_layout(num_visible_devices).world_size
 
     def num_instances(self, num_visible_devices: int) -> int:
         """Model instances side by side (data parallel): visible devices // ranks per instance (at least 1)."""
-        return max(1, num_visible_devices // self.resolve_tensor_parallel_size(num_visible_devices))
+        return max(1, num_visible_devices // self.resolve_world_size(num_visible_devices))
 
     def kv_cache_budget_bytes(self, cuda_available: bool | None = None) -> int:
         """Bytes for the KV cache when no explicit block count is given: ``kv_cache_memory_bytes`` if set, else on
@@ -781,6 +811,20 @@ def add_engine_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         type=int,
         default=None,
         help="ranks per model instance; 0 = all visible GPUs (default: DG_HUNYUAN_IMAGE_3_GPUS_PER_MODEL)",
+    )
+    g.add_argument(
+        "--cfg-parallel-size",
+        type=int,
+        default=None,
+        help="1 or 2: CFG groups, each a --tensor-parallel-size copy of the model; the conditional and unconditional "
+        "rows of each image step run on different groups (non-distilled Instruct with CFG), requests without CFG "
+        "are spread over the groups (default 1). Ranks = tp x cfg x sp",
+    )
+    g.add_argument(
+        "--sequence-parallel-size",
+        type=int,
+        default=None,
+        help="ranks splitting one image block's tokens inside each model copy (Ulysses; default 1)",
     )
     g.add_argument(
         "--rank-endpoint",

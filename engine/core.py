@@ -126,13 +126,14 @@ class EngineCore:
         mc = HunyuanImage3Config.from_pretrained(path)
         tok = HunyuanTokenizer.from_pretrained(path, require_distil_tokens=mc.cfg_distilled)
         defaults, prompts = GenerationDefaults.from_pretrained(path), SystemPrompts.from_pretrained(path)
-        tp = config.resolve_tensor_parallel_size()
-        if tp > 1:
+        layout = config.parallel_layout()
+        if layout.world_size > 1:
             from diffgentor.engine.tp.executor import MultiprocExecutor
 
-            executor: Executor = MultiprocExecutor(config, world_size=tp, **executor_args)
+            executor: Executor = MultiprocExecutor(config, layout=layout, **executor_args)
         elif executor_args:
-            raise TypeError(f"tensor-parallel options {sorted(executor_args)} need tensor_parallel_size > 1")
+            raise TypeError(f"multi-rank options {sorted(executor_args)} need a layout of more than one rank "
+                            "(tensor_parallel_size x cfg_parallel_size x sequence_parallel_size > 1)")
         else:
             executor = UniProcExecutor(Worker.load(config))
         return cls(mc, tok, defaults, prompts, config, executor)

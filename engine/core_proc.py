@@ -98,6 +98,7 @@ class CoreReady(msgspec.Struct, tag="ready", kw_only=True):
     max_num_seqs: int
     pid: int
     kernels: dict[str, str] = msgspec.field(default_factory=dict)  # op -> implementation that runs (attention, moe)
+    layout: dict[str, int] = msgspec.field(default_factory=dict)  # tp / cfg / sp sizes and world (the rank count)
 
 
 class CoreOutputs(msgspec.Struct, tag="outputs", kw_only=True):
@@ -300,10 +301,12 @@ def run_engine_core(config: EngineConfig, input_addr: str, output_addr: str, par
         core = EngineCore.from_config(config)
         proc = EngineCoreProc(core, input_addr, output_addr, parent_pid)
         kernels = dict(core.kernel_impls)  # empty when the executor's ranks keep it (they log it)
+        layout = config.parallel_layout()
         proc.send(CoreReady(num_blocks=core.num_blocks, block_size=config.block_size,
-                            max_num_seqs=config.max_num_seqs, pid=os.getpid(), kernels=kernels))
-        logger.info("engine core ready: %d KV blocks of %d tokens%s", core.num_blocks, config.block_size,
-                    f", {tp} tensor-parallel ranks" if (tp := config.resolve_tensor_parallel_size()) > 1 else "")
+                            max_num_seqs=config.max_num_seqs, pid=os.getpid(), kernels=kernels,
+                            layout=layout.as_dict()))
+        logger.info("engine core ready: %d KV blocks of %d tokens, layout %s", core.num_blocks, config.block_size,
+                    layout.describe())
         proc.run()
     except BaseException as e:  # noqa: BLE001 - report, then die with a non-zero status
         msg = str(e) if isinstance(e, EngineCoreFatal) else f"{type(e).__name__}: {e}"

@@ -42,6 +42,7 @@ import torch
 from diffgentor.engine.config import CFG_ROWS, EngineConfig
 from diffgentor.engine.models.hunyuan_image_3.config import HunyuanImage3Config
 from diffgentor.engine.parallel import ParallelContext
+from diffgentor.engine.parallel_layout import ParallelLayout
 from diffgentor.engine.vae_budget import VaeBudget
 from diffgentor.kernels.quantization import FP8_BLOCK, fp8_layout
 
@@ -416,6 +417,8 @@ class MemoryPlan:
     block_size: int
     min_kv_blocks: int
     moe_impl: str = "grouped"
+    cfg_parallel_size: int = 1
+    sequence_parallel_size: int = 1
     vae: dict[str, int] = field(default_factory=dict)
     encoder_cache_bytes: int = 0
     graph_pool_bytes: int = 0
@@ -466,11 +469,15 @@ class MemoryPlan:
     def render(self) -> str:
         g = lambda x: f"{x / GiB:8.2f} GiB"  # noqa: E731
         par = f"tensor parallel {self.tensor_parallel_size}" + (" + expert parallel" if self.expert_parallel else "")
+        layout = ParallelLayout(self.tensor_parallel_size, self.cfg_parallel_size, self.sequence_parallel_size)
+        if layout.world_size > layout.tp:
+            par += (f", layout {layout.describe()}: each of the {layout.cfg} CFG group(s) holds a full "
+                    f"tensor-parallel copy of the weights")
         a, v = self.activations, self.vae
         lines = [
             f"{self.gpu} ({self.total_bytes / GiB:.1f} GiB), {par}, quantization {self.quantization}, "
             f"gpu_memory_utilization {self.gpu_memory_utilization:.2f}",
-            f"per rank (rank 0 of {self.tensor_parallel_size}):",
+            f"per rank (rank 0 of {layout.world_size}):",
             f"  weights          {g(self.weight_bytes)}",
         ]
         lines += [f"    {p:<14} {g(val)}" for p, val in self.weights.items()]
@@ -492,8 +499,9 @@ class MemoryPlan:
             f"({self.kv_block_bytes / MiB:.3f} MiB per block) = {self.kv_blocks * self.block_size} tokens",
         ]
         if self.fits:
+            rows = "with their CFG row" if self.cfg_parallel_size == 1 else "(each CFG group holds one of the two rows)"
             lines.append(f"fits: the KV cache holds {self.kv_blocks / self.min_kv_blocks:.1f} requests at the maximum "
-                         f"length with their CFG row ({self.min_kv_blocks} blocks each)")
+                         f"length {rows} ({self.min_kv_blocks} blocks each)")
         else:
             lines.append("does NOT fit:")
             lines += [f"  - {p}" for p in self.problems]
@@ -535,13 +543,15 @@ def plan_memory(
     pool = graph_pool_bytes(model_config, parallel, config.max_num_seqs, config.block_size, impl, quant, elem) \
         if graphs else 0
     per_block = kv_block_bytes(model_config, parallel, config.block_size, elem)
-    min_blocks = CFG_ROWS * math.ceil(model_config.max_position_embeddings / config.block_size)
+    # under CFG parallel a request's conditional and unconditional rows live on different groups' caches
+    min_blocks = CFG_ROWS // parallel.cfg_size * math.ceil(model_config.max_position_embeddings / config.block_size)
     plan = MemoryPlan(
         gpu=gpu_name, total_bytes=total_memory_bytes, tensor_parallel_size=parallel.tp_size,
         expert_parallel=parallel.expert_parallel, quantization=config.quantization,
         gpu_memory_utilization=config.gpu_memory_utilization, weights=weights, activation_peak=act,
         activations=detail, largest_step_tokens=tokens, largest_step_reason=why, workspace=ws,
         kv_block_bytes=per_block, block_size=config.block_size, min_kv_blocks=min_blocks, moe_impl=impl, vae=vae,
+        cfg_parallel_size=parallel.cfg_size, sequence_parallel_size=parallel.sp_size,
         encoder_cache_bytes=config.encoder_cache_bytes, graph_pool_bytes=pool,
     )
     fixed = plan.weight_bytes + plan.transient_bytes + sum(ws.values()) + plan.encoder_cache_bytes + pool
@@ -609,6 +619,9 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("model_dir", help="checkpoint folder (only config.json is read)")
     p.add_argument("--gpu", required=True, choices=sorted(GPUS))
     p.add_argument("--tensor-parallel-size", type=int, default=1)
+    p.add_argument("--cfg-parallel-size", type=int, default=1,
+                   help="CFG groups (1 or 2), each a full tensor-parallel copy of the weights")
+    p.add_argument("--sequence-parallel-size", type=int, default=1)
     p.add_argument("--expert-parallel", action="store_true", help="whole experts per rank instead of width shards")
     p.add_argument("--quantization", default="none", type=lambda s: s.strip().lower().replace("-", "_"),
                    choices=("none", "fp8", "fp8_block"))
@@ -627,9 +640,11 @@ def run(args: argparse.Namespace) -> int:
     try:
         model_config = HunyuanImage3Config.from_pretrained(Path(args.model_dir))
         keys = ("quantization", "gpu_memory_utilization", "max_num_batched_tokens", "max_num_seqs", "block_size",
-                "tensor_parallel_size", "moe_impl")
+                "tensor_parallel_size", "cfg_parallel_size", "sequence_parallel_size", "moe_impl")
         config = EngineConfig.from_cli_and_env({k: getattr(args, k) for k in keys}, environ={})
-        parallel = ParallelContext(args.tensor_parallel_size, 0, expert_parallel=args.expert_parallel)
+        layout = config.parallel_layout(num_visible_devices=config.ranks_per_instance or 1)
+        parallel = ParallelContext(layout.tp, 0, expert_parallel=args.expert_parallel, cfg_size=layout.cfg,
+                                   sp_size=layout.sp)
         gpu = GPUS[args.gpu]
         plan = plan_memory(model_config, config, parallel, gpu.total_bytes, gpu.name, gpu.capability)
     except (ValueError, OSError) as e:

@@ -1,8 +1,10 @@
-"""Tensor / expert parallel coordinates of one model rank, and the torch.distributed bootstrap.
+"""Tensor / expert / CFG / sequence parallel coordinates of one model rank, and the torch.distributed bootstrap.
 
 `ParallelContext()` (the default everywhere) is the single-process model: size 1, no process group, every
-collective a no-op, every shard range the whole dimension. A worker process of a tensor-parallel engine builds
-one with `init_distributed(...)` and passes it to `HunyuanImage3ForCausalMM.from_pretrained(..., parallel=ctx)`.
+collective a no-op, every shard range the whole dimension. A worker process of a parallel engine builds one with
+`init_distributed(...)` (which also makes this rank's tensor-parallel, CFG and sequence-parallel process groups, once,
+from the rank grid of `engine.parallel_layout`) and passes it to `HunyuanImage3ForCausalMM.from_pretrained(...,
+parallel=ctx)`. The model's own collectives use the tensor-parallel group only.
 
 Sharding rules (as in vLLM / SGLang):
 - attention: q heads split evenly; KV heads split evenly when tp <= num_kv_heads, otherwise each KV head is
@@ -22,6 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from diffgentor.engine.parallel_layout import ParallelLayout
 from diffgentor.kernels.moe import MoEParallel
 
 
@@ -34,24 +37,65 @@ def _even_range(n: int, rank: int, size: int, what: str) -> range:
 
 @dataclass(frozen=True)
 class ParallelContext:
-    """One rank's place in a tensor-parallel group (optionally expert parallel for the MoE experts).
+    """One rank's place in a tensor-parallel group (optionally expert parallel for the MoE experts), and in the
+    CFG and sequence-parallel groups of its layout.
 
     group: the torch.distributed process group of the tensor-parallel ranks; None with tp_size > 1 means the
-    default (WORLD) group. Collectives are in-place and return their input for chaining.
+    default (WORLD) group (a layout of tensor parallel only). cfg_group / sp_group: this rank's CFG and
+    sequence-parallel groups (None at size 1). Collectives are in-place and return their input for chaining.
     """
 
     tp_size: int = 1
     tp_rank: int = 0
     expert_parallel: bool = False
     group: Any = None
+    cfg_size: int = 1
+    cfg_rank: int = 0
+    cfg_group: Any = None
+    sp_size: int = 1
+    sp_rank: int = 0
+    sp_group: Any = None
 
     def __post_init__(self) -> None:
         if self.tp_size < 1 or not 0 <= self.tp_rank < self.tp_size:
             raise ValueError(f"bad tensor-parallel rank {self.tp_rank} of {self.tp_size}")
+        if self.cfg_size < 1 or not 0 <= self.cfg_rank < self.cfg_size:
+            raise ValueError(f"bad CFG-parallel rank {self.cfg_rank} of {self.cfg_size}")
+        if self.sp_size < 1 or not 0 <= self.sp_rank < self.sp_size:
+            raise ValueError(f"bad sequence-parallel rank {self.sp_rank} of {self.sp_size}")
 
     @property
     def is_parallel(self) -> bool:
+        """The model is sharded (tensor parallel): its layers run collectives."""
         return self.tp_size > 1
+
+    @property
+    def layout(self) -> ParallelLayout:
+        return ParallelLayout(tp=self.tp_size, cfg=self.cfg_size, sp=self.sp_size)
+
+    @property
+    def rank(self) -> int:
+        """This rank's index in the world (the layout's grid)."""
+        return self.layout.rank_of(self.tp_rank, self.sp_rank, self.cfg_rank)
+
+    @property
+    def is_group_leader(self) -> bool:
+        """Rank (tp 0, sp 0) of its CFG group: it reports what its group computed."""
+        return self.tp_rank == 0 and self.sp_rank == 0
+
+    def cfg_all_reduce(self, t: Tensor) -> Tensor:
+        """Sum over the CFG groups (this rank's peers at the same tp / sp coordinates), in place."""
+        if self.cfg_size > 1:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.cfg_group)
+        return t
+
+    def world_min(self, n: int, device: Any = "cpu") -> int:
+        """The smallest `n` over every rank of the layout (e.g. the KV blocks all of them can hold)."""
+        if self.layout.world_size == 1:
+            return n
+        t = torch.tensor([n], dtype=torch.int64, device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        return int(t.item())
 
     # ------------------------------------------------------------------ collectives
     def all_reduce(self, t: Tensor) -> Tensor:
@@ -123,20 +167,36 @@ def init_distributed(
     backend: str,
     init_method: str,
     rank: int,
-    world_size: int,
+    layout: ParallelLayout | int,
     expert_parallel: bool = False,
     timeout_s: float = 300.0,
 ) -> ParallelContext:
     """Join the process group ("gloo" on CPU, "nccl" on GPU) and return this rank's context.
 
-    All ranks of the world form one tensor-parallel group (its MoE sharded by whole experts with
-    `expert_parallel`). With nccl the caller must have selected this rank's CUDA device.
+    `layout` is the rank grid (an int: that many tensor-parallel ranks). Every tensor-parallel, CFG and
+    sequence-parallel group of the grid is created here, once, by every rank in the same order (torch.distributed
+    requires all ranks to take part in each `new_group`); this rank keeps its own three. A layout of tensor parallel
+    only keeps the WORLD group as its tensor-parallel group. With nccl the caller must have selected this rank's
+    CUDA device.
     """
     import datetime
 
+    if isinstance(layout, int):
+        layout = ParallelLayout(tp=layout)
+    world_size = layout.world_size
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group(
             backend, init_method=init_method, rank=rank, world_size=world_size,
             timeout=datetime.timedelta(seconds=timeout_s),
         )
-    return ParallelContext(tp_size=world_size, tp_rank=rank, expert_parallel=expert_parallel, group=None)
+    me = layout.coords(rank)
+    groups: dict[str, Any] = {"tp": None, "cfg": None, "sp": None}
+    if world_size > layout.tp:
+        for kind, ranks_lists in (("tp", layout.tp_groups()), ("sp", layout.sp_groups()), ("cfg", layout.cfg_groups())):
+            for ranks in ranks_lists:
+                g = dist.new_group(ranks) if len(ranks) > 1 else None
+                if rank in ranks:
+                    groups[kind] = g
+    return ParallelContext(tp_size=layout.tp, tp_rank=me.tp_rank, expert_parallel=expert_parallel,
+                           group=groups["tp"], cfg_size=layout.cfg, cfg_rank=me.cfg_rank, cfg_group=groups["cfg"],
+                           sp_size=layout.sp, sp_rank=me.sp_rank, sp_group=groups["sp"])

@@ -121,3 +121,10 @@ class RunnerOutput:
     failed: dict[str, str] = field(default_factory=dict)  # request id -> error message
     final_latents: dict[str, Any] = field(default_factory=dict)  # request id -> CPU latents of a finished diffusion
     timings: dict[str, float] = field(default_factory=dict)
+
+    def merge_group(self, other: RunnerOutput) -> None:
+        """Add another CFG group's report (engine/parallel_layout.py): each group's leader reports the requests its
+        group owns (their tokens, steps, images, failures); encodes are rank 0's to report (every rank encodes every
+        condition image, and a rank behind rank 0 waits for its own copy when it needs it)."""
+        for name in ("sampled_tokens", "diffusion_steps_done", "images", "partial_images", "failed", "final_latents"):
+            getattr(self, name).update(getattr(other, name))

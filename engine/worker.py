@@ -33,7 +33,7 @@ class Worker:
         self.kernel_impls = dict(kernel_impls or {})  # op -> the implementation that runs (engine/kernel_warmup.py)
         self.heap_reuse_bytes = config.heap_reuse_bytes
         self.vae_budget = vae_budget  # the memory plan's VAE limits on a GPU; None: unbounded (CPU)
-        self.reports_latents = True  # final latents ride along in the output (tensor-parallel ranks other than 0: no)
+        self.reports_latents = True  # final latents ride along in the output (ranks other than group leaders: no)
         self.runner = ModelRunner(model, num_blocks, config.block_size, config.enforce_eager, config.max_num_seqs,
                                   vae_budget=vae_budget, async_encode=config.async_encode)
         model.tune_kernels(largest_step_tokens(config, model.config)[0])
@@ -74,12 +74,8 @@ class Worker:
             num_blocks = planned
         else:
             num_blocks = config.resolve_num_blocks(bytes_per_block, max_model_len=c.max_position_embeddings)
-        if parallel is not None and parallel.is_parallel:
-            import torch.distributed as dist
-
-            n = torch.tensor([num_blocks], dtype=torch.int64, device=model.device if config.on_cuda() else "cpu")
-            dist.all_reduce(n, op=dist.ReduceOp.MIN, group=parallel.group)
-            num_blocks = int(n.item())
+        if parallel is not None:  # every rank of the layout: one scheduler's block ids index every rank's cache
+            num_blocks = parallel.world_min(num_blocks, model.device if config.on_cuda() else "cpu")
         return cls(model, config, num_blocks, kernels.labels, vae_budget)
 
     def execute_model(self, plan: SchedulerOutput) -> RunnerOutput:

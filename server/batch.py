@@ -589,7 +589,7 @@ def _run(args: argparse.Namespace, command: str) -> int:
         elif pending:
             gpus = L.visible_gpus()
             # external (torchrun, multi-node) ranks: one instance here, its ranks bring their own GPUs
-            slices = [[]] if config.rank_endpoint else L.plan_instances(config.tensor_parallel_size, gpus,
+            slices = [[]] if config.rank_endpoint else L.plan_instances(config.ranks_per_instance, gpus,
                                                                         args.num_instances)
             slices = slices[:max(1, min(len(slices), len(pending)))]
             if len(slices) == 1:

@@ -155,7 +155,7 @@ def run_ray(args: argparse.Namespace, pending: Sequence[B.Task], base: Path, cac
         nodes = [n for n in ray.nodes() if n.get("Alive")]
         node_cpus = [n["Resources"].get("CPU", 0) for n in nodes]
         node_gpus = [n["Resources"].get("GPU", 0) for n in nodes]
-        gpus_per_model = B.engine_config(args).tensor_parallel_size or 0
+        gpus_per_model = B.engine_config(args).ranks_per_instance or 0
         resources = replica_resources(gpus_per_model, node_gpus)
         n = pool_size(resources, node_cpus, node_gpus, args.num_instances, math.ceil(len(pending) / args.batch_size))
         where = f"{resources['num_gpus']} GPU(s)" if "num_gpus" in resources else "1 CPU"

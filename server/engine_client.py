@@ -129,7 +129,7 @@ class EngineClient:
                 if isinstance(msg, CoreReady):
                     self.ready = msg
         if self.metrics is not None:
-            self.metrics.on_engine_ready(self.index, self.ready.num_blocks, self.ready.kernels)
+            self.metrics.on_engine_ready(self.index, self.ready.num_blocks, self.ready.kernels, self.ready.layout)
         kernels = "".join(f", {op}={impl}" for op, impl in self.ready.kernels.items())
         logger.info("engine instance %d ready: pid %d, %d KV blocks%s%s", self.index, self.ready.pid,
                     self.ready.num_blocks, kernels, f", CUDA_VISIBLE_DEVICES={self.env['CUDA_VISIBLE_DEVICES']}"

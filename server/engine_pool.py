@@ -42,7 +42,7 @@ def plan_engine_instances(config: EngineConfig, data_parallel_size: int | None =
         return [[]]
     if gpus is None:
         gpus = launcher.visible_gpus() if config.on_cuda() else []
-    return launcher.plan_instances(config.tensor_parallel_size, gpus, data_parallel_size)
+    return launcher.plan_instances(config.ranks_per_instance, gpus, data_parallel_size)
 
 
 def instance_env(devices: Sequence[str], num_instances: int) -> dict[str, str] | None:

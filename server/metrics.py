@@ -81,6 +81,9 @@ class ServerMetrics:
         self._kernels = Gauge("diffgentor:kernel_impl", "1 for the kernel implementation each engine instance runs "
                               "per op (attention: flashinfer or sdpa; moe: flashinfer, grouped, fp8_grouped, ...), as "
                               "proven at start-up.", ["model_name", "engine", "op", "impl"], registry=r)
+        self._layout = Gauge("diffgentor:parallel_layout", "Each engine instance's rank grid: its tensor-parallel "
+                             "(tp), CFG-parallel (cfg) and sequence-parallel (sp) sizes, and world (the rank "
+                             "processes, tp x cfg x sp).", ["model_name", "engine", "dim"], registry=r)
         self._routed = Counter("diffgentor:engine_requests", "Requests sent to each engine instance (data parallel).",
                                ["model_name", "engine"], registry=r)
         self._last: dict[int, dict[str, int]] = {}  # cumulative counters last seen, per engine instance
@@ -88,10 +91,13 @@ class ServerMetrics:
         self._max_batch = 0
 
     # ------------------------------------------------------------------ updates
-    def on_engine_ready(self, engine: int, num_blocks: int, kernels: dict[str, str] | None = None) -> None:
-        """An instance's KV cache before its first step: all blocks free (so /metrics adds up from the start), and
-        the kernel implementation it runs per op."""
+    def on_engine_ready(self, engine: int, num_blocks: int, kernels: dict[str, str] | None = None,
+                        layout: dict[str, int] | None = None) -> None:
+        """An instance's KV cache before its first step: all blocks free (so /metrics adds up from the start), the
+        kernel implementation it runs per op, and its parallel layout (tp / cfg / sp / world sizes)."""
         self._routed.labels(self.model_name, str(engine))
+        for dim, size in (layout or {}).items():
+            self._layout.labels(self.model_name, str(engine), dim).set(size)
         for op, impl in (kernels or {}).items():
             self._kernels.labels(self.model_name, str(engine), op, impl).set(1)
         self.on_stats(SchedulerStats(num_running=0, num_waiting=0, kv_usage=0.0, num_free_blocks=num_blocks,

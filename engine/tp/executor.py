@@ -1,7 +1,9 @@
-"""`MultiprocExecutor`: the engine core's one scheduler drives one worker process per tensor-parallel rank.
+"""`MultiprocExecutor`: the engine core's one scheduler drives one worker process per rank of the parallel layout
+(tensor x CFG x sequence parallel, engine/parallel_layout.py).
 
 Each step the executor broadcasts the plan (`engine.tp.messages.ExecuteModel`, the `SchedulerOutput`) to every rank
-(`engine.tp.rank`), waits until every rank has executed it, and returns rank 0's `RunnerOutput`.
+(`engine.tp.rank`), waits until every rank has executed it, and returns the step's `RunnerOutput`: rank 0's, merged
+with the other CFG groups' leaders' reports of the requests their groups own (`RunnerOutput.merge_group`).
 
 Failure handling: the executor waits for a step's replies in short polls, checking every rank's process liveness in
 between, so a rank that dies is noticed within `poll_s`; a rank that hangs is noticed after `step_timeout_s` (and the
@@ -26,6 +28,7 @@ from typing import Any
 
 from diffgentor.engine.config import EngineConfig, omp_num_threads
 from diffgentor.engine.executor import Executor, ExecutorError
+from diffgentor.engine.parallel_layout import ParallelLayout
 from diffgentor.engine.scheduler_output import RunnerOutput, SchedulerOutput
 from diffgentor.engine.tp.messages import (
     ExecuteModel,
@@ -46,12 +49,12 @@ logger = logging.getLogger(__name__)
 
 
 class MultiprocExecutor(Executor):
-    """One worker process per tensor-parallel rank, all executing the same plans."""
+    """One worker process per rank of the layout, all executing the same plans."""
 
     def __init__(
         self,
         config: EngineConfig,
-        world_size: int | None = None,
+        layout: ParallelLayout | None = None,
         expert_parallel: bool | None = None,
         ready_timeout_s: float = 600.0,
         step_timeout_s: float = 600.0,
@@ -64,9 +67,9 @@ class MultiprocExecutor(Executor):
         import zmq
 
         self.config = config
-        self.world_size = world_size or config.resolve_tensor_parallel_size()
-        if self.world_size < 1:
-            raise ValueError(f"world_size must be >= 1, got {self.world_size}")
+        self.layout = layout or config.parallel_layout()
+        self.world_size = self.layout.world_size
+        self.leaders = self.layout.group_leaders()  # the ranks whose outputs make the step's output
         self.expert_parallel = config.env.expert_parallel if expert_parallel is None else bool(expert_parallel)
         self.step_timeout_s = step_timeout_s
         self.poll_ms = max(1, int(poll_s * 1000))
@@ -82,8 +85,8 @@ class MultiprocExecutor(Executor):
         self.endpoint = config.rank_endpoint  # external ranks (torchrun, multi-node) connect here
         self.heartbeat_timeout_s = heartbeat_timeout_s
         self._last_seen: dict[int, float] = {}  # external ranks: when each was last heard from
-        self._setup = RankSetup(config=config, expert_parallel=self.expert_parallel, pg_timeout_s=pg_timeout_s,
-                                num_threads=num_threads)
+        self._setup = RankSetup(config=config, layout=self.layout, expert_parallel=self.expert_parallel,
+                                pg_timeout_s=pg_timeout_s, num_threads=num_threads)
         self._dir = tempfile.mkdtemp(prefix="dg-tp-")
         self._zctx = zmq.Context()
         if self.endpoint is None:
@@ -116,7 +119,7 @@ class MultiprocExecutor(Executor):
         self._procs = [] if self.endpoint is not None else [
             spawn.Process(
                 target=rank_main, name=f"dg-tp-rank{r}", daemon=True,
-                args=(r, self.world_size, config, init_method, in_addrs[r], out_addr,
+                args=(r, self.layout, config, init_method, in_addrs[r], out_addr,
                       self.expert_parallel, pg_timeout_s, os.getpid(), num_threads),
             )
             for r in range(self.world_size)
@@ -155,7 +158,7 @@ class MultiprocExecutor(Executor):
         self.vae_budget = ready[0].vae_budget
         if self.endpoint is not None:
             self.rank_pids = [ready[r].pid for r in range(self.world_size)]  # pids on their own nodes
-        logger.info("tensor-parallel executor ready: %d ranks (%s), %d KV blocks, rank pids %s", self.world_size,
+        logger.info("parallel executor ready: %s (%s), %d KV blocks, rank pids %s", self.layout.describe(),
                     "expert parallel" if self.expert_parallel else "tensor parallel", self.num_blocks,
                     [ready[r].pid for r in range(self.world_size)])
 
@@ -185,7 +188,7 @@ class MultiprocExecutor(Executor):
         """An external rank connected: check it belongs to this group, then send it the config to load."""
         if msg.world_size != self.world_size or not 0 <= msg.rank < self.world_size:
             raise ExecutorError(f"a tensor-parallel rank on {msg.host} (pid {msg.pid}) says rank {msg.rank} of "
-                                  f"{msg.world_size}, but this engine has --tensor-parallel-size {self.world_size}")
+                                  f"{msg.world_size}, but this engine's layout is {self.layout.describe()}")
         logger.info("tensor-parallel rank %d connected from %s (pid %d)", msg.rank, msg.host, msg.pid)
         self._ins[msg.rank].send(self._enc.encode(self._setup))
 
@@ -281,7 +284,8 @@ class MultiprocExecutor(Executor):
             raise
 
     def execute_model(self, plan: SchedulerOutput) -> RunnerOutput:
-        """Broadcast the plan to every rank; rank 0's output once every rank has executed it."""
+        """Broadcast the plan to every rank; once every rank has executed it, rank 0's output merged with the other
+        CFG groups' leaders' outputs."""
         self.check()
         self._seq += 1
         seq = self._seq
@@ -296,14 +300,18 @@ class MultiprocExecutor(Executor):
                                                    f"did not finish step {seq} within {self.step_timeout_s:.0f} s")
                 if isinstance(msg, RankReply) and msg.seq == seq:
                     replies[msg.rank] = msg
-            if replies[0].output is None:
-                raise ExecutorError(f"tensor-parallel rank 0 sent no output for step {seq}")
+            missing = [r for r in self.leaders if replies[r].output is None]
+            if missing:
+                raise ExecutorError(f"rank(s) {missing} sent no output for step {seq}")
         except ExecutorError as e:
             self._fail(str(e))
             raise
         for r, rep in replies.items():
             self.rank_vm_hwm_kb[r] = rep.vm_hwm_kb
-        return replies[0].output
+        out = replies[0].output
+        for r in self.leaders[1:]:
+            out.merge_group(replies[r].output)
+        return out
 
     def _fail(self, msg: str) -> None:
         """A rank failed: every rank is stopped, and every later use raises `msg`."""

@@ -3,8 +3,8 @@
 * input (executor PUSH -> rank PULL, one socket per rank): `ExecuteModel` (one step's `SchedulerOutput`, the same
   plan for every rank), `ShutdownCmd`, or (external ranks only, first) `RankSetup`;
 * output (every rank PUSH -> executor PULL, one socket): `RankHello` (external ranks, before loading), `RankReady`
-  once the shard is loaded, `RankReply` per plan (rank 0 carries the `RunnerOutput`; the others only say they are
-  done), `RankHeartbeat` (external ranks), or `RankFailed` before a rank exits on a fatal error.
+  once the shard is loaded, `RankReply` per plan (each CFG group's leader carries its `RunnerOutput`; the others
+  only say they are done), `RankHeartbeat` (external ranks), or `RankFailed` before a rank exits on a fatal error.
 
 Ranks never see a request as the user wrote it (text, encoded images): only plans. Tensors and numpy arrays inside
 plans and outputs travel as msgpack extension types (`encoder` / `decoder`).
@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from diffgentor.engine.config import EngineConfig
+from diffgentor.engine.parallel_layout import ParallelLayout
 from diffgentor.engine.scheduler_output import RunnerOutput, SchedulerOutput
 from diffgentor.engine.vae_budget import VaeBudget
 
@@ -36,6 +37,7 @@ class RankSetup(msgspec.Struct, tag="setup", kw_only=True):
     """What an external rank (started by torchrun) learns from the executor after its hello: the one config."""
 
     config: EngineConfig
+    layout: ParallelLayout
     expert_parallel: bool
     pg_timeout_s: float
     num_threads: int | None = None
@@ -55,7 +57,7 @@ class RankReady(msgspec.Struct, tag="ready", kw_only=True):
 class RankReply(msgspec.Struct, tag="reply", kw_only=True):
     rank: int
     seq: int
-    output: RunnerOutput | None = None  # rank 0 only
+    output: RunnerOutput | None = None  # each CFG group's leader only (rank 0 is the first)
     vm_hwm_kb: int = 0
 
 

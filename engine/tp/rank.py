@@ -24,6 +24,7 @@ import msgspec
 from diffgentor.engine.allocator import IdleRelease
 from diffgentor.engine.config import EngineConfig
 from diffgentor.engine.os_process import exit_with_parent, vm_hwm_kb
+from diffgentor.engine.parallel_layout import ParallelLayout
 from diffgentor.engine.tp.messages import (
     HEARTBEAT_S,
     ExecuteModel,
@@ -46,8 +47,9 @@ logger = logging.getLogger(__name__)
 DISCONNECT_GRACE_S = 10.0
 
 
-def rank_main(rank: int, world_size: int, config: EngineConfig, init_method: str, in_addr: str, out_addr: str,
-               expert_parallel: bool, pg_timeout_s: float, parent_pid: int, num_threads: int | None) -> None:
+def rank_main(rank: int, layout: ParallelLayout, config: EngineConfig, init_method: str, in_addr: str,
+              out_addr: str, expert_parallel: bool, pg_timeout_s: float, parent_pid: int,
+              num_threads: int | None) -> None:
     """Entry of one spawned rank: join the group, load the shard, announce readiness, then step on command."""
     import zmq
 
@@ -58,7 +60,7 @@ def rank_main(rank: int, world_size: int, config: EngineConfig, init_method: str
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s tp-rank{rank} %(levelname)s %(message)s")
     zctx = zmq.Context()
     out, inp = _rank_sockets(zctx, in_addr, out_addr)
-    _serve_rank(rank, world_size, config, init_method, out, inp, expert_parallel, pg_timeout_s, num_threads,
+    _serve_rank(rank, layout, config, init_method, out, inp, expert_parallel, pg_timeout_s, num_threads,
                 device_index=rank, parent_pid=parent_pid)
 
 
@@ -74,9 +76,9 @@ def _rank_sockets(zctx, in_addr: str, out_addr: str):
     return out, inp
 
 
-def _serve_rank(rank: int, world_size: int, config: EngineConfig, init_method: str, out, inp, expert_parallel: bool,
-                pg_timeout_s: float, num_threads: int | None, device_index: int, parent_pid: int | None,
-                shutdown: threading.Event | None = None) -> None:
+def _serve_rank(rank: int, layout: ParallelLayout, config: EngineConfig, init_method: str, out, inp,
+                expert_parallel: bool, pg_timeout_s: float, num_threads: int | None, device_index: int,
+                parent_pid: int | None, shutdown: threading.Event | None = None) -> None:
     """The rank's life after its sockets exist: join the group, load its shard, then execute plans until a
     shutdown (exit 0) or an error (reported as `RankFailed`, exit 1). Never returns."""
     import zmq
@@ -94,10 +96,11 @@ def _serve_rank(rank: int, world_size: int, config: EngineConfig, init_method: s
         cuda = config.on_cuda()
         if cuda:
             torch.cuda.set_device(device_index)
-        ctx = init_distributed("nccl" if cuda else "gloo", init_method, rank, world_size,
+        ctx = init_distributed("nccl" if cuda else "gloo", init_method, rank, layout,
                                expert_parallel=expert_parallel, timeout_s=pg_timeout_s)
         worker = Worker.load(config, parallel=ctx)
-        worker.reports_latents = rank == 0  # only rank 0's output reaches the core: no device-to-host copy elsewhere
+        # only the CFG groups' leaders' outputs reach the core: no device-to-host copy of latents elsewhere
+        worker.reports_latents = reports = ctx.is_group_leader
         out.send(enc.encode(RankReady(rank=rank, pid=os.getpid(), num_blocks=worker.num_blocks,
                                      kernel_impls=worker.kernel_impls, vae_budget=worker.vae_budget)))
         poller = zmq.Poller()
@@ -119,7 +122,7 @@ def _serve_rank(rank: int, world_size: int, config: EngineConfig, init_method: s
                 continue
             output = worker.execute_model(msg.plan)
             idle.busy()
-            out.send(enc.encode(RankReply(rank=rank, seq=msg.seq, output=output if rank == 0 else None,
+            out.send(enc.encode(RankReply(rank=rank, seq=msg.seq, output=output if reports else None,
                                           vm_hwm_kb=vm_hwm_kb())))
     except BaseException as e:  # noqa: BLE001 - report, then die with a non-zero status
         msg = f"{type(e).__name__}: {e}"
@@ -216,7 +219,11 @@ def run_external_rank(connect: str, setup_timeout_s: float = 600.0, environ: dic
     _heartbeat(zctx, out_addr, rank)
     logger.info("rank %d/%d (local %d) connected to %s; loading %s", rank, world_size, local_rank, connect,
                 setup.config.model)
-    _serve_rank(rank, world_size, setup.config, "env://", out, inp, setup.expert_parallel, setup.pg_timeout_s,
+    if setup.layout.world_size != world_size:
+        logger.error("torchrun started %d ranks, but the executor's layout is %s", world_size,
+                     setup.layout.describe())
+        return 1
+    _serve_rank(rank, setup.layout, setup.config, "env://", out, inp, setup.expert_parallel, setup.pg_timeout_s,
                 setup.num_threads, device_index=local_rank, parent_pid=None, shutdown=shutdown)
     return 0  # not reached: _serve_rank exits the process
 
