@@ -142,7 +142,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     runner.execute(SchedulerOutput(new_requests=[NewRequestData(r, i, [], [], SamplingParams())
                                                  for i, r in enumerate(rids)]))
     result: dict[str, Any] = dict(device=args.device, shapes=args.model or args.shapes,
-                                  layers=model.config.num_hidden_layers, steps=args.steps, rows=[])
+                                  layers=model.config.num_hidden_layers, steps=args.steps, rows=[],
+                                  graph_attention=getattr(graphs, "attn", None) and graphs.attn.name)
     if cuda:
         result["gpu"] = torch.cuda.get_device_name(0)
     result["copy_bandwidth_Bps"] = copy_bandwidth(args.device)

@@ -39,7 +39,8 @@ SECTIONS: tuple[tuple[str, str], ...] = (
             "build finished"),
     ("fp8_stack", "FP8 experts vs bf16 on a 2-layer real-width stack: logits cosine >= 0.99, velocity rel-L2 <= 0.08"),
     ("cuda_graphs", "decode CUDA graphs at real width, batch 1 and 16: replay equals the static forward, speedup > 1, "
-                    "graph pool bytes"),
+                    "graph pool bytes; then whole decode steps (bench/decode.py) graphs on / off at B = 1, 16, 64 "
+                    "over 2048 keys, FlashInfer's graph-mode decode wrapper captured when FlashInfer imports"),
     ("e2e_edit", "one Distil edit at real width, 2 layers (1024x1024, one 1024x1024 condition image, think 64, 8 "
                  "steps) on the default path: finite non-constant image, per-phase times, peak <= plan x 1.1"),
     ("vae", "VAE decode (1 and 2 images) and encode (1 image) at 1024x1024: measured peaks within 10% of the plan"),
@@ -402,7 +403,42 @@ def section_cuda_graphs(chk: Check, gpu: bool, out: Path) -> dict[str, Any]:
                 res[f"B{batch}"].update(graph_s=t_graph, static_s=t_static, speedup=t_static / t_graph,
                                         pool_bytes=torch.cuda.memory_reserved() - before)
                 chk(f"B{batch}: graph replay is faster", t_static / t_graph > 1.0, speedup=t_static / t_graph)
+    res["decode_steps"] = _decode_steps_graphs_on_off(chk, gpu)
     return res
+
+
+def _decode_steps_graphs_on_off(chk: Check, gpu: bool) -> dict[str, Any]:
+    """Whole worker decode steps (`bench/decode.py`'s measurement: forward, logits, sampling) with graphs off and on,
+    at real width and 2 layers on CUDA (B = 1, 16, 64 over 2048 keys; FlashInfer attention when it imports, so the
+    graph holds its paged decode wrapper), on the tiny shapes on CPU (the static forward, uncaptured)."""
+    import argparse
+
+    from diffgentor.bench.decode import measure
+
+    attn = "sdpa"
+    if gpu:
+        try:
+            import flashinfer  # noqa: F401
+
+            attn = "flashinfer"
+        except Exception:  # noqa: BLE001 - any import failure: the torch static attention is captured
+            attn = "sdpa"
+    batches = [1, 16, 64] if gpu else [1, 2]
+    args = argparse.Namespace(model=None, shapes="real" if gpu else "tiny", layers=2 if gpu else None,
+                              device="cuda" if gpu else "cpu", batch=batches, context=[2048] if gpu else [64],
+                              modes=["eager", "graphs"], warmup=2, steps=5 if gpu else 1, moe_impl="eager",
+                              attn_impl=attn)
+    out = measure(args)
+    step = {(r["batch"], r["mode"]): r["step_ms"] for r in out["rows"]}
+    chk("decode steps: every batch ran eager and with graphs", all((b, m) in step for b in batches
+                                                                    for m in ("eager", "graphs")))
+    want = "flashinfer_graph_decode" if attn == "flashinfer" else "static_decode"
+    chk(f"decode steps: graphs captured {want}", out["graph_attention"] == want, got=out["graph_attention"])
+    for b in batches:
+        if gpu and (b, "eager") in step and (b, "graphs") in step:
+            ratio = step[(b, "eager")] / step[(b, "graphs")]
+            chk(f"decode steps B{b}: graphs on are not slower than off", ratio >= 0.95, eager_over_graphs=ratio)
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ 6 end to end

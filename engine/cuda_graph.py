@@ -1,22 +1,32 @@
-"""CUDA graphs for decode-only steps (think / recaption tokens): capture per batch-size bucket, replay, else eager.
+"""CUDA graphs for decode-only steps (think / recaption tokens): capture per bucket, replay, else eager.
 
 A decode-only step is a step whose every chunk is ONE plain text token that samples the next token: no prefill,
 no diffusion image block, no image / timestep slot in the chunk. Such a step is launch-bound on a GPU (a few
 hundred small kernels for one token per sequence), which is what a CUDA graph removes. `decode_batch` decides
 whether a step qualifies and lays its inputs out for a bucket: a batch size B (1, 2, 4, ..., max_num_seqs) and a
-page-table width M (pages for 512, 1024, 2048, ... keys up to a cap), the smallest of each that holds the step, so
-the static attention reads at most twice the keys of the longest sequence (or 512). `DecodeGraphRunner` owns the static
+page-table width M, the smallest of each that holds the step. Widths reach the model's max_position_embeddings, so
+every context the model allows (a 2-3-image edit's 12-18k keys included) can replay a graph.
+
+The captured attention (`decode_attention_for`) is the paged kernel where FlashInfer is the backend: its decode
+wrapper in CUDA-graph mode (fixed page-table buffers, one wrapper per batch bucket, planned on the host before each
+replay) reads only each sequence's own pages, so one width serves every context and a bucket is captured once.
+With the torch backend it is `kernels.decode_attention.StaticDecodeAttention`, which reads every page of its width
+(widths double from 512 keys, so at most twice the longest sequence's keys). `DecodeGraphRunner` owns the static
 input buffers (token ids, positions, slots, page tables [B, M], kv lens), runs the static decode forward (embedding
-lookup -> backbone with `StaticDecodeAttention` -> last hidden states) and captures it per (B, M) into one shared
-graph memory pool.
+lookup -> backbone with the static attention -> last hidden states) and captures it per (B, M) into one shared
+graph memory pool (planned by `engine.memory_plan.graph_pool_bytes`).
+
+Tensor parallel: every rank runs the same SchedulerOutput, so every rank selects the same bucket at the same step
+and captures in lockstep; the all-reduces (vocab-parallel embedding, o_proj, MoE) are recorded into each rank's
+graph and run on replay like any kernel (NCCL collectives are capturable). A capture failure on one rank leaves that
+rank eager for the step, which issues the same collectives in the same order as a replay.
 
 Capture is LAZY (the first time a bucket is needed), not at startup: this engine's steps are mostly prefill and
 diffusion, and many deployments never decode more than a few sequences at once nor reach long contexts, so
 capturing every (B, M) up front would add startup time and hold graph memory for buckets never replayed. A capture
 failure (e.g. a MoE implementation that reads group sizes on the host) turns graphs off for good with ONE warning;
-the step and every later one run eagerly. Graphs are used only on CUDA, never with `--enforce-eager`, and not
-under tensor parallel (a collective inside a captured graph, and every rank capturing in lockstep, are untested
-here); see docs/decisions.md, "CUDA graphs for decode-only steps".
+the step and every later one run eagerly. Graphs are used only on CUDA and never with `--enforce-eager`; see
+docs/decisions.md, "CUDA graphs for decode-only steps".
 """
 
 from __future__ import annotations
@@ -33,11 +43,9 @@ from diffgentor.engine.models.hunyuan_image_3.model import HunyuanImage3ForCausa
 from diffgentor.engine.scheduler_output import Chunk
 from diffgentor.kernels.decode_attention import StaticDecodeAttention, StaticDecodeMetadata
 from diffgentor.kernels.fallback import warn_once
+from diffgentor.kernels.flashinfer_attention import FlashInferGraphDecode, FlashInferPagedAttention
+from diffgentor.kernels.host_copy import host_tensor
 from diffgentor.kernels.kv_cache import PagedKVCache
-
-DEFAULT_MAX_CONTEXT_TOKENS = 8192
-"""Keys a graph-decoded sequence may have (the widest page table = this / block_size, capped by the model's
-max_position_embeddings); longer sequences decode eagerly."""
 
 MIN_CONTEXT_TOKENS = 512
 """Keys covered by the narrowest page table."""
@@ -74,15 +82,22 @@ def pick_bucket(num_rows: int, buckets: Sequence[int]) -> int | None:
     return min((b for b in buckets if b >= num_rows), default=None) if num_rows > 0 else None
 
 
-def cuda_graphs_allowed(device: torch.device | str, enforce_eager: bool, tensor_parallel: bool) -> tuple[bool, str]:
-    """(use CUDA graphs for decode steps, why not): only on CUDA, not with --enforce-eager, not tensor parallel."""
+def cuda_graphs_allowed(device: torch.device | str, enforce_eager: bool) -> tuple[bool, str]:
+    """(use CUDA graphs for decode steps, why not): only on CUDA and not with --enforce-eager (tensor parallel
+    included: the ranks capture in lockstep, module docstring)."""
     if enforce_eager:
         return False, "--enforce-eager"
     if torch.device(device).type != "cuda":
         return False, f"device {device} is not CUDA"
-    if tensor_parallel:
-        return False, "tensor parallel (collectives are not captured)"
     return True, "ok"
+
+
+def graph_keys(max_num_seqs: int, max_context_tokens: int, block_size: int, paged_kernel: bool
+               ) -> tuple[tuple[int, int], ...]:
+    """Every (batch bucket, page-table width) a runner may capture: with the paged kernel one width (the widest: the
+    kernel reads only each sequence's pages), else every width bucket."""
+    widths = width_buckets(max_context_tokens, block_size)
+    return tuple((b, w) for b in batch_buckets(max_num_seqs) for w in (widths[-1:] if paged_kernel else widths))
 
 
 def is_decode_chunk(c: Chunk) -> bool:
@@ -109,8 +124,20 @@ class DecodeBatch:
     token_ids: list[int]
     positions: list[list[int]]  # [bucket][2] (y, x)
     slots: list[int]
-    block_tables: list[list[int]]  # [bucket][width]
+    pages: list[list[int]]  # [num_rows][pages of the row]: each real row's own pages, unpadded
     kv_lens: list[int]
+    scratch_block: int
+
+    @property
+    def block_tables(self) -> list[list[int]]:
+        """[bucket][width] page tables padded with the scratch block (what the torch static attention reads)."""
+        rows = [t + [self.scratch_block] * (self.width - len(t)) for t in self.pages]
+        return rows + [[self.scratch_block] * self.width] * (self.bucket - self.num_rows)
+
+    def page_lists(self) -> tuple[list[int], list[list[int]]]:
+        """(kv_lens, pages) of every bucket row, padding rows one key on the scratch block (the paged kernel's)."""
+        pad = self.bucket - self.num_rows
+        return self.kv_lens, self.pages + [[self.scratch_block]] * pad
 
 
 def decode_batch(
@@ -145,9 +172,25 @@ def decode_batch(
         token_ids=ids + [0] * pad,
         positions=pos + [[0, 0]] * pad,
         slots=slots + [scratch_slot] * pad,
-        block_tables=[t + [scratch_block] * (width - len(t)) for t in tables] + [[scratch_block] * width] * pad,
+        pages=tables,
         kv_lens=lens + [1] * pad,
+        scratch_block=scratch_block,
     )
+
+
+def decode_attention_for(model: HunyuanImage3ForCausalMM, buckets: Sequence[int], max_pages: int
+                         ) -> StaticDecodeAttention | FlashInferGraphDecode:
+    """The attention a graph captures: FlashInfer's decode wrapper in CUDA-graph mode when the model's backend is
+    FlashInfer and it can run here (never torch attention in its place), else the torch static attention."""
+    backbone = model.model
+    attn = backbone.attn
+    if isinstance(attn, FlashInferPagedAttention):
+        graph = attn.graph_decode(model.device, buckets, max_pages)
+        if graph is not None:
+            return graph
+    cfg = model.config
+    return StaticDecodeAttention(backbone.num_local_heads, backbone.num_local_kv_heads, cfg.head_dim,
+                                 cfg.head_dim**-0.5)
 
 
 class DecodeGraphRunner:
@@ -163,7 +206,7 @@ class DecodeGraphRunner:
         kv_cache: PagedKVCache,
         scratch_block: int,
         max_num_seqs: int,
-        max_context_tokens: int = DEFAULT_MAX_CONTEXT_TOKENS,
+        max_context_tokens: int | None = None,
         use_graphs: bool = True,
     ) -> None:
         if not 0 <= scratch_block < kv_cache.num_blocks:
@@ -174,14 +217,16 @@ class DecodeGraphRunner:
         self.block_size = kv_cache.block_size
         self.buckets = batch_buckets(max_num_seqs)
         cfg = model.config
-        self.widths = width_buckets(min(max_context_tokens, cfg.max_position_embeddings), self.block_size)
-        self.max_blocks = self.widths[-1]
-        backbone = model.model
-        self.attn = StaticDecodeAttention(backbone.num_local_heads, backbone.num_local_kv_heads, cfg.head_dim,
-                                          cfg.head_dim**-0.5)
+        limit = cfg.max_position_embeddings
+        all_widths = width_buckets(min(max_context_tokens or limit, limit), self.block_size)
+        self.max_blocks = all_widths[-1]
+        self.attn = decode_attention_for(model, self.buckets, self.max_blocks)
+        self.paged_kernel = isinstance(self.attn, FlashInferGraphDecode)
+        self.widths = all_widths[-1:] if self.paged_kernel else all_widths
         self.use_graphs = use_graphs
         self.disabled_reason: str | None = None
         dev = model.device
+        self._q_dtype = model.model.wte.weight.dtype
         b = self.buckets[-1]
         self._ids = torch.zeros(b, dtype=torch.long, device=dev)
         self._positions = torch.zeros(b, 2, dtype=torch.long, device=dev)
@@ -214,12 +259,18 @@ class DecodeGraphRunner:
         return self.model.model(emb, self._positions[:bucket], md, self.kv_cache, attn=self.attn)
 
     def load(self, batch: DecodeBatch) -> None:
-        """Copy a step's inputs into the static buffers (one host->device copy per buffer)."""
+        """Copy a step's inputs into the static buffers (one host->device copy per buffer) and plan the attention
+        on the host (FlashInfer: its fixed page-table buffers), before a capture or a replay."""
         b = batch.bucket
-        for buf, values in ((self._ids[:b], batch.token_ids), (self._positions[:b], batch.positions),
-                            (self._slots[:b], batch.slots), (self._tables[:b, : batch.width], batch.block_tables),
-                            (self._kv_lens[:b], batch.kv_lens)):
-            buf.copy_(torch.tensor(values, dtype=torch.long))
+        bufs = [(self._ids[:b], batch.token_ids), (self._positions[:b], batch.positions),
+                (self._slots[:b], batch.slots), (self._kv_lens[:b], batch.kv_lens)]
+        if not self.paged_kernel:  # only the torch static attention reads the padded tables
+            bufs.append((self._tables[:b, : batch.width], batch.block_tables))
+        cuda = self._ids.is_cuda
+        for buf, values in bufs:
+            buf.copy_(host_tensor(values, torch.long, cuda), non_blocking=cuda)
+        kv_lens, pages = batch.page_lists()
+        self.attn.prepare(kv_lens, pages, self.block_size, self._q_dtype, self.kv_cache.dtype)
 
     def run(self, chunks: Sequence[Chunk]) -> Tensor | None:
         """Hidden states [len(chunks), H] of a decode-only step (graph replay, or the static forward when graphs

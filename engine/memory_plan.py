@@ -72,6 +72,9 @@ ATTENTION_WORKSPACE_BYTES = 128 * MiB
 CUBLAS_WORKSPACE_BYTES = 2 * (32 + 1) * MiB
 """cuBLAS (32 MiB on sm90, PyTorch's default CUBLAS_WORKSPACE_CONFIG) plus cuBLASLt (1 MiB) per stream that runs a
 GEMM: the compute stream and the CUDA-graph warm-up stream (engine/cuda_graph.py)."""
+FLASHINFER_DECODE_INT_WORKSPACE_BYTES = 8 * MiB
+"""The int workspace FlashInfer's decode wrapper allocates on the device (one per graph-mode wrapper, i.e. per batch
+bucket of engine/cuda_graph.py)."""
 NCCL_BYTES = 512 * MiB
 """NCCL communicator buffers and its streams' workspace under tensor parallel (per rank, a conservative figure)."""
 IMAGE_SIDE = 1024
@@ -357,22 +360,31 @@ def activation_peak_bytes(
 
 
 def graph_pool_bytes(model_config: HunyuanImage3Config, parallel: ParallelContext, max_num_seqs: int,
-                     block_size: int, moe_impl: str, quantization: str | None, dtype_bytes: int = 2) -> int:
+                     block_size: int, moe_impl: str, quantization: str | None, dtype_bytes: int = 2,
+                     attn_impl: str = "sdpa") -> int:
     """The CUDA-graph pool (engine/cuda_graph.py): the peak of the widest static decode forward it captures
-    (max_num_seqs rows, page tables of DEFAULT_MAX_CONTEXT_TOKENS keys), which the pool keeps reserved: the key
-    mask, one layer's K/V page gathers and that layer's attention or MoE temporaries on max_num_seqs tokens."""
-    from diffgentor.engine.cuda_graph import DEFAULT_MAX_CONTEXT_TOKENS, width_buckets
+    (max_num_seqs rows, page tables up to max_position_embeddings keys), which the pool keeps reserved: one layer's
+    attention or MoE temporaries on max_num_seqs tokens. The torch static attention holds the key mask and the
+    [B, keys] K/V page gathers of its widest table; FlashInfer's graph-mode decode wrapper reads the pages in place
+    (its output only) and holds, per batch bucket, its int workspace (FLASHINFER_DECODE_INT_WORKSPACE_BYTES) and its
+    fixed page-table buffers."""
+    from diffgentor.engine.cuda_graph import batch_buckets, width_buckets
 
     c = model_config
-    keys = width_buckets(min(DEFAULT_MAX_CONTEXT_TOKENS, c.max_position_embeddings), block_size)[-1] * block_size
+    pages = width_buckets(c.max_position_embeddings, block_size)[-1]
+    keys = pages * block_size
     n, d, b = max_num_seqs, c.head_dim, dtype_bytes
     hq = len(parallel.q_head_range(c.num_attention_heads))
     hkv = len(parallel.kv_head_range(c.num_key_value_heads))
     rope = attention_bytes(c, parallel, n, keys, n, False, b, block_size)["rope"]
-    # StaticDecodeAttention: QKV, q and k cast back, the [B, keys] K/V gathers, the masked kernel's additive mask
-    static = n * (hq + 2 * hkv) * d * b + n * (hq + hkv) * d * b + 2 * n * keys * hkv * d * b + \
-        n * math.ceil(keys / 16) * 16 * b + n * hq * d * b
+    qkv = n * (hq + 2 * hkv) * d * b + n * (hq + hkv) * d * b  # QKV, q and k cast back
     moe = moe_peak(moe_bytes(c, parallel, n, moe_impl, quantization, b))
+    if attn_impl == "flashinfer":
+        buckets = batch_buckets(max_num_seqs)
+        wrappers = sum(FLASHINFER_DECODE_INT_WORKSPACE_BYTES + 4 * (2 * bk + 1 + bk * pages) for bk in buckets)
+        return residual_bytes(c, n, b) + max(rope, qkv + n * hq * d * b, moe) + wrappers
+    # StaticDecodeAttention: the [B, keys] K/V gathers, the masked kernel's additive mask, the output
+    static = qkv + 2 * n * keys * hkv * d * b + n * math.ceil(keys / 16) * 16 * b + n * hq * d * b
     return n * keys + residual_bytes(c, n, b) + max(rope, static, moe)
 
 
@@ -539,9 +551,9 @@ def plan_memory(
                                         config.max_num_batched_tokens, config.block_size)
     vae = vae_plan(model_config, act)
     ws = workspace_bytes(parallel)
-    graphs = not config.enforce_eager and not parallel.is_parallel
-    pool = graph_pool_bytes(model_config, parallel, config.max_num_seqs, config.block_size, impl, quant, elem) \
-        if graphs else 0
+    attn = "flashinfer" if config.attn_impl == "flashinfer" else "sdpa"  # what the graphs capture (cuda_graph.py)
+    pool = 0 if config.enforce_eager else graph_pool_bytes(model_config, parallel, config.max_num_seqs,
+                                                          config.block_size, impl, quant, elem, attn)
     per_block = kv_block_bytes(model_config, parallel, config.block_size, elem)
     # under CFG parallel a request's conditional and unconditional rows live on different groups' caches
     min_blocks = CFG_ROWS // parallel.cfg_size * math.ceil(model_config.max_position_embeddings / config.block_size)

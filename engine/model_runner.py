@@ -6,7 +6,8 @@ batch), then samples tokens, takes Euler steps and decodes finished latents. Per
 live here: the seed's generator draws the condition posteriors then the initial noise (official order);
 a second generator seeded alike draws the text tokens. A failure is pinned on the request that caused
 it: when a batched forward raises, each request is retried alone and only the failing ones are reported.
-On CUDA a decode-only step (one text token per sequence) replays a captured graph instead (`engine.cuda_graph`).
+On CUDA a decode-only step (one text token per sequence) replays a captured graph instead (`engine.cuda_graph`),
+tensor parallel included.
 """
 
 from __future__ import annotations
@@ -82,7 +83,7 @@ class ModelRunner:
         # write to and read from (engine/cuda_graph.py); never handed to a request.
         self.scratch_block = num_blocks
         self.kv_cache: PagedKVCache = model.make_kv_cache(num_blocks + 1, block_size)
-        use_graphs, _ = cuda_graphs_allowed(model.device, enforce_eager, model.model.parallel.is_parallel)
+        use_graphs, _ = cuda_graphs_allowed(model.device, enforce_eager)
         self.decode_graphs: DecodeGraphRunner | None = (
             DecodeGraphRunner(model, self.kv_cache, self.scratch_block, max_num_seqs) if use_graphs else None
         )

@@ -15,6 +15,7 @@ are masked. Same plan/run contract as `kernels.attention` (`AttentionBackend`).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -101,6 +102,11 @@ class StaticDecodeAttention:
         self.scale = head_dim**-0.5 if scale is None else scale
         self._md: StaticDecodeMetadata | None = None
         self._mask: Tensor | None = None
+
+    def prepare(self, kv_lens: Sequence[int], pages: Sequence[Sequence[int]], block_size: int,
+                q_dtype: torch.dtype, kv_dtype: torch.dtype) -> None:
+        """Host planning before a capture or replay: none here (plan() builds the key mask from the `kv_lens`
+        buffer on the device, inside the graph)."""
 
     def plan(self, metadata: StaticDecodeMetadata, q_dtype: torch.dtype | None = None,
              kv_dtype: torch.dtype | None = None) -> None:

@@ -12,10 +12,15 @@ the device, asynchronously. The variants implement exactly the decompositions th
 * "cascade": self-contained runs -> non-causal paged prefill over the prefix [0, kv0) (return_lse) plus a
   ragged prefill over the run's own K/V (causal for text, full for a block), merged with `merge_state`;
   other runs as a non-causal paged row over [0, kv_end).
+`FlashInferGraphDecode` is the decode wrapper in CUDA-graph mode for the captured decode steps of `engine.cuda_graph`:
+one wrapper per batch bucket over fixed page-table buffers, planned on the host BEFORE each capture or replay (the
+plan writes the step's pages into those buffers and its split schedule into the wrapper's workspace); the captured
+run() reads only each sequence's own pages.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -89,11 +94,29 @@ class FlashInferPagedAttention:
         return to_device(rows, torch.long, self._device)
 
     # ------------------------------------------------------------------ wrappers
+    def workspace(self) -> Tensor:
+        """The float workspace every wrapper of this backend shares (the graph-mode decode wrappers too: steps run
+        one after another on one stream)."""
+        if self._workspace is None:
+            self._workspace = torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device=self._device)
+        return self._workspace
+
+    def graph_decode(self, device: torch.device | str, buckets: Sequence[int], max_pages: int
+                     ) -> FlashInferGraphDecode | None:
+        """The CUDA-graph-mode decode attention over this backend's workspace, or None where FlashInfer cannot run
+        on `device` (the caller then captures the torch static attention)."""
+        if self._fallback is not None:
+            return None
+        ok, _ = flashinfer_attention_available(device)
+        if not ok:
+            return None
+        self._device = torch.device(device)
+        return FlashInferGraphDecode(self, buckets, max_pages)
+
     def _wrapper(self, kind: str):
         import flashinfer
 
-        if self._workspace is None:
-            self._workspace = torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device=self._device)
+        self.workspace()
         w = self._wrappers.get(kind)
         if w is None:
             if kind == "decode":
@@ -222,3 +245,65 @@ class FlashInferPagedAttention:
             acc[rows] = o_m.float()
             lse[rows] = s_m
         return acc.to(q.dtype)
+
+
+class FlashInferGraphDecode:
+    """Decode attention for captured decode steps: FlashInfer's decode wrapper with `use_cuda_graph=True`, one per
+    batch bucket (its batch size is fixed), each over fixed int32 buffers: kv indptr [B + 1], page indices
+    [B * max_pages] and last-page lengths [B]. prepare() plans the step on the host (pinned arrays; the wrapper
+    copies them into its fixed buffers asynchronously) before a capture or a replay; plan() inside the forward does
+    no work (it only checks that the bucket was prepared) and run() is what the graph holds. The query and KV dtypes
+    are the model's; no in-kernel RoPE, as the eager wrappers."""
+
+    name = "flashinfer_graph_decode"
+
+    def __init__(self, owner: FlashInferPagedAttention, buckets: Sequence[int], max_pages: int) -> None:
+        if max_pages < 1:
+            raise ValueError(f"max_pages must be positive, got {max_pages}")
+        self.owner = owner
+        self.device = owner._device
+        self.buckets = tuple(buckets)
+        self.max_pages = max_pages
+        self._wrappers: dict[int, object] = {}
+        self._bucket: int | None = None
+
+    def wrapper(self, bucket: int):
+        """The bucket's graph-mode wrapper (made at its first prepare, with its fixed buffers)."""
+        w = self._wrappers.get(bucket)
+        if w is None:
+            import flashinfer
+
+            if bucket not in self.buckets:
+                raise ValueError(f"batch {bucket} is not one of the buckets {self.buckets}")
+            dev = self.device
+            w = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+                self.owner.workspace(), "NHD", use_cuda_graph=True, use_tensor_cores=True,
+                paged_kv_indptr_buffer=torch.zeros(bucket + 1, dtype=torch.int32, device=dev),
+                paged_kv_indices_buffer=torch.zeros(bucket * self.max_pages, dtype=torch.int32, device=dev),
+                paged_kv_last_page_len_buffer=torch.zeros(bucket, dtype=torch.int32, device=dev),
+            )
+            self._wrappers[bucket] = w
+        return w
+
+    def prepare(self, kv_lens: Sequence[int], pages: Sequence[Sequence[int]], page_size: int,
+                q_dtype: torch.dtype, kv_dtype: torch.dtype) -> None:
+        """Plan a step of len(kv_lens) rows (a bucket, padding rows included) on the host."""
+        rows = _PagedRows()
+        for r, (n, table) in enumerate(zip(kv_lens, pages)):
+            if -(-n // page_size) > self.max_pages:
+                raise ValueError(f"row {r}: {n} keys exceed {self.max_pages} pages of {page_size}")
+            rows.add(range(r, r + 1), list(table), n, page_size)
+        pin = self.device.type == "cuda"
+        o = self.owner
+        self.wrapper(len(kv_lens)).plan(
+            host_tensor(rows.kv_indptr, torch.int32, pin), host_tensor(rows.indices, torch.int32, pin),
+            host_tensor(rows.last_page_len, torch.int32, pin), o.num_qo_heads, o.num_kv_heads, o.head_dim,
+            page_size, pos_encoding_mode="NONE", sm_scale=o.scale, q_data_type=q_dtype, kv_data_type=kv_dtype)
+        self._bucket = len(kv_lens)
+
+    def plan(self, metadata, q_dtype: torch.dtype | None = None, kv_dtype: torch.dtype | None = None) -> None:
+        if self._bucket != metadata.num_seqs:
+            raise RuntimeError(f"a decode step of {metadata.num_seqs} rows was not prepared (prepared: {self._bucket})")
+
+    def run(self, q: Tensor, k: Tensor | None, v: Tensor | None, kv_cache: PagedKVCache, layer: int) -> Tensor:
+        return self._wrappers[self._bucket].run(q, kv_cache.layer(layer))

@@ -102,3 +102,46 @@ PUBLISHED_INSTRUCT_CONFIG = {
     "vit_processor": {"patch_size": 16, "max_num_patches": 1024, "image_mean": [0.5] * 3, "image_std": [0.5] * 3},
     "vit_aligner": {"projector_type": "mlp_gelu", "depth": 2, "input_dim": 1152, "n_embed": 4096},
 }
+
+
+def static_and_eager_decode(model, lens=(5, 11, 18), block: int = 4, graph_attention=None) -> dict:
+    """Prefill len(lens) text prompts eagerly, then ONE decode token each, run twice on the same inputs and cache:
+    the static decode forward of `engine.cuda_graph` (what a CUDA graph captures; `graph_attention`, when given, is
+    the backbone backend it is built from) and the eager forward. Returns both hidden states, the runner and the
+    cache's KV heads (tests/test_cuda_graph.py, tests/test_cuda_graph_tp.py)."""
+    import torch
+
+    from diffgentor.bench.decode import _text_layout
+    from diffgentor.engine.cuda_graph import DecodeGraphRunner
+    from diffgentor.engine.models.hunyuan_image_3.sampling import SamplingParams
+    from diffgentor.engine.scheduler_output import Chunk, SampleSpec
+    from diffgentor.kernels.attention import AttentionMetadata, SequenceChunk
+
+    layouts = [_text_layout(n + 1) for n in lens]
+    tables, at = [], 0
+    for n in lens:
+        k = -(-(n + 1) // block)
+        tables.append(list(range(at, at + k)))
+        at += k
+    cache = model.make_kv_cache(at + 1, block)  # + the scratch block padding rows write to
+    with torch.no_grad():
+        ids = torch.tensor([t for lay, n in zip(layouts, lens) for t in lay.token_ids[:n]])
+        pos = torch.cat([lay.positions[:n] for lay, n in zip(layouts, lens)])
+        md = AttentionMetadata.build([SequenceChunk(range(n), n, t) for n, t in zip(lens, tables)], block)
+        model(model.embed_tokens(ids), pos, md, cache)
+        chunks = [Chunk(f"r{i}", f"r{i}", lay.token_ids, lay, n, n + 1, t, sample=SampleSpec(SamplingParams()))
+                  for i, (lay, n, t) in enumerate(zip(layouts, lens, tables))]
+        shared = model.model.attn
+        if graph_attention is not None:
+            model.model.attn = graph_attention
+        try:
+            runner = DecodeGraphRunner(model, cache, at, max_num_seqs=4, use_graphs=False)
+        finally:
+            model.model.attn = shared
+        static = runner.run(chunks)
+        md1 = AttentionMetadata.build([SequenceChunk([n], n + 1, t) for n, t in zip(lens, tables)], block)
+        tok = torch.tensor([lay.token_ids[n] for lay, n in zip(layouts, lens)])
+        eager = model(model.embed_tokens(tok), torch.cat([lay.positions[n : n + 1] for lay, n in zip(layouts, lens)]),
+                      md1, cache)
+    return {"static": static, "eager": eager, "kv_heads": torch.tensor(cache.num_kv_heads), "runner": runner,
+            "chunks": chunks}

@@ -172,10 +172,10 @@ def test_steps_that_run_eagerly(case):
 
 
 def test_graphs_only_on_cuda_and_never_with_enforce_eager(tiny):
-    assert cuda_graphs_allowed("cuda", enforce_eager=False, tensor_parallel=False) == (True, "ok")
-    assert cuda_graphs_allowed("cuda:1", enforce_eager=True, tensor_parallel=False)[0] is False
-    assert cuda_graphs_allowed("cuda", enforce_eager=False, tensor_parallel=True)[0] is False
-    assert cuda_graphs_allowed("cpu", enforce_eager=False, tensor_parallel=False)[0] is False
+    """Tensor parallel no longer turns graphs off (tests/test_cuda_graph_tp.py proves the static forward there)."""
+    assert cuda_graphs_allowed("cuda", enforce_eager=False) == (True, "ok")
+    assert cuda_graphs_allowed("cuda:1", enforce_eager=True)[0] is False
+    assert cuda_graphs_allowed("cpu", enforce_eager=False)[0] is False
     parser = add_engine_args(argparse.ArgumentParser())
     assert EngineConfig.from_cli_and_env(parser.parse_args([]), environ={}).enforce_eager is False
     assert EngineConfig.from_cli_and_env(parser.parse_args(["--enforce-eager"]), environ={}).enforce_eager is True
@@ -265,17 +265,113 @@ def test_static_decode_path_equals_eager_on_a_mixed_run(tiny):
     assert ["decode", "diffusion"] in eager_steps or ["decode", "prefill"] in eager_steps, eager_steps
 
 
+# ------------------------------------------------------------------------------------------------ FlashInfer
+
+
+class _EmulatedGraphDecodeWrapper:
+    """Stands in for FlashInfer's decode wrapper in CUDA-graph mode on a machine without it: the constructor keeps
+    the fixed buffers it is given, plan() copies the host arrays into them (as FlashInfer does in that mode) and run()
+    computes paged decode attention in torch from those buffers only, so a wrong buffer gives a wrong result."""
+
+    def __init__(self, workspace, layout, calls: list, use_cuda_graph=False, use_tensor_cores=False,
+                 paged_kv_indptr_buffer=None, paged_kv_indices_buffer=None, paged_kv_last_page_len_buffer=None):
+        assert use_cuda_graph and layout == "NHD"
+        self.calls, self.indptr, self.indices = calls, paged_kv_indptr_buffer, paged_kv_indices_buffer
+        self.last = paged_kv_last_page_len_buffer
+        calls.append(("init", len(self.last), len(self.indptr), len(self.indices)))
+
+    def plan(self, indptr, indices, last_page_len, hq, hkv, d, page_size, **kw):
+        assert all(t.device.type == "cpu" and t.dtype == torch.int32 for t in (indptr, indices, last_page_len))
+        assert len(indptr) == len(self.indptr) and len(indices) <= len(self.indices)
+        self.indptr.copy_(indptr)
+        self.indices[: len(indices)].copy_(indices)
+        self.last.copy_(last_page_len)
+        self.page_size, self.scale = page_size, kw["sm_scale"]
+        self.calls.append(("plan", len(last_page_len)))
+
+    def run(self, q, paged):
+        self.calls.append(("run", q.shape[0]))
+        out = torch.empty_like(q)
+        hq, hkv = q.shape[1], paged.shape[3]
+        for b in range(q.shape[0]):
+            lo, hi = int(self.indptr[b]), int(self.indptr[b + 1])
+            pages = self.indices[lo:hi].long()
+            n = (hi - lo - 1) * self.page_size + int(self.last[b])
+            k = paged[pages, 0].reshape(-1, hkv, q.shape[2])[:n].repeat_interleave(hq // hkv, 1)
+            v = paged[pages, 1].reshape(-1, hkv, q.shape[2])[:n].repeat_interleave(hq // hkv, 1)
+            w = torch.softmax(torch.einsum("hd,nhd->hn", q[b].float(), k.float()) * self.scale, -1)
+            out[b] = torch.einsum("hn,nhd->hd", w, v.float()).to(q.dtype)
+        return out
+
+
+def test_flashinfer_backend_captures_its_graph_mode_decode_wrapper(tiny, monkeypatch):
+    """attn_impl=flashinfer: graph steps run FlashInfer's decode wrapper in CUDA-graph mode (one per batch bucket, over
+    fixed buffers [B + 1] / [B x widest pages] / [B], planned once per step on host int32 arrays before the forward),
+    never torch attention; one page-table width serves every context. The wrapper's result from its buffers equals
+    the eager forward."""
+    import sys
+    import types
+
+    from diffgentor.engine.models.hunyuan_image_3.model import HunyuanImage3ForCausalMM
+    from diffgentor.kernels import flashinfer_attention
+    from diffgentor.kernels.sdpa_rules import record_sdpa_calls
+
+    from helpers import static_and_eager_decode
+
+    calls: list = []
+    fake = types.ModuleType("flashinfer")
+    fake.BatchDecodeWithPagedKVCacheWrapper = lambda ws, layout, **kw: _EmulatedGraphDecodeWrapper(ws, layout, calls,
+                                                                                                    **kw)
+    monkeypatch.setitem(sys.modules, "flashinfer", fake)
+    monkeypatch.setattr(flashinfer_attention, "flashinfer_attention_available", lambda device: (True, "ok"))
+    model = HunyuanImage3ForCausalMM.from_pretrained(tiny)
+    backbone = model.model
+    fi = flashinfer_attention.FlashInferPagedAttention(backbone.num_local_heads, backbone.num_local_kv_heads,
+                                                       model.config.head_dim)
+    res = static_and_eager_decode(model, graph_attention=fi)
+    runner = res["runner"]
+    assert isinstance(runner.attn, flashinfer_attention.FlashInferGraphDecode) and runner.paged_kernel
+    widest = -(-model.config.max_position_embeddings // 4)
+    assert runner.widths == (widest,)
+    layers = model.config.num_hidden_layers
+    assert calls == [("init", 4, 5, 4 * widest), ("plan", 4)] + [("run", 4)] * layers, calls
+    torch.testing.assert_close(res["static"], res["eager"], rtol=1e-5, atol=1e-5)
+    with record_sdpa_calls() as rec:  # the same step again: no torch attention at all
+        again = runner.run(res["chunks"])
+    assert rec.calls == [] and torch.equal(again, res["static"])
+
+
+def test_flashinfer_unavailable_graph_steps_use_the_torch_static_attention(tiny):
+    """Where FlashInfer cannot run (here: CPU), the backend's graph steps fall back to the torch static attention,
+    with every width bucket."""
+    from diffgentor.engine.models.hunyuan_image_3.model import HunyuanImage3ForCausalMM
+    from diffgentor.kernels.flashinfer_attention import FlashInferPagedAttention
+
+    from helpers import static_and_eager_decode
+
+    model = HunyuanImage3ForCausalMM.from_pretrained(tiny)
+    b = model.model
+    res = static_and_eager_decode(model, graph_attention=FlashInferPagedAttention(
+        b.num_local_heads, b.num_local_kv_heads, model.config.head_dim))
+    assert isinstance(res["runner"].attn, StaticDecodeAttention) and len(res["runner"].widths) > 1
+    torch.testing.assert_close(res["static"], res["eager"], rtol=1e-5, atol=1e-5)
+
+
 # ------------------------------------------------------------------------------------------------ GPU
 
 
 @pytest.mark.gpu
-def test_gpu_decode_graph_replay_equals_eager(tiny):
+@pytest.mark.parametrize("attn_impl", ["sdpa", "flashinfer"])
+def test_gpu_decode_graph_replay_equals_eager(tiny, attn_impl):
     """On CUDA (bf16): every pure-decode step replays its bucket's graph; the replay equals the uncaptured static
-    forward on the same inputs (same kernels) and the eager forward within bf16 rounding."""
-    eng = _engine(tiny, device="cuda", dtype="bfloat16")
+    forward on the same inputs (same kernels) and the eager forward within bf16 rounding. With FlashInfer proven at
+    start-up the graph holds its CUDA-graph-mode decode wrapper (one width), else the torch static attention."""
+    eng = _engine(tiny, device="cuda", dtype="bfloat16", attn_impl=attn_impl)
     core, runner = eng.core, eng.core.executor.worker.runner
     graphs = runner.decode_graphs
     assert graphs is not None and graphs.use_graphs
+    fi = runner.model.model.attn.name == "flashinfer"
+    assert graphs.paged_kernel == fi and (graphs.attn.name == "flashinfer_graph_decode") == fi
     uncaptured = DecodeGraphRunner(runner.model, runner.kv_cache, runner.scratch_block, 4, use_graphs=False)
     eager_run = runner._run
     compared = []
