@@ -306,7 +306,43 @@ def section_moe(chk: Check, gpu: bool, out: Path) -> dict[str, Any]:
                 rel = float((total - ref).norm() / ref.norm())
                 res[f"shard_sum/{name}"] = rel
                 chk(f"{name} shard sum equals the unsharded MoE", rel <= 2e-2, rel=rel)
+    res["workspace"] = _moe_workspace_vs_plan(chk, gpu and fused_proven)
     return {"results": res}
+
+
+def _moe_workspace_vs_plan(chk: Check, fused: bool) -> dict[str, Any]:
+    """The memory plan's FlashInfer fused-MoE workspace for the largest step at the real widths (tp1 bf16 and
+    fp8_block, tp8 bf16) against FlashInfer's own size query when its fused MoE is proven here (meta weights: the
+    query reads shapes only): the plan must hold what the kernel asks. CPU: the plan's figures only."""
+    from diffgentor.engine.config import EngineConfig
+    from diffgentor.engine.memory_plan import flashinfer_moe_workspace_bytes, largest_step_tokens
+    from diffgentor.engine.models.hunyuan_image_3.config import HunyuanImage3Config
+    from diffgentor.engine.parallel import ParallelContext
+    from diffgentor.kernels.moe import MoEParallel, flashinfer_moe_workspace_size
+    from diffgentor.kernels.quantization import Fp8Weight
+
+    h, i, e, k = REAL["hidden"], REAL["width"], REAL["experts"], REAL["top_k"]
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = HunyuanImage3Config.from_pretrained(_model_dir(Path(tmp), True, layers=1))  # real widths, config only
+    tokens = largest_step_tokens(EngineConfig(), cfg)[0]
+    out: dict[str, Any] = {"tokens": tokens}
+    for tp, quant in ((1, None), (1, "fp8_block"), (8, None)):
+        planned = flashinfer_moe_workspace_bytes(cfg, ParallelContext(tp, 0), tokens, quant)
+        row: dict[str, Any] = {"planned": planned}
+        chk(f"tp{tp}/{quant or 'bf16'}: a workspace is planned", planned > 0, planned=planned)
+        if fused and (quant is None or torch.cuda.get_device_capability() == (9, 0)):
+            dt = torch.float8_e4m3fn if quant else torch.bfloat16
+            w13 = torch.empty(e, 2 * i // tp, h, dtype=dt, device="cuda")
+            w2 = torch.empty(e, h, i // tp, dtype=dt, device="cuda")
+            if quant:
+                w13 = Fp8Weight(w13, torch.empty(e, 2 * i // tp // 128, h // 128, device="cuda"), (128, 128))
+                w2 = Fp8Weight(w2, torch.empty(e, h // 128, i // tp // 128, device="cuda"), (128, 128))
+            asked = flashinfer_moe_workspace_size(w13, w2, k, tokens, torch.bfloat16, MoEParallel(0, tp))
+            row["flashinfer_query"] = asked
+            holds = asked is not None and planned >= asked
+            chk(f"tp{tp}/{quant or 'bf16'}: the plan holds FlashInfer's workspace", holds, planned=planned, asked=asked)
+        out[f"tp{tp}/{quant or 'bf16'}"] = row
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ 4 FP8 stack

@@ -18,8 +18,8 @@ numbers on a GPU (`kv_blocks_for`). Everything here is computed from `config.jso
   decoder runs 4 frames at full size, fp16 convs and fp32 GroupNorm under CUDA autocast, plus autocast's fp16 copy
   of the decoder weights) or encode. The worker sizes its VAE calls to that budget.
 * resident besides weights and KV: the encoder cache budget, the CUDA-graph pool (the widest static decode
-  forward), workspace: the CUDA context, cuBLAS, the FlashInfer attention workspace, NCCL buffers under tensor
-  parallel.
+  forward), workspace: the CUDA context, cuBLAS, the FlashInfer attention workspace, with FlashInfer's fused MoE
+  its one reused workspace (`flashinfer_moe_workspace_bytes`), NCCL buffers under tensor parallel.
 * KV cache: gpu_memory_utilization x total memory - every term above, in blocks of
   2 (K, V) x layers x block_size x local KV heads x head_dim x 2 bytes; it must hold at least one request at the
   model's maximum length with its CFG row (2 x max_position_embeddings tokens).
@@ -72,6 +72,9 @@ ATTENTION_WORKSPACE_BYTES = 128 * MiB
 CUBLAS_WORKSPACE_BYTES = 2 * (32 + 1) * MiB
 """cuBLAS (32 MiB on sm90, PyTorch's default CUBLAS_WORKSPACE_CONFIG) plus cuBLASLt (1 MiB) per stream that runs a
 GEMM: the compute stream and the CUDA-graph warm-up stream (engine/cuda_graph.py)."""
+FLASHINFER_MOE_GEMM_WORKSPACE_BYTES = 64 * MiB
+"""The grouped GEMMs' own workspaces inside FlashInfer's fused-MoE workspace (TMA descriptors, split-K scratch: a few
+MiB at these shapes; a round margin)."""
 FLASHINFER_DECODE_INT_WORKSPACE_BYTES = 8 * MiB
 """The int workspace FlashInfer's decode wrapper allocates on the device (one per graph-mode wrapper, i.e. per batch
 bucket of engine/cuda_graph.py)."""
@@ -207,6 +210,13 @@ def planned_moe_impl(quantization: str | None, moe_impl: str | None, capability:
     return "dequantized"
 
 
+def _widest_moe_layer(c: HunyuanImage3Config, parallel: ParallelContext) -> tuple[int, int, int]:
+    """(top-k, this rank's expert width, this rank's experts) of the layer with the most routed work."""
+    layer = max(range(c.num_hidden_layers), key=lambda i: c.moe_topk[i] * c.moe_intermediate_size[i])
+    return (c.moe_topk[layer], c.moe_intermediate_size[layer] // parallel.expert_tp_size,
+            len(parallel.expert_range(c.num_experts)))
+
+
 def moe_bytes(model_config: HunyuanImage3Config, parallel: ParallelContext, tokens: int, impl: str,
               quantization: str | None = None, dtype_bytes: int = 2) -> dict[str, int]:
     """Transient bytes of one MoE block on `tokens` tokens by stage (`kernels/moe.py`'s sorted grouped path; the
@@ -220,12 +230,11 @@ def moe_bytes(model_config: HunyuanImage3Config, parallel: ParallelContext, toke
       masked select), the weighted sum and one product;
     * dequantize (FP8 weights without a fast path): this layer's local experts dequantised in fp32 then cast, and
       the dense copies held through the layer.
-    flashinfer's fused MoE is planned as the eager path (its own workspace is not visible here)."""
+    flashinfer's fused MoE is planned as the eager path too; its reused workspace is a resident term
+    (`flashinfer_moe_workspace_bytes`)."""
     c = model_config
-    layer = max(range(c.num_hidden_layers), key=lambda i: c.moe_topk[i] * c.moe_intermediate_size[i])
-    t, h, k, b = tokens, c.hidden_size, c.moe_topk[layer], dtype_bytes
-    inter = c.moe_intermediate_size[layer] // parallel.expert_tp_size
-    experts = len(parallel.expert_range(c.num_experts))
+    k, inter, experts = _widest_moe_layer(c, parallel)
+    t, h, b = tokens, c.hidden_size, dtype_bytes
     r = t * k
     rows = r * h * b
     out = {
@@ -386,6 +395,30 @@ def graph_pool_bytes(model_config: HunyuanImage3Config, parallel: ParallelContex
     # StaticDecodeAttention: the [B, keys] K/V gathers, the masked kernel's additive mask, the output
     static = qkv + 2 * n * keys * hkv * d * b + n * math.ceil(keys / 16) * 16 * b + n * hq * d * b
     return n * keys + residual_bytes(c, n, b) + max(rope, static, moe)
+
+
+def flashinfer_moe_workspace_bytes(model_config: HunyuanImage3Config, parallel: ParallelContext, tokens: int,
+                                   quantization: str | None = None, dtype_bytes: int = 2) -> int:
+    """The one reused workspace of FlashInfer's fused MoE (`kernels.moe.reserve_flashinfer_moe_workspace`) for calls
+    of up to `tokens` tokens on this rank's experts: its buffer list for the gated bf16 / block-scale FP8 runner
+    (FlashInfer 0.6.17, docs/flashinfer.md), each 128-byte aligned: the T*k permutation maps and routing scales, the
+    per-expert token maps, the overlapped GEMM inputs (permuted rows, GEMM2 output, the FP8 path's GEMM1 result) and
+    outputs (the [up; gate] GEMM1 result), with block-scale FP8 its activation quantisation (fp8 rows and fp32 scales
+    per 128 columns) for the larger GEMM, plus FLASHINFER_MOE_GEMM_WORKSPACE_BYTES for the grouped GEMMs' own
+    workspaces. bench/gpu_check.py compares it with FlashInfer's size query on a GPU."""
+    c = model_config
+    k, inter, experts = _widest_moe_layer(c, parallel)
+    t, h, b = tokens, c.hidden_size, dtype_bytes
+    r = t * k
+    al = lambda n: -(-n // 128) * 128  # noqa: E731
+    maps = 3 * al(r * 4) + al(experts * t * 4) + 2 * al(experts * t * 4) + al((experts + 1) * 8)
+    inputs = max(r * h * b, r * inter * b)
+    outputs = max(2 * r * inter * b, r * h * b)
+    quant = 0
+    if fp8_layout(quantization) == "block":
+        quant = max(r * h + (r + 32 * experts) * math.ceil(h / 128) * 4,
+                    r * inter + (r + 32 * experts) * math.ceil(inter / 128) * 4)
+    return maps + al(inputs) + al(outputs) + al(quant) + FLASHINFER_MOE_GEMM_WORKSPACE_BYTES
 
 
 def kv_block_bytes(model_config: HunyuanImage3Config, parallel: ParallelContext, block_size: int,
@@ -551,6 +584,8 @@ def plan_memory(
                                         config.max_num_batched_tokens, config.block_size)
     vae = vae_plan(model_config, act)
     ws = workspace_bytes(parallel)
+    if impl == "flashinfer":  # its one reused scratch buffer, sized for the largest step
+        ws["flashinfer_moe"] = flashinfer_moe_workspace_bytes(model_config, parallel, tokens, quant, elem)
     attn = "flashinfer" if config.attn_impl == "flashinfer" else "sdpa"  # what the graphs capture (cuda_graph.py)
     pool = 0 if config.enforce_eager else graph_pool_bytes(model_config, parallel, config.max_num_seqs,
                                                           config.block_size, impl, quant, elem, attn)

@@ -16,7 +16,12 @@ import torch
 from diffgentor.engine.allocator import configure_heap, trim_if_over
 from diffgentor.engine.config import EngineConfig
 from diffgentor.engine.kernel_warmup import choose_kernels
-from diffgentor.engine.memory_plan import device_plan, kv_block_bytes, largest_step_tokens
+from diffgentor.engine.memory_plan import (
+    device_plan,
+    flashinfer_moe_workspace_bytes,
+    kv_block_bytes,
+    largest_step_tokens,
+)
 from diffgentor.engine.model_runner import ModelRunner
 from diffgentor.engine.models.hunyuan_image_3.config import HunyuanImage3Config
 from diffgentor.engine.models.hunyuan_image_3.model import HunyuanImage3ForCausalMM
@@ -36,7 +41,10 @@ class Worker:
         self.reports_latents = True  # final latents ride along in the output (ranks other than group leaders: no)
         self.runner = ModelRunner(model, num_blocks, config.block_size, config.enforce_eager, config.max_num_seqs,
                                   vae_budget=vae_budget, async_encode=config.async_encode)
-        model.tune_kernels(largest_step_tokens(config, model.config)[0])
+        tokens = largest_step_tokens(config, model.config)[0]
+        quant = None if config.quantization == "none" else config.quantization
+        model.tune_kernels(tokens, flashinfer_moe_workspace_bytes(  # the plan's size of FlashInfer's MoE workspace
+            model.config, model.model.parallel, tokens, quant, torch.finfo(model.dtype).bits // 8))
 
     @classmethod
     def load(cls, config: EngineConfig, parallel: ParallelContext | None = None) -> Worker:

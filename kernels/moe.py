@@ -73,10 +73,21 @@ def _scaled_linear(x: Tensor, w: Fp8Weight) -> Tensor:
 def swiglu_mlp(x: Tensor, gate_and_up_weight: Tensor | Fp8Weight, down_weight: Tensor | Fp8Weight,
                impl: str = "reference") -> Tensor:
     """One expert / shared MLP: down(silu_and_mul(gate_and_up(x))), no biases. FP8 weights are dequantised, or
-    run through `torch._scaled_mm` when `impl` is one of the scaled FP8 paths (`resolve_moe_impl`)."""
+    run through `torch._scaled_mm` when `impl` is one of the scaled FP8 paths (`resolve_moe_impl`), or, block-scaled
+    under `impl="flashinfer"`, through FlashInfer's block-scale fused kernel as a one-expert MoE (`one_expert`): the
+    weights stay FP8, never dequantised per forward."""
     if impl in _FP8_SCALED_IMPLS and isinstance(gate_and_up_weight, Fp8Weight) and gate_and_up_weight.block is None:
         return _scaled_linear(silu_and_mul(_scaled_linear(x, gate_and_up_weight)), down_weight)
+    if impl == "flashinfer" and isinstance(gate_and_up_weight, Fp8Weight) and gate_and_up_weight.block is not None:
+        w13, w2 = one_expert(gate_and_up_weight), one_expert(down_weight)
+        ids = torch.zeros(x.shape[0], 1, dtype=torch.int32, device=x.device)
+        return fused_experts_flashinfer(x, torch.ones(x.shape[0], 1, device=x.device), ids, w13, w2)
     return F.linear(silu_and_mul(F.linear(x, _dense(gate_and_up_weight, x.dtype))), _dense(down_weight, x.dtype))
+
+
+def one_expert(w: Fp8Weight) -> Fp8Weight:
+    """A [N, K] FP8 weight as a stack of one expert [1, N, K] (views of the same storage)."""
+    return Fp8Weight(w.qweight.unsqueeze(0), w.scale.unsqueeze(0), w.block)
 
 
 def _num_experts(w: ExpertWeights) -> int:
@@ -464,6 +475,7 @@ def fused_experts_flashinfer(
     fp8 = isinstance(w13, Fp8Weight)
     if fp8 and (w13.block is None or not isinstance(w2, Fp8Weight)):
         raise TypeError("FlashInfer's FP8 fused MoE needs 128x128 block-scaled weights (quantization fp8_block)")
+    ws = _flashinfer_workspace(x)
     cutlass_fused_moe(
         x,
         topk_ids.to(torch.int32).contiguous(),
@@ -478,8 +490,68 @@ def fused_experts_flashinfer(
         ep_rank=parallel.ep_rank,
         output=out,
         use_deepseek_fp8_block_scale=fp8,
+        **({} if ws is None else {"workspace_buffer": ws}),
     )
     return out
+
+
+@dataclass
+class _Workspace:
+    buffer: Tensor
+    max_tokens: int
+
+
+_FLASHINFER_WORKSPACE: dict[str, _Workspace] = {}
+"""Device -> the fused-MoE scratch buffer every layer's call shares in this process (steps run one after another on
+one stream). Without it FlashInfer allocates and frees its workspace on every call (up to 10-20 GiB at large
+batch)."""
+
+
+def _flashinfer_workspace(x: Tensor) -> Tensor | None:
+    """The shared workspace when one was reserved for calls of at least x's token count, else None (FlashInfer then
+    allocates its own for this call)."""
+    ws = _FLASHINFER_WORKSPACE.get(str(x.device))
+    return ws.buffer if ws is not None and x.shape[0] <= ws.max_tokens else None
+
+
+def flashinfer_moe_workspace_size(w13: Tensor | Fp8Weight, w2: Tensor | Fp8Weight, top_k: int, max_tokens: int,
+                                  dtype: torch.dtype, parallel: MoEParallel = MoEParallel()) -> int | None:
+    """FlashInfer's own size query: the bytes its fused MoE needs for calls of up to `max_tokens` tokens on these
+    (local, stacked) weights; None with a FlashInfer older than 0.6.17 (no query, no `workspace_buffer`: each call
+    allocates its own, docs/flashinfer.md)."""
+    from flashinfer import fused_moe
+
+    cutlass_fused_moe_workspace_size = getattr(fused_moe, "cutlass_fused_moe_workspace_size", None)
+    if cutlass_fused_moe_workspace_size is None:
+        return None
+    fp8 = isinstance(w13, Fp8Weight)
+    q13, q2 = (w13.qweight, w2.qweight) if fp8 else (w13, w2)
+    return int(cutlass_fused_moe_workspace_size(
+        max_tokens, int(q2.shape[1]), int(q2.shape[2]), int(q13.shape[0]) * parallel.ep_size, top_k,
+        x_dtype=dtype, weight_dtype=q13.dtype, output_dtype=dtype, tp_size=parallel.tp_size,
+        tp_rank=parallel.tp_rank, ep_size=parallel.ep_size, ep_rank=parallel.ep_rank,
+        use_deepseek_fp8_block_scale=fp8, device=q13.device))
+
+
+def reserve_flashinfer_moe_workspace(needed: int, max_tokens: int, device: torch.device | str,
+                                     planned: int | None = None) -> Tensor:
+    """The device's shared fused-MoE workspace, allocated once at start-up: `planned` bytes (the memory plan's
+    term) when given, grown to `needed` (FlashInfer's query for the largest call) with one warning when the plan
+    is short. Later reservations (other weight shapes: the shared expert) reuse it unless they need more; it serves
+    calls of up to the smallest reserved token count."""
+    key = str(torch.device(device))
+    ws = _FLASHINFER_WORKSPACE.get(key)
+    size = max(needed, planned or 0)
+    if planned is not None and needed > planned:
+        warn_once(f"moe-workspace:{key}", f"FlashInfer's fused MoE needs a {needed / 2**20:.0f} MiB workspace; the "
+                  f"memory plan reserved {planned / 2**20:.0f} MiB")
+    tokens = max_tokens if ws is None else min(ws.max_tokens, max_tokens)  # what every reserved shape fits
+    if ws is None or ws.buffer.numel() < needed:
+        buffer = torch.empty(size, dtype=torch.uint8, device=device)
+    else:
+        buffer = ws.buffer
+    _FLASHINFER_WORKSPACE[key] = _Workspace(buffer, tokens)
+    return buffer
 
 
 _FLASHINFER_TUNED: set[tuple] = set()

@@ -145,3 +145,18 @@ def static_and_eager_decode(model, lens=(5, 11, 18), block: int = 4, graph_atten
                       md1, cache)
     return {"static": static, "eager": eager, "kv_heads": torch.tensor(cache.num_kv_heads), "runner": runner,
             "chunks": chunks}
+
+
+def flashinfer_autotune_recorder(rec):
+    """A stand-in for `flashinfer.autotune` that sets `rec.tuning` inside the block (tests of the fused-MoE tuning)."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def autotune(tune_mode: bool = True):
+        rec.tuning = tune_mode
+        try:
+            yield
+        finally:
+            rec.tuning = False
+
+    return autotune

@@ -353,27 +353,20 @@ class _RecordingFusedMoe:
     ran inside `flashinfer.autotune()` (the output buffer is left as passed)."""
 
     def __init__(self) -> None:
-        import contextlib
         import types
+
+        from helpers import flashinfer_autotune_recorder
 
         self.calls: list[tuple[int, bool]] = []
         self.tuning = False
         rec = self
-
-        @contextlib.contextmanager
-        def autotune(tune_mode: bool = True):
-            rec.tuning = tune_mode
-            try:
-                yield
-            finally:
-                rec.tuning = False
 
         def cutlass_fused_moe(x, ids, scales, w1, w2, dtype, **kw):
             rec.calls.append((int(x.shape[0]), rec.tuning))
             return [kw["output"]]
 
         self.module = types.ModuleType("flashinfer")
-        self.module.autotune = autotune
+        self.module.autotune = flashinfer_autotune_recorder(rec)
         self.module.fused_moe = types.ModuleType("flashinfer.fused_moe")
         self.module.fused_moe.cutlass_fused_moe = cutlass_fused_moe
 

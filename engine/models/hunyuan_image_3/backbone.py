@@ -32,9 +32,19 @@ from torch import Tensor, nn
 from diffgentor.engine.parallel import ParallelContext
 from diffgentor.kernels.attention import AttentionBackend, AttentionMetadata, get_attention_backend
 from diffgentor.kernels.kv_cache import PagedKVCache
-from diffgentor.kernels.moe import fused_experts, resolve_moe_impl, select_experts, swiglu_mlp, tune_flashinfer_moe
+from diffgentor.kernels.moe import (
+    MoEParallel,
+    flashinfer_moe_workspace_size,
+    fused_experts,
+    one_expert,
+    reserve_flashinfer_moe_workspace,
+    resolve_moe_impl,
+    select_experts,
+    swiglu_mlp,
+    tune_flashinfer_moe,
+)
 from diffgentor.kernels.norm import RMSNorm
-from diffgentor.kernels.quantization import linear_weight, stack_linear_weights, storage_ptr
+from diffgentor.kernels.quantization import Fp8Weight, linear_weight, stack_linear_weights, storage_ptr
 from diffgentor.kernels.rope import apply_rope, rope_cos_sin
 
 from .config import ConfigError, HunyuanImage3Config
@@ -139,16 +149,29 @@ class MoEBlock(nn.Module):
             return None
         return "fp8" if w.block is None else "fp8_block"
 
-    def tune(self, max_tokens: int, dtype: torch.dtype) -> bool:
-        """Start-up kernel tuning for steps of up to `max_tokens` tokens (FlashInfer's fused MoE: once per process
-        and weight shape); nothing for the other paths. True when it tuned."""
+    def tune(self, max_tokens: int, dtype: torch.dtype, workspace_bytes: int | None = None) -> bool:
+        """Start-up preparation of FlashInfer's fused MoE for steps of up to `max_tokens` tokens (nothing for the other
+        paths): the process's one reused workspace (`workspace_bytes`: the memory plan's size) and tactic tuning, once
+        per process and weight shape, for the routed experts and a block-scaled FP8 shared expert (which runs as a
+        one-expert fused MoE). True when it tuned."""
         w = self.gate.wg.weight
         if self._impl is None:
             self._impl = resolve_moe_impl(self.moe_impl, w.device, self.quantization())
         if self._impl != "flashinfer":
             return False
         w13, w2 = self._stacked()
-        return tune_flashinfer_moe(w13, w2, self.top_k, max_tokens, dtype, self.moe_parallel)
+        shapes = [(w13, w2, self.top_k, self.moe_parallel)]
+        shared = getattr(self, "shared_mlp", None)
+        s13 = None if shared is None else linear_weight(shared.gate_and_up_proj)
+        if isinstance(s13, Fp8Weight) and s13.block is not None:  # its partial sum is local: no TP / EP arguments
+            shapes.append((one_expert(s13), one_expert(linear_weight(shared.down_proj)), 1, MoEParallel()))
+        tuned = False
+        for a, b, k, par in shapes:
+            need = flashinfer_moe_workspace_size(a, b, k, max_tokens, dtype, par)
+            if need is not None:
+                reserve_flashinfer_moe_workspace(need, max_tokens, w.device, workspace_bytes)
+            tuned = tune_flashinfer_moe(a, b, k, max_tokens, dtype, par) or tuned
+        return tuned
 
     def forward(self, x: Tensor) -> Tensor:
         """Routed + shared output; under tensor / expert parallel this rank's PARTIAL sum (the layer reduces)."""

@@ -123,10 +123,12 @@ class HunyuanImage3ForCausalMM(nn.Module):
     def device(self) -> torch.device:
         return self.model.wte.weight.device
 
-    def tune_kernels(self, max_tokens: int) -> int:
+    def tune_kernels(self, max_tokens: int, moe_workspace_bytes: int | None = None) -> int:
         """Start-up tuning of the kernels that profile their tactics (FlashInfer's fused MoE, once per process and
-        weight shape) for steps of up to `max_tokens` tokens; the number of MoE layers that tuned."""
-        return sum(m.tune(max_tokens, self.dtype) for m in self.modules() if isinstance(m, MoEBlock))
+        weight shape) for steps of up to `max_tokens` tokens, and their one reused workspace (`moe_workspace_bytes`:
+        the memory plan's size); the number of MoE layers that tuned."""
+        return sum(m.tune(max_tokens, self.dtype, moe_workspace_bytes) for m in self.modules()
+                   if isinstance(m, MoEBlock))
 
     def make_kv_cache(self, num_blocks: int, block_size: int) -> PagedKVCache:
         return self.model.make_kv_cache(num_blocks, block_size, device=self.device)
