@@ -63,13 +63,13 @@ def _cmd_t2i(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from diffgentor.server.api import run_serve
+    from diffgentor.server.http.api import run_serve
 
     return run_serve(args)
 
 
 def _add_serve(sub) -> None:
-    from diffgentor.server.serve_args import add_serve_args
+    from diffgentor.server.http.serve_args import add_serve_args
 
     sv = sub.add_parser("serve", help="serve the OpenAI-compatible image API (FastAPI + engine-core process)")
     add_serve_args(sv)

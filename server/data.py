@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from diffgentor.server.serve_args import DEFAULT_MAX_UPLOAD_BYTES
+from diffgentor.server.http.serve_args import DEFAULT_MAX_UPLOAD_BYTES
 
 MAX_INPUT_IMAGES = 3
 IMAGE_COLUMNS = ("input_images", "image_url")

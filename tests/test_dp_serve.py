@@ -1,5 +1,5 @@
-"""Data-parallel serving (`diffgentor serve --data-parallel-size N`, `server/engine_pool.py`): instance planning over
-GPU lists, /metrics summed over instances, balancing and abort routing in the pool (in-process, no engine), and two
+"""Data-parallel serving (`diffgentor serve --data-parallel-size N`, `server/http/engine_pool.py`): instance planning
+over GPU lists, /metrics summed over instances, balancing and abort routing in the pool (in-process, no engine), and two
 CPU instances of the tiny Distil model behind one live server: concurrent requests spread over both and answer like a
 single-instance server; killing one instance's engine core fails its requests, the server exits non-zero and no
 engine core outlives it."""
@@ -38,9 +38,9 @@ from diffgentor.engine.core_proc import (
 from diffgentor.engine.input_processor import ProcessedRequest
 from diffgentor.engine.request import GenerationRequest
 from diffgentor.engine.testing.tiny_model import make_tiny
-from diffgentor.server.engine_client import EngineDeadError
-from diffgentor.server.engine_pool import EnginePool, instance_env, plan_engine_instances
-from diffgentor.server.metrics import ServerMetrics
+from diffgentor.server.http.engine_client import EngineDeadError
+from diffgentor.server.http.engine_pool import EnginePool, instance_env, plan_engine_instances
+from diffgentor.server.http.metrics import ServerMetrics
 
 from helpers import free_port
 
@@ -140,7 +140,7 @@ def _drain(sock) -> list:
 def test_pool_balances_aborts_on_the_owner_and_fails_with_one_instance():
     """Three requests over two fake-ready instances go 0, 1, 0; cancelling one aborts it on its own instance only;
     a death fails that instance's requests, turns the pool (and /health) unhealthy once, and routes around it."""
-    from diffgentor.server.api import AppState, build_app
+    from diffgentor.server.http.api import AppState, build_app
 
     async def run() -> None:
         deaths = []

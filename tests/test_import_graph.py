@@ -154,7 +154,7 @@ def test_the_walker_sees_every_kind_of_import():
         "from .request import GenerationRequest\n"
         "from typing import TYPE_CHECKING\n"
         "if TYPE_CHECKING:\n"
-        "    from diffgentor.server import api\n"
+        "    from diffgentor.server.http import api\n"
         "def f():\n"
         "    from diffgentor.engine.core import EngineCore\n"
     )
@@ -162,8 +162,8 @@ def test_the_walker_sees_every_kind_of_import():
     found = _imports(ast.parse(src), "diffgentor.engine.scheduler", is_package=False, local=local)
     assert {"diffgentor.engine.config", "diffgentor.kernels.moe", "diffgentor.engine.request",
             "diffgentor.engine.core"} <= found
-    assert "diffgentor.server.api" not in found
-    assert "diffgentor.server.api" in _imports(ast.parse(src), "diffgentor.engine.scheduler", is_package=False,
+    assert "diffgentor.server.http.api" not in found
+    assert "diffgentor.server.http.api" in _imports(ast.parse(src), "diffgentor.engine.scheduler", is_package=False,
                                                type_checking=True)
     assert "diffgentor.engine.core" in local and "diffgentor.engine.config" not in local
     assert find_cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]

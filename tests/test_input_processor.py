@@ -10,7 +10,7 @@ from diffgentor.engine.input_processor import check_request, load_processor_cont
 from diffgentor.engine.request import GenerationRequest
 from diffgentor.engine.request_contract import RequestError
 from diffgentor.engine.testing.tiny_model import make_tiny
-from diffgentor.server.api import _request_error
+from diffgentor.server.http.api import _request_error
 
 from helpers import random_png
 

@@ -144,7 +144,7 @@ def test_readme_names_every_metric():
     """Every metric the server exports, and every one the dashboard and alert rules use, by its full name."""
     import re
 
-    from diffgentor.server.metrics import ServerMetrics
+    from diffgentor.server.http.metrics import ServerMetrics
 
     exported = set(re.findall(r"^# TYPE diffgentor:(\w+) (\w+)", ServerMetrics("m").render().decode(), re.M))
     used = set()

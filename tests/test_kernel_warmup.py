@@ -16,7 +16,7 @@ from diffgentor.engine.kernel_warmup import WarmupShapes, prove, warm_attention,
 from diffgentor.engine.offline import Engine
 from diffgentor.engine.testing.tiny_model import make_tiny
 from diffgentor.kernels.moe import fused_experts_grouped
-from diffgentor.server.metrics import ServerMetrics
+from diffgentor.server.http.metrics import ServerMetrics
 
 
 @pytest.fixture(scope="module")

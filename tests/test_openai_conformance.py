@@ -20,7 +20,7 @@ import pytest
 from PIL import Image
 
 from diffgentor.engine.testing.tiny_model import make_tiny
-from diffgentor.server.openai_schemas import (
+from diffgentor.server.http.openai_schemas import (
     MIN_OUTPUT_SIDE,
     UNSUPPORTED_PARAMETERS,
     UNSUPPORTED_VALUES,
@@ -72,7 +72,7 @@ def test_size_pattern_is_the_numeric_range():
 
 
 def test_server_size_is_engine_height_by_width():
-    from diffgentor.server.api import ServerLimits, _parse_size
+    from diffgentor.server.http.api import ServerLimits, _parse_size
 
     assert _parse_size("1536x1024", ServerLimits()) == "1024x1536"  # WIDTHxHEIGHT in, the engine's HxW out
     assert _parse_size("auto", ServerLimits()) == "auto"
@@ -151,8 +151,8 @@ _CANDIDATES = [None, True, False, -1, 0, 1, 2, 3, 4, 5.0, 10, 11, 50, 100, 101, 
                                          ("ImageEditForm", "CreateImageEditRequest"),
                                          ("ImageEditJSONRequest", "EditImageBodyJsonParam")])
 def test_request_fields_validate_against_openai(ours, theirs):
-    from diffgentor.server.api import AppState, ServerLimits, build_app
-    from diffgentor.server.openapi import document
+    from diffgentor.server.http.api import AppState, ServerLimits, build_app
+    from diffgentor.server.http.openapi import document
 
     app = build_app(AppState(ctx=None, client=None, metrics=None, model_names=[MODEL], model_root=MODEL))
     doc = document(app, ServerLimits())
@@ -181,7 +181,7 @@ def _field_ok(validator: jsonschema.Draft202012Validator, field: str, value) -> 
 def test_405_has_allow_header_and_429_retry_after():
     from fastapi.testclient import TestClient
 
-    from diffgentor.server.api import AppState, _error_response, build_app
+    from diffgentor.server.http.api import AppState, _error_response, build_app
 
     app = build_app(AppState(ctx=None, client=None, metrics=None, model_names=[MODEL], model_root=MODEL))
     r = TestClient(app).get("/v1/images/generations")
@@ -193,7 +193,7 @@ def test_405_has_allow_header_and_429_retry_after():
 
 
 def _app(**kw):
-    from diffgentor.server.api import AppState, build_app
+    from diffgentor.server.http.api import AppState, build_app
 
     return build_app(AppState(ctx=None, client=None, metrics=None, model_names=[MODEL], model_root=MODEL, **kw))
 
@@ -202,8 +202,8 @@ def test_openapi_document_is_a_valid_openapi_document():
     """/openapi.json passes openapi-spec-validator (a `type: string` field with `default: null` did not)."""
     from openapi_spec_validator import validate
 
-    from diffgentor.server.api import ServerLimits
-    from diffgentor.server.openapi import document
+    from diffgentor.server.http.api import ServerLimits
+    from diffgentor.server.http.openapi import document
 
     for api_key in (False, True):
         validate(document(_app(api_key="k" if api_key else None), ServerLimits(), api_key=api_key))
@@ -230,9 +230,9 @@ def test_unknown_parameters_are_400_unknown_parameter(body, param):
 
 def test_extensions_are_marked_in_the_document():
     """Every request field OpenAI does not define is marked `x-diffgentor-extension` (and only those)."""
-    from diffgentor.server.api import ServerLimits
-    from diffgentor.server.openai_schemas import EXTENSION_FIELDS, EXTENSION_MARK
-    from diffgentor.server.openapi import document
+    from diffgentor.server.http.api import ServerLimits
+    from diffgentor.server.http.openai_schemas import EXTENSION_FIELDS, EXTENSION_MARK
+    from diffgentor.server.http.openapi import document
 
     doc = document(_app(), ServerLimits())
     from openai.types.image_generate_params import ImageGenerateParamsBase
@@ -313,7 +313,7 @@ def test_models_retrieve():
 
 
 def test_image_url_store_is_bounded_and_expires():
-    from diffgentor.server.image_store import ImageStore
+    from diffgentor.server.http.image_store import ImageStore
 
     t = [0.0]
     store = ImageStore(max_bytes=100, ttl_s=10.0, clock=lambda: t[0])
@@ -454,7 +454,7 @@ def test_official_parameters_honoured(server, client):
 
 def test_output_compression_is_jpeg_and_webp_quality():
     """OpenAI's `output_compression`: 0-100, default 100 (the least compression); png ignores it."""
-    from diffgentor.server.api import _encode_output
+    from diffgentor.server.http.api import _encode_output
 
     png = _png(128, 128)
     for fmt in ("jpeg", "webp"):

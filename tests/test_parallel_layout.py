@@ -127,7 +127,7 @@ def test_plan_memory_knows_the_layout(tmp_path, capsys):
 
 
 def test_metrics_show_the_layout():
-    from diffgentor.server.metrics import ServerMetrics
+    from diffgentor.server.http.metrics import ServerMetrics
 
     m = ServerMetrics("m")
     m.on_engine_ready(0, 10, {"attention": "sdpa"}, ParallelLayout(tp=2, cfg=2).as_dict())

@@ -111,8 +111,8 @@ def test_fetch_url_http(tmp_path):
     import http.server
     import threading
 
-    from diffgentor.server.api import ServerLimits, _fetch_url
-    from diffgentor.server.openai_schemas import OpenAIError
+    from diffgentor.server.http.api import ServerLimits, _fetch_url
+    from diffgentor.server.http.openai_schemas import OpenAIError
     from diffgentor.server.url_fetch import FetchPolicy, UrlFetcher
 
     def fetch(url: str, limits: ServerLimits) -> bytes:  # loopback is refused unless allowed (issue 15)

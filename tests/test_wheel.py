@@ -43,7 +43,8 @@ def test_wheel_installs_and_imports(tmp_path):
     out = subprocess.run([str(py), "-c", code], check=True, capture_output=True, text=True, cwd=tmp_path)
     assert out.stdout.strip().startswith(purelib), out.stdout
     assert (Path(purelib) / "diffgentor" / "engine" / "models" / "hunyuan_image_3" / "config.py").is_file()
-    assert (Path(purelib) / "diffgentor" / "server" / "playground.html").is_file()  # package data: the page at /
+    # package data: the page at /
+    assert (Path(purelib) / "diffgentor" / "server" / "http" / "playground.html").is_file()
     assert not (Path(purelib) / "diffgentor" / "tests").exists()
     assert not (Path(purelib) / "diffgentor" / "setup.py").exists()
     # every folder of the source tree with an __init__.py is in the wheel (packages are found, not listed)

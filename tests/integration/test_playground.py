@@ -153,7 +153,7 @@ def test_no_playground_flag(tiny_distil, tmp_path):
 
 
 def test_page_is_package_data():
-    from diffgentor.server.playground import page_html
+    from diffgentor.server.http.playground import page_html
 
     html = page_html()
     assert "<script>" in html and "/v1/images/edits" in html and "/v1/images/generations" in html

@@ -17,7 +17,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from diffgentor.server.metrics import PHASE_BUCKETS
+from diffgentor.server.http.metrics import PHASE_BUCKETS
 
 from .conftest import REPO_ROOT, cli_env, free_port, stop_process
 

@@ -130,7 +130,7 @@ def test_request_arriving_after_an_unnoticed_engine_death_gets_its_error():
     from diffgentor.engine.core_proc import CoreReady, FinishedInfo
     from diffgentor.engine.input_processor import ProcessedRequest
     from diffgentor.engine.request import GenerationRequest
-    from diffgentor.server.engine_client import EngineClient
+    from diffgentor.server.http.engine_client import EngineClient
 
     async def run() -> list:
         client = EngineClient(EngineConfig(device="cpu"))

@@ -447,9 +447,9 @@ def test_stalled_body_is_a_408(hserver):
 
 
 def test_url_fetching_is_off_by_default():
-    from diffgentor.server.api import ServerLimits, _fetch_url
     from diffgentor.server.cli import build_parser
-    from diffgentor.server.openai_schemas import OpenAIError
+    from diffgentor.server.http.api import ServerLimits, _fetch_url
+    from diffgentor.server.http.openai_schemas import OpenAIError
 
     args = build_parser().parse_args(["serve", "some-model"])
     assert args.allowed_url_fetch is False and ServerLimits().allow_url_fetch is False
@@ -485,9 +485,9 @@ def test_stream_pump_failure_still_ends_the_stream(tmp_path):
     from diffgentor.engine.core_proc import CoreReady
     from diffgentor.engine.input_processor import ProcessedRequest
     from diffgentor.engine.request import GenerationRequest
-    from diffgentor.server.api import AppState, _stream
-    from diffgentor.server.engine_pool import EnginePool
-    from diffgentor.server.openai_schemas import ImageGenerationRequest
+    from diffgentor.server.http.api import AppState, _stream
+    from diffgentor.server.http.engine_pool import EnginePool
+    from diffgentor.server.http.openai_schemas import ImageGenerationRequest
 
     pool = EnginePool(EngineConfig(device="cpu"), [[]])
     client = pool.clients[0]
@@ -527,9 +527,9 @@ def test_a_failed_sub_request_cancels_its_siblings():
     )
     from diffgentor.engine.input_processor import ProcessedRequest
     from diffgentor.engine.request import GenerationRequest
-    from diffgentor.server.api import _collect_all
-    from diffgentor.server.engine_client import EngineClient
-    from diffgentor.server.openai_schemas import OpenAIError
+    from diffgentor.server.http.api import _collect_all
+    from diffgentor.server.http.engine_client import EngineClient
+    from diffgentor.server.http.openai_schemas import OpenAIError
 
     async def run() -> list:
         client = EngineClient(EngineConfig(device="cpu"))
@@ -832,7 +832,7 @@ def test_queued_edits_are_admitted_by_their_memory_cost(tiny_ckpt, make_server):
     """60 two-image edits of tiny PNGs at once: the queue has room for all of them, the memory budget for six. The
     rest are answered 429 with Retry-After at once, and the API's peak memory grows by less than the budget."""
     from diffgentor.engine.input_processor import load_processor_context
-    from diffgentor.server.request_cost import read_header, request_cost
+    from diffgentor.server.http.request_cost import read_header, request_cost
 
     photos = [png(seed=1), png(seed=2)]
     cost = request_cost(load_processor_context(tiny_ckpt), [read_header(p) for p in photos], "64x64", 1).total
@@ -866,7 +866,7 @@ def test_postscript_never_reaches_a_decoder():
 
     from diffgentor.engine.input_processor import decode_image
     from diffgentor.engine.request_contract import RequestError
-    from diffgentor.server.request_cost import read_header
+    from diffgentor.server.http.request_cost import read_header
 
     eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\nnewpath 0 0 moveto 8 8 lineto stroke\nshowpage\n"
     with mock.patch.object(EpsImagePlugin.EpsImageFile, "_open", side_effect=AssertionError("EPS opened")) as opened:

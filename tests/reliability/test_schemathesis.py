@@ -34,8 +34,8 @@ from schemathesis import GenerationMode
 
 from diffgentor.bench.serve import run_load
 from diffgentor.engine.core_proc import FinishedInfo
-from diffgentor.server.api import AppState, ServerLimits, _raise_for, build_app
-from diffgentor.server.openai_schemas import IMAGE_URL_PATTERN, SIZE_RE, OpenAIError
+from diffgentor.server.http.api import AppState, ServerLimits, _raise_for, build_app
+from diffgentor.server.http.openai_schemas import IMAGE_URL_PATTERN, SIZE_RE, OpenAIError
 
 from .conftest import bad_spec, check_outcomes, png
 

@@ -1,6 +1,6 @@
 """OpenAI Images API shapes: request bodies (JSON variants), responses, SSE events and the error object.
 
-The pydantic models validate the requests and are also the schemas of the OpenAPI document (server/openapi.py), so
+The pydantic models validate the requests and are also the schemas of the OpenAPI document (server/http/openapi.py), so
 the constraints written here (ranges, patterns, enums) are the ones the server enforces. OpenAI parameters the server
 cannot honour are refused by name (`check_supported`: 400 `unsupported_parameter` / `unsupported_value`), never
 ignored; the tables below are also what the README's parameter table lists."""

@@ -25,7 +25,7 @@ from diffgentor.engine.core_proc import FinishedInfo
 from diffgentor.engine.input_processor import ProcessedRequest
 from diffgentor.engine.request import EngineEvent
 from diffgentor.server import launcher
-from diffgentor.server.engine_client import EngineClient, EngineDeadError
+from diffgentor.server.http.engine_client import EngineClient, EngineDeadError
 
 logger = logging.getLogger(__name__)
 

@@ -16,5 +16,5 @@ CONTENT_SECURITY_POLICY = ("default-src 'none'; connect-src 'self'; img-src 'sel
 
 @lru_cache(maxsize=1)
 def page_html() -> str:
-    """The page (package data of ``diffgentor.server``; read once)."""
-    return files("diffgentor.server").joinpath("playground.html").read_text(encoding="utf-8")
+    """The page (package data of ``diffgentor.server.http``; read once)."""
+    return files("diffgentor.server.http").joinpath("playground.html").read_text(encoding="utf-8")

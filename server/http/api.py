@@ -2,8 +2,8 @@
 
 Endpoints: POST /v1/images/edits (multipart `image` / `image[]`, or JSON with image URLs / data URLs),
 POST /v1/images/generations, GET /v1/models, GET /v1/models/{model}, GET /images/{token} (the images of
-`response_format=url` answers, server/image_store.py), GET /health, GET /metrics. The API server validates, decodes and
-preprocesses images in a thread pool (`process_request`) and hands the engine core a `ProcessedRequest` over
+`response_format=url` answers, server/http/image_store.py), GET /health, GET /metrics. The API server validates,
+decodes and preprocesses images in a thread pool (`process_request`) and hands the engine core a `ProcessedRequest` over
 ZeroMQ; it streams think/recaption deltas and encodes the output images. Errors are always OpenAI's
 `{"error": {message, type, param, code}}`.
 """
@@ -42,19 +42,19 @@ from diffgentor.engine.core_proc import FinishedInfo
 from diffgentor.engine.input_processor import ProcessedRequest, ProcessorContext, check_request, process_request
 from diffgentor.engine.request import EngineEvent, GenerationRequest
 from diffgentor.engine.request_contract import MAX_COND_IMAGES, RequestError
-from diffgentor.server import openapi
-from diffgentor.server.aio import unless
-from diffgentor.server.engine_client import EngineDeadError
-from diffgentor.server.engine_pool import EnginePool, plan_engine_instances
-from diffgentor.server.http_server import (
+from diffgentor.server.http import openapi
+from diffgentor.server.http.aio import unless
+from diffgentor.server.http.engine_client import EngineDeadError
+from diffgentor.server.http.engine_pool import EnginePool, plan_engine_instances
+from diffgentor.server.http.http_server import (
     DEFAULT_HEAD_TIMEOUT_S,
     ConnectionLimiter,
     DrainingServer,
     fd_capped,
     head_timeout_protocol,
 )
-from diffgentor.server.image_store import ImageStore
-from diffgentor.server.limits import (
+from diffgentor.server.http.image_store import ImageStore
+from diffgentor.server.http.limits import (
     CHARGE_SCOPE_KEY,
     DEFAULT_BODY_DEADLINE_S,
     DEFAULT_BODY_IDLE_TIMEOUT_S,
@@ -64,8 +64,8 @@ from diffgentor.server.limits import (
     BudgetExceeded,
     ByteBudget,
 )
-from diffgentor.server.metrics import CONTENT_TYPE, ServerMetrics
-from diffgentor.server.openai_schemas import (
+from diffgentor.server.http.metrics import CONTENT_TYPE, ServerMetrics
+from diffgentor.server.http.openai_schemas import (
     DONE,
     FORM_FIELDS,
     IMAGE_BOT_TASKS,
@@ -89,7 +89,7 @@ from diffgentor.server.openai_schemas import (
     usage,
     validation_error,
 )
-from diffgentor.server.request_cost import (
+from diffgentor.server.http.request_cost import (
     DEFAULT_MAX_QUEUED_COST_BYTES,
     DEFAULT_MAX_REQUEST_COST_BYTES,
     ImageHeader,
@@ -97,7 +97,11 @@ from diffgentor.server.request_cost import (
     read_header,
     request_cost,
 )
-from diffgentor.server.serve_args import DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MAX_PROMPT_CHARS, DEFAULT_MAX_UPLOAD_BYTES
+from diffgentor.server.http.serve_args import (
+    DEFAULT_MAX_IMAGE_PIXELS,
+    DEFAULT_MAX_PROMPT_CHARS,
+    DEFAULT_MAX_UPLOAD_BYTES,
+)
 from diffgentor.server.url_fetch import DEFAULT_FETCH_DEADLINE_S, FetchError, FetchPolicy, UrlFetcher
 
 logger = logging.getLogger("diffgentor.server")
@@ -127,7 +131,7 @@ class ServerLimits:
     body_idle_timeout_s: float = DEFAULT_BODY_IDLE_TIMEOUT_S
     body_deadline_s: float = DEFAULT_BODY_DEADLINE_S
     head_timeout_s: float = DEFAULT_HEAD_TIMEOUT_S
-    # memory a request will cost (server/request_cost.py): one request's limit, and all admitted requests' budget
+    # memory a request will cost (server/http/request_cost.py): one request's limit, and all admitted requests' budget
     max_request_cost_bytes: int = DEFAULT_MAX_REQUEST_COST_BYTES
     max_queued_cost_bytes: int = DEFAULT_MAX_QUEUED_COST_BYTES
 
@@ -144,7 +148,7 @@ class AppState:
     pool: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(4, thread_name_prefix="dg-input"))
     created: int = field(default_factory=now)
     fetcher: UrlFetcher | None = None  # built from `limits` when None and URL fetching is allowed
-    playground: bool = True  # the page at / (diffgentor.server.playground); off with --no-playground
+    playground: bool = True  # the page at / (diffgentor.server.http.playground); off with --no-playground
     # browser origins allowed to call the API (CORS); `*`: any, the default as in vLLM; empty: no CORS headers
     allowed_origins: tuple[str, ...] = ("*",)
     image_store: ImageStore = field(default_factory=ImageStore)  # response_format=url
@@ -327,7 +331,7 @@ def build_app(state: AppState) -> FastAPI:
     if state.playground:
         from fastapi.responses import HTMLResponse
 
-        from diffgentor.server.playground import CONTENT_SECURITY_POLICY, page_html
+        from diffgentor.server.http.playground import CONTENT_SECURITY_POLICY, page_html
 
         @app.get("/", include_in_schema=False)
         async def playground():
@@ -680,7 +684,7 @@ async def _admitted(state: AppState, request: Request, kind: str, params, req: G
 
 
 def _image_ref(state: AppState, request: Request, data: bytes, fmt: str, response_format: str) -> dict[str, str]:
-    """An image of a response: inline (`b64_json`) or a URL on this server (`url`, server/image_store.py)."""
+    """An image of a response: inline (`b64_json`) or a URL on this server (`url`, server/http/image_store.py)."""
     if response_format != "url":
         return {"b64_json": base64.b64encode(data).decode()}
     try:

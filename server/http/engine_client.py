@@ -42,7 +42,7 @@ from diffgentor.engine.core_proc import (
 from diffgentor.engine.input_processor import ProcessedRequest
 from diffgentor.engine.os_process import release_host_memory
 from diffgentor.engine.request import EngineEvent
-from diffgentor.server.aio import unless
+from diffgentor.server.http.aio import unless
 
 logger = logging.getLogger(__name__)
 _ENV_LOCK = threading.Lock()  # os.environ is process-wide: one spawn at a time sees its overlay

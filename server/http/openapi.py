@@ -17,7 +17,7 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import PlainTextResponse, Response
 from pydantic import BaseModel
 
-from diffgentor.server.openai_schemas import (
+from diffgentor.server.http.openai_schemas import (
     DONE,
     STREAM_EVENTS,
     UNSUPPORTED_PARAMETERS,
