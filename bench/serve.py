@@ -308,7 +308,7 @@ def synthetic_specs(args: argparse.Namespace, n: int, seed: int) -> list[Request
 
 def csv_specs(args: argparse.Namespace, n: int) -> list[RequestSpec]:
     """Rows of a diffgentor CSV/parquet (`input_images`, `instruction`), cycled to n requests."""
-    from diffgentor.server.data import load_edit_rows, load_prompts, resolve_images
+    from diffgentor.server.batch.data import load_edit_rows, load_prompts, resolve_images
 
     path = Path(args.dataset_path)
     if args.endpoint == "generations":

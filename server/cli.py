@@ -51,13 +51,13 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_edit(args: argparse.Namespace) -> int:
-    from diffgentor.server.batch import run
+    from diffgentor.server.batch.job import run
 
     return run(args, "edit")
 
 
 def _cmd_t2i(args: argparse.Namespace) -> int:
-    from diffgentor.server.batch import run
+    from diffgentor.server.batch.job import run
 
     return run(args, "t2i")
 
@@ -118,7 +118,7 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
                     help="seconds the tensor-parallel ranks get to finish before they are stopped")
     vg.set_defaults(func=_cmd_verify_golden)
 
-    from diffgentor.server.batch import add_edit_args, add_t2i_args
+    from diffgentor.server.batch.job import add_edit_args, add_t2i_args
 
     ed = sub.add_parser("edit", help="edit / fuse images for every row of a CSV or parquet input (batch job)")
     add_edit_args(ed)

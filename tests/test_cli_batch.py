@@ -21,7 +21,7 @@ from types import SimpleNamespace
 import pytest
 from PIL import Image
 
-from diffgentor.server import data as D
+from diffgentor.server.batch import data as D
 from diffgentor.server.cli import main
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

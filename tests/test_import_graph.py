@@ -27,11 +27,8 @@ FORBIDDEN = {"kernels": ("engine", "server", "bench"), "engine": ("server", "ben
 ENTRY_POINTS = {"diffgentor.server.cli"}
 # `get_attention_backend("flashinfer")` imports the FlashInfer backend, which builds on the torch reference in
 # `kernels.attention`; the GPU module is loaded only when it is selected.
-# `diffgentor edit|t2i --executor ray` imports the Ray executor (an optional extra), which reuses the batch job's
-# row handling.
 LAZY_PLUGIN_EDGES = {
     ("diffgentor.kernels.attention", "diffgentor.kernels.flashinfer_attention"),
-    ("diffgentor.server.batch", "diffgentor.server.batch_ray"),
 }
 
 
@@ -198,3 +195,19 @@ def test_lazy_plugin_edges_exist_and_stay_function_local():
         found = _imports(ast.parse(path.read_text()), src, path.name == "__init__.py", local=local)
         assert dst in found, f"{src} no longer imports {dst}: drop the exemption"
         assert dst in local, f"{src} imports {dst} at module level: that is a cycle, not a lazy plugin load"
+
+
+SERVER_CONCERNS = ("diffgentor.server.http", "diffgentor.server.batch")
+
+
+def _concern(module: str) -> str | None:
+    return next((c for c in SERVER_CONCERNS if module == c or module.startswith(c + ".")), None)
+
+
+def test_server_concerns_do_not_import_each_other():
+    """The HTTP API (`server/http/`) and the batch jobs (`server/batch/`) share only the modules at the root of
+    `server/` (model-instance planning, URL fetching); the CLI root composes them."""
+    graph = import_graph(with_lazy_plugins=True)
+    bad = [f"{src} imports {dst}" for src, dsts in sorted(graph.items()) for dst in sorted(dsts)
+           if _concern(src) and _concern(dst) and _concern(src) != _concern(dst)]
+    assert not bad, "\n".join(bad)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 
+from diffgentor.server.url_fetch import DEFAULT_MAX_IMAGE_BYTES
+
 MiB = 1 << 20
-DEFAULT_MAX_UPLOAD_BYTES = 20 * MiB
+DEFAULT_MAX_UPLOAD_BYTES = DEFAULT_MAX_IMAGE_BYTES
 DEFAULT_MAX_IMAGE_PIXELS = 4096 * 4096
 DEFAULT_MAX_PROMPT_CHARS = 32000
 

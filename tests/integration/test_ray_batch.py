@@ -195,8 +195,8 @@ def test_driver_killed_and_rerun(tmp_path, tiny_distil, dataset, ray_cluster):
 
 
 def test_pool_size_from_cluster_resources():
-    from diffgentor.server.batch import FatalError
-    from diffgentor.server.batch_ray import pool_size, replica_resources
+    from diffgentor.server.batch.ray_executor import pool_size, replica_resources
+    from diffgentor.server.batch.rows import FatalError
 
     assert replica_resources(0, []) == {"num_cpus": 1} == replica_resources(4, [0, 0])
     assert replica_resources(0, [8, 4]) == {"num_gpus": 8}  # 0: every GPU of the largest node

@@ -27,7 +27,7 @@ import pytest
 import torch
 from PIL import Image
 
-from diffgentor.server import data as D
+from diffgentor.server.batch import data as D
 from diffgentor.server.url_fetch import FetchError, FetchPolicy, UrlFetcher, fetch_sync, is_internal
 
 from .conftest import NUM_KV_BLOCKS, Server, png
@@ -590,7 +590,7 @@ def test_batch_duplicate_column_names_are_refused(tiny_ckpt, tmp_path, capsys):
 def test_batch_resume_counts_only_decodable_pngs(tmp_path):
     from PIL import Image
 
-    from diffgentor.server.batch import is_done_png
+    from diffgentor.server.batch.job import is_done_png
 
     good, empty, cut, jpeg = (tmp_path / n for n in ("g.png", "e.png", "c.png", "j.png"))
     Image.new("RGB", (8, 8), "red").save(good)
@@ -962,7 +962,7 @@ def test_batch_row_io_errors_are_that_rows_error(tiny_ckpt, tmp_path, capsys):
     writable), a sparse 30 MB file (read whole: the server caps uploads at 20 MiB), a device and a FIFO."""
     import csv as csv_mod
 
-    from diffgentor.server.batch import EXIT_ROWS_FAILED
+    from diffgentor.server.batch.job import EXIT_ROWS_FAILED
     from diffgentor.server.cli import main
 
     big = tmp_path / "big.png"

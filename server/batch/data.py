@@ -35,13 +35,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from diffgentor.server.http.serve_args import DEFAULT_MAX_UPLOAD_BYTES
+from diffgentor.server.url_fetch import DEFAULT_MAX_IMAGE_BYTES
 
 MAX_INPUT_IMAGES = 3
 IMAGE_COLUMNS = ("input_images", "image_url")
 DEFAULT_DOWNLOAD_TIMEOUT_S = 30.0  # the whole download, not one read
 MAX_DOWNLOAD_BYTES = 64 << 20  # one image URL; the download stops once it is passed
-MAX_IMAGE_BYTES = DEFAULT_MAX_UPLOAD_BYTES  # one local or embedded image file: the server's upload cap
+MAX_IMAGE_BYTES = DEFAULT_MAX_IMAGE_BYTES  # one local or embedded image file: the server's upload cap
 RESULT_COLUMNS = ("output_image", "instruction_enhanced", "error")
 
 

@@ -3,12 +3,13 @@
 Flow of one run (both commands):
 1. flags and ``DG_HUNYUAN_IMAGE_3_*`` variables -> `EngineConfig` (an invalid variable stops the run at once,
    naming the variable and the allowed values);
-2. rows are read (`diffgentor.server.data`), ``--filter_rows`` applied, and every row whose output image already
+2. rows are read (`server/batch/data.py`), ``--filter_rows`` applied, and every row whose output image already
    exists is skipped (``--resume``, the default; ``--no_resume`` regenerates them);
 3. the earlier results CSV, any part files of a killed multi-instance run, and images whose CSV row was lost
    (their PNG carries its own prompt and think/recaption text) are merged, so a resumed run keeps every row;
-4. pending rows go through the engine ``--batch_size`` rows per ``Engine.generate`` call, in one process or in
-   one child process per model instance (`diffgentor.server.launcher`); images are written atomically as
+4. pending rows go through the engine ``--batch_size`` rows per ``Engine.generate`` call (`server/batch/rows.py`),
+   in one process, in one child process per model instance (`server/launcher.py`), or on a Ray cluster
+   (`server/batch/ray_executor.py`, ``--executor ray``); images are written atomically as
    ``{index:06d}.png`` and the results CSV is rewritten (atomically) after every batch;
 5. a summary line; exit code 0 when every row succeeded, 1 when any failed, 2 for a fatal error.
 """
@@ -16,21 +17,30 @@ Flow of one run (both commands):
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import importlib.util
-import io
 import json
 import logging
 import os
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from diffgentor.server import data as D
 from diffgentor.server import launcher as L
+from diffgentor.server.batch import data as D
+from diffgentor.server.batch.ray_executor import run_ray
+from diffgentor.server.batch.rows import (
+    FatalError,
+    Outcome,
+    Progress,
+    Task,
+    Worker,
+    batches,
+    engine_config,
+    png_text,
+    record,
+    resolve_kernels,
+    setup_logging,
+)
 
 logger = logging.getLogger("diffgentor.batch")
 
@@ -38,15 +48,9 @@ BACKENDS = ("hunyuan_image_3",)
 DEFAULT_BATCH_SIZE = 16
 DEFAULT_MAX_RETRIES = 3
 DEFAULT_SEED = 42
-PNG_KEY_PREFIX = "diffgentor:"
 EXIT_OK, EXIT_ROWS_FAILED, EXIT_FATAL = 0, 1, 2
 
 
-class FatalError(RuntimeError):
-    """The run cannot start or continue (bad flags, input, model); exit code 2."""
-
-
-# ---------------------------------------------------------------------------------------------------- flags
 def _add_common_args(p: argparse.ArgumentParser) -> None:
     from diffgentor.engine.config import add_engine_args
 
@@ -96,7 +100,7 @@ def _add_common_args(p: argparse.ArgumentParser) -> None:
                    help="no progress bar")
     g.add_argument("--executor", choices=("local", "ray"), default="local",
                    help="local: instances on this machine (default); ray: a pool of replicas on a Ray cluster "
-                        "(pip install -e '.[ray]' in the checkout; see diffgentor.server.batch_ray)")
+                        "(pip install -e '.[ray]' in the checkout; see diffgentor.server.batch.ray_executor)")
     g.add_argument("--ray_address", "--ray-address", dest="ray_address", default=None,
                    help="Ray cluster to join with --executor ray (default: RAY_ADDRESS, else a local cluster)")
     p.add_argument("--_worker_spec", dest="worker_spec", default=None, help=argparse.SUPPRESS)
@@ -127,25 +131,6 @@ def add_t2i_args(p: argparse.ArgumentParser) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------- tasks
-@dataclass
-class Task:
-    row: D.EditRow
-    sub: int
-    out_path: Path
-    seed: int
-
-    @property
-    def key(self) -> tuple[int, int]:
-        return self.row.index, self.sub
-
-
-@dataclass
-class Outcome:
-    key: tuple[int, int]
-    ok: bool
-    record: dict[str, str]
-
-
 def _out_name(index: int, sub: int, multi: bool) -> str:
     return f"{index:06d}_{sub:02d}.png" if multi else f"{index:06d}.png"
 
@@ -181,34 +166,6 @@ def _validate(args: argparse.Namespace, command: str) -> None:
             args.image_size = f"{args.height}x{args.width}"
 
 
-def engine_config(args: argparse.Namespace, environ=None):
-    """The EngineConfig of this run (validates every DG_HUNYUAN_IMAGE_3_* variable)."""
-    from diffgentor.engine.config import EngineConfig
-
-    given = {k: v for k, v in vars(args).items() if k not in ("seed",)}
-    given["model"] = args.model_name
-    return EngineConfig.from_cli_and_env(given, environ)
-
-
-def resolve_kernels(config):
-    """FlashInfer needs CUDA and flashinfer-python: without them fall back (with a warning) to eager / sdpa."""
-    changes = {}
-    for name, fallback in (("moe_impl", "eager"), ("attn_impl", "sdpa")):
-        if getattr(config, name) != "flashinfer":
-            continue
-        reason = None
-        if not config.on_cuda():
-            reason = "there is no CUDA device"
-        elif importlib.util.find_spec("flashinfer") is None:
-            reason = "flashinfer-python is not installed (pip install -e '.[gpu]', see docs/flashinfer.md)"
-        if reason:
-            var = "DG_HUNYUAN_IMAGE_3_" + name.upper()
-            logger.warning("%s=flashinfer (or --%s flashinfer) but %s; using %s", var, name.replace("_", "-"),
-                           reason, fallback)
-            changes[name] = fallback
-    return dataclasses.replace(config, **changes) if changes else config
-
-
 def load_rows(args: argparse.Namespace, command: str) -> tuple[list[D.EditRow], list[str], Path]:
     """(selected rows, input columns, the folder relative image paths resolve against)."""
     if command == "edit":
@@ -227,28 +184,7 @@ def make_tasks(args: argparse.Namespace, rows: Sequence[D.EditRow], command: str
     return [Task(r, s, out / _out_name(r.index, s, n > 1), args.seed + s) for r in rows for s in range(n)]
 
 
-# ---------------------------------------------------------------------------------------------------- records
-def _record(task: Task, output_image: str = "", text: str = "", error: str = "") -> dict[str, str]:
-    rec = dict(task.row.columns)
-    rec.update(output_image=output_image, instruction_enhanced=text, error=error)
-    return rec
-
-
-def save_png(path: Path, image, task: Task, text: str) -> None:
-    """Write the image atomically; PNG text chunks carry prompt, think/recaption text and seed so a resumed run
-    can rebuild a lost CSV row from the image alone."""
-    from PIL.PngImagePlugin import PngInfo
-
-    info = PngInfo()
-    info.add_itxt(PNG_KEY_PREFIX + "index", str(task.row.index))
-    info.add_itxt(PNG_KEY_PREFIX + "prompt", task.row.prompt)
-    info.add_itxt(PNG_KEY_PREFIX + "instruction_enhanced", text)
-    info.add_itxt(PNG_KEY_PREFIX + "seed", str(task.seed))
-    buf = io.BytesIO()
-    image.save(buf, format="PNG", pnginfo=info)
-    D.atomic_write_bytes(path, buf.getvalue())
-
-
+# ---------------------------------------------------------------------------------------------------- resume
 def is_done_png(path: Path) -> bool:
     """Whether ``path`` is a finished output: a PNG that decodes (a 0-byte or truncated file is redone)."""
     from PIL import Image
@@ -279,161 +215,11 @@ def check_output_paths(output_dir: Path, output_csv: Path, log_dir: Path) -> Non
         raise FatalError(f"--output_csv {output_csv} is a folder")
 
 
-def _png_text(path: Path) -> dict[str, str]:
-    from PIL import Image
-
-    try:
-        with Image.open(path) as im:
-            return {k[len(PNG_KEY_PREFIX):]: v for k, v in (getattr(im, "text", {}) or {}).items()
-                    if k.startswith(PNG_KEY_PREFIX)}
-    except Exception:
-        return {}
-
-
-# ---------------------------------------------------------------------------------------------------- worker
-class Worker:
-    """Runs tasks through one engine, batch by batch; reports each finished batch to ``on_batch``."""
-
-    def __init__(self, args: argparse.Namespace, config, base_dir: Path, cache_dir: Path) -> None:
-        self.args = args
-        self.config = config
-        self.base_dir = base_dir
-        self.cache_dir = cache_dir
-        self._engine = None
-
-    @property
-    def engine(self):
-        """Loaded on first use: a run whose pending rows are all bad never loads the model."""
-        if self._engine is None:
-            from diffgentor.engine.offline import Engine
-
-            t0 = time.perf_counter()
-            try:
-                self._engine = Engine.from_config(self.config)
-            except Exception as e:
-                logger.exception("could not load %s", self.config.model)
-                raise FatalError(f"could not load the model {self.config.model}: {type(e).__name__}: {e}") from e
-            logger.info("loaded %s in %.1f s", self.config.model, time.perf_counter() - t0)
-        return self._engine
-
-    def close(self) -> None:
-        """Stop the engine's tensor-parallel ranks, if any (an in-process run must not leave them behind)."""
-        if self._engine is not None:
-            self._engine.close()
-            self._engine = None
-
-    def _request(self, task: Task, images: list[bytes]) -> dict[str, Any]:
-        a = self.args
-        req: dict[str, Any] = {"prompt": task.row.prompt, "images": images, "seed": task.seed,
-                               "image_size": a.image_size or "auto"}
-        if a.num_inference_steps is not None:
-            req["num_inference_steps"] = a.num_inference_steps
-        if a.guidance_scale is not None:
-            req["guidance_scale"] = a.guidance_scale
-        return req
-
-    def run_batch(self, batch: Sequence[Task]) -> list[Outcome]:
-        outcomes: dict[tuple[int, int], Outcome] = {}
-        ready: list[tuple[Task, list[bytes]]] = []
-        for t in batch:
-            try:
-                if t.row.error:
-                    raise D.RowError(t.row.error)
-                if not t.row.prompt:
-                    raise D.RowError("empty instruction" if self.args.command == "edit" else "empty prompt")
-                images = D.resolve_images(t.row.images, self.base_dir, self.cache_dir, self.args.download_timeout)
-            except D.RowError as e:
-                outcomes[t.key] = Outcome(t.key, False, _record(t, error=str(e)))
-                logger.warning("row %d: %s", t.row.index, e)
-                continue
-            ready.append((t, images))
-        attempt = 0
-        engine = self.engine if ready else None  # a load failure is fatal, not a row error
-        while ready:
-            try:
-                results = engine.generate([self._request(t, imgs) for t, imgs in ready])
-            except Exception as e:  # the engine itself failed: every row of this attempt failed
-                logger.exception("engine call failed (attempt %d)", attempt + 1)
-                results = [None] * len(ready)
-                errors = [f"engine failure: {type(e).__name__}: {e}"] * len(ready)
-            else:
-                errors = [None] * len(ready)
-            retry: list[tuple[Task, list[bytes]]] = []
-            for (t, imgs), res, err in zip(ready, results, errors):
-                text = (res.text or "").strip() if res is not None else ""
-                if res is not None and res.error is None and res.image is not None:
-                    try:
-                        save_png(t.out_path, res.image, t, text)
-                    except OSError as e:  # this row's image could not be written: its error, the others go on
-                        err = f"could not write {t.out_path}: {e.strerror or e}"
-                        outcomes[t.key] = Outcome(t.key, False, _record(t, text=text, error=err))
-                        logger.warning("row %d: %s", t.row.index, err)
-                        continue
-                    outcomes[t.key] = Outcome(t.key, True, _record(t, str(t.out_path), text))
-                    continue
-                if res is not None:
-                    reason = getattr(res.finish_reason, "value", res.finish_reason)
-                    err = res.error or f"no image (finish_reason={reason})"
-                if res is not None and res.error is None:  # a text-only answer (bot_task auto): not retried
-                    outcomes[t.key] = Outcome(t.key, False, _record(t, text=text, error=err))
-                elif attempt < self.args.max_retries:
-                    retry.append((t, imgs))
-                    logger.warning("row %d: %s; retrying (%d/%d)", t.row.index, err, attempt + 1,
-                                   self.args.max_retries)
-                else:
-                    outcomes[t.key] = Outcome(t.key, False, _record(t, text=text, error=err))
-                    logger.warning("row %d failed: %s", t.row.index, err)
-            ready = retry
-            attempt += 1
-        return [outcomes[t.key] for t in batch]
-
-
-def _batches(tasks: Sequence[Task], size: int):
-    for i in range(0, len(tasks), size):
-        yield tasks[i:i + size]
-
-
-class Progress:
-    """A tqdm bar: rows done, images/min, failures, ETA (or nothing with --no_progress)."""
-
-    def __init__(self, total: int, enabled: bool) -> None:
-        self.t0 = time.perf_counter()
-        self.done = self.generated = self.failed = 0
-        self.bar = None
-        if enabled and total:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, unit="row", dynamic_ncols=True, file=sys.stderr, desc="rows")
-
-    def images_per_min(self) -> float:
-        dt = time.perf_counter() - self.t0
-        return 60.0 * self.generated / dt if dt > 0 else 0.0
-
-    def write(self, msg: str) -> None:
-        if self.bar is not None:
-            self.bar.write(msg, file=sys.stderr)
-        else:
-            print(msg, file=sys.stderr)
-
-    def set(self, done: int, generated: int, failed: int) -> None:
-        if (done, generated, failed) == (self.done, self.generated, self.failed):
-            return
-        delta = done - self.done
-        self.done, self.generated, self.failed = done, generated, failed
-        if self.bar is not None:
-            self.bar.set_postfix_str(f"{self.images_per_min():.1f} img/min, {failed} failed", refresh=False)
-            self.bar.update(delta) if delta else self.bar.refresh()
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
 def _worker_main(spec_path: str) -> int:
     """A child instance: run the tasks named in the spec file, writing a part CSV and a progress file."""
     spec = json.loads(Path(spec_path).read_text())
     args = argparse.Namespace(**spec["args"])
-    _setup_logging(None, console_level=logging.INFO)
+    setup_logging(None, console_level=logging.INFO)
     try:
         config = resolve_kernels(engine_config(args))
         rows, columns, base = load_rows(args, args.command)
@@ -446,7 +232,7 @@ def _worker_main(spec_path: str) -> int:
     part: dict[tuple[int, int], dict[str, str]] = {}
     n_ok = n_fail = 0
     try:
-        for batch in _batches(tasks, args.batch_size):
+        for batch in batches(tasks, args.batch_size):
             try:
                 outcomes = worker.run_batch(batch)
             except FatalError as e:
@@ -466,28 +252,6 @@ def _worker_main(spec_path: str) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------- driver
-def _setup_logging(log_file: Path | None, console_level: int = logging.WARNING) -> None:
-    root = logging.getLogger("diffgentor")
-    root.setLevel(logging.INFO)
-    for h in list(root.handlers):
-        if getattr(h, "_diffgentor_batch", False):
-            root.removeHandler(h)
-            h.close()
-    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
-    console = logging.StreamHandler(sys.stderr)
-    console.setLevel(console_level)
-    console.setFormatter(fmt)
-    console._diffgentor_batch = True
-    root.addHandler(console)
-    if log_file is not None:
-        log_file.parent.mkdir(parents=True, exist_ok=True)
-        fh = logging.FileHandler(log_file)
-        fh.setLevel(logging.INFO)
-        fh.setFormatter(fmt)
-        fh._diffgentor_batch = True
-        root.addHandler(fh)
-
-
 def _parts_dir(output_dir: Path) -> Path:
     return output_dir / ".instances"
 
@@ -542,7 +306,7 @@ def _run(args: argparse.Namespace, command: str) -> int:
     log_dir = Path(args.log_dir) if args.log_dir else output_dir / "logs" / time.strftime("%Y%m%d_%H%M%S")
     cache_dir = Path(args.image_cache_dir) if getattr(args, "image_cache_dir", None) else output_dir / ".image_cache"
     check_output_paths(output_dir, output_csv, log_dir)
-    _setup_logging(log_dir / "main.log")
+    setup_logging(log_dir / "main.log")
     logger.info("diffgentor %s: %s", command, json.dumps({k: v for k, v in vars(args).items() if k != "func"},
                                                          default=str))
     logger.info("engine config: %s", json.dumps(config.describe(), default=str))
@@ -561,8 +325,8 @@ def _run(args: argparse.Namespace, command: str) -> int:
     for t in done:
         prev = results.get(t.key)
         if prev is None or prev.get("error") or not prev.get("output_image"):
-            meta = _png_text(t.out_path)
-            results[t.key] = _record(t, str(t.out_path), meta.get("instruction_enhanced", ""))
+            meta = png_text(t.out_path)
+            results[t.key] = record(t, str(t.out_path), meta.get("instruction_enhanced", ""))
     D.write_results_csv(output_csv, results, columns, with_image_num)
     msg = (f"{len(tasks)} row(s) selected: {len(done)} already done (skipped), {len(pending)} to generate"
            if args.resume else f"{len(tasks)} row(s) selected, regenerating all (--no_resume)")
@@ -574,8 +338,6 @@ def _run(args: argparse.Namespace, command: str) -> int:
     n_ok = n_fail = 0
     try:
         if pending and args.executor == "ray":
-            from diffgentor.server.batch_ray import run_ray
-
             def absorb(outcomes: list[Outcome]) -> None:
                 nonlocal n_ok, n_fail
                 for o in outcomes:
@@ -598,7 +360,7 @@ def _run(args: argparse.Namespace, command: str) -> int:
                 config = resolve_kernels(config)
                 worker = Worker(args, config, base, cache_dir)
                 try:
-                    for batch in _batches(pending, args.batch_size):
+                    for batch in batches(pending, args.batch_size):
                         for o in worker.run_batch(batch):
                             results[o.key] = o.record
                             n_ok += o.ok
@@ -673,7 +435,7 @@ def _run_multi(args, command, pending, slices, results, output_dir, cache_dir, l
         for t in inst.extra["share"]:
             rec = part.get(t.key)
             if rec is None:
-                rec = _record(t, error=f"instance {inst.rank} ({inst.where}) exited with code {inst.returncode} "
+                rec = record(t, error=f"instance {inst.rank} ({inst.where}) exited with code {inst.returncode} "
                                        "before this row finished")
             results[t.key] = rec
             if rec.get("error"):

@@ -1,9 +1,9 @@
 """``diffgentor edit|t2i --executor ray``: the batch job's pending rows as a Ray Dataset, mapped through a pool
 of engine replicas (Ray actors) that may span many nodes.
 
-Everything but the executor is `diffgentor.server.batch`'s: the same rows, resume rules, per-row error texts
-(each replica runs `batch.Worker.run_batch`, retries included), results-CSV merge, progress bar, summary and exit
-codes. What differs from the local launcher:
+Everything but the executor is the batch job's (`server/batch/job.py`, which calls `run_ray`): the same rows,
+resume rules, per-row error texts (each replica runs `rows.Worker.run_batch`, retries included), results-CSV merge,
+progress bar, summary and exit codes. What differs from the local launcher:
 
 - a replica is a Ray actor holding ``DG_HUNYUAN_IMAGE_3_GPUS_PER_MODEL`` GPUs (0: all GPUs of the largest node; an
   actor cannot span nodes), or one CPU on a cluster without GPUs; the pool has ``--num_instances`` replicas, else
@@ -34,7 +34,7 @@ from typing import Any
 
 import msgspec
 
-from diffgentor.server import batch as B
+from diffgentor.server.batch import rows as R
 
 logger = logging.getLogger("diffgentor.batch.ray")
 
@@ -43,7 +43,7 @@ ENV_PREFIX = "DG_HUNYUAN_IMAGE_3_"
 
 def require_ray() -> None:
     if importlib.util.find_spec("ray") is None or importlib.util.find_spec("ray.data") is None:
-        raise B.FatalError("--executor ray needs Ray Data: pip install -e '.[ray]' in the checkout (or 'ray[data]')")
+        raise R.FatalError("--executor ray needs Ray Data: pip install -e '.[ray]' in the checkout (or 'ray[data]')")
 
 
 # ---------------------------------------------------------------------------------------------------- pool size
@@ -55,7 +55,7 @@ def replica_resources(gpus_per_model: int, node_gpus: Sequence[float]) -> dict[s
         return {"num_cpus": 1}
     k = gpus_per_model or most
     if k > most:
-        raise B.FatalError(f"DG_HUNYUAN_IMAGE_3_GPUS_PER_MODEL={k} but the largest Ray node has {most} GPU(s); a "
+        raise R.FatalError(f"DG_HUNYUAN_IMAGE_3_GPUS_PER_MODEL={k} but the largest Ray node has {most} GPU(s); a "
                            "replica cannot span nodes")
     return {"num_gpus": k}
 
@@ -65,7 +65,7 @@ def pool_size(resources: dict[str, float], node_cpus: Sequence[float], node_gpus
     """Replicas: ``--num_instances`` when given, else how many fit on the nodes; never more than the batches."""
     if num_instances is not None:
         if num_instances < 1:
-            raise B.FatalError(f"--num_instances must be >= 1, got {num_instances}")
+            raise R.FatalError(f"--num_instances must be >= 1, got {num_instances}")
         n = num_instances
     elif "num_gpus" in resources:
         n = sum(int(g) // int(resources["num_gpus"]) for g in node_gpus)
@@ -98,26 +98,26 @@ _DECODER = msgspec.msgpack.Decoder(ReplicaBatch)
 
 # ---------------------------------------------------------------------------------------------------- replica
 class Replica:
-    """One engine replica (a Ray actor): runs a batch of pickled `batch.Task`s through `batch.Worker`."""
+    """One engine replica (a Ray actor): runs a batch of pickled `rows.Task`s through `rows.Worker`."""
 
     def __init__(self, args: dict[str, Any], environ: dict[str, str], cwd: str, base_dir: str, cache_dir: str,
                  log_dir: str) -> None:
         # relative paths (model, inputs, outputs) mean what they mean to the driver: its folder must be shared too
         os.chdir(cwd)
         self.where = f"{socket.gethostname()}:{os.getpid()}"
-        B._setup_logging(Path(log_dir) / f"ray-replica-{socket.gethostname()}-{os.getpid()}.log",
+        R.setup_logging(Path(log_dir) / f"ray-replica-{socket.gethostname()}-{os.getpid()}.log",
                          console_level=logging.ERROR)
         ns = argparse.Namespace(**args)
         # the driver's DG_HUNYUAN_IMAGE_3_* variables (a Ray worker has the raylet's environment, not the driver's)
-        config = B.resolve_kernels(B.engine_config(ns, {**os.environ, **environ}))
-        self.worker = B.Worker(ns, config, Path(base_dir), Path(cache_dir))
+        config = R.resolve_kernels(R.engine_config(ns, {**os.environ, **environ}))
+        self.worker = R.Worker(ns, config, Path(base_dir), Path(cache_dir))
         logger.info("replica %s ready (CUDA_VISIBLE_DEVICES=%s)", self.where, os.environ.get("CUDA_VISIBLE_DEVICES"))
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list[bytes]]:
         tasks = [pickle.loads(b) for b in batch["task"]]
         try:
             outcomes = self.worker.run_batch(tasks)
-        except B.FatalError as e:  # the model did not load: the driver stops the run (exit code 2)
+        except R.FatalError as e:  # the model did not load: the driver stops the run (exit code 2)
             answer = ReplicaBatch(fatal=str(e))
         else:
             logger.info("replica %s: rows %s done", self.where, ",".join(str(t.row.index) for t in tasks))
@@ -131,8 +131,8 @@ class Replica:
 
 
 # ---------------------------------------------------------------------------------------------------- driver
-def run_ray(args: argparse.Namespace, pending: Sequence[B.Task], base: Path, cache_dir: Path, log_dir: Path,
-            on_outcomes: Callable[[list[B.Outcome]], None], progress: B.Progress) -> None:
+def run_ray(args: argparse.Namespace, pending: Sequence[R.Task], base: Path, cache_dir: Path, log_dir: Path,
+            on_outcomes: Callable[[list[R.Outcome]], None], progress: R.Progress) -> None:
     """Run ``pending`` on a Ray cluster (``--ray-address``, else ``RAY_ADDRESS``, else a local one started here);
     ``on_outcomes`` gets every finished batch (the caller merges and rewrites the results CSV)."""
     require_ray()
@@ -149,13 +149,13 @@ def run_ray(args: argparse.Namespace, pending: Sequence[B.Task], base: Path, cac
         ray.init(**init, log_to_driver=False, logging_level=logging.ERROR, configure_logging=True,
                  include_dashboard=False)
     except Exception as e:  # noqa: BLE001 - no cluster at that address, bad address, ...
-        raise B.FatalError(f"could not connect to Ray ({args.ray_address or 'a new local cluster'}): "
+        raise R.FatalError(f"could not connect to Ray ({args.ray_address or 'a new local cluster'}): "
                            f"{type(e).__name__}: {e}") from e
     try:
         nodes = [n for n in ray.nodes() if n.get("Alive")]
         node_cpus = [n["Resources"].get("CPU", 0) for n in nodes]
         node_gpus = [n["Resources"].get("GPU", 0) for n in nodes]
-        gpus_per_model = B.engine_config(args).ranks_per_instance or 0
+        gpus_per_model = R.engine_config(args).ranks_per_instance or 0
         resources = replica_resources(gpus_per_model, node_gpus)
         n = pool_size(resources, node_cpus, node_gpus, args.num_instances, math.ceil(len(pending) / args.batch_size))
         where = f"{resources['num_gpus']} GPU(s)" if "num_gpus" in resources else "1 CPU"
@@ -181,13 +181,13 @@ def run_ray(args: argparse.Namespace, pending: Sequence[B.Task], base: Path, cac
             for raw in batch["answer"]:
                 answer = _DECODER.decode(raw)
                 if answer.fatal:
-                    raise B.FatalError(answer.fatal)
-                on_outcomes([B.Outcome((o.index, o.sub), o.ok, dict(o.record)) for o in answer.outcomes])
-    except B.FatalError:
+                    raise R.FatalError(answer.fatal)
+                on_outcomes([R.Outcome((o.index, o.sub), o.ok, dict(o.record)) for o in answer.outcomes])
+    except R.FatalError:
         raise
     except Exception as e:  # noqa: BLE001 - a batch whose replica died more than the retries allow, ...
         logger.exception("the Ray job failed")
-        raise B.FatalError(f"the Ray job failed: {type(e).__name__}: {_first_line(e)}; finished rows are kept "
+        raise R.FatalError(f"the Ray job failed: {type(e).__name__}: {_first_line(e)}; finished rows are kept "
                            "(rerun to resume)") from e
     finally:
         ray.shutdown()
