@@ -227,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     shape = SMALL if args.small else REAL
     if args.sdpa_before:
-        sdpa_shape = SMALL if device.type == "cpu" else shape  # CPU: the small checkpoint (hidden 256)
+        sdpa_shape = SMALL if device.type == "cpu" else shape  # CPU: the small checkpoint (hidden 256)
         rows = bench_sdpa_before_after(args.sdpa_before, sdpa_shape, device, dtype, args.repeat)
         out = Path(args.out) if args.out else \
             Path(__file__).resolve().parent / "results" / f"{card_key(device)}-attention-sdpa.json"

@@ -1,4 +1,4 @@
-"""Peak resident memory per tensor-parallel rank vs the single-process engine (issue 7's acceptance line).
+"""Peak resident memory per tensor-parallel rank vs the single-process engine (bench/README.md).
 
     python -m diffgentor.bench.tp_memory --out bench/results/cpu-tp-memory.json
 

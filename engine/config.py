@@ -4,7 +4,7 @@ Everything the engine, the batch CLI, the server and the benchmark harness need 
 built here, once, into frozen objects that are passed down; nothing else reads ``os.environ`` or keeps global
 mutable configuration.
 
-* `HunyuanImage3Env` - the user's ``DG_HUNYUAN_IMAGE_3_*`` contract (see ``seed/hunyuan_image_3_backend.md``),
+* `HunyuanImage3Env` - the user's ``DG_HUNYUAN_IMAGE_3_*`` contract (the table in README.md),
   parsed with the diffgentor convention: booleans accept ``true/1/yes/on`` and ``false/0/no/off``
   (case-insensitive), surrounding whitespace is trimmed, an unset or empty variable takes the default, and an
   invalid value raises `EnvVarError` naming the variable, the value and the allowed values.

@@ -3,7 +3,7 @@
 Each step it receives a `SchedulerOutput` and runs every scheduled chunk of every request in ONE flat
 forward (prefill chunks, decode tokens and diffusion image blocks together, so the MoE sees them as one
 batch), then samples tokens, takes Euler steps and decodes finished latents. Per-request generators
-live here: the seed's generator draws the condition posteriors then the initial noise (official order);
+live here: the request seed's generator draws the condition posteriors then the initial noise (official order);
 a second generator seeded alike draws the text tokens. A failure is pinned on the request that caused
 it: when a batched forward raises, each request is retried alone and only the failing ones are reported.
 On CUDA a decode-only step (one text token per sequence) replays a captured graph instead (`engine.cuda_graph`),

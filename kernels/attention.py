@@ -5,20 +5,24 @@ into one flat batch. `AttentionMetadata` describes, per token, where its K/V is 
 
     a query at KV index i may attend key j (j < kv_len)  iff  j <= i  or  bidir_start <= j < bidir_end
 
-i.e. causal attention plus the bidirectional image block that contains the query (the official 4-D mask is
-`tril | block x block` per full-attention slice, spec §3.4). A block must be complete in the KV when its
-tokens are queried, so a scheduler must not split a bidirectional block across steps (keys past kv_len are
-not seen).
+i.e. causal attention plus the bidirectional image block that contains the query (the official model's 4-D mask,
+`tril | block x block` per full-attention slice; `paged_attention_reference` states it densely). A block must be
+complete in the KV when its tokens are queried, so a scheduler must not split a bidirectional block across steps
+(keys past kv_len are not seen).
 
-Contract for every backend (FlashInfer's plan/run): `plan(metadata)` once per forward (host work, page tables,
-masks), then every layer calls `run(q, k, v, kv_cache, layer)`. The caller writes this step's K/V into the
-cache (`PagedKVCache.write` at `slot_mapping`) BEFORE `run`, and `kv_lens` already counts those writes; `k`, `v`
-are this step's own K/V rows (the cascade variant reads them directly instead of from the cache).
-`get_attention_backend` is the one selection point.
+What one forward does, per layer: the model's attention (engine/models/hunyuan_image_3/backbone.py) projects
+q, k, v, calls `kv_cache.store(layer, metadata, k, v)` (kernels/kv_cache.py: index copies at the slots the
+step's metadata prepared on the host, no device read), then `backend.run(q, k, v, kv_cache, layer)`, which reads
+every key, this step's included, from the pages. `backend.plan(metadata)` ran once before the first layer (host
+work: grouping, page lists, masks), so `kv_lens` already counts the step's stores. `k`, `v` are passed as well
+because the cascade variant reads a segment's own rows directly instead of from the cache.
+`get_attention_backend` is the one selection point (FlashInfer's plan/run contract, `AttentionBackend`).
 
 Variants (all exact re-statements of the same mask; the CPU tests prove they agree, the FlashInfer backend
 implements the same decompositions with kernels):
-* "mask": the official dense mask per sequence (FlashInfer: one prefill wrapper with a custom mask, FA2).
+* "mask" (the torch backend's default): sequences grouped by step shape and mask kind (`plan_sdpa_groups`), each
+  group's pages gathered and ONE 4-D `scaled_dot_product_attention` call run per group: no mask for full or
+  whole-causal rows, a prefix-limit mask otherwise (FlashInfer: one prefill wrapper with a custom mask, FA2).
 * "segments": each sequence's query rows split into maximal causal text runs and image-block runs. A text
   run with KV indices [a, b) is a causal prefill over keys [0, b) (bottom-right aligned); an image run inside
   block [s, e) is a NON-causal prefill over keys [0, e). No mask tensor, so FlashInfer keeps FA3.

@@ -1,4 +1,4 @@
-"""The torch attention backend's fast path (issue 12, item 2): 4-D fused SDPA per group of equal-shape sequences,
+"""The torch attention backend's fast path (docs/decisions.md): 4-D fused SDPA per group of equal-shape sequences,
 no mask tensor for decode / whole-causal / end-of-KV image rows, GQA without copies; same results as
 `paged_attention_reference` on mixed flat batches, and a sequence's rows do not depend on its batch."""
 

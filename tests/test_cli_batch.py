@@ -1,5 +1,5 @@
 """`diffgentor edit` / `t2i`: input parsing, resume, results CSV, retries, batching (fake engine, fast), and the
-issue's acceptance on the tiny model (8-row CSV, rerun, --no_resume, a killed run, the seed's example commands)."""
+acceptance on the tiny model (8-row CSV, rerun, --no_resume, a killed run, the documented example commands)."""
 
 from __future__ import annotations
 
@@ -499,14 +499,15 @@ def _check_examples(examples, tmp_path, tiny_distil, monkeypatch, capsys):
 
 
 def test_seed_examples_flashinfer_and_no_cot(tmp_path, tiny_distil, clean_env, monkeypatch, capsys):
-    """Two of the seed's commands word for word, in a folder holding the tiny checkpoint under the seed's folder
-    name: MOE_IMPL=flashinfer on a CPU falls back to eager with a warning; BOT_TASK=image skips the CoT."""
+    """Two of the documented commands (`SEED_EXAMPLES`) word for word, in a folder holding the tiny checkpoint
+    under their folder name: MOE_IMPL=flashinfer on a CPU falls back to eager with a warning; BOT_TASK=image skips
+    the CoT."""
     _check_examples(SEED_EXAMPLES[2:4], tmp_path, tiny_distil, monkeypatch, capsys)
 
 
 @pytest.mark.slow
 def test_seed_examples_verbatim(tmp_path, tiny_distil, clean_env, monkeypatch, capsys):
-    """Every edit command of the seed document, word for word (the multi-GPU ones run as CPU instances here)."""
+    """Every documented edit command (`SEED_EXAMPLES`), word for word (the multi-GPU ones run as CPU instances here)."""
     _check_examples(SEED_EXAMPLES, tmp_path, tiny_distil, monkeypatch, capsys)
 
 

@@ -1,4 +1,4 @@
-"""CUDA graphs for decode-only steps (issue 17 item 3): what can be proven on CPU, plus the GPU capture test.
+"""CUDA graphs for decode-only steps: what can be proven on CPU, plus the GPU capture test.
 
 * the static decode attention equals the paged reference (GQA, several pages, padding rows on a scratch block);
 * the static decode forward is `torch.compile(fullgraph=True)`-clean: no host syncs, no data-dependent shapes;

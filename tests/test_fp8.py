@@ -1,4 +1,4 @@
-"""FP8 expert weights (issue 17): quantisation error bounds, the reference and fast MoE paths, quantise-at-load
+"""FP8 expert weights: quantisation error bounds, the reference and fast MoE paths, quantise-at-load
 (memory really saved, nothing else touched) and the accuracy of the quantised tiny model.
 
 CPU runs the reference path (dequantise in torch) and `torch._scaled_mm` (which has a CPU kernel); the CUDA-only

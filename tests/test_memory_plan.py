@@ -1,5 +1,5 @@
-"""The memory planner on the REAL HunyuanImage-3.0-Instruct config (spec section 1; config.json written here, no
-download): per-rank weight bytes by part against a hand computation from the spec's shapes, KV block bytes, the
+"""The memory planner on the REAL HunyuanImage-3.0-Instruct config (its published config.json, written here: no
+download): per-rank weight bytes by part against a hand computation from those shapes, KV block bytes, the
 budget arithmetic, the verdicts, `kv_blocks_for` and the `diffgentor plan-memory` command."""
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from diffgentor.engine.parallel import ParallelContext
 
 from helpers import PUBLISHED_INSTRUCT_CONFIG
 
-# spec section 1 (Instruct): the fields the module tree depends on
+# the published Instruct config.json: the fields the module tree depends on
 H, L, E, I, K = 4096, 32, 64, 3072, 8  # noqa: E741
 NQ, NKV, D, V = 32, 8, 128, 133120
 REAL_INSTRUCT = PUBLISHED_INSTRUCT_CONFIG
@@ -111,12 +111,12 @@ def test_real_layouts_match_the_hand_computation(real_cfg):
         left -= sum(plan.workspace.values()) + plan.encoder_cache_bytes + plan.graph_pool_bytes
         assert plan.kv_blocks == left // kv_block(tp) and plan.fits, plan.render()
         assert plan.largest_step_tokens == 2 * (64 * 64 + 3)  # a 1024x1024 CFG denoising step > 8192
-    # the replicated parts: VAE weights are fp32 (4 bytes each), and the whole model is the spec's ~83 B
+    # the replicated parts: VAE weights are fp32 (4 bytes each), and the whole model is the published ~83 B
     # parameters: summing the TP1 bf16 layout's parts, priced back to parameter counts, must land there
     full = weight_bytes_by_part(real_cfg, ParallelContext(), None)
     assert full["experts"] == hand_experts(1, False, False) and full["vae"] % 4 == 0
     params = (sum(full.values()) - full["vae"] - L * E * H * 4) // 2 + full["vae"] // 4 + L * E * H
-    assert 83.0e9 < params + 2 * (H * 256 + H + H * H + H) < 83.1e9  # + Distil's 2 embedders: spec 9.1's total
+    assert 83.0e9 < params + 2 * (H * 256 + H + H * H + H) < 83.1e9  # + Distil's 2 embedders: the published total
 
 
 def test_fp8_is_what_makes_one_h200_fit(real_cfg):

@@ -1,4 +1,4 @@
-"""The OpenAI Images API as real clients use it (issue 13): orientation through every entry point, every official
+"""The OpenAI Images API as real clients use it: orientation through every entry point, every official
 parameter honoured or refused by name, status codes, streamed events (text deltas that add up, progressive previews)
 and our schemas against OpenAI's published one (tests/fixtures/openai_images_schema.json, an excerpt with its
 source noted). The live tests drive a real `diffgentor serve` on the tiny Distil model with the official `openai`

@@ -1,7 +1,7 @@
 """The full-size HunyuanImage-3.0 module tree (built on the meta device) has exactly the official keys.
 
 The official Instruct-Distil index has 5169 tensors (4096 expert tensors, 448 ViT incl. its unused pooling
-head, 280 VAE); Instruct has 8 fewer (no guidance / timestep_r embedders). Shapes are spec section 2's.
+head, 280 VAE); Instruct has 8 fewer (no guidance / timestep_r embedders). Shapes are the official checkpoint index's.
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ def test_real_shapes_and_size():
     for name, shape in shapes.items():
         assert tuple(sd[name].shape) == shape, name
     total = sum(t.numel() for t in sd.values())
-    assert 83.0e9 < total < 83.1e9  # spec 9.1: about 83.05 B for Distil
+    assert 83.0e9 < total < 83.1e9  # the published size: about 83.05 B for Distil
 
 
 def _differences(published: dict, written: dict, path: str = "") -> list[str]:

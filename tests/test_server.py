@@ -115,7 +115,7 @@ def test_fetch_url_http(tmp_path):
     from diffgentor.server.http.openai_schemas import OpenAIError
     from diffgentor.server.url_fetch import FetchPolicy, UrlFetcher
 
-    def fetch(url: str, limits: ServerLimits) -> bytes:  # loopback is refused unless allowed (issue 15)
+    def fetch(url: str, limits: ServerLimits) -> bytes:  # loopback is refused unless allowed
         policy = FetchPolicy.build(limits.max_upload_bytes, ["127.0.0.1"])
         return asyncio.run(_fetch_url(url, 0, limits, UrlFetcher(policy)))
 

@@ -1,4 +1,4 @@
-"""No device-to-host syncs inside the backbone forward (issue 12, item 3).
+"""No device-to-host syncs inside the backbone forward (docs/decisions.md).
 
 On a GPU every `.item()`, `int(t)`, `.tolist()`, `bool(t)`, `nonzero` or boolean-mask index inside a layer stalls
 the stream until the device catches up. CPU tensors never stall, so the test makes those calls RAISE while the

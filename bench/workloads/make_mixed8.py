@@ -1,4 +1,4 @@
-"""Write the acceptance workload of issue 12: `mixed_t2i_edit_8.jsonl` and its four condition images.
+"""Write the mixed acceptance workload (bench/README.md): `mixed_t2i_edit_8.jsonl` and its four condition images.
 
 4 text-to-image + 4 edit requests (one 128x96, 4:3 condition image each, all different), 256x256 output,
 think_recaption, 32 think tokens, 8 steps; prompts in English and Chinese. The pictures are drawn here (a

@@ -505,8 +505,8 @@ def size_overrides(**sizes: int | None) -> dict[str, Any]:
 
 SMALL_SIZES: dict[str, int] = dict(layers=4, hidden=256, heads=8, kv_heads=2, head_dim=32, experts=16, topk=4,
                                    expert_width=256, shared_experts=1, intermediate=512)
-"""The `small` benchmark shape: the checkpoint issue 12 measured with the official code (4 layers, hidden 256,
-16 experts top-4), with our choice of the sizes the issue does not name (heads, widths)."""
+"""The `small` benchmark shape: a checkpoint measured with the official code (4 layers, hidden 256, 16 experts
+top-4; bench/README.md), with our choice of the sizes that measurement does not name (heads, widths)."""
 
 
 def write_tiny_metadata(

@@ -4,11 +4,11 @@ Kept free of torch and the engine so it can be read and tested on its own.
 
 Input rows (`load_edit_rows`):
 * **CSV** (``csv.DictReader``): the images come from the ``input_images`` column or, when that cell is empty or
-  the column absent, ``image_url`` (the seed document's spelling). A cell is a JSON list (``["a.png", "b.png"]``),
-  a comma-separated list (``a.png,b.png``) or one path / URL; relative paths resolve against the CSV's folder;
-  an empty cell means no input image (text-to-image through ``edit``). The instruction column is
-  ``--instruction_key`` (default ``instruction``); an optional ``index`` column names the outputs (else the row
-  number, from 0).
+  the column absent, ``image_url`` (the spelling of existing diffgentor datasets). A cell is a JSON list
+  (``["a.png", "b.png"]``), a comma-separated list (``a.png,b.png``) or one path / URL; relative paths resolve
+  against the CSV's folder; an empty cell means no input image (text-to-image through ``edit``). The instruction
+  column is ``--instruction_key`` (default ``instruction``); an optional ``index`` column names the outputs (else
+  the row number, from 0).
 * **Parquet** (a file, or a folder whose ``*.parquet`` files are read in name order; pyarrow, imported lazily):
   the same columns, where an image may be embedded (``{"bytes": ..., "path": ...}`` structs as written by
   Hugging Face ``datasets``, raw binary, or lists of either) or a path / URL string.

@@ -122,7 +122,7 @@ class ServerLimits:
     # SigLIP2 preprocessing (transformers) takes a 1-pixel-high image for channels-first and fails on it
     min_image_side: int = 4
     max_n: int = 10
-    # hardening (issue 15): image URLs are fetched only when allowed, under `url_fetch`'s policy
+    # hardening: image URLs are fetched only when allowed, under `url_fetch`'s policy
     allow_url_fetch: bool = False
     allowed_url_hosts: tuple[str, ...] = ()
     fetch_deadline_s: float = DEFAULT_FETCH_DEADLINE_S  # one image, the whole download
@@ -162,7 +162,7 @@ def _error_response(e: OpenAIError, headers: Mapping[str, str] | None = None) ->
 
 
 def _parse_size(size: str | None, limits: ServerLimits) -> str:
-    """OpenAI's `size` (WIDTHxHEIGHT) as the engine's `image_size`, which is HEIGHTxWIDTH (the seed document's
+    """OpenAI's `size` (WIDTHxHEIGHT) as the engine's `image_size`, which is HEIGHTxWIDTH (the batch CLI's
     `--image_size` convention, engine/models/hunyuan_image_3/resolution.py); `auto` stays `auto`."""
     m = SIZE_RE.match(size or "")
     if not m:

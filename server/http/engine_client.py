@@ -96,7 +96,7 @@ class EngineClient:
         """Requests this instance is sure to take at once: its engine core's waiting-queue limit. Not running plus
         waiting: the core refuses an add while its waiting queue is full, and a burst arrives all waiting before
         the next step moves any to running, so more in flight could be refused by the core after the API admitted
-        them (issue 15; docs/decisions.md)."""
+        them (docs/decisions.md)."""
         return self.config.max_waiting_requests
 
     # ------------------------------------------------------------------ lifecycle

@@ -1,5 +1,7 @@
-"""Hostile clients against `diffgentor serve` and hostile data against `diffgentor edit` (issue 15): every case of the
-probe as a test. One server for the module (URL fetching on, small capacity, short deadlines); the SIGTERM case has
+"""Hostile clients against `diffgentor serve` and hostile data against `diffgentor edit`: every case of
+a hostile-client probe as a test.
+
+One server for the module (URL fetching on, small capacity, short deadlines); the SIGTERM case has
 its own. Every URL target is on loopback: local HTTP servers in this process that redirect, trickle, or serve
 huge bodies. The SSRF cases assert the URL is refused BEFORE any connection (the resolved address is checked first;
 addresses such as 169.254.169.254 are never connected to).

@@ -18,7 +18,7 @@ Inputs (embeddings, positions, metadata) must be identical on every rank; output
 
 The forward takes embeddings the caller already assembled (text, image, timestep tokens), explicit 2-D
 RoPE positions and attention metadata, and returns the last layer's hidden states WITHOUT ln_f: the text head
-applies `final_norm` before lm_head, the diffusion head reads the raw states (spec §3.1).
+applies `final_norm` before lm_head, the diffusion head reads the raw states (as the official model does).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The HunyuanImage-3.0 VAE: a 3-D conv KL autoencoder (16x spatial, 4x temporal) with DC-AE resampling.
 
-Why our own module and not a diffusers class (measured in `spec/library_fit.md`): no diffusers release up
+Why our own module and not a diffusers class (measured against the golden tensors): no diffusers release up
 to 0.42.1 computes this network. `AutoencoderKLHunyuanVideo15` / `AutoencoderKLHunyuanImageRefiner` share
 the module tree, but use RMS norms without bias (42 GroupNorm biases of the tiny checkpoint have no slot),
 causal replicate padding and a first-frame special case; as shipped they miss the golden tensors by 8.1

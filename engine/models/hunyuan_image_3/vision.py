@@ -1,7 +1,7 @@
 """SigLIP2 NaFlex vision tower and the LightProjector aligner of HunyuanImage-3.0-Instruct.
 
 The official `siglip2.py` is an edited copy of the transformers SigLIP2 vision code, so we use the library
-class itself (measured in `spec/library_fit.md`: transformers 4.57 with *eager* attention is bit-identical
+class itself (measured against the golden tensors: transformers 4.57 with *eager* attention is bit-identical
 to the official tower; the official encoder always runs eager attention even when its config says sdpa).
 The checkpoint has no pooling head, so the tower is built with `vision_use_head=False`.
 
@@ -54,8 +54,8 @@ def build_vision_tower(vit_cfg: dict[str, Any]) -> nn.Module:
     """The SigLIP2 vision tower for `config.vit`; parameter names = checkpoint keys minus `vision_model.`.
 
     transformers 4.x: `Siglip2VisionTransformer`. transformers 5.x removed that class and flattened
-    `Siglip2VisionModel` to the same names; we use it there (about 1.2e-6 from the official tower, see
-    library_fit). Anything else raises, naming the installed version.
+    `Siglip2VisionModel` to the same names; we use it there (about 1.2e-6 from the official tower,
+    measured against the golden tensors). Anything else raises, naming the installed version.
     """
     cfg = vision_config(vit_cfg)
     tower_cls = getattr(modeling_siglip2, "Siglip2VisionTransformer", None)
