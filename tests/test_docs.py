@@ -49,3 +49,61 @@ def test_the_citation_pattern_catches_what_it_should():
     for fine in ("the seed of a request", "a seed for each row", "find_spec('ray')", "the scheduler may issue",
                  "docs/decisions.md", "RequestSpec"):
         assert not OUTSIDE.search(fine), fine
+
+
+ARCHITECTURE = REPO / "docs" / "architecture.md"
+LIFE = "## The life of one edit request"
+PATH = re.compile(r"`((?:bench|docs|engine|kernels|server|tests)/[\w./]*)`")
+ITEM = re.compile(r"^(\d+)\. `([\w/.]+\.py)`:(.*)$")
+NAME = re.compile(r"`([A-Za-z_][\w]*(?:\.[A-Za-z_]\w*)?)`")
+
+
+def _section(text: str, heading: str) -> str:
+    start = text.index(heading)
+    end = text.find("\n## ", start + len(heading))
+    return text[start:] if end < 0 else text[start:end]
+
+
+def life_of_an_edit_request(text: str) -> list[tuple[str, list[str]]]:
+    """(file, the names its numbered item mentions) for each step of the walk-through, in order."""
+    items: list[tuple[str, str]] = []
+    for line in _section(text, LIFE).splitlines():
+        m = ITEM.match(line)
+        if m:
+            items.append((m.group(2), m.group(3)))
+        elif items and line.startswith("   "):  # the item continues
+            items[-1] = (items[-1][0], items[-1][1] + " " + line.strip())
+    return [(path, [n for n in NAME.findall(body) if "/" not in n]) for path, body in items]
+
+
+def test_every_path_in_the_architecture_page_exists():
+    text = ARCHITECTURE.read_text()
+    paths = sorted(set(PATH.findall(text)))
+    assert len(paths) > 20
+    missing = [p for p in paths if not (REPO / p.rstrip("/")).exists()]
+    assert not missing, f"docs/architecture.md names files that do not exist: {missing}"
+
+
+def test_the_edit_request_is_followed_in_at_most_twelve_files_whose_names_exist():
+    steps = life_of_an_edit_request(ARCHITECTURE.read_text())
+    files = [path for path, _ in steps]
+    assert 8 <= len(files) <= 12 and len(set(files)) == len(files), files
+    stale = []
+    for path, names in steps:
+        source = (REPO / path).read_text()
+        assert names, f"{path}: name the functions the request runs there"
+        for name in names:
+            owner, _, member = name.rpartition(".")
+            if owner:  # a method of a class this file names: defined or called here
+                found = re.search(rf"(\bdef |\.){member}\b", source) and re.search(rf"\b{owner}\b", source)
+            else:  # defined or called here
+                found = re.search(rf"\b{member}\b", source)
+            if not found:
+                stale.append(f"{path}: {name}")
+    assert not stale, "docs/architecture.md's walk-through names what these files no longer hold:\n" + "\n".join(stale)
+
+
+def test_the_walk_through_parser_reads_items_and_their_names():
+    text = ("# t\n\n" + LIFE + ", HTTP to PNG\n\n1. `a/b.py`: `f` calls `C.m`\n   and `g` (see `x/y.py`).\n"
+            "2. `c.py`: `h`.\n\n## next\n3. `d.py`: `i`\n")
+    assert life_of_an_edit_request(text) == [("a/b.py", ["f", "C.m", "g"]), ("c.py", ["h"])]
