@@ -467,6 +467,8 @@ class MemoryPlan:
     vae: dict[str, int] = field(default_factory=dict)
     encoder_cache_bytes: int = 0
     graph_pool_bytes: int = 0
+    graph_keys: list[tuple[int, int]] = field(default_factory=list)
+    """The (batch bucket, page-table width in pages) pairs decode steps may capture (engine/cuda_graph.py)."""
     kv_blocks: int = 0
     problems: list[str] = field(default_factory=list)
 
@@ -511,6 +513,14 @@ class MemoryPlan:
                  transient_bytes=self.transient_bytes, fits=self.fits)
         return d
 
+    def _graph_line(self) -> str:
+        if not self.graph_keys:
+            return "no graphs (--enforce-eager)"
+        batches = sorted({b for b, _ in self.graph_keys})
+        keys = [w * self.block_size for w in sorted({w for _, w in self.graph_keys})]
+        return (f"decode graphs for batches {', '.join(map(str, batches))} x contexts up to "
+                f"{', '.join(map(str, keys))} keys")
+
     def render(self) -> str:
         g = lambda x: f"{x / GiB:8.2f} GiB"  # noqa: E731
         par = f"tensor parallel {self.tensor_parallel_size}" + (" + expert parallel" if self.expert_parallel else "")
@@ -536,7 +546,7 @@ class MemoryPlan:
             f"    decode {v['decode_per_image'] / GiB:.2f} GiB per image + {v['decoder_weight_cache'] / GiB:.2f} GiB "
             f"fp16 weight cache, encode {v['encode_per_image'] / GiB:.2f} GiB per image (fp16 autocast)",
             f"  encoder cache    {g(self.encoder_cache_bytes)}",
-            f"  CUDA-graph pool  {g(self.graph_pool_bytes)}",
+            f"  CUDA-graph pool  {g(self.graph_pool_bytes)}   {self._graph_line()}",
             f"  workspace        {g(sum(self.workspace.values()))}   "
             + ", ".join(f"{k} {val / MiB:.0f} MiB" for k, val in self.workspace.items()),
             f"  usable           {g(self.usable_bytes)}   ({self.gpu_memory_utilization:.2f} x total)",
@@ -589,6 +599,10 @@ def plan_memory(
     attn = "flashinfer" if config.attn_impl == "flashinfer" else "sdpa"  # what the graphs capture (cuda_graph.py)
     pool = 0 if config.enforce_eager else graph_pool_bytes(model_config, parallel, config.max_num_seqs,
                                                           config.block_size, impl, quant, elem, attn)
+    from diffgentor.engine.cuda_graph import graph_keys
+
+    keys = [] if config.enforce_eager else list(graph_keys(config.max_num_seqs, model_config.max_position_embeddings,
+                                                           config.block_size, attn == "flashinfer"))
     per_block = kv_block_bytes(model_config, parallel, config.block_size, elem)
     # under CFG parallel a request's conditional and unconditional rows live on different groups' caches
     min_blocks = CFG_ROWS // parallel.cfg_size * math.ceil(model_config.max_position_embeddings / config.block_size)
@@ -599,7 +613,7 @@ def plan_memory(
         activations=detail, largest_step_tokens=tokens, largest_step_reason=why, workspace=ws,
         kv_block_bytes=per_block, block_size=config.block_size, min_kv_blocks=min_blocks, moe_impl=impl, vae=vae,
         cfg_parallel_size=parallel.cfg_size, sequence_parallel_size=parallel.sp_size,
-        encoder_cache_bytes=config.encoder_cache_bytes, graph_pool_bytes=pool,
+        encoder_cache_bytes=config.encoder_cache_bytes, graph_pool_bytes=pool, graph_keys=keys,
     )
     fixed = plan.weight_bytes + plan.transient_bytes + sum(ws.values()) + plan.encoder_cache_bytes + pool
     left = plan.usable_bytes - fixed
@@ -678,6 +692,8 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--block-size", type=int, default=None)
     p.add_argument("--moe-impl", default=None, choices=("eager", "flashinfer"),
                    help="fp8_block experts run fused only with flashinfer (else dequantised per layer)")
+    p.add_argument("--attn-impl", default=None, choices=("sdpa", "flashinfer"),
+                   help="the attention decode graphs capture: flashinfer's paged kernel (one width) or the torch one")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     return p
 
@@ -687,7 +703,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         model_config = HunyuanImage3Config.from_pretrained(Path(args.model_dir))
         keys = ("quantization", "gpu_memory_utilization", "max_num_batched_tokens", "max_num_seqs", "block_size",
-                "tensor_parallel_size", "cfg_parallel_size", "sequence_parallel_size", "moe_impl")
+                "tensor_parallel_size", "cfg_parallel_size", "sequence_parallel_size", "moe_impl",
+                "attn_impl")
         config = EngineConfig.from_cli_and_env({k: getattr(args, k) for k in keys}, environ={})
         layout = config.parallel_layout(num_visible_devices=config.ranks_per_instance or 1)
         parallel = ParallelContext(layout.tp, 0, expert_parallel=args.expert_parallel, cfg_size=layout.cfg,

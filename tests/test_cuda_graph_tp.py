@@ -85,7 +85,8 @@ def test_real_config_captures_edit_contexts_on_every_layout(gpu, tp, quant, ep, 
     plan = plan_for(config, cfg, parallel, gpu)
     assert plan.fits, plan.problems
     paged = attn_impl == "flashinfer"
-    keys = graph_keys(config.max_num_seqs, cfg.max_position_embeddings, config.block_size, paged)
+    keys = [tuple(k) for k in plan.graph_keys]  # what plan-memory lists
+    assert keys == list(graph_keys(config.max_num_seqs, cfg.max_position_embeddings, config.block_size, paged))
     batches = sorted({b for b, _ in keys})
     widths = sorted({w for _, w in keys})
     assert batches == list(batch_buckets(config.max_num_seqs)) == [1, 2, 4, 8, 16]
@@ -103,4 +104,6 @@ def test_real_config_captures_edit_contexts_on_every_layout(gpu, tp, quant, ep, 
                                                      plan.moe_impl, plan.quantization if quant != "none" else None,
                                                      2, attn_impl) > 0
     assert plan_for(EngineConfig(quantization=quant, enforce_eager=True), cfg, parallel, gpu).graph_pool_bytes == 0
-    assert GPUS[gpu].name in plan.render()
+    listed = "decode graphs for batches 1, 2, 4, 8, 16 x contexts up to " + \
+        ("22800" if paged else "512, 1024, 2048, 4096, 8192, 16384, 22800") + " keys"
+    assert GPUS[gpu].name in plan.render() and listed in plan.render()
