@@ -65,7 +65,7 @@ fi
 FAILED=0
 # run order: the fused MoE is checked last, to give its JIT build the most time
 ORDER="env_sdpa attention fp8_stack cuda_graphs vae e2e_edit projection moe"
-declare -A LIMIT=([env_sdpa]=45 [attention]=75 [fp8_stack]=75 [cuda_graphs]=120 [vae]=45 [e2e_edit]=150
+declare -A LIMIT=([env_sdpa]=45 [attention]=75 [fp8_stack]=75 [cuda_graphs]=90 [vae]=45 [e2e_edit]=150
   [projection]=15 [moe]=90)
 for name in ${GPU_CHECK_SECTIONS:-$ORDER}; do
   left=$((BUDGET - ($(date +%s) - T0) - 5))

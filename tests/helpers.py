@@ -104,11 +104,13 @@ PUBLISHED_INSTRUCT_CONFIG = {
 }
 
 
-def static_and_eager_decode(model, lens=(5, 11, 18), block: int = 4, graph_attention=None) -> dict:
+def static_and_eager_decode(model, lens=(5, 11, 18), block: int = 4, graph_attention=None,
+                            use_graphs: bool = False) -> dict:
     """Prefill len(lens) text prompts eagerly, then ONE decode token each, run twice on the same inputs and cache:
-    the static decode forward of `engine.cuda_graph` (what a CUDA graph captures; `graph_attention`, when given, is
-    the backbone backend it is built from) and the eager forward. Returns both hidden states, the runner and the
-    cache's KV heads (tests/test_cuda_graph.py, tests/test_cuda_graph_tp.py)."""
+    the static decode forward of `engine.cuda_graph` (what a CUDA graph captures; `use_graphs`: captured and replayed,
+    CUDA only; `graph_attention`, when given, is the backbone backend it is built from) and the eager forward, on the
+    model's device. Returns both hidden states, the runner and the cache's KV heads (tests/test_cuda_graph.py,
+    tests/test_cuda_graph_tp.py)."""
     import torch
 
     from diffgentor.bench.decode import _text_layout
@@ -124,10 +126,11 @@ def static_and_eager_decode(model, lens=(5, 11, 18), block: int = 4, graph_atten
         tables.append(list(range(at, at + k)))
         at += k
     cache = model.make_kv_cache(at + 1, block)  # + the scratch block padding rows write to
+    dev = model.device
     with torch.no_grad():
-        ids = torch.tensor([t for lay, n in zip(layouts, lens) for t in lay.token_ids[:n]])
-        pos = torch.cat([lay.positions[:n] for lay, n in zip(layouts, lens)])
-        md = AttentionMetadata.build([SequenceChunk(range(n), n, t) for n, t in zip(lens, tables)], block)
+        ids = torch.tensor([t for lay, n in zip(layouts, lens) for t in lay.token_ids[:n]], device=dev)
+        pos = torch.cat([lay.positions[:n] for lay, n in zip(layouts, lens)]).to(dev)
+        md = AttentionMetadata.build([SequenceChunk(range(n), n, t) for n, t in zip(lens, tables)], block, dev)
         model(model.embed_tokens(ids), pos, md, cache)
         chunks = [Chunk(f"r{i}", f"r{i}", lay.token_ids, lay, n, n + 1, t, sample=SampleSpec(SamplingParams()))
                   for i, (lay, n, t) in enumerate(zip(layouts, lens, tables))]
@@ -135,14 +138,14 @@ def static_and_eager_decode(model, lens=(5, 11, 18), block: int = 4, graph_atten
         if graph_attention is not None:
             model.model.attn = graph_attention
         try:
-            runner = DecodeGraphRunner(model, cache, at, max_num_seqs=4, use_graphs=False)
+            runner = DecodeGraphRunner(model, cache, at, max_num_seqs=4, use_graphs=use_graphs)
         finally:
             model.model.attn = shared
         static = runner.run(chunks)
-        md1 = AttentionMetadata.build([SequenceChunk([n], n + 1, t) for n, t in zip(lens, tables)], block)
-        tok = torch.tensor([lay.token_ids[n] for lay, n in zip(layouts, lens)])
-        eager = model(model.embed_tokens(tok), torch.cat([lay.positions[n : n + 1] for lay, n in zip(layouts, lens)]),
-                      md1, cache)
+        md1 = AttentionMetadata.build([SequenceChunk([n], n + 1, t) for n, t in zip(lens, tables)], block, dev)
+        tok = torch.tensor([lay.token_ids[n] for lay, n in zip(layouts, lens)], device=dev)
+        pos1 = torch.cat([lay.positions[n : n + 1] for lay, n in zip(layouts, lens)]).to(dev)
+        eager = model(model.embed_tokens(tok), pos1, md1, cache)
     return {"static": static, "eager": eager, "kv_heads": torch.tensor(cache.num_kv_heads), "runner": runner,
             "chunks": chunks}
 

@@ -2,8 +2,8 @@
 all-reduces included) equals the eager forward on every rank and the single-process model, and which steps the
 real config would capture on every layout of `plan-memory` (batch buckets x width buckets).
 
-The capture itself needs CUDA (and NCCL for the collectives inside it): bench/gpu_check.py's cuda_graphs section
-runs it on one GPU; a multi-GPU capture is not run here.
+The capture itself needs CUDA and NCCL for the collectives inside it: `test_gpu_tp2_graph_replay_equals_eager`
+(gpu, two GPUs) captures and replays at TP=2; bench/gpu_check.py's cuda_graphs section captures on one GPU.
 """
 
 from __future__ import annotations
@@ -59,6 +59,36 @@ def test_static_decode_forward_at_tp2_equals_eager(ckpt, tmp_path):
         assert err <= ATOL, f"rank {r}: static vs eager {err:.3g}"
         err = (res["static"] - single["eager"]).abs().max().item()
         assert err <= ATOL, f"rank {r}: static vs single process {err:.3g}"
+
+
+def _gpu_rank_main(rank: int, world: int, init_file: str, ckpt: str, out_dir: str) -> None:
+    torch.cuda.set_device(rank)
+    ctx = init_distributed("nccl", f"file://{init_file}", rank, world)
+    try:
+        model = HunyuanImage3ForCausalMM.from_pretrained(ckpt, dtype=torch.bfloat16, device=f"cuda:{rank}",
+                                                         attn_backend="sdpa", parallel=ctx)
+        res = static_and_eager_decode(model, use_graphs=True)
+        runner = res["runner"]
+        out = {k: res[k].float().cpu() for k in ("static", "eager")}
+        out["captured"] = torch.tensor(len(runner.captured))
+        out["disabled"] = torch.tensor(runner.disabled_reason is not None)
+        torch.save(out, Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.gpu
+def test_gpu_tp2_graph_replay_equals_eager(ckpt, tmp_path):
+    """Two GPUs, NCCL: both ranks capture the decode step (all-reduces inside the graph) in lockstep and the replay
+    equals the eager forward within bf16 rounding."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip(f"needs 2 CUDA devices, found {torch.cuda.device_count()}")
+    mp.spawn(_gpu_rank_main, args=(2, str(tmp_path / "rdv"), str(ckpt), str(tmp_path)), nprocs=2, join=True)
+    for r in range(2):
+        res = torch.load(tmp_path / f"rank{r}.pt")
+        assert not bool(res["disabled"]) and int(res["captured"]) == 1, r
+        err = float((res["static"] - res["eager"]).norm() / res["eager"].norm())
+        assert err < 5e-2, (r, err)
 
 
 # ------------------------------------------------------------------------------------------------ what is captured
