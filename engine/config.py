@@ -477,9 +477,6 @@ class EngineConfig:
         if not _is_int(tp) or tp < 0:
             raise ValueError(f"tensor_parallel_size must be an integer >= 0 (0 = all visible devices), got {tp!r}")
         layout = ParallelLayout(tp=max(tp, 1), cfg=self.cfg_parallel_size, sp=self.sequence_parallel_size)
-        if layout.sp > 1:
-            raise ValueError(f"sequence_parallel_size={layout.sp}: sequence parallel is not yet supported (use "
-                             "--tensor-parallel-size and --cfg-parallel-size)")
         if self.rank_endpoint is not None:
             host, port = parse_endpoint(self.rank_endpoint)
             if tp == 0 or layout.world_size < 2:

@@ -34,6 +34,7 @@ from diffgentor.engine.models.hunyuan_image_3.image_processing import ImageProce
 from diffgentor.engine.models.hunyuan_image_3.prompt import PromptBuilder
 from diffgentor.engine.models.hunyuan_image_3.system_prompt import SystemPrompts
 from diffgentor.engine.models.hunyuan_image_3.tokenizer import HunyuanTokenizer
+from diffgentor.engine.parallel import check_layout_heads
 from diffgentor.engine.request import (
     CoreSnapshot,
     EngineEvent,
@@ -127,6 +128,7 @@ class EngineCore:
         tok = HunyuanTokenizer.from_pretrained(path, require_distil_tokens=mc.cfg_distilled)
         defaults, prompts = GenerationDefaults.from_pretrained(path), SystemPrompts.from_pretrained(path)
         layout = config.parallel_layout()
+        check_layout_heads(mc.num_attention_heads, mc.num_key_value_heads, layout)
         if layout.world_size > 1:
             from diffgentor.engine.tp.executor import MultiprocExecutor
 

@@ -45,6 +45,7 @@ from diffgentor.engine.parallel import ParallelContext
 from diffgentor.engine.parallel_layout import ParallelLayout
 from diffgentor.engine.vae_budget import VaeBudget
 from diffgentor.kernels.quantization import FP8_BLOCK, fp8_layout
+from diffgentor.kernels.ulysses import UlyssesHeads
 
 GiB = 1 << 30
 MiB = 1 << 20
@@ -194,6 +195,16 @@ def largest_step_tokens(config: EngineConfig, model_config: HunyuanImage3Config)
                                            f"of {block} tokens)")
 
 
+def denoising_step_tokens(config: EngineConfig, model_config: HunyuanImage3Config, tokens: int) -> int:
+    """How many of the largest step's `tokens` are denoising image-block rows (what sequence parallel splits): the
+    image budget beside a full prefill, the 1024x1024 CFG step when it is the largest, else none (a text step)."""
+    side = IMAGE_SIDE // model_config.latent_downsample
+    block = CFG_ROWS * (side * side + IMAGE_EXTRA_SLOTS)
+    if config.max_num_image_tokens is not None:
+        return max(block, config.max_num_image_tokens)
+    return block if tokens == block else 0
+
+
 def planned_moe_impl(quantization: str | None, moe_impl: str | None, capability: tuple[int, int]) -> str:
     """The MoE path `kernels.moe.resolve_moe_impl` takes on a CUDA card of `capability` (flashinfer assumed to
     import and build; if it does not, the engine falls back to the eager path, whose plan is the larger one)."""
@@ -294,6 +305,34 @@ def attention_bytes(model_config: HunyuanImage3Config, parallel: ParallelContext
     }
 
 
+def sequence_parallel_attention_bytes(model_config: HunyuanImage3Config, parallel: ParallelContext, rows: int,
+                                      keys: int, dtype_bytes: int = 2, block_size: int = 16) -> dict[str, int]:
+    """`attention_bytes` of a denoising step's `rows` split over `parallel.sp_size` ranks (kernels/ulysses.py), by
+    the same stages: RoPE and o_proj on this rank's ceil(rows / sp) rows with every head; the kernel on every row
+    with the rank's query heads / sp and the KV heads they read (no mask: whole image blocks), plus the all-to-all
+    buffers (the packed q/k/v sent and received, the output sent back and received). Derived, not measured: the
+    collectives do not run on the meta device."""
+    c = model_config
+    d, b = c.head_dim, dtype_bytes
+    hq = len(parallel.q_head_range(c.num_attention_heads))
+    hkv = len(parallel.kv_head_range(c.num_key_value_heads))
+    u = UlyssesHeads(hq, hkv, parallel.sp_size)
+    hq_s, hkv_s = u.local_qo_heads, u.local_kv_heads
+    per = -(-rows // parallel.sp_size)
+    padded = per * parallel.sp_size
+    qkv = per * (hq + 2 * hkv) * d * b
+    qk = per * (hq + hkv) * d * b
+    packed = 2 * padded * (hq_s + 2 * hkv_s) * d * b
+    gathered = 2 * math.ceil(keys / block_size) * block_size * hkv_s * d * b
+    out_back = 2 * padded * hq_s * d * b
+    return {
+        "mask": 0,
+        "rope": qkv + per * hq * d * 4 * 3 + per * hkv * d * 4,
+        "sdpa": qkv + qk + packed + gathered + rows * hq_s * d * b,
+        "o_proj": qkv + qk + out_back + per * hq * d * b + per * c.hidden_size * b,
+    }
+
+
 def attention_peak(stages: dict[str, int]) -> int:
     return stages["mask"] + max(v for k, v in stages.items() if k != "mask")
 
@@ -350,21 +389,30 @@ def activation_peak_bytes(
     moe_impl: str = "grouped",
     max_num_batched_tokens: int = 8192,
     block_size: int = 16,
+    image_tokens: int = 0,
 ) -> tuple[int, dict[str, int]]:
     """(peak bytes, breakdown) of the largest forward on this rank: the larger of a masked prefill chunk of
     max_num_batched_tokens rows and a CFG denoising step of `tokens` rows, each over the model's maximum length of
-    keys, plus the fp32 logits of a full batch (under tensor parallel also their gather)."""
+    keys, plus the fp32 logits of a full batch (under tensor parallel also their gather).
+    Sequence parallel (`parallel.sp_size` > 1): the step's `image_tokens` denoising rows are split over the ranks,
+    so every per-token term of the step (residual, MoE) counts this rank's share and its attention is
+    `sequence_parallel_attention_bytes`; text rows (the prefill) run whole on every rank."""
     c = model_config
     keys = c.max_position_embeddings
     prefill = attention_bytes(c, parallel, max_num_batched_tokens, keys, 1, True, dtype_bytes, block_size)
-    step = attention_bytes(c, parallel, tokens, keys, CFG_ROWS, False, dtype_bytes, block_size)
+    rows = tokens  # the step's rows on this rank
+    if parallel.sp_size > 1 and image_tokens:
+        rows = tokens - image_tokens + -(-image_tokens // parallel.sp_size)
+        step = sequence_parallel_attention_bytes(c, parallel, image_tokens, keys, dtype_bytes, block_size)
+    else:
+        step = attention_bytes(c, parallel, tokens, keys, CFG_ROWS, False, dtype_bytes, block_size)
     attn = max((prefill, step), key=attention_peak)
-    moe = moe_peak(moe_bytes(c, parallel, tokens, moe_impl, quantization, dtype_bytes))
+    moe = moe_peak(moe_bytes(c, parallel, max(rows, max_num_batched_tokens), moe_impl, quantization, dtype_bytes))
     heads = max_num_seqs * c.vocab_size * 4 * (2 if parallel.is_parallel else 1)
     forward = max(forward_bytes(c, parallel, n, moe_impl, a, quantization, dtype_bytes)
-                  for n, a in ((max_num_batched_tokens, prefill), (tokens, step))) + heads
-    detail = {"residual": residual_bytes(c, tokens, dtype_bytes), "attention": attention_peak(attn), "moe": moe,
-              "logits": heads, "forward": forward}
+                  for n, a in ((max_num_batched_tokens, prefill), (rows, step))) + heads
+    detail = {"residual": residual_bytes(c, max(rows, max_num_batched_tokens), dtype_bytes),
+              "attention": attention_peak(attn), "moe": moe, "logits": heads, "forward": forward}
     return forward, detail
 
 
@@ -591,7 +639,8 @@ def plan_memory(
     tokens, why = largest_step_tokens(config, model_config)
     impl = planned_moe_impl(quant, config.moe_impl, capability)
     act, detail = activation_peak_bytes(model_config, parallel, tokens, config.max_num_seqs, elem, quant, impl,
-                                        config.max_num_batched_tokens, config.block_size)
+                                        config.max_num_batched_tokens, config.block_size,
+                                        denoising_step_tokens(config, model_config, tokens))
     vae = vae_plan(model_config, act)
     ws = workspace_bytes(parallel)
     if impl == "flashinfer":  # its one reused scratch buffer, sized for the largest step

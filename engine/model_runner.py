@@ -22,6 +22,7 @@ from torch import Tensor
 from diffgentor.engine.cuda_graph import DecodeGraphRunner, cuda_graphs_allowed
 from diffgentor.engine.encode_stage import EncodeStage
 from diffgentor.engine.encoder_cache import EncoderKey
+from diffgentor.engine.models.hunyuan_image_3.backbone import StepRows
 from diffgentor.engine.models.hunyuan_image_3.embedding import (
     CondImage,
     EncodedImage,
@@ -181,6 +182,14 @@ class ModelRunner:
             decoded = self.decode_graphs.run([c for _, c in chunks])
             if decoded is not None:
                 return {i: decoded[r : r + 1] for r, (i, _) in enumerate(chunks)}
+        if self.model.sequence_parallel and any(c.diffusion for _, c in chunks):
+            return self._run_sequence_parallel(chunks, step_of)
+        h = self.model(*self._rows(chunks, step_of), self.kv_cache)
+        return {i: part for (i, _), part in zip(chunks, h.split([c.end - c.start for _, c in chunks]))}
+
+    def _rows(self, chunks: list[tuple[int, Chunk]], step_of: dict[int, int]
+              ) -> tuple[Tensor, Tensor, AttentionMetadata]:
+        """The chunks' embeddings, RoPE positions and attention metadata, as one flat batch in chunk order."""
         seq_chunks, embeds, positions = [], [], []
         for i, c in chunks:
             emb, pos = self._embed(i, c, step_of)
@@ -189,8 +198,21 @@ class ModelRunner:
             seq_chunks.append(SequenceChunk(range(c.start, c.end), c.end, c.block_table, c.layout.full_attn_spans))
         dev = self.model.device
         meta = AttentionMetadata.build(seq_chunks, self.block_size, device=dev)
-        h = self.model(torch.cat(embeds), torch.cat(positions).to(dev), meta, self.kv_cache)
-        return {i: part for (i, _), part in zip(chunks, h.split([c.end - c.start for _, c in chunks]))}
+        return torch.cat(embeds), torch.cat(positions).to(dev), meta
+
+    def _run_sequence_parallel(self, chunks: list[tuple[int, Chunk]], step_of: dict[int, int]) -> dict[int, Tensor]:
+        """Sequence parallel: the denoising image blocks' rows are split over the group, the text chunks run whole
+        on every rank (`HunyuanImage3ForCausalMM.forward_sequence_parallel`); every rank gets every row's states."""
+        text = [(i, c) for i, c in chunks if not c.diffusion]
+        image = [(i, c) for i, c in chunks if c.diffusion]
+        whole = StepRows(*self._rows(text, step_of)) if text else None
+        h_text, h_image = self.model.forward_sequence_parallel(whole, StepRows(*self._rows(image, step_of)),
+                                                               self.kv_cache)
+        out: dict[int, Tensor] = {}
+        for part, h in ((text, h_text), (image, h_image)):
+            if part:
+                out.update({i: x for (i, _), x in zip(part, h.split([c.end - c.start for _, c in part]))})
+        return out
 
     def _forward(self, chunks, step_of, out: RunnerOutput) -> dict[int, Tensor]:
         try:

@@ -26,6 +26,7 @@ from torch import Tensor
 
 from diffgentor.engine.parallel_layout import ParallelLayout
 from diffgentor.kernels.moe import MoEParallel
+from diffgentor.kernels.ulysses import SequenceParallelGroup, UlyssesHeads
 
 
 def _even_range(n: int, rank: int, size: int, what: str) -> range:
@@ -147,6 +148,10 @@ class ParallelContext:
             return range(num_experts)
         return self.moe_parallel().local_experts(num_experts)
 
+    def sequence_parallel(self) -> SequenceParallelGroup:
+        """This rank's sequence-parallel group for the Ulysses attention of image steps (kernels/ulysses.py)."""
+        return SequenceParallelGroup(self.sp_size, self.sp_rank, self.sp_group)
+
     def moe_parallel(self) -> MoEParallel:
         """The routed-expert kernels' coordinates: TP on the width, or EP over whole experts."""
         if self.expert_parallel:
@@ -161,6 +166,15 @@ class ParallelContext:
     @property
     def expert_tp_rank(self) -> int:
         return 0 if self.expert_parallel else self.tp_rank
+
+
+def check_layout_heads(num_heads: int, num_kv_heads: int, layout: ParallelLayout) -> None:
+    """Refuse, with the sizes, a layout whose ranks cannot split the attention heads (tensor parallel, then Ulysses
+    sequence parallel over each tensor-parallel rank's heads): checked before any rank process starts."""
+    ctx = ParallelContext(layout.tp, 0)
+    q, kv = len(ctx.q_head_range(num_heads)), len(ctx.kv_head_range(num_kv_heads))
+    if layout.sp > 1:
+        UlyssesHeads(q, kv, layout.sp)
 
 
 def init_distributed(

@@ -177,8 +177,6 @@ class UlyssesAttention:
         self.inner = inner  # attends with heads.local_qo_heads / local_kv_heads
         self._md: AttentionMetadata | None = None
         self._shard: RowShard | None = None
-        kv_index = [h for d in range(comm.size) for h in heads.kv_range(d)]
-        self._kv_index = torch.tensor(kv_index, dtype=torch.long) if heads.repeats_kv else None
 
     @property
     def shard(self) -> RowShard:
@@ -197,9 +195,9 @@ class UlyssesAttention:
         shard, n_ranks = self.shard, self.comm.size
         per, _, d = q.shape
         hq, hkv = self.heads.local_qo_heads, self.heads.local_kv_heads
-        if self._kv_index is not None:  # the KV heads each destination reads, repeated where ranks share one
-            idx = self._kv_index.to(k.device)
-            k, v = k.index_select(1, idx), v.index_select(1, idx)
+        if self.heads.repeats_kv:  # destination d reads KV head d // (N / Hkv): each head repeated for its ranks
+            rep = n_ranks // self.heads.num_kv_heads
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         parts = [t.reshape(per, n_ranks, h, d) for t, h in ((q, hq), (k, hkv), (v, hkv))]
         packed = torch.cat(parts, dim=2).transpose(0, 1)  # [N (destination), per, hq + 2 hkv, D]
         got = self.comm.all_to_all(packed).reshape(shard.padded, hq + 2 * hkv, d)[: shard.num_rows]

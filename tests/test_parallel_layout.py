@@ -41,7 +41,6 @@ def test_groups_partition_the_world(tp, cfg, sp):
     (dict(cfg_parallel_size=3), "--cfg-parallel-size must be 1 or 2"),
     (dict(cfg_parallel_size=0), "--cfg-parallel-size must be an integer >= 1"),
     (dict(sequence_parallel_size=0), "--sequence-parallel-size must be an integer >= 1"),
-    (dict(sequence_parallel_size=2), "sequence parallel is not yet supported"),
 ])
 def test_config_refuses_bad_layouts(kw, match):
     with pytest.raises(ValueError, match=match):

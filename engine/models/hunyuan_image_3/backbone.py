@@ -16,6 +16,14 @@ parameter keeps its checkpoint name but holds only this rank's slice, read by `w
 - `wte` vocab-parallel (masked lookup + all-reduce); norms replicated; the KV cache holds this rank's KV heads.
 Inputs (embeddings, positions, metadata) must be identical on every rank; outputs are then identical too.
 
+Sequence parallel (`parallel.sp_size > 1`, Ulysses, `kernels.ulysses`), for denoising steps only:
+`forward_sequence_parallel` takes the step's text rows and its image-block rows separately, both whole on every rank.
+Each rank of the sequence-parallel group keeps 1/N of the image rows (padded) and runs every per-token op (norms,
+projections, RoPE, MoE, the tensor-parallel all-reduces within its own tensor-parallel group) on the text rows plus
+its share; attention runs the text rows as usual and the image rows through two all-to-alls around the same paged
+attention over 1/N of this rank's heads; the last layer's image rows are gathered. Text steps never split, so every
+rank of a sequence-parallel group holds the whole prompt KV (of its tensor-parallel heads).
+
 The forward takes embeddings the caller already assembled (text, image, timestep tokens), explicit 2-D
 RoPE positions and attention metadata, and returns the last layer's hidden states WITHOUT ln_f: the text head
 applies `final_norm` before lm_head, the diffusion head reads the raw states (as the official model does).
@@ -24,6 +32,7 @@ applies `final_norm` before lm_head, the diffusion head reads the raw states (as
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +55,7 @@ from diffgentor.kernels.moe import (
 from diffgentor.kernels.norm import RMSNorm
 from diffgentor.kernels.quantization import Fp8Weight, linear_weight, stack_linear_weights, storage_ptr
 from diffgentor.kernels.rope import apply_rope, rope_cos_sin
+from diffgentor.kernels.ulysses import RowShard, UlyssesAttention, UlyssesHeads
 
 from .config import ConfigError, HunyuanImage3Config
 
@@ -191,6 +201,26 @@ class MoEBlock(nn.Module):
         return out
 
 
+@dataclass(frozen=True)
+class StepRows:
+    """Rows of a forward given whole (every rank holds all of them): embeddings [n, H], RoPE positions [n, 2] and
+    their attention metadata."""
+
+    hidden: Tensor
+    positions: Tensor
+    metadata: AttentionMetadata
+
+
+@dataclass(frozen=True)
+class ShardedRows:
+    """A sequence-parallel forward's sharded rows: the flat batch's rows past `num_whole` are this rank's share of
+    them; `attn` (planned for all of them) attends over `kv_cache`, this rank's KV-head slice of the cache."""
+
+    num_whole: int
+    attn: UlyssesAttention
+    kv_cache: PagedKVCache
+
+
 class PagedSelfAttention(nn.Module):
     """GQA with fused QKV ([q; k; v] rows): RoPE, then qk-norm, K/V into the paged cache, then attention."""
 
@@ -215,9 +245,11 @@ class PagedSelfAttention(nn.Module):
 
     def forward(
         self, x: Tensor, cos: Tensor, sin: Tensor, attn_metadata: AttentionMetadata, kv_cache: PagedKVCache,
-        attn: AttentionBackend | None = None,
+        attn: AttentionBackend | None = None, sharded: ShardedRows | None = None,
     ) -> Tensor:
-        """`attn`: this forward's backend when it is not the shared one (the static decode path of CUDA graphs)."""
+        """`attn`: this forward's backend when it is not the shared one (the static decode path of CUDA graphs).
+        `sharded`: the rows past `sharded.num_whole` are sequence-parallel (Ulysses); the rows before them attend as
+        usual with `attn_metadata`."""
         n = x.shape[0]
         d = self.head_dim
         widths = [self.num_heads * d, self.num_kv_heads * d, self.num_kv_heads * d]
@@ -231,14 +263,27 @@ class PagedSelfAttention(nn.Module):
         # RoPE/qk-norm ran in fp32 (fp32 cos/sin); back to the activation dtype as the official code does.
         q = q.to(v.dtype)
         k = k.to(v.dtype)
-        kv_cache.store(self.layer_idx, attn_metadata, k, v)  # indices prepared once per step: no host sync
-        o = (attn or self.attn).run(q, k, v, kv_cache, self.layer_idx)
+        if sharded is None:
+            kv_cache.store(self.layer_idx, attn_metadata, k, v)  # indices prepared once per step: no host sync
+            o = (attn or self.attn).run(q, k, v, kv_cache, self.layer_idx)
+        else:
+            o = self._attend_sharded(q, k, v, attn_metadata, kv_cache, attn or self.attn, sharded)
         o = o.reshape(n, self.num_heads * d)
         if not self.parallel.is_parallel:
             return self.o_proj(o)
         # row-parallel o_proj: partial sums, ONE all-reduce, the (replicated) bias added once afterwards
         out = self.parallel.all_reduce(F.linear(o, self.o_proj.weight))
         return out if self.o_proj.bias is None else out + self.o_proj.bias
+
+    def _attend_sharded(self, q: Tensor, k: Tensor, v: Tensor, attn_metadata: AttentionMetadata,
+                        kv_cache: PagedKVCache, attn: AttentionBackend, sharded: ShardedRows) -> Tensor:
+        """Whole rows as usual, then the sharded rows through Ulysses (which stores their K/V itself)."""
+        nw, layer = sharded.num_whole, self.layer_idx
+        o = sharded.attn.run(q[nw:], k[nw:], v[nw:], sharded.kv_cache, layer)
+        if not nw:
+            return o
+        kv_cache.store(layer, attn_metadata, k[:nw], v[:nw])
+        return torch.cat([attn.run(q[:nw], k[:nw], v[:nw], kv_cache, layer), o])
 
 
 class DecoderLayer(nn.Module):
@@ -262,9 +307,9 @@ class DecoderLayer(nn.Module):
 
     def forward(
         self, x: Tensor, cos: Tensor, sin: Tensor, attn_metadata: AttentionMetadata, kv_cache: PagedKVCache,
-        attn: AttentionBackend | None = None,
+        attn: AttentionBackend | None = None, sharded: ShardedRows | None = None,
     ) -> Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn_metadata, kv_cache, attn)
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn_metadata, kv_cache, attn, sharded)
         return x + self.parallel.all_reduce(self.mlp(self.post_attention_layernorm(x)))
 
 
@@ -319,6 +364,15 @@ class HunyuanImage3Backbone(nn.Module):
         self.layers = nn.ModuleList(
             DecoderLayer(cfg, i, self.attn, moe_impl, par) for i in range(cfg.num_hidden_layers)
         )
+        # sequence parallel: this rank's query heads / KV heads around attention (the layout is checked here, at
+        # build time); the inner backend is the same implementation over fewer heads
+        self.sp = par.sequence_parallel()
+        self.sp_attn: UlyssesAttention | None = None
+        if self.sp.size > 1:
+            heads = UlyssesHeads(self.num_local_heads, self.num_local_kv_heads, self.sp.size)
+            inner = get_attention_backend(attn_backend, heads.local_qo_heads, heads.local_kv_heads, cfg.head_dim,
+                                          cfg.head_dim**-0.5)
+            self.sp_attn = UlyssesAttention(heads, self.sp, inner)
         self.ln_f = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
 
     def embed_tokens(self, input_ids: Tensor) -> Tensor:
@@ -344,6 +398,30 @@ class HunyuanImage3Backbone(nn.Module):
         for layer in self.layers:
             h = layer(h, cos, sin, attn_metadata, kv_cache, attn)
         return h
+
+    def forward_sequence_parallel(
+        self, whole: StepRows | None, sharded: StepRows, kv_cache: PagedKVCache
+    ) -> tuple[Tensor | None, Tensor]:
+        """A forward whose `sharded` rows (denoising image blocks) are split over the sequence-parallel group
+        (`kernels.ulysses`) while the `whole` rows (text: prefill chunks, decode tokens) run on every rank as usual.
+        Both are given whole on every rank; each rank takes its 1/N of the sharded rows (padded), every per-token op
+        runs on its rows only, and the last layer's sharded rows are gathered. Returns the last-layer states of the
+        whole rows (None without) and of every sharded row [n, H], the same on every rank."""
+        if self.sp_attn is None:
+            raise RuntimeError("forward_sequence_parallel needs a sequence-parallel group (sequence_parallel_size > 1)")
+        shard = RowShard(sharded.hidden.shape[0], self.sp.size, self.sp.rank)
+        h, pos = shard.local(sharded.hidden), shard.local(sharded.positions)
+        nw = 0 if whole is None else whole.hidden.shape[0]
+        if nw:
+            h, pos = torch.cat([whole.hidden, h]), torch.cat([whole.positions, pos])
+            self.attn.plan(whole.metadata, q_dtype=h.dtype, kv_dtype=kv_cache.dtype)
+        self.sp_attn.plan(sharded.metadata, q_dtype=h.dtype, kv_dtype=kv_cache.dtype)
+        rows = ShardedRows(nw, self.sp_attn, kv_cache.head_slice(self.sp_attn.heads.kv_range(self.sp.rank)))
+        cos, sin = rope_cos_sin(pos, self.config.head_dim, self.config.rope_theta)
+        md = whole.metadata if nw else sharded.metadata  # the whole rows' metadata (unused without whole rows)
+        for layer in self.layers:
+            h = layer(h, cos, sin, md, kv_cache, self.attn, rows)
+        return (h[:nw] if nw else None), shard.gather(self.sp, h[nw:])
 
     def final_norm(self, hidden_states: Tensor) -> Tensor:
         """ln_f, for the text head only."""

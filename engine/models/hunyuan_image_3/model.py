@@ -29,7 +29,7 @@ from diffgentor.engine.parallel import ParallelContext
 from diffgentor.kernels.attention import AttentionMetadata
 from diffgentor.kernels.kv_cache import PagedKVCache
 
-from .backbone import HunyuanImage3Backbone, MoEBlock, keep_fp32_param
+from .backbone import HunyuanImage3Backbone, MoEBlock, StepRows, keep_fp32_param
 from .config import HunyuanImage3Config
 from .image_embed import TimestepEmbedder, UNetDown, UNetUp
 from .vae import AutoencoderKLConv3D, DiagonalGaussian
@@ -194,6 +194,18 @@ class HunyuanImage3ForCausalMM(nn.Module):
     ) -> Tensor:
         """Flat batch of assembled embeddings [N, H] -> last hidden states [N, H] (no ln_f)."""
         return self.model(hidden_states, positions, attn_metadata, kv_cache)
+
+    def forward_sequence_parallel(
+        self, whole: StepRows | None, sharded: StepRows, kv_cache: PagedKVCache
+    ) -> tuple[Tensor | None, Tensor]:
+        """A forward whose `sharded` rows (denoising image blocks) are split over the sequence-parallel group while the
+        `whole` rows run on every rank (`HunyuanImage3Backbone.forward_sequence_parallel`)."""
+        return self.model.forward_sequence_parallel(whole, sharded, kv_cache)
+
+    @property
+    def sequence_parallel(self) -> bool:
+        """Image steps are split over a sequence-parallel group (sequence_parallel_size > 1)."""
+        return self.model.sp_attn is not None
 
     def logits(self, hidden_states: Tensor) -> Tensor:
         """Text logits (fp32) for hidden states [n, H] (the full vocabulary on every rank under tensor parallel)."""
