@@ -163,3 +163,49 @@ def flashinfer_autotune_recorder(rec):
             rec.tuning = False
 
     return autotune
+
+
+def alive_pids(pids: list[int]) -> list[int]:
+    """The given pids that still exist at all (running, stopped or an unreaped zombie: for rank processes, a leak)."""
+    return [pid for pid in pids if os.path.exists(f"/proc/{pid}")]
+
+
+def kill_rank_mid_run(eng, requests: list, rank: int, limit_s: float = 10.0) -> float:
+    """Admit `requests` into a multi-rank `Engine`, run three lockstep steps, SIGKILL rank `rank` and step until every
+    request has ended. Asserts that each failed naming the rank and its exit, that the engine then refuses new work
+    naming the rank, and that no rank process is left; returns how long the requests took to fail."""
+    import signal
+
+    import pytest
+
+    from diffgentor.engine.executor import ExecutorError
+    from diffgentor.engine.request import FinishReason
+
+    core = eng.core
+    pids = list(core.executor.rank_pids)
+    reqs = [eng.make_request(r) for r in requests]
+    events, results = [], {}
+    for r in reqs:
+        core.add_request(r)
+    for _ in range(3):
+        events += core.step().events
+    assert core.has_unfinished_requests()
+    os.kill(pids[rank], signal.SIGKILL)
+    t0 = time.monotonic()
+    while core.has_unfinished_requests():
+        outputs = core.step()
+        events += outputs.events
+        results.update(outputs.finished)
+        assert time.monotonic() - t0 < limit_s
+    took = time.monotonic() - t0
+    errors = {e.request_id: e.error for e in events if e.kind == "error"}
+    assert set(errors) == {r.request_id for r in reqs}, events
+    assert all(f"rank {rank}" in msg and "exit" in msg for msg in errors.values()), errors
+    assert all(results[r.request_id].finish_reason == FinishReason.ERROR for r in reqs)
+    with pytest.raises(ExecutorError, match=f"rank {rank}"):
+        eng.generate(requests[:1])
+    deadline = time.monotonic() + 5
+    while alive_pids(pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not alive_pids(pids)
+    return took

@@ -6,21 +6,16 @@ in-flight requests quickly; shutdown leaves no rank process behind."""
 
 from __future__ import annotations
 
-import os
-import signal
-import time
-
 import numpy as np
 import pytest
 import torch
 
-from diffgentor.engine.executor import ExecutorError
 from diffgentor.engine.offline import Engine
 from diffgentor.engine.request import FinishReason
 from diffgentor.engine.testing.tiny_model import make_tiny
 from diffgentor.engine.tp.executor import MultiprocExecutor
 
-from helpers import random_png
+from helpers import alive_pids, kill_rank_mid_run, random_png
 
 ENGINE_ARGS = dict(num_kv_blocks=1024, device="cpu", dtype="float32", max_num_seqs=8, max_num_batched_tokens=4096)
 LAYOUTS = [pytest.param(1, 2, id="sp2"), pytest.param(2, 2, id="tp2xsp2", marks=pytest.mark.slow)]
@@ -42,10 +37,6 @@ def _requests(steps: int = 3) -> list[dict]:
              use_taylor_cache=True, images=[random_png(64, 64, 4)]),
     ]
     return [dict(request_id=f"r{i}", prompt=f"make variant {i}", **base, **s) for i, s in enumerate(specs)]
-
-
-def _alive(pids: list[int]) -> list[int]:
-    return [pid for pid in pids if os.path.exists(f"/proc/{pid}")]
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +62,7 @@ def test_sp_engine_matches_single_process(ckpt, single, tp, sp):
         assert isinstance(ex, MultiprocExecutor) and len(ex.rank_pids) == tp * sp
         pids = list(ex.rank_pids)
         got = eng.generate(_requests())
-    assert not _alive(pids)  # shutdown stopped every rank
+    assert not alive_pids(pids)  # shutdown stopped every rank
     for a, b in zip(got, single):
         assert a.error is None and b.error is None, (a.error, b.error)
         assert a.finish_reason == b.finish_reason == FinishReason.IMAGE
@@ -86,33 +77,8 @@ def test_sp_engine_matches_single_process(ckpt, single, tp, sp):
 def test_killed_sequence_parallel_rank_fails_in_flight_requests(ckpt):
     eng = Engine.from_pretrained(ckpt, environ={}, sequence_parallel_size=2, executor_args=dict(poll_s=0.1),
                                  **ENGINE_ARGS)
-    core = eng.core
-    pids = list(core.executor.rank_pids)
     try:
-        reqs = [eng.make_request(r) for r in _requests(steps=50)]
-        events, results = [], {}
-        for r in reqs:
-            core.add_request(r)
-        for _ in range(3):
-            events += core.step().events
-        assert core.has_unfinished_requests()
-        os.kill(pids[1], signal.SIGKILL)  # rank 1 = (tp 0, sp 1): the sequence-parallel peer of rank 0
-        t0 = time.monotonic()
-        while core.has_unfinished_requests():
-            out = core.step()
-            events += out.events
-            results.update(out.finished)
-            assert time.monotonic() - t0 < 10
-        errors = {e.request_id: e.error for e in events if e.kind == "error"}
-        assert set(errors) == {r.request_id for r in reqs}, events
-        assert all("rank 1" in msg for msg in errors.values()), errors
-        assert all(results[r.request_id].finish_reason == FinishReason.ERROR for r in reqs)
-        with pytest.raises(ExecutorError, match="rank 1"):
-            eng.generate(_requests()[:1])
-        deadline = time.monotonic() + 5
-        while _alive(pids) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert not _alive(pids)
+        kill_rank_mid_run(eng, _requests(steps=50), rank=1)  # rank 1 = (tp 0, sp 1): rank 0's sequence-parallel peer
     finally:
         eng.close()
 

@@ -22,6 +22,8 @@ from diffgentor.engine.request import FinishReason
 from diffgentor.engine.testing.tiny_model import make_tiny
 from diffgentor.engine.tp.executor import MultiprocExecutor
 
+from helpers import alive_pids, kill_rank_mid_run
+
 ENGINE_ARGS = dict(num_kv_blocks=512, device="cpu", dtype="float32", max_num_seqs=8, max_num_batched_tokens=4096)
 
 
@@ -48,11 +50,6 @@ def _requests(steps: int = 2) -> list[dict]:
     return [dict(request_id=f"r{i}", prompt=f"make variant {i} of this", **base, **s) for i, s in enumerate(specs)]
 
 
-def _alive_children(pids: list[int]) -> list[int]:
-    """The given rank pids that still exist at all (running, stopped or an unreaped zombie: each is a leak)."""
-    return [pid for pid in pids if os.path.exists(f"/proc/{pid}")]
-
-
 @pytest.fixture(scope="module")
 def single(ckpt):
     torch.manual_seed(0)
@@ -71,7 +68,7 @@ def test_tp_engine_matches_single_process(ckpt, single, ep):
         pids = list(ex.rank_pids)
         got = eng.generate(_requests())
         hwm = list(ex.rank_vm_hwm_kb)
-    assert not _alive_children(pids)
+    assert not alive_pids(pids)
     print(f"\n{'ep' if ep else 'tp'}=2 peak RSS per rank (VmHWM) {[h // 1024 for h in hwm]} MiB; "
           f"this (single-process) test process {vm_hwm_kb() // 1024} MiB")
     for a, b in zip(got, single):
@@ -87,35 +84,8 @@ def test_tp_engine_matches_single_process(ckpt, single, ep):
 def test_killed_rank_fails_in_flight_requests(ckpt):
     eng = Engine.from_pretrained(ckpt, environ={}, tensor_parallel_size=2, executor_args=dict(poll_s=0.1),
                                  **ENGINE_ARGS)
-    ex = eng.core
-    pids = list(ex.executor.rank_pids)
     try:
-        reqs = [eng.make_request(r) for r in _requests(steps=50)]
-        events, results = [], {}
-        for r in reqs:
-            ex.add_request(r)
-        for _ in range(3):  # a few lockstep steps, then rank 1 dies mid-run
-            events += ex.step().events
-        assert ex.has_unfinished_requests()
-        os.kill(pids[1], signal.SIGKILL)
-        t0 = time.monotonic()
-        while ex.has_unfinished_requests():
-            outputs = ex.step()
-            events += outputs.events
-            results.update(outputs.finished)
-            assert time.monotonic() - t0 < 10
-        took = time.monotonic() - t0
-        assert took < 10, took
-        errors = {e.request_id: e.error for e in events if e.kind == "error"}
-        assert set(errors) == {r.request_id for r in reqs}, events
-        assert all("rank 1" in msg and "exit" in msg for msg in errors.values()), errors
-        assert all(results[r.request_id].finish_reason == FinishReason.ERROR for r in reqs)
-        with pytest.raises(ExecutorError, match="rank 1"):
-            eng.generate(_requests()[:1])
-        deadline = time.monotonic() + 5
-        while _alive_children(pids) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert not _alive_children(pids)
+        took = kill_rank_mid_run(eng, _requests(steps=50), rank=1)
         print(f"\nkilled rank noticed and all requests failed in {took:.2f} s")
     finally:
         eng.close()
@@ -154,7 +124,7 @@ def test_hung_rank_is_noticed_and_stopped(ckpt):
         errors = {e.request_id: e.error for e in events if e.kind == "error"}
         assert set(errors) == {r.request_id for r in reqs}
         assert all("did not finish step" in msg for msg in errors.values()), errors
-        assert not _alive_children(pids)
+        assert not alive_pids(pids)
     finally:
         eng.close()
 
@@ -220,7 +190,7 @@ def test_ranks_receive_plans_not_requests(ckpt):
             assert set(got.final_latents) == set(want.final_latents)
             for rid, lat in want.final_latents.items():
                 assert (got.final_latents[rid] - lat).abs().max().item() <= 1e-4
-    assert not _alive_children(pids)
+    assert not alive_pids(pids)
 
 
 def test_rank_ready_carries_the_vae_budget_and_kernels():
