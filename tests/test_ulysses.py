@@ -127,3 +127,33 @@ def test_row_shard_pads_the_last_rank():
     assert [s.num_real for s in shards] == [3, 3, 1]
     assert shards[2].local(x).squeeze(1).tolist() == [6.0, 0.0, 0.0]
     assert torch.equal(torch.cat([s.local(x) for s in shards])[:7], x)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("impl", ["sdpa", "flashinfer"])
+def test_gpu_attention_reads_a_head_slice_of_the_cache(impl):
+    """What a sequence-parallel rank runs on a GPU: its backend over `PagedKVCache.head_slice` (pages whose head
+    stride skips the other heads), after storing only its heads' K/V; compared with the reference on the same
+    slice (bf16)."""
+    from diffgentor.kernels.attention import flashinfer_attention_available, get_attention_backend
+
+    if impl == "flashinfer" and not flashinfer_attention_available("cuda")[0]:
+        pytest.skip(flashinfer_attention_available("cuda")[1])
+    hq, hkv, d = 4, 4, 128
+    heads = UlyssesHeads(hq, hkv, 2)
+    g = torch.Generator().manual_seed(0)
+    n = sum(s["causal"] + s["block"] for s in SEQS)
+    cache = PagedKVCache(1, NUM_BLOCKS, BLOCK, hkv, d, dtype=torch.bfloat16, device="cuda")
+    cache.kv[0].copy_(torch.randn(cache.kv[0].shape, generator=g).to(torch.bfloat16))
+    view = cache.head_slice(heads.kv_range(1))
+    q = torch.randn(n, heads.local_qo_heads, d, generator=g).to("cuda", torch.bfloat16)
+    k, v = (torch.randn(n, heads.local_kv_heads, d, generator=g).to("cuda", torch.bfloat16) for _ in range(2))
+    md = _metadata("cuda")
+    others = cache.kv[0][:, :, :, : heads.kv_range(1).start].clone()
+    view.store(0, md, k, v)
+    assert torch.equal(cache.kv[0][:, :, :, : heads.kv_range(1).start], others)  # other heads' pages untouched
+    backend = get_attention_backend(impl, heads.local_qo_heads, heads.local_kv_heads, d)
+    backend.plan(md, q_dtype=q.dtype, kv_dtype=view.dtype)
+    got = backend.run(q, k, v, view, 0).float()
+    want = paged_attention_reference(q, md, view, 0, d**-0.5).float()
+    assert (got - want).abs().max().item() <= 2e-2
