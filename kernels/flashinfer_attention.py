@@ -250,8 +250,9 @@ class FlashInferPagedAttention:
 class FlashInferGraphDecode:
     """Decode attention for captured decode steps: FlashInfer's decode wrapper with `use_cuda_graph=True`, one per
     batch bucket (its batch size is fixed), each over fixed int32 buffers: kv indptr [B + 1], page indices
-    [B * max_pages] and last-page lengths [B]. prepare() plans the step on the host (pinned arrays; the wrapper
-    copies them into its fixed buffers asynchronously) before a capture or a replay; plan() inside the forward does
+    [B * max_pages] and last-page lengths [B]. prepare() plans the step on the host (indptr and last-page lengths
+    as pinned host arrays, the page indices already on the device; the wrapper copies them into its fixed buffers
+    without a host sync) before a capture or a replay; plan() inside the forward does
     no work (it only checks that the bucket was prepared) and run() is what the graph holds. The query and KV dtypes
     are the model's; no in-kernel RoPE, as the eager wrappers."""
 
@@ -295,8 +296,10 @@ class FlashInferGraphDecode:
             rows.add(range(r, r + 1), list(table), n, page_size)
         pin = self.device.type == "cuda"
         o = self.owner
+        # indptr and last-page lengths are read on the host (pinned); the page indices only on the device: uploaded
+        # here asynchronously, since in this mode the wrapper copies a HOST index array with a blocking copy
         self.wrapper(len(kv_lens)).plan(
-            host_tensor(rows.kv_indptr, torch.int32, pin), host_tensor(rows.indices, torch.int32, pin),
+            host_tensor(rows.kv_indptr, torch.int32, pin), to_device(rows.indices, torch.int32, self.device),
             host_tensor(rows.last_page_len, torch.int32, pin), o.num_qo_heads, o.num_kv_heads, o.head_dim,
             page_size, pos_encoding_mode="NONE", sm_scale=o.scale, q_data_type=q_dtype, kv_data_type=kv_dtype)
         self._bucket = len(kv_lens)

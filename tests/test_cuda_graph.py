@@ -281,7 +281,8 @@ class _EmulatedGraphDecodeWrapper:
         calls.append(("init", len(self.last), len(self.indptr), len(self.indices)))
 
     def plan(self, indptr, indices, last_page_len, hq, hkv, d, page_size, **kw):
-        assert all(t.device.type == "cpu" and t.dtype == torch.int32 for t in (indptr, indices, last_page_len))
+        assert all(t.device.type == "cpu" and t.dtype == torch.int32 for t in (indptr, last_page_len))
+        assert indices.device == self.indices.device and indices.dtype == torch.int32
         assert len(indptr) == len(self.indptr) and len(indices) <= len(self.indices)
         self.indptr.copy_(indptr)
         self.indices[: len(indices)].copy_(indices)
@@ -339,6 +340,31 @@ def test_flashinfer_backend_captures_its_graph_mode_decode_wrapper(tiny, monkeyp
     with record_sdpa_calls() as rec:  # the same step again: no torch attention at all
         again = runner.run(res["chunks"])
     assert rec.calls == [] and torch.equal(again, res["static"])
+
+
+def test_flashinfer_graph_plan_hands_the_page_indices_over_on_the_device(monkeypatch):
+    """In CUDA-graph mode FlashInfer copies a HOST page-index array into its buffer with a blocking copy (a host sync
+    per step): prepare() hands it the indices already on the device ("meta" here), and indptr / last-page lengths,
+    which its planning reads on the host, as host arrays."""
+    import sys
+    import types
+
+    from diffgentor.kernels import flashinfer_attention
+
+    calls: list = []
+    planned: list = []
+
+    class Recording(_EmulatedGraphDecodeWrapper):
+        def plan(self, indptr, indices, last_page_len, *args, **kw):
+            planned.append((indptr.device.type, indices.device.type, last_page_len.device.type))
+
+    fake = types.ModuleType("flashinfer")
+    fake.BatchDecodeWithPagedKVCacheWrapper = lambda ws, layout, **kw: Recording(ws, layout, calls, **kw)
+    monkeypatch.setitem(sys.modules, "flashinfer", fake)
+    monkeypatch.setattr(flashinfer_attention, "flashinfer_attention_available", lambda device: (True, "ok"))
+    graph = flashinfer_attention.FlashInferPagedAttention(8, 2, 16).graph_decode("meta", (1, 2, 4), 6)
+    graph.prepare([5, 17, 1, 1], [[3, 4], [7, 8, 9, 10, 11], [0], [0]], 4, torch.bfloat16, torch.bfloat16)
+    assert calls == [("init", 4, 5, 24)] and planned == [("cpu", "meta", "cpu")]
 
 
 def test_flashinfer_unavailable_graph_steps_use_the_torch_static_attention(tiny):
