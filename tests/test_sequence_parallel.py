@@ -14,12 +14,14 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from diffgentor.engine.models.hunyuan_image_3.backbone import StepRows
+from diffgentor.engine.models.hunyuan_image_3.config import HunyuanImage3Config
 from diffgentor.engine.models.hunyuan_image_3.model import HunyuanImage3ForCausalMM
 from diffgentor.engine.parallel import ParallelContext, init_distributed
 from diffgentor.engine.parallel_layout import ParallelLayout
 from diffgentor.engine.testing.tiny_model import make_tiny
 from diffgentor.kernels.attention import AttentionMetadata, SequenceChunk
 from diffgentor.kernels.rope import positions_2d
+from diffgentor.kernels.ulysses import UlyssesHeads
 
 from helpers import PUBLISHED_INSTRUCT_CONFIG
 
@@ -91,10 +93,24 @@ def workload(model: HunyuanImage3ForCausalMM) -> dict[str, torch.Tensor]:
 def _rank_main(rank: int, tp: int, sp: int, init_file: str, ckpt: str, out_dir: str) -> None:
     torch.set_num_threads(1)
     ctx = init_distributed("gloo", f"file://{init_file}", rank, ParallelLayout(tp=tp, sp=sp))
+    calls = {"all_to_all": [], "all_gather": []}  # bytes sent by each sequence-parallel collective of this rank
+    a2a, gather = dist.all_to_all_single, dist.all_gather_single
+
+    def counted_a2a(out, x, *args, **kw):
+        calls["all_to_all"].append(x.numel() * x.element_size())
+        return a2a(out, x, *args, **kw)
+
+    def counted_gather(out, x, *args, **kw):
+        calls["all_gather"].append(x.numel() * x.element_size())
+        return gather(out, x, *args, **kw)
+
+    dist.all_to_all_single, dist.all_gather_single = counted_a2a, counted_gather
     try:
         model = HunyuanImage3ForCausalMM.from_pretrained(ckpt, parallel=ctx)
         assert model.sequence_parallel
-        torch.save(workload(model), Path(out_dir) / f"rank{rank}.pt")
+        res = workload(model)
+        res.update({k: torch.tensor(v) for k, v in calls.items()})
+        torch.save(res, Path(out_dir) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -116,7 +132,16 @@ LAYOUTS = [pytest.param(1, 2, id="sp2"), pytest.param(2, 2, id="tp2xsp2", marks=
 @pytest.mark.parametrize("tp,sp", LAYOUTS)
 def test_sequence_parallel_ranks_match_single_process(ckpt, single, tmp_path, tp, sp):
     ranks = _spawn(ckpt, tmp_path, tp, sp)
+    cfg = HunyuanImage3Config.from_pretrained(ckpt)
+    per = -(-(IMG[1] - TS) // sp)  # 11 image-block rows per split step: 6 per rank (the last rank's 6th is padding)
+    heads = UlyssesHeads(cfg.num_attention_heads // tp, max(1, cfg.num_key_value_heads // tp), sp)
+    sent_heads = heads.num_qo_heads + 2 * sp * heads.local_kv_heads  # every query head; each rank's KV heads, twice
+    per_layer = [per * sent_heads * cfg.head_dim * 4, per * heads.num_qo_heads * cfg.head_dim * 4]  # q/k/v, out
     for r, res in enumerate(ranks):
+        # exactly two all-to-alls per layer of each split step (fp32 bytes as counted) and one gather of the last
+        # layer's rows per step; the whole-row steps (prefill, the last decode) send nothing
+        assert res.pop("all_to_all").tolist() == per_layer * cfg.num_hidden_layers * 2, r
+        assert res.pop("all_gather").tolist() == [per * cfg.hidden_size * 4] * 2, r
         assert res.keys() == single.keys()
         for key, ref in single.items():
             assert res[key].shape == ref.shape, (r, key)
