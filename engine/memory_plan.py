@@ -576,6 +576,9 @@ class MemoryPlan:
         if layout.world_size > layout.tp:
             par += (f", layout {layout.describe()}: each of the {layout.cfg} CFG group(s) holds a full "
                     f"tensor-parallel copy of the weights")
+            if layout.sp > 1:
+                par += (f"; its {layout.sp} sequence-parallel ranks hold the same shard and KV (the whole prompt) and "
+                        f"split each denoising step's image rows")
         a, v = self.activations, self.vae
         lines = [
             f"{self.gpu} ({self.total_bytes / GiB:.1f} GiB), {par}, quantization {self.quantization}, "
