@@ -21,14 +21,12 @@ no memory.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import os
 import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
-from pathlib import Path
 from typing import Any
 
 from diffgentor.engine.parallel_layout import ParallelLayout
@@ -50,7 +48,7 @@ _DTYPE_ALIASES = {
 _DEVICE_RE = re.compile(r"^(cpu|cuda|cuda:\d+|auto)$")
 
 CHECKPOINT_REQUEST_KEYS = ("bot_task", "use_system_prompt", "max_new_tokens")
-"""Request defaults that a checkpoint's ``generation_config.json`` also sets (`EngineConfig.request_defaults`)."""
+"""Request defaults that a checkpoint's ``generation_config.json`` also sets (engine/request_defaults.py)."""
 
 TRUE_STRINGS = ("true", "1", "yes", "on")
 FALSE_STRINGS = ("false", "0", "no", "off")
@@ -279,7 +277,7 @@ class HunyuanImage3Env:
     """Bytes of freed host heap an engine process keeps for reuse (`--heap-reuse-memory` wins); 0 = glibc's
     defaults (engine/allocator.py)."""
     explicit: frozenset[str] = field(default=frozenset(), compare=False, repr=False)
-    """The fields a variable or a flag set; the others hold the contract's defaults (`request_defaults`)."""
+    """The fields a variable or a flag set; the others hold the documented defaults (engine/request_defaults.py)."""
 
     def __post_init__(self) -> None:
         for name, spec in _ENV_SPECS.items():
@@ -356,6 +354,9 @@ class EngineConfig:
     """The seed of a request that gives none; None: 42 in the offline engine, a random seed per request when served."""
     default_num_inference_steps: int | None = None
     """None = the checkpoint's generation_config value."""
+    default_guidance_scale: float | None = None
+    """The guidance scale of a request that gives none (the batch CLI's ``--guidance_scale``); None = the
+    checkpoint's generation_config value."""
     env: HunyuanImage3Env = field(default_factory=HunyuanImage3Env)
     attn_impl: str | None = None
     moe_impl: str | None = None
@@ -448,6 +449,9 @@ class EngineConfig:
             )
         if self.seed is not None and (not _is_int(self.seed) or self.seed < 0):
             raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
+        g = self.default_guidance_scale
+        if g is not None and (isinstance(g, bool) or not isinstance(g, (int, float)) or not 0 <= g < math.inf):
+            raise ValueError(f"default_guidance_scale must be a finite number >= 0, got {g!r}")
         if not isinstance(self.enable_prefix_caching, bool):
             raise ValueError(f"enable_prefix_caching must be a bool, got {self.enable_prefix_caching!r}")
         if not isinstance(self.async_encode, bool):
@@ -501,7 +505,8 @@ class EngineConfig:
         ``max_num_batched_tokens``, ``block_size``, ``num_kv_blocks``, ``kv_cache_memory`` /
         ``kv_cache_memory_bytes`` (int bytes or a size string),
         ``enable_prefix_caching``, ``max_waiting_requests``, ``seed``, ``default_num_inference_steps`` /
-        ``num_inference_steps``, ``tensor_parallel_size``, ``cfg_parallel_size``, ``sequence_parallel_size``,
+        ``num_inference_steps``, ``default_guidance_scale`` / ``guidance_scale``,
+        ``tensor_parallel_size``, ``cfg_parallel_size``, ``sequence_parallel_size``,
         ``attn_impl``, ``moe_impl``, ``quantization``,
         ``gpu_memory_utilization``, ``enforce_eager``, ``heap_reuse_memory`` / ``heap_reuse_bytes`` (int bytes
         or a size string), ``heap_idle_release_s``.
@@ -554,6 +559,7 @@ class EngineConfig:
             "async_encode": ("async_encode",),
             "seed": ("seed",),
             "default_num_inference_steps": ("default_num_inference_steps", "num_inference_steps"),
+            "default_guidance_scale": ("default_guidance_scale", "guidance_scale"),
             "tensor_parallel_size": ("tensor_parallel_size",),
             "cfg_parallel_size": ("cfg_parallel_size",),
             "sequence_parallel_size": ("sequence_parallel_size",),
@@ -703,40 +709,7 @@ class EngineConfig:
     def max_blocks_per_seq(self, max_tokens: int) -> int:
         return math.ceil(max_tokens / self.block_size)
 
-    # ------------------------------------------------------------------ requests and logging
-    def request_defaults(self) -> dict[str, Any]:
-        """Per-request defaults from the env block, for the fields a request leaves None.
-
-        Precedence for the fields the checkpoint's ``generation_config.json`` also sets (`CHECKPOINT_REQUEST_KEYS`):
-        the request's own value, an explicitly set variable or flag, the checkpoint's value, the contract's default.
-        So such a field is returned only when it was set explicitly or the checkpoint says nothing about it; an
-        unset variable never overrides the checkpoint (e.g. its ``"use_system_prompt": "None"``). The other fields
-        always come from the env block. ``use_system_prompt`` is the contract spelling: ``"None"`` (a string) means
-        no system prompt.
-        """
-        e = self.env
-        checkpoint = self.checkpoint_generation_config()
-        out = {}
-        for key in ("bot_task", "use_system_prompt", "infer_align_image_size", "max_new_tokens", "use_taylor_cache"):
-            if key in e.explicit or key not in CHECKPOINT_REQUEST_KEYS or checkpoint.get(key) is None:
-                out[key] = getattr(e, key)
-        if self.seed is not None:
-            out["seed"] = self.seed
-        if self.default_num_inference_steps:
-            out["num_inference_steps"] = self.default_num_inference_steps
-        return out
-
-    def checkpoint_generation_config(self) -> dict[str, Any]:
-        """The checkpoint's ``generation_config.json`` as a dict; empty when there is no model or no such file."""
-        if self.model is None:
-            return {}
-        path = Path(self.model) / "generation_config.json"
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, ValueError):
-            return {}
-        return data if isinstance(data, dict) else {}
-
+    # ------------------------------------------------------------------ logging
     def describe(self) -> dict[str, Any]:
         """A plain, JSON-serialisable dict of every setting, for the startup log."""
         out: dict[str, Any] = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "env"}

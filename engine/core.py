@@ -43,6 +43,7 @@ from diffgentor.engine.request import (
     RequestResult,
 )
 from diffgentor.engine.request_contract import RequestError
+from diffgentor.engine.request_defaults import resolve_request_defaults
 from diffgentor.engine.request_state import RequestState, enter_image_phase, state_from_processed
 from diffgentor.engine.scheduler import RequestOutput, Scheduler, SchedulerConfig
 from diffgentor.engine.scheduler_output import RunnerOutput, SchedulerOutput
@@ -94,7 +95,7 @@ class EngineCore:
         mc = model_config
         builder = PromptBuilder.from_config(tokenizer, mc, template=defaults.sequence_template)
         self.ctx = ProcessorContext(mc, defaults, tokenizer, builder, ImageProcessor(mc), system_prompts,
-                                    config.request_defaults())
+                                    resolve_request_defaults(defaults, config))
         kv = KVCacheManager(executor.num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, config.block_size,

@@ -12,9 +12,9 @@ import io
 import math
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 import torch
@@ -27,6 +27,10 @@ from diffgentor.engine.models.hunyuan_image_3.system_prompt import SystemPrompts
 from diffgentor.engine.models.hunyuan_image_3.tokenizer import HunyuanTokenizer
 from diffgentor.engine.request import GenerationRequest
 from diffgentor.engine.request_contract import BOT_TASKS, MAX_COND_IMAGES, RequestError
+from diffgentor.engine.request_defaults import RequestDefaults, resolve_request_defaults
+
+if TYPE_CHECKING:
+    from diffgentor.engine.config import EngineConfig
 
 MAX_IMAGE_PIXELS = 64 * 1024 * 1024
 # the decoders a condition image may use: the formats clients send photos in; never PostScript / EPS (PIL hands
@@ -44,19 +48,20 @@ class ProcessorContext:
     builder: PromptBuilder
     images: ImageProcessor
     system_prompts: SystemPrompts | None
-    request_defaults: dict[str, Any] = field(default_factory=dict)  # env-imposed defaults (EngineConfig)
+    request_defaults: RequestDefaults  # what a request gets for each field it leaves unset
 
 
 
-def load_processor_context(path: str | Path, request_defaults: dict[str, Any] | None = None) -> ProcessorContext:
-    """Everything input processing needs from a checkpoint folder, without loading any weight (API server)."""
+def load_processor_context(path: str | Path, engine_config: EngineConfig | None = None) -> ProcessorContext:
+    """Everything input processing needs from a checkpoint folder, without loading any weight (API server);
+    request defaults from ``engine_config`` and the checkpoint (`resolve_request_defaults`)."""
     path = Path(path)
     config = HunyuanImage3Config.from_pretrained(path)
     defaults = GenerationDefaults.from_pretrained(path)
     tok = HunyuanTokenizer.from_pretrained(path, require_distil_tokens=config.cfg_distilled)
     builder = PromptBuilder.from_config(tok, config, template=defaults.sequence_template)
     return ProcessorContext(config, defaults, tok, builder, ImageProcessor(config), SystemPrompts.from_pretrained(path),
-                            dict(request_defaults or {}))
+                            resolve_request_defaults(defaults, engine_config))
 
 
 _OBJECT_REPR_RE = re.compile(r"<[\w.]+ object at 0x[0-9a-fA-F]+>")
@@ -208,14 +213,14 @@ def resolve_params(ctx: ProcessorContext, req: GenerationRequest, num_images: in
              max_text_chars: int = MAX_TEXT_CHARS) -> ResolvedParams:
     """Validate a request's scalar fields and resolve the defaults (cheap; no image is touched). Text fields are
     bounded here so that no component tokenises an unbounded string; numbers must be finite and in range."""
-    d, env = ctx.defaults, ctx.request_defaults
+    d = ctx.request_defaults
     if not isinstance(req.prompt, str) or not req.prompt.strip():
         raise RequestError("prompt must be a non-empty string", "prompt")
     _check_text("prompt", req.prompt, max_text_chars)
     _check_text("system_prompt", req.system_prompt, max_text_chars)
     for name in ("bot_task", "use_system_prompt", "image_size", "request_id"):
         _check_text(name, getattr(req, name, None), 1000, "size" if name == "image_size" else None)
-    bot_task = req.bot_task or env.get("bot_task") or d.bot_task
+    bot_task = req.bot_task or d.bot_task
     if bot_task not in BOT_TASKS:
         raise RequestError(f"unknown bot_task {bot_task!r}; expected one of {', '.join(BOT_TASKS)}", "bot_task")
     if req.output_type not in ("pil", "latent"):
@@ -223,20 +228,20 @@ def resolve_params(ctx: ProcessorContext, req: GenerationRequest, num_images: in
     if num_images > MAX_COND_IMAGES:
         raise RequestError(f"{num_images} input images; at most {MAX_COND_IMAGES} are supported", "image",
                            "too_many_images")
-    max_new = or_default(req.max_new_tokens, env.get("max_new_tokens") or d.max_new_tokens)
+    max_new = or_default(req.max_new_tokens, d.max_new_tokens)
     if max_new <= 0:
         raise RequestError(f"max_new_tokens must be positive, got {max_new}", "max_new_tokens")
     context = ctx.config.max_position_embeddings
     if max_new > context:
         raise RequestError(f"max_new_tokens must be at most {context} (the model's context), got {max_new}",
                            "max_new_tokens")
-    steps = or_default(req.num_inference_steps, env.get("num_inference_steps") or d.diff_infer_steps)
+    steps = or_default(req.num_inference_steps, d.num_inference_steps)
     if steps <= 0:
         raise RequestError(f"num_inference_steps must be positive, got {steps}", "num_inference_steps")
     if steps > MAX_INFERENCE_STEPS:
         raise RequestError(f"num_inference_steps must be at most {MAX_INFERENCE_STEPS}, got {steps}",
                            "num_inference_steps")
-    guidance = float(or_default(req.guidance_scale, d.diff_guidance_scale))
+    guidance = float(or_default(req.guidance_scale, d.guidance_scale))
     if guidance < 0:
         raise RequestError(f"guidance_scale must be >= 0, got {guidance}", "guidance_scale")
     guidance = _check_number("guidance_scale", guidance, 0.0, MAX_GUIDANCE_SCALE)
@@ -260,13 +265,13 @@ def resolve_params(ctx: ProcessorContext, req: GenerationRequest, num_images: in
         except ValueError as e:
             raise RequestError(f"invalid image size {image_size!r}: {e}", "size", "invalid_size") from None
 
-    kind = or_default(req.use_system_prompt, env.get("use_system_prompt") or d.use_system_prompt)
+    kind = or_default(req.use_system_prompt, d.use_system_prompt)
     try:
         system = choose_system_prompt(ctx.system_prompts, kind, bot_task, req.system_prompt,
                                       kind_given=req.use_system_prompt is not None)
     except ValueError as e:
         raise RequestError(str(e), "use_system_prompt") from None
-    align = bool(or_default(req.infer_align_image_size, env.get("infer_align_image_size", False)))
+    align = bool(or_default(req.infer_align_image_size, d.infer_align_image_size))
     return ResolvedParams(bot_task, int(max_new), int(steps), guidance, shift, sampling, image_size, fixed_ratio,
                           system, align)
 

@@ -28,6 +28,7 @@ from diffgentor.engine.models.hunyuan_image_3.sampling import SamplingParams
 from diffgentor.engine.models.hunyuan_image_3.stage_machine import StageMachine
 from diffgentor.engine.request import GenerationRequest, RequestStatus
 from diffgentor.engine.request_contract import RequestError
+from diffgentor.engine.request_defaults import OFFLINE_DEFAULT_SEED
 
 MAX_PARTIAL_IMAGES = 3  # OpenAI's bound on streamed previews
 
@@ -126,7 +127,7 @@ def state_from_processed(ctx: ProcessorContext, p: ProcessedRequest) -> RequestS
     except ValueError as e:
         raise RequestError(str(e)) from None
     use_cfg = not ctx.config.cfg_distilled and guidance > 1.0
-    seed = int(or_default(req.seed, ctx.request_defaults.get("seed", 42)))
+    seed = int(or_default(req.seed, or_default(ctx.request_defaults.seed, OFFLINE_DEFAULT_SEED)))
     rid = req.request_id
     if machine.prompt_task is not None:
         layout = ctx.builder.text_prompt(req.prompt, task=machine.prompt_task, system_prompt=system,
@@ -157,8 +158,8 @@ def state_from_processed(ctx: ProcessorContext, p: ProcessedRequest) -> RequestS
     state = RequestState(
         req=req, request_id=rid, seed=seed, bot_task=bot_task, system_prompt=system, sampling=params.sampling,
         max_new_tokens=max_new, num_steps=steps, guidance_scale=guidance, flow_shift=params.shift,
-        use_cfg=use_cfg, use_taylor_cache=bool(or_default(req.use_taylor_cache, ctx.request_defaults.get(
-            "use_taylor_cache", False))),
+        use_cfg=use_cfg, use_taylor_cache=bool(or_default(req.use_taylor_cache,
+                                                          ctx.request_defaults.use_taylor_cache)),
         align_image_size=params.align, vae_images=vae_images, vit_images=vit_images, image_digests=digests,
         machine=machine, cond=SeqState(f"{rid}#cond", list(layout.token_ids), layout),
         ratio_index=fixed_ratio, allowed_ratios=allowed_ratios, num_prompt_tokens=len(layout),

@@ -416,34 +416,7 @@ def test_engine_config_frozen():
         EngineConfig().max_num_seqs = 3
 
 
-# ------------------------------------------------------------------------------------------------ requests, logging
-def test_request_defaults_follow_env():
-    assert EngineConfig().request_defaults() == {
-        "bot_task": "think_recaption",
-        "use_system_prompt": "en_unified",
-        "infer_align_image_size": True,
-        "max_new_tokens": 2048,
-        "use_taylor_cache": False,
-    }
-    env = {
-        P + "BOT_TASK": "image",
-        P + "USE_SYSTEM_PROMPT": "None",
-        P + "INFER_ALIGN_IMAGE_SIZE": "0",
-        P + "MAX_NEW_TOKENS": "64",
-        P + "USE_TAYLOR_CACHE": "1",
-    }
-    d = EngineConfig.from_cli_and_env({}, environ=env).request_defaults()
-    assert d == {
-        "bot_task": "image",
-        "use_system_prompt": "None",
-        "infer_align_image_size": False,
-        "max_new_tokens": 64,
-        "use_taylor_cache": True,
-    }
-    d["bot_task"] = "auto"  # a fresh dict each call: callers cannot mutate the config
-    assert EngineConfig.from_cli_and_env({}, environ=env).request_defaults()["bot_task"] == "image"
-
-
+# ---------------------------------------------- logging (request defaults: tests/test_request_defaults.py)
 def test_describe_is_json_serialisable():
     c = EngineConfig(model="/m", kv_cache_memory_bytes=GiB)
     d = c.describe()

@@ -51,10 +51,13 @@ class Outcome:
 
 
 def engine_config(args: argparse.Namespace, environ=None):
-    """The EngineConfig of this run (validates every DG_HUNYUAN_IMAGE_3_* variable)."""
+    """The EngineConfig of this run (validates every DG_HUNYUAN_IMAGE_3_* variable). The generation flags map onto
+    it like `serve`'s: ``--num_inference_steps`` and ``--guidance_scale`` are the default steps and guidance of
+    every request (`engine/request_defaults.py`), ``--seed`` the default seed (each row's own seed is still
+    ``--seed`` plus its image number)."""
     from diffgentor.engine.config import EngineConfig
 
-    given = {k: v for k, v in vars(args).items() if k not in ("seed",)}
+    given = dict(vars(args))
     given["model"] = args.model_name
     return EngineConfig.from_cli_and_env(given, environ)
 
@@ -144,13 +147,8 @@ class Worker:
 
     def _request(self, task: Task, images: list[bytes]) -> dict[str, Any]:
         a = self.args
-        req: dict[str, Any] = {"prompt": task.row.prompt, "images": images, "seed": task.seed,
-                               "image_size": a.image_size or "auto"}
-        if a.num_inference_steps is not None:
-            req["num_inference_steps"] = a.num_inference_steps
-        if a.guidance_scale is not None:
-            req["guidance_scale"] = a.guidance_scale
-        return req
+        # steps and guidance: the engine's request defaults, from this run's flags (`engine_config`)
+        return {"prompt": task.row.prompt, "images": images, "seed": task.seed, "image_size": a.image_size or "auto"}
 
     def run_batch(self, batch: Sequence[Task]) -> list[Outcome]:
         outcomes: dict[tuple[int, int], Outcome] = {}

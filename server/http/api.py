@@ -636,7 +636,7 @@ async def _admitted(state: AppState, request: Request, kind: str, params, req: G
         processed: ProcessedRequest = await loop.run_in_executor(state.pool, _process, state.ctx, req, limits)
     except RequestError as e:
         raise _request_error(e) from None
-    base_seed = params.seed if params.seed is not None else state.ctx.request_defaults.get("seed")
+    base_seed = params.seed if params.seed is not None else state.ctx.request_defaults.seed
     if base_seed is None:  # no --seed: each seedless request draws its own
         base_seed = random.randrange(2**31 - params.n)
     subs = []
@@ -699,9 +699,7 @@ def _steps(state: AppState, params) -> int | None:
     high and auto mean)."""
     if params.num_inference_steps is not None or params.quality in ("auto", "high"):
         return params.num_inference_steps
-    ctx = state.ctx
-    return steps_for_quality(params.quality,
-                             ctx.request_defaults.get("num_inference_steps") or ctx.defaults.diff_infer_steps)
+    return steps_for_quality(params.quality, state.ctx.request_defaults.num_inference_steps)
 
 
 def _process(ctx: ProcessorContext, req: GenerationRequest, limits: ServerLimits) -> ProcessedRequest:
@@ -868,7 +866,7 @@ async def serve_async(args: argparse.Namespace, started: asyncio.Event | None = 
         logger.error("%s", e)
         return 1
     client = EnginePool(config, slices, metrics=metrics, on_death=on_death)
-    ctx = load_processor_context(config.model, config.request_defaults())
+    ctx = load_processor_context(config.model, config)
     limits = ServerLimits(max_upload_bytes=args.max_upload_bytes, max_image_pixels=args.max_image_pixels,
                           max_prompt_chars=args.max_prompt_chars, max_request_bytes=args.max_request_bytes,
                           allow_url_fetch=args.allowed_url_fetch,
