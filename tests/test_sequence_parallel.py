@@ -1,7 +1,7 @@
 """Sequence-parallel (Ulysses) image steps of the model on CPU / gloo: SP2 and TP2 x SP2 ranks reproduce the
 single-process backbone (fp32 <= 1e-4) for denoising steps whose odd-sized image blocks are split over the ranks,
 batched with a text sequence's decode tokens that run whole, and for that sequence's text step after them (which
-reads the cache the split steps wrote)."""
+reads the cache the split steps wrote); SP2 also with FP8 experts."""
 
 from __future__ import annotations
 
@@ -90,7 +90,7 @@ def workload(model: HunyuanImage3ForCausalMM) -> dict[str, torch.Tensor]:
     return res
 
 
-def _rank_main(rank: int, tp: int, sp: int, init_file: str, ckpt: str, out_dir: str) -> None:
+def _rank_main(rank: int, tp: int, sp: int, init_file: str, ckpt: str, out_dir: str, fp8: bool) -> None:
     torch.set_num_threads(1)
     ctx = init_distributed("gloo", f"file://{init_file}", rank, ParallelLayout(tp=tp, sp=sp))
     calls = {"all_to_all": [], "all_gather": []}  # bytes sent by each sequence-parallel collective of this rank
@@ -110,20 +110,24 @@ def _rank_main(rank: int, tp: int, sp: int, init_file: str, ckpt: str, out_dir: 
         assert model.sequence_parallel
         res = workload(model)
         res.update({k: torch.tensor(v) for k, v in calls.items()})
+        if fp8:  # FP8 experts (per-token, untouched by the split): the same rows as one process with FP8 experts
+            fp8_model = HunyuanImage3ForCausalMM.from_pretrained(ckpt, parallel=ctx, quantization="fp8")
+            res.update({f"fp8_{k}": v for k, v in workload(fp8_model).items()})
         torch.save(res, Path(out_dir) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
 
-def _spawn(ckpt: Path, d: Path, tp: int, sp: int) -> list[dict[str, torch.Tensor]]:
+def _spawn(ckpt: Path, d: Path, tp: int, sp: int, fp8: bool) -> list[dict[str, torch.Tensor]]:
     world = tp * sp
-    mp.spawn(_rank_main, args=(tp, sp, str(d / "rdv"), str(ckpt), str(d)), nprocs=world, join=True)
+    mp.spawn(_rank_main, args=(tp, sp, str(d / "rdv"), str(ckpt), str(d), fp8), nprocs=world, join=True)
     return [torch.load(d / f"rank{r}.pt") for r in range(world)]
 
 
 @pytest.fixture(scope="module")
 def single(ckpt):
-    return workload(HunyuanImage3ForCausalMM.from_pretrained(ckpt))
+    fp8 = workload(HunyuanImage3ForCausalMM.from_pretrained(ckpt, quantization="fp8"))
+    return {**workload(HunyuanImage3ForCausalMM.from_pretrained(ckpt)), **{f"fp8_{k}": v for k, v in fp8.items()}}
 
 
 LAYOUTS = [pytest.param(1, 2, id="sp2"), pytest.param(2, 2, id="tp2xsp2", marks=pytest.mark.slow)]
@@ -131,7 +135,8 @@ LAYOUTS = [pytest.param(1, 2, id="sp2"), pytest.param(2, 2, id="tp2xsp2", marks=
 
 @pytest.mark.parametrize("tp,sp", LAYOUTS)
 def test_sequence_parallel_ranks_match_single_process(ckpt, single, tmp_path, tp, sp):
-    ranks = _spawn(ckpt, tmp_path, tp, sp)
+    fp8 = tp == 1  # FP8 experts checked on the cheaper layout
+    ranks = _spawn(ckpt, tmp_path, tp, sp, fp8)
     cfg = HunyuanImage3Config.from_pretrained(ckpt)
     per = -(-(IMG[1] - TS) // sp)  # 11 image-block rows per split step: 6 per rank (the last rank's 6th is padding)
     heads = UlyssesHeads(cfg.num_attention_heads // tp, max(1, cfg.num_key_value_heads // tp), sp)
@@ -142,8 +147,9 @@ def test_sequence_parallel_ranks_match_single_process(ckpt, single, tmp_path, tp
         # layer's rows per step; the whole-row steps (prefill, the last decode) send nothing
         assert res.pop("all_to_all").tolist() == per_layer * cfg.num_hidden_layers * 2, r
         assert res.pop("all_gather").tolist() == [per * cfg.hidden_size * 4] * 2, r
-        assert res.keys() == single.keys()
-        for key, ref in single.items():
+        assert res.keys() == {k for k in single if fp8 or not k.startswith("fp8_")}
+        for key in res:
+            ref = single[key]
             assert res[key].shape == ref.shape, (r, key)
             err = (res[key] - ref).abs().max().item()
             assert err <= ATOL, f"rank {r} {key}: max |tp{tp} x sp{sp} - single| = {err:.3g}"
