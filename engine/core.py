@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from diffgentor.engine.cfg_groups import GroupedKVCacheManager
 from diffgentor.engine.config import EngineConfig
 from diffgentor.engine.detokenizer import IncrementalDetokenizer
 from diffgentor.engine.executor import Executor, ExecutorError, UniProcExecutor
@@ -96,11 +97,15 @@ class EngineCore:
         builder = PromptBuilder.from_config(tokenizer, mc, template=defaults.sequence_template)
         self.ctx = ProcessorContext(mc, defaults, tokenizer, builder, ImageProcessor(mc), system_prompts,
                                     resolve_request_defaults(defaults, config))
-        kv = KVCacheManager(executor.num_blocks, config.block_size, config.enable_prefix_caching)
+        groups = executor.layout.cfg
+        kv: KVCacheManager | GroupedKVCacheManager = (
+            KVCacheManager(executor.num_blocks, config.block_size, config.enable_prefix_caching) if groups == 1 else
+            GroupedKVCacheManager(groups, executor.num_blocks, config.block_size, config.enable_prefix_caching))
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, config.block_size,
                             config.max_num_encoder_pixels, config.encoder_cache_bytes, config.max_num_image_tokens,
-                            vae_budget=executor.vae_budget, async_encode=config.async_encode),
+                            vae_budget=executor.vae_budget, async_encode=config.async_encode,
+                            cfg_parallel_size=groups),
             kv, transition=lambda st: enter_image_phase(self.ctx, st),
         )
         self.executor = executor
@@ -109,7 +114,7 @@ class EngineCore:
         self._final_latents: dict[str, torch.Tensor] = {}  # request id -> latents of its finished diffusion
 
     @property
-    def kv(self) -> KVCacheManager:
+    def kv(self) -> KVCacheManager | GroupedKVCacheManager:
         return self.scheduler.kv
 
     @property

@@ -7,6 +7,7 @@ worker process per tensor-parallel rank and returns rank 0's output. Either way 
 
 from __future__ import annotations
 
+from diffgentor.engine.parallel_layout import ParallelLayout
 from diffgentor.engine.scheduler_output import RunnerOutput, SchedulerOutput
 from diffgentor.engine.vae_budget import VaeBudget
 from diffgentor.engine.worker import Worker
@@ -22,6 +23,7 @@ class Executor:
     num_blocks: int  # KV cache blocks every worker holds (the scheduler's block pool)
     kernel_impls: dict[str, str] = {}  # noqa: RUF012 - op -> implementation that runs; set by executors that know
     vae_budget: VaeBudget | None = None  # the VAE work one step may carry (the memory plan's, on a GPU)
+    layout: ParallelLayout = ParallelLayout()  # the workers' rank grid (one process: 1 x 1 x 1)
 
     def execute_model(self, plan: SchedulerOutput) -> RunnerOutput:
         """Run one plan on every worker; raises `ExecutorError` when a worker is lost."""

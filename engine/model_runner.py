@@ -8,6 +8,13 @@ a second generator seeded alike draws the text tokens. A failure is pinned on th
 it: when a batched forward raises, each request is retried alone and only the failing ones are reported.
 On CUDA a decode-only step (one text token per sequence) replays a captured graph instead (`engine.cuda_graph`),
 tensor parallel included.
+
+CFG parallel (engine/cfg_groups.py): every rank receives the whole plan but runs only the chunks of its CFG group
+(`Chunk.group`). Every group adds every request and draws its noise (the seeded generator stays in step everywhere).
+For a request whose conditional and unconditional rows are on different groups, each group computes its own row's
+velocity and ONE all-reduce over the CFG group per step (each group fills its rows' slots of a zeroed fp32 buffer, so
+the sum is exact) gives every group both velocities; every group then takes the same Euler step, so the latents stay
+identical without a broadcast. Only the request's owner group (its cond row's) samples, decodes and reports it.
 """
 
 from __future__ import annotations
@@ -46,7 +53,14 @@ from diffgentor.engine.models.hunyuan_image_3.sampling import (
     make_generator,
     sample_batch,
 )
-from diffgentor.engine.scheduler_output import Chunk, DiffusionStart, NewRequestData, RunnerOutput, SchedulerOutput
+from diffgentor.engine.scheduler_output import (
+    Chunk,
+    DiffusionStart,
+    DiffusionStep,
+    NewRequestData,
+    RunnerOutput,
+    SchedulerOutput,
+)
 from diffgentor.engine.vae_budget import VaeBudget, chunks
 from diffgentor.kernels.attention import AttentionMetadata, SequenceChunk
 from diffgentor.kernels.kv_cache import PagedKVCache
@@ -89,6 +103,10 @@ class ModelRunner:
             DecodeGraphRunner(model, self.kv_cache, self.scratch_block, max_num_seqs) if use_graphs else None
         )
         self.requests: dict[str, _WorkerRequest] = {}
+        self.parallel = model.model.parallel
+        self.tokens_run = 0  # tokens this worker has forwarded (under CFG parallel: its group's share of the plans)
+        self.row_groups: dict[str, tuple[int, ...]] = {}  # CFG parallel: request -> its rows' groups (cond first)
+        self.split_grids: dict[str, tuple[int, int]] = {}  # requests whose rows are on different groups -> grid
         self.encoder_cache: dict[EncoderKey, EncodedImage] = {}  # the scheduler decides what enters and leaves
         self.encodes = EncodeStage(model, async_encode, vae_budget)  # inline, or a thread beside the steps
 
@@ -135,6 +153,8 @@ class ModelRunner:
         t0 = time.perf_counter()
         for rid in plan.finished_request_ids:
             self.requests.pop(rid, None)
+            self.row_groups.pop(rid, None)
+            self.split_grids.pop(rid, None)
         for key in plan.encoder_evictions:
             if key not in self.encoder_cache and self.encodes.is_pending(key):  # a rank behind rank 0
                 self.encodes.store(self.encodes.wait_for(key), self.encoder_cache, None)
@@ -149,6 +169,11 @@ class ModelRunner:
             except Exception as e:  # noqa: BLE001 - the request's own images or settings
                 out.failed[new.request_id] = f"condition image encoding failed: {e}"
         for ds in plan.diffusion_starts:
+            if ds.row_groups is not None:  # recorded even for a failed request: every rank sizes the same exchange
+                rows = ds.row_groups[:2 if ds.use_cfg else 1]
+                self.row_groups[ds.request_id] = rows
+                if len(set(rows)) > 1:
+                    self.split_grids[ds.request_id] = ds.grid
             if ds.request_id not in out.failed:
                 self._start_diffusion(ds)
 
@@ -156,8 +181,10 @@ class ModelRunner:
         for st in plan.diffusion_steps:
             for i in st.chunk_indexes:
                 step_of[i] = st.step
-        chunks = [(i, c) for i, c in enumerate(plan.chunks) if c.request_id not in out.failed]
+        chunks = [(i, c) for i, c in enumerate(plan.chunks)
+                  if c.request_id not in out.failed and self._runs(c.group)]
         hidden = self._forward(chunks, step_of, out)
+        self.tokens_run += sum(c.end - c.start for _, c in chunks)
         t1 = time.perf_counter()
         self._sample(chunks, hidden, out)
         previews = self._diffuse(plan, hidden, out)
@@ -247,38 +274,91 @@ class ModelRunner:
         return sample_batch(logits, [c.sample.params for _, c in rows],
                             [self.requests[c.request_id].sample_rng for _, c in rows])
 
+    # ------------------------------------------------------------------ CFG groups
+    def _runs(self, group: int) -> bool:
+        """Whether this rank's CFG group runs work placed on `group`."""
+        return self.parallel.cfg_size == 1 or group == self.parallel.cfg_rank
+
+    def _owns(self, request_id: str) -> bool:
+        """This group reports the request (its cond row is here); always with one group."""
+        rows = self.row_groups.get(request_id)
+        return rows is None or self._runs(rows[0])
+
+    def _has_rows(self, request_id: str) -> bool:
+        rows = self.row_groups.get(request_id)
+        return rows is None or any(self._runs(g) for g in rows)
+
+    def _exchange_velocities(self, plan: SchedulerOutput, steps: list[DiffusionStep], hidden: dict[int, Tensor],
+                             out: RunnerOutput) -> dict[str, list[Tensor]]:
+        """Both rows' velocities of every split request of the step, on every CFG group: each group writes its rows
+        into a zeroed fp32 buffer and one all-reduce sums them (x + 0 is exact). Every rank runs it with the same
+        sizes (from the plan and the placements, never from its own failures): a row that failed here stays zero
+        (its failure reaches the core through this group's report)."""
+        c = self.config.latent_channels
+        sizes = [c * self.split_grids[st.request_id][0] * self.split_grids[st.request_id][1] for st in steps]
+        buf = torch.zeros(2 * sum(sizes), dtype=torch.float32, device=self.model.device)
+        off = 0
+        for st, n in zip(steps, sizes):
+            rid = st.request_id
+            if rid not in out.failed and rid in self.requests:
+                try:
+                    mine = [r for r, g in enumerate(self.row_groups[rid]) if self._runs(g)]
+                    for r, v in zip(mine, self._row_velocities(plan, st, hidden)):
+                        buf[off + r * n : off + (r + 1) * n] = v.flatten()
+                except Exception as e:  # noqa: BLE001 - the request's own rows
+                    out.failed[rid] = f"velocity failed: {type(e).__name__}: {e}"
+            off += 2 * n
+        self.parallel.cfg_all_reduce(buf)
+        both, off = {}, 0
+        for st, n in zip(steps, sizes):
+            h, w = self.split_grids[st.request_id]
+            both[st.request_id] = [buf[off : off + n].view(c, h, w), buf[off + n : off + 2 * n].view(c, h, w)]
+            off += 2 * n
+        return both
+
+    def _row_velocities(self, plan: SchedulerOutput, st: DiffusionStep, hidden: dict[int, Tensor]) -> list[Tensor]:
+        """The velocities of the request's rows this group runs (cond first): from the step's forward (and fed to
+        the Taylor cache), or the Taylor cache's prediction when the step skips the backbone."""
+        rid = st.request_id
+        d = self.requests[rid].diffusion
+        t = float(d.schedule.timesteps[st.step])
+        tt = torch.tensor([t], device=self.model.device, dtype=torch.float32)
+        image_hidden = []
+        mine = [i for i in st.chunk_indexes if self._runs(plan.chunks[i].group)]
+        if mine:
+            for i in mine:
+                c = plan.chunks[i]
+                slot = c.layout.slots("gen")[0]
+                image_hidden.append(hidden[i][slot.start - c.start : slot.end - c.start])
+            if d.taylor is not None:
+                d.taylor.update(st.step, torch.stack(image_hidden))
+        else:  # Taylor-cache step: the backbone is skipped, its output extrapolated
+            image_hidden = list(d.taylor.predict(st.step))
+        grid = plan.chunks[mine[0]].layout.slots("gen")[0].grid if mine else self.requests[rid].extra["grid"]
+        self.requests[rid].extra["grid"] = grid
+        return [self.model.velocity(h[None], grid, tt)[0] for h in image_hidden]
+
     def _diffuse(self, plan: SchedulerOutput, hidden: dict[int, Tensor], out: RunnerOutput
                  ) -> dict[str, tuple[int, Tensor]]:
         """Euler steps; returns the progressive previews due this step: the predicted clean latents
         x0 = x_t - sigma * v (the flow's straight-line estimate), decoded with the step's VAE batch."""
         previews: dict[str, tuple[int, Tensor]] = {}
+        split = [st for st in plan.diffusion_steps if st.request_id in self.split_grids]
+        exchanged = self._exchange_velocities(plan, split, hidden, out) if split else {}
         for st in plan.diffusion_steps:
             rid = st.request_id
-            if rid in out.failed:
+            if rid in out.failed or not self._has_rows(rid):  # failed, or a request of another CFG group
                 continue
             d = self.requests[rid].diffusion
-            t = float(d.schedule.timesteps[st.step])
-            tt = torch.tensor([t], device=self.model.device, dtype=torch.float32)
-            image_hidden = []
-            if st.chunk_indexes:
-                for i in st.chunk_indexes:
-                    c = plan.chunks[i]
-                    slot = c.layout.slots("gen")[0]
-                    image_hidden.append(hidden[i][slot.start - c.start : slot.end - c.start])
-                if d.taylor is not None:
-                    d.taylor.update(st.step, torch.stack(image_hidden))
-            else:  # Taylor-cache step: the backbone is skipped, its output extrapolated
-                image_hidden = list(d.taylor.predict(st.step))
-            grid = plan.chunks[st.chunk_indexes[0]].layout.slots("gen")[0].grid if st.chunk_indexes else \
-                self.requests[rid].extra["grid"]
-            self.requests[rid].extra["grid"] = grid
-            preds = [self.model.velocity(h[None], grid, tt)[0] for h in image_hidden]
+            preds = exchanged[rid] if rid in exchanged else self._row_velocities(plan, st, hidden)
             pred = cfg_combine(preds[0], preds[1], d.guidance_scale) if d.use_cfg else preds[0]
             sigma, sigma_next = d.schedule.sigma_pair(st.step)
-            if st.preview_index is not None:
+            owner = self._owns(rid)
+            if st.preview_index is not None and owner:
                 previews[rid] = (st.preview_index, euler_step(d.latents, pred, sigma, 0.0))
             d.latents = euler_step(d.latents, pred, sigma, sigma_next)
-            out.diffusion_steps_done[rid] = st.step
+            if owner:
+                out.diffusion_steps_done[rid] = st.step
         return previews
 
     def _decode(self, request_ids: list[str], out: RunnerOutput,
@@ -288,7 +368,7 @@ class ModelRunner:
         goes on); a failed final decode fails its requests."""
         groups: dict[tuple[int, ...], list[tuple[str, int | None, Tensor]]] = defaultdict(list)
         for rid in request_ids:
-            if rid not in out.failed:
+            if rid not in out.failed and self._owns(rid):  # the owner CFG group decodes
                 lat = self.requests[rid].diffusion.latents
                 groups[tuple(lat.shape)].append((rid, None, lat))
         for rid, (index, lat) in (previews or {}).items():

@@ -91,6 +91,9 @@ class RequestState:
     taylor_schedule: list[bool] | None = None
     encoder_inputs: list[EncoderInput] = field(default_factory=list)  # one per condition image, input order
     preview_steps: tuple[int, ...] = ()  # denoising steps whose predicted clean image is streamed as a preview
+    # CFG parallel (engine/cfg_groups.py): the group of the cond row (the owner) and of the uncond row, set when the
+    # request is first scheduled and kept for its life; None with one CFG group
+    row_groups: tuple[int, int] | None = None
 
     @property
     def phase(self) -> str:

@@ -31,6 +31,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from diffgentor.engine.cfg_groups import choose_owner, row_groups_for
 from diffgentor.engine.encoder_cache import EncoderCacheManager, EncoderInput, EncoderKey
 from diffgentor.engine.kv_cache_manager import KVCacheManager, compute_block_hashes
 from diffgentor.engine.request import FinishReason, RequestStatus
@@ -77,6 +78,9 @@ class SchedulerConfig:
     # the worker encodes beside the steps (engine/encode_stage.py): an encode never delays a step, so it is never
     # held back for other requests' first prefill
     async_encode: bool = False
+    # CFG groups (engine/cfg_groups.py): with 2, each request's rows are placed on groups and `kv` is a
+    # GroupedKVCacheManager (one block pool per group)
+    cfg_parallel_size: int = 1
 
 
 @dataclass
@@ -203,10 +207,22 @@ class Scheduler:
         move(st, RequestStatus.FINISHED)
 
     # ------------------------------------------------------------------ KV blocks
+    def _row_group(self, st: RequestState, seq: SeqState) -> int:
+        """The CFG group `seq` runs on (0 with one group); places the request on its first call."""
+        if self.config.cfg_parallel_size == 1:
+            return 0
+        if st.row_groups is None:
+            owners = (r.row_groups[0] for r in self.running if r.row_groups is not None)
+            owner = choose_owner(owners, [self.kv.free_blocks_of(g) for g in range(self.config.cfg_parallel_size)])
+            st.row_groups = row_groups_for(owner, self.config.cfg_parallel_size)
+        return st.row_groups[0 if seq is st.cond else 1]
+
     def _ensure_seq(self, st: RequestState, seq: SeqState) -> None:
-        """Claim the prefix-cached blocks of a row the first time it needs KV."""
+        """Claim the prefix-cached blocks of a row the first time it needs KV (on its CFG group's pool)."""
         if seq.allocated:
             return
+        if self.config.cfg_parallel_size > 1:
+            self.kv.place(seq.seq_id, self._row_group(st, seq))
         n = len(seq.token_ids)
         keys = block_extra_keys(st, seq, self.config.block_size, n)
         # Hits are whole cached blocks, never the last prompt token (the KV manager's rule) and never a block
@@ -223,8 +239,9 @@ class Scheduler:
             if admitting:
                 return False
             later = self.running[self.running.index(st) + 1:]
-            victim = next((r for r in reversed(later)
-                           if not self._in_plan(r, plan) and any(q.allocated for q in r.rows)), None)
+            group = self._row_group(st, seq)  # only blocks on this row's CFG group help
+            victim = next((r for r in reversed(later) if not self._in_plan(r, plan)
+                           and any(q.allocated and self._row_group(r, q) == group for q in r.rows)), None)
             if victim is None:
                 return False
             self.preempt(victim)
@@ -418,7 +435,7 @@ class Scheduler:
 
     def _add_chunk(self, st, seq, start, end, plan, sample=None, diffusion=False) -> int:
         plan.chunks.append(Chunk(st.request_id, seq.seq_id, seq.token_ids, seq.layout, start, end,
-                                 self.kv.block_table(seq.seq_id), sample, diffusion))
+                                 self.kv.block_table(seq.seq_id), sample, diffusion, self._row_group(st, seq)))
         return end - start
 
     def _schedule_text(self, st: RequestState, plan: SchedulerOutput, budget: int, admitting: bool) -> int:
@@ -488,7 +505,8 @@ class Scheduler:
                 move(st, RequestStatus.IMAGE_PREFILL)
             h, w = layout.slots("gen")[0].grid
             plan.diffusion_starts.append(DiffusionStart(st.request_id, (h, w), st.num_steps, st.flow_shift,
-                                                        st.guidance_scale, st.use_cfg, st.use_taylor_cache))
+                                                        st.guidance_scale, st.use_cfg, st.use_taylor_cache,
+                                                        st.row_groups))
             move(st, RequestStatus.DIFFUSE)
             st.mark("diffusion_start")
         idx = []
@@ -507,12 +525,19 @@ class Scheduler:
         return need
 
     def _blocks_needed(self, st: RequestState) -> int:
-        """KV blocks the request needs at once in its current phase (every row up to its end)."""
+        """KV blocks the request needs at once in its current phase on one pool (every row up to its end; under
+        CFG parallel its rows are on different groups' pools)."""
         bs = self.config.block_size
         if st.phase == "text":
             return -(-len(st.cond.token_ids) // bs)
         end = st.cond.layout.slots("gen")[0].end
-        return len(st.rows) * -(-end // bs)
+        rows = len({self._row_group(st, q) for q in st.rows}) if self.config.cfg_parallel_size > 1 else 1
+        return len(st.rows) // rows * -(-end // bs)
+
+    @property
+    def blocks_per_pool(self) -> int:
+        """Blocks one row's pool holds: the whole cache, or one CFG group's."""
+        return self.kv.blocks_per_group if self.config.cfg_parallel_size > 1 else self.kv.num_blocks
 
     def _cannot_fit(self, st: RequestState, plan: SchedulerOutput, admitting: bool) -> int:
         """The request's blocks cannot be had this step: drop what it put in the plan, then wait
@@ -520,12 +545,12 @@ class Scheduler:
         cycling between preemption and re-admission."""
         self._drop_from_plan(st, plan)
         need = self._blocks_needed(st)
-        if need > self.kv.num_blocks:
+        if need > self.blocks_per_pool:
             self._free(st)
             self._failed_outputs.append(RequestOutput(
                 st, finish_reason=FinishReason.ERROR, status=400,
                 error=f"the request does not fit in the KV cache (it needs {need} blocks of "
-                      f"{self.config.block_size} tokens; the cache has {self.kv.num_blocks})"))
+                      f"{self.config.block_size} tokens; the cache has {self.blocks_per_pool})"))
             return -1 if admitting else 0
         if admitting:
             self.free_kv(st)

@@ -55,6 +55,7 @@ class Chunk:
     block_table: list[int]
     sample: SampleSpec | None = None
     diffusion: bool = False  # the chunk is this step's image block of a diffusion row
+    group: int = 0  # the CFG group that runs it (engine/cfg_groups.py); the others skip it
 
 
 @dataclass
@@ -68,6 +69,7 @@ class DiffusionStart:
     guidance_scale: float
     use_cfg: bool
     use_taylor_cache: bool
+    row_groups: tuple[int, int] | None = None  # CFG groups of the cond (owner) and uncond rows; None: one group
 
 
 @dataclass

@@ -19,6 +19,7 @@ from hypothesis import strategies as hs
 from PIL import Image
 
 from diffgentor.engine import scheduler as scheduler_module
+from diffgentor.engine.cfg_groups import GroupedKVCacheManager
 from diffgentor.engine.config import EngineConfig
 from diffgentor.engine.input_processor import load_processor_context
 from diffgentor.engine.kv_cache_manager import KVCacheManager
@@ -84,7 +85,7 @@ class Harness:
     def __init__(self, ctx, num_blocks=512, block_size=16, max_num_seqs=8, max_tokens=4096,
                  encoder_pixels=1 << 20, encoder_bytes=1 << 20, prefix_caching=True, ratio_pick: int = 0,
                  ratio_in_text: bool = False, image_tokens: int | None = None, vae_budget: VaeBudget | None = None,
-                 encode_delay: int = 0):
+                 encode_delay: int = 0, cfg_groups: int = 1):
         self.ctx = ctx
         # the fake worker reports an encode this many steps after the step that scheduled it (0: the same step, as
         # inline encodes do); a step that only waits for encodes gets the oldest one (engine/encode_stage.py)
@@ -94,9 +95,11 @@ class Harness:
         # the fake model ends free text (think/recaption) at once with the largest ratio token it may sample
         self.ratio_in_text = ratio_in_text
         self.ratio_tokens = list(ctx.tokenizer.special.ratio)
-        self.kv = KVCacheManager(num_blocks, block_size, prefix_caching)
+        self.kv = KVCacheManager(num_blocks, block_size, prefix_caching) if cfg_groups == 1 else \
+            GroupedKVCacheManager(cfg_groups, num_blocks, block_size, prefix_caching)
         self.sched = Scheduler(SchedulerConfig(max_num_seqs, max_tokens, block_size, encoder_pixels, encoder_bytes,
-                                               image_tokens, vae_budget, async_encode=encode_delay > 0),
+                                               image_tokens, vae_budget, async_encode=encode_delay > 0,
+                                               cfg_parallel_size=cfg_groups),
                                self.kv, transition=lambda st: enter_image_phase(ctx, st))
         self.worker_encoded: set = set()  # what a real worker would hold in its encoder cache
         self.worker_requests: set[str] = set()
@@ -186,7 +189,8 @@ class Harness:
 
     def assert_no_leaks(self) -> None:
         assert self.kv.num_free_blocks == self.kv.num_blocks
-        assert all(c == 0 for c in self.kv.pool.ref_cnt)
+        for kv in getattr(self.kv, "groups", [self.kv]):
+            assert all(c == 0 for c in kv.pool.ref_cnt)
         assert self.sched.requests == {} and not self.sched.waiting and not self.sched.running
         assert self.sched.encoder_cache.pins == {}
         assert self.sched.num_encoding == 0 and not self.encoding
@@ -420,6 +424,41 @@ def test_cfg_rows_step_together(ctx_instruct):
     h.run()
     steps = [d for p in h.plans for d in p.diffusion_steps]
     assert steps and all(len(d.chunk_indexes) == 2 for d in steps)  # cond and uncond in the same forward
+    h.assert_no_leaks()
+
+
+def test_cfg_parallel_places_rows_on_groups_with_their_own_kv(ctx_instruct):
+    """CFG parallel (engine/cfg_groups.py): a CFG request's cond row (text phase included) runs on its owner group
+    and its uncond row on the other, each row's blocks come from its group's pool (block ids per group, so both rows
+    may hold the same ids), requests without CFG spread over the groups, and everything is freed."""
+    h = Harness(ctx_instruct, num_blocks=64, cfg_groups=2)
+    h.add("cfg_a", image_size="256x256", bot_task="think_recaption", guidance_scale=5.0)
+    h.add("cfg_b", image_size="256x256", bot_task="image", guidance_scale=5.0)
+    h.add("plain_a", image_size="256x256", bot_task="image", guidance_scale=1.0)
+    h.add("plain_b", image_size="256x256", bot_task="image", guidance_scale=1.0)
+    peak = [0, 0]
+    while h.sched.has_requests():
+        h.step()
+        peak = [max(p, 64 - h.kv.free_blocks_of(g)) for g, p in enumerate(peak)]
+    assert set(h.finished().values()) == {FinishReason.IMAGE}
+    groups: dict[tuple[str, bool], set[int]] = {}
+    tables: dict[tuple[str, bool], list[int]] = {}
+    for plan in h.plans:
+        for c in plan.chunks:
+            uncond = c.seq_id.endswith("#uncond")
+            groups.setdefault((c.request_id, uncond), set()).add(c.group)
+            if c.diffusion:
+                tables[(c.request_id, uncond)] = c.block_table
+        for ds in plan.diffusion_starts:
+            assert ds.row_groups is not None
+    assert all(len(g) == 1 for g in groups.values()), groups  # placed once, for good
+    g = {k: next(iter(v)) for k, v in groups.items()}
+    for rid in ("cfg_a", "cfg_b"):
+        assert g[(rid, False)] != g[(rid, True)]
+    assert g[("cfg_a", False)] != g[("cfg_b", False)]  # owners balanced
+    assert {g[("plain_a", False)], g[("plain_b", False)]} == {0, 1}  # data parallel
+    assert set(tables[("cfg_a", False)]) & set(tables[("cfg_a", True)])  # per-group ids: the same numbers reused
+    assert min(peak) > 0
     h.assert_no_leaks()
 
 

@@ -79,6 +79,7 @@ class MultiprocExecutor(Executor):
         self.num_blocks = 0
         self.rank_pids: list[int] = []
         self.rank_vm_hwm_kb: list[int] = [0] * self.world_size  # peak RSS per rank, as last reported
+        self.rank_tokens: list[int] = [0] * self.world_size  # tokens each rank has forwarded, as last reported
         self._seq = 0
         self._closed = False
 
@@ -308,6 +309,7 @@ class MultiprocExecutor(Executor):
             raise
         for r, rep in replies.items():
             self.rank_vm_hwm_kb[r] = rep.vm_hwm_kb
+            self.rank_tokens[r] = rep.tokens_run
         out = replies[0].output
         for r in self.leaders[1:]:
             out.merge_group(replies[r].output)

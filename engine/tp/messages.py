@@ -59,6 +59,7 @@ class RankReply(msgspec.Struct, tag="reply", kw_only=True):
     seq: int
     output: RunnerOutput | None = None  # each CFG group's leader only (rank 0 is the first)
     vm_hwm_kb: int = 0
+    tokens_run: int = 0  # tokens this rank has forwarded so far (its CFG group's share of the plans)
 
 
 class RankFailed(msgspec.Struct, tag="failed", kw_only=True):

@@ -123,7 +123,7 @@ def _serve_rank(rank: int, layout: ParallelLayout, config: EngineConfig, init_me
             output = worker.execute_model(msg.plan)
             idle.busy()
             out.send(enc.encode(RankReply(rank=rank, seq=msg.seq, output=output if reports else None,
-                                          vm_hwm_kb=vm_hwm_kb())))
+                                          vm_hwm_kb=vm_hwm_kb(), tokens_run=worker.runner.tokens_run)))
     except BaseException as e:  # noqa: BLE001 - report, then die with a non-zero status
         msg = f"{type(e).__name__}: {e}"
         logger.error("rank %d failed: %s\n%s", rank, msg, traceback.format_exc())
