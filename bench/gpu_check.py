@@ -46,6 +46,9 @@ SECTIONS: tuple[tuple[str, str], ...] = (
     ("vae", "VAE decode (1 and 2 images) and encode (1 image) at 1024x1024: measured peaks within 10% of the plan"),
     ("projection", "per-layer times of e2e_edit extrapolated to 32 layers: images/min projected against the "
                    "card's roofline"),
+    ("parallel_layouts", "per-step image time of an Instruct text-to-image request with CFG (1024x1024, 2 layers at "
+                         "real width, 8 experts top 8) for each layout of tp1, cfg2, tp2, tp2xcfg2, tp4xcfg2, tp8 that "
+                         "fits the visible GPUs; with one GPU every multi-rank layout is skipped with the reason"),
 )
 SECTION_NAMES = tuple(n for n, _ in SECTIONS)
 
@@ -632,10 +635,63 @@ def section_projection(chk: Check, gpu: bool, out: Path) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------------------------ runner
 
+# ------------------------------------------------------------------------------------------------ 9 parallel layouts
+LAYOUTS_TO_TIME = ("tp1", "cfg2", "tp2", "tp2xcfg2", "tp4xcfg2", "tp8")
+
+
+def section_parallel_layouts(chk: Check, gpu: bool, out: Path) -> dict[str, Any]:
+    """Each layout that fits the visible GPUs runs the same CFG request (its own engine and rank processes, one
+    untimed warm-up) and reports its per-step image time (bench/offline.py `image_step_time`) and the ratio to
+    tp1. Without CUDA (dry run) tp1 and cfg2 run on the CPU with gloo ranks at the tiny shape."""
+    from diffgentor.bench.engine_run import REAL_SHAPES
+    from diffgentor.bench.offline import parse_layout, run_once
+    from diffgentor.engine.parallel_layout import ParallelLayout
+    from diffgentor.engine.testing.tiny_model import make_tiny
+
+    devices = torch.cuda.device_count() if gpu else 2
+    res: dict[str, Any] = {"visible_devices": devices, "layouts": {}, "skipped": {}}
+    runnable = []
+    for name in LAYOUTS_TO_TIME:
+        a = parse_layout(name)
+        world = ParallelLayout(a["tensor_parallel_size"], a["cfg_parallel_size"], a["sequence_parallel_size"])
+        if world.world_size > devices:
+            res["skipped"][name] = f"needs {world.world_size} GPUs, {devices} visible"
+        elif not gpu and name not in ("tp1", "cfg2"):
+            res["skipped"][name] = "dry run: only tp1 and cfg2 run on the CPU"
+        else:
+            runnable.append(name)
+    if gpu and devices < 2:
+        chk("one GPU: every multi-rank layout skipped with its reason", len(res["skipped"]) == len(LAYOUTS_TO_TIME) - 1,
+            skipped=res["skipped"])
+        res["note"] = "one GPU: tp1 alone compares nothing (its step time is e2e_edit's); lend several GPUs"
+        return res
+    size, steps = ("1024x1024", 8) if gpu else ("256x256", 2)
+    req = dict(request_id="layout-0", prompt="a red fox in the snow, studio light", bot_task="image",
+               image_size=size, num_inference_steps=steps, guidance_scale=5.0, seed=0, infer_align_image_size=False)
+    engine_args = dict(device="cuda" if gpu else "cpu", dtype="bfloat16" if gpu else "float32", max_num_seqs=1,
+                       max_num_batched_tokens=8192, num_kv_blocks=2048 if gpu else 256)
+    with tempfile.TemporaryDirectory() as tmp:
+        overrides = dict(REAL_SHAPES, num_hidden_layers=2, num_experts=8) if gpu else {}
+        ckpt = make_tiny(Path(tmp) / "instruct", distil=False, dtype=torch.bfloat16 if gpu else torch.float32,
+                         config_overrides=overrides)
+        for name in runnable:
+            r = run_once(ckpt, engine_args, [req], warmup=1 if gpu else 0, repeat=0, layout=name)
+            chk(f"{name}: the image finished", not r.errors, errors=r.errors)
+            res["layouts"][name] = {**r.image_steps, "duration_s": r.duration_s,
+                                    "image_sha256": r.requests[0]["image_sha256"]}
+    base = res["layouts"].get("tp1", {}).get("mean_s")
+    for v in res["layouts"].values():
+        v["vs_tp1"] = v["mean_s"] / base if base else None
+        v["same_image_as_tp1"] = v["image_sha256"] == res["layouts"].get("tp1", {}).get("image_sha256")
+    chk("every runnable layout reported image steps", all(v["steps"] > 0 for v in res["layouts"].values()),
+        layouts=res["layouts"])
+    return res
+
+
 RUNNERS: dict[str, Callable[[Check, bool, Path], dict[str, Any]]] = {
     "env_sdpa": section_env_sdpa, "attention": section_attention, "moe": section_moe,
     "fp8_stack": section_fp8_stack, "cuda_graphs": section_cuda_graphs, "e2e_edit": section_e2e_edit,
-    "vae": section_vae, "projection": section_projection,
+    "vae": section_vae, "projection": section_projection, "parallel_layouts": section_parallel_layouts,
 }
 
 

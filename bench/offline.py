@@ -14,6 +14,12 @@ page faults and system / user CPU seconds of the engine's process (and of its ra
 spread over the repeats, and the machine's state (git commit, load average before / after, torch threads, CPU
 model).
 
+`--layouts tp1,cfg2,tp2,tp2xcfg2` runs the workload once per parallel layout (engine/parallel_layout.py: `tpN`,
+`cfgN`, `spN` joined by `x`) on the Instruct (CFG) variant of the preset's checkpoint, every request with CFG
+(guidance 5), and reports each layout's per-step image time: the mean wall time of the engine steps that ran only
+denoising steps, per step and per denoising step (on a 2-core CPU expect no speed-up: the point is correctness and
+the collectives' overhead; on GPUs see bench/gpu_check.py).
+
 `--compare-allocator` is the A/B of the host heap policy (engine/allocator.py): every repeat runs the workload twice,
 in two fresh processes, with glibc's defaults (`--heap-reuse-memory 0`) and with heap reuse (the default ceiling or
 `--heap-reuse-memory`), in alternating order; the JSON holds both sides, their ratio and whether every image is
@@ -181,16 +187,37 @@ def _config_overrides(preset: Preset) -> dict[str, Any]:
     return size_overrides(**SMALL_SIZES) if preset.sizes == "small" else {}
 
 
+LAYOUT_GUIDANCE = 5.0
+"""Guidance of every request in a `--layouts` run: each has CFG, so CFG parallel has two rows to split."""
+
+
+def parse_layout(name: str) -> dict[str, int]:
+    """"tp2xcfg2" -> the engine arguments of that layout (validated: ValueError with the reason)."""
+    from diffgentor.engine.parallel_layout import ParallelLayout
+
+    sizes = {"tp": 1, "cfg": 1, "sp": 1}
+    for part in name.strip().lower().split("x"):
+        dim = part.rstrip("0123456789")
+        if dim not in sizes or not part[len(dim):]:
+            raise ValueError(f"layout {name!r}: expected parts like tp2, cfg2, sp2 joined by 'x'")
+        sizes[dim] = int(part[len(dim):])
+    ParallelLayout(**sizes)
+    return {"tensor_parallel_size": sizes["tp"], "cfg_parallel_size": sizes["cfg"],
+            "sequence_parallel_size": sizes["sp"]}
+
+
 @dataclass(frozen=True)
 class Setting:
     """One engine setting a run is timed at."""
 
     max_num_seqs: int
     async_encode: bool = True
+    layout: str = "tp1"
 
     @property
     def key(self) -> str:
-        return f"mns{self.max_num_seqs}" + ("" if self.async_encode else "_inline")
+        return f"mns{self.max_num_seqs}" + ("" if self.async_encode else "_inline") + \
+            ("" if self.layout == "tp1" else f"_{self.layout}")
 
 
 @dataclass
@@ -218,10 +245,24 @@ class RunResult:
     heap_reuse_bytes: int | None = None  # the engine's host heap ceiling (0: glibc's defaults)
     cpu: dict[str, float] = field(default_factory=dict)  # `cpu_usage`: this process over the timed run + children
     async_encode: bool = True
+    layout: str = "tp1"
+    # engine steps that ran only denoising steps: how many, their mean wall time, and wall time per denoising step
+    image_steps: dict[str, float] = field(default_factory=dict)
 
     @property
     def setting(self) -> Setting:
-        return Setting(self.max_num_seqs, self.async_encode)
+        return Setting(self.max_num_seqs, self.async_encode, self.layout)
+
+
+def image_step_time(steps: list[dict[str, Any]]) -> dict[str, float]:
+    """Per-step image time from a run's steps: those whose tokens were all denoising-block tokens (no prefill, no
+    think decode) and that finished at least one denoising step, or Taylor-cache steps with no tokens at all."""
+    sel = [s for s in steps if s["diffusion_steps"] > 0
+           and not s["tokens"].get("prefill", 0) and not s["tokens"].get("decode", 0)]
+    wall = sum(s["wall_s"] for s in sel)
+    denoise = sum(s["diffusion_steps"] for s in sel)
+    return {"steps": float(len(sel)), "mean_s": wall / len(sel) if sel else 0.0,
+            "per_denoising_step_s": wall / denoise if denoise else 0.0}
 
 
 def cpu_usage(before: tuple[Any, Any], after: tuple[Any, Any]) -> dict[str, float]:
@@ -324,13 +365,13 @@ def latency_summary(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 
 
 def run_once(ckpt: Path, engine_args: dict[str, Any], reqs: list[dict[str, Any]], warmup: int,
-             repeat: int) -> RunResult:
+             repeat: int, layout: str = "tp1") -> RunResult:
     """A fresh engine, `warmup` untimed warm-up runs, then the timed run, stepped here like `Engine.stream` does so
     every step's counters can be attributed to phases."""
     from diffgentor.engine.offline import Engine
 
     children0 = _rusage()[1]
-    eng = Engine.from_pretrained(ckpt, environ={}, **engine_args)
+    eng = Engine.from_pretrained(ckpt, environ={}, **engine_args, **parse_layout(layout))
     try:
         for _ in range(warmup):
             eng.generate(warmup_requests(reqs))
@@ -356,7 +397,8 @@ def run_once(ckpt: Path, engine_args: dict[str, Any], reqs: list[dict[str, Any]]
             after = _stats_snapshot(eng.stats)
             split = acc.add_step(before, after)
             steps.append({"index": len(steps), "wall_s": wall, **split,
-                          "tokens": _dict_delta(before, after, "phase_tokens")})
+                          "tokens": _dict_delta(before, after, "phase_tokens"),
+                          "diffusion_steps": int(_delta(before, after, "diffusion_steps"))})
             before = after
             for ev in outputs.events:
                 if ev.kind == "text":
@@ -400,7 +442,8 @@ def run_once(ckpt: Path, engine_args: dict[str, Any], reqs: list[dict[str, Any]]
         slowest_steps=sorted(steps, key=lambda s: -s["wall_s"])[:5],
         requests=rows,
         errors=[f"{r.request_id}: {r.error}" for r in results if r.error],
-        heap_reuse_bytes=eng.core.config.heap_reuse_bytes, cpu=cpu,
+        heap_reuse_bytes=eng.core.config.heap_reuse_bytes, cpu=cpu, layout=layout,
+        image_steps=image_step_time(steps),
     )
 
 
@@ -424,6 +467,8 @@ def summarize(runs: list[RunResult]) -> dict[str, Any]:
         "phase_time_s": {k: statistics.fmean(r.phase_time_s[k] for r in runs) for k in PHASES},
         "phase_fraction": {k: statistics.fmean(r.phase_fraction[k] for r in runs) for k in PHASES},
         "cpu": {k: statistics.fmean(r.cpu[k] for r in runs) for k in runs[0].cpu},
+        "image_step_s": _spread([r.image_steps.get("mean_s", 0.0) for r in runs]),
+        "image_step_per_denoising_step_s": _spread([r.image_steps.get("per_denoising_step_s", 0.0) for r in runs]),
     }
     for kind in ("t2i", "edit", "all"):
         out[kind] = {m: {s: statistics.fmean(v) for s in ("mean", "p50", "p99") if (v := lat(kind, m, s))}
@@ -469,14 +514,18 @@ def render(run: RunResult) -> str:
     ft = {k: lat[k]["first_token_s"]["mean"] for k in ("t2i", "edit")}
     ft_s = ", ".join(f"{k} {v:.2f}s" for k, v in ft.items() if v is not None)
     heap = "glibc defaults" if not run.heap_reuse_bytes else f"heap reuse {(run.heap_reuse_bytes or 0) >> 20} MiB"
+    im = run.image_steps
+    layout = "" if run.layout == "tp1" else f" layout {run.layout}"
     return (
-        f"max_num_seqs={run.max_num_seqs:>3}{'' if run.async_encode else ' inline encodes'} #{run.repeat}: "
+        f"max_num_seqs={run.max_num_seqs:>3}{'' if run.async_encode else ' inline encodes'}{layout} #{run.repeat}: "
         f"{run.duration_s:7.2f} s  {run.images_per_min:7.2f} "
         f"images/min  {run.think_tokens_per_s:6.1f} think tok/s  first think token (mean) {ft_s or '-'}\n"
         f"    split: " + ", ".join(f"{k} {p[k]:.2f}s" for k in PHASES)
         + f"  [{run.engine_steps} steps, scheduler {run.scheduler_overhead_ms_per_step:.2f} ms/step]\n"
         f"    {heap}: {run.cpu.get('minor_faults', 0):.0f} minor page faults, system {run.cpu.get('system_s', 0):.2f} s"
-        f", user {run.cpu.get('user_s', 0):.2f} s"
+        f", user {run.cpu.get('user_s', 0):.2f} s\n"
+        f"    image steps: {im.get('steps', 0):.0f}, {1000 * im.get('mean_s', 0):.1f} ms per step, "
+        f"{1000 * im.get('per_denoising_step_s', 0):.1f} ms per denoising step"
     )
 
 
@@ -502,7 +551,8 @@ def build_result(args: argparse.Namespace, info: dict[str, Any], load_before: tu
         "runs": [asdict(r) for r in runs],
     }
     mns = list(dict.fromkeys(st.max_num_seqs for st in settings))
-    pair = [st for st in settings if st.async_encode == settings[-1].async_encode]  # one per max_num_seqs
+    pair = [st for st in settings if st.async_encode == settings[-1].async_encode
+            and st.layout == settings[0].layout]  # one per max_num_seqs
     if len(pair) == 2 and all(st in by_setting for st in pair):
         a, b = (summary[st.key] for st in pair)
         no_vae = [statistics.fmean(r.duration_s - r.phase_time_s["vae_decode"] for r in by_setting[st])
@@ -511,6 +561,19 @@ def build_result(args: argparse.Namespace, info: dict[str, Any], load_before: tu
             key: a[key]["mean"] / b[key]["mean"]
             for key in ("images_per_min", "think_tokens_per_s", "diffusion_steps_per_s")
         } | {"engine_time_excluding_vae": no_vae[1] / no_vae[0]}
+    layouts = list(dict.fromkeys(st.layout for st in settings))
+    if len(layouts) > 1:
+        first: dict[str, Any] = {}  # each layout's first setting (the first max_num_seqs and encode mode)
+        for st in settings:
+            if st in by_setting:
+                first.setdefault(st.layout, summary[st.key])
+        base = first.get(layouts[0])
+        out["layout_comparison"] = {
+            lay: {"image_step_s": s["image_step_s"]["mean"],
+                  "per_denoising_step_s": s["image_step_per_denoising_step_s"]["mean"],
+                  "vs_" + layouts[0]: (s["image_step_s"]["mean"] / base["image_step_s"]["mean"]
+                                       if base and base["image_step_s"]["mean"] else None)}
+            for lay, s in first.items()}
     out["encode_comparison"] = {
         f"mns{m}": encode_comparison(summary[before.key], summary[after.key])
         for m in mns if (before := Setting(m, False)) in by_setting and (after := Setting(m, True)) in by_setting
@@ -641,16 +704,26 @@ def main(args: argparse.Namespace) -> int:
         print("bench offline: --repeat must be >= 1 and --warmup >= 0", file=sys.stderr)
         return 2
     if args.compare_allocator:
-        if args.compare_max_num_seqs or args.compare_async_encode or args.heap_reuse_memory == 0:
+        if args.compare_max_num_seqs or args.compare_async_encode or args.heap_reuse_memory == 0 or args.layouts:
             print("bench offline: --compare-allocator compares glibc's defaults with heap reuse at one max_num_seqs "
-                  "(no --compare-max-num-seqs or --compare-async-encode, no --heap-reuse-memory 0)", file=sys.stderr)
+                  "(no --compare-max-num-seqs, --compare-async-encode or --layouts, no --heap-reuse-memory 0)",
+                  file=sys.stderr)
             return 2
         return compare_allocator(args, info, load_before, reqs)
     torch.manual_seed(0)
     mns = [args.max_num_seqs or preset.max_num_seqs] + ([args.compare_max_num_seqs]
                                                          if args.compare_max_num_seqs else [])
     modes = [False, True] if args.compare_async_encode else [not args.no_async_encode]
-    settings = [Setting(m, mode) for m in mns for mode in modes]
+    try:
+        layouts = [x.strip().lower() for x in args.layouts.split(",")] if args.layouts else ["tp1"]
+        for lay in layouts:
+            parse_layout(lay)
+    except ValueError as e:
+        print(f"bench offline: --layouts: {e}", file=sys.stderr)
+        return 2
+    if args.layouts:  # every request with CFG: CFG parallel has both rows to split
+        reqs = [{**r, "guidance_scale": LAYOUT_GUIDANCE} for r in reqs]
+    settings = [Setting(m, mode, lay) for m in mns for mode in modes for lay in layouts]
     save = Path(args.save_result) if args.save_result else None
     if save:
         save.parent.mkdir(parents=True, exist_ok=True)
@@ -661,15 +734,16 @@ def main(args: argparse.Namespace) -> int:
         else:
             from diffgentor.engine.testing.tiny_model import make_tiny
 
-            ckpt = make_tiny(Path(tmp) / f"random-{args.preset}", distil=preset.distil, seed=0,
-                             config_overrides=_config_overrides(preset))
+            distil = preset.distil and not args.layouts  # layouts: the Instruct variant, with CFG
+            ckpt = make_tiny(Path(tmp) / f"random-{args.preset}{'' if distil else '-instruct'}", distil=distil,
+                             seed=0, config_overrides=_config_overrides(preset))
         for st in settings:
             engine_args = dict(device=args.device, dtype=args.dtype, max_num_seqs=st.max_num_seqs,
                                max_num_batched_tokens=args.max_num_batched_tokens or preset.max_num_batched_tokens,
                                num_kv_blocks=args.num_kv_blocks, heap_reuse_memory=args.heap_reuse_memory,
                                async_encode=st.async_encode)
             for rep in range(args.repeat):
-                runs.append(run_once(ckpt, engine_args, reqs, args.warmup, rep))
+                runs.append(run_once(ckpt, engine_args, reqs, args.warmup, rep, st.layout))
                 print(render(runs[-1]), flush=True)
                 if save:  # a long run killed later still leaves the runs done so far
                     out = build_result(args, info, load_before, reqs, settings, runs)
@@ -680,6 +754,11 @@ def main(args: argparse.Namespace) -> int:
         print(f"ratio max_num_seqs={mns[0]} vs {mns[1]}: images/min x{r['images_per_min']:.2f}, "
               f"think tok/s x{r['think_tokens_per_s']:.2f}, diffusion steps/s x{r['diffusion_steps_per_s']:.2f}, "
               f"time without VAE decode x{r['engine_time_excluding_vae']:.2f}")
+    for lay, c in out.get("layout_comparison", {}).items():
+        ratio = c[f"vs_{layouts[0]}"]
+        print(f"layout {lay}: {1000 * c['image_step_s']:.1f} ms per image step, "
+              f"{1000 * c['per_denoising_step_s']:.1f} ms per denoising step"
+              + (f" (x{ratio:.2f} of {layouts[0]})" if ratio is not None else ""))
     for key, c in out["encode_comparison"].items():
         t2i, ipm = c["t2i_e2e_mean_s"], c["images_per_min"]
         t2i_s = f"{t2i['inline']:.2f} s -> {t2i['async']:.2f} s" if t2i["ratio"] is not None else "-"
@@ -715,6 +794,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    "them (after), and print text-to-image latency and images/min of both")
     p.add_argument("--no-async-encode", action="store_true",
                    help="encode condition images inside the steps (the engine's --no-async-encode)")
+    p.add_argument("--layouts", default=None, metavar="LIST",
+                   help="parallel layouts to compare, e.g. tp1,cfg2,tp2,tp2xcfg2 (Instruct variant, every request "
+                   "with CFG): per-step image time per layout")
     p.add_argument("--max-num-batched-tokens", type=int, default=None)
     p.add_argument("--num-kv-blocks", type=int, default=4096)
     p.add_argument("--heap-reuse-memory", type=_size_arg, default=None, metavar="SIZE",

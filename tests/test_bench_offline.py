@@ -152,3 +152,28 @@ def test_compare_async_encode_reports_both_settings(tmp_path):
         assert c[key]["inline"] > 0 and c[key]["async"] > 0
         assert c[key]["ratio"] == pytest.approx(c[key]["async"] / c[key]["inline"])
     assert c["images_per_min"]["async"] == pytest.approx(d["summary"]["mns4"]["images_per_min"]["mean"])
+
+
+def test_layouts_parse_and_the_image_step_time():
+    """`--layouts` names (engine/parallel_layout.py) and the per-step image time: only steps that ran nothing but
+    denoising steps count (a prefill or think token in the same step would be timed as image time)."""
+    from diffgentor.bench.offline import Setting, image_step_time, parse_layout
+
+    assert parse_layout("tp2xcfg2") == {"tensor_parallel_size": 2, "cfg_parallel_size": 2,
+                                        "sequence_parallel_size": 1}
+    assert parse_layout("CFG2") == {"tensor_parallel_size": 1, "cfg_parallel_size": 2, "sequence_parallel_size": 1}
+    for bad, msg in (("tp2xpp2", "joined by 'x'"), ("cfg", "joined by 'x'"), ("cfg3", "must be 1 or 2")):
+        with pytest.raises(ValueError, match=msg):
+            parse_layout(bad)
+    assert Setting(4, True, "cfg2").key == "mns4_cfg2" and Setting(4).key == "mns4"
+    steps = [
+        {"wall_s": 5.0, "tokens": {"prefill": 100, "decode": 0, "diffuse": 0}, "diffusion_steps": 0},
+        {"wall_s": 3.0, "tokens": {"prefill": 0, "decode": 1, "diffuse": 514}, "diffusion_steps": 1},  # mixed
+        {"wall_s": 2.0, "tokens": {"prefill": 0, "decode": 0, "diffuse": 1028}, "diffusion_steps": 2},
+        {"wall_s": 1.0, "tokens": {"prefill": 0, "decode": 0, "diffuse": 514}, "diffusion_steps": 1},
+        {"wall_s": 0.1, "tokens": {"prefill": 0, "decode": 0, "diffuse": 0}, "diffusion_steps": 1},  # Taylor step
+    ]
+    t = image_step_time(steps)
+    assert t["steps"] == 3 and t["mean_s"] == pytest.approx(3.1 / 3)
+    assert t["per_denoising_step_s"] == pytest.approx(3.1 / 4)
+    assert image_step_time([]) == {"steps": 0.0, "mean_s": 0.0, "per_denoising_step_s": 0.0}

@@ -1,4 +1,4 @@
-"""bench/gpu_check.sh: valid bash, lists its 8 sections, and its CPU mode (--dry-run) runs each section's CPU-provable
+"""bench/gpu_check.sh: valid bash, lists its 9 sections, and its CPU mode (--dry-run) runs each section's CPU-provable
 part and writes every section's JSON and the result file. The full dry run is `slow`; the fast test runs two."""
 
 from __future__ import annotations
@@ -26,10 +26,10 @@ def _dry_run(tmp_path: Path, sections: str | None, timeout: int) -> tuple[subpro
     return proc, json.loads((tmp_path / "result.json").read_text())
 
 
-def test_script_is_valid_bash_and_lists_the_eight_sections():
+def test_script_is_valid_bash_and_lists_the_nine_sections():
     assert subprocess.run(["bash", "-n", str(SCRIPT)], capture_output=True).returncode == 0
     assert SECTION_NAMES == ("env_sdpa", "attention", "moe", "fp8_stack", "cuda_graphs", "e2e_edit", "vae",
-                             "projection")
+                             "projection", "parallel_layouts")
     listed = subprocess.run([sys.executable, "-m", "diffgentor.bench.gpu_check", "--list"], capture_output=True,
                             text=True, cwd=REPO, check=True).stdout.splitlines()
     assert [line.split(":")[0] for line in listed] == [f"{i} {n}" for i, n in enumerate(SECTION_NAMES, 1)]
