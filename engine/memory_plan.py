@@ -44,6 +44,7 @@ from diffgentor.engine.models.hunyuan_image_3.config import HunyuanImage3Config
 from diffgentor.engine.parallel import ParallelContext
 from diffgentor.engine.parallel_layout import ParallelLayout
 from diffgentor.engine.vae_budget import VaeBudget
+from diffgentor.kernels.moe import moe_impl_on
 from diffgentor.kernels.quantization import FP8_BLOCK, fp8_layout
 from diffgentor.kernels.ulysses import UlyssesHeads
 
@@ -206,19 +207,11 @@ def denoising_step_tokens(config: EngineConfig, model_config: HunyuanImage3Confi
 
 
 def planned_moe_impl(quantization: str | None, moe_impl: str | None, capability: tuple[int, int]) -> str:
-    """The MoE path `kernels.moe.resolve_moe_impl` takes on a CUDA card of `capability` (flashinfer assumed to
-    import and build; if it does not, the engine falls back to the eager path, whose plan is the larger one)."""
-    layout = fp8_layout(quantization)
-    wants_fi = (moe_impl or "eager").strip().lower() == "flashinfer"
-    if wants_fi and capability[0] >= 9 and (layout is None or (layout == "block" and capability[0] == 9)):
-        return "flashinfer"
-    if layout is None:
-        return "grouped"
-    if layout == "channel" and capability >= (9, 0):
-        return "fp8_grouped"
-    if layout == "channel" and capability >= (8, 9):
-        return "fp8_scaled_mm"
-    return "dequantized"
+    """The MoE path `kernels.moe.resolve_moe_impl` takes on a CUDA card of `capability` (asked of the kernel's own
+    rule, flashinfer assumed to import and build; if it does not, the engine falls back to the eager path, whose plan
+    is the larger one), named "dequantized" where FP8 expert weights run dequantised (they cost more memory)."""
+    impl = moe_impl_on(moe_impl, quantization, capability)
+    return "dequantized" if fp8_layout(quantization) is not None and impl in ("grouped", "reference") else impl
 
 
 def _widest_moe_layer(c: HunyuanImage3Config, parallel: ParallelContext) -> tuple[int, int, int]:

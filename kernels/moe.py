@@ -415,37 +415,57 @@ def fused_experts_fp8(
     return _run_sorted(hidden_states, topk_weights, topk_ids, num_local, expert_offset, partial, make(w13), make(w2))
 
 
-def fp8_fast_path(device: torch.device | str, layout: str | None) -> tuple[str | None, str]:
-    """(the torch FP8 MoE path this device can run, or None; the reason) for a weight scale layout."""
+def cuda_capability(device: torch.device | str) -> tuple[int, int] | None:
+    """The compute capability of `device`, None when it is not a usable CUDA device."""
     device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    return tuple(torch.cuda.get_device_capability(device))
+
+
+def fp8_fast_path_on(capability: tuple[int, int] | None, layout: str | None) -> tuple[str | None, str]:
+    """(the torch FP8 MoE path a card of `capability` (None: not CUDA) can run, or None; the reason) for a weight
+    scale layout. Pure: the memory plan asks it about a card it is not running on."""
     if layout == "block":
         return None, "128x128 block scales have no torch scaled-GEMM path (FlashInfer's block-scale MoE reads them)"
-    if device.type != "cuda" or not torch.cuda.is_available():
-        return None, f"device {device} is not CUDA"
-    cap = torch.cuda.get_device_capability(device)
-    if cap >= (9, 0) and hasattr(torch, "_scaled_grouped_mm"):
+    if capability is None:
+        return None, "the device is not CUDA"
+    if capability >= (9, 0) and hasattr(torch, "_scaled_grouped_mm"):
         return "fp8_grouped", "ok"
-    if cap >= (8, 9) and hasattr(torch, "_scaled_mm"):
+    if capability >= (8, 9) and hasattr(torch, "_scaled_mm"):
         return "fp8_scaled_mm", "ok"
-    return None, f"compute capability sm{cap[0]}{cap[1]} < sm89 has no FP8 tensor cores"
+    return None, f"compute capability sm{capability[0]}{capability[1]} < sm89 has no FP8 tensor cores"
+
+
+def fp8_fast_path(device: torch.device | str, layout: str | None) -> tuple[str | None, str]:
+    """`fp8_fast_path_on` for this process's `device`."""
+    return fp8_fast_path_on(cuda_capability(device), layout)
 
 
 # ------------------------------------------------------------------------------------------------ FlashInfer
 
 
-def flashinfer_moe_available(device: torch.device | str, layout: str | None = None) -> tuple[bool, str]:
-    """(usable, reason): FlashInfer's CUTLASS fused MoE needs CUDA sm90+ and an importable flashinfer; its FP8
-    variant needs 128x128 block scales (per-channel FP8 is not one of its modes) and is built for SM90 only."""
-    device = torch.device(device)
-    if device.type != "cuda" or not torch.cuda.is_available():
-        return False, f"device {device} is not CUDA"
-    major, minor = torch.cuda.get_device_capability(device)
+def flashinfer_moe_supports(capability: tuple[int, int] | None, layout: str | None = None) -> tuple[bool, str]:
+    """(usable, reason) on a card of `capability` (None: not CUDA), flashinfer's import aside: FlashInfer's CUTLASS
+    fused MoE needs sm90+; its FP8 variant needs 128x128 block scales (per-channel FP8 is not one of its modes) and is
+    built for SM90 only. Pure: the memory plan asks it about a card it is not running on."""
+    if capability is None:
+        return False, "the device is not CUDA"
+    major, minor = capability
     if major < 9:
         return False, f"compute capability sm{major}{minor} < sm90"
     if layout == "channel":
         return False, "FlashInfer's fused MoE has no per-channel FP8 mode (use --quantization fp8_block)"
     if layout == "block" and major != 9:
         return False, f"FlashInfer's block-scale FP8 CUTLASS MoE is SM90-only (device is sm{major}{minor})"
+    return True, "ok"
+
+
+def flashinfer_moe_available(device: torch.device | str, layout: str | None = None) -> tuple[bool, str]:
+    """(usable, reason): `flashinfer_moe_supports` on this process's `device`, and an importable flashinfer."""
+    ok, why = flashinfer_moe_supports(cuda_capability(device), layout)
+    if not ok:
+        return False, why
     try:
         from flashinfer.fused_moe import cutlass_fused_moe  # noqa: F401
     except Exception as e:  # noqa: BLE001 - any import failure means "not available"
@@ -600,6 +620,28 @@ def resolve_moe_impl(
 
     A requested fast path the device / install cannot run falls back with ONE warning naming the reason.
     """
+    return _select_moe_impl(name, quantization, lambda layout: flashinfer_moe_available(device, layout),
+                            lambda layout: fp8_fast_path(device, layout), warn=True)
+
+
+def moe_impl_on(name: str | None, quantization: str | None, capability: tuple[int, int] | None,
+                flashinfer_importable: bool = True) -> str:
+    """What `resolve_moe_impl` picks on a card of `capability` (None: not CUDA) with or without an importable
+    flashinfer, without one at hand: the memory plan's question, answered by the same rule."""
+    def flashinfer(layout: str | None) -> tuple[bool, str]:
+        ok, why = flashinfer_moe_supports(capability, layout)
+        if ok and not flashinfer_importable:
+            return False, "flashinfer is not importable"
+        return ok, why
+
+    return _select_moe_impl(name, quantization, flashinfer, lambda layout: fp8_fast_path_on(capability, layout),
+                            warn=False)
+
+
+def _select_moe_impl(name: str | None, quantization: str | None,
+                     flashinfer: Callable[[str | None], tuple[bool, str]],
+                     fp8_fast: Callable[[str | None], tuple[str | None, str]], warn: bool) -> str:
+    """`resolve_moe_impl`'s order, over the two capability probes it is given (this device's, or a planned one's)."""
     key = (name or "eager").strip().lower()
     if key not in _ALL_IMPLS:
         raise ValueError(f"unknown MoE implementation {name!r}; allowed: {', '.join(MOE_IMPLS)}")
@@ -607,16 +649,19 @@ def resolve_moe_impl(
     if key not in ("eager", "flashinfer"):
         return key
     if key == "flashinfer":
-        ok, why = flashinfer_moe_available(device, layout)
+        ok, why = flashinfer(layout)
         if ok:
             return "flashinfer"
-        warn_once(f"moe-flashinfer:{why}", f"MoE implementation 'flashinfer' unavailable ({why}); using eager")
+        if warn:
+            warn_once(f"moe-flashinfer:{why}", f"MoE implementation 'flashinfer' unavailable ({why}); using eager")
     if layout is None:
         return "grouped"
-    fast, why = fp8_fast_path(device, layout)
+    fast, why = fp8_fast(layout)
     if fast is not None:
         return fast
-    warn_once(f"moe-fp8:{why}", f"FP8 MoE fast path unavailable ({why}); the expert weights are dequantised in torch")
+    if warn:
+        warn_once(f"moe-fp8:{why}",
+                  f"FP8 MoE fast path unavailable ({why}); the expert weights are dequantised in torch")
     return "grouped"
 
 

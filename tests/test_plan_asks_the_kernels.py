@@ -1,0 +1,57 @@
+"""The memory plan asks the rules it depends on instead of restating them: which MoE path a card runs
+(`kernels.moe.resolve_moe_impl`) and how many images a VAE call carries (`engine.vae_budget.VaeBudget`). Each test
+fails when the two sides disagree, and when the plan keeps a copy of its own (a change to the rule must reach it)."""
+
+from __future__ import annotations
+
+import sys
+import types
+
+import pytest
+import torch
+
+from diffgentor.engine.memory_plan import planned_moe_impl
+from diffgentor.kernels import moe as moe_mod
+
+CAPABILITIES = [(7, 5), (8, 0), (8, 6), (8, 9), (9, 0), (10, 0), (12, 0)]
+QUANTIZATIONS = [None, "fp8", "fp8_block"]
+
+
+@pytest.fixture
+def cuda_card(monkeypatch):
+    """Make this process look like it holds a CUDA card of a given capability with flashinfer importable."""
+    fused = types.ModuleType("flashinfer.fused_moe")
+    fused.cutlass_fused_moe = lambda *a, **k: None
+    root = types.ModuleType("flashinfer")
+    root.fused_moe = fused
+    monkeypatch.setitem(sys.modules, "flashinfer", root)
+    monkeypatch.setitem(sys.modules, "flashinfer.fused_moe", fused)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+
+    def set_capability(cap):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: cap)
+
+    return set_capability
+
+
+@pytest.mark.filterwarnings("ignore:MoE implementation|FP8 MoE fast path:RuntimeWarning")
+@pytest.mark.parametrize("moe_impl", ["eager", "flashinfer"])
+def test_planned_moe_path_is_the_one_the_kernel_resolves(cuda_card, moe_impl):
+    """Every (card, quantization, requested path) of `plan-memory`: the plan names the path the kernel's resolver
+    takes on that card ("dequantized" being the plan's name for the grouped path on FP8 weights)."""
+    for cap in CAPABILITIES:
+        cuda_card(cap)
+        for quant in QUANTIZATIONS:
+            resolved = moe_mod.resolve_moe_impl(moe_impl, "cuda", quant)
+            expected = "dequantized" if quant and resolved == "grouped" else resolved
+            assert planned_moe_impl(quant, moe_impl, cap) == expected, (cap, quant, moe_impl)
+
+
+def test_the_plan_follows_a_change_of_the_kernels_rule(monkeypatch):
+    """No copy in the plan: when the kernel's capability rule changes, the plan's answer changes with it."""
+    assert planned_moe_impl(None, "flashinfer", (9, 0)) == "flashinfer"
+    assert planned_moe_impl("fp8", "eager", (9, 0)) == "fp8_grouped"
+    monkeypatch.setattr(moe_mod, "flashinfer_moe_supports", lambda cap, layout=None: (False, "changed rule"))
+    monkeypatch.setattr(moe_mod, "fp8_fast_path_on", lambda cap, layout: (None, "changed rule"))
+    assert planned_moe_impl(None, "flashinfer", (9, 0)) == "grouped"
+    assert planned_moe_impl("fp8", "eager", (9, 0)) == "dequantized"
