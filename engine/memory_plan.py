@@ -33,7 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -347,21 +347,22 @@ def vae_decoder_cache_bytes(model_config: HunyuanImage3Config) -> int:
     return sum(p.numel() * 2 for p in vae.decoder.parameters() if p.is_floating_point())
 
 
-def vae_image_bytes(model_config: HunyuanImage3Config, height: int, width: int) -> int:
-    """Peak bytes ONE image adds to a VAE decode or encode of an height x width image (fp16 autocast): its
-    full-resolution level of c0 channels x ft frames at VAE_BYTES_PER_ELEMENT."""
+def vae_limits(model_config: HunyuanImage3Config, budget_bytes: int = 0) -> VaeBudget:
+    """The VAE's cost rule on this model (`VaeBudget`: per-pixel bytes, the decoder's weight cache, the latent
+    factor) under a budget of `budget_bytes`. Peak bytes ONE image adds to a VAE decode or encode (fp16 autocast):
+    its full-resolution level of c0 channels x ft frames at VAE_BYTES_PER_ELEMENT per pixel."""
     v = model_config.vae
     c0, ft = int(v["block_out_channels"][0]), int(v.get("ffactor_temporal", 4))
-    return VAE_BYTES_PER_ELEMENT * c0 * ft * height * width
+    return VaeBudget(budget_bytes, VAE_BYTES_PER_ELEMENT * c0 * ft, vae_decoder_cache_bytes(model_config),
+                     model_config.latent_downsample)
 
 
 def vae_decode_bytes(model_config: HunyuanImage3Config, height: int, width: int, images: int = 1) -> int:
-    return vae_decoder_cache_bytes(model_config) + images * vae_image_bytes(model_config, height, width)
+    return vae_limits(model_config).decode_call_bytes(height, width, images)
 
 
 def vae_encode_bytes(model_config: HunyuanImage3Config, height: int, width: int, images: int = 1) -> int:
-    """The encoder peaks at its first level, before autocast has cast the deeper levels' weights."""
-    return images * vae_image_bytes(model_config, height, width)
+    return vae_limits(model_config).encode_call_bytes(height, width, images)
 
 
 def forward_bytes(model_config: HunyuanImage3Config, parallel: ParallelContext, tokens: int, moe_impl: str,
@@ -609,13 +610,17 @@ class MemoryPlan:
 
 def vae_plan(model_config: HunyuanImage3Config, forward_peak: int) -> dict[str, int]:
     """The VAE's budget (the forward's transient peak, or one 1024x1024 decode / encode when larger) and how many
-    1024x1024 images one decode / encode call may carry within it."""
-    per = vae_image_bytes(model_config, IMAGE_SIDE, IMAGE_SIDE)
-    cache = vae_decoder_cache_bytes(model_config)
-    budget = max(forward_peak, cache + per, per)
-    return {"budget": budget, "decode_per_image": per, "encode_per_image": per, "decoder_weight_cache": cache,
-            "bytes_per_pixel": vae_image_bytes(model_config, 1, 1), "latent_factor": model_config.latent_downsample,
-            "decode_images_per_call": max(1, (budget - cache) // per), "encode_images_per_call": max(1, budget // per)}
+    1024x1024 images one decode / encode call may carry within it (`VaeBudget`'s counts, the ones the worker and the
+    scheduler use)."""
+    rule = vae_limits(model_config)
+    side = IMAGE_SIDE
+    budget = max(forward_peak, rule.decode_call_bytes(side, side), rule.encode_call_bytes(side, side))
+    limits = replace(rule, budget_bytes=budget)
+    per = limits.image_bytes(side, side)
+    return {"budget": budget, "decode_per_image": per, "encode_per_image": per,
+            "decoder_weight_cache": limits.decode_fixed_bytes, "bytes_per_pixel": limits.bytes_per_pixel,
+            "latent_factor": limits.latent_factor, "decode_images_per_call": limits.decode_images(side, side),
+            "encode_images_per_call": limits.encode_images(side, side)}
 
 
 def plan_memory(

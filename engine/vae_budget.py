@@ -31,6 +31,15 @@ class VaeBudget:
         """`image_bytes` of the image a latent grid decodes to."""
         return self.image_bytes(grid_h * self.latent_factor, grid_w * self.latent_factor)
 
+    def decode_call_bytes(self, height: int, width: int, images: int = 1) -> int:
+        """Peak bytes of one decode call of `images` images of this size: the weight cache plus each image."""
+        return self.decode_fixed_bytes + images * self.image_bytes(height, width)
+
+    def encode_call_bytes(self, height: int, width: int, images: int = 1) -> int:
+        """Peak bytes of one encode call (the encoder peaks at its first level, before autocast has cast the deeper
+        levels' weights: no fixed part)."""
+        return images * self.image_bytes(height, width)
+
     def decode_bytes_left(self) -> int:
         """The per-image part of the budget of one decode call (or step)."""
         return self.budget_bytes - self.decode_fixed_bytes

@@ -10,8 +10,15 @@ import types
 import pytest
 import torch
 
-from diffgentor.engine.memory_plan import planned_moe_impl
+from diffgentor.engine import memory_plan
+from diffgentor.engine.config import EngineConfig
+from diffgentor.engine.memory_plan import IMAGE_SIDE, plan_memory, planned_moe_impl, vae_decode_bytes
+from diffgentor.engine.models.hunyuan_image_3.config import HunyuanImage3Config
+from diffgentor.engine.parallel import ParallelContext
+from diffgentor.engine.vae_budget import VaeBudget
 from diffgentor.kernels import moe as moe_mod
+
+from helpers import PUBLISHED_INSTRUCT_CONFIG
 
 CAPABILITIES = [(7, 5), (8, 0), (8, 6), (8, 9), (9, 0), (10, 0), (12, 0)]
 QUANTIZATIONS = [None, "fp8", "fp8_block"]
@@ -55,3 +62,36 @@ def test_the_plan_follows_a_change_of_the_kernels_rule(monkeypatch):
     monkeypatch.setattr(moe_mod, "fp8_fast_path_on", lambda cap, layout: (None, "changed rule"))
     assert planned_moe_impl(None, "flashinfer", (9, 0)) == "grouped"
     assert planned_moe_impl("fp8", "eager", (9, 0)) == "dequantized"
+
+
+# ------------------------------------------------------------------------------------------------ the VAE
+@pytest.fixture(scope="module")
+def real_cfg(tmp_path_factory):
+    import json
+
+    d = tmp_path_factory.mktemp("real_instruct")
+    (d / "config.json").write_text(json.dumps(PUBLISHED_INSTRUCT_CONFIG))
+    return HunyuanImage3Config.from_pretrained(d)
+
+
+@pytest.mark.parametrize("quantization", ["none", "fp8"])
+def test_plan_vae_counts_are_the_budgets_counts(real_cfg, quantization):
+    """The counts `plan-memory` prints are the ones the worker and scheduler derive from `plan.vae_budget()`, and
+    the planned bytes of a decode of that many images fit the budget while one more does not."""
+    config = EngineConfig(quantization=quantization)
+    plan = plan_memory(real_cfg, config, ParallelContext(), 141 * 2**30, "H200")
+    v, b = plan.vae, plan.vae_budget()
+    assert v["decode_images_per_call"] == b.decode_images(IMAGE_SIDE, IMAGE_SIDE)
+    assert v["encode_images_per_call"] == b.encode_images(IMAGE_SIDE, IMAGE_SIDE)
+    assert v["decode_per_image"] == b.image_bytes(IMAGE_SIDE, IMAGE_SIDE)
+    n = v["decode_images_per_call"]
+    assert vae_decode_bytes(real_cfg, IMAGE_SIDE, IMAGE_SIDE, n) <= v["budget"]
+    assert vae_decode_bytes(real_cfg, IMAGE_SIDE, IMAGE_SIDE, n + 1) > v["budget"]
+
+
+def test_the_vae_plan_follows_a_change_of_the_budgets_rule(real_cfg, monkeypatch):
+    """No copy in the plan: a changed count rule in `VaeBudget` is what the plan reports."""
+    monkeypatch.setattr(VaeBudget, "decode_images", lambda self, h, w: 7)
+    monkeypatch.setattr(VaeBudget, "encode_images", lambda self, h, w: 11)
+    v = memory_plan.vae_plan(real_cfg, 0)
+    assert (v["decode_images_per_call"], v["encode_images_per_call"]) == (7, 11)
