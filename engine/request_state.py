@@ -77,10 +77,6 @@ class RequestState:
     status: RequestStatus = RequestStatus.WAITING  # moved by the scheduler only (engine/scheduler.py)
     uncond: SeqState | None = None
     ratio_index: int | None = None
-    # auto size: the bucket indexes whose image phase fits the model's positions (None: all of them), and the
-    # ratio tokens of the others, never sampled (derived once here: the scheduler reads it every text step)
-    allowed_ratios: tuple[int, ...] | None = None
-    banned_ratio_ids: tuple[int, ...] | None = None
     step: int = 0
     generated: list[int] = field(default_factory=list)
     detokenizer: Any = None  # the engine core's IncrementalDetokenizer for streamed text deltas
@@ -144,7 +140,6 @@ def state_from_processed(ctx: ProcessorContext, p: ProcessedRequest) -> RequestS
     need = len(layout) + (max_new + _max_image_tokens(ctx) if phase == "text" else 0)
     if len(layout) > limit:
         raise RequestError(f"the prompt needs {len(layout)} tokens; the model allows {limit}")
-    allowed_ratios = None
     if phase == "text" and bot_task != "auto":
         # the image phase repeats the prompt and condition images and adds the image: refuse now a request whose
         # image phase could not fit even with no think text and the smallest image, instead of failing it there
@@ -154,10 +149,8 @@ def state_from_processed(ctx: ProcessorContext, p: ProcessedRequest) -> RequestS
         if len(shortest) > limit:
             raise RequestError(f"the image phase needs at least {len(shortest)} tokens (the prompt, its "
                                f"{len(layouts)} condition image(s) and the image); the model allows {limit}")
-        if fixed_ratio is None:
-            allowed_ratios = _fitting_ratios(ctx, len(shortest) - _image_tokens(ctx, ratio), max_new, limit)
-    banned_ratio_ids = None if allowed_ratios is None else tuple(
-        t for r, t in enumerate(ctx.tokenizer.special.ratio) if r not in allowed_ratios)
+        if fixed_ratio is None:  # auto size: only buckets whose image phase fits the model's positions
+            machine.limit_ratios(_fitting_ratios(ctx, len(shortest) - _image_tokens(ctx, ratio), max_new, limit))
     state = RequestState(
         req=req, request_id=rid, seed=seed, bot_task=bot_task, system_prompt=system, sampling=params.sampling,
         max_new_tokens=max_new, num_steps=steps, guidance_scale=guidance, flow_shift=params.shift,
@@ -165,8 +158,7 @@ def state_from_processed(ctx: ProcessorContext, p: ProcessedRequest) -> RequestS
                                                           ctx.request_defaults.use_taylor_cache)),
         align_image_size=params.align, vae_images=vae_images, vit_images=vit_images, image_digests=digests,
         machine=machine, cond=SeqState(f"{rid}#cond", list(layout.token_ids), layout),
-        ratio_index=fixed_ratio, allowed_ratios=allowed_ratios, num_prompt_tokens=len(layout),
-        banned_ratio_ids=banned_ratio_ids,
+        ratio_index=fixed_ratio, num_prompt_tokens=len(layout),
     )
     state.times["max_tokens_estimate"] = float(need)
     state.encoder_inputs = [EncoderInput(encoder_key(dg, v, t, params.align), v, t)

@@ -451,15 +451,9 @@ class Scheduler:
         if not self._allocate(st, seq, end, plan, admitting):
             return self._cannot_fit(st, plan, admitting)
         sample = None
-        if end == target:
-            m = st.machine
-            ratio_ids = banned = None
-            if m.needs_ratio_pick:  # auto size: only buckets whose image phase fits (RequestState.allowed_ratios)
-                ratios = range(len(m.sp.ratio)) if st.allowed_ratios is None else st.allowed_ratios
-                ratio_ids = tuple(m.sp.ratio[r] for r in ratios)
-            elif st.phase == "text":  # a ratio token also ends free text (think/recaption): not those that don't fit
-                banned = st.banned_ratio_ids
-            sample = SampleSpec(st.sampling, m.forced_token, ratio_ids, banned)
+        if end == target:  # the worker samples the next token under the model's forcing (the verifier's too)
+            f = st.machine.forcing
+            sample = SampleSpec(st.sampling, f.forced_token, f.ratio_ids, f.banned_ids)
         if st.status in (RequestStatus.WAITING, RequestStatus.ENCODING, RequestStatus.PREFILL):
             move(st, RequestStatus.PREFILL if end < st.num_prompt_tokens else RequestStatus.THINK)
             st.mark("first_scheduled")

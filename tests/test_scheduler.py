@@ -613,13 +613,14 @@ def test_auto_size_offers_only_buckets_whose_image_phase_fits(ctx_distil):
           max_new_tokens=4)
     st = h.sched.requests["fuse"]
     buckets = ctx_distil.builder.resolution.buckets
-    assert st.allowed_ratios is not None and 0 < len(st.allowed_ratios) < len(buckets)
-    assert len(buckets) - 1 not in st.allowed_ratios
+    allowed = st.machine.allowed_ratios
+    assert allowed is not None and 0 < len(allowed) < len(buckets)
+    assert len(buckets) - 1 not in allowed
     h.add("plain", bot_task="think_recaption", image_size="auto", max_new_tokens=4)
-    assert h.sched.requests["plain"].allowed_ratios is None  # everything fits: the official pick, unrestricted
+    assert h.sched.requests["plain"].machine.allowed_ratios is None  # everything fits: the official pick, unrestricted
     h.run()
     assert h.finished() == {"fuse": FinishReason.IMAGE, "plain": FinishReason.IMAGE}
-    assert st.ratio_index == st.allowed_ratios[-1]
+    assert st.ratio_index == allowed[-1]
     h.assert_no_leaks()
 
 
@@ -633,7 +634,7 @@ def test_free_text_never_ends_with_a_ratio_token_that_would_not_fit(ctx_distil):
     st = h.sched.requests["fuse"]
     h.run()
     assert h.finished() == {"fuse": FinishReason.IMAGE}, [(o.state.request_id, o.error) for o in h.outputs]
-    assert st.ratio_index == max(st.allowed_ratios)
+    assert st.ratio_index == max(st.machine.allowed_ratios)
     h.assert_no_leaks()
 
 

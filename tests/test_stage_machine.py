@@ -123,7 +123,7 @@ def _close_and_finish(tok, sm):
     if sm.needs_ratio_pick:
         logits = torch.zeros(512)
         logits[tok.special.ratio[7]] = 5.0
-        assert sm.pick_ratio(logits) == 7
+        assert int(sm.constrain(logits).argmax()) == tok.special.ratio[7]
         sm.feed(tok.special.ratio[7])
     assert sm.finished
     return closing
@@ -207,7 +207,30 @@ def test_pick_ratio_first_max_wins(tok):
     logits = torch.zeros(512)
     logits[tok.special.ratio[3]] = 1.0
     logits[tok.special.ratio[30]] = 1.0
-    assert sm.pick_ratio(logits) == 3
+    assert int(sm.constrain(logits).argmax()) == tok.special.ratio[3]
+
+
+def test_limited_ratios_constrain_the_verifier_as_they_do_the_server(tok):
+    """`limit_ratios` (auto size, buckets whose image phase fits) shapes `forcing`, which both the serving worker
+    (through the scheduler's `SampleSpec`) and `constrain()` (the golden verifier) apply: the ratio pick offers only
+    the allowed buckets, and a free step never samples another bucket's ratio token."""
+    sp = tok.special
+    sm = StageMachine.for_request(tok, bot_task="image", base_size=256)
+    sm.limit_ratios((4, 9))
+    logits = torch.zeros(512)
+    logits[sp.ratio[3]] = 9.0  # the best ratio token overall is not offered
+    logits[sp.ratio[9]] = 2.0
+    assert sm.forcing.ratio_ids == (sp.ratio[4], sp.ratio[9])
+    assert int(sm.constrain(logits).argmax()) == sp.ratio[9]
+    think = StageMachine.for_request(tok, bot_task="think", base_size=256)
+    think.limit_ratios((4, 9))
+    free = torch.zeros(512)
+    free[sp.ratio[3]] = 9.0
+    think.constrain(free)
+    assert free[sp.ratio[3]] == torch.finfo(free.dtype).min and free[sp.ratio[9]] == 0
+    assert set(think.forcing.banned_ids) == set(sp.ratio) - {sp.ratio[4], sp.ratio[9]}
+    with pytest.raises(ValueError, match="ratio indexes"):
+        think.limit_ratios((len(sp.ratio),))
 
 
 def test_bot_task_variants(tok):

@@ -28,8 +28,14 @@ pending ratio pick), so the request still yields an image. The official code rai
 the truncated text in `<answer>` (fixed size) there.
 
 Forced steps still go through the sampler (the official forcing is a one-hot distribution that is then
-sampled), so a request's RNG stream stays aligned with the official one; `constrain()` applies exactly
-that forcing to a logits row.
+sampled), so a request's RNG stream stays aligned with the official one. `forcing` is the one statement of what a
+step may sample: the serving scheduler sends it to the worker (engine/scheduler.py, `SampleSpec`), whose batched
+`sampling.constrain_batch` applies it; `constrain()` applies the same forcing through the same function to one
+logits row (the golden verifier and the reference pipeline).
+
+Auto size (docs/decisions.md, "Auto size picks a bucket that fits"): `limit_ratios()` restricts the ratio pick to
+the buckets whose image phase fits the model's positions, and bans the other ratio tokens on free steps (a ratio
+token also ends think/recaption text).
 """
 
 from __future__ import annotations
@@ -121,6 +127,10 @@ class StageMachine:
         else:  # image, fixed size: no text phase
             self.first_stage = self.prompt_task = None
 
+        self.allowed_ratios: tuple[int, ...] | None = None
+        """Auto size: the bucket indexes the ratio pick may choose (None: all of them; `limit_ratios`)."""
+        self._offered_ratio_ids = tuple(special.ratio)
+        self._banned_ids: tuple[int, ...] | None = None
         self.tokens: list[int] = []
         """Every token after the prompt: fed ones, then any closing tokens from `close()`."""
         self.n_fed = 0
@@ -160,6 +170,16 @@ class StageMachine:
             template=template,
             max_new_tokens=max_new_tokens,
         )
+
+    def limit_ratios(self, allowed: tuple[int, ...] | None) -> None:
+        """Offer only the buckets `allowed` (indexes) to the ratio pick, and never sample the other ratio tokens on a
+        free step; None offers every bucket and bans nothing (the official pick)."""
+        ratio = self.sp.ratio
+        if allowed is not None and not all(0 <= r < len(ratio) for r in allowed):
+            raise ValueError(f"ratio indexes must be in [0, {len(ratio)}), got {allowed}")
+        self.allowed_ratios = None if allowed is None else tuple(allowed)
+        self._offered_ratio_ids = tuple(ratio) if allowed is None else tuple(ratio[r] for r in allowed)
+        self._banned_ids = None if allowed is None else tuple(t for r, t in enumerate(ratio) if r not in allowed)
 
     # ------------------------------------------------------------------------------------ state
     @property
@@ -221,27 +241,24 @@ class StageMachine:
     # ------------------------------------------------------------------------------------ steps
     @property
     def forcing(self) -> Forcing:
-        """This step's forcing: the forced token, or else the ratio ids when the step is the greedy ratio pick."""
-        if self._forced is None and self._ratio_pick:
-            return Forcing(ratio_ids=tuple(self.sp.ratio))
-        return Forcing(forced_token=self._forced)
+        """What this step may sample: the forced token; or else, on the greedy ratio pick, the offered ratio ids; or
+        else anything but the banned ratio tokens (`limit_ratios`)."""
+        if self.needs_ratio_pick:
+            return Forcing(ratio_ids=self._offered_ratio_ids)
+        return Forcing(forced_token=self._forced, banned_ids=self._banned_ids)
 
     def constrain(self, logits: torch.Tensor) -> torch.Tensor:
         """Apply this step's official forcing to a 1-D logits row in place and return it.
 
         A forced token (or the greedy ratio pick) becomes the only finite-probability entry: every score
         is set to the dtype's minimum and the chosen id to 0, as the official processors do. Free steps
-        are left untouched. Same implementation as the serving worker's batched forcing (`constrain_batch`).
+        are left untouched but for banned ratio tokens. The serving worker's forcing: the same `forcing`, through
+        the same `constrain_batch`.
         """
         if self._stopped:
             raise StageMachineError("the text phase is over; no further step to constrain")
         constrain_batch(logits.view(1, -1), [self.forcing])
         return logits
-
-    def pick_ratio(self, logits: torch.Tensor) -> int:
-        """Greedy ratio index: argmax over the ratio-token logits in index order 0..36 (first on ties)."""
-        ids = torch.tensor(self.sp.ratio, device=logits.device)
-        return int(torch.argmax(logits[ids]).item())
 
     def feed(self, token_id: int) -> None:
         """Record the token the step produced and advance (forcing, triggers, stop, budget)."""
