@@ -125,9 +125,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from diffgentor.engine.config import EngineConfig
     from diffgentor.engine.core import EngineCore
     from diffgentor.engine.executor import UniProcExecutor
-    from diffgentor.engine.models.hunyuan_image_3.config import GenerationDefaults
-    from diffgentor.engine.models.hunyuan_image_3.system_prompt import SystemPrompts
-    from diffgentor.engine.models.hunyuan_image_3.tokenizer import HunyuanTokenizer
+    from diffgentor.engine.input_processor import load_processor_context
     from diffgentor.engine.offline import Engine
     from diffgentor.engine.request import GenerationRequest
     from diffgentor.engine.testing.tiny_model import write_tiny_metadata
@@ -155,9 +153,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                               num_kv_blocks=args.kv_blocks, max_num_seqs=2, attn_impl=args.attn_impl,
                               moe_impl=args.moe_impl, quantization=args.quantization or "none",
                               enforce_eager=True)  # LayerTimer's per-layer hooks cannot time CUDA-graph replays
-        tok = HunyuanTokenizer.from_pretrained(ckpt, require_distil_tokens=model.config.cfg_distilled)
-        core = EngineCore(model.config, tok, GenerationDefaults.from_pretrained(ckpt),
-                          SystemPrompts.from_pretrained(ckpt), config,
+        core = EngineCore(load_processor_context(ckpt, config), config,
                           UniProcExecutor(Worker(model, config, args.kv_blocks)))
         engine = Engine(core)
         timer = LayerTimer(model.model.layers) if cuda else None

@@ -392,7 +392,6 @@ def section_cuda_graphs(chk: Check, gpu: bool, out: Path) -> dict[str, Any]:
     from diffgentor.bench.decode import _text_layout
     from diffgentor.bench.engine_run import build_random_model
     from diffgentor.engine.cuda_graph import DecodeGraphRunner
-    from diffgentor.engine.models.hunyuan_image_3.embedding import positions_for
     from diffgentor.engine.models.hunyuan_image_3.sampling import SamplingParams
     from diffgentor.engine.scheduler_output import Chunk, SampleSpec
     from diffgentor.kernels.attention import AttentionMetadata, SequenceChunk
@@ -421,7 +420,7 @@ def section_cuda_graphs(chk: Check, gpu: bool, out: Path) -> dict[str, Any]:
             static = runner.forward(batch_in.bucket, batch_in.width)[:batch].float()
             md = AttentionMetadata.build([SequenceChunk([ctx - 1], ctx, tables[b]) for b in range(batch)], ps, dev)
             emb = model.embed_tokens(ids.to(dev))
-            pos = positions_for(layout, ctx - 1, ctx).to(dev).expand(batch, 2)
+            pos = layout.positions_for(ctx - 1, ctx).to(dev).expand(batch, 2)
             eager = model.model(emb, pos, md, kv).float()
             err = float((static - eager).abs().max() / eager.abs().max())
             res[f"B{batch}"] = {"static_vs_eager_rel": err}
@@ -493,11 +492,10 @@ def section_e2e_edit(chk: Check, gpu: bool, out: Path) -> dict[str, Any]:
     from diffgentor.engine.config import EngineConfig
     from diffgentor.engine.core import EngineCore
     from diffgentor.engine.executor import UniProcExecutor
+    from diffgentor.engine.input_processor import load_processor_context
     from diffgentor.engine.kernel_warmup import choose_kernels
     from diffgentor.engine.memory_plan import GpuSpec, plan_memory
-    from diffgentor.engine.models.hunyuan_image_3.config import GenerationDefaults, HunyuanImage3Config
-    from diffgentor.engine.models.hunyuan_image_3.system_prompt import SystemPrompts
-    from diffgentor.engine.models.hunyuan_image_3.tokenizer import HunyuanTokenizer
+    from diffgentor.engine.models.hunyuan_image_3.config import HunyuanImage3Config
     from diffgentor.engine.offline import Engine
     from diffgentor.engine.parallel import ParallelContext
     from diffgentor.engine.worker import Worker
@@ -519,9 +517,8 @@ def section_e2e_edit(chk: Check, gpu: bool, out: Path) -> dict[str, Any]:
         t0 = time.perf_counter()
         model = build_random_model(ckpt, dev, dt, None, 0, kernels.attn_impl, kernels.moe_impl)
         res["build_s"] = time.perf_counter() - t0
-        tok = HunyuanTokenizer.from_pretrained(ckpt, require_distil_tokens=mc.cfg_distilled)
-        core = EngineCore(mc, tok, GenerationDefaults.from_pretrained(ckpt), SystemPrompts.from_pretrained(ckpt),
-                          config, UniProcExecutor(Worker(model, config, config.num_kv_blocks)))
+        core = EngineCore(load_processor_context(ckpt, config), config,
+                          UniProcExecutor(Worker(model, config, config.num_kv_blocks)))
         engine = Engine(core)
         arr = (np.random.RandomState(0).rand(side, side, 3) * 255).astype(np.uint8)
         img = Image.fromarray(arr)

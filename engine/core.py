@@ -28,13 +28,13 @@ from diffgentor.engine.cfg_groups import GroupedKVCacheManager
 from diffgentor.engine.config import EngineConfig
 from diffgentor.engine.detokenizer import IncrementalDetokenizer
 from diffgentor.engine.executor import Executor, ExecutorError, UniProcExecutor
-from diffgentor.engine.input_processor import ProcessedRequest, ProcessorContext, process_request
+from diffgentor.engine.input_processor import (
+    ProcessedRequest,
+    ProcessorContext,
+    load_processor_context,
+    process_request,
+)
 from diffgentor.engine.kv_cache_manager import KVCacheManager
-from diffgentor.engine.models.hunyuan_image_3.config import GenerationDefaults, HunyuanImage3Config
-from diffgentor.engine.models.hunyuan_image_3.image_processing import ImageProcessor
-from diffgentor.engine.models.hunyuan_image_3.prompt import PromptBuilder
-from diffgentor.engine.models.hunyuan_image_3.system_prompt import SystemPrompts
-from diffgentor.engine.models.hunyuan_image_3.tokenizer import HunyuanTokenizer
 from diffgentor.engine.parallel import check_layout_heads
 from diffgentor.engine.request import (
     CoreSnapshot,
@@ -44,8 +44,7 @@ from diffgentor.engine.request import (
     RequestResult,
 )
 from diffgentor.engine.request_contract import RequestError
-from diffgentor.engine.request_defaults import resolve_request_defaults
-from diffgentor.engine.request_state import RequestState, enter_image_phase, state_from_processed
+from diffgentor.engine.request_state import RequestState, state_from_processed
 from diffgentor.engine.scheduler import RequestOutput, Scheduler, SchedulerConfig
 from diffgentor.engine.scheduler_output import RunnerOutput, SchedulerOutput
 from diffgentor.engine.worker import Worker
@@ -83,20 +82,11 @@ class EngineCore:
 
     failed: str | None = None  # a fatal error (a tensor-parallel rank was lost); every later request is refused
 
-    def __init__(
-        self,
-        model_config: HunyuanImage3Config,
-        tokenizer: HunyuanTokenizer,
-        defaults: GenerationDefaults,
-        system_prompts: SystemPrompts | None,
-        config: EngineConfig,
-        executor: Executor,
-    ) -> None:
+    def __init__(self, ctx: ProcessorContext, config: EngineConfig, executor: Executor) -> None:
+        """`ctx`: the checkpoint's input processing (`load_processor_context(path, config)`); the model's answers to
+        the scheduler come with it (`ctx.request_logic`)."""
         self.config = config
-        mc = model_config
-        builder = PromptBuilder.from_config(tokenizer, mc, template=defaults.sequence_template)
-        self.ctx = ProcessorContext(mc, defaults, tokenizer, builder, ImageProcessor(mc), system_prompts,
-                                    resolve_request_defaults(defaults, config))
+        self.ctx = ctx
         groups = executor.layout.cfg
         kv: KVCacheManager | GroupedKVCacheManager = (
             KVCacheManager(executor.num_blocks, config.block_size, config.enable_prefix_caching) if groups == 1 else
@@ -106,7 +96,7 @@ class EngineCore:
                             config.max_num_encoder_pixels, config.encoder_cache_bytes, config.max_num_image_tokens,
                             vae_budget=executor.vae_budget, async_encode=config.async_encode,
                             cfg_parallel_size=groups),
-            kv, transition=lambda st: enter_image_phase(self.ctx, st),
+            kv, ctx.request_logic,
         )
         self.executor = executor
         self.stats = StepStats()
@@ -129,12 +119,9 @@ class EngineCore:
         `MultiprocExecutor`, e.g. expert_parallel, ready_timeout_s, step_timeout_s)."""
         if config.model is None:
             raise ValueError("EngineConfig.model (the checkpoint folder) is required")
-        path = Path(config.model)
-        mc = HunyuanImage3Config.from_pretrained(path)
-        tok = HunyuanTokenizer.from_pretrained(path, require_distil_tokens=mc.cfg_distilled)
-        defaults, prompts = GenerationDefaults.from_pretrained(path), SystemPrompts.from_pretrained(path)
+        ctx = load_processor_context(Path(config.model), config)
         layout = config.parallel_layout()
-        check_layout_heads(mc.num_attention_heads, mc.num_key_value_heads, layout)
+        check_layout_heads(ctx.config.num_attention_heads, ctx.config.num_key_value_heads, layout)
         if layout.world_size > 1:
             from diffgentor.engine.tp.executor import MultiprocExecutor
 
@@ -144,7 +131,7 @@ class EngineCore:
                             "(tensor_parallel_size x cfg_parallel_size x sequence_parallel_size > 1)")
         else:
             executor = UniProcExecutor(Worker.load(config))
-        return cls(mc, tok, defaults, prompts, config, executor)
+        return cls(ctx, config, executor)
 
     # ------------------------------------------------------------------ requests
     @property

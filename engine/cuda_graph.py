@@ -38,8 +38,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from diffgentor.engine.models.hunyuan_image_3.embedding import positions_for
-from diffgentor.engine.models.hunyuan_image_3.model import HunyuanImage3ForCausalMM
+from diffgentor.engine.model_interface import DecoderModel
 from diffgentor.engine.scheduler_output import Chunk
 from diffgentor.kernels.decode_attention import StaticDecodeAttention, StaticDecodeMetadata
 from diffgentor.kernels.fallback import warn_once
@@ -157,7 +156,7 @@ def decode_batch(
         if len(pages) * block_size < kv_len or any(p < 0 for p in pages):
             return None
         ids.append(int(c.token_ids[c.start]))
-        pos.append([int(x) for x in positions_for(c.layout, c.start, c.end)[0].tolist()])  # host tensor
+        pos.append([int(x) for x in c.layout.positions_for(c.start, c.end)[0].tolist()])  # host tensor
         slots.append(pages[c.start // block_size] * block_size + c.start % block_size)
         tables.append(pages)
         lens.append(kv_len)
@@ -202,7 +201,7 @@ class DecodeGraphRunner:
 
     def __init__(
         self,
-        model: HunyuanImage3ForCausalMM,
+        model: DecoderModel,
         kv_cache: PagedKVCache,
         scratch_block: int,
         max_num_seqs: int,

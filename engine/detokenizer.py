@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from diffgentor.engine.models.hunyuan_image_3.tokenizer import HunyuanTokenizer
+from diffgentor.engine.model_interface import TokenDecoder
 
 REPLACEMENT_CHAR = "\ufffd"
 
@@ -28,7 +28,7 @@ class IncrementalDetokenizer:
     `finish()` has flushed the held-back tail it equals `tokenizer.decode(all ids)`.
     """
 
-    def __init__(self, tokenizer: HunyuanTokenizer, prefix_ids: Iterable[int] | None = None) -> None:
+    def __init__(self, tokenizer: TokenDecoder, prefix_ids: Iterable[int] | None = None) -> None:
         self._tok = tokenizer
         self._ids: list[int] = [int(i) for i in (prefix_ids or ())]
         self._prefix_offset = 0

@@ -13,6 +13,7 @@ import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -22,6 +23,7 @@ import torch
 from diffgentor.engine.models.hunyuan_image_3.config import GenerationDefaults, HunyuanImage3Config
 from diffgentor.engine.models.hunyuan_image_3.image_processing import ImageProcessor, VaeCondImage, VitCondImage
 from diffgentor.engine.models.hunyuan_image_3.prompt import PromptBuilder
+from diffgentor.engine.models.hunyuan_image_3.request_logic import HunyuanImage3RequestLogic
 from diffgentor.engine.models.hunyuan_image_3.sampling import SamplingParams
 from diffgentor.engine.models.hunyuan_image_3.system_prompt import SystemPrompts, choose_system_prompt
 from diffgentor.engine.models.hunyuan_image_3.tokenizer import HunyuanTokenizer
@@ -50,6 +52,10 @@ class ProcessorContext:
     system_prompts: SystemPrompts | None
     request_defaults: RequestDefaults  # what a request gets for each field it leaves unset
 
+    @cached_property
+    def request_logic(self) -> HunyuanImage3RequestLogic:
+        """The model's answers to the scheduler (engine/model_interface.py, `ModelRequestLogic`)."""
+        return HunyuanImage3RequestLogic(self.config, self.builder)
 
 
 def load_processor_context(path: str | Path, engine_config: EngineConfig | None = None) -> ProcessorContext:

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from diffgentor.engine.config import EngineConfig
-from diffgentor.engine.models.hunyuan_image_3.config import HunyuanImage3Config
+from diffgentor.engine.model_interface import BackboneShape
 from diffgentor.engine.parallel import ParallelContext
 from diffgentor.kernels.attention import (
     AttentionMetadata,
@@ -68,7 +68,7 @@ class WarmupShapes:
     quantization: str | None  # None, "fp8" or "fp8_block"
 
     @classmethod
-    def of(cls, config: EngineConfig, mc: HunyuanImage3Config, parallel: ParallelContext | None) -> WarmupShapes:
+    def of(cls, config: EngineConfig, mc: BackboneShape, parallel: ParallelContext | None) -> WarmupShapes:
         par = parallel or ParallelContext()
         layer = next((i for i in range(mc.num_hidden_layers) if mc.is_moe_layer(i)), 0)
         inter = mc.moe_intermediate_size[layer]
@@ -209,7 +209,7 @@ def prove(modules: list[str], shapes: WarmupShapes, device: torch.device, budget
                                           f"not finished within the {budget_s:g}s warm-up budget") for m in modules]
 
 
-def choose_kernels(config: EngineConfig, model_config: HunyuanImage3Config,
+def choose_kernels(config: EngineConfig, model_config: BackboneShape,
                    parallel: ParallelContext | None = None) -> KernelChoice:
     """The attention and MoE implementations this replica runs (module docstring); logs the choice once."""
     device = torch.device(config.resolve_device())

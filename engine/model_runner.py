@@ -36,7 +36,6 @@ from diffgentor.engine.models.hunyuan_image_3.embedding import (
     GenInputs,
     assemble_embeddings,
     condition_from_encoded,
-    positions_for,
 )
 from diffgentor.engine.models.hunyuan_image_3.flow_match import (
     FlowMatchSchedule,
@@ -200,7 +199,7 @@ class ModelRunner:
         req = self.requests[c.request_id]
         gen = self._gen_inputs(c.request_id, step_of[i]) if c.diffusion else None
         emb = assemble_embeddings(self.model, c.layout, c.token_ids, req.conds, c.start, c.end, gen)
-        return emb, positions_for(c.layout, c.start, c.end)
+        return emb, c.layout.positions_for(c.start, c.end)
 
     def _run(self, chunks: list[tuple[int, Chunk]], step_of: dict[int, int]) -> dict[int, Tensor]:
         if not chunks:

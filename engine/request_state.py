@@ -21,9 +21,8 @@ from diffgentor.engine.input_processor import (
     resolve_params,
     unpack_image,
 )
-from diffgentor.engine.models.hunyuan_image_3.embedding import cond_layout
 from diffgentor.engine.models.hunyuan_image_3.image_processing import VaeCondImage, VitCondImage
-from diffgentor.engine.models.hunyuan_image_3.prompt import BuiltPrompt, common_prefix_len
+from diffgentor.engine.models.hunyuan_image_3.prompt import BuiltPrompt, common_prefix_len, cond_layout
 from diffgentor.engine.models.hunyuan_image_3.sampling import SamplingParams
 from diffgentor.engine.models.hunyuan_image_3.stage_machine import StageMachine
 from diffgentor.engine.request import GenerationRequest, RequestStatus
@@ -84,7 +83,6 @@ class RequestState:
     times: dict[str, float] = field(default_factory=dict)
     num_prompt_tokens: int = 0
     num_preemptions: int = 0
-    taylor_schedule: list[bool] | None = None
     encoder_inputs: list[EncoderInput] = field(default_factory=list)  # one per condition image, input order
     preview_steps: tuple[int, ...] = ()  # denoising steps whose predicted clean image is streamed as a preview
     # CFG parallel (engine/cfg_groups.py): the group of the cond row (the owner) and of the uncond row, set when the
@@ -170,7 +168,7 @@ def state_from_processed(ctx: ProcessorContext, p: ProcessedRequest) -> RequestS
         raise RequestError("partial_images needs output_type 'pil' (previews are decoded images)")
     state.preview_steps = _preview_steps(steps, n_previews)
     if phase == "image":
-        enter_image_phase(ctx, state, layout)
+        enter_image_phase(state, layout)
     return state
 
 
@@ -211,19 +209,9 @@ def _max_image_tokens(ctx: ProcessorContext) -> int:
     return max((h // ds) * (w // ds) for h, w in ctx.builder.resolution.buckets) + 8
 
 
-def enter_image_phase(ctx: ProcessorContext, st: RequestState, layout: BuiltPrompt | None = None) -> None:
-    """Switch a request to its image-phase sequence(s); the cond row keeps the KV of the common prefix."""
-    if layout is None:
-        layouts = [cond_layout(v, t, ctx.config.latent_downsample) for v, t in zip(st.vae_images, st.vit_images)]
-        layout = ctx.builder.image_prompt(
-            st.req.prompt, ratio_index=st.ratio_index, system_prompt=st.system_prompt, cond_images=layouts,
-            cot_ids=st.machine.cot_ids or None, cfg=st.use_cfg,
-        )
-    if len(layout) > ctx.config.max_position_embeddings:
-        raise RequestError(f"the image-phase sequence needs {len(layout)} tokens (the prompt, its condition images, "
-                           f"{len(st.machine.cot_ids or [])} think/recaption tokens and the image); the model allows "
-                           f"{ctx.config.max_position_embeddings}: lower max_new_tokens, shorten the prompt or use "
-                           "fewer condition images")
+def enter_image_phase(st: RequestState, layout: BuiltPrompt) -> None:
+    """Switch a request's rows to its image-phase sequence (the model's `image_phase_layout`, or the first prompt of
+    a request without a text phase); the cond row keeps the KV of the common prefix."""
     ids = list(layout.token_ids)
     keep = common_prefix_len(st.cond.token_ids[: st.cond.num_computed], ids)
     st.cond.token_ids, st.cond.layout = ids, layout

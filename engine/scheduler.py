@@ -27,15 +27,17 @@ running request is preempted (its blocks freed, recomputed later).
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from diffgentor.engine.cfg_groups import choose_owner, row_groups_for
 from diffgentor.engine.encoder_cache import EncoderCacheManager, EncoderInput, EncoderKey
 from diffgentor.engine.kv_cache_manager import KVCacheManager, compute_block_hashes
+from diffgentor.engine.model_interface import ModelRequestLogic
 from diffgentor.engine.request import FinishReason, RequestStatus
-from diffgentor.engine.request_state import RequestError, RequestState, SeqState, block_extra_keys
+from diffgentor.engine.request_contract import RequestError
+from diffgentor.engine.request_state import RequestState, SeqState, block_extra_keys, enter_image_phase
 from diffgentor.engine.scheduler_output import (
     Chunk,
     DiffusionStart,
@@ -129,16 +131,14 @@ def move(st: RequestState, new: RequestStatus) -> None:
 MAX_ENCODE_DEFERRALS = 2
 """Steps a waiting request's encode may be held back for other requests' first prefill (see `_schedule_encodes`)."""
 
-PhaseTransition = Callable[[RequestState], None]
-"""Switch a request whose text phase ended to its image-phase sequence(s); raises `RequestError`."""
-
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, kv: KVCacheManager,
-                 transition: PhaseTransition | None = None) -> None:
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager, model: ModelRequestLogic) -> None:
+        """`model`: the model's answers about a request (engine/model_interface.py): its image-phase sequence and
+        which denoising steps run the backbone."""
         self.config = config
         self.kv = kv
-        self.transition = transition
+        self.model = model
         self.requests: dict[str, RequestState] = {}
         self.waiting: deque[RequestState] = deque()
         self.running: list[RequestState] = []
@@ -483,7 +483,7 @@ class Scheduler:
             st.mark("first_scheduled")
             return used
         # a denoising step: every row's image block, atomically
-        full_step = not st.use_taylor_cache or _taylor_full_step(st)
+        full_step = self.model.runs_backbone(st, st.step)
         need = (slot_end - ts) * len(st.rows) if full_step else 0
         cap = self.config.max_num_image_tokens
         if cap is None:
@@ -657,20 +657,11 @@ class Scheduler:
             finish(st, FinishReason.ERROR, "the model did not choose an image size")
             return
         try:
-            if self.transition is None:
-                raise RequestError("this scheduler cannot start image phases (no transition)")
-            self.transition(st)
+            layout = self.model.image_phase_layout(st)
         except RequestError as e:  # the request's own inputs and text do not fit: a client error
             finish(st, FinishReason.ERROR, str(e), status=400)
             return
+        enter_image_phase(st, layout)
         move(st, RequestStatus.IMAGE_PREFILL)
 
-
-def _taylor_full_step(st: RequestState) -> bool:
-    """Whether this denoising step runs the backbone (the Taylor cache extrapolates the others)."""
-    if st.taylor_schedule is None:
-        from diffgentor.engine.models.hunyuan_image_3.taylor_cache import TaylorCacheConfig, full_step_schedule
-
-        st.taylor_schedule = full_step_schedule(TaylorCacheConfig(), st.num_steps)
-    return st.taylor_schedule[st.step]
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import random
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -24,7 +25,7 @@ from diffgentor.engine.config import EngineConfig
 from diffgentor.engine.input_processor import load_processor_context
 from diffgentor.engine.kv_cache_manager import KVCacheManager
 from diffgentor.engine.request import FinishReason, GenerationRequest, RequestStatus
-from diffgentor.engine.request_state import build_request_state, enter_image_phase
+from diffgentor.engine.request_state import build_request_state
 from diffgentor.engine.scheduler import TRANSITIONS, IllegalTransition, Scheduler, SchedulerConfig, chunk_end, move
 from diffgentor.engine.scheduler_output import RunnerOutput, SchedulerOutput
 from diffgentor.engine.testing.tiny_model import write_tiny_metadata
@@ -100,7 +101,7 @@ class Harness:
         self.sched = Scheduler(SchedulerConfig(max_num_seqs, max_tokens, block_size, encoder_pixels, encoder_bytes,
                                                image_tokens, vae_budget, async_encode=encode_delay > 0,
                                                cfg_parallel_size=cfg_groups),
-                               self.kv, transition=lambda st: enter_image_phase(ctx, st))
+                               self.kv, ctx.request_logic)
         self.worker_encoded: set = set()  # what a real worker would hold in its encoder cache
         self.worker_requests: set[str] = set()
         self.plans: list[SchedulerOutput] = []
@@ -594,7 +595,8 @@ def test_an_image_phase_that_does_not_fit_fails_the_request_with_400(ctx_distil)
     def too_long(st):
         raise RequestError("the image-phase sequence needs 9489 tokens; the model allows 8192")
 
-    h.sched.transition = too_long
+    real = h.sched.model
+    h.sched.model = SimpleNamespace(image_phase_layout=too_long, runs_backbone=real.runs_backbone)
     h.add("long", image_size="256x256", bot_task="think_recaption", max_new_tokens=4)
     h.add("fine", image_size="256x256", bot_task="image")
     h.run()

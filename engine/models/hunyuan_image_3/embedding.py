@@ -15,7 +15,7 @@ from torch import Tensor
 
 from .image_processing import VaeCondImage, VitCondImage
 from .model import HunyuanImage3ForCausalMM
-from .prompt import BuiltPrompt, CondImageLayout
+from .prompt import BuiltPrompt, CondImageLayout, cond_layout
 from .vae import DiagonalGaussian
 
 
@@ -29,16 +29,6 @@ class CondImage:
     latents: Tensor  # [C, h, w] scaled posterior sample
     vae_tokens: Tensor  # [h*w, H]
     vit_tokens: Tensor | None  # [P, H]
-
-
-def cond_layout(vae: VaeCondImage, vit: VitCondImage | None, latent_downsample: int) -> CondImageLayout:
-    bh, bw = vae.size_hw
-    return CondImageLayout(
-        ratio_index=vae.ratio_index,
-        vae_grid=(bh // latent_downsample, bw // latent_downsample),
-        vit_grid=tuple(int(v) for v in vit.spatial_shapes) if vit is not None else (1, 1),
-        vit_tokens=int(vit.pixel_values.shape[0]) if vit is not None else 1,
-    )
 
 
 @dataclass
@@ -160,14 +150,3 @@ def assemble_embeddings(
             put(layout.timestep_r_index, model.timestep_r_tokens(torch.tensor([gen.r], device=dev)))
     return emb
 
-
-def positions_for(layout: BuiltPrompt, start: int, end: int) -> Tensor:
-    """RoPE positions [end - start, 2] for tokens [start, end); past the layout, text positions y = x = index."""
-    n = layout.positions.shape[0]
-    parts = []
-    if start < n:
-        parts.append(layout.positions[start : min(end, n)])
-    if end > n:
-        idx = torch.arange(max(start, n), end, dtype=torch.long)
-        parts.append(torch.stack([idx, idx], dim=1))
-    return torch.cat(parts) if len(parts) > 1 else parts[0]

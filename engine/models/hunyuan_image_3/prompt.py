@@ -36,6 +36,7 @@ from .tokenizer import HunyuanTokenizer
 
 if TYPE_CHECKING:
     from .config import HunyuanImage3Config
+    from .image_processing import VaeCondImage, VitCondImage
 
 TEMPLATES = ("instruct", "pretrain")
 TEXT_TASKS = ("auto", "think", "recaption", "img_ratio")
@@ -88,6 +89,17 @@ class CondImageLayout:
         )
 
 
+def cond_layout(vae: VaeCondImage, vit: VitCondImage | None, latent_downsample: int) -> CondImageLayout:
+    """The layout of a preprocessed condition image (its VAE bucket and SigLIP2 grid)."""
+    bh, bw = vae.size_hw
+    return CondImageLayout(
+        ratio_index=vae.ratio_index,
+        vae_grid=(bh // latent_downsample, bw // latent_downsample),
+        vit_grid=tuple(int(v) for v in vit.spatial_shapes) if vit is not None else (1, 1),
+        vit_tokens=int(vit.pixel_values.shape[0]) if vit is not None else 1,
+    )
+
+
 @dataclass(frozen=True)
 class ImageSlot:
     """One `<img>` run of the sequence: [start, end) and the grid it carries."""
@@ -131,6 +143,18 @@ class BuiltPrompt:
 
     def slots(self, kind: str) -> list[ImageSlot]:
         return [s for s in self.image_slots if s.kind == kind]
+
+    def positions_for(self, start: int, end: int) -> torch.Tensor:
+        """RoPE positions [end - start, 2] for tokens [start, end); past the layout (generated text), text
+        positions y = x = index."""
+        n = self.positions.shape[0]
+        parts = []
+        if start < n:
+            parts.append(self.positions[start : min(end, n)])
+        if end > n:
+            idx = torch.arange(max(start, n), end, dtype=torch.long)
+            parts.append(torch.stack([idx, idx], dim=1))
+        return torch.cat(parts) if len(parts) > 1 else parts[0]
 
     def attention_mask(self) -> torch.Tensor:
         """Dense bool [L, L] (True = may attend): causal plus the full-attention spans (reference use)."""
