@@ -177,7 +177,7 @@ def decode_batch(
     )
 
 
-def decode_attention_for(model: HunyuanImage3ForCausalMM, buckets: Sequence[int], max_pages: int
+def decode_attention_for(model: DecoderModel, buckets: Sequence[int], max_pages: int
                          ) -> StaticDecodeAttention | FlashInferGraphDecode:
     """The attention a graph captures: FlashInfer's decode wrapper in CUDA-graph mode when the model's backend is
     FlashInfer and it can run here (never torch attention in its place), else the torch static attention."""

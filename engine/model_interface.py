@@ -130,7 +130,7 @@ class DecoderModel(Protocol):
     with this rank's head counts) over the paged KV cache."""
 
     config: BackboneShape
-    model: Any  # the backbone: num_local_heads, num_local_kv_heads, __call__(embeds, positions, metadata, kv, attn=)
+    model: Any  # the backbone: attn, num_local_heads, num_local_kv_heads, __call__(embeds, positions, metadata, kv)
     device: torch.device
 
     def embed_tokens(self, ids: Tensor) -> Tensor: ...
