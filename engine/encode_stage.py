@@ -34,10 +34,9 @@ from dataclasses import dataclass
 
 import torch
 
-from diffgentor.engine.encoder_cache import EncoderInput, EncoderKey
-from diffgentor.engine.models.hunyuan_image_3.embedding import EncodedImage, encode_images
-from diffgentor.engine.models.hunyuan_image_3.model import HunyuanImage3ForCausalMM
-from diffgentor.engine.scheduler_output import RunnerOutput
+from diffgentor.engine.encoder_cache import EncoderKey
+from diffgentor.engine.models.hunyuan_image_3.execution import EncodedImage, HunyuanImage3ForCausalMM, encode_images
+from diffgentor.engine.scheduler_output import EncoderInput, RunnerOutput
 from diffgentor.engine.vae_budget import VaeBudget, chunks
 
 

@@ -14,33 +14,18 @@ more than its byte bound.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-
-from diffgentor.engine.models.hunyuan_image_3.image_processing import VaeCondImage, VitCondImage
 
 EncoderKey = tuple[str, int, tuple[int, ...], bool, tuple[int, ...]]
 """(content digest, bucket, VAE pixel shape, aligned, ViT pixel shape): see `encoder_key`."""
 
 
-@dataclass
-class EncoderInput:
-    """One condition image to encode: its cache key and the preprocessed pixels the worker runs."""
-
-    key: EncoderKey
-    vae: VaeCondImage
-    vit: VitCondImage | None
-
-    @property
-    def num_pixels(self) -> int:
-        """The budget unit: VAE pixels (the encode that dominates; the ViT sees at most as many)."""
-        _, h, w = self.vae.pixels.shape
-        return int(h) * int(w)
-
-
-def encoder_key(digest: str, vae: VaeCondImage, vit: VitCondImage | None, align: bool) -> EncoderKey:
-    """Content digest + bucket: the same file cropped to the same bucket the same way encodes the same."""
-    vit_shape = tuple(int(d) for d in vit.pixel_values.shape) if vit is not None else ()
-    return (digest, int(vae.ratio_index), tuple(int(d) for d in vae.pixels.shape), bool(align), vit_shape)
+def encoder_key(digest: str, bucket: int, vae_shape: Sequence[int], align: bool,
+                vit_shape: Sequence[int] = ()) -> EncoderKey:
+    """Content digest + bucket: the same file cropped to the same bucket the same way (VAE pixels of `vae_shape`,
+    ViT patches of `vit_shape`, () without a ViT) encodes the same."""
+    return (digest, int(bucket), tuple(int(d) for d in vae_shape), bool(align), tuple(int(d) for d in vit_shape))
 
 
 @dataclass

@@ -20,13 +20,19 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 import torch
 
-from diffgentor.engine.models.hunyuan_image_3.config import GenerationDefaults, HunyuanImage3Config
-from diffgentor.engine.models.hunyuan_image_3.image_processing import ImageProcessor, VaeCondImage, VitCondImage
-from diffgentor.engine.models.hunyuan_image_3.prompt import PromptBuilder
-from diffgentor.engine.models.hunyuan_image_3.request_logic import HunyuanImage3RequestLogic
-from diffgentor.engine.models.hunyuan_image_3.sampling import SamplingParams
-from diffgentor.engine.models.hunyuan_image_3.system_prompt import SystemPrompts, choose_system_prompt
-from diffgentor.engine.models.hunyuan_image_3.tokenizer import HunyuanTokenizer
+from diffgentor.engine.models.hunyuan_image_3 import (
+    GenerationDefaults,
+    HunyuanImage3Config,
+    HunyuanImage3RequestLogic,
+    HunyuanTokenizer,
+    ImageProcessor,
+    PromptBuilder,
+    SamplingParams,
+    SystemPrompts,
+    VaeCondImage,
+    VitCondImage,
+    choose_system_prompt,
+)
 from diffgentor.engine.request import GenerationRequest
 from diffgentor.engine.request_contract import BOT_TASKS, MAX_COND_IMAGES, RequestError
 from diffgentor.engine.request_defaults import RequestDefaults, resolve_request_defaults

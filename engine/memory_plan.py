@@ -40,7 +40,7 @@ from typing import Any
 import torch
 
 from diffgentor.engine.config import CFG_ROWS, EngineConfig
-from diffgentor.engine.models.hunyuan_image_3.config import HunyuanImage3Config
+from diffgentor.engine.models.hunyuan_image_3 import HunyuanImage3Config
 from diffgentor.engine.parallel import ParallelContext
 from diffgentor.engine.parallel_layout import ParallelLayout
 from diffgentor.engine.vae_budget import VaeBudget
@@ -103,7 +103,7 @@ PARTS = ("experts", "attention", "embeddings", "vit", "vae", "other")
 
 
 def weight_part(name: str) -> str:
-    from diffgentor.engine.models.hunyuan_image_3.weights import is_expert_weight
+    from diffgentor.engine.models.hunyuan_image_3.execution import is_expert_weight
 
     if name.startswith(("vision_model.", "vision_aligner.")):
         return "vit"
@@ -119,7 +119,7 @@ def weight_part(name: str) -> str:
 
 
 def _meta_model(model_config: HunyuanImage3Config, parallel: ParallelContext) -> torch.nn.Module:
-    from diffgentor.engine.models.hunyuan_image_3.model import HunyuanImage3ForCausalMM
+    from diffgentor.engine.models.hunyuan_image_3.execution import HunyuanImage3ForCausalMM
 
     with torch.device("meta"):
         return HunyuanImage3ForCausalMM(model_config, parallel=parallel)
@@ -159,7 +159,7 @@ def weight_bytes_by_part(
 ) -> dict[str, int]:
     """Bytes of this rank's parameters and buffers at their load dtypes, by part (see the module docstring).
     dedupe_layers: build one decoder layer and count it num_hidden_layers times when all layers are alike."""
-    from diffgentor.engine.models.hunyuan_image_3.model import keep_fp32_for_model
+    from diffgentor.engine.models.hunyuan_image_3.execution import keep_fp32_for_model
 
     layout = fp8_layout(quantization)
     one = _one_layer_config(model_config) if dedupe_layers else None
@@ -340,7 +340,7 @@ def residual_bytes(model_config: HunyuanImage3Config, tokens: int, dtype_bytes: 
 def vae_decoder_cache_bytes(model_config: HunyuanImage3Config) -> int:
     """Autocast's fp16 copies of the decoder's weights, kept for the whole decode (the VAE's parameters require grad,
     so CUDA autocast caches their casts for its region)."""
-    from diffgentor.engine.models.hunyuan_image_3.vae import AutoencoderKLConv3D
+    from diffgentor.engine.models.hunyuan_image_3.execution import AutoencoderKLConv3D
 
     with torch.device("meta"):
         vae = AutoencoderKLConv3D(model_config.vae)

@@ -29,28 +29,24 @@ from torch import Tensor
 from diffgentor.engine.cuda_graph import DecodeGraphRunner, cuda_graphs_allowed
 from diffgentor.engine.encode_stage import EncodeStage
 from diffgentor.engine.encoder_cache import EncoderKey
-from diffgentor.engine.models.hunyuan_image_3.backbone import StepRows
-from diffgentor.engine.models.hunyuan_image_3.embedding import (
+from diffgentor.engine.models.hunyuan_image_3.execution import (
     CondImage,
     EncodedImage,
-    GenInputs,
-    assemble_embeddings,
-    condition_from_encoded,
-)
-from diffgentor.engine.models.hunyuan_image_3.flow_match import (
     FlowMatchSchedule,
+    GenInputs,
+    HunyuanImage3ForCausalMM,
+    SamplingParams,
+    StepRows,
+    assemble_embeddings,
     cfg_combine,
+    condition_from_encoded,
+    constrain_batch,
     euler_step,
     guidance_value,
     initial_noise,
-)
-from diffgentor.engine.models.hunyuan_image_3.image_processing import to_uint8
-from diffgentor.engine.models.hunyuan_image_3.model import HunyuanImage3ForCausalMM
-from diffgentor.engine.models.hunyuan_image_3.sampling import (
-    SamplingParams,
-    constrain_batch,
     make_generator,
     sample_batch,
+    to_uint8,
 )
 from diffgentor.engine.scheduler_output import (
     Chunk,
@@ -127,7 +123,7 @@ class ModelRunner:
         latents = initial_noise(req.gen_rng, (1, self.config.latent_channels, *ds.grid))[0].to(self.model.device)
         taylor = None
         if ds.use_taylor_cache:
-            from diffgentor.engine.models.hunyuan_image_3.taylor_cache import TaylorCache, TaylorCacheConfig
+            from diffgentor.engine.models.hunyuan_image_3.execution import TaylorCache, TaylorCacheConfig
 
             taylor = TaylorCache(TaylorCacheConfig(), ds.num_steps)
         req.diffusion = _Diffusion(

@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from diffgentor.engine.encoder_cache import EncoderInput, encoder_key
+from diffgentor.engine.encoder_cache import encoder_key
 from diffgentor.engine.input_processor import (
     ProcessedRequest,
     ProcessorContext,
@@ -21,13 +21,19 @@ from diffgentor.engine.input_processor import (
     resolve_params,
     unpack_image,
 )
-from diffgentor.engine.models.hunyuan_image_3.image_processing import VaeCondImage, VitCondImage
-from diffgentor.engine.models.hunyuan_image_3.prompt import BuiltPrompt, common_prefix_len, cond_layout
-from diffgentor.engine.models.hunyuan_image_3.sampling import SamplingParams
-from diffgentor.engine.models.hunyuan_image_3.stage_machine import StageMachine
+from diffgentor.engine.models.hunyuan_image_3 import (
+    BuiltPrompt,
+    SamplingParams,
+    StageMachine,
+    VaeCondImage,
+    VitCondImage,
+    common_prefix_len,
+    cond_layout,
+)
 from diffgentor.engine.request import GenerationRequest, RequestStatus
 from diffgentor.engine.request_contract import RequestError
 from diffgentor.engine.request_defaults import OFFLINE_DEFAULT_SEED
+from diffgentor.engine.scheduler_output import EncoderInput
 
 MAX_PARTIAL_IMAGES = 3  # OpenAI's bound on streamed previews
 
@@ -159,7 +165,8 @@ def state_from_processed(ctx: ProcessorContext, p: ProcessedRequest) -> RequestS
         ratio_index=fixed_ratio, num_prompt_tokens=len(layout),
     )
     state.times["max_tokens_estimate"] = float(need)
-    state.encoder_inputs = [EncoderInput(encoder_key(dg, v, t, params.align), v, t)
+    state.encoder_inputs = [EncoderInput(encoder_key(dg, v.ratio_index, v.pixels.shape, params.align,
+                                                     t.pixel_values.shape if t is not None else ()), v, t)
                             for dg, v, t in zip(digests, vae_images, vit_images)]
     n_previews = int(req.partial_images or 0)
     if not 0 <= n_previews <= MAX_PARTIAL_IMAGES:

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from diffgentor.engine.cfg_groups import choose_owner, row_groups_for
-from diffgentor.engine.encoder_cache import EncoderCacheManager, EncoderInput, EncoderKey
+from diffgentor.engine.encoder_cache import EncoderCacheManager, EncoderKey
 from diffgentor.engine.kv_cache_manager import KVCacheManager, compute_block_hashes
 from diffgentor.engine.model_interface import ModelRequestLogic
 from diffgentor.engine.request import FinishReason, RequestStatus
@@ -42,6 +42,7 @@ from diffgentor.engine.scheduler_output import (
     Chunk,
     DiffusionStart,
     DiffusionStep,
+    EncoderInput,
     NewRequestData,
     RunnerOutput,
     SampleSpec,

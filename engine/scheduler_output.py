@@ -13,10 +13,23 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from diffgentor.engine.encoder_cache import EncoderInput, EncoderKey
-from diffgentor.engine.models.hunyuan_image_3.image_processing import VaeCondImage, VitCondImage
-from diffgentor.engine.models.hunyuan_image_3.prompt import BuiltPrompt
-from diffgentor.engine.models.hunyuan_image_3.sampling import SamplingParams
+from diffgentor.engine.encoder_cache import EncoderKey
+from diffgentor.engine.models.hunyuan_image_3 import BuiltPrompt, SamplingParams, VaeCondImage, VitCondImage
+
+
+@dataclass
+class EncoderInput:
+    """One condition image to encode: its encoder-cache key and the preprocessed pixels the worker runs."""
+
+    key: EncoderKey
+    vae: VaeCondImage
+    vit: VitCondImage | None
+
+    @property
+    def num_pixels(self) -> int:
+        """The budget unit: VAE pixels (the encode that dominates; the ViT sees at most as many)."""
+        _, h, w = self.vae.pixels.shape
+        return int(h) * int(w)
 
 
 @dataclass

@@ -23,8 +23,7 @@ from diffgentor.engine.memory_plan import (
     largest_step_tokens,
 )
 from diffgentor.engine.model_runner import ModelRunner
-from diffgentor.engine.models.hunyuan_image_3.config import HunyuanImage3Config
-from diffgentor.engine.models.hunyuan_image_3.model import HunyuanImage3ForCausalMM
+from diffgentor.engine.models.hunyuan_image_3.execution import HunyuanImage3Config, HunyuanImage3ForCausalMM
 from diffgentor.engine.parallel import ParallelContext
 from diffgentor.engine.scheduler_output import RunnerOutput, SchedulerOutput
 from diffgentor.engine.vae_budget import VaeBudget

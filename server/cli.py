@@ -30,7 +30,7 @@ def _cmd_make_tiny(args: argparse.Namespace) -> int:
 def _cmd_verify_golden(args: argparse.Namespace) -> int:
     from diffgentor.engine.allocator import configure_heap
     from diffgentor.engine.config import EngineConfig
-    from diffgentor.engine.verify.golden import GoldenParallelError, verify_golden_set
+    from diffgentor.engine.models.hunyuan_image_3.golden import GoldenParallelError, verify_golden_set
 
     configure_heap(EngineConfig.from_cli_and_env({}).heap_reuse_bytes)  # computes the way an engine process does
 

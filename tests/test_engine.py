@@ -11,10 +11,10 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from diffgentor.engine.models.hunyuan_image_3.reference_pipeline import HunyuanImage3Pipeline, ImageRequest
 from diffgentor.engine.offline import Engine
 from diffgentor.engine.request import FinishReason
 from diffgentor.engine.testing.tiny_model import make_tiny
-from diffgentor.engine.verify.pipeline import HunyuanImage3Pipeline, ImageRequest
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from diffgentor.engine.verify.golden import GoldenVerifier, _Checker, unknown_input_keys
+from diffgentor.engine.models.hunyuan_image_3.golden import GoldenVerifier, _Checker, unknown_input_keys
 
 
 @pytest.fixture(scope="module")

@@ -211,3 +211,30 @@ def test_server_concerns_do_not_import_each_other():
     bad = [f"{src} imports {dst}" for src, dsts in sorted(graph.items()) for dst in sorted(dsts)
            if _concern(src) and _concern(dst) and _concern(src) != _concern(dst)]
     assert not bad, "\n".join(bad)
+
+
+MODEL_PACKAGE = "diffgentor.engine.models"
+MAX_ENGINE_TO_MODEL_EDGES = 10
+
+
+def _in_model_package(module: str) -> bool:
+    return module == MODEL_PACKAGE or module.startswith(MODEL_PACKAGE + ".")
+
+
+def engine_to_model_edges(graph: dict[str, set[str]]) -> list[tuple[str, str]]:
+    """(engine module, model-package module) import edges, the model packages themselves left out as importers."""
+    return sorted((src, dst) for src, dsts in graph.items() for dst in dsts
+                  if _layer(src) == "engine" and not _in_model_package(src) and _in_model_package(dst))
+
+
+def test_the_engine_reaches_the_model_through_a_handful_of_imports():
+    """The scheduler, its plan's bookkeeping and the core know the model through engine/model_interface.py; the
+    modules that do import a model package (input processing, request state, the plan's payload types, the worker
+    side) do so through its faces. Annotation-only imports count."""
+    edges = engine_to_model_edges(import_graph(with_lazy_plugins=True, with_type_checking=True))
+    listing = "\n".join(f"{s} -> {d}" for s, d in edges)
+    assert len(edges) <= MAX_ENGINE_TO_MODEL_EDGES, f"{len(edges)} engine -> model imports:\n{listing}"
+    importers = {s for s, _ in edges}
+    for generic in ("scheduler", "core", "encoder_cache", "detokenizer", "kv_cache_manager", "cuda_graph",
+                    "kernel_warmup"):
+        assert f"diffgentor.engine.{generic}" not in importers, listing

@@ -28,14 +28,14 @@ from diffgentor.engine.models.hunyuan_image_3.flow_match import (
     cfg_combine,
     guidance_value,
 )
-from diffgentor.engine.testing.tiny_model import make_tiny
-from diffgentor.engine.verify.pipeline import (
+from diffgentor.engine.models.hunyuan_image_3.reference_pipeline import (
     HunyuanImage3Pipeline,
     ImageRequest,
     ImageResult,
     RequestError,
     _Seq,
 )
+from diffgentor.engine.testing.tiny_model import make_tiny
 
 PROMPT = "a red house by the lake"
 BUDGET = 8

@@ -13,11 +13,10 @@ import pytest
 import torch
 from PIL import Image
 
-from diffgentor.engine.encoder_cache import EncoderInput
 from diffgentor.engine.model_runner import ModelRunner, _WorkerRequest
 from diffgentor.engine.models.hunyuan_image_3.image_processing import ImageProcessor
 from diffgentor.engine.models.hunyuan_image_3.model import HunyuanImage3ForCausalMM
-from diffgentor.engine.scheduler_output import RunnerOutput
+from diffgentor.engine.scheduler_output import EncoderInput, RunnerOutput
 from diffgentor.engine.testing.tiny_model import make_tiny
 from diffgentor.engine.vae_budget import VaeBudget, chunks
 

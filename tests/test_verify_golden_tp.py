@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from diffgentor.engine.verify.golden import (
+from diffgentor.engine.models.hunyuan_image_3.golden import (
     GoldenParallelError,
     Line,
     ParallelGoldenRun,

@@ -19,8 +19,6 @@ from typing import Any
 import torch
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
-from diffgentor.engine.models.hunyuan_image_3.checkpoint_writer import save_sharded_safetensors
-
 # ----------------------------------------------------------------------------------------------- sizes
 
 TOKENIZER_REAL_VOCAB = 400
@@ -416,9 +414,11 @@ def _tiny_state_dict(
     config_dir: Path, seed: int, pad_token_id: int, dtype: torch.dtype
 ) -> dict[str, torch.Tensor]:
     """Build our model class, fill it deterministically, and return its state in the official layout."""
-    from diffgentor.engine.models.hunyuan_image_3.config import HunyuanImage3Config
-    from diffgentor.engine.models.hunyuan_image_3.model import HunyuanImage3ForCausalMM
-    from diffgentor.engine.models.hunyuan_image_3.weights import qkv_ours_to_official
+    from diffgentor.engine.models.hunyuan_image_3.execution import (
+        HunyuanImage3Config,
+        HunyuanImage3ForCausalMM,
+        qkv_ours_to_official,
+    )
 
     cfg = HunyuanImage3Config.from_pretrained(config_dir)
     with torch.random.fork_rng(devices=[]):  # the module's own init must not move the global RNG
@@ -536,6 +536,8 @@ def make_tiny(
     `config_overrides` resizes it (e.g. the benchmark presets: more layers, wider, more experts); `shard_bytes`
     caps the shard size (default: a third of the total), e.g. to give a widened model a real checkpoint's
     proportion of shard to model (~5 GB shards of a 166 GB model: 3%)."""
+    from diffgentor.engine.models.hunyuan_image_3.execution import save_sharded_safetensors
+
     out = write_tiny_metadata(out_dir, distil, dtype, config_overrides)
     pad_id = Tokenizer.from_file(str(out / "tokenizer.json")).token_to_id("<pad>")
     state = _tiny_state_dict(out, seed, pad_id, dtype)

@@ -20,35 +20,36 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from diffgentor.engine.models.hunyuan_image_3.config import GenerationDefaults
-from diffgentor.engine.models.hunyuan_image_3.embedding import (
+from diffgentor.engine.parallel import ParallelContext
+from diffgentor.engine.request_contract import BOT_TASKS, MAX_COND_IMAGES, RequestError
+from diffgentor.kernels.attention import AttentionMetadata, SequenceChunk
+from diffgentor.kernels.kv_cache import PagedKVCache
+
+from .config import GenerationDefaults
+from .embedding import (
     CondImage,
     GenInputs,
     assemble_embeddings,
     encode_condition,
 )
-from diffgentor.engine.models.hunyuan_image_3.flow_match import (
+from .flow_match import (
     FlowMatchSchedule,
     cfg_combine,
     euler_step,
     guidance_value,
     initial_noise,
 )
-from diffgentor.engine.models.hunyuan_image_3.image_processing import ImageProcessor, load_image, to_pil, to_uint8
-from diffgentor.engine.models.hunyuan_image_3.model import HunyuanImage3ForCausalMM
-from diffgentor.engine.models.hunyuan_image_3.prompt import BuiltPrompt, PromptBuilder, common_prefix_len
-from diffgentor.engine.models.hunyuan_image_3.sampling import SamplingParams, make_generator, sample_row
-from diffgentor.engine.models.hunyuan_image_3.stage_machine import StageMachine
-from diffgentor.engine.models.hunyuan_image_3.system_prompt import (
+from .image_processing import ImageProcessor, load_image, to_pil, to_uint8
+from .model import HunyuanImage3ForCausalMM
+from .prompt import BuiltPrompt, PromptBuilder, common_prefix_len
+from .sampling import SamplingParams, make_generator, sample_row
+from .stage_machine import StageMachine
+from .system_prompt import (
     SystemPromptError,
     SystemPrompts,
     choose_system_prompt,
 )
-from diffgentor.engine.models.hunyuan_image_3.tokenizer import HunyuanTokenizer
-from diffgentor.engine.parallel import ParallelContext
-from diffgentor.engine.request_contract import BOT_TASKS, MAX_COND_IMAGES, RequestError
-from diffgentor.kernels.attention import AttentionMetadata, SequenceChunk
-from diffgentor.kernels.kv_cache import PagedKVCache
+from .tokenizer import HunyuanTokenizer
 
 
 @dataclass

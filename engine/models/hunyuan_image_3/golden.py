@@ -35,19 +35,20 @@ from safetensors.torch import load_file
 from torch import Tensor
 
 from diffgentor.engine.config import HunyuanImage3Env
-from diffgentor.engine.models.hunyuan_image_3.flow_match import cfg_combine, guidance_value
-from diffgentor.engine.models.hunyuan_image_3.prompt import BuiltPrompt
-from diffgentor.engine.models.hunyuan_image_3.sampling import SamplingParams, make_generator, warp_logits
-from diffgentor.engine.models.hunyuan_image_3.stage_machine import StageMachine
-from diffgentor.engine.models.hunyuan_image_3.vision import run_vision_tower
 from diffgentor.engine.parallel import ParallelContext, init_distributed
-from diffgentor.engine.verify.pipeline import (
+from diffgentor.kernels.rope import rope_cos_sin
+
+from .flow_match import cfg_combine, guidance_value
+from .prompt import BuiltPrompt
+from .reference_pipeline import (
     HunyuanImage3Pipeline,
     ImageRequest,
     _Part,
     _Seq,
 )
-from diffgentor.kernels.rope import rope_cos_sin
+from .sampling import SamplingParams, make_generator, warp_logits
+from .stage_machine import StageMachine
+from .vision import run_vision_tower
 
 BOS_TEXT = "<|startoftext|>"
 
@@ -241,7 +242,7 @@ class GoldenVerifier:
             if unknown:
                 self.report.lines.append(Line(name, "<manifest>", False, note=(
                     f"unknown input key(s) {', '.join(unknown)}: this verifier cannot read them, so it does not "
-                    "rebuild this entry (known keys: engine/verify/golden.py KNOWN_INPUT_KEYS)")))
+                    "rebuild this entry (known keys: engine/models/hunyuan_image_3/golden.py KNOWN_INPUT_KEYS)")))
                 continue
             if name == "text_stage_runs":
                 continue
