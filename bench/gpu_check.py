@@ -47,8 +47,9 @@ SECTIONS: tuple[tuple[str, str], ...] = (
     ("projection", "per-layer times of e2e_edit extrapolated to 32 layers: images/min projected against the "
                    "card's roofline"),
     ("parallel_layouts", "per-step image time of an Instruct text-to-image request with CFG (1024x1024, 2 layers at "
-                         "real width, 8 experts top 8) for each layout of tp1, cfg2, tp2, tp2xcfg2, tp4xcfg2, tp8 that "
-                         "fits the visible GPUs; with one GPU every multi-rank layout is skipped with the reason"),
+                         "real width, 8 experts top 8) for each layout of tp1, cfg2, sp2, tp2, tp2xcfg2, tp2xsp2, "
+                         "tp4xcfg2, tp4xsp2, tp8 that fits the visible GPUs; with one GPU every multi-rank layout is "
+                         "skipped with the reason"),
 )
 SECTION_NAMES = tuple(n for n, _ in SECTIONS)
 
@@ -633,13 +634,15 @@ def section_projection(chk: Check, gpu: bool, out: Path) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------ runner
 
 # ------------------------------------------------------------------------------------------------ 9 parallel layouts
-LAYOUTS_TO_TIME = ("tp1", "cfg2", "tp2", "tp2xcfg2", "tp4xcfg2", "tp8")
+LAYOUTS_TO_TIME = ("tp1", "cfg2", "sp2", "tp2", "tp2xcfg2", "tp2xsp2", "tp4xcfg2", "tp4xsp2", "tp8")
+DRY_RUN_LAYOUTS = ("tp1", "cfg2", "sp2")  # on the CPU with gloo ranks at the tiny shape
 
 
 def section_parallel_layouts(chk: Check, gpu: bool, out: Path) -> dict[str, Any]:
     """Each layout that fits the visible GPUs runs the same CFG request (its own engine and rank processes, one
     untimed warm-up) and reports its per-step image time (bench/offline.py `image_step_time`) and the ratio to
-    tp1. Without CUDA (dry run) tp1 and cfg2 run on the CPU with gloo ranks at the tiny shape."""
+    tp1 (sequence-parallel layouts split the step's 2 x 4097 image rows; their all-to-alls are the overhead to
+    see). Without CUDA (dry run) the `DRY_RUN_LAYOUTS` run on the CPU with gloo ranks at the tiny shape."""
     from diffgentor.bench.engine_run import REAL_SHAPES
     from diffgentor.bench.offline import parse_layout, run_once
     from diffgentor.engine.parallel_layout import ParallelLayout
@@ -653,8 +656,8 @@ def section_parallel_layouts(chk: Check, gpu: bool, out: Path) -> dict[str, Any]
         world = ParallelLayout(a["tensor_parallel_size"], a["cfg_parallel_size"], a["sequence_parallel_size"])
         if world.world_size > devices:
             res["skipped"][name] = f"needs {world.world_size} GPUs, {devices} visible"
-        elif not gpu and name not in ("tp1", "cfg2"):
-            res["skipped"][name] = "dry run: only tp1 and cfg2 run on the CPU"
+        elif not gpu and name not in DRY_RUN_LAYOUTS:
+            res["skipped"][name] = f"dry run: only {', '.join(DRY_RUN_LAYOUTS)} run on the CPU"
         else:
             runnable.append(name)
     if gpu and devices < 2:

@@ -10,8 +10,8 @@
 #   6 e2e_edit     one Distil edit at real width and 2 layers on the default path; measured peak <= plan x 1.1
 #   7 vae          VAE decode (1, 2 images) and encode peaks within 10% of the plan
 #   8 projection   e2e_edit's per-layer times extrapolated to 32 layers: images/min vs the card's roofline
-#   9 parallel_layouts  per-step image time per layout (tp1, cfg2, tp2, tp2xcfg2, ...) that fits the visible GPUs;
-#                  one GPU: the multi-rank layouts are skipped with the reason
+#   9 parallel_layouts  per-step image time per layout (tp1, cfg2, sp2, tp2, tp2xcfg2, tp2xsp2, ...) that fits the
+#                  visible GPUs; one GPU: the multi-rank layouts are skipped with the reason
 # At second 0 the FlashInfer JIT builds start in the background (bench/gpu_check.py --jit: attention, fused MoE in
 # bf16 and FP8 block scales); `import flashinfer` failing fails the run. Each section writes OUT/<section>.json as
 # soon as it ends; the result file gathers them.
@@ -68,7 +68,7 @@ FAILED=0
 # run order: the fused MoE is checked last, to give its JIT build the most time
 ORDER="env_sdpa attention fp8_stack cuda_graphs vae e2e_edit projection moe parallel_layouts"
 declare -A LIMIT=([env_sdpa]=45 [attention]=75 [fp8_stack]=75 [cuda_graphs]=90 [vae]=45 [e2e_edit]=150
-  [projection]=15 [moe]=90 [parallel_layouts]=300)
+  [projection]=15 [moe]=90 [parallel_layouts]=420)
 for name in ${GPU_CHECK_SECTIONS:-$ORDER}; do
   left=$((BUDGET - ($(date +%s) - T0) - 5))
   limit=${LIMIT[$name]:-60}
