@@ -7,21 +7,16 @@ placement and per-group KV books are tested fast in tests/test_scheduler.py."""
 
 from __future__ import annotations
 
-import os
-import signal
-import time
-
 import numpy as np
 import pytest
 import torch
 
-from diffgentor.engine.executor import ExecutorError
 from diffgentor.engine.offline import Engine
 from diffgentor.engine.request import FinishReason
 from diffgentor.engine.testing.tiny_model import make_tiny
 from diffgentor.engine.tp.executor import MultiprocExecutor
 
-from helpers import random_png
+from helpers import alive_pids, kill_rank_mid_run, random_png
 
 ENGINE_ARGS = dict(num_kv_blocks=256, device="cpu", dtype="float32", max_num_seqs=8, max_num_batched_tokens=4096)
 ATOL = 1e-4  # as the tensor-parallel engine tests
@@ -45,10 +40,6 @@ def _requests(steps: int = 3) -> list[dict]:
              images=[random_png(96, 64, 6)]),
     ]
     return [{**base, "prompt": f"variant {i} of a red fox", **s} for i, s in enumerate(specs)]
-
-
-def _alive(pids: list[int]) -> list[int]:
-    return [pid for pid in pids if os.path.exists(f"/proc/{pid}")]
 
 
 def _run(ckpt, **layout) -> tuple[dict, tuple, list[int], object]:
@@ -103,7 +94,7 @@ def _check_split(info, layout) -> None:
 def test_cfg2_matches_single_process(ckpt, single):
     got, info, pids, ex = _run(ckpt, cfg_parallel_size=2)
     assert isinstance(ex, MultiprocExecutor) and ex.layout.describe() == "tp1 x cfg2 x sp1 (2 ranks)"
-    assert not _alive(pids)  # the engine's close stopped every rank
+    assert not alive_pids(pids)  # the engine's close stopped every rank
     _check_same(got, single)
     _check_split(info, ex.layout)
 
@@ -113,7 +104,7 @@ def test_cfg2_matches_single_process(ckpt, single):
                                     dict(tensor_parallel_size=2, cfg_parallel_size=2)], ids=["tp2", "tp2xcfg2"])
 def test_tp_layouts_match_single_process(ckpt, single, layout):
     got, info, pids, ex = _run(ckpt, **layout)
-    assert not _alive(pids)
+    assert not alive_pids(pids)
     _check_same(got, single)
     if ex.layout.cfg > 1:
         _check_split(info, ex.layout)
@@ -121,30 +112,8 @@ def test_tp_layouts_match_single_process(ckpt, single, layout):
 
 def _kill_a_rank(ckpt, rank: int, **layout) -> None:
     eng = Engine.from_pretrained(ckpt, environ={}, executor_args=dict(poll_s=0.1), **ENGINE_ARGS, **layout)
-    core = eng.core
-    pids = list(core.executor.rank_pids)
     try:
-        reqs = [eng.make_request(dict(r, num_inference_steps=50)) for r in _requests()[:3]]
-        for r in reqs:
-            core.add_request(r)
-        events = []
-        for _ in range(3):
-            events += core.step().events
-        assert core.has_unfinished_requests()
-        os.kill(pids[rank], signal.SIGKILL)
-        t0 = time.monotonic()
-        while core.has_unfinished_requests():
-            events += core.step().events
-            assert time.monotonic() - t0 < 10
-        errors = {e.request_id: e.error for e in events if e.kind == "error"}
-        assert set(errors) == {r.request_id for r in reqs}, events
-        assert all(f"rank {rank}" in msg and "exit" in msg for msg in errors.values()), errors
-        with pytest.raises(ExecutorError, match=f"rank {rank}"):
-            eng.generate(_requests()[:1])
-        deadline = time.monotonic() + 5
-        while _alive(pids) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert not _alive(pids)
+        kill_rank_mid_run(eng, [dict(r, num_inference_steps=50) for r in _requests()[:3]], rank)
     finally:
         eng.close()
 
@@ -157,3 +126,22 @@ def test_killed_rank_of_the_second_cfg_group_fails_in_flight_requests(ckpt):
 @pytest.mark.slow
 def test_killed_non_leader_rank_of_tp2xcfg2(ckpt):
     _kill_a_rank(ckpt, 3, tensor_parallel_size=2, cfg_parallel_size=2)
+
+
+@pytest.mark.slow
+def test_cfg2_with_fp8_experts_matches_single_process(ckpt):
+    """FP8 experts (quantised at load, per-channel scales): each CFG group quantises its own full copy the same
+    way, so CFG2 gives the single FP8 process's text, latents and image."""
+    fp8 = dict(quantization="fp8")
+    reqs = _requests()[:2]  # the T2I with CFG and the 3-image edit
+    with Engine.from_pretrained(ckpt, environ={}, **ENGINE_ARGS, **fp8) as eng:
+        ref = {r.request_id: r for r in eng.generate(reqs)}
+    with Engine.from_pretrained(ckpt, environ={}, **ENGINE_ARGS, **fp8, cfg_parallel_size=2) as eng:
+        got = {r.request_id: r for r in eng.generate(reqs)}
+    for rid, b in ref.items():
+        a = got[rid]
+        assert a.error is None and b.error is None, (rid, a.error, b.error)
+        assert a.generated_ids == b.generated_ids, rid
+        assert (a.latents - b.latents).abs().max().item() <= ATOL, rid
+        diff = np.abs(np.asarray(a.image, dtype=np.int16) - np.asarray(b.image, dtype=np.int16)).max()
+        assert diff <= 1, (rid, diff)
