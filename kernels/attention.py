@@ -517,6 +517,24 @@ def expand_kv_heads(k: Tensor, v: Tensor, group: int) -> tuple[Tensor, Tensor]:
     return k.repeat_interleave(group, dim=2), v.repeat_interleave(group, dim=2)
 
 
+def sdpa_layout(group: SdpaGroup, hq: int, hkv: int) -> str:
+    """How `group`'s ONE SDPA call lays out hq query heads over hkv KV heads, so that a fused CUDA kernel admits it
+    (`kernels.sdpa_rules` states the rules; `expand_kv_heads` says why):
+
+    * "same_heads": hq == hkv, nothing to do;
+    * "gqa": no mask (full or whole-causal rows): `enable_gqa`, flash runs without copies;
+    * "heads_as_rows": one query token per row under a key mask (the padded decode group): each KV head's query
+      heads become its query rows [B, Hkv, Hq / Hkv, D] against the [B, 1, 1, m] mask, no K/V repeat;
+    * "repeat_kv": any other masked group: K/V heads repeated (`expand_kv_heads`), no `enable_gqa`.
+
+    A function of the group and the head counts only: decided once per forward and reused by every layer."""
+    if hq == hkv:
+        return "same_heads"
+    if group.mask is None:
+        return "gqa"
+    return "heads_as_rows" if group.n == 1 else "repeat_kv"
+
+
 class TorchPagedAttention:
     """Pure-torch backend with the plan/run contract; also the CPU proof of each FlashInfer decomposition.
 
@@ -547,6 +565,7 @@ class TorchPagedAttention:
         self.variant = variant
         self._md: AttentionMetadata | None = None
         self._groups: list[SdpaGroup] = []
+        self._layouts: dict[tuple[int, int], list[str]] = {}  # (Hq, Hkv) -> each group's `sdpa_layout`, per forward
         self._segments: list[Segment] = []
         self._kv_lens: tuple[int, ...] = ()
 
@@ -556,6 +575,7 @@ class TorchPagedAttention:
         self._kv_lens = metadata.lists().kv_lens
         if self.variant == "mask":
             self._groups = plan_sdpa_groups(metadata, self.batch_invariant)
+            self._layouts = {}
         else:
             self._segments = decompose_segments(metadata)
 
@@ -588,27 +608,27 @@ class TorchPagedAttention:
         pages = kv_cache.layer(layer)  # [num_blocks, 2, block_size, n_kv, D]
         hkv = pages.shape[3]
         out: Tensor | None = None
-        for g in self._groups:
+        heads = (hq, hkv)
+        if heads not in self._layouts:  # the first layer of the forward decides for all of them
+            self._layouts[heads] = [sdpa_layout(g, hq, hkv) for g in self._groups]
+        for g, layout in zip(self._groups, self._layouts[heads]):
             b, n, m = g.batch, g.n, g.m
             # one gather per K and V: contiguous [B, P * block_size, n_kv, D], then [B, n_kv, m, D] views
             kc = pages[:, 0].index_select(0, g.pages).view(b, -1, hkv, d)[:, :m]
             vc = pages[:, 1].index_select(0, g.pages).view(b, -1, hkv, d)[:, :m]
-            gqa = hq != hkv
-            # one query token per row under a key mask (the padded decode group): each KV head's query heads become
-            # its query rows [B, n_kv, Hq / n_kv, D] against the [B, 1, 1, m] mask, with no K/V repeat
-            heads_as_rows = gqa and n == 1 and g.mask is not None
-            if gqa and g.mask is not None and not heads_as_rows:
+            if layout == "repeat_kv":
                 kc, vc = expand_kv_heads(kc, vc, hq // hkv)
-                gqa = False
             kc, vc = kc.transpose(1, 2), vc.transpose(1, 2)
             if g.row_span is not None:
                 qs = q[g.row_span[0] : g.row_span[1]]
             else:
                 qs = q.index_select(0, g.row_index)
+            heads_as_rows = layout == "heads_as_rows"
             if heads_as_rows:
-                qs, gqa = qs.reshape(b, hkv, hq // hkv, d), False
+                qs = qs.reshape(b, hkv, hq // hkv, d)
             else:
                 qs = qs.view(b, n, hq, d).transpose(1, 2)
+            gqa = layout == "gqa"
             o = F.scaled_dot_product_attention(
                 qs.to(compute), kc.to(compute), vc.to(compute), attn_mask=g.mask, dropout_p=0.0,
                 is_causal=g.kind == "causal", scale=self.scale, enable_gqa=gqa,

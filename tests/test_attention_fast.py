@@ -162,3 +162,35 @@ def test_decode_rows_of_different_lengths_are_one_padded_call_where_invariance_i
     dec = next(g for g in groups if g.batch == 5)
     assert (dec.n, dec.m, dec.kind) == (1, 30, "mask") and dec.row_index is not None
     assert len(plan_sdpa_groups(md)) == 6  # CPU default: batch invariant, one call per decode row
+
+
+def test_each_groups_sdpa_layout_is_decided_once_per_forward(monkeypatch):
+    """The per-group layout (`sdpa_layout`: enable_gqa / repeated K/V heads / heads as query rows) is a function of
+    the plan, so the first layer of a forward decides it and every later layer reuses it: as many decisions as
+    groups per forward, not groups x layers; a new plan decides again. Same results as the reference throughout."""
+    from diffgentor.kernels import attention as attn
+
+    calls: list[str] = []
+
+    def counted(group, hq, hkv):
+        calls.append(attn_layout(group, hq, hkv))
+        return calls[-1]
+
+    attn_layout = attn.sdpa_layout
+    monkeypatch.setattr(attn, "sdpa_layout", counted)
+    lens = [9, 30, 17, 5, 23, 12]
+    seqs = _Seqs(lens, seed=5)
+    be = TorchPagedAttention(HQ, HKV, D, batch_invariant=False)
+    seqs.step([(s, 0, n - 1, n - 1) for s, n in enumerate(lens)], [[]] * len(lens), be)
+    first = len(calls)
+    assert first == len(be._groups)
+    # decodes (heads as rows), a chunk after a prefix (masked: K/V repeated), an image block (full: enable_gqa)
+    parts = [(0, 8, 9, 9), (1, 29, 30, 30), (5, 8, 12, 12), (2, 16, 17, 17), (3, 4, 5, 5), (4, 7, 23, 23)]
+    out, ref, md = seqs.step(parts, [[], [], [], [], [(7, 23)], []], be)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    q = torch.cat([seqs.q[s][a:b] for s, a, b, _ in parts])
+    for _ in range(3):  # three more layers of the same forward
+        torch.testing.assert_close(be.run(q, None, None, seqs.cache, 0), out, atol=0, rtol=0)
+    groups = plan_sdpa_groups(md, batch_invariant=False)
+    assert len(calls) == first + len(groups)
+    assert sorted(calls[first:]) == ["gqa", "heads_as_rows", "repeat_kv"]
