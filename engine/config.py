@@ -348,6 +348,10 @@ class EngineConfig:
     async_encode: bool = True
     """Condition-image encodes run beside the steps (a worker thread on CPU, a side stream on CUDA) and are picked
     up by a later step, instead of inside the step that schedules them (engine/encode_stage.py)."""
+    async_decode: bool = True
+    """VAE decodes of finished images and previews run beside the steps (a worker thread on CPU, a side stream on
+    CUDA) and are reported by a later step, instead of inside the step that schedules them (engine/decode_stage.py);
+    on CPU a decode in flight pauses the encode thread (a finished image before a queued request's encode)."""
     encoder_cache_bytes: int = 512 * 1024 * 1024
     """Bound of the encoder cache (posterior parameters and ViT outputs by image digest and bucket), LRU."""
     seed: int | None = None
@@ -454,8 +458,9 @@ class EngineConfig:
             raise ValueError(f"default_guidance_scale must be a finite number >= 0, got {g!r}")
         if not isinstance(self.enable_prefix_caching, bool):
             raise ValueError(f"enable_prefix_caching must be a bool, got {self.enable_prefix_caching!r}")
-        if not isinstance(self.async_encode, bool):
-            raise ValueError(f"async_encode must be a bool, got {self.async_encode!r}")
+        for name in ("async_encode", "async_decode"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
         if not isinstance(self.enforce_eager, bool):
             raise ValueError(f"enforce_eager must be a bool, got {self.enforce_eager!r}")
         if self.attn_impl not in ATTN_IMPLS:
@@ -557,6 +562,7 @@ class EngineConfig:
             "max_waiting_requests": ("max_waiting_requests",),
             "max_num_encoder_pixels": ("max_num_encoder_pixels",),
             "async_encode": ("async_encode",),
+            "async_decode": ("async_decode",),
             "seed": ("seed",),
             "default_num_inference_steps": ("default_num_inference_steps", "num_inference_steps"),
             "default_guidance_scale": ("default_guidance_scale", "guidance_scale"),
@@ -875,6 +881,14 @@ def add_engine_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         default=None,
         help="encode condition images inside the engine step that schedules them (default: beside the steps, "
         "picked up by a later step)",
+    )
+    g.add_argument(
+        "--no-async-decode",
+        dest="async_decode",
+        action="store_false",
+        default=None,
+        help="VAE-decode finished images and previews inside the engine step that schedules them (default: beside "
+        "the steps, reported by a later step)",
     )
     g.add_argument(
         "--encoder-cache-memory",

@@ -18,6 +18,8 @@ per calling thread for both). While an encode is in flight the step runs on the 
 for more threads than there are cores: on 2 cores, one each while encoding, two for the step otherwise. While the
 step blocks waiting for an encode, the encode thread takes every core (a forward pre-hook on the encoder modules
 re-reads its team size before each module), and a step with nothing else to run encodes inline with every core.
+The same hook pauses the encode while a decode of a finished image is in flight (engine/decode_stage.py): the
+decode ends a request, the encode only starts one, so on CPU the two never share the background cores.
 On CUDA the thread encodes on its own stream; the step's stream waits on the encode's event before it uses the
 tensors, which are marked as used by the step's stream so the allocator never hands their memory back to the encode
 stream early.
@@ -30,6 +32,7 @@ from __future__ import annotations
 import queue
 import threading
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -99,11 +102,31 @@ class EncodeStage:
         # waits for it and gives the step its share back when the step runs again
         self._encode_team = self.encode_threads
         self._thread_ident: int | None = None
+        # higher-priority VAE work in flight (the decode stage's finished images): the encode thread pauses at its
+        # next module while this says so (called under `cond`, which that stage notifies)
+        self.yield_to: Callable[[], bool] | None = None
         if asynchronous and model.device.type == "cpu":
             parts = (model.vae.encoder, getattr(model, "vision_model", None), getattr(model, "vision_aligner", None))
             for part in parts:
                 for m in part.modules() if part is not None else ():
                     m.register_forward_pre_hook(self._fit_encode_team)
+
+    @property
+    def cond(self) -> threading.Condition:
+        """The lock over both stages' queues, notified whenever a background encode or decode ends."""
+        return self._cond
+
+    def pending_keys(self) -> set[EncoderKey]:
+        """Submitted, not yet collected (call under `cond`)."""
+        return self._pending
+
+    def has_done(self) -> bool:
+        """Finished on the thread, not yet collected (call under `cond`)."""
+        return bool(self._done)
+
+    def set_team(self, n: int) -> None:
+        """The encode thread's team from its next module on (call under `cond`)."""
+        self._encode_team = n
 
     @property
     def num_pending(self) -> int:
@@ -135,11 +158,13 @@ class EncodeStage:
             self._pending.update(e.key for e in inputs)
         self._jobs.put(list(inputs))
 
-    def fit_step_threads(self) -> None:
-        """CPU: the step's intra-op team is what the encode thread leaves while an encode is in flight."""
-        if not self.asynchronous or self.model.device.type != "cpu":
+    def fit_step_threads(self, decoding: bool = False) -> None:
+        """CPU: the step's intra-op team is what the background thread leaves while an encode or (`decoding`) a
+        decode is in flight (one of them runs at a time: an encode yields to a decode)."""
+        if self.model.device.type != "cpu" or not (self.asynchronous or decoding):
             return
-        want = max(1, self.total_threads - self.encode_threads) if self.num_pending else self.total_threads
+        busy = decoding or (self.asynchronous and self.num_pending)
+        want = max(1, self.total_threads - self.encode_threads) if busy else self.total_threads
         if want != self._step_threads:
             torch.set_num_threads(want)
             self._step_threads = want
@@ -153,18 +178,18 @@ class EncodeStage:
         return self._take()
 
     def _fit_encode_team(self, module, args) -> None:
-        """Forward pre-hook of the encoder modules: on the encode thread, its team size for the next op."""
-        if threading.get_ident() == self._thread_ident and torch.get_num_threads() != self._encode_team:
+        """Forward pre-hook of the encoder modules: on the encode thread, wait while a decode has priority, then
+        set its team size for the next op."""
+        if threading.get_ident() != self._thread_ident:
+            return
+        if self.yield_to is not None:
+            with self._cond:
+                self._cond.wait_for(lambda: not self.yield_to())
+        if torch.get_num_threads() != self._encode_team:
             torch.set_num_threads(self._encode_team)
 
-    def collect(self, cache: dict[EncoderKey, EncodedImage], out: RunnerOutput | None, wait: bool = False) -> None:
-        """Move finished encodes into the worker's encoder cache and report them in `out`; `wait`: block until at
-        least one has finished if any is in flight (a step with nothing else to do)."""
-        if wait:
-            with self._cond:
-                self._encode_team = self.total_threads  # the step is idle meanwhile
-                self._cond.wait_for(lambda: bool(self._done) or not self._pending)
-                self._encode_team = self.encode_threads
+    def collect(self, cache: dict[EncoderKey, EncodedImage], out: RunnerOutput | None) -> None:
+        """Move finished encodes into the worker's encoder cache and report them in `out`."""
         self.store(self._take(), cache, out)
 
     def store(self, done: list[_Done], cache: dict[EncoderKey, EncodedImage], out: RunnerOutput | None) -> None:

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from diffgentor.engine.cuda_graph import DecodeGraphRunner, cuda_graphs_allowed
+from diffgentor.engine.decode_stage import DecodeJob, DecodeStage, wait_for_vae
 from diffgentor.engine.encode_stage import EncodeStage
 from diffgentor.engine.encoder_cache import EncoderKey
 from diffgentor.engine.models.hunyuan_image_3.execution import (
@@ -46,9 +47,9 @@ from diffgentor.engine.models.hunyuan_image_3.execution import (
     initial_noise,
     make_generator,
     sample_batch,
-    to_uint8,
 )
 from diffgentor.engine.scheduler_output import (
+    FINAL_IMAGE,
     Chunk,
     DiffusionStart,
     DiffusionStep,
@@ -56,7 +57,7 @@ from diffgentor.engine.scheduler_output import (
     RunnerOutput,
     SchedulerOutput,
 )
-from diffgentor.engine.vae_budget import VaeBudget, chunks
+from diffgentor.engine.vae_budget import VaeBudget
 from diffgentor.kernels.attention import AttentionMetadata, SequenceChunk
 from diffgentor.kernels.kv_cache import PagedKVCache
 
@@ -84,7 +85,7 @@ class _WorkerRequest:
 class ModelRunner:
     def __init__(self, model: HunyuanImage3ForCausalMM, num_blocks: int, block_size: int,
                  enforce_eager: bool = False, max_num_seqs: int = 16, vae_budget: VaeBudget | None = None,
-                 async_encode: bool = False) -> None:
+                 async_encode: bool = False, async_decode: bool = False) -> None:
         self.model = model
         self.config = model.config
         self.vae_budget = vae_budget  # None: one VAE call per size (CPU); else calls sized to the plan's budget
@@ -104,6 +105,7 @@ class ModelRunner:
         self.split_grids: dict[str, tuple[int, int]] = {}  # requests whose rows are on different groups -> grid
         self.encoder_cache: dict[EncoderKey, EncodedImage] = {}  # the scheduler decides what enters and leaves
         self.encodes = EncodeStage(model, async_encode, vae_budget)  # inline, or a thread beside the steps
+        self.decodes = DecodeStage(model, self.encodes, async_decode, vae_budget)  # likewise
 
     # ------------------------------------------------------------------ per-request state
     def _add_request(self, new: NewRequestData) -> None:
@@ -156,7 +158,7 @@ class ModelRunner:
             self.encoder_cache.pop(key, None)
         idle = not (plan.chunks or plan.diffusion_steps or plan.vae_decodes)
         self.encodes.submit(plan.encoder_inputs, step_idle=idle)
-        self.encodes.fit_step_threads()
+        self.encodes.fit_step_threads(decoding=self.decodes.asynchronous and self.decodes.num_pending > 0)
         t_enc = time.perf_counter()
         for new in plan.new_requests:
             try:
@@ -184,9 +186,12 @@ class ModelRunner:
         self._sample(chunks, hidden, out)
         previews = self._diffuse(plan, hidden, out)
         t2 = time.perf_counter()
-        self._decode(plan.vae_decodes, out, previews)
+        self._decode(plan, out, previews)
         t3 = time.perf_counter()
-        self.encodes.collect(self.encoder_cache, out, wait=plan.wait_for_encode)
+        if plan.wait_for_vae:
+            wait_for_vae(self.encodes, self.decodes)
+        self.encodes.collect(self.encoder_cache, out)
+        self.decodes.collect(out, self.requests)
         out.timings.update(encode=t_enc - t0 + time.perf_counter() - t3, forward=t1 - t_enc, post=t2 - t1,
                            vae=t3 - t2)
         return out
@@ -356,37 +361,24 @@ class ModelRunner:
                 out.diffusion_steps_done[rid] = st.step
         return previews
 
-    def _decode(self, request_ids: list[str], out: RunnerOutput,
-                previews: dict[str, tuple[int, Tensor]] | None = None) -> None:
-        """Final images and previews in one VAE batch per output size, split into chunks that fit the VAE budget
-        (`engine.vae_budget`; the images are the same either way). A failed preview is dropped silently (the request
-        goes on); a failed final decode fails its requests."""
-        groups: dict[tuple[int, ...], list[tuple[str, int | None, Tensor]]] = defaultdict(list)
-        for rid in request_ids:
-            if rid not in out.failed and self._owns(rid):  # the owner CFG group decodes
-                lat = self.requests[rid].diffusion.latents
-                groups[tuple(lat.shape)].append((rid, None, lat))
-        for rid, (index, lat) in (previews or {}).items():
-            if rid not in out.failed:
-                groups[tuple(lat.shape)].append((rid, index, lat))
-        calls = []
-        for shape, items in groups.items():  # batched by output size
-            f = self.config.latent_downsample
-            size = self.vae_budget.decode_images(shape[-2] * f, shape[-1] * f) if self.vae_budget else len(items)
-            calls += chunks(items, size)
-        for items in calls:
-            try:
-                images = to_uint8(self.model.decode_latents(torch.stack([lat for _, _, lat in items])))
-            except Exception as e:  # noqa: BLE001
-                for r, index, _ in items:
-                    if index is None:
-                        out.failed[r] = f"VAE decode failed: {type(e).__name__}: {e}"
+    def _decode(self, plan: SchedulerOutput, out: RunnerOutput, previews: dict[str, tuple[int, Tensor]]) -> None:
+        """The step's final images and previews to the decode stage (engine/decode_stage.py), inline or on its
+        thread; `collect` reports what ended. Only the owner CFG group decodes (`_owns`). A decode that cannot run
+        (its request failed this step) is reported ended at once, so the scheduler's VAE budget never waits for it."""
+        jobs = []
+        for rid in plan.vae_decodes:
+            if rid in out.failed:
+                out.decoded.append((rid, FINAL_IMAGE))
+            elif self._owns(rid):
+                jobs.append(DecodeJob((rid, FINAL_IMAGE), self.requests[rid].diffusion.latents))
+        for st in plan.diffusion_steps:
+            if st.preview_index is None or not (st.request_id in out.failed or self._owns(st.request_id)):
                 continue
-            for (r, index, _), img in zip(items, images):
-                if index is None:
-                    out.images[r] = img
-                else:
-                    out.partial_images[r] = (index, img)
+            if st.request_id in previews:
+                jobs.append(DecodeJob((st.request_id, st.preview_index), previews[st.request_id][1]))
+            else:
+                out.decoded.append((st.request_id, st.preview_index))
+        self.decodes.submit(jobs)
 
     def final_latents(self, request_id: str) -> Tensor:
         return self.requests[request_id].diffusion.latents

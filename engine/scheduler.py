@@ -18,7 +18,9 @@ over the running requests, then admissions from the waiting queue):
 * image phase: first the rows' prefixes up to the generated image's `<timestep>` (the cond row keeps the think
   phase's KV), then every denoising step recomputes `<timestep>`.. last `<img>` of each row in place (CFG rows in
   the same forward); a Taylor-cache step needs no tokens at all;
-* VAE decode: no tokens; requests are decoded together, batched by size.
+* VAE decode: no tokens; requests are decoded together, batched by size. The worker may finish a decode in a later
+  step (engine/decode_stage.py): its VAE bytes stay in flight (`decoding`) until a `RunnerOutput` reports it ended,
+  and the request keeps its seat until its image arrives.
 
 A bidirectional image block is never split across forwards. When the KV blocks run out the most recently admitted
 running request is preempted (its blocks freed, recomputed later).
@@ -39,7 +41,9 @@ from diffgentor.engine.request import FinishReason, RequestStatus
 from diffgentor.engine.request_contract import RequestError
 from diffgentor.engine.request_state import RequestState, SeqState, block_extra_keys, enter_image_phase
 from diffgentor.engine.scheduler_output import (
+    FINAL_IMAGE,
     Chunk,
+    DecodeKey,
     DiffusionStart,
     DiffusionStep,
     EncoderInput,
@@ -152,6 +156,7 @@ class Scheduler:
         self._vae_decodes: set[str] = set()  # the step's admitted final decodes
         self.encoding: dict[EncoderKey, tuple[int, int]] = {}  # sent, not reported yet -> (pixels, VAE bytes)
         self._encode_deferrals: dict[str, int] = {}  # request id -> steps its encode was held back
+        self.decoding: dict[DecodeKey, int] = {}  # decodes sent, not reported ended yet -> VAE bytes
 
     # ------------------------------------------------------------------ requests in and out
     def add_request(self, st: RequestState) -> None:
@@ -161,14 +166,19 @@ class Scheduler:
         self.waiting.append(st)
 
     def has_unfinished_requests(self) -> bool:
-        """Requests to serve, or encodes the worker has not reported yet (an aborted request's encode still runs
-        to its end; its report empties the encode queue)."""
-        return bool(self.waiting or self.running or self.encoding)
+        """Requests to serve, or encodes and decodes the worker has not reported yet (an aborted request's encode or
+        decode still runs to its end; its report empties the queue)."""
+        return bool(self.waiting or self.running or self.encoding or self.decoding)
 
     @property
     def num_encoding(self) -> int:
         """Condition images the worker is encoding (sent, not reported yet): the encode queue."""
         return len(self.encoding)
+
+    @property
+    def num_decoding(self) -> int:
+        """Final images and previews the worker is decoding (sent, not reported ended yet)."""
+        return len(self.decoding)
 
     def has_finished_requests(self) -> bool:
         """Finished requests still hold worker-side state that the next plan frees."""
@@ -312,7 +322,7 @@ class Scheduler:
         busy = bool(encoding)  # one encode always fits when no VAE work is in flight
         if self.config.async_encode and vae is not None:
             if any(st.status is RequestStatus.VAE_DECODE and st.request_id not in self._vae_decodes
-                   for st in (*self.running, *self.waiting)):
+                   and (st.request_id, FINAL_IMAGE) not in self.decoding for st in (*self.running, *self.waiting)):
                 return  # a final decode waits for the encodes in flight: no new ones until it has run
             step_decodes = self._vae_decode_bytes - vae_bytes  # this step's decodes run beside the new encodes
             if step_decodes > 0:
@@ -379,7 +389,7 @@ class Scheduler:
                                                         st.sampling, [e.key for e in st.encoder_inputs]))
             budget -= used
         self._schedule_encodes(needs_encode, plan)
-        plan.wait_for_encode = bool(self.encoding) and not plan.has_model_work
+        plan.wait_for_vae = bool(self.encoding or self.decoding) and not plan.has_model_work
         return plan
 
     def unschedulable(self) -> list[RequestOutput]:
@@ -410,25 +420,29 @@ class Scheduler:
         return True
 
     def _vae_bytes_in_flight(self) -> int:
-        """VAE bytes of the encodes running beside the steps. An asynchronous encode (a side CUDA stream) overlaps
-        the step's decodes, so both share the one VAE budget the memory plan reserves; an inline encode runs before
-        the step's decodes, one after the other, and each has the budget to itself."""
-        if not self.config.async_encode or self.config.vae_budget is None:
+        """VAE bytes of the encodes and decodes running beside the steps. An asynchronous encode (a side CUDA
+        stream) overlaps the step's decodes, so both share the one VAE budget the memory plan reserves; an inline
+        encode runs before the step's decodes, one after the other, and each has the budget to itself. Decodes in
+        flight are only ever earlier steps' asynchronous ones (an inline decode is reported by its own step)."""
+        if self.config.vae_budget is None:
             return 0
-        return sum(b for _, b in self.encoding.values())
+        encodes = sum(b for _, b in self.encoding.values()) if self.config.async_encode else 0
+        return encodes + sum(self.decoding.values())
 
     def _admit_vae_decodes(self) -> None:
         """Final decodes first, in queue order (running, then waiting), within the step's VAE budget; previews of
         this step's denoising steps take what is left."""
         self._vae_decode_bytes = self._vae_bytes_in_flight()
         self._vae_decodes = {st.request_id for st in (*self.running, *self.waiting)
-                             if st.status is RequestStatus.VAE_DECODE and self._vae_fits(st)}
+                             if st.status is RequestStatus.VAE_DECODE
+                             and (st.request_id, FINAL_IMAGE) not in self.decoding and self._vae_fits(st)}
 
     def _schedule_request(self, st: RequestState, plan: SchedulerOutput, budget: int, admitting: bool = False) -> int:
         """Add the request's work for this step; returns tokens used (-1: could not admit)."""
         if st.status is RequestStatus.VAE_DECODE:
-            if st.request_id in self._vae_decodes:  # else it waits for a step with VAE budget left
+            if st.request_id in self._vae_decodes:  # else it waits for a step with VAE budget left (or its decode)
                 plan.vae_decodes.append(st.request_id)
+                self.decoding[(st.request_id, FINAL_IMAGE)] = self._decode_bytes(st)
             return 0
         if st.phase == "text":
             return self._schedule_text(st, plan, budget, admitting)
@@ -512,6 +526,8 @@ class Scheduler:
         preview = st.preview_steps.index(st.step) if st.step in st.preview_steps else None
         if preview is not None and not self._vae_fits(st):
             preview = None  # a preview never displaces a final image from the step's VAE budget
+        if preview is not None:
+            self.decoding[(st.request_id, preview)] = self._decode_bytes(st)
         plan.diffusion_steps.append(DiffusionStep(st.request_id, st.step, idx, preview))
         st.mark("first_scheduled")
         if cap is not None:
@@ -580,6 +596,8 @@ class Scheduler:
             cache.insert(key, nbytes)
         for key in out.encode_failed:
             self.encoding.pop(key, None)
+        for key in out.decoded:
+            self.decoding.pop(tuple(key), None)
         if out.encode_failed:
             for st in list(self.waiting):
                 bad = [out.encode_failed[e.key] for e in st.encoder_inputs if e.key in out.encode_failed]

@@ -31,6 +31,11 @@ class EncoderInput:
         _, h, w = self.vae.pixels.shape
         return int(h) * int(w)
 
+DecodeKey = tuple[str, int]
+"""One VAE decode: (request id, progressive preview index, or FINAL_IMAGE for the request's image)."""
+
+FINAL_IMAGE = -1
+
 
 @dataclass
 class NewRequestData:
@@ -105,8 +110,9 @@ class SchedulerOutput:
     diffusion_steps: list[DiffusionStep] = field(default_factory=list)
     vae_decodes: list[str] = field(default_factory=list)
     finished_request_ids: list[str] = field(default_factory=list)
-    # nothing else to run while encodes are in flight: the worker blocks until one has finished (no busy loop)
-    wait_for_encode: bool = False
+    # nothing else to run while encodes or decodes are in flight: the worker blocks until one has finished (no busy
+    # loop)
+    wait_for_vae: bool = False
 
     @property
     def num_tokens(self) -> int:
@@ -116,13 +122,13 @@ class SchedulerOutput:
     def is_empty(self) -> bool:
         return not (self.new_requests or self.chunks or self.diffusion_steps or self.vae_decodes
                     or self.finished_request_ids or self.diffusion_starts or self.encoder_inputs
-                    or self.encoder_evictions or self.wait_for_encode)
+                    or self.encoder_evictions or self.wait_for_vae)
 
     @property
     def has_model_work(self) -> bool:
         """Anything beyond freeing state: a step that counts."""
         return bool(self.new_requests or self.chunks or self.diffusion_steps or self.vae_decodes
-                    or self.diffusion_starts or self.encoder_inputs or self.wait_for_encode)
+                    or self.diffusion_starts or self.encoder_inputs or self.wait_for_vae)
 
 
 @dataclass
@@ -133,6 +139,9 @@ class RunnerOutput:
     partial_images: dict[str, tuple[int, Any]] = field(default_factory=dict)  # request id -> (index, uint8 image)
     encoded: dict[EncoderKey, int] = field(default_factory=dict)  # encoder-cache key -> bytes held by the worker
     encode_failed: dict[EncoderKey, str] = field(default_factory=dict)  # key -> error message
+    # every decode that ended this step (image, preview, failure, or a finished request's dropped image): the VAE
+    # budget it held is free again
+    decoded: list[DecodeKey] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)  # request id -> error message
     final_latents: dict[str, Any] = field(default_factory=dict)  # request id -> CPU latents of a finished diffusion
     timings: dict[str, float] = field(default_factory=dict)
@@ -143,3 +152,4 @@ class RunnerOutput:
         condition image, and a rank behind rank 0 waits for its own copy when it needs it)."""
         for name in ("sampled_tokens", "diffusion_steps_done", "images", "partial_images", "failed", "final_latents"):
             getattr(self, name).update(getattr(other, name))
+        self.decoded += other.decoded  # the owner group decodes (and reports) a request's images

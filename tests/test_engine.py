@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import time
 
 import numpy as np
 import pytest
@@ -379,4 +380,108 @@ def test_encodes_in_flight_change_no_result(tiny_distil, monkeypatch):
     inline = _engine(tiny_distil, async_encode=False).generate(reqs)
     for req, want in zip(reqs, inline):
         _assert_same(finished[req["request_id"]], want)
+    eng.close()
+
+
+def test_decodes_in_flight_change_no_image_and_aborts_drop_theirs(tiny_distil, monkeypatch):
+    """The decode thread is held while other requests think and denoise: a request whose decode is in flight is not
+    finished (its image comes from a later step), the steps go on meanwhile, an aborted request's decode ends
+    without an image, and every image (previews included) equals the one decoded inside the step."""
+    import threading
+
+    from diffgentor.engine import decode_stage
+
+    gate = threading.Event()
+    real = decode_stage.decode_groups
+
+    def held(*args):
+        gate.wait(timeout=120)
+        return real(*args)
+
+    monkeypatch.setattr(decode_stage, "decode_groups", held)
+    base = dict(infer_align_image_size=False, bot_task="image", image_size="256x256", num_inference_steps=2)
+    reqs = [dict(request_id="first", prompt="a red cube", seed=1, **base),
+            dict(request_id="aborted", prompt="a blue cube", seed=2, **base),
+            dict(request_id="thinker", prompt="a green cube", seed=3, **{
+                **base, "bot_task": "think_recaption", "max_new_tokens": 24, "num_inference_steps": 3,
+                "partial_images": 1}),
+            dict(request_id="edit", prompt="make it purple", seed=4, images=[_img(64, 96, 1)], **base)]
+    eng = _engine(tiny_distil)
+    core = eng.core
+    for r in reqs:
+        core.add_request(eng.make_request(r))
+    stage = core.executor.worker.runner.decodes
+    finished = {}
+    while not stage.num_pending:
+        finished.update(core.step().finished)
+    core.abort("aborted")
+    tokens = core.stats.tokens
+    for _ in range(4):
+        finished.update(core.step().finished)
+        assert "first" not in finished and core.scheduler.num_decoding > 0
+    assert core.stats.tokens > tokens  # the others stepped meanwhile
+    gate.set()
+    events = []
+    while core.has_unfinished_requests():
+        out = core.step()
+        finished.update(out.finished)
+        events += out.events
+    assert finished["aborted"].finish_reason == FinishReason.ABORT
+    assert not any(e.request_id == "aborted" and e.kind == "image" for e in events)
+    assert core.executor.worker.runner.requests == {} and core.scheduler.num_decoding == 0
+    previews = [e.image_png for e in events if e.kind == "partial_image"]
+    eng.close()
+    want = {r.request_id: r for r in _engine(tiny_distil, async_decode=False).generate(
+        [r for r in reqs if r["request_id"] != "aborted"])}
+    for rid, res in want.items():
+        assert finished[rid].error is None, finished[rid].error
+        _assert_same(finished[rid], res)
+        a, b = np.asarray(finished[rid].image, np.int16), np.asarray(res.image, np.int16)
+        if torch.equal(finished[rid].latents, res.latents):  # same latents: the very same pixels
+            assert np.array_equal(a, b), rid
+        else:  # another batch (no aborted request) moved the latents by float rounding only
+            assert np.abs(a - b).max() <= 1, rid
+    assert len(previews) == 1
+
+
+def test_an_encode_pauses_while_a_decode_is_in_flight(tiny_distil):
+    """CPU: the decode of a finished image has the background cores before a queued request's encode (the encode
+    thread waits at its next module while a decode runs), and goes on once the decode has ended."""
+    import threading
+
+    from diffgentor.engine.decode_stage import DecodeJob, wait_for_vae
+    from diffgentor.engine.request_state import build_request_state
+    from diffgentor.engine.scheduler_output import FINAL_IMAGE, RunnerOutput
+
+    eng = _engine(tiny_distil)
+    runner = eng.core.executor.worker.runner
+    calls = []
+    release = threading.Event()
+
+    def hold(m, a):
+        calls.append("decode")
+        release.wait(timeout=120)
+
+    runner.model.vae.encoder.register_forward_pre_hook(lambda m, a: calls.append("encode"))
+    runner.model.vae.decoder.register_forward_pre_hook(hold)
+    st = build_request_state(eng.core.ctx, eng.make_request(
+        dict(request_id="e", prompt="x", images=[_img(64, 96, 1)], image_size="256x256")))
+    runner.decodes.submit([DecodeJob(("t", FINAL_IMAGE), torch.zeros(runner.config.latent_channels, 2, 2))])
+    for _ in range(1000):
+        if calls:
+            break
+        time.sleep(0.01)
+    runner.encodes.submit(st.encoder_inputs)
+    time.sleep(1.0)
+    assert calls == ["decode"]  # the encode waits before its first encoder module
+    release.set()
+    out = RunnerOutput()
+    for _ in range(10):
+        if out.encoded:
+            break
+        wait_for_vae(runner.encodes, runner.decodes)
+        runner.encodes.collect(runner.encoder_cache, out)
+        runner.decodes.collect(out, {"t"})
+    assert calls == ["decode", "encode"] and out.decoded == [("t", FINAL_IMAGE)] and "t" in out.images
+    assert st.encoder_inputs[0].key in out.encoded
     eng.close()

@@ -27,7 +27,7 @@ from diffgentor.engine.kv_cache_manager import KVCacheManager
 from diffgentor.engine.request import FinishReason, GenerationRequest, RequestStatus
 from diffgentor.engine.request_state import build_request_state
 from diffgentor.engine.scheduler import TRANSITIONS, IllegalTransition, Scheduler, SchedulerConfig, chunk_end, move
-from diffgentor.engine.scheduler_output import RunnerOutput, SchedulerOutput
+from diffgentor.engine.scheduler_output import FINAL_IMAGE, RunnerOutput, SchedulerOutput
 from diffgentor.engine.testing.tiny_model import write_tiny_metadata
 from diffgentor.engine.vae_budget import VaeBudget
 
@@ -86,12 +86,15 @@ class Harness:
     def __init__(self, ctx, num_blocks=512, block_size=16, max_num_seqs=8, max_tokens=4096,
                  encoder_pixels=1 << 20, encoder_bytes=1 << 20, prefix_caching=True, ratio_pick: int = 0,
                  ratio_in_text: bool = False, image_tokens: int | None = None, vae_budget: VaeBudget | None = None,
-                 encode_delay: int = 0, cfg_groups: int = 1):
+                 encode_delay: int = 0, cfg_groups: int = 1, decode_delay: int = 0):
         self.ctx = ctx
         # the fake worker reports an encode this many steps after the step that scheduled it (0: the same step, as
         # inline encodes do); a step that only waits for encodes gets the oldest one (engine/encode_stage.py)
         self.encode_delay = encode_delay
         self.encoding: dict = {}  # key -> steps left before the fake worker reports it
+        # likewise for VAE decodes (engine/decode_stage.py): key -> [steps left, request id, preview index]
+        self.decode_delay = decode_delay
+        self.decoding: dict = {}
         self.ratio_pick = ratio_pick  # which offered ratio token the fake model picks (0: the first, -1: the last)
         # the fake model ends free text (think/recaption) at once with the largest ratio token it may sample
         self.ratio_in_text = ratio_in_text
@@ -124,9 +127,12 @@ class Harness:
         for e in plan.encoder_inputs:
             assert e.key not in self.encoding and e.key not in self.worker_encoded, "encoded twice"
             self.encoding[e.key] = self.encode_delay
-        if plan.wait_for_encode:
-            assert self.encoding and not (plan.chunks or plan.new_requests or plan.vae_decodes)
-            self.encoding[next(iter(self.encoding))] = 0
+        if plan.wait_for_vae:
+            assert (self.encoding or self.decoding) and not (plan.chunks or plan.new_requests or plan.vae_decodes)
+            if self.encoding:
+                self.encoding[next(iter(self.encoding))] = 0
+            else:
+                self.decoding[next(iter(self.decoding))] = 0
         for key, left in list(self.encoding.items()):
             if left <= 0:
                 del self.encoding[key]
@@ -149,9 +155,23 @@ class Harness:
         for d in plan.diffusion_steps:
             out.diffusion_steps_done[d.request_id] = d.step
             if d.preview_index is not None:
-                out.partial_images[d.request_id] = (d.preview_index, np.zeros((4, 4, 3), np.uint8))
+                self.decoding[(d.request_id, d.preview_index)] = self.decode_delay
         for rid in plan.vae_decodes:
-            out.images[rid] = np.zeros((4, 4, 3), np.uint8)
+            assert (rid, FINAL_IMAGE) not in self.decoding, "decoded twice"
+            self.decoding[(rid, FINAL_IMAGE)] = self.decode_delay
+        for key, left in list(self.decoding.items()):
+            if left > 0:
+                self.decoding[key] = left - 1
+                continue
+            del self.decoding[key]
+            out.decoded.append(key)
+            rid, index = key
+            if rid not in self.worker_requests:
+                continue  # finished meanwhile (aborted): the image is dropped
+            if index == FINAL_IMAGE:
+                out.images[rid] = np.zeros((4, 4, 3), np.uint8)
+            else:
+                out.partial_images[rid] = (index, np.zeros((4, 4, 3), np.uint8))
         return out
 
     def step(self):
@@ -195,6 +215,7 @@ class Harness:
         assert self.sched.requests == {} and not self.sched.waiting and not self.sched.running
         assert self.sched.encoder_cache.pins == {}
         assert self.sched.num_encoding == 0 and not self.encoding
+        assert self.sched.num_decoding == 0 and not self.decoding
 
 
 # ------------------------------------------------------------------------------------------------ scenarios
@@ -282,11 +303,11 @@ def test_a_step_with_only_encodes_in_flight_waits_for_one(ctx_distil):
     h = Harness(ctx_distil, encode_delay=5)
     h.add("edit", images=[IMG_A], image_size="256x256")
     plan, _ = h.step()
-    assert plan.encoder_inputs and not plan.wait_for_encode
+    assert plan.encoder_inputs and not plan.wait_for_vae
     plan, _ = h.step()  # nothing else to run: the worker blocks until the encode is done instead of spinning
-    assert plan.wait_for_encode and plan.has_model_work and h.sched.num_encoding == 0
+    assert plan.wait_for_vae and plan.has_model_work and h.sched.num_encoding == 0
     plan, _ = h.step()
-    assert [n.request_id for n in plan.new_requests] == ["edit"] and not plan.wait_for_encode
+    assert [n.request_id for n in plan.new_requests] == ["edit"] and not plan.wait_for_vae
     h.run()
     assert h.finished() == {"edit": FinishReason.IMAGE}
     h.assert_no_leaks()
@@ -308,6 +329,58 @@ def test_abort_while_encoding_frees_everything_once_the_encode_reports(ctx_disti
     plan, _ = h.step()
     assert not plan.encoder_inputs and [n.request_id for n in plan.new_requests] == ["again"]
     h.run()
+    h.assert_no_leaks()
+
+
+def test_async_decodes_never_stall_the_steps_and_finish_only_when_reported(ctx_distil):
+    """A finished image is decoded beside the steps (engine/decode_stage.py): the request still thinking steps in
+    every step meanwhile, the decoding request is never scheduled again (decoded twice) nor finished before the
+    worker reports its image, and keeps its seat until then."""
+    h = Harness(ctx_distil, decode_delay=4)
+    h.add("fast", image_size="256x256", bot_task="image", num_inference_steps=2, partial_images=1)
+    h.add("slow", image_size="256x256", bot_task="think_recaption", max_new_tokens=40)
+    while ("fast", FINAL_IMAGE) not in h.sched.decoding:
+        h.step()
+    decode_step = len(h.plans)
+    while "fast" not in h.finished():
+        plan, _ = h.step()
+        assert any(c.request_id == "slow" for c in plan.chunks)  # never waits for the decode
+        assert "fast" not in plan.vae_decodes
+        if "fast" not in h.finished():
+            assert h.sched.running[0].request_id == "fast"  # keeps its seat until the image arrives
+    assert len(h.plans) - decode_step == 4  # reported by the fourth step after the one that sent it
+    assert any(o.partial_image for o in h.outputs if o.state.request_id == "fast")  # the preview came through
+    h.run()
+    assert h.finished() == {"fast": FinishReason.IMAGE, "slow": FinishReason.IMAGE}
+    h.assert_no_leaks()
+
+
+def test_a_step_with_only_decodes_in_flight_waits_for_one(ctx_distil):
+    h = Harness(ctx_distil, decode_delay=5)
+    h.add("t2i", image_size="256x256", bot_task="image", num_inference_steps=2)
+    while not h.sched.decoding:
+        plan, _ = h.step()
+    assert plan.vae_decodes == ["t2i"] and not plan.wait_for_vae
+    plan, outs = h.step()  # nothing else to run: the worker blocks until the decode has ended
+    assert plan.wait_for_vae and plan.has_model_work and not plan.vae_decodes
+    assert h.finished() == {"t2i": FinishReason.IMAGE} and h.sched.num_decoding == 0
+    h.run()
+    h.assert_no_leaks()
+
+
+def test_abort_while_decoding_frees_everything_once_the_decode_reports(ctx_distil):
+    h = Harness(ctx_distil, decode_delay=3)
+    h.add("t2i", image_size="256x256", bot_task="image", num_inference_steps=2)
+    h.add("other", image_size="256x256", bot_task="think_recaption", max_new_tokens=12)
+    while not h.sched.decoding:
+        h.step()
+    h.sched.finish_requests(["t2i"], FinishReason.ABORT)
+    assert "t2i" not in h.sched.requests and [st.request_id for st in h.sched.running] == ["other"]
+    assert h.kv.num_free_blocks + sum(len(h.kv.block_table(q.seq_id)) for q in h.sched.running[0].rows
+                                      if q.allocated) == h.kv.num_blocks
+    assert h.sched.num_decoding == 1 and h.sched.has_unfinished_requests()  # its decode still reports
+    h.run()
+    assert h.finished() == {"other": FinishReason.IMAGE}  # the aborted request's image is dropped
     h.assert_no_leaks()
 
 
@@ -553,12 +626,15 @@ def test_vae_work_per_step_stays_within_the_budget(ctx_distil):
     assert any(len(d) == 2 for d, _ in work)  # the budget is used, not just one image a step
 
 
-def test_async_encodes_and_decodes_share_the_vae_budget(ctx_distil):
+@pytest.mark.parametrize("decode_delay", [0, 3])
+def test_async_encodes_and_decodes_share_the_vae_budget(ctx_distil, decode_delay):
     """On a GPU an asynchronous encode runs on a side stream beside the step's decodes: the VAE bytes of the encodes
     in flight plus the step's decodes stay within the one budget the memory plan reserves (more than one item
-    only when they fit), and a final decode that waits for room is not starved by new encodes."""
+    only when they fit), and a final decode that waits for room is not starved by new encodes. Asynchronous
+    decodes (`decode_delay`) hold their bytes until reported, like the encodes."""
     budget = VaeBudget(budget_bytes=2 * 256 * 256, bytes_per_pixel=1, decode_fixed_bytes=0, latent_factor=16)
-    h = Harness(ctx_distil, max_num_seqs=8, vae_budget=budget, encode_delay=6)  # each encode spans six steps
+    h = Harness(ctx_distil, max_num_seqs=8, vae_budget=budget, encode_delay=6,  # each encode spans six steps
+                decode_delay=decode_delay)
     for i in range(3):  # text-to-image requests reach their decode while the edits' encodes are in flight
         h.add(f"t{i}", image_size="256x256", bot_task="image", num_inference_steps=2)
     for i in range(4):
@@ -568,8 +644,10 @@ def test_async_encodes_and_decodes_share_the_vae_budget(ctx_distil):
     def within_budget(plan: SchedulerOutput) -> None:
         decodes, _ = _vae_work(h, plan)
         in_flight = [b for _, b in h.sched.encoding.values()]  # sent and not reported, this step's included
-        items = decodes + in_flight
-        assert len(items) <= 1 or sum(items) <= budget.budget_bytes, (decodes, in_flight)
+        decoding = list(h.sched.decoding.values())  # likewise (this step's decodes and earlier ones)
+        assert len(decoding) >= len(decodes)
+        items = decoding + in_flight
+        assert len(items) <= 1 or sum(items) <= budget.budget_bytes, (decoding, in_flight)
 
     _run_recording_vae_work(h, within_budget)
     assert set(h.finished().values()) == {FinishReason.IMAGE} and len(h.finished()) == 7
