@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from diffgentor.engine.encode_stage import EncodeStage
+from diffgentor.engine.encode_stage import EncodeStage, enter_background_thread, start_background_thread
 from diffgentor.engine.models.hunyuan_image_3.execution import HunyuanImage3ForCausalMM, to_uint8
 from diffgentor.engine.scheduler_output import FINAL_IMAGE, DecodeKey, RunnerOutput
 from diffgentor.engine.vae_budget import VaeBudget, chunks
@@ -159,19 +159,10 @@ class DecodeStage:
             torch.set_num_threads(self._team)
 
     def _start(self) -> None:
-        dev = self.model.device
-        if dev.type == "cuda":
-            self._stream = torch.cuda.Stream(dev)
-        self._thread = threading.Thread(target=self._loop, name="diffgentor-decode", daemon=True)
-        self._thread.start()
+        self._thread, self._stream = start_background_thread(self.model, self._loop, "diffgentor-decode")
 
     def _loop(self) -> None:
-        dev = self.model.device
-        if dev.type == "cuda":
-            torch.cuda.set_device(dev)
-        else:
-            self._thread_ident = threading.get_ident()
-            torch.set_num_threads(self._team)
+        self._thread_ident = enter_background_thread(self.model, self._team)
         while True:
             item = self._jobs.get()
             if item is None:

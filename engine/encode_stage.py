@@ -78,6 +78,25 @@ def encode_groups(model: HunyuanImage3ForCausalMM, inputs: list[EncoderInput],
     return done
 
 
+def start_background_thread(model: HunyuanImage3ForCausalMM, loop, name: str):
+    """(a daemon thread running `loop`, its own CUDA stream on a GPU or None): the stream exists before the
+    thread starts."""
+    stream = torch.cuda.Stream(model.device) if model.device.type == "cuda" else None
+    thread = threading.Thread(target=loop, name=name, daemon=True)
+    thread.start()
+    return thread, stream
+
+
+def enter_background_thread(model: HunyuanImage3ForCausalMM, team: int) -> int | None:
+    """First thing on a background thread: its CUDA device, or on CPU its own intra-op team; returns the thread's
+    ident on CPU (the forward pre-hooks resize only that thread's team)."""
+    if model.device.type == "cuda":
+        torch.cuda.set_device(model.device)
+        return None
+    torch.set_num_threads(team)
+    return threading.get_ident()
+
+
 def encode_thread_count(total: int) -> int:
     """Intra-op threads of the encode thread: half the step's (at least one), the step keeps the rest meanwhile."""
     return max(1, total // 2)
@@ -224,19 +243,11 @@ class EncodeStage:
 
     # ------------------------------------------------------------------ the encode thread
     def _start(self) -> None:
-        dev = self.model.device
-        if dev.type == "cuda":
-            self._stream = torch.cuda.Stream(dev)
-        self._thread = threading.Thread(target=self._loop, name="diffgentor-encode", daemon=True)
-        self._thread.start()
+        self._thread, self._stream = start_background_thread(self.model, self._loop, "diffgentor-encode")
 
     def _loop(self) -> None:
-        dev = self.model.device
-        if dev.type == "cuda":
-            torch.cuda.set_device(dev)
-        else:
-            self._thread_ident = threading.get_ident()
-            torch.set_num_threads(self.encode_threads)  # this thread's own team (see the module docstring)
+        # this thread's own team (see the module docstring)
+        self._thread_ident = enter_background_thread(self.model, self.encode_threads)
         while True:
             inputs = self._jobs.get()
             if inputs is None:
@@ -259,4 +270,5 @@ class EncodeStage:
                 self._cond.notify_all()
 
 
-__all__ = ["EncodeStage", "encode_groups", "encode_thread_count"]
+__all__ = ["EncodeStage", "encode_groups", "encode_thread_count", "enter_background_thread",
+           "start_background_thread"]

@@ -342,27 +342,38 @@ def test_one_loop_one_output_channel(tiny_distil):
     assert core.executor.worker.runner.requests == {}
 
 
-def test_encodes_in_flight_change_no_result(tiny_distil, monkeypatch):
-    """The encode thread is held for several steps while the requests without images think and denoise: no
-    request with images is admitted before its encode is reported, the step runs on the cores the encode thread
-    leaves, and every result equals the one with inline encodes (each posterior drawn from its own generator)."""
+def _queued(path, reqs: list[dict]):
+    """An engine with `reqs` added to its core, stepped by the test."""
+    eng = _engine(path)
+    for r in reqs:
+        eng.core.add_request(eng.make_request(r))
+    return eng, eng.core
+
+
+def _hold(monkeypatch, module, name: str):
+    """Hold `module.name` (a stage's encode or decode function) until the returned event is set."""
     import threading
 
-    from diffgentor.engine import encode_stage
-
     gate = threading.Event()
-    real = encode_stage.encode_groups
+    real = getattr(module, name)
 
     def held(*args):
         gate.wait(timeout=120)
         return real(*args)
 
-    monkeypatch.setattr(encode_stage, "encode_groups", held)
+    monkeypatch.setattr(module, name, held)
+    return gate
+
+
+def test_encodes_in_flight_change_no_result(tiny_distil, monkeypatch):
+    """The encode thread is held for several steps while the requests without images think and denoise: no
+    request with images is admitted before its encode is reported, the step runs on the cores the encode thread
+    leaves, and every result equals the one with inline encodes (each posterior drawn from its own generator)."""
+    from diffgentor.engine import encode_stage
+
+    gate = _hold(monkeypatch, encode_stage, "encode_groups")
     reqs = _mixed_requests()[:5]  # four with images, one without
-    eng = _engine(tiny_distil)
-    core = eng.core
-    for r in reqs:
-        core.add_request(eng.make_request(r))
+    eng, core = _queued(tiny_distil, reqs)
     stage = core.executor.worker.runner.encodes
     finished = {}
     for _ in range(4):
@@ -387,18 +398,9 @@ def test_decodes_in_flight_change_no_image_and_aborts_drop_theirs(tiny_distil, m
     """The decode thread is held while other requests think and denoise: a request whose decode is in flight is not
     finished (its image comes from a later step), the steps go on meanwhile, an aborted request's decode ends
     without an image, and every image (previews included) equals the one decoded inside the step."""
-    import threading
-
     from diffgentor.engine import decode_stage
 
-    gate = threading.Event()
-    real = decode_stage.decode_groups
-
-    def held(*args):
-        gate.wait(timeout=120)
-        return real(*args)
-
-    monkeypatch.setattr(decode_stage, "decode_groups", held)
+    gate = _hold(monkeypatch, decode_stage, "decode_groups")
     base = dict(infer_align_image_size=False, bot_task="image", image_size="256x256", num_inference_steps=2)
     reqs = [dict(request_id="first", prompt="a red cube", seed=1, **base),
             dict(request_id="aborted", prompt="a blue cube", seed=2, **base),
@@ -406,10 +408,7 @@ def test_decodes_in_flight_change_no_image_and_aborts_drop_theirs(tiny_distil, m
                 **base, "bot_task": "think_recaption", "max_new_tokens": 24, "num_inference_steps": 3,
                 "partial_images": 1}),
             dict(request_id="edit", prompt="make it purple", seed=4, images=[_img(64, 96, 1)], **base)]
-    eng = _engine(tiny_distil)
-    core = eng.core
-    for r in reqs:
-        core.add_request(eng.make_request(r))
+    eng, core = _queued(tiny_distil, reqs)
     stage = core.executor.worker.runner.decodes
     finished = {}
     while not stage.num_pending:
