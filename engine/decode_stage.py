@@ -21,6 +21,7 @@ from __future__ import annotations
 import queue
 import threading
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,7 +29,6 @@ import torch
 from torch import Tensor
 
 from diffgentor.engine.encode_stage import EncodeStage, enter_background_thread, start_background_thread
-from diffgentor.engine.models.hunyuan_image_3.execution import HunyuanImage3ForCausalMM, to_uint8
 from diffgentor.engine.scheduler_output import FINAL_IMAGE, DecodeKey, RunnerOutput
 from diffgentor.engine.vae_budget import VaeBudget, chunks
 
@@ -46,14 +46,18 @@ class _Decoded:
     error: str | None = None
 
 
-def decode_groups(model: HunyuanImage3ForCausalMM, jobs: list[DecodeJob],
+DecodeFn = Callable[[Tensor], Any]
+"""The model's decode: latents [B, C, h, w] -> uint8 images [B, H, W, 3] (numpy)."""
+
+
+def decode_groups(decode: DecodeFn, latent_factor: int, jobs: list[DecodeJob],
                   vae_budget: VaeBudget | None = None) -> list[_Decoded]:
     """One VAE batch per output size, split into calls that fit the VAE budget (`engine.vae_budget`; the images
-    are the same either way); a failing call fails each of its jobs."""
+    are the same either way); a failing call fails each of its jobs. `latent_factor`: pixels per latent cell."""
     groups: dict[tuple[int, ...], list[DecodeJob]] = defaultdict(list)
     for j in jobs:
         groups[tuple(j.latents.shape)].append(j)
-    f = model.config.latent_downsample
+    f = latent_factor
     calls = []
     for shape, items in groups.items():
         size = vae_budget.decode_images(shape[-2] * f, shape[-1] * f) if vae_budget else len(items)
@@ -61,7 +65,7 @@ def decode_groups(model: HunyuanImage3ForCausalMM, jobs: list[DecodeJob],
     done: list[_Decoded] = []
     for items in calls:
         try:
-            images = to_uint8(model.decode_latents(torch.stack([j.latents for j in items])))
+            images = decode(torch.stack([j.latents for j in items]))
         except Exception as e:  # noqa: BLE001 - reported per job
             done += [_Decoded(j.key, error=f"VAE decode failed: {type(e).__name__}: {e}") for j in items]
             continue
@@ -70,9 +74,11 @@ def decode_groups(model: HunyuanImage3ForCausalMM, jobs: list[DecodeJob],
 
 
 class DecodeStage:
-    def __init__(self, model: HunyuanImage3ForCausalMM, encodes: EncodeStage, asynchronous: bool = True,
+    def __init__(self, model: torch.nn.Module, decode: DecodeFn, encodes: EncodeStage, asynchronous: bool = True,
                  vae_budget: VaeBudget | None = None) -> None:
+        """`model`: its `vae.decoder` modules get the team-size hook on CPU; `decode` runs them."""
         self.model = model
+        self.decode = decode
         self.encodes = encodes
         self.vae_budget = vae_budget
         self.asynchronous = asynchronous
@@ -106,7 +112,7 @@ class DecodeStage:
         with self._cond:
             self._pending.update(j.key for j in jobs)
         if not self.asynchronous:
-            done = decode_groups(self.model, jobs, self.vae_budget)
+            done = self._decode_now(jobs)
             with self._cond:
                 self._done += done
                 self._cond.notify_all()
@@ -146,6 +152,9 @@ class DecodeStage:
     def has_done(self) -> bool:
         return bool(self._done)
 
+    def _decode_now(self, jobs: list[DecodeJob]) -> list[_Decoded]:
+        return decode_groups(self.decode, self.model.config.latent_downsample, jobs, self.vae_budget)
+
     def close(self) -> None:
         if self._thread is not None:
             self._jobs.put(None)
@@ -173,9 +182,9 @@ class DecodeStage:
                     if self._stream is not None:
                         with torch.cuda.stream(self._stream):
                             self._stream.wait_event(event)
-                            done = decode_groups(self.model, jobs, self.vae_budget)
+                            done = self._decode_now(jobs)
                     else:
-                        done = decode_groups(self.model, jobs, self.vae_budget)
+                        done = self._decode_now(jobs)
             except Exception as err:  # noqa: BLE001 - never leave a key pending forever
                 done = [_Decoded(j.key, error=f"VAE decode failed: {type(err).__name__}: {err}") for j in jobs]
             with self._cond:

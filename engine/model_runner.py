@@ -47,6 +47,7 @@ from diffgentor.engine.models.hunyuan_image_3.execution import (
     initial_noise,
     make_generator,
     sample_batch,
+    to_uint8,
 )
 from diffgentor.engine.scheduler_output import (
     FINAL_IMAGE,
@@ -105,7 +106,8 @@ class ModelRunner:
         self.split_grids: dict[str, tuple[int, int]] = {}  # requests whose rows are on different groups -> grid
         self.encoder_cache: dict[EncoderKey, EncodedImage] = {}  # the scheduler decides what enters and leaves
         self.encodes = EncodeStage(model, async_encode, vae_budget)  # inline, or a thread beside the steps
-        self.decodes = DecodeStage(model, self.encodes, async_decode, vae_budget)  # likewise
+        self.decodes = DecodeStage(model, lambda z: to_uint8(model.decode_latents(z)), self.encodes, async_decode,
+                                   vae_budget)  # likewise
 
     # ------------------------------------------------------------------ per-request state
     def _add_request(self, new: NewRequestData) -> None:
