@@ -266,15 +266,19 @@ def image_step_time(steps: list[dict[str, Any]]) -> dict[str, float]:
 
 
 def cpu_usage(before: tuple[Any, Any], after: tuple[Any, Any]) -> dict[str, float]:
-    """What the kernel did for the engine between two `_rusage()` readings: minor / major page faults and system /
-    user CPU seconds of this process, and of its reaped child processes (tensor-parallel ranks) as ``children_*``.
-    Counts, so a loaded machine does not change them much (unlike wall time)."""
+    """What the kernel did for the engine between two `_rusage()` readings: minor / major page faults, system / user
+    CPU seconds and context switches of this process, and of its reaped child processes (tensor-parallel ranks) as
+    ``children_*``. A voluntary switch is a thread going to sleep (a contended lock, e.g. the allocator's arena, or an
+    idle OpenMP worker); an involuntary one is a thread preempted (more runnable threads than cores). Counts, so a
+    loaded machine does not change them much (unlike wall time)."""
     out: dict[str, float] = {}
     for prefix, a, b in (("", before[0], after[0]), ("children_", before[1], after[1])):
         out[prefix + "minor_faults"] = float(b.ru_minflt - a.ru_minflt)
         out[prefix + "major_faults"] = float(b.ru_majflt - a.ru_majflt)
         out[prefix + "system_s"] = b.ru_stime - a.ru_stime
         out[prefix + "user_s"] = b.ru_utime - a.ru_utime
+        out[prefix + "voluntary_switches"] = float(b.ru_nvcsw - a.ru_nvcsw)
+        out[prefix + "involuntary_switches"] = float(b.ru_nivcsw - a.ru_nivcsw)
     return out
 
 
@@ -523,7 +527,8 @@ def render(run: RunResult) -> str:
         f"    split: " + ", ".join(f"{k} {p[k]:.2f}s" for k in PHASES)
         + f"  [{run.engine_steps} steps, scheduler {run.scheduler_overhead_ms_per_step:.2f} ms/step]\n"
         f"    {heap}: {run.cpu.get('minor_faults', 0):.0f} minor page faults, system {run.cpu.get('system_s', 0):.2f} s"
-        f", user {run.cpu.get('user_s', 0):.2f} s\n"
+        f", user {run.cpu.get('user_s', 0):.2f} s, {run.cpu.get('voluntary_switches', 0):.0f} voluntary context "
+        "switches\n"
         f"    image steps: {im.get('steps', 0):.0f}, {1000 * im.get('mean_s', 0):.1f} ms per step, "
         f"{1000 * im.get('per_denoising_step_s', 0):.1f} ms per denoising step"
     )
@@ -638,7 +643,7 @@ def allocator_result(args: argparse.Namespace, info: dict[str, Any], load_before
         out["ratio"] = {key: b[key]["mean"] / a[key]["mean"] for key in ("images_per_min", "think_tokens_per_s",
                                                                         "diffusion_steps_per_s")}
         out["ratio"] |= {f"cpu_{k}": b["cpu"][k] / a["cpu"][k] if a["cpu"][k] else None
-                         for k in ("minor_faults", "system_s", "user_s")}
+                         for k in ("minor_faults", "system_s", "user_s", "voluntary_switches")}
     return out
 
 

@@ -12,8 +12,8 @@ holds the median seconds, the speedup and the largest difference between the two
 
 With --compare-allocator the current module runs in two fresh processes per pair (the heap policy is process-wide
 and cannot be undone), one with glibc's defaults and one with heap reuse, the order alternating between pairs; each
-reports per case the median seconds, the minor page faults and system seconds per call, and a hash of the output
-(equal hashes: bit-identical results).
+reports per case the median seconds, the minor page faults and system / user CPU seconds per call, and a hash of the
+output (equal hashes: bit-identical results).
 """
 
 from __future__ import annotations
@@ -134,7 +134,7 @@ ALLOCATOR_SIDES = ("glibc_default", "heap_reuse")
 
 def allocator_side(args: argparse.Namespace) -> int:
     """One process of the allocator A/B: set the heap policy first, then one warm-up and `--repeat` timed calls per
-    case; per call the seconds, minor page faults and system seconds (getrusage), and the output's hash."""
+    case; per call the seconds, minor page faults and system / user CPU seconds (getrusage), and the output's hash."""
     if args.allocator_side == "heap_reuse" and not configure_heap(args.heap_reuse_memory):
         print("vae_speed: heap reuse needs Linux glibc", file=sys.stderr)
         return 1
@@ -149,7 +149,7 @@ def allocator_side(args: argparse.Namespace) -> int:
             t1, r1 = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
             if i:  # call 0 is the warm-up
                 calls.append({"s": t1 - t0, "minor_faults": r1.ru_minflt - r0.ru_minflt,
-                              "system_s": r1.ru_stime - r0.ru_stime})
+                              "system_s": r1.ru_stime - r0.ru_stime, "user_s": r1.ru_utime - r0.ru_utime})
         rows[case] = {"calls": calls, "sha256": hashlib.sha256(y.contiguous().numpy().tobytes()).hexdigest()}
     Path(args.out).write_text(json.dumps(rows))
     return 0
@@ -172,7 +172,7 @@ def compare_allocator(args: argparse.Namespace) -> int:
     rows = []
     for case in sides["glibc_default"][0]:
         per = {side: [c for run in runs for c in run[case]["calls"]] for side, runs in sides.items()}
-        med = {side: {k: _median([c[k] for c in calls]) for k in ("s", "minor_faults", "system_s")}
+        med = {side: {k: _median([c[k] for c in calls]) for k in ("s", "minor_faults", "system_s", "user_s")}
                for side, calls in per.items()}
         hashes = {run[case]["sha256"] for runs in sides.values() for run in runs}
         rows.append({"case": case, **{f"{side}_{k}": v for side, m in med.items() for k, v in m.items()},
@@ -180,9 +180,9 @@ def compare_allocator(args: argparse.Namespace) -> int:
                      "calls": per})
         print(json.dumps({k: v for k, v in rows[-1].items() if k != "calls"}), flush=True)
     out.write_text(json.dumps({
-        "what": "VAE seconds, minor page faults and system seconds per call (medians) with glibc's default heap and "
-                f"with heap reuse (engine/allocator.py, ceiling {args.heap_reuse_memory} bytes), one fresh process "
-                "per side and pair, alternating; identical = every process's output hashes agree",
+        "what": "VAE seconds, minor page faults and system / user CPU seconds per call (medians) with glibc's default "
+                f"heap and with heap reuse (engine/allocator.py, ceiling {args.heap_reuse_memory} bytes), one fresh "
+                "process per side and pair, alternating; identical = every process's output hashes agree",
         "config": _vae_config(args.channels), "threads": torch.get_num_threads(), "torch": torch.__version__,
         "repeat": args.repeat, "pairs": args.pairs, "rows": rows,
     }, indent=1))

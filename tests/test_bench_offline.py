@@ -62,6 +62,8 @@ def test_bench_offline_cli_end_to_end(tmp_path):
     # what the kernel did for the engine: counts next to the wall time, and which heap policy ran
     assert run["heap_reuse_bytes"] == 4 << 30
     assert run["cpu"]["user_s"] > 0 and run["cpu"]["minor_faults"] >= 0 and "children_system_s" in run["cpu"]
+    assert run["cpu"]["voluntary_switches"] > 0  # the encode thread sleeps on its queue between images, at least
+    assert run["cpu"]["involuntary_switches"] >= 0 and "children_voluntary_switches" in run["cpu"]
     assert d["summary"]["mns4"]["cpu"]["user_s"] == pytest.approx(run["cpu"]["user_s"])
     digests = {r["kind"]: r["image_sha256"] for r in run["requests"]}
     assert len(digests["t2i"]) == 16 and digests["edit"] is None  # the edit asks for latents: no image
