@@ -23,7 +23,8 @@ the collectives' overhead; on GPUs see bench/gpu_check.py).
 `--compare-allocator` is the A/B of the host heap policy (engine/allocator.py): every repeat runs the workload twice,
 in two fresh processes, with glibc's defaults (`--heap-reuse-memory 0`) and with heap reuse (the default ceiling or
 `--heap-reuse-memory`), in alternating order; the JSON holds both sides, their ratio and whether every image is
-identical. The policy is process-wide and cannot be undone, hence one process per side.
+identical. The policy is process-wide and cannot be undone, hence one process per side. `cpu_bound` says from the CPU
+seconds what images/min ratio the run can show and the most any heap policy could give (all system time removed).
 """
 
 from __future__ import annotations
@@ -644,7 +645,17 @@ def allocator_result(args: argparse.Namespace, info: dict[str, Any], load_before
                                                                         "diffusion_steps_per_s")}
         out["ratio"] |= {f"cpu_{k}": b["cpu"][k] / a["cpu"][k] if a["cpu"][k] else None
                          for k in ("minor_faults", "system_s", "user_s", "voluntary_switches")}
+        out["cpu_bound"] = cpu_bound(a["cpu"], b["cpu"])
     return out
+
+
+def cpu_bound(default: dict[str, float], reuse: dict[str, float]) -> dict[str, float | None]:
+    """What the CPU seconds allow, counted rather than timed: on a machine whose cores the engine keeps busy, images/min
+    can rise by at most the ratio of CPU seconds (``cpu_s``: glibc's defaults over heap reuse), and no heap policy can
+    do better than removing every system second while adding no user time (``without_system_time``)."""
+    used = {side: c["user_s"] + c["system_s"] for side, c in (("default", default), ("reuse", reuse))}
+    return {"cpu_s": used["default"] / used["reuse"] if used["reuse"] else None,
+            "without_system_time": used["default"] / default["user_s"] if default["user_s"] else None}
 
 
 def compare_allocator(args: argparse.Namespace, info: dict[str, Any], load_before: tuple[float, ...],
@@ -684,6 +695,9 @@ def compare_allocator(args: argparse.Namespace, info: dict[str, Any], load_befor
     print(f"heap reuse ({ceiling >> 20} MiB) vs glibc defaults: images/min x{r['images_per_min']:.2f}, minor page "
           f"faults x{r['cpu_minor_faults'] or 0:.3f}, system time x{r['cpu_system_s'] or 0:.3f}, user time "
           f"x{r['cpu_user_s'] or 0:.3f}; identical images: {out['identical_images']}")
+    bound = out["cpu_bound"]
+    print(f"CPU seconds glibc / heap reuse x{bound['cpu_s'] or 0:.3f} (a CPU-bound run's images/min ratio); no heap "
+          f"policy can exceed x{bound['without_system_time'] or 0:.3f} (every system second removed)")
     print(f"load average before {load_before[0]:.2f}, after {out['loadavg_after'][0]:.2f}")
     if save:
         save.write_text(json.dumps(out, indent=2, ensure_ascii=False) + "\n")

@@ -136,6 +136,18 @@ def test_bench_offline_compare_allocator_end_to_end(tmp_path):
     sides = d["runs"]
     assert [r["heap_reuse_bytes"] for r in sides["glibc_default"] + sides["heap_reuse"]] == [0, 4 << 30]
     assert d["ratio"]["cpu_minor_faults"] < 1.0 and d["ratio"]["images_per_min"] > 0
+    assert d["cpu_bound"]["without_system_time"] > 1.0 and d["cpu_bound"]["cpu_s"] > 0
+
+
+def test_allocator_cpu_bound_from_cpu_seconds():
+    """The allocator A/B's counted bound (the last quiet mixed-workload run's CPU seconds): images/min can rise by the
+    CPU seconds saved, and by (user + system) / user at most, whatever the heap policy."""
+    from diffgentor.bench.offline import cpu_bound
+
+    b = cpu_bound({"user_s": 35.78, "system_s": 7.35}, {"user_s": 36.65, "system_s": 0.60})
+    assert b["cpu_s"] == pytest.approx(43.13 / 37.25) and b["without_system_time"] == pytest.approx(43.13 / 35.78)
+    assert cpu_bound({"user_s": 0.0, "system_s": 0.0}, {"user_s": 0.0, "system_s": 0.0}) == {
+        "cpu_s": None, "without_system_time": None}
 
 
 def test_compare_async_encode_reports_both_settings(tmp_path):
