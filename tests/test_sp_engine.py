@@ -2,7 +2,8 @@
 plans give the single-process engine's latents, images and text for a batch of mixed requests (Instruct
 text-to-image with CFG, a 3-image edit with CFG, a request without CFG whose image rows make the step's row count
 odd, a think-and-recaption request with a preview and the Taylor cache); a killed sequence-parallel rank fails the
-in-flight requests quickly; shutdown leaves no rank process behind."""
+in-flight requests quickly; shutdown leaves no rank process behind. The SP2 comparison runs by default; TP2 x SP2
+(4 rank processes) and the killed rank are `slow`."""
 
 from __future__ import annotations
 
@@ -74,6 +75,7 @@ def test_sp_engine_matches_single_process(ckpt, single, tp, sp):
     assert got[3].generated_ids  # the think_recaption request decoded text before its image
 
 
+@pytest.mark.slow
 def test_killed_sequence_parallel_rank_fails_in_flight_requests(ckpt):
     eng = Engine.from_pretrained(ckpt, environ={}, sequence_parallel_size=2, executor_args=dict(poll_s=0.1),
                                  **ENGINE_ARGS)
