@@ -78,7 +78,7 @@ def _check_same(got: dict, ref: dict) -> None:
     assert any(r.generated_ids for r in ref["results"].values())  # the think_recaption requests did decode text
 
 
-def _check_split(info, layout) -> None:
+def _check_split(info) -> None:
     """Each CFG group forwarded a share of the plans' tokens, and the shares add up to the plans (no group ran the
     other's rows); the ranks of one group ran the same tokens."""
     ex, tokens, rank_tokens = info
@@ -86,7 +86,7 @@ def _check_split(info, layout) -> None:
     assert all(t > 0 for t in per_group), rank_tokens
     assert sum(per_group) == tokens, (rank_tokens, tokens)
     for g in range(ex.layout.cfg):
-        ranks = [ex.layout.rank_of(t, 0, g) for t in range(ex.layout.tp)]
+        ranks = [ex.layout.rank_of(t, sp, g) for t in range(ex.layout.tp) for sp in range(ex.layout.sp)]
         assert len({rank_tokens[r] for r in ranks}) == 1, rank_tokens
 
 
@@ -96,18 +96,20 @@ def test_cfg2_matches_single_process(ckpt, single):
     assert isinstance(ex, MultiprocExecutor) and ex.layout.describe() == "tp1 x cfg2 x sp1 (2 ranks)"
     assert not alive_pids(pids)  # the engine's close stopped every rank
     _check_same(got, single)
-    _check_split(info, ex.layout)
+    _check_split(info)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", [dict(tensor_parallel_size=2),
-                                    dict(tensor_parallel_size=2, cfg_parallel_size=2)], ids=["tp2", "tp2xcfg2"])
+                                    dict(tensor_parallel_size=2, cfg_parallel_size=2),
+                                    dict(cfg_parallel_size=2, sequence_parallel_size=2)],
+                         ids=["tp2", "tp2xcfg2", "cfg2xsp2"])
 def test_tp_layouts_match_single_process(ckpt, single, layout):
     got, info, pids, ex = _run(ckpt, **layout)
     assert not alive_pids(pids)
     _check_same(got, single)
     if ex.layout.cfg > 1:
-        _check_split(info, ex.layout)
+        _check_split(info)
 
 
 def _kill_a_rank(ckpt, rank: int, **layout) -> None:
