@@ -390,15 +390,14 @@ def run_once(ckpt: Path, engine_args: dict[str, Any], reqs: list[dict[str, Any]]
         usage0 = _rusage()
         t0 = time.perf_counter()
         for r in reqs:
-            core.add_request(eng.make_request(r))
+            eng.add_request(r)
         acc.time_s["preprocess"] = time.perf_counter() - t0
         before = start
-        finished = {}
         while core.has_unfinished_requests():
             ts = time.perf_counter()
             outputs = core.step()
-            finished.update(outputs.finished)
             wall = time.perf_counter() - ts
+            eng.process_outputs(outputs)  # the frontend's output processing: results (text, image) into eng.results
             after = _stats_snapshot(eng.stats)
             split = acc.add_step(before, after)
             steps.append({"index": len(steps), "wall_s": wall, **split,
@@ -406,12 +405,12 @@ def run_once(ckpt: Path, engine_args: dict[str, Any], reqs: list[dict[str, Any]]
                           "diffusion_steps": int(_delta(before, after, "diffusion_steps"))})
             before = after
             for ev in outputs.events:
-                if ev.kind == "text":
+                if ev.kind == "tokens":
                     first_text.setdefault(ev.request_id, len(steps) - 1)
         dur = time.perf_counter() - t0
         usage1 = _rusage()
         end = _stats_snapshot(eng.stats)
-        results = [finished[r["request_id"]] for r in reqs]
+        results = [eng.results.pop(r["request_id"]) for r in reqs]
     finally:
         eng.close()
     # children (ranks) are counted once reaped, so over the engine's whole life; this process over the timed run

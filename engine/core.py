@@ -3,12 +3,13 @@
 `EngineCore.step()` is the busy loop's body: `Scheduler.schedule()` packs a `SchedulerOutput`, the executor's
 worker(s) execute it (encodes, one flat forward, sampling, Euler steps, VAE decodes) and
 `Scheduler.update_from_output()` applies the result to the requests; the core only turns the per-request outputs
-into text deltas, previews, images and results. Every driver is the same loop:
+into events (new token ids, uint8 pixels) and results. Detokenising, aligning and encoding images is the
+frontend's output processing (engine/output_processor.py), never the step's. Every driver is the same loop:
 
     while core.has_unfinished_requests():
         outputs = core.step()  # one EngineCoreOutputs: the step's events and the results of the requests it ended
 
-Everything the core reports travels in those outputs, refusals of `add_request` and aborts included (they come
+Everything the core reports travels in those outputs, refusals of `add_processed` and aborts included (they come
 with the next step); requests that finished release their worker-side state in the next plan, which that loop
 also runs. Every request-level failure (bad input, a worker error pinned on it) becomes that request's error
 event; the others carry on.
@@ -16,33 +17,19 @@ event; the others carry on.
 
 from __future__ import annotations
 
-import io
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from PIL import Image
 
 from diffgentor.engine.cfg_groups import GroupedKVCacheManager
 from diffgentor.engine.config import EngineConfig
-from diffgentor.engine.detokenizer import IncrementalDetokenizer
 from diffgentor.engine.executor import Executor, ExecutorError, UniProcExecutor
-from diffgentor.engine.input_processor import (
-    ProcessedRequest,
-    ProcessorContext,
-    load_processor_context,
-    process_request,
-)
+from diffgentor.engine.input_processor import ProcessedRequest, ProcessorContext, load_processor_context
 from diffgentor.engine.kv_cache_manager import KVCacheManager
 from diffgentor.engine.parallel import check_layout_heads
-from diffgentor.engine.request import (
-    CoreSnapshot,
-    EngineEvent,
-    FinishReason,
-    GenerationRequest,
-    RequestResult,
-)
+from diffgentor.engine.request import CoreSnapshot, EngineCoreEvent, FinishReason, ImagePixels, RequestResult
 from diffgentor.engine.request_contract import RequestError
 from diffgentor.engine.request_state import RequestState, state_from_processed
 from diffgentor.engine.scheduler import RequestOutput, Scheduler, SchedulerConfig
@@ -52,10 +39,10 @@ from diffgentor.engine.worker import Worker
 
 @dataclass
 class EngineCoreOutputs:
-    """What one `EngineCore.step()` reports: the streamed events in order (text deltas, previews, images, then one
+    """What one `EngineCore.step()` reports: the streamed events in order (token ids, previews, images, then one
     finished or error event per ended request) and the result of every request that ended."""
 
-    events: list[EngineEvent] = field(default_factory=list)
+    events: list[EngineCoreEvent] = field(default_factory=list)
     finished: dict[str, RequestResult] = field(default_factory=dict)
 
 
@@ -77,8 +64,9 @@ class StepStats:
 
 
 class EngineCore:
-    """The engine core: the one scheduler, input and output processing, and an `Executor` that runs each step's
-    plan on the worker(s) (in-process, or one process per tensor-parallel rank)."""
+    """The engine core: the one scheduler, a request's engine-side state (engine/request_state.py), and an
+    `Executor` that runs each step's plan on the worker(s) (in-process, or one process per tensor-parallel rank).
+    Input and output processing are the frontend's (engine/input_processor.py, engine/output_processor.py)."""
 
     failed: str | None = None  # a fatal error (a tensor-parallel rank was lost); every later request is refused
 
@@ -143,36 +131,28 @@ class EngineCore:
         """op -> the kernel implementation the workers run (attention, moe), as proven at start-up."""
         return self.executor.kernel_impls
 
-    def add_request(self, req: GenerationRequest) -> None:
-        """Validate, preprocess and queue; a bad request is refused (its error in the next step's outputs, no block
-        taken)."""
-        self._check()
-        try:
-            p = process_request(self.ctx, req)
-        except RequestError as e:
-            return self._reject(req.request_id, 400, str(e))
-        self.add_processed(p)
-
     def add_processed(self, p: ProcessedRequest) -> None:
-        """Queue a request whose images the caller already decoded (the API server does, in its own process).
-        A refusal is one error event, in the next step's outputs, carrying its HTTP status: 400 bad input or
-        duplicate id, 429 queue full."""
+        """Queue a request that input processing (engine/input_processor.py, in the frontend) validated and whose
+        images it decoded. A refusal is one error event, in the next step's outputs, carrying its HTTP status: 400
+        bad input or duplicate id, 429 queue full."""
         self._check()
         rid = p.request.request_id
         if rid in self.requests:
-            return self._reject(rid, 400, f"duplicate request id {rid!r}")
+            return self.reject(rid, 400, f"duplicate request id {rid!r}")
         if len(self.scheduler.waiting) >= self.config.max_waiting_requests:
-            return self._reject(rid, 429, "too many waiting requests; retry later")
+            return self.reject(rid, 429, "too many waiting requests; retry later")
         try:
             st = state_from_processed(self.ctx, p)
         except RequestError as e:
-            return self._reject(rid, 400, str(e))
+            return self.reject(rid, 400, str(e), e.param)
         self.scheduler.add_request(st)
 
-    def _reject(self, rid: str, status: int, msg: str) -> None:
+    def reject(self, rid: str, status: int, msg: str, param: str | None = None) -> None:
+        """Refuse a request (the frontend's input processing refuses through here too): its error event and result
+        come with the next step's outputs."""
         if rid not in self.requests:  # a duplicate id must not clobber the running request's result
             self._outputs.finished[rid] = RequestResult(request_id=rid, finish_reason=FinishReason.ERROR, error=msg)
-        self._outputs.events.append(self._error_event(rid, msg, status=status))
+        self._outputs.events.append(self._error_event(rid, msg, status=status, param=param))
 
     def abort(self, request_id: str) -> None:
         """End a request in any phase; its abort error comes with the next step's outputs."""
@@ -282,51 +262,28 @@ class EngineCore:
                 s.phase_forward_s[kind] += forward * n / total
 
     # ------------------------------------------------------------------ outputs -> events and results
-    def _process(self, outputs: list[RequestOutput]) -> list[EngineEvent]:
-        events: list[EngineEvent] = []
+    def _process(self, outputs: list[RequestOutput]) -> list[EngineCoreEvent]:
+        """The requests' outputs as events: token ids and uint8 pixels, as the worker produced them (the frontend
+        detokenises, aligns and encodes: engine/output_processor.py)."""
+        events: list[EngineCoreEvent] = []
         for o in outputs:
             st = o.state
-            if o.new_token_ids or (o.finish_reason is not None and st.detokenizer is not None):
-                events += self._text_delta(st, o.new_token_ids, final=o.finish_reason is not None)
-            if o.partial_image is not None and o.finish_reason is None:
+            final = o.finish_reason is not None
+            if o.new_token_ids or (final and st.generated):
+                first = len(st.generated) == len(o.new_token_ids)  # the request's first ids: name its text's prefix
+                start = st.machine.start_id
+                events.append(EngineCoreEvent(
+                    request_id=st.request_id, kind="tokens", token_ids=list(o.new_token_ids), final=final,
+                    prefix_ids=[start] if first and start is not None else []))
+            if o.partial_image is not None and not final:
                 index, img = o.partial_image
-                events.append(EngineEvent(request_id=st.request_id, kind="partial_image",
-                                          image_png=self._png(self._output_image(st, img)),
-                                          partial_image_index=index))
-            if o.finish_reason is not None:
+                events.append(EngineCoreEvent(request_id=st.request_id, kind="partial_image",
+                                              pixels=ImagePixels.from_array(img), partial_image_index=index))
+            if final:
                 events += self._finished(o)
         return events
 
-    def _text_delta(self, st: RequestState, new_ids: list[int], final: bool = False) -> list[EngineEvent]:
-        """The text the new tokens complete (a delta never ends inside a multi-byte character: it waits for the
-        token that completes it); `final` flushes what is held back."""
-        if st.detokenizer is None:
-            start = st.machine.start_id
-            st.detokenizer = IncrementalDetokenizer(self.ctx.tokenizer, [start] if start is not None else [])
-        delta = st.detokenizer.push(new_ids) if new_ids else ""
-        if final:
-            delta += st.detokenizer.finish()
-        return [EngineEvent(request_id=st.request_id, kind="text", text=delta)] if delta else []
-
-    def _text(self, st: RequestState) -> str:
-        prefix = []
-        if st.machine.start_id is not None:
-            prefix = [st.machine.start_id]
-        return self.ctx.tokenizer.decode(prefix + st.generated)
-
-    def _output_image(self, st: RequestState, img) -> Image.Image:
-        pil = Image.fromarray(img)
-        if st.align_image_size and st.vae_images:
-            pil = self.ctx.images.align_output_size(pil, st.vae_images)
-        return pil
-
-    @staticmethod
-    def _png(pil: Image.Image) -> bytes:
-        buf = io.BytesIO()
-        pil.save(buf, format="PNG")
-        return buf.getvalue()
-
-    def _finished(self, o: RequestOutput) -> list[EngineEvent]:
+    def _finished(self, o: RequestOutput) -> list[EngineCoreEvent]:
         """A finished request: its result, and its last events (the image, then finished; or the error)."""
         st, reason = o.state, o.finish_reason
         rid = st.request_id
@@ -339,10 +296,9 @@ class EngineCore:
         if reason is FinishReason.IMAGE:
             res.latents = latents
             if o.image is not None:
-                res.image = self._output_image(st, o.image)
-                events.append(EngineEvent(request_id=rid, kind="image", image_png=self._png(res.image)))
+                events.append(EngineCoreEvent(request_id=rid, kind="image", pixels=ImagePixels.from_array(o.image)))
         self._outputs.finished[rid] = res
-        return events + [EngineEvent(request_id=rid, kind="finished", finish_reason=reason.value)]
+        return events + [EngineCoreEvent(request_id=rid, kind="finished", finish_reason=reason.value)]
 
     def _result(self, st: RequestState, reason: FinishReason, error: str | None = None) -> RequestResult:
         t = st.times
@@ -359,13 +315,13 @@ class EngineCore:
             timings["first_token"] = t["first_token"] - st.arrival
         size = st.cond.layout.gen_image_size  # None unless its image-phase sequence was built
         return RequestResult(
-            request_id=st.request_id, finish_reason=reason, text=self._text(st) if st.generated else "",
-            generated_ids=list(st.generated), image_size=size, ratio_index=st.ratio_index,
-            truncated=st.machine.truncated, num_prompt_tokens=st.num_prompt_tokens,
+            request_id=st.request_id, finish_reason=reason, generated_ids=list(st.generated), image_size=size,
+            ratio_index=st.ratio_index, truncated=st.machine.truncated, num_prompt_tokens=st.num_prompt_tokens,
             num_generated_tokens=len(st.generated), timings=timings, error=error,
         )
 
     @staticmethod
-    def _error_event(rid: str, msg: str, reason: FinishReason = FinishReason.ERROR,
-                     status: int | None = None) -> EngineEvent:
-        return EngineEvent(request_id=rid, kind="error", error=msg, finish_reason=reason.value, status=status)
+    def _error_event(rid: str, msg: str, reason: FinishReason = FinishReason.ERROR, status: int | None = None,
+                     param: str | None = None) -> EngineCoreEvent:
+        return EngineCoreEvent(request_id=rid, kind="error", error=msg, finish_reason=reason.value, status=status,
+                               param=param)

@@ -3,14 +3,15 @@
 Transport: two one-way ipc:// sockets in a temp dir, both bound by the API server.
 * input  (API server PUSH -> core PULL): `AddRequest` (a `ProcessedRequest`: images already decoded and
   preprocessed by the API server), `AbortRequests`, `Shutdown`;
-* output (core PUSH -> API server PULL): `CoreReady` once the model is loaded, then `CoreOutputs` (the text /
-  image events of the step, one `FinishedInfo` per finished request, and the scheduler stats of the step), or
+* output (core PUSH -> API server PULL): `CoreReady` once the model is loaded, then `CoreOutputs` (the token-id /
+  pixel events of the step, one `FinishedInfo` per finished request, and the scheduler stats of the step), or
   `CoreFailed` before the process exits on a fatal error.
 Every message is one msgspec msgpack frame of a tagged union, so one decoder reads every kind.
 
 The loop: drain the input socket (blocking with a short timeout only when idle), step the core while it has
-work, push the step's outputs. Per request, the API server sees its text/image events then exactly one
-`FinishedInfo` (success, error with an HTTP status, or abort). This process owns the engine's one scheduler; with a
+work, push the step's outputs. Per request, the API server sees its token / image events then exactly one
+`FinishedInfo` (success, error with an HTTP status, or abort); its output processing turns them into text and
+images (engine/output_processor.py), never this process. This process owns the engine's one scheduler; with a
 resolved tensor-parallel size > 1 the core's executor runs the model in one child process per rank, which receive
 plans only. A rank failure fails the in-flight requests (HTTP 500), then the process reports `CoreFailed` and exits
 1. The process exits when its parent dies (a watchdog thread, so also
@@ -33,7 +34,7 @@ from diffgentor.engine.config import EngineConfig
 from diffgentor.engine.executor import ExecutorError
 from diffgentor.engine.input_processor import ProcessedRequest
 from diffgentor.engine.os_process import exit_with_parent
-from diffgentor.engine.request import EngineEvent, FinishReason, GenerationRequest, RequestResult
+from diffgentor.engine.request import EngineCoreEvent, FinishReason, GenerationRequest, RequestResult
 
 if TYPE_CHECKING:
     from diffgentor.engine.core import EngineCore, EngineCoreOutputs
@@ -85,7 +86,8 @@ class FinishedInfo(msgspec.Struct, kw_only=True, omit_defaults=True):
     finish_reason: str  # image | text | length | abort | error
     status: int = 200  # HTTP status the API server answers an error with
     error: str | None = None
-    text: str = ""
+    param: str | None = None  # a refused request's field at fault (RequestError.param)
+    text: str = ""  # filled in by the API server's output processing
     image_size: tuple[int, int] | None = None
     num_prompt_tokens: int = 0
     num_generated_tokens: int = 0
@@ -102,7 +104,7 @@ class CoreReady(msgspec.Struct, tag="ready", kw_only=True):
 
 
 class CoreOutputs(msgspec.Struct, tag="outputs", kw_only=True):
-    events: list[EngineEvent] = msgspec.field(default_factory=list)  # kinds "text", "partial_image", "image"
+    events: list[EngineCoreEvent] = msgspec.field(default_factory=list)  # kinds "tokens", "partial_image", "image"
     finished: list[FinishedInfo] = msgspec.field(default_factory=list)
     stats: SchedulerStats | None = None
 
@@ -151,7 +153,7 @@ class EngineCoreProc:
         self.dec = input_decoder()
         self.parent_pid = parent_pid
         self.running = True
-        self._events: list[EngineEvent] = []
+        self._events: list[EngineCoreEvent] = []
         self._finished: list[FinishedInfo] = []
         self._batch_sizes: list[int] = []
         self._diff_steps: list[float] = []
@@ -188,16 +190,15 @@ class EngineCoreProc:
     # -------------------------------------------------------------- outputs
     def _collect(self, outputs: EngineCoreOutputs) -> None:
         for ev in outputs.events:
-            if ev.kind in ("text", "partial_image", "image"):  # streamed as they come
+            if ev.kind in ("tokens", "partial_image", "image"):  # streamed as they come
                 self._events.append(ev)
                 continue
             res: RequestResult | None = outputs.finished.get(ev.request_id)
             reason = ev.finish_reason or (FinishReason.ERROR.value if ev.kind == "error" else "image")
-            info = FinishedInfo(request_id=ev.request_id, finish_reason=reason, error=ev.error)
+            info = FinishedInfo(request_id=ev.request_id, finish_reason=reason, error=ev.error, param=ev.param)
             if ev.kind == "error":
                 info.status = ev.status or (499 if reason == FinishReason.ABORT.value else 500)
             if res is not None:
-                info.text = res.text
                 info.image_size = tuple(res.image_size) if res.image_size else None
                 info.num_prompt_tokens = res.num_prompt_tokens
                 info.num_generated_tokens = res.num_generated_tokens

@@ -283,7 +283,7 @@ def resolve_params(ctx: ProcessorContext, req: GenerationRequest, num_images: in
                                       kind_given=req.use_system_prompt is not None)
     except ValueError as e:
         raise RequestError(str(e), "use_system_prompt") from None
-    align = bool(or_default(req.infer_align_image_size, d.infer_align_image_size))
+    align = aligns_output(ctx, req)
     return ResolvedParams(bot_task, int(max_new), int(steps), guidance, shift, sampling, image_size, fixed_ratio,
                           system, align)
 
@@ -301,6 +301,11 @@ def _check_context(ctx: ProcessorContext, params: ResolvedParams, req: Generatio
     if need > limit:
         raise RequestError(f"the prompt, system prompt and images need at least {need} tokens; the model's "
                            f"context is {limit}", "prompt")
+
+
+def aligns_output(ctx: ProcessorContext, req: GenerationRequest) -> bool:
+    """Whether the request's image is resized to its condition image's aspect ratio (infer_align_image_size)."""
+    return bool(or_default(req.infer_align_image_size, ctx.request_defaults.infer_align_image_size))
 
 
 def check_request(ctx: ProcessorContext, req: GenerationRequest, num_images: int,

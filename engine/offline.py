@@ -1,5 +1,9 @@
 """The offline API: `Engine.generate(requests)` and `Engine.stream(requests)` over one engine core.
 
+The `Engine` is the frontend: input processing (validation, tokenisation, image decoding: engine/input_processor.py)
+before a request reaches the core, output processing (text deltas, the final text, aligned PIL images:
+engine/output_processor.py) of what each step reports.
+
 With ``tensor_parallel_size > 1`` the core's executor runs one worker process per rank (engine/tp/), each over
 its model shard, executing the core's plans; call `close()` (or use `with`) to stop them.
 
@@ -20,8 +24,11 @@ import msgspec
 
 from diffgentor.engine.allocator import IdleRelease
 from diffgentor.engine.config import EngineConfig
-from diffgentor.engine.core import EngineCore, StepStats
+from diffgentor.engine.core import EngineCore, EngineCoreOutputs, StepStats
+from diffgentor.engine.input_processor import process_request
+from diffgentor.engine.output_processor import OutputProcessor
 from diffgentor.engine.request import EngineEvent, GenerationRequest, RequestResult
+from diffgentor.engine.request_contract import RequestError
 
 
 def _image_bytes(src: Any) -> bytes:
@@ -39,6 +46,7 @@ def _image_bytes(src: Any) -> bytes:
 class Engine:
     def __init__(self, core: EngineCore) -> None:
         self.core = core
+        self.outputs = OutputProcessor(core.ctx)
         self.results: dict[str, RequestResult] = {}  # request id -> result of a finished request (generate pops)
         self._ids = itertools.count()
         # after each batch the engine is idle until the caller's next one: its freed heap goes back after a while
@@ -82,17 +90,37 @@ class Engine:
         fields["images"] = [_image_bytes(x) for x in fields.get("images") or []]
         return msgspec.convert(fields, GenerationRequest)
 
+    def add_request(self, req: GenerationRequest | dict[str, Any]) -> None:
+        """Input processing here, then the core queues it; a refused request's error and result come with the
+        core's next step (as the core's own refusals do)."""
+        req = self.make_request(req)
+        try:
+            p = process_request(self.core.ctx, req)
+        except RequestError as e:
+            return self.core.reject(req.request_id, 400, str(e), e.param)
+        if req.request_id not in self.core.requests:  # a duplicate id keeps the running request's outputs
+            self.outputs.add_request(p)
+        self.core.add_processed(p)
+
+    def process_outputs(self, outputs: EngineCoreOutputs) -> list[EngineEvent]:
+        """One step's outputs through output processing: its events, and each ended request's result (with its
+        text and image) into `results`."""
+        events = [e for e in map(self.outputs.process, outputs.events) if e is not None]
+        for rid, res in outputs.finished.items():
+            done = self.outputs.finish(rid)
+            res.text, res.image = done.text, done.image
+            self.results[rid] = res
+        return events
+
     def stream(self, requests: Iterable[GenerationRequest | dict[str, Any]]) -> Iterator[EngineEvent]:
         """Per-request events (text deltas, image, finished / error) as the engine produces them; each ended
         request's `RequestResult` lands in `results`."""
         self.idle_release.busy()
         try:
             for r in requests:
-                self.core.add_request(self.make_request(r))
+                self.add_request(r)
             while self.core.has_unfinished_requests():
-                outputs = self.core.step()
-                self.results.update(outputs.finished)
-                yield from outputs.events
+                yield from self.process_outputs(self.core.step())
         finally:
             self.idle_release.release_after_idle()
 

@@ -1,7 +1,9 @@
 """Typed messages at the engine boundary: what a user asks for and what the engine reports back.
 
 These are `msgspec.Struct`s so the API server, the CLI and the engine-core processes exchange them
-as msgpack frames. Images cross the boundary as encoded files (bytes); decoded arrays never do.
+as msgpack frames. A `GenerationRequest` carries its images as encoded files (bytes; input processing decodes
+them in the frontend, engine/input_processor.py); the engine core reports token ids and uint8 pixels
+(`EngineCoreEvent`), which the frontend turns into text and images (`EngineEvent`, engine/output_processor.py).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import enum
 from typing import Any
 
 import msgspec
+import numpy as np
 
 
 class GenerationRequest(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -79,16 +82,54 @@ class FinishReason(str, enum.Enum):
     ERROR = "error"
 
 
+class ImagePixels(msgspec.Struct, kw_only=True, array_like=True):
+    """A decoded image as the engine core reports it: uint8 RGB, row-major [height, width, 3], not encoded (the
+    frontend aligns and encodes it, off the core's step)."""
+
+    height: int
+    width: int
+    data: bytes
+
+    @classmethod
+    def from_array(cls, array: Any) -> ImagePixels:
+        a = np.ascontiguousarray(array, dtype=np.uint8)
+        if a.ndim != 3 or a.shape[2] != 3:
+            raise ValueError(f"pixels must be [height, width, 3], got {a.shape}")
+        return cls(height=int(a.shape[0]), width=int(a.shape[1]), data=a.tobytes())
+
+    def to_array(self) -> np.ndarray:
+        return np.frombuffer(self.data, dtype=np.uint8).reshape(self.height, self.width, 3)
+
+
+class EngineCoreEvent(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """What the engine core reports of one request in a step, before output processing: new token ids, decoded
+    pixels, or the end."""
+
+    request_id: str
+    kind: str  # "tokens" | "partial_image" | "image" | "finished" | "error"
+    token_ids: list[int] = msgspec.field(default_factory=list)  # kind "tokens": ids sampled (or forced) this step
+    prefix_ids: list[int] = msgspec.field(default_factory=list)  # the request's first "tokens": ids its text opens with
+    final: bool = False  # kind "tokens": the request ended; the text held back for a later token is due now
+    pixels: ImagePixels | None = None  # kinds "partial_image", "image"
+    partial_image_index: int | None = None  # kind "partial_image": 0-based index of the preview
+    finish_reason: str | None = None
+    error: str | None = None
+    status: int | None = None  # an error's HTTP status where the engine knows it (400 bad input, 429 queue full)
+    param: str | None = None  # a refused request's field at fault (RequestError.param)
+
+
 class EngineEvent(msgspec.Struct, kw_only=True, omit_defaults=True):
-    """A streamed event of one request: a think/recaption text delta, the finished image, or the end."""
+    """A streamed event of one request after output processing: a think/recaption text delta, a preview or the
+    finished image, or the end."""
 
     request_id: str
     kind: str  # "text" | "partial_image" | "image" | "finished" | "error"
     text: str = ""
-    image_png: bytes = b""
+    image: Any = None  # kinds "partial_image", "image": a PIL image (in process; never serialised)
     finish_reason: str | None = None
     error: str | None = None
     status: int | None = None  # an error's HTTP status where the engine knows it (400 bad input, 429 queue full)
+    param: str | None = None  # a refused request's field at fault (RequestError.param)
     partial_image_index: int | None = None  # kind "partial_image": 0-based index of the preview
 
 
@@ -111,11 +152,12 @@ class CoreSnapshot(msgspec.Struct, kw_only=True, array_like=True):
 
 
 class RequestResult(msgspec.Struct, kw_only=True):
-    """The final outcome of a request (offline API)."""
+    """The final outcome of a request (offline API). The engine core reports the ids and counters; the frontend's
+    output processing fills in `text` and `image`."""
 
     request_id: str
     finish_reason: str
-    text: str = ""
+    text: str = ""  # the decoded generated text (prefixed by the tag the stage machine opened it with)
     generated_ids: list[int] = msgspec.field(default_factory=list)
     image: Any = None  # PIL.Image in process; never serialised
     latents: Any = None  # final latents (torch, in process) for checks and benchmarks

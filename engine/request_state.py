@@ -84,7 +84,6 @@ class RequestState:
     ratio_index: int | None = None
     step: int = 0
     generated: list[int] = field(default_factory=list)
-    detokenizer: Any = None  # the engine core's IncrementalDetokenizer for streamed text deltas
     arrival: float = field(default_factory=time.perf_counter)
     times: dict[str, float] = field(default_factory=dict)
     num_prompt_tokens: int = 0
@@ -143,7 +142,7 @@ def state_from_processed(ctx: ProcessorContext, p: ProcessedRequest) -> RequestS
     limit = ctx.config.max_position_embeddings
     need = len(layout) + (max_new + _max_image_tokens(ctx) if phase == "text" else 0)
     if len(layout) > limit:
-        raise RequestError(f"the prompt needs {len(layout)} tokens; the model allows {limit}")
+        raise RequestError(f"the prompt needs {len(layout)} tokens; the model allows {limit}", "prompt")
     if phase == "text" and bot_task != "auto":
         # the image phase repeats the prompt and condition images and adds the image: refuse now a request whose
         # image phase could not fit even with no think text and the smallest image, instead of failing it there
@@ -152,7 +151,7 @@ def state_from_processed(ctx: ProcessorContext, p: ProcessedRequest) -> RequestS
                                             cond_images=layouts, cfg=use_cfg)
         if len(shortest) > limit:
             raise RequestError(f"the image phase needs at least {len(shortest)} tokens (the prompt, its "
-                               f"{len(layouts)} condition image(s) and the image); the model allows {limit}")
+                               f"{len(layouts)} condition image(s) and the image); the model allows {limit}", "prompt")
         if fixed_ratio is None:  # auto size: only buckets whose image phase fits the model's positions
             machine.limit_ratios(_fitting_ratios(ctx, len(shortest) - _image_tokens(ctx, ratio), max_new, limit))
     state = RequestState(
@@ -170,9 +169,10 @@ def state_from_processed(ctx: ProcessorContext, p: ProcessedRequest) -> RequestS
                             for dg, v, t in zip(digests, vae_images, vit_images)]
     n_previews = int(req.partial_images or 0)
     if not 0 <= n_previews <= MAX_PARTIAL_IMAGES:
-        raise RequestError(f"partial_images must be between 0 and {MAX_PARTIAL_IMAGES}, got {n_previews}")
+        raise RequestError(f"partial_images must be between 0 and {MAX_PARTIAL_IMAGES}, got {n_previews}",
+                           "partial_images")
     if n_previews and req.output_type == "latent":
-        raise RequestError("partial_images needs output_type 'pil' (previews are decoded images)")
+        raise RequestError("partial_images needs output_type 'pil' (previews are decoded images)", "partial_images")
     state.preview_steps = _preview_steps(steps, n_previews)
     if phase == "image":
         enter_image_phase(state, layout)

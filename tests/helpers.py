@@ -186,7 +186,7 @@ def kill_rank_mid_run(eng, requests: list, rank: int, limit_s: float = 10.0) -> 
     reqs = [eng.make_request(r) for r in requests]
     events, results = [], {}
     for r in reqs:
-        core.add_request(r)
+        eng.add_request(r)
     for _ in range(3):
         events += core.step().events
     assert core.has_unfinished_requests()

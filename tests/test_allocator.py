@@ -148,8 +148,7 @@ def test_heap_reuse_config_from_flag_and_env():
 
 
 SEEDED = textwrap.dedent("""
-    import hashlib, json, sys
-    from diffgentor.engine.core import EngineCore
+    import hashlib, io, json, sys
     from diffgentor.engine.offline import Engine
     sys.path.insert(0, sys.argv[3])
     from helpers import random_png
@@ -160,7 +159,10 @@ SEEDED = textwrap.dedent("""
                  image_size="64x64", num_inference_steps=2)]
     runs = []
     for _ in range(2):  # the second batch runs on memory the first one freed (with heap reuse)
-        runs.append([hashlib.sha256(EngineCore._png(r.image)).hexdigest() for r in eng.generate(reqs)])
+        pngs = [io.BytesIO() for _ in reqs]
+        for r, buf in zip(eng.generate(reqs), pngs):
+            r.image.save(buf, format="PNG")
+        runs.append([hashlib.sha256(buf.getvalue()).hexdigest() for buf in pngs])
     print(json.dumps(runs))
 """)
 

@@ -252,9 +252,9 @@ def test_static_decode_path_equals_eager_on_a_mixed_run(tiny):
 
     runner._run = run_both
     for i, prompt in enumerate(["think about a cat", "think about a red car on a wet road", "a dog"]):
-        core.add_request(eng.make_request(dict(request_id=f"think{i}", prompt=prompt, bot_task="think_recaption",
-                                               max_new_tokens=16, seed=i, **BASE)))
-    core.add_request(eng.make_request(dict(request_id="img", prompt="a cube", bot_task="image", seed=9, **BASE)))
+        eng.add_request(dict(request_id=f"think{i}", prompt=prompt, bot_task="think_recaption",
+                             max_new_tokens=16, seed=i, **BASE))
+    eng.add_request(dict(request_id="img", prompt="a cube", bot_task="image", seed=9, **BASE))
     results = {}
     for _ in range(40):
         results.update(core.step().finished)
@@ -419,8 +419,8 @@ def test_gpu_decode_graph_replay_equals_eager(tiny, attn_impl):
 
     runner._run = run_both
     for i, prompt in enumerate(["think about a cat", "think about a red car on a wet road", "a dog"]):
-        core.add_request(eng.make_request(dict(request_id=f"think{i}", prompt=prompt, bot_task="think_recaption",
-                                               max_new_tokens=16, seed=i, **BASE)))
+        eng.add_request(dict(request_id=f"think{i}", prompt=prompt, bot_task="think_recaption",
+                             max_new_tokens=16, seed=i, **BASE))
     results = {}
     for _ in range(40):
         results.update(core.step().finished)

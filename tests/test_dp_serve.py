@@ -178,7 +178,8 @@ def test_pool_balances_aborts_on_the_owner_and_fails_with_one_instance():
         aborts = [[x.request_ids for x in _drain(r) if isinstance(x, AbortRequests)] for r in readers]
         assert aborts == [[["c"]], []]
 
-        pool.clients[1]._route(CoreOutputs(finished=[FinishedInfo(request_id="b", finish_reason="image")]))
+        c = pool.clients[1]
+        c._route(c.process_outputs(CoreOutputs(finished=[FinishedInfo(request_id="b", finish_reason="image")])))
         await tasks["b"]
         assert [i.finish_reason for i in outs["b"]] == ["image"] and not any(map(_drain, readers))
 

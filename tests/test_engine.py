@@ -135,9 +135,9 @@ def test_no_leaks_with_finished_aborted_failed_and_preempted(tiny_distil, monkey
     core = eng.core
     reqs = [eng.make_request(r) for r in _mixed_requests()]
     bad = eng.make_request(dict(request_id="bad", prompt="x", images=[b"not an image"]))
-    core.add_request(bad)
+    eng.add_request(bad)
     for r in reqs:
-        core.add_request(r)
+        eng.add_request(r)
     assert core.kv.num_free_blocks == core.kv.num_blocks  # nothing scheduled yet
     first = core.step()
     assert [e.kind for e in first.events if e.request_id == "bad"] == ["error"]  # refused, reported by the step
@@ -212,7 +212,8 @@ def test_stream_yields_text_then_image(tiny_distil):
     kinds = [e.kind for e in events]
     assert kinds[-2:] == ["image", "finished"]
     assert "text" in kinds and kinds.index("text") < kinds.index("image")
-    Image.open(io.BytesIO(events[-2].image_png)).verify()
+    image = events[-2].image
+    assert isinstance(image, Image.Image) and image.size == (256, 256) and image.mode == "RGB"
 
 
 def test_taylor_cache_skips_backbone_steps(tiny_distil):
@@ -274,10 +275,10 @@ def test_progressive_previews_leave_the_final_image_unchanged(tiny_distil):
     kinds = [e.kind for e in events]
     assert kinds == ["partial_image", "partial_image", "image", "finished"]
     assert [e.partial_image_index for e in events[:2]] == [0, 1]
-    previews = [np.asarray(Image.open(io.BytesIO(e.image_png))) for e in events[:2]]
-    final = np.asarray(Image.open(io.BytesIO(events[2].image_png)))
+    previews = [np.asarray(e.image) for e in events[:2]]
+    final = np.asarray(events[2].image)
     assert previews[0].shape == final.shape and not np.array_equal(previews[0], previews[1])
-    assert events[2].image_png == plain[0].image_png
+    assert np.array_equal(final, np.asarray(plain[0].image))
 
 
 def test_request_whose_image_phase_cannot_fit_is_refused_up_front(tiny_distil):
@@ -305,8 +306,8 @@ def test_request_whose_image_phase_cannot_fit_is_refused_up_front(tiny_distil):
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if verdict(mid) != "text" else (lo, mid)
     assert verdict(lo) == "image", "the image phase (prompt + smallest image) should not fit just below the text limit"
-    eng.core.add_request(eng.make_request(dict(request_id="big", prompt="x " * lo, bot_task="think_recaption",
-                                               max_new_tokens=4)))
+    eng.add_request(dict(request_id="big", prompt="x " * lo, bot_task="think_recaption",
+                         max_new_tokens=4))
     assert not eng.core.requests  # refused: never queued
     events = eng.core.step().events
     assert [(e.kind, e.status) for e in events] == [("error", 400)], events
@@ -326,9 +327,9 @@ def test_one_loop_one_output_channel(tiny_distil):
     plans = []
     execute = core.executor.execute_model
     core.executor.execute_model = lambda plan: (plans.append(plan), execute(plan))[1]
-    core.add_request(eng.make_request(dict(request_id="ok", prompt="a cube", bot_task="image", seed=1,
-                                           image_size="256x256", num_inference_steps=1, output_type="latent")))
-    core.add_request(eng.make_request(dict(request_id="bad", prompt="x", images=[b"not an image"])))
+    eng.add_request(dict(request_id="ok", prompt="a cube", bot_task="image", seed=1,
+                         image_size="256x256", num_inference_steps=1, output_type="latent"))
+    eng.add_request(dict(request_id="bad", prompt="x", images=[b"not an image"]))
     outputs = []
     while core.has_unfinished_requests():
         outputs.append(core.step())
@@ -346,7 +347,7 @@ def _queued(path, reqs: list[dict]):
     """An engine with `reqs` added to its core, stepped by the test."""
     eng = _engine(path)
     for r in reqs:
-        eng.core.add_request(eng.make_request(r))
+        eng.add_request(r)
     return eng, eng.core
 
 
@@ -410,25 +411,23 @@ def test_decodes_in_flight_change_no_image_and_aborts_drop_theirs(tiny_distil, m
             dict(request_id="edit", prompt="make it purple", seed=4, images=[_img(64, 96, 1)], **base)]
     eng, core = _queued(tiny_distil, reqs)
     stage = core.executor.worker.runner.decodes
-    finished = {}
+    finished = eng.results  # each step through the offline frontend's output processing (text, images)
     while not stage.num_pending:
-        finished.update(core.step().finished)
+        eng.process_outputs(core.step())
     core.abort("aborted")
     tokens = core.stats.tokens
     for _ in range(4):
-        finished.update(core.step().finished)
+        eng.process_outputs(core.step())
         assert "first" not in finished and core.scheduler.num_decoding > 0
     assert core.stats.tokens > tokens  # the others stepped meanwhile
     gate.set()
     events = []
     while core.has_unfinished_requests():
-        out = core.step()
-        finished.update(out.finished)
-        events += out.events
+        events += eng.process_outputs(core.step())
     assert finished["aborted"].finish_reason == FinishReason.ABORT
     assert not any(e.request_id == "aborted" and e.kind == "image" for e in events)
     assert core.executor.worker.runner.requests == {} and core.scheduler.num_decoding == 0
-    previews = [e.image_png for e in events if e.kind == "partial_image"]
+    previews = [e.image for e in events if e.kind == "partial_image"]
     eng.close()
     want = {r.request_id: r for r in _engine(tiny_distil, async_decode=False).generate(
         [r for r in reqs if r["request_id"] != "aborted"])}

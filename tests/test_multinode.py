@@ -100,8 +100,8 @@ def test_killed_remote_rank_fails_in_flight_request(ckpt, tmp_path):
                                      executor_args=dict(ready_timeout_s=600), **ARGS)
         core = eng.core
         rank_pids = list(core.executor.rank_pids)
-        eng.core.add_request(eng.make_request(dict(request_id="long", prompt="a long one", bot_task="image",
-                                                   num_inference_steps=200, seed=3, **LAT)))
+        eng.add_request(dict(request_id="long", prompt="a long one", bot_task="image",
+                             num_inference_steps=200, seed=3, **LAT))
         core.step()  # prefill done: the request is in flight on both nodes
         os.kill(rank_pids[1], signal.SIGKILL)
         t0 = time.monotonic()

@@ -73,11 +73,11 @@ def test_no_engine_step_leaves_cuda_only_the_math_kernel(tiny_distil):
     later = [dict(base, request_id="t2i", prompt="a red cube", bot_task="think_recaption", seed=2),
              dict(base, request_id="img", prompt="a blue ball", bot_task="image", seed=3)]
     steps: list[tuple[dict[str, int], list[SdpaCall]]] = []
-    core.add_request(eng.make_request(edit))
+    eng.add_request(edit)
     results = {}
     while core.has_unfinished_requests():
         if later and len(steps) in (2, 8):
-            core.add_request(eng.make_request(later.pop(0)))
+            eng.add_request(later.pop(0))
         before = dict(core.stats.phase_tokens)
         with record_sdpa_calls() as rec:
             results.update(core.step().finished)

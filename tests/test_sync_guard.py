@@ -185,14 +185,14 @@ def test_mixed_step_has_no_host_syncs_in_the_backbone(tiny, monkeypatch):
     monkeypatch.setattr(sched, "schedule", recording_schedule)
     base = dict(infer_align_image_size=False, output_type="latent", num_inference_steps=4, image_size="256x256")
     core = eng.core
-    core.add_request(eng.make_request(dict(request_id="img", prompt="a red cube", bot_task="image", seed=1, **base)))
-    core.add_request(eng.make_request(dict(request_id="think", prompt="think about a cat", bot_task="think_recaption",
-                                           max_new_tokens=64, seed=2, **base)))
+    eng.add_request(dict(request_id="img", prompt="a red cube", bot_task="image", seed=1, **base))
+    eng.add_request(dict(request_id="think", prompt="think about a cat", bot_task="think_recaption",
+                         max_new_tokens=64, seed=2, **base))
     mixed, results = False, {}
     for step in range(12):
         if step == 2:  # a fresh prefill joins while "img" diffuses and "think" decodes
-            core.add_request(eng.make_request(dict(request_id="late", prompt="a blue sphere on grass",
-                                                   bot_task="image", seed=3, **base)))
+            eng.add_request(dict(request_id="late", prompt="a blue sphere on grass",
+                                 bot_task="image", seed=3, **base))
         results.update(core.step().finished)
         assert not guard.found, f"step {step}: {guard.found}"
         if plans and _kinds(plans[-1]) == {"prefill", "decode", "diffusion"}:
@@ -224,8 +224,8 @@ def test_sampling_reads_the_device_once_per_step(tiny):
     core = eng.core
     base = dict(infer_align_image_size=False, output_type="latent", num_inference_steps=2, image_size="auto")
     for i in range(3):
-        core.add_request(eng.make_request(dict(request_id=f"t{i}", prompt=f"think about cat number {i}",
-                                               bot_task="think_recaption", max_new_tokens=6, seed=i, **base)))
+        eng.add_request(dict(request_id=f"t{i}", prompt=f"think about cat number {i}",
+                             bot_task="think_recaption", max_new_tokens=6, seed=i, **base))
     results = {}
     for _ in range(40):
         if not core.has_unfinished_requests():

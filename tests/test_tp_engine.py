@@ -112,7 +112,7 @@ def test_hung_rank_is_noticed_and_stopped(ckpt):
         # no condition image: its VAE encode can take longer than step_timeout_s on a loaded CPU
         reqs = [eng.make_request(r) for r in _requests(steps=50) if not r["images"]]
         for r in reqs:
-            ex.add_request(r)
+            eng.add_request(r)
         ex.step()
         os.kill(pids[1], signal.SIGSTOP)
         t0 = time.monotonic()

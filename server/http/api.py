@@ -32,6 +32,7 @@ import msgspec
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from PIL import Image
 from pydantic import ValidationError
 from starlette.background import BackgroundTask
 from starlette.datastructures import Headers, UploadFile
@@ -184,25 +185,21 @@ def revised_prompt(text: str) -> str:
     return _TAG_RE.sub("", out).strip()
 
 
-def _encode_output(png: bytes, fmt: str, compression: int | None) -> bytes:
-    """The engine's PNG in the requested format. `output_compression` as OpenAI documents it: 0-100 for jpeg and
-    webp, default 100 (the least compression), used as the encoder's quality; png is lossless and ignores it."""
-    if fmt == "png":
-        return png
-    from PIL import Image
-
-    img = Image.open(io.BytesIO(png)).convert("RGB")
+def _encode_output(image: Image.Image, fmt: str, compression: int | None) -> bytes:
+    """The image encoded once, in the requested format (from the engine's pixels: no PNG decoded again).
+    `output_compression` as OpenAI documents it: 0-100 for jpeg and webp, default 100 (the least compression), used
+    as the encoder's quality; png is lossless and ignores it."""
     buf = io.BytesIO()
-    img.save(buf, format="JPEG" if fmt == "jpeg" else "WEBP", quality=100 if compression is None else compression)
+    if fmt == "png":
+        image.save(buf, format="PNG")
+    else:
+        image.convert("RGB").save(buf, format="JPEG" if fmt == "jpeg" else "WEBP",
+                                  quality=100 if compression is None else compression)
     return buf.getvalue()
 
 
-def _png_size(png: bytes) -> str:
-    """WIDTHxHEIGHT of an image, read from its header."""
-    from PIL import Image
-
-    with Image.open(io.BytesIO(png)) as img:
-        return f"{img.width}x{img.height}"
+def _size_of(image: Image.Image) -> str:
+    return f"{image.width}x{image.height}"
 
 
 def _request_error(e: RequestError) -> OpenAIError:
@@ -533,7 +530,7 @@ async def _json_body(state: AppState, request: Request) -> dict[str, Any]:
 class _Outcome:
     index: int
     text: str = ""
-    png: bytes = b""
+    image: Image.Image | None = None
     info: FinishedInfo | None = None
 
 
@@ -671,13 +668,13 @@ async def _admitted(state: AppState, request: Request, kind: str, params, req: G
         _raise_for(o.info)
     data, prompt_tokens, out_tokens = [], 0, 0
     for o in outcomes:
-        b = await loop.run_in_executor(state.pool, _encode_output, o.png, fmt, params.output_compression)
+        b = await loop.run_in_executor(state.pool, _encode_output, o.image, fmt, params.output_compression)
         data.append({**_image_ref(state, request, b, fmt, params.response_format),
                      "revised_prompt": revised_prompt(o.info.text)})
         prompt_tokens += o.info.num_prompt_tokens
         out_tokens += o.info.num_generated_tokens
     return ImagesResponse(
-        created=now(), data=data, background="opaque", output_format=fmt, size=_png_size(outcomes[0].png),
+        created=now(), data=data, background="opaque", output_format=fmt, size=_size_of(outcomes[0].image),
         quality=None if params.num_inference_steps is not None else {"auto": "high"}.get(params.quality,
                                                                                            params.quality),
         usage=usage(prompt_tokens, image_tokens * len(outcomes), out_tokens)).model_dump(exclude_none=True)
@@ -716,7 +713,7 @@ def _raise_for(info: FinishedInfo | None) -> None:
         raise OpenAIError(500, "the engine finished without a result", None, "internal_error")
     if info.finish_reason in ("error", "abort"):
         status = info.status if info.status in (400, 429, 500, 503) else 500
-        raise OpenAIError(status, info.error or info.finish_reason, None,
+        raise OpenAIError(status, info.error or info.finish_reason, info.param if status == 400 else None,
                           "rate_limit_exceeded" if status == 429 else ("invalid_request" if status == 400 else
                                                                        "engine_error"))
     # a text-only bot_task (the server's default may be `auto`): the request's parameters, not a server fault
@@ -738,7 +735,7 @@ async def _collect(client: EnginePool, index: int, sub: ProcessedRequest) -> _Ou
             elif item.kind == "text":
                 out.text += item.text
             elif item.kind == "image":
-                out.png = item.image_png
+                out.image = item.image
     finally:
         await gen.aclose()
     return out
@@ -788,13 +785,13 @@ async def _stream(state: AppState, kind: str, subs: list[ProcessedRequest], fmt:
 
     tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(subs)]
     texts = [""] * len(subs)
-    pngs = [b""] * len(subs)
+    images: list[Image.Image | None] = [None] * len(subs)
     remaining = len(subs)
     shown = dict(quality=params.quality, background="opaque", output_format=fmt)  # what every image event says
 
-    async def encoded(png: bytes) -> dict[str, str]:
-        b = await loop.run_in_executor(state.pool, _encode_output, png, fmt, params.output_compression)
-        return {"b64_json": base64.b64encode(b).decode(), "size": _png_size(png)}
+    async def encoded(image: Image.Image) -> dict[str, str]:
+        b = await loop.run_in_executor(state.pool, _encode_output, image, fmt, params.output_compression)
+        return {"b64_json": base64.b64encode(b).decode(), "size": _size_of(image)}
 
     try:
         while remaining:
@@ -809,9 +806,9 @@ async def _stream(state: AppState, kind: str, subs: list[ProcessedRequest], fmt:
                 elif item.kind == "partial_image":
                     yield sse_event(PartialImageEvent(
                         type=f"{kind}.partial_image", partial_image_index=item.partial_image_index or 0, index=i,
-                        created_at=now(), **shown, **await encoded(item.image_png)))
+                        created_at=now(), **shown, **await encoded(item.image)))
                 elif item.kind == "image":
-                    pngs[i] = item.image_png
+                    images[i] = item.image
                 continue
             remaining -= 1
             try:
@@ -823,7 +820,7 @@ async def _stream(state: AppState, kind: str, subs: list[ProcessedRequest], fmt:
             yield sse_event(CompletedEvent(
                 type=f"{kind}.completed", index=i, revised_prompt=revised_prompt(item.text), created_at=now(),
                 usage=usage(item.num_prompt_tokens, image_tokens, item.num_generated_tokens), **shown,
-                **await encoded(pngs[i])))
+                **await encoded(images[i])))
         yield sse(None, DONE)
     except Exception:  # noqa: BLE001 - e.g. encoding an image failed: still a final error event, then [DONE]
         logger.exception("stream failed")
@@ -865,8 +862,8 @@ async def serve_async(args: argparse.Namespace, started: asyncio.Event | None = 
     except ValueError as e:
         logger.error("%s", e)
         return 1
-    client = EnginePool(config, slices, metrics=metrics, on_death=on_death)
     ctx = load_processor_context(config.model, config)
+    client = EnginePool(config, slices, metrics=metrics, on_death=on_death, ctx=ctx)
     limits = ServerLimits(max_upload_bytes=args.max_upload_bytes, max_image_pixels=args.max_image_pixels,
                           max_prompt_chars=args.max_prompt_chars, max_request_bytes=args.max_request_bytes,
                           allow_url_fetch=args.allowed_url_fetch,

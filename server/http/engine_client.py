@@ -1,11 +1,14 @@
 """The API server's side of the ZeroMQ link to the engine-core process (see `engine/core_proc.py`).
 
 `EngineClient.start()` binds two ipc:// sockets in a temp dir, spawns the engine-core process and waits for
-its `CoreReady`. An output task routes each `CoreOutputs` message: text / image events to the queue of their
-request, a `FinishedInfo` closes a request, scheduler stats go to the metrics. A watchdog notices a dead
-engine core: every in-flight request gets an error, `healthy` turns False and `on_death` runs (the server then
-exits non-zero). Several clients side by side are the data-parallel instances of `engine_pool.EnginePool`, which
-the API server talks to (it admits requests against their capacity: one instance is a pool of one).
+its `CoreReady`. An output task receives each `CoreOutputs` message, has it decoded and run through output
+processing on the client's output thread (token ids -> text deltas and the final text, pixels -> PIL images:
+engine/output_processor.py; never on the event loop, never in the engine core) and routes it: text / image events
+to the queue of their request, a `FinishedInfo` closes a request, scheduler stats go to the metrics. A watchdog
+notices a dead engine core: every in-flight request gets an error, `healthy` turns False and `on_death` runs (the
+server then exits non-zero). Several clients side by side are the data-parallel instances of
+`engine_pool.EnginePool`, which the API server talks to (it admits requests against their capacity: one instance is
+a pool of one).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import tempfile
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import msgspec
@@ -34,13 +38,15 @@ from diffgentor.engine.core_proc import (
     CoreOutputs,
     CoreReady,
     FinishedInfo,
+    SchedulerStats,
     Shutdown,
     encoder,
     output_decoder,
     run_engine_core,
 )
-from diffgentor.engine.input_processor import ProcessedRequest
+from diffgentor.engine.input_processor import ProcessedRequest, ProcessorContext, load_processor_context
 from diffgentor.engine.os_process import release_host_memory
+from diffgentor.engine.output_processor import OutputProcessor
 from diffgentor.engine.request import EngineEvent
 from diffgentor.server.http.aio import unless
 
@@ -50,6 +56,15 @@ _ENV_LOCK = threading.Lock()  # os.environ is process-wide: one spawn at a time 
 
 class EngineDeadError(RuntimeError):
     """The engine-core process is gone."""
+
+
+@dataclass
+class RoutedOutputs:
+    """A `CoreOutputs` message after output processing: what `_route` hands out."""
+
+    events: list[EngineEvent] = field(default_factory=list)  # kinds "text", "partial_image", "image"
+    finished: list[FinishedInfo] = field(default_factory=list)  # their text filled in
+    stats: SchedulerStats | None = None
 
 
 @dataclass
@@ -64,7 +79,8 @@ class EngineClient:
     WATCHDOG_S = 0.5
 
     def __init__(self, config: EngineConfig, metrics=None, on_death: Callable[[], None] | None = None,
-                 startup_timeout_s: float = 600.0, env: dict[str, str] | None = None, index: int = 0) -> None:
+                 startup_timeout_s: float = 600.0, env: dict[str, str] | None = None, index: int = 0,
+                 ctx: ProcessorContext | None = None) -> None:
         self.config = config
         self.env = dict(env or {})  # overlaid on the engine-core process's environment (its GPU slice)
         self.index = index  # the data-parallel instance, for metrics and logs
@@ -85,6 +101,9 @@ class EngineClient:
         self._dec = output_decoder()
         self._tasks: list[asyncio.Task] = []
         self.num_in_flight = 0
+        # output processing (None ctx: read from the checkpoint at start), on one thread: the messages in order
+        self.outputs = OutputProcessor(ctx)
+        self._output_thread = ThreadPoolExecutor(1, thread_name_prefix=f"diffgentor-outputs-{index}")
         self._last_trim = 0.0
 
     @property
@@ -101,6 +120,9 @@ class EngineClient:
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
+        if self.outputs.ctx is None:
+            self.outputs.ctx = await asyncio.get_running_loop().run_in_executor(
+                self._output_thread, load_processor_context, self.config.model, self.config)
         self._in = self._ctx.socket(zmq.PUSH)
         self._in.setsockopt(zmq.LINGER, 0)
         self._in.bind(self.input_addr)
@@ -161,6 +183,7 @@ class EngineClient:
         self._reap()
         atexit.unregister(self._reap)
         self._ctx.destroy(linger=0)
+        self._output_thread.shutdown(wait=False, cancel_futures=True)
         shutil.rmtree(self._tmp, ignore_errors=True)
 
     def _reap(self, grace_s: float = 3.0) -> None:
@@ -185,6 +208,7 @@ class EngineClient:
         for rid, p in list(self.pending.items()):
             p.queue.put_nowait(FinishedInfo(request_id=rid, finish_reason="error", status=500,
                                             error=f"the engine core died: {reason}"))
+            self.outputs.abort(rid)
         self.pending.clear()
         if self.on_death is not None:
             self.on_death()
@@ -196,10 +220,12 @@ class EngineClient:
                 self._die(f"process exited with status {self.proc.exitcode}")
 
     async def _output_loop(self) -> None:
+        loop = asyncio.get_running_loop()
         try:
             while True:
-                msg = self._dec.decode(await self._out.recv())
-                if isinstance(msg, CoreOutputs):
+                frame = await self._out.recv(copy=False)
+                msg = await loop.run_in_executor(self._output_thread, self._receive, frame)
+                if isinstance(msg, RoutedOutputs):
                     self._route(msg)
                 elif isinstance(msg, CoreFailed):
                     self._die(msg.error)
@@ -209,7 +235,19 @@ class EngineClient:
         except Exception as e:  # noqa: BLE001 - a broken link is a dead engine
             self._die(f"output link failed: {type(e).__name__}: {e}")
 
-    def _route(self, msg: CoreOutputs) -> None:
+    def _receive(self, frame) -> RoutedOutputs | CoreReady | CoreFailed:
+        """On the output thread: decode one message; outputs go through output processing."""
+        msg = self._dec.decode(frame.buffer)
+        return self.process_outputs(msg) if isinstance(msg, CoreOutputs) else msg
+
+    def process_outputs(self, msg: CoreOutputs) -> RoutedOutputs:
+        """Token ids -> text deltas, pixels -> images, and each finished request's whole text."""
+        events = [e for e in map(self.outputs.process, msg.events) if e is not None]
+        for info in msg.finished:
+            info.text = self.outputs.finish(info.request_id).text
+        return RoutedOutputs(events, msg.finished, msg.stats)
+
+    def _route(self, msg: RoutedOutputs) -> None:
         now = time.perf_counter()
         m = self.metrics
         for ev in msg.events:
@@ -265,6 +303,7 @@ class EngineClient:
             raise ValueError(f"duplicate request id {rid!r}")
         p = _Pending()
         self.pending[rid] = p
+        self.outputs.add_request(processed)
         self.num_in_flight += 1
         done = sent = False
         try:
@@ -282,6 +321,7 @@ class EngineClient:
             self.num_in_flight -= 1
             if not done:
                 self.pending.pop(rid, None)
+                self.outputs.abort(rid)
                 # only a request the engine core received is aborted (and counted as an abort in the metrics)
                 if sent and not self.dead:  # no await here: this also runs when the consumer was cancelled
                     asyncio.get_running_loop().create_task(self.abort([rid]))

@@ -22,7 +22,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 
 from diffgentor.engine.config import EngineConfig
 from diffgentor.engine.core_proc import FinishedInfo
-from diffgentor.engine.input_processor import ProcessedRequest
+from diffgentor.engine.input_processor import ProcessedRequest, ProcessorContext
 from diffgentor.engine.request import EngineEvent
 from diffgentor.server import launcher
 from diffgentor.server.http.engine_client import EngineClient, EngineDeadError
@@ -58,14 +58,15 @@ class EnginePool:
     """`EngineClient`s of several engine instances, used exactly like one `EngineClient`."""
 
     def __init__(self, config: EngineConfig, device_slices: Sequence[Sequence[str]], metrics=None,
-                 on_death: Callable[[], None] | None = None, startup_timeout_s: float = 600.0) -> None:
+                 on_death: Callable[[], None] | None = None, startup_timeout_s: float = 600.0,
+                 ctx: ProcessorContext | None = None) -> None:
         if not device_slices:
             raise ValueError("an engine pool needs at least one instance")
         self.config = config
         self.on_death = on_death
         self.clients = [
             EngineClient(config, metrics=metrics, on_death=self._on_instance_death, startup_timeout_s=startup_timeout_s,
-                         env=instance_env(devs, len(device_slices)), index=i)
+                         env=instance_env(devs, len(device_slices)), index=i, ctx=ctx)
             for i, devs in enumerate(device_slices)
         ]
         self._died = False

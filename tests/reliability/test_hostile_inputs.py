@@ -544,8 +544,8 @@ def test_a_failed_sub_request_cancels_its_siblings():
         subs = [ProcessedRequest(request=GenerationRequest(request_id=f"r-{i}", prompt="x")) for i in range(2)]
         work = asyncio.ensure_future(_collect_all(client, subs))
         await asyncio.sleep(0.2)
-        client._route(CoreOutputs(finished=[FinishedInfo(request_id="r-0", finish_reason="error", status=400,
-                                                         error="bad input")]))
+        client._route(client.process_outputs(CoreOutputs(finished=[FinishedInfo(
+            request_id="r-0", finish_reason="error", status=400, error="bad input")])))
         with pytest.raises(OpenAIError) as e:
             await asyncio.wait_for(work, 5)
         assert e.value.status == 400

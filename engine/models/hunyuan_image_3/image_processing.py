@@ -21,7 +21,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import numpy as np
 import torch
@@ -176,6 +176,13 @@ class SiglipPreprocessor:
         )
 
 
+class BucketedImage(Protocol):
+    """What aligning the output reads of a condition image (a `VaeCondImage`, or the frontend's record of one)."""
+
+    ratio_index: int
+    original_size: tuple[int, int]  # (width, height)
+
+
 class ImageProcessor:
     """Condition-image preprocessing and output post-processing for one checkpoint config."""
 
@@ -198,7 +205,7 @@ class ImageProcessor:
         """SigLIP2 inputs for a condition image (from the original image, not the VAE crop)."""
         return self.vit(image.convert("RGB"))
 
-    def align_output_size(self, image: Image.Image, conds: Sequence[VaeCondImage]) -> Image.Image:
+    def align_output_size(self, image: Image.Image, conds: Sequence[BucketedImage]) -> Image.Image:
         """infer_align_image_size post-step.
 
         The first condition image (input order) whose bucket equals the output's bucket decides: if its
