@@ -105,14 +105,17 @@ def _summary(runs: list[dict]) -> dict:
         return statistics.fmean(xs) if xs else None
 
     ipm = [60.0 * r["images"] / r["wall_s"] for r in runs]
-    t2i_first = [q["first_token_s"] for r in runs for q in r["requests"] if q["kind"] == "t2i"]
-    edit_first = [q["first_token_s"] for r in runs for q in r["requests"] if q["kind"] == "edit"]
+    def by_kind(kind: str, key: str) -> list[float]:
+        return [q[key] for r in runs for q in r["requests"] if q["kind"] == kind]
+
+    t2i_first, edit_first = by_kind("t2i", "first_token_s"), by_kind("edit", "first_token_s")
     keys = ("encode_s", "forward_s", "post_s", "vae_s", "schedule_s", "update_s")
     split = {k: mean([r["stats"].get(k) for r in runs]) for k in keys if any(k in r["stats"] for r in runs)}
     return dict(images_per_min=mean(ipm), images_per_min_runs=ipm,
                 images_per_min_stdev=statistics.stdev(ipm) if len(ipm) > 1 else 0.0,
                 wall_s=mean([r["wall_s"] for r in runs]), t2i_first_token_s=mean(t2i_first),
                 t2i_first_token_max_s=max(t2i_first) if t2i_first else None, edit_first_token_s=mean(edit_first),
+                t2i_e2e_s=mean(by_kind("t2i", "total_s")), edit_e2e_s=mean(by_kind("edit", "total_s")),
                 steps=mean([r["stats"].get("steps") for r in runs]), split_s=split)
 
 
@@ -150,9 +153,14 @@ def main(argv: list[str] | None = None) -> int:
     for k, v in out["results"].items():
         s = v["summary"]
         print(f"{k}: base {s['base']['images_per_min']:.1f} -> head {s['head']['images_per_min']:.1f} images/min "
-              f"(x{s['ratio_images_per_min']:.2f}); t2i first think token {s['base']['t2i_first_token_s']:.2f} s -> "
-              f"{s['head']['t2i_first_token_s']:.2f} s")
+              f"(x{s['ratio_images_per_min']:.3f}); t2i first think token {_s(s['base']['t2i_first_token_s'])} -> "
+              f"{_s(s['head']['t2i_first_token_s'])}; mean end-to-end t2i {_s(s['base']['t2i_e2e_s'])} -> "
+              f"{_s(s['head']['t2i_e2e_s'])}, edits {_s(s['base']['edit_e2e_s'])} -> {_s(s['head']['edit_e2e_s'])}")
     return 0
+
+
+def _s(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2f} s"
 
 
 def _cpu_model() -> str:
