@@ -759,7 +759,7 @@ def main(args: argparse.Namespace) -> int:
             engine_args = dict(device=args.device, dtype=args.dtype, max_num_seqs=st.max_num_seqs,
                                max_num_batched_tokens=args.max_num_batched_tokens or preset.max_num_batched_tokens,
                                num_kv_blocks=args.num_kv_blocks, heap_reuse_memory=args.heap_reuse_memory,
-                               async_encode=st.async_encode)
+                               async_encode=st.async_encode, async_decode=not args.no_async_decode)
             for rep in range(args.repeat):
                 runs.append(run_once(ckpt, engine_args, reqs, args.warmup, rep, st.layout))
                 print(render(runs[-1]), flush=True)
@@ -812,6 +812,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    "them (after), and print text-to-image latency and images/min of both")
     p.add_argument("--no-async-encode", action="store_true",
                    help="encode condition images inside the steps (the engine's --no-async-encode)")
+    p.add_argument("--no-async-decode", action="store_true",
+                   help="VAE-decode finished images inside the steps (the engine's --no-async-decode)")
     p.add_argument("--layouts", default=None, metavar="LIST",
                    help="parallel layouts to compare, e.g. tp1,cfg2,tp2,tp2xcfg2 (Instruct variant, every request "
                    "with CFG): per-step image time per layout")
