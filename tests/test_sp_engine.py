@@ -1,9 +1,10 @@
-"""Sequence-parallel (Ulysses) engines on CPU / gloo: SP2 and TP2 x SP2 rank layouts executing the one scheduler's
+"""Sequence-parallel (Ulysses) engines on CPU / gloo: SP2, TP2 x SP2 and CFG2 x SP2 rank layouts executing the one
+scheduler's
 plans give the single-process engine's latents, images and text for a batch of mixed requests (Instruct
 text-to-image with CFG, a 3-image edit with CFG, a request without CFG whose image rows make the step's row count
 odd, a think-and-recaption request with a preview and the Taylor cache); a killed sequence-parallel rank fails the
-in-flight requests quickly; shutdown leaves no rank process behind. The SP2 comparison runs by default; TP2 x SP2
-(4 rank processes) and the killed rank are `slow`."""
+in-flight requests quickly; shutdown leaves no rank process behind. The SP2 comparison runs by default; the 4-rank
+layouts and the killed rank are `slow`."""
 
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ from diffgentor.engine.tp.executor import MultiprocExecutor
 from helpers import alive_pids, kill_rank_mid_run, random_png
 
 ENGINE_ARGS = dict(num_kv_blocks=1024, device="cpu", dtype="float32", max_num_seqs=8, max_num_batched_tokens=4096)
-LAYOUTS = [pytest.param(1, 2, id="sp2"), pytest.param(2, 2, id="tp2xsp2", marks=pytest.mark.slow)]
+LAYOUTS = [pytest.param(1, 1, 2, id="sp2"), pytest.param(2, 1, 2, id="tp2xsp2", marks=pytest.mark.slow),
+           pytest.param(1, 2, 2, id="cfg2xsp2", marks=pytest.mark.slow)]
 
 
 @pytest.fixture(scope="module")
@@ -55,12 +57,12 @@ def test_requests_cover_an_odd_row_count(single):
     assert tuple(single[2].latents.shape[-2:]) == (192 // 16, 320 // 16)
 
 
-@pytest.mark.parametrize("tp,sp", LAYOUTS)
-def test_sp_engine_matches_single_process(ckpt, single, tp, sp):
-    with Engine.from_pretrained(ckpt, environ={}, tensor_parallel_size=tp, sequence_parallel_size=sp,
-                                **ENGINE_ARGS) as eng:
+@pytest.mark.parametrize("tp,cfg,sp", LAYOUTS)
+def test_sp_engine_matches_single_process(ckpt, single, tp, cfg, sp):
+    with Engine.from_pretrained(ckpt, environ={}, tensor_parallel_size=tp, cfg_parallel_size=cfg,
+                                sequence_parallel_size=sp, **ENGINE_ARGS) as eng:
         ex = eng.core.executor
-        assert isinstance(ex, MultiprocExecutor) and len(ex.rank_pids) == tp * sp
+        assert isinstance(ex, MultiprocExecutor) and len(ex.rank_pids) == tp * cfg * sp
         pids = list(ex.rank_pids)
         got = eng.generate(_requests())
     assert not alive_pids(pids)  # shutdown stopped every rank
