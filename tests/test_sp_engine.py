@@ -1,10 +1,9 @@
 """Sequence-parallel (Ulysses) engines on CPU / gloo: SP2, TP2 x SP2 and CFG2 x SP2 rank layouts executing the one
-scheduler's
-plans give the single-process engine's latents, images and text for a batch of mixed requests (Instruct
-text-to-image with CFG, a 3-image edit with CFG, a request without CFG whose image rows make the step's row count
-odd, a think-and-recaption request with a preview and the Taylor cache); a killed sequence-parallel rank fails the
-in-flight requests quickly; shutdown leaves no rank process behind. The SP2 comparison runs by default; the 4-rank
-layouts and the killed rank are `slow`."""
+scheduler's plans give the single-process engine's latents, images and text for a batch of mixed requests
+(Instruct text-to-image with CFG, a 3-image edit with CFG, a request without CFG whose image rows make the step's
+row count odd, a think-and-recaption request with a preview and the Taylor cache); a killed sequence-parallel rank
+fails the in-flight requests quickly; shutdown leaves no rank process behind. The SP2 comparison runs by default;
+the 4-rank layouts and the killed rank are `slow`."""
 
 from __future__ import annotations
 
