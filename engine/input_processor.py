@@ -32,6 +32,7 @@ from diffgentor.engine.models.hunyuan_image_3 import (
     VaeCondImage,
     VitCondImage,
     choose_system_prompt,
+    image_tokens,
 )
 from diffgentor.engine.request import GenerationRequest
 from diffgentor.engine.request_contract import BOT_TASKS, MAX_COND_IMAGES, RequestError
@@ -122,6 +123,12 @@ class ProcessedImage(msgspec.Struct, kw_only=True, array_like=True):
     vit_values: bytes = b""
     vit_mask: bytes = b""  # [max_num_patches] int64
     vit_spatial_shape: tuple[int, int] = (0, 0)
+
+    def prompt_tokens(self, latent_downsample: int) -> int:
+        """The tokens the image takes in a prompt at least: its VAE latent grid, the `<timestep>` and boundary tokens
+        around it, and its ViT patches (the sequence pads them to the processor's patch count)."""
+        vit = self.vit_spatial_shape[0] * self.vit_spatial_shape[1] if self.vit_shape else 0
+        return image_tokens(self.vae_shape[-2], self.vae_shape[-1], latent_downsample) + 2 + vit
 
 
 class ProcessedRequest(msgspec.Struct, kw_only=True):
@@ -294,10 +301,7 @@ def _check_context(ctx: ProcessorContext, params: ResolvedParams, req: Generatio
     the condition images' tokens must fit the model's context."""
     limit = ctx.config.max_position_embeddings
     need = len(ctx.tokenizer.encode(req.prompt)) + len(ctx.tokenizer.encode(params.system or ""))
-    ds = ctx.config.latent_downsample
-    need += sum((x.vae_shape[-2] // ds) * (x.vae_shape[-1] // ds) + 2
-                + (x.vit_spatial_shape[0] * x.vit_spatial_shape[1] if x.vit_shape else 0)
-                for x in images)
+    need += sum(x.prompt_tokens(ctx.config.latent_downsample) for x in images)
     if need > limit:
         raise RequestError(f"the prompt, system prompt and images need at least {need} tokens; the model's "
                            f"context is {limit}", "prompt")

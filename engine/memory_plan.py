@@ -40,7 +40,7 @@ from typing import Any
 import torch
 
 from diffgentor.engine.config import CFG_ROWS, EngineConfig
-from diffgentor.engine.models.hunyuan_image_3 import HunyuanImage3Config
+from diffgentor.engine.models.hunyuan_image_3 import HunyuanImage3Config, image_tokens, latent_grid
 from diffgentor.engine.parallel import ParallelContext
 from diffgentor.engine.parallel_layout import ParallelLayout
 from diffgentor.engine.vae_budget import VaeBudget
@@ -180,10 +180,15 @@ def weight_bytes_by_part(
 
 
 # ------------------------------------------------------------------------------------------------ activations
+def _denoising_block(model_config: HunyuanImage3Config) -> tuple[int, int]:
+    """(latent side, tokens) of an `IMAGE_SIDE` square denoising step: its CFG rows' image blocks."""
+    side, _ = latent_grid(IMAGE_SIDE, IMAGE_SIDE, model_config.latent_downsample)
+    return side, CFG_ROWS * (image_tokens(IMAGE_SIDE, IMAGE_SIDE, model_config.latent_downsample) + IMAGE_EXTRA_SLOTS)
+
+
 def largest_step_tokens(config: EngineConfig, model_config: HunyuanImage3Config) -> tuple[int, str]:
     """Tokens in the largest forward the scheduler may issue, and why."""
-    side = IMAGE_SIDE // model_config.latent_downsample
-    block = CFG_ROWS * (side * side + IMAGE_EXTRA_SLOTS)
+    side, block = _denoising_block(model_config)
     if config.max_num_image_tokens is not None:  # denoising blocks beside a full prefill budget
         images = max(block, config.max_num_image_tokens)
         return config.max_num_batched_tokens + images, (
@@ -199,8 +204,7 @@ def largest_step_tokens(config: EngineConfig, model_config: HunyuanImage3Config)
 def denoising_step_tokens(config: EngineConfig, model_config: HunyuanImage3Config, tokens: int) -> int:
     """How many of the largest step's `tokens` are denoising image-block rows (what sequence parallel splits): the
     image budget beside a full prefill, the 1024x1024 CFG step when it is the largest, else none (a text step)."""
-    side = IMAGE_SIDE // model_config.latent_downsample
-    block = CFG_ROWS * (side * side + IMAGE_EXTRA_SLOTS)
+    _, block = _denoising_block(model_config)
     if config.max_num_image_tokens is not None:
         return max(block, config.max_num_image_tokens)
     return block if tokens == block else 0

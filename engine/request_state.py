@@ -29,6 +29,7 @@ from diffgentor.engine.models.hunyuan_image_3 import (
     VitCondImage,
     common_prefix_len,
     cond_layout,
+    image_tokens,
 )
 from diffgentor.engine.request import GenerationRequest, RequestStatus
 from diffgentor.engine.request_contract import RequestError
@@ -187,7 +188,7 @@ def build_request_state(ctx: ProcessorContext, req: GenerationRequest) -> Reques
 def _image_tokens(ctx: ProcessorContext, ratio_index: int) -> int:
     h, w = ctx.builder.resolution.buckets[ratio_index]
     ds = ctx.config.latent_downsample
-    return (h // ds) * (w // ds)
+    return image_tokens(h, w, ds)
 
 
 def _smallest_ratio_index(ctx: ProcessorContext) -> int:
@@ -213,7 +214,7 @@ def _fitting_ratios(ctx: ProcessorContext, without_image: int, max_new: int, lim
 
 def _max_image_tokens(ctx: ProcessorContext) -> int:
     ds = ctx.config.latent_downsample
-    return max((h // ds) * (w // ds) for h, w in ctx.builder.resolution.buckets) + 8
+    return max(image_tokens(h, w, ds) for h, w in ctx.builder.resolution.buckets) + 8
 
 
 def enter_image_phase(st: RequestState, layout: BuiltPrompt) -> None:

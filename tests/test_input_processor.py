@@ -61,3 +61,27 @@ def test_a_request_too_long_for_the_context_names_the_prompt(ctx):
     with pytest.raises(RequestError) as e:
         process_request(ctx, GenerationRequest(request_id="r", prompt="lorem ipsum dolor " * 3000))
     assert e.value.param == "prompt" and "context" in str(e.value)
+
+
+def test_image_token_arithmetic_is_the_prompt_builders(ctx):
+    """`image_tokens` (the one statement of pixels -> sequence tokens, read by the context checks, admission costs,
+    usage and the memory plan) is what the prompt builder lays out: every bucket's generated image, and each
+    condition image's VAE block, whose `prompt_tokens` lower bound never exceeds its place in a real prompt."""
+    from diffgentor.engine.models.hunyuan_image_3 import cond_layout, image_tokens
+    from diffgentor.engine.request_state import state_from_processed
+
+    ds = ctx.config.latent_downsample
+    for ratio, (h, w) in enumerate(ctx.builder.resolution.buckets):
+        built = ctx.builder.image_prompt("a cat", ratio_index=ratio)
+        gen = built.slots("gen")[0]
+        assert gen.end - gen.start == image_tokens(h, w, ds)
+    req = GenerationRequest(request_id="t", prompt="a cat", images=[random_png(40, 72, 1)], bot_task="image",
+                            image_size=f"{h}x{w}")
+    processed = process_request(ctx, req)
+    (img,) = processed.images
+    st = state_from_processed(ctx, processed)
+    (vae_slot,) = st.cond.layout.slots("cond_vae")
+    assert vae_slot.end - vae_slot.start == image_tokens(img.vae_shape[-2], img.vae_shape[-1], ds)
+    layout = cond_layout(st.vae_images[0], st.vit_images[0], ds)
+    in_prompt = layout.vae_grid[0] * layout.vae_grid[1] + 2 + layout.vit_tokens
+    assert image_tokens(img.vae_shape[-2], img.vae_shape[-1], ds) + 2 <= img.prompt_tokens(ds) <= in_prompt

@@ -641,7 +641,7 @@ async def _admitted(state: AppState, request: Request, kind: str, params, req: G
         sub_req = msgspec.structs.replace(processed.request, request_id=sub_ids[i], seed=base_seed + i)
         subs.append(msgspec.structs.replace(processed, request=sub_req))
     ds = state.ctx.config.latent_downsample
-    image_tokens = sum((x.vae_shape[-2] // ds) * (x.vae_shape[-1] // ds) + 2 for x in processed.images)
+    image_tokens = sum(x.prompt_tokens(ds) for x in processed.images)
     fmt = params.output_format or "png"
     if params.stream:
         # the slots not yet started go back when the stream ends, however it ends (the background task also runs

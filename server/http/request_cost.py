@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from diffgentor.engine.input_processor import ALLOWED_IMAGE_FORMATS, ProcessorContext
+from diffgentor.engine.models.hunyuan_image_3 import image_tokens
 
 MiB = 1 << 20
 DEFAULT_MAX_REQUEST_COST_BYTES = 2048 * MiB
@@ -83,7 +84,7 @@ def request_cost(ctx: ProcessorContext, headers: Sequence[ImageHeader | None], i
         decoded += h.width * h.height * (h.bands + 3)
         _, (bh, bw) = res.nearest(h.width, h.height)
         processed += PIPELINE_COPIES * (3 * bh * bw * F32 + patches * (3 * patch * patch * F32 + 8))
-        encoded += 2 * cfg.latent_channels * (bh // ds) * (bw // ds) * F32 + patches * cfg.hidden_size * F32
+        encoded += 2 * cfg.latent_channels * image_tokens(bh, bw, ds) * F32 + patches * cfg.hidden_size * F32
     if image_size == "auto":
         out_pixels = max(bh * bw for bh, bw in res.buckets)
     else:

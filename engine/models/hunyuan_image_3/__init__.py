@@ -9,6 +9,7 @@ from .config import GenerationDefaults, HunyuanImage3Config
 from .image_processing import ImageProcessor, VaeCondImage, VitCondImage
 from .prompt import BuiltPrompt, PromptBuilder, common_prefix_len, cond_layout
 from .request_logic import HunyuanImage3RequestLogic
+from .resolution import image_tokens, latent_grid
 from .sampling import SamplingParams
 from .stage_machine import StageMachine
 from .system_prompt import SystemPrompts, choose_system_prompt
@@ -30,4 +31,6 @@ __all__ = [
     "choose_system_prompt",
     "common_prefix_len",
     "cond_layout",
+    "image_tokens",
+    "latent_grid",
 ]

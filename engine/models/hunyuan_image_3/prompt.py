@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .resolution import ResolutionGroup
+from .resolution import ResolutionGroup, latent_grid
 from .tokenizer import HunyuanTokenizer
 
 if TYPE_CHECKING:
@@ -83,7 +83,7 @@ class CondImageLayout:
         th, tw = get_image_size_for_max_num_patches(height, width, vit_patch_size, vit_max_patches)
         return cls(
             ratio_index=k,
-            vae_grid=(bh // latent_downsample, bw // latent_downsample),
+            vae_grid=latent_grid(bh, bw, latent_downsample),
             vit_grid=(th // vit_patch_size, tw // vit_patch_size),
             vit_tokens=vit_max_patches,
         )
@@ -94,7 +94,7 @@ def cond_layout(vae: VaeCondImage, vit: VitCondImage | None, latent_downsample: 
     bh, bw = vae.size_hw
     return CondImageLayout(
         ratio_index=vae.ratio_index,
-        vae_grid=(bh // latent_downsample, bw // latent_downsample),
+        vae_grid=latent_grid(bh, bw, latent_downsample),
         vit_grid=tuple(int(v) for v in vit.spatial_shapes) if vit is not None else (1, 1),
         vit_tokens=int(vit.pixel_values.shape[0]) if vit is not None else 1,
     )
@@ -302,7 +302,7 @@ class PromptBuilder:
         if cot_ids is not None and cot_text is not None:
             raise ValueError("pass the CoT either as token ids or as text, not both")
         h, w = self.resolution.get(ratio_index)
-        grid = (h // self.latent_downsample, w // self.latent_downsample)
+        grid = latent_grid(h, w, self.latent_downsample)
         sections = self._head(prompt, system_prompt, cond_images)
         bot: list[_Section] = []
         if cot_ids is not None and len(cot_ids) > 0:

@@ -42,6 +42,7 @@ from .flow_match import (
 from .image_processing import ImageProcessor, load_image, to_pil, to_uint8
 from .model import HunyuanImage3ForCausalMM
 from .prompt import BuiltPrompt, PromptBuilder, common_prefix_len
+from .resolution import image_tokens
 from .sampling import SamplingParams, make_generator, sample_row
 from .stage_machine import StageMachine
 from .system_prompt import (
@@ -470,4 +471,4 @@ class HunyuanImage3Pipeline:
         else:
             h, w = max(self.builder.resolution.buckets, key=lambda hw: hw[0] * hw[1])
         ds = self.config.latent_downsample
-        return (h // ds) * (w // ds) + 16
+        return image_tokens(h, w, ds) + 16

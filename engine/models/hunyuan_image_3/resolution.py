@@ -22,6 +22,19 @@ _W_COLON_H = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 _RATIO_TOKEN = re.compile(r"^\s*<img_ratio_(\d+)>\s*$")
 
 
+def latent_grid(height: int, width: int, latent_downsample: int) -> tuple[int, int]:
+    """The (h, w) latent grid of a `height` x `width` image (pixels): one latent, and one token of the sequence, per
+    `latent_downsample` pixels a side. The one statement of the image-token arithmetic (prompt layouts, context
+    checks, admission costs, usage, the memory plan)."""
+    return height // latent_downsample, width // latent_downsample
+
+
+def image_tokens(height: int, width: int, latent_downsample: int) -> int:
+    """Tokens of a `height` x `width` image's latent grid (`latent_grid`)."""
+    h, w = latent_grid(height, width, latent_downsample)
+    return h * w
+
+
 class ResolutionGroup:
     """The ordered bucket table for one base size; index k is the `<img_ratio_k>` token."""
 
