@@ -348,6 +348,10 @@ class EngineConfig:
     async_encode: bool = True
     """Condition-image encodes run beside the steps (a worker thread on CPU, a side stream on CUDA) and are picked
     up by a later step, instead of inside the step that schedules them (engine/encode_stage.py)."""
+    max_step_ms: float | None = None
+    """Step-time target: the scheduler caps each step's tokens at what the measured cost per token says fits
+    (engine/step_cost.py), so a long prefill is chunked and running requests see bounded inter-token and
+    inter-step times; decode tokens go first, an image block still runs whole. None: only max_num_batched_tokens."""
     async_decode: bool = True
     """VAE decodes of finished images and previews run beside the steps (a worker thread on CPU, a side stream on
     CUDA) and are reported by a later step, instead of inside the step that schedules them (engine/decode_stage.py);
@@ -458,6 +462,9 @@ class EngineConfig:
             raise ValueError(f"default_guidance_scale must be a finite number >= 0, got {g!r}")
         if not isinstance(self.enable_prefix_caching, bool):
             raise ValueError(f"enable_prefix_caching must be a bool, got {self.enable_prefix_caching!r}")
+        if self.max_step_ms is not None and not (isinstance(self.max_step_ms, (int, float))
+                                                 and not isinstance(self.max_step_ms, bool) and self.max_step_ms > 0):
+            raise ValueError(f"max_step_ms must be a positive number of milliseconds, got {self.max_step_ms!r}")
         for name in ("async_encode", "async_decode"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
@@ -563,6 +570,7 @@ class EngineConfig:
             "max_num_encoder_pixels": ("max_num_encoder_pixels",),
             "async_encode": ("async_encode",),
             "async_decode": ("async_decode",),
+            "max_step_ms": ("max_step_ms",),
             "seed": ("seed",),
             "default_num_inference_steps": ("default_num_inference_steps", "num_inference_steps"),
             "default_guidance_scale": ("default_guidance_scale", "guidance_scale"),
@@ -881,6 +889,13 @@ def add_engine_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         default=None,
         help="encode condition images inside the engine step that schedules them (default: beside the steps, "
         "picked up by a later step)",
+    )
+    g.add_argument(
+        "--max-step-ms",
+        type=float,
+        default=None,
+        help="step-time target in milliseconds: each step's prefill is sized from the measured cost per token so "
+        "running requests' think tokens and denoising steps are not held up by long prompts (default: none)",
     )
     g.add_argument(
         "--no-async-decode",

@@ -34,6 +34,7 @@ from diffgentor.engine.request_contract import RequestError
 from diffgentor.engine.request_state import RequestState, state_from_processed
 from diffgentor.engine.scheduler import RequestOutput, Scheduler, SchedulerConfig
 from diffgentor.engine.scheduler_output import RunnerOutput, SchedulerOutput
+from diffgentor.engine.step_cost import StepCost
 from diffgentor.engine.worker import Worker
 
 
@@ -76,6 +77,7 @@ class EngineCore:
         self.config = config
         self.ctx = ctx
         groups = executor.layout.cfg
+        self.step_cost = StepCost()  # measured seconds per token, for the step-time target (max_step_ms)
         kv: KVCacheManager | GroupedKVCacheManager = (
             KVCacheManager(executor.num_blocks, config.block_size, config.enable_prefix_caching) if groups == 1 else
             GroupedKVCacheManager(groups, executor.num_blocks, config.block_size, config.enable_prefix_caching))
@@ -83,7 +85,8 @@ class EngineCore:
             SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, config.block_size,
                             config.max_num_encoder_pixels, config.encoder_cache_bytes, config.max_num_image_tokens,
                             vae_budget=executor.vae_budget, async_encode=config.async_encode,
-                            cfg_parallel_size=groups),
+                            cfg_parallel_size=groups, step_cost=self.step_cost,
+                            max_step_s=None if config.max_step_ms is None else config.max_step_ms / 1000.0),
             kv, ctx.request_logic,
         )
         self.executor = executor
@@ -246,6 +249,7 @@ class EngineCore:
         s.update_s += update_s
         forward = out.timings.get("forward", 0.0)
         s.forward_s += forward
+        self.step_cost.observe(plan.num_tokens, forward)
         s.post_s += out.timings.get("post", 0.0)
         s.vae_s += out.timings.get("vae", 0.0)
         s.encode_s += out.timings.get("encode", 0.0)

@@ -52,6 +52,7 @@ from diffgentor.engine.scheduler_output import (
     SampleSpec,
     SchedulerOutput,
 )
+from diffgentor.engine.step_cost import StepCost
 from diffgentor.engine.vae_budget import VaeBudget
 
 
@@ -68,6 +69,15 @@ def chunk_end(start: int, target: int, budget: int, spans: Sequence[tuple[int, i
             if a >= start:
                 break
     return end
+
+
+def whole_span_end(start: int, target: int, room: int, spans: Sequence[tuple[int, int]]) -> int:
+    """End of the bidirectional span that begins at `start` (cut at `target`) if it fits `room` tokens, else
+    `start`."""
+    for a, b in spans:
+        if a == start and min(b, target) - start <= room:
+            return min(b, target)
+    return start
 
 
 @dataclass
@@ -88,6 +98,10 @@ class SchedulerConfig:
     # CFG groups (engine/cfg_groups.py): with 2, each request's rows are placed on groups and `kv` is a
     # GroupedKVCacheManager (one block pool per group)
     cfg_parallel_size: int = 1
+    max_step_s: float | None = None
+    """Step-time target (engine.step_cost): a step's tokens are capped at what `step_cost` says fits it."""
+    step_cost: StepCost | None = None
+    """The measured cost per token the core keeps up to date; None: the target does not bind."""
 
 
 @dataclass
@@ -152,6 +166,7 @@ class Scheduler:
         self._finished_ids: list[str] = []  # worker-side state to free, sent with the next plan
         self._failed_outputs: list[RequestOutput] = []  # requests failed while scheduling, reported next update
         self._image_left: int | None = config.max_num_image_tokens  # this step's denoising budget left
+        self._slack = 0  # see schedule()
         self._vae_decode_bytes = 0  # per-image decode bytes admitted into the step being planned
         self._vae_decodes: set[str] = set()  # the step's admitted final decodes
         self.encoding: dict[EncoderKey, tuple[int, int]] = {}  # sent, not reported yet -> (pixels, VAE bytes)
@@ -350,7 +365,10 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         plan = SchedulerOutput(finished_request_ids=self.take_finished_ids(),
                                encoder_evictions=self.encoder_cache.take_evictions())
-        budget = self.config.max_num_batched_tokens
+        budget = self.step_token_budget()
+        # tokens the step-time target took off max_num_batched_tokens: an image block it cut may still run whole in
+        # them (never split, and never left waiting for a step with nothing else to run)
+        self._slack = self.config.max_num_batched_tokens - budget
         self._image_left = self.config.max_num_image_tokens
         self._admit_vae_decodes()
         for st in list(self.running):
@@ -391,6 +409,14 @@ class Scheduler:
         self._schedule_encodes(needs_encode, plan)
         plan.wait_for_vae = bool(self.encoding or self.decoding) and not plan.has_model_work
         return plan
+
+    def step_token_budget(self) -> int:
+        """`max_num_batched_tokens`, or fewer where the step-time target binds (`max_step_s`): running requests'
+        decode tokens come first in the step, prefill chunks take what is left."""
+        budget = self.config.max_num_batched_tokens
+        cost, target = self.config.step_cost, self.config.max_step_s
+        fit = cost.tokens_within(target) if cost is not None and target is not None else None
+        return budget if fit is None else min(budget, fit)
 
     def unschedulable(self) -> list[RequestOutput]:
         """Nothing could run although work is queued: the first waiting request whose images are encoded can never
@@ -459,6 +485,8 @@ class Scheduler:
         target = len(seq.token_ids)
         start = seq.num_computed
         end = chunk_end(start, target, max(budget, 0), seq.layout.full_attn_spans)
+        if end <= start and self._slack:
+            end = whole_span_end(start, target, max(budget, 0) + self._slack, seq.layout.full_attn_spans)
         if end <= start:
             if plan.chunks or budget <= 0:
                 return -1 if admitting else 0
@@ -484,6 +512,8 @@ class Scheduler:
             for seq in pending:
                 start = seq.num_computed
                 end = chunk_end(start, ts, max(budget - used, 0), layout.full_attn_spans)
+                if end <= start and self._slack:
+                    end = whole_span_end(start, ts, max(budget - used, 0) + self._slack, layout.full_attn_spans)
                 if end <= start:
                     if plan.chunks or used:
                         break

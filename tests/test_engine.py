@@ -483,3 +483,29 @@ def test_an_encode_pauses_while_a_decode_is_in_flight(tiny_distil):
     assert calls == ["decode", "encode"] and out.decoded == [("t", FINAL_IMAGE)] and "t" in out.images
     assert st.encoder_inputs[0].key in out.encoded
     eng.close()
+
+
+def test_step_time_target_chunks_prefill_and_changes_no_result(tiny_distil):
+    """`max_step_ms` far below a prefill's measured cost: the core's estimate (engine/step_cost.py) caps the steps'
+    tokens, so the edit's prompt is chunked beside the other request's steps, and every result is the same."""
+    reqs = [dict(request_id="t", prompt="a red cube", seed=3, max_new_tokens=8, image_size="256x256",
+                 bot_task="think_recaption", num_inference_steps=2, output_type="latent"),
+            dict(request_id="e", prompt="add a moon", images=[_img(64, 96, 0)], seed=9, max_new_tokens=6,
+                 image_size="256x256", num_inference_steps=2, output_type="latent")]
+    runs = []
+    for target in (None, 0.001):
+        eng = _engine(tiny_distil, num_kv_blocks=256, max_step_ms=target)
+        core = eng.core
+        eng.add_request(reqs[0])
+        finished = dict(core.step().finished)  # measured: the first prefill gives the estimate
+        eng.add_request(reqs[1])
+        most = 0
+        while core.has_unfinished_requests():
+            most = max(most, core.scheduler.step_token_budget())
+            finished.update(core.step().finished)
+        runs.append((finished, core.stats.steps, most))
+        eng.close()
+    (free, steps_free, _), (capped, steps_capped, budget) = runs
+    assert budget < 4096 and steps_capped > steps_free  # the target bound and chunked the prompt
+    for rid in ("t", "e"):
+        _assert_same(capped[rid], free[rid])

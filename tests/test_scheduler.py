@@ -790,3 +790,54 @@ def test_no_leaks_after_random_interleavings(ctx_distil, seed):
     assert len(ends) == len(set(ends))  # never finished twice
     assert set(ends) | aborted == set(added) and not (set(ends) & aborted)
     h.assert_no_leaks()
+
+
+def test_step_time_target_bounds_every_step_by_the_cost_model(ctx_distil):
+    """With a step-time target and a (fake) cost per token, an edit's long prompt is chunked so that no step that
+    also carries another request's think token is estimated above the target, while the other request thinks in
+    every step; without the target the same prompt runs in one step far above it."""
+    from diffgentor.engine.step_cost import StepCost
+
+    per_token, target = 0.001, 0.040  # 1 ms a token, 40 ms a step: 40 tokens
+
+    def run(max_step_s):
+        h = Harness(ctx_distil, max_tokens=4096)
+        h.sched.config.step_cost = StepCost(seconds_per_token=per_token)
+        h.sched.config.max_step_s = max_step_s
+        h.add("t2i", image_size="256x256", bot_task="think_recaption", max_new_tokens=60)
+        h.step()  # its prefill alone
+        h.add("edit", images=[IMG_A], image_size="256x256", bot_task="think_recaption", prompt="x " * 150)
+        worst, shared = 0.0, 0
+        while "edit" not in {c.request_id for p in h.plans for c in p.chunks if c.sample is not None}:
+            plan, _ = h.step()
+            ids = {c.request_id for c in plan.chunks}
+            if {"t2i", "edit"} <= ids:
+                shared += 1
+                spans = any(any(a <= c.start < b or a < c.end <= b for a, b in c.layout.full_attn_spans)
+                            for c in plan.chunks if c.request_id == "edit")
+                if not spans:  # an image block runs whole whatever it costs
+                    worst = max(worst, plan.num_tokens * per_token)
+            if "edit" in ids or "t2i" in h.finished():
+                assert "t2i" in ids or "t2i" in h.finished()  # the running request steps meanwhile
+        h.run()
+        assert set(h.finished().values()) == {FinishReason.IMAGE}
+        h.assert_no_leaks()
+        return worst, shared
+
+    bounded, shared = run(target)
+    assert shared >= 3 and bounded <= target  # chunked beside the think tokens, each step within the target
+    unbounded, _ = run(None)
+    assert unbounded > 4 * target
+
+
+def test_step_cost_estimate_follows_the_measured_steps():
+    from diffgentor.engine.step_cost import StepCost
+
+    c = StepCost(weight=0.5)
+    assert c.tokens_within(0.1) is None  # nothing measured: the target does not bind
+    c.observe(100, 0.2)
+    assert c.seconds_per_token == pytest.approx(0.002) and c.tokens_within(0.1) == 50
+    c.observe(100, 0.1)
+    assert c.seconds_per_token == pytest.approx(0.0015)
+    c.observe(0, 1.0)  # a step without tokens says nothing about their cost
+    assert c.seconds_per_token == pytest.approx(0.0015) and c.tokens_within(1e-9) == 1
