@@ -44,6 +44,7 @@ from diffgentor.engine.models.hunyuan_image_3 import HunyuanImage3Config, image_
 from diffgentor.engine.parallel import ParallelContext
 from diffgentor.engine.parallel_layout import ParallelLayout
 from diffgentor.engine.vae_budget import VaeBudget
+from diffgentor.kernels.kv_cache import kv_block_bytes as cache_block_bytes
 from diffgentor.kernels.moe import moe_impl_on
 from diffgentor.kernels.quantization import FP8_BLOCK, fp8_layout
 from diffgentor.kernels.ulysses import UlyssesHeads
@@ -469,9 +470,10 @@ def flashinfer_moe_workspace_bytes(model_config: HunyuanImage3Config, parallel: 
 
 def kv_block_bytes(model_config: HunyuanImage3Config, parallel: ParallelContext, block_size: int,
                    dtype_bytes: int = 2) -> int:
-    """One KV block on this rank across all layers: 2 (K, V) x layers x block_size x local KV heads x head_dim."""
+    """One KV block on this rank across all layers (`kernels.kv_cache.kv_block_bytes`, the cache's own page shape)
+    with this rank's KV heads."""
     kv_heads = len(parallel.kv_head_range(model_config.num_key_value_heads))
-    return 2 * model_config.num_hidden_layers * block_size * kv_heads * model_config.head_dim * dtype_bytes
+    return cache_block_bytes(model_config.num_hidden_layers, block_size, kv_heads, model_config.head_dim, dtype_bytes)
 
 
 def workspace_bytes(parallel: ParallelContext) -> dict[str, int]:

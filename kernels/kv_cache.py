@@ -19,6 +19,16 @@ if TYPE_CHECKING:
     from .attention import AttentionMetadata
 
 
+def kv_page_shape(block_size: int, num_kv_heads: int, head_dim: int) -> tuple[int, int, int, int]:
+    """One layer's page of one block: K and V (index 0 / 1) x block_size slots x KV heads x head_dim."""
+    return (2, block_size, num_kv_heads, head_dim)
+
+
+def kv_block_bytes(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int, dtype_bytes: int) -> int:
+    """Bytes one block holds across all layers (`kv_page_shape` per layer): what the memory plan prices."""
+    return num_layers * math.prod(kv_page_shape(block_size, num_kv_heads, head_dim)) * dtype_bytes
+
+
 class PagedKVCache:
     """Per-layer paged K/V pages with slot-addressed writes and per-sequence gathers."""
 
@@ -41,7 +51,7 @@ class PagedKVCache:
         self.head_dim = head_dim
         self.dtype = dtype
         self.device = torch.device(device)
-        shape = (num_blocks, 2, block_size, num_kv_heads, head_dim)
+        shape = (num_blocks, *kv_page_shape(block_size, num_kv_heads, head_dim))
         self.kv: list[Tensor] = [
             torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(num_layers)
         ]

@@ -95,3 +95,26 @@ def test_the_vae_plan_follows_a_change_of_the_budgets_rule(real_cfg, monkeypatch
     monkeypatch.setattr(VaeBudget, "encode_images", lambda self, h, w: 11)
     v = memory_plan.vae_plan(real_cfg, 0)
     assert (v["decode_images_per_call"], v["encode_images_per_call"]) == (7, 11)
+
+
+# ------------------------------------------------------------------------------------------------ the KV cache
+def _cache_block_bytes(cfg: HunyuanImage3Config, block_size: int, dtype: torch.dtype) -> int:
+    from diffgentor.kernels.kv_cache import PagedKVCache
+
+    cache = PagedKVCache(cfg.num_hidden_layers, 1, block_size, cfg.num_key_value_heads, cfg.head_dim, dtype=dtype,
+                         device="meta")
+    return sum(cache.layer(i).numel() * cache.layer(i).element_size() for i in range(cfg.num_hidden_layers))
+
+
+@pytest.mark.parametrize("block_size", [16, 64])
+def test_planned_kv_block_is_the_caches_own(real_cfg, monkeypatch, block_size):
+    """The plan prices a KV block by the cache's page shape (`kernels.kv_cache.kv_page_shape`): equal to what a
+    cache allocates per block, also after the page shape changes (no second statement of it in the plan)."""
+    from diffgentor.engine.memory_plan import kv_block_bytes
+    from diffgentor.kernels import kv_cache
+
+    before = kv_block_bytes(real_cfg, ParallelContext(), block_size, 2)
+    assert before == _cache_block_bytes(real_cfg, block_size, torch.bfloat16)
+    monkeypatch.setattr(kv_cache, "kv_page_shape", lambda bs, heads, d: (3, bs, heads, d))
+    after = kv_block_bytes(real_cfg, ParallelContext(), block_size, 2)
+    assert after == _cache_block_bytes(real_cfg, block_size, torch.bfloat16) == before * 3 // 2
