@@ -50,17 +50,15 @@ DecodeFn = Callable[[Tensor], Any]
 """The model's decode: latents [B, C, h, w] -> uint8 images [B, H, W, 3] (numpy)."""
 
 
-def decode_groups(decode: DecodeFn, latent_factor: int, jobs: list[DecodeJob],
-                  vae_budget: VaeBudget | None = None) -> list[_Decoded]:
+def decode_groups(decode: DecodeFn, jobs: list[DecodeJob], vae_budget: VaeBudget | None = None) -> list[_Decoded]:
     """One VAE batch per output size, split into calls that fit the VAE budget (`engine.vae_budget`; the images
-    are the same either way); a failing call fails each of its jobs. `latent_factor`: pixels per latent cell."""
+    are the same either way); a failing call fails each of its jobs."""
     groups: dict[tuple[int, ...], list[DecodeJob]] = defaultdict(list)
     for j in jobs:
         groups[tuple(j.latents.shape)].append(j)
-    f = latent_factor
     calls = []
     for shape, items in groups.items():
-        size = vae_budget.decode_images(shape[-2] * f, shape[-1] * f) if vae_budget else len(items)
+        size = vae_budget.grid_decode_images(shape[-2], shape[-1]) if vae_budget else len(items)
         calls += chunks(items, size)
     done: list[_Decoded] = []
     for items in calls:
@@ -153,7 +151,7 @@ class DecodeStage:
         return bool(self._done)
 
     def _decode_now(self, jobs: list[DecodeJob]) -> list[_Decoded]:
-        return decode_groups(self.decode, self.model.config.latent_downsample, jobs, self.vae_budget)
+        return decode_groups(self.decode, jobs, self.vae_budget)
 
     def close(self) -> None:
         if self._thread is not None:

@@ -48,6 +48,11 @@ class VaeBudget:
         """Images of this size one decode call may carry (at least one: any single image gets through)."""
         return max(1, self.decode_bytes_left() // self.image_bytes(height, width))
 
+    def grid_decode_images(self, grid_h: int, grid_w: int) -> int:
+        """`decode_images` of the image a latent grid decodes to (the worker's decode stage sizes its calls so; the
+        scheduler admits by `grid_bytes`: one latent factor for both)."""
+        return self.decode_images(grid_h * self.latent_factor, grid_w * self.latent_factor)
+
     def encode_images(self, height: int, width: int) -> int:
         """Images of this size one encode call may carry (at least one)."""
         return max(1, self.budget_bytes // self.image_bytes(height, width))

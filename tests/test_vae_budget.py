@@ -120,3 +120,25 @@ def test_encode_chunks_give_the_posteriors_of_one_call(tiny_model):
         other = encoded["one image per call"][key]
         assert torch.allclose(enc.posterior, other.posterior, rtol=0, atol=1e-5), key
         assert torch.allclose(enc.vit_tokens, other.vit_tokens, rtol=0, atol=1e-5), key
+
+
+@pytest.mark.parametrize("latent_factor", [8, 16])
+def test_decode_calls_and_scheduler_admission_share_one_latent_factor(latent_factor):
+    """The decode stage sizes its calls from the latent grid with the budget's own latent factor, the one the
+    scheduler admits decodes by (`grid_bytes`): as many latents per call as the budget's per-image part holds."""
+    from diffgentor.engine.decode_stage import DecodeJob, decode_groups
+
+    grid = (4, 6)
+    b = VaeBudget(budget_bytes=5 * 24 * 64 + 7, bytes_per_pixel=1, decode_fixed_bytes=7, latent_factor=latent_factor)
+    calls: list[int] = []
+
+    def decode(latents):
+        calls.append(latents.shape[0])
+        return [np.zeros((1, 1, 3), np.uint8)] * latents.shape[0]
+
+    jobs = [DecodeJob((f"r{i}", -1), torch.zeros(2, *grid)) for i in range(11)]
+    done = decode_groups(decode, jobs, b)
+    per_call = b.decode_bytes_left() // b.grid_bytes(*grid)
+    assert per_call == (5 if latent_factor == 8 else 1)
+    assert calls == [per_call] * (11 // per_call) + ([11 % per_call] if 11 % per_call else [])
+    assert [d.key for d in done] == [j.key for j in jobs] and all(d.error is None for d in done)
