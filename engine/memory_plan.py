@@ -44,6 +44,7 @@ from diffgentor.engine.models.hunyuan_image_3 import HunyuanImage3Config, image_
 from diffgentor.engine.parallel import ParallelContext
 from diffgentor.engine.parallel_layout import ParallelLayout
 from diffgentor.engine.vae_budget import VaeBudget
+from diffgentor.kernels.impl_names import MOE_IMPLS, QUANTIZATIONS
 from diffgentor.kernels.kv_cache import kv_block_bytes as cache_block_bytes
 from diffgentor.kernels.moe import moe_impl_on
 from diffgentor.kernels.quantization import FP8_BLOCK, fp8_layout
@@ -741,12 +742,12 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--sequence-parallel-size", type=int, default=1)
     p.add_argument("--expert-parallel", action="store_true", help="whole experts per rank instead of width shards")
     p.add_argument("--quantization", default="none", type=lambda s: s.strip().lower().replace("-", "_"),
-                   choices=("none", "fp8", "fp8_block"))
+                   choices=QUANTIZATIONS)
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--max-num-batched-tokens", type=int, default=None)
     p.add_argument("--max-num-seqs", type=int, default=None)
     p.add_argument("--block-size", type=int, default=None)
-    p.add_argument("--moe-impl", default=None, choices=("eager", "flashinfer"),
+    p.add_argument("--moe-impl", default=None, choices=MOE_IMPLS,
                    help="fp8_block experts run fused only with flashinfer (else dequantised per layer)")
     p.add_argument("--attn-impl", default=None, choices=("sdpa", "flashinfer"),
                    help="the attention decode graphs capture: flashinfer's paged kernel (one width) or the torch one")

@@ -118,3 +118,16 @@ def test_planned_kv_block_is_the_caches_own(real_cfg, monkeypatch, block_size):
     monkeypatch.setattr(kv_cache, "kv_page_shape", lambda bs, heads, d: (3, bs, heads, d))
     after = kv_block_bytes(real_cfg, ParallelContext(), block_size, 2)
     assert after == _cache_block_bytes(real_cfg, block_size, torch.bfloat16) == before * 3 // 2
+
+
+def test_plan_memory_flags_take_the_kernels_names():
+    """`plan-memory --quantization / --moe-impl` accept exactly the names the engine's flags take
+    (`kernels.impl_names`), not a list of their own."""
+    import argparse
+
+    from diffgentor.engine.memory_plan import add_parser
+    from diffgentor.kernels.impl_names import MOE_IMPLS, QUANTIZATIONS
+
+    p = add_parser(argparse.ArgumentParser().add_subparsers())
+    choices = {a.dest: a.choices for a in p._actions}
+    assert choices["quantization"] is QUANTIZATIONS and choices["moe_impl"] is MOE_IMPLS
