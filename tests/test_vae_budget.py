@@ -6,17 +6,16 @@ same images decoded alone (docs/decisions.md, "VAE calls sized by the memory pla
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from diffgentor.engine.model_runner import ModelRunner, _WorkerRequest
+from diffgentor.engine.decode_stage import DecodeJob
+from diffgentor.engine.model_runner import ModelRunner
 from diffgentor.engine.models.hunyuan_image_3.image_processing import ImageProcessor
 from diffgentor.engine.models.hunyuan_image_3.model import HunyuanImage3ForCausalMM
-from diffgentor.engine.scheduler_output import EncoderInput, RunnerOutput
+from diffgentor.engine.scheduler_output import FINAL_IMAGE, EncoderInput, RunnerOutput
 from diffgentor.engine.testing.tiny_model import make_tiny
 from diffgentor.engine.vae_budget import VaeBudget, chunks
 
@@ -61,12 +60,11 @@ def test_decode_chunks_give_the_images_of_one_call(tiny_model, monkeypatch):
     results = {}
     for name, budget in (("one call", None), ("one image per call", VaeBudget(one_image, 1)),
                          ("two images per call", VaeBudget(2 * one_image, 1))):
-        runner = _runner(tiny_model, budget)
-        for rid, lat in latents.items():
-            runner.requests[rid] = _WorkerRequest([], None, None, None, diffusion=SimpleNamespace(latents=lat))
+        runner = _runner(tiny_model, budget)  # inline decode stage: submit decodes, collect reports them
         sizes = _recording_decode(tiny_model, monkeypatch)
         out = RunnerOutput()
-        runner._decode(list(latents), out)
+        runner.decodes.submit([DecodeJob((rid, FINAL_IMAGE), lat) for rid, lat in latents.items()])
+        runner.decodes.collect(out, alive=set(latents))
         monkeypatch.undo()
         results[name] = out.images
         assert not out.failed and set(out.images) == set(latents)
