@@ -122,7 +122,7 @@ class LayerTimer:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from diffgentor.engine.config import EngineConfig
+    from diffgentor.engine.config import EngineConfig, SchedulerConfig
     from diffgentor.engine.core import EngineCore
     from diffgentor.engine.executor import UniProcExecutor
     from diffgentor.engine.input_processor import load_processor_context
@@ -150,7 +150,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         result["build_s"] = time.perf_counter() - t0
         result["param_bytes"] = sum(p.numel() * p.element_size() for p in model.parameters())
         config = EngineConfig(model=str(ckpt), device=args.device, dtype=str(dtype).removeprefix("torch."),
-                              num_kv_blocks=args.kv_blocks, max_num_seqs=2, attn_impl=args.attn_impl,
+                              num_kv_blocks=args.kv_blocks, scheduler=SchedulerConfig(max_num_seqs=2),
+                              attn_impl=args.attn_impl,
                               moe_impl=args.moe_impl, quantization=args.quantization or "none",
                               enforce_eager=True)  # LayerTimer's per-layer hooks cannot time CUDA-graph replays
         core = EngineCore(load_processor_context(ckpt, config), config,
@@ -197,7 +198,7 @@ def _activation_check(model: Any, config: Any, kv_blocks: int) -> dict[str, int]
     peak = torch.cuda.max_memory_allocated()
     tokens, _ = largest_step_tokens(config, model.config)
     quant = None if config.quantization == "none" else config.quantization
-    estimate, _ = activation_peak_bytes(model.config, par, tokens, config.max_num_seqs, 2, quant)
+    estimate, _ = activation_peak_bytes(model.config, par, tokens, config.scheduler.max_num_seqs, 2, quant)
     return {"max_memory_allocated": peak, "measured_activation_peak": peak - weights - kv,
             "planned_activation_peak": estimate}
 

@@ -490,7 +490,7 @@ def section_e2e_edit(chk: Check, gpu: bool, out: Path) -> dict[str, Any]:
     from PIL import Image
 
     from diffgentor.bench.engine_run import LayerTimer, build_random_model
-    from diffgentor.engine.config import EngineConfig
+    from diffgentor.engine.config import EngineConfig, SchedulerConfig
     from diffgentor.engine.core import EngineCore
     from diffgentor.engine.executor import UniProcExecutor
     from diffgentor.engine.input_processor import load_processor_context
@@ -509,11 +509,13 @@ def section_e2e_edit(chk: Check, gpu: bool, out: Path) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = _model_dir(Path(tmp), gpu, layers=layers, distil=True)
         mc = HunyuanImage3Config.from_pretrained(ckpt)
-        base = EngineConfig(model=str(ckpt), device=dev, max_num_seqs=2, enforce_eager=not gpu,
+        base = EngineConfig(model=str(ckpt), device=dev, scheduler=SchedulerConfig(max_num_seqs=2),
+                            enforce_eager=not gpu,
                             num_kv_blocks=4096 if gpu else 512, flashinfer_warmup_s=60)
         kernels = choose_kernels(base, mc)  # the default path: FlashInfer attention where proven
         res["kernels"] = kernels.labels
-        config = EngineConfig(model=str(ckpt), device=dev, max_num_seqs=2, attn_impl=kernels.attn_impl,
+        config = EngineConfig(model=str(ckpt), device=dev, scheduler=SchedulerConfig(max_num_seqs=2),
+                              attn_impl=kernels.attn_impl,
                               moe_impl=kernels.moe_impl, enforce_eager=True, num_kv_blocks=4096 if gpu else 512)
         t0 = time.perf_counter()
         model = build_random_model(ckpt, dev, dt, None, 0, kernels.attn_impl, kernels.moe_impl)

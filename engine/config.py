@@ -315,6 +315,49 @@ class HunyuanImage3Env:
         return out
 
 
+# ---------------------------------------------------------------------------------------------------- scheduler
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """How the one scheduler fills a step (engine/scheduler.py): `EngineConfig.scheduler`. Validated here; the
+    checks that involve other parts (``max_num_batched_tokens`` against ``block_size``) are `EngineConfig`'s."""
+
+    max_num_seqs: int = 16
+    max_num_batched_tokens: int = 8192
+    max_num_image_tokens: int | None = None
+    """Denoising-block tokens per step, a budget apart from max_num_batched_tokens (prefill and text), so several
+    1024x1024 blocks (4099 tokens per CFG row) can share a step; None: one budget for both (the memory plan sizes
+    the largest step as their sum)."""
+    max_waiting_requests: int = 1024
+    max_num_encoder_pixels: int = 1024 * 1024
+    """Encoder budget: condition-image pixels (VAE + ViT of one image) being encoded at once (scheduled and not yet
+    reported); at least one image is in flight even when it is larger, so any image gets through."""
+    async_encode: bool = True
+    """Condition-image encodes run beside the steps (a worker thread on CPU, a side stream on CUDA) and are picked
+    up by a later step, instead of inside the step that schedules them (engine/encode_stage.py)."""
+
+    def __post_init__(self) -> None:
+        for name in ("max_num_seqs", "max_num_batched_tokens", "max_waiting_requests", "max_num_encoder_pixels"):
+            _check_positive(name, getattr(self, name))
+        if self.max_num_image_tokens is not None:
+            _check_positive("max_num_image_tokens", self.max_num_image_tokens)
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            raise ValueError(
+                f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= max_num_seqs "
+                f"({self.max_num_seqs}): every running sequence needs at least one token per step"
+            )
+        if not isinstance(self.async_encode, bool):
+            raise ValueError(f"async_encode must be a bool, got {self.async_encode!r}")
+
+
+def _check_positive(name: str, v: Any) -> None:
+    if not _is_int(v) or v <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {v!r}")
+
+
+SCHEDULER_KEYS = tuple(f.name for f in fields(SchedulerConfig))
+"""The `from_cli_and_env` keys (flags) that go to `EngineConfig.scheduler`."""
+
+
 # ---------------------------------------------------------------------------------------------------- engine
 @dataclass(frozen=True)
 class EngineConfig:
@@ -329,25 +372,14 @@ class EngineConfig:
     """float32 | bfloat16 | float16 | auto (auto = bfloat16 on CUDA, float32 on CPU)."""
     device: str = "auto"
     """cpu | cuda | cuda:N | auto (auto = cuda when available, else cpu)."""
-    max_num_seqs: int = 16
-    max_num_batched_tokens: int = 8192
-    max_num_image_tokens: int | None = None
-    """Denoising-block tokens per step, a budget apart from max_num_batched_tokens (prefill and text), so several
-    1024x1024 blocks (4099 tokens per CFG row) can share a step; None: one budget for both (the memory plan sizes
-    the largest step as their sum)."""
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    """How the one scheduler fills a step (its own fields, not copies of these)."""
     block_size: int = 16
     num_kv_blocks: int | None = None
     """Explicit KV block count; wins over every budget."""
     kv_cache_memory_bytes: int | None = None
     """Explicit KV budget in bytes; used when num_kv_blocks is not given."""
     enable_prefix_caching: bool = True
-    max_waiting_requests: int = 1024
-    max_num_encoder_pixels: int = 1024 * 1024
-    """Encoder budget: condition-image pixels (VAE + ViT of one image) being encoded at once (scheduled and not yet
-    reported); at least one image is in flight even when it is larger, so any image gets through."""
-    async_encode: bool = True
-    """Condition-image encodes run beside the steps (a worker thread on CPU, a side stream on CUDA) and are picked
-    up by a later step, instead of inside the step that schedules them (engine/encode_stage.py)."""
     max_step_ms: float | None = None
     """Step-time target: the scheduler caps each step's tokens at what the measured cost per token says fits
     (engine/step_cost.py), so a long prefill is chunked and running requests see bounded inter-token and
@@ -433,28 +465,18 @@ class EngineConfig:
         if self.model is not None and not isinstance(self.model, str):
             set_("model", os.fspath(self.model))
 
-        def positive(name: str) -> None:
-            v = getattr(self, name)
-            if not _is_int(v) or v <= 0:
-                raise ValueError(f"{name} must be a positive integer, got {v!r}")
-
-        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "max_waiting_requests",
-                     "max_num_encoder_pixels", "encoder_cache_bytes"):
-            positive(name)
-        for name in ("num_kv_blocks", "kv_cache_memory_bytes", "default_num_inference_steps", "max_num_image_tokens"):
+        if not isinstance(self.scheduler, SchedulerConfig):
+            raise TypeError(f"scheduler must be a SchedulerConfig, got {type(self.scheduler).__name__}")
+        for name in ("block_size", "encoder_cache_bytes"):
+            _check_positive(name, getattr(self, name))
+        for name in ("num_kv_blocks", "kv_cache_memory_bytes", "default_num_inference_steps"):
             if getattr(self, name) is not None:
-                positive(name)
+                _check_positive(name, getattr(self, name))
         if self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
-        if self.max_num_batched_tokens < self.block_size:
-            raise ValueError(
-                f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= block_size ({self.block_size})"
-            )
-        if self.max_num_batched_tokens < self.max_num_seqs:
-            raise ValueError(
-                f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= max_num_seqs "
-                f"({self.max_num_seqs}): every running sequence needs at least one token per step"
-            )
+        tokens = self.scheduler.max_num_batched_tokens
+        if tokens < self.block_size:
+            raise ValueError(f"max_num_batched_tokens ({tokens}) must be >= block_size ({self.block_size})")
         if self.seed is not None and (not _is_int(self.seed) or self.seed < 0):
             raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
         g = self.default_guidance_scale
@@ -465,9 +487,8 @@ class EngineConfig:
         if self.max_step_ms is not None and not (isinstance(self.max_step_ms, (int, float))
                                                  and not isinstance(self.max_step_ms, bool) and self.max_step_ms > 0):
             raise ValueError(f"max_step_ms must be a positive number of milliseconds, got {self.max_step_ms!r}")
-        for name in ("async_encode", "async_decode"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        if not isinstance(self.async_decode, bool):
+            raise ValueError(f"async_decode must be a bool, got {self.async_decode!r}")
         if not isinstance(self.enforce_eager, bool):
             raise ValueError(f"enforce_eager must be a bool, got {self.enforce_eager!r}")
         if self.attn_impl not in ATTN_IMPLS:
@@ -512,7 +533,9 @@ class EngineConfig:
         ``args`` may be an ``argparse.Namespace`` or a mapping; unknown keys are ignored and ``None`` means "not
         given". Flags win over env vars: ``attn_impl``, ``moe_impl`` and ``tensor_parallel_size`` override the
         env block's ATTN_IMPL, MOE_IMPL and GPUS_PER_MODEL (the env block itself keeps what the environment said),
-        and keys named like an env field (``bot_task``, ``max_new_tokens``, ...) override that field.
+        and keys named like an env field (``bot_task``, ``max_new_tokens``, ...) override that field. The
+        `SchedulerConfig` keys (``max_num_seqs``, ``max_num_batched_tokens``, ``max_num_image_tokens``,
+        ``max_waiting_requests``, ``max_num_encoder_pixels``, ``async_encode``) go to ``scheduler``.
         Recognised keys: ``model`` / ``model_name``, ``dtype`` / ``torch_dtype``, ``device``, ``max_num_seqs``,
         ``max_num_batched_tokens``, ``block_size``, ``num_kv_blocks``, ``kv_cache_memory`` /
         ``kv_cache_memory_bytes`` (int bytes or a size string),
@@ -560,15 +583,9 @@ class EngineConfig:
         simple = {
             "dtype": ("dtype", "torch_dtype"),
             "device": ("device",),
-            "max_num_seqs": ("max_num_seqs",),
-            "max_num_batched_tokens": ("max_num_batched_tokens",),
-            "max_num_image_tokens": ("max_num_image_tokens",),
             "block_size": ("block_size",),
             "num_kv_blocks": ("num_kv_blocks",),
             "enable_prefix_caching": ("enable_prefix_caching",),
-            "max_waiting_requests": ("max_waiting_requests",),
-            "max_num_encoder_pixels": ("max_num_encoder_pixels",),
-            "async_encode": ("async_encode",),
             "async_decode": ("async_decode",),
             "max_step_ms": ("max_step_ms",),
             "seed": ("seed",),
@@ -592,6 +609,7 @@ class EngineConfig:
             v = first(*keys)
             if v is not None:
                 kw[fname] = v
+        kw["scheduler"] = SchedulerConfig(**{k: given[k] for k in SCHEDULER_KEYS if k in given})
         mem = first("kv_cache_memory", "kv_cache_memory_bytes")
         if mem is not None:
             kw["kv_cache_memory_bytes"] = parse_size(mem)
@@ -702,7 +720,7 @@ class EngineConfig:
         budget = self.kv_cache_budget_bytes(cuda_available)
         n = budget // bytes_per_block
         if max_model_len is not None and self.kv_cache_memory_bytes is None and not self.on_cuda(cuda_available):
-            n = min(n, self.max_num_seqs * CFG_ROWS * self.max_blocks_per_seq(max_model_len))
+            n = min(n, self.scheduler.max_num_seqs * CFG_ROWS * self.max_blocks_per_seq(max_model_len))
         if n < 1:
             raise ValueError(
                 f"KV cache budget of {budget} bytes holds no block of {bytes_per_block} bytes; "
@@ -726,7 +744,9 @@ class EngineConfig:
     # ------------------------------------------------------------------ logging
     def describe(self) -> dict[str, Any]:
         """A plain, JSON-serialisable dict of every setting, for the startup log."""
-        out: dict[str, Any] = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "env"}
+        out: dict[str, Any] = {f.name: getattr(self, f.name) for f in fields(self)
+                               if f.name not in ("env", "scheduler")}
+        out["scheduler"] = asdict(self.scheduler)
         out["env"] = self.env.describe()
         out["moe_drop_tokens_effective"] = False  # dropless MoE (docs/decisions.md: MoE: dropless)
         return out

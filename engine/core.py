@@ -32,7 +32,7 @@ from diffgentor.engine.parallel import check_layout_heads
 from diffgentor.engine.request import CoreSnapshot, EngineCoreEvent, FinishReason, ImagePixels, RequestResult
 from diffgentor.engine.request_contract import RequestError
 from diffgentor.engine.request_state import RequestState, state_from_processed
-from diffgentor.engine.scheduler import RequestOutput, Scheduler, SchedulerConfig
+from diffgentor.engine.scheduler import RequestOutput, Scheduler
 from diffgentor.engine.scheduler_output import RunnerOutput, SchedulerOutput
 from diffgentor.engine.step_cost import StepCost
 from diffgentor.engine.worker import Worker
@@ -81,14 +81,9 @@ class EngineCore:
         kv: KVCacheManager | GroupedKVCacheManager = (
             KVCacheManager(executor.num_blocks, config.block_size, config.enable_prefix_caching) if groups == 1 else
             GroupedKVCacheManager(groups, executor.num_blocks, config.block_size, config.enable_prefix_caching))
-        self.scheduler = Scheduler(
-            SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, config.block_size,
-                            config.max_num_encoder_pixels, config.encoder_cache_bytes, config.max_num_image_tokens,
-                            vae_budget=executor.vae_budget, async_encode=config.async_encode,
-                            cfg_parallel_size=groups, step_cost=self.step_cost,
-                            max_step_s=None if config.max_step_ms is None else config.max_step_ms / 1000.0),
-            kv, ctx.request_logic,
-        )
+        self.scheduler = Scheduler(config.scheduler, kv, ctx.request_logic, config.encoder_cache_bytes,
+                                   vae_budget=executor.vae_budget, cfg_parallel_size=groups, step_cost=self.step_cost,
+                                   max_step_s=None if config.max_step_ms is None else config.max_step_ms / 1000.0)
         self.executor = executor
         self.stats = StepStats()
         self._outputs = EngineCoreOutputs()  # what the next step() reports
@@ -142,7 +137,7 @@ class EngineCore:
         rid = p.request.request_id
         if rid in self.requests:
             return self.reject(rid, 400, f"duplicate request id {rid!r}")
-        if len(self.scheduler.waiting) >= self.config.max_waiting_requests:
+        if len(self.scheduler.waiting) >= self.config.scheduler.max_waiting_requests:
             return self.reject(rid, 429, "too many waiting requests; retry later")
         try:
             st = state_from_processed(self.ctx, p)

@@ -304,7 +304,7 @@ def run_engine_core(config: EngineConfig, input_addr: str, output_addr: str, par
         kernels = dict(core.kernel_impls)  # empty when the executor's ranks keep it (they log it)
         layout = config.parallel_layout()
         proc.send(CoreReady(num_blocks=core.num_blocks, block_size=config.block_size,
-                            max_num_seqs=config.max_num_seqs, pid=os.getpid(), kernels=kernels,
+                            max_num_seqs=config.scheduler.max_num_seqs, pid=os.getpid(), kernels=kernels,
                             layout=layout.as_dict()))
         logger.info("engine core ready: %d KV blocks of %d tokens, layout %s", core.num_blocks, config.block_size,
                     layout.describe())

@@ -190,16 +190,17 @@ def _denoising_block(model_config: HunyuanImage3Config) -> tuple[int, int]:
 
 def largest_step_tokens(config: EngineConfig, model_config: HunyuanImage3Config) -> tuple[int, str]:
     """Tokens in the largest forward the scheduler may issue, and why."""
+    sched = config.scheduler  # the step budgets are the scheduler's
     side, block = _denoising_block(model_config)
-    if config.max_num_image_tokens is not None:  # denoising blocks beside a full prefill budget
-        images = max(block, config.max_num_image_tokens)
-        return config.max_num_batched_tokens + images, (
-            f"max_num_batched_tokens {config.max_num_batched_tokens} + {images} denoising-block tokens "
-            f"(max_num_image_tokens {config.max_num_image_tokens}, at least one {IMAGE_SIDE}x{IMAGE_SIDE} step)")
-    if block > config.max_num_batched_tokens:
+    if sched.max_num_image_tokens is not None:  # denoising blocks beside a full prefill budget
+        images = max(block, sched.max_num_image_tokens)
+        return sched.max_num_batched_tokens + images, (
+            f"max_num_batched_tokens {sched.max_num_batched_tokens} + {images} denoising-block tokens "
+            f"(max_num_image_tokens {sched.max_num_image_tokens}, at least one {IMAGE_SIDE}x{IMAGE_SIDE} step)")
+    if block > sched.max_num_batched_tokens:
         return block, (f"a {IMAGE_SIDE}x{IMAGE_SIDE} denoising step: {CFG_ROWS} CFG rows x ({side}x{side} image + "
-                       f"{IMAGE_EXTRA_SLOTS} slots) > max_num_batched_tokens {config.max_num_batched_tokens}")
-    return config.max_num_batched_tokens, (f"max_num_batched_tokens (>= a {IMAGE_SIDE}x{IMAGE_SIDE} denoising step "
+                       f"{IMAGE_EXTRA_SLOTS} slots) > max_num_batched_tokens {sched.max_num_batched_tokens}")
+    return sched.max_num_batched_tokens, (f"max_num_batched_tokens (>= a {IMAGE_SIDE}x{IMAGE_SIDE} denoising step "
                                            f"of {block} tokens)")
 
 
@@ -207,8 +208,8 @@ def denoising_step_tokens(config: EngineConfig, model_config: HunyuanImage3Confi
     """How many of the largest step's `tokens` are denoising image-block rows (what sequence parallel splits): the
     image budget beside a full prefill, the 1024x1024 CFG step when it is the largest, else none (a text step)."""
     _, block = _denoising_block(model_config)
-    if config.max_num_image_tokens is not None:
-        return max(block, config.max_num_image_tokens)
+    if config.scheduler.max_num_image_tokens is not None:
+        return max(block, config.scheduler.max_num_image_tokens)
     return block if tokens == block else 0
 
 
@@ -646,19 +647,20 @@ def plan_memory(
     weights = weight_bytes_by_part(model_config, parallel, quant, dtype)
     tokens, why = largest_step_tokens(config, model_config)
     impl = planned_moe_impl(quant, config.moe_impl, capability)
-    act, detail = activation_peak_bytes(model_config, parallel, tokens, config.max_num_seqs, elem, quant, impl,
-                                        config.max_num_batched_tokens, config.block_size,
+    sched = config.scheduler
+    act, detail = activation_peak_bytes(model_config, parallel, tokens, sched.max_num_seqs, elem, quant, impl,
+                                        sched.max_num_batched_tokens, config.block_size,
                                         denoising_step_tokens(config, model_config, tokens))
     vae = vae_plan(model_config, act)
     ws = workspace_bytes(parallel)
     if impl == "flashinfer":  # its one reused scratch buffer, sized for the largest step
         ws["flashinfer_moe"] = flashinfer_moe_workspace_bytes(model_config, parallel, tokens, quant, elem)
     attn = "flashinfer" if config.attn_impl == "flashinfer" else "sdpa"  # what the graphs capture (cuda_graph.py)
-    pool = 0 if config.enforce_eager else graph_pool_bytes(model_config, parallel, config.max_num_seqs,
+    pool = 0 if config.enforce_eager else graph_pool_bytes(model_config, parallel, sched.max_num_seqs,
                                                           config.block_size, impl, quant, elem, attn)
     from diffgentor.engine.cuda_graph import graph_keys
 
-    keys = [] if config.enforce_eager else list(graph_keys(config.max_num_seqs, model_config.max_position_embeddings,
+    keys = [] if config.enforce_eager else list(graph_keys(sched.max_num_seqs, model_config.max_position_embeddings,
                                                            config.block_size, attn == "flashinfer"))
     per_block = kv_block_bytes(model_config, parallel, config.block_size, elem)
     # under CFG parallel a request's conditional and unconditional rows live on different groups' caches

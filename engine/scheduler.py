@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from diffgentor.engine.cfg_groups import choose_owner, row_groups_for
+from diffgentor.engine.config import SchedulerConfig
 from diffgentor.engine.encoder_cache import EncoderCacheManager, EncoderKey
 from diffgentor.engine.kv_cache_manager import KVCacheManager, compute_block_hashes
 from diffgentor.engine.model_interface import ModelRequestLogic
@@ -79,29 +80,6 @@ def whole_span_end(start: int, target: int, room: int, spans: Sequence[tuple[int
             return min(b, target)
     return start
 
-
-@dataclass
-class SchedulerConfig:
-    max_num_seqs: int = 16
-    max_num_batched_tokens: int = 8192
-    block_size: int = 16
-    max_num_encoder_pixels: int = 1024 * 1024
-    encoder_cache_bytes: int = 512 * 1024 * 1024
-    # denoising-block tokens per step, apart from max_num_batched_tokens (prefill and text); None: both share the
-    # one budget. The first denoising step of a step always fits.
-    max_num_image_tokens: int | None = None
-    vae_budget: VaeBudget | None = None
-    """The VAE work one step may carry (`engine.vae_budget`, from the GPU memory plan); None: unbounded."""
-    # the worker encodes beside the steps (engine/encode_stage.py): an encode never delays a step, so it is never
-    # held back for other requests' first prefill
-    async_encode: bool = False
-    # CFG groups (engine/cfg_groups.py): with 2, each request's rows are placed on groups and `kv` is a
-    # GroupedKVCacheManager (one block pool per group)
-    cfg_parallel_size: int = 1
-    max_step_s: float | None = None
-    """Step-time target (engine.step_cost): a step's tokens are capped at what `step_cost` says fits it."""
-    step_cost: StepCost | None = None
-    """The measured cost per token the core keeps up to date; None: the target does not bind."""
 
 
 @dataclass
@@ -152,16 +130,30 @@ MAX_ENCODE_DEFERRALS = 2
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, kv: KVCacheManager, model: ModelRequestLogic) -> None:
-        """`model`: the model's answers about a request (engine/model_interface.py): its image-phase sequence and
-        which denoising steps run the backbone."""
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager, model: ModelRequestLogic,
+                 encoder_cache_bytes: int = 512 * 1024 * 1024, vae_budget: VaeBudget | None = None,
+                 cfg_parallel_size: int = 1, step_cost: StepCost | None = None,
+                 max_step_s: float | None = None) -> None:
+        """`config`: `EngineConfig.scheduler` (with ``async_encode`` the worker encodes beside the steps, so an
+        encode never delays a step and is never held back for other requests' first prefill); `kv` holds the block
+        size; `model`: the model's answers about a request (engine/model_interface.py): its image-phase sequence
+        and which denoising steps run the backbone; `vae_budget`: the VAE work one step may carry
+        (engine/vae_budget.py, from the GPU memory plan), None = unbounded; `cfg_parallel_size` 2: each request's
+        rows are placed on CFG groups (engine/cfg_groups.py) and `kv` is a GroupedKVCacheManager; `max_step_s`:
+        the step-time target, a step's tokens capped at what `step_cost` (engine/step_cost.py, kept up to date by
+        the core) says fits; None, or no `step_cost`: the target does not bind."""
         self.config = config
         self.kv = kv
         self.model = model
+        self.block_size = kv.block_size
+        self.vae_budget = vae_budget
+        self.cfg_parallel_size = cfg_parallel_size
+        self.step_cost = step_cost
+        self.max_step_s = max_step_s
         self.requests: dict[str, RequestState] = {}
         self.waiting: deque[RequestState] = deque()
         self.running: list[RequestState] = []
-        self.encoder_cache = EncoderCacheManager(config.encoder_cache_bytes)
+        self.encoder_cache = EncoderCacheManager(encoder_cache_bytes)
         self.num_preemptions = 0
         self._finished_ids: list[str] = []  # worker-side state to free, sent with the next plan
         self._failed_outputs: list[RequestOutput] = []  # requests failed while scheduling, reported next update
@@ -235,22 +227,22 @@ class Scheduler:
     # ------------------------------------------------------------------ KV blocks
     def _row_group(self, st: RequestState, seq: SeqState) -> int:
         """The CFG group `seq` runs on (0 with one group); places the request on its first call."""
-        if self.config.cfg_parallel_size == 1:
+        if self.cfg_parallel_size == 1:
             return 0
         if st.row_groups is None:
             owners = (r.row_groups[0] for r in self.running if r.row_groups is not None)
-            owner = choose_owner(owners, [self.kv.free_blocks_of(g) for g in range(self.config.cfg_parallel_size)])
-            st.row_groups = row_groups_for(owner, self.config.cfg_parallel_size)
+            owner = choose_owner(owners, [self.kv.free_blocks_of(g) for g in range(self.cfg_parallel_size)])
+            st.row_groups = row_groups_for(owner, self.cfg_parallel_size)
         return st.row_groups[0 if seq is st.cond else 1]
 
     def _ensure_seq(self, st: RequestState, seq: SeqState) -> None:
         """Claim the prefix-cached blocks of a row the first time it needs KV (on its CFG group's pool)."""
         if seq.allocated:
             return
-        if self.config.cfg_parallel_size > 1:
+        if self.cfg_parallel_size > 1:
             self.kv.place(seq.seq_id, self._row_group(st, seq))
         n = len(seq.token_ids)
-        keys = block_extra_keys(st, seq, self.config.block_size, n)
+        keys = block_extra_keys(st, seq, self.block_size, n)
         # Hits are whole cached blocks, never the last prompt token (the KV manager's rule) and never a block
         # holding generated-image tokens (those are never registered), so they are safe to attend to as is.
         hit = self.kv.get_computed_blocks(seq.seq_id, seq.token_ids[:n], keys)
@@ -300,8 +292,8 @@ class Scheduler:
             return False
         seq = st.cond
         n = len(seq.token_ids)
-        hashes = compute_block_hashes(seq.token_ids, self.config.block_size,
-                                      block_extra_keys(st, seq, self.config.block_size, n))
+        hashes = compute_block_hashes(seq.token_ids, self.block_size,
+                                      block_extra_keys(st, seq, self.block_size, n))
         i = self.kv.num_cached_prefix_blocks(hashes)
         return i < len(hashes) and hashes[i] in self.kv.inflight_hashes()
 
@@ -330,7 +322,7 @@ class Scheduler:
         deferred so at most `MAX_ENCODE_DEFERRALS` times, then its encode rides along anyway (no starvation under a
         stream of arrivals)."""
         admitting = bool(plan.new_requests) and not self.config.async_encode
-        vae = self.config.vae_budget
+        vae = self.vae_budget
         encoding = self.encoding
         pixels = sum(p for p, _ in encoding.values())
         vae_bytes = sum(b for _, b in encoding.values())
@@ -414,7 +406,7 @@ class Scheduler:
         """`max_num_batched_tokens`, or fewer where the step-time target binds (`max_step_s`): running requests'
         decode tokens come first in the step, prefill chunks take what is left."""
         budget = self.config.max_num_batched_tokens
-        cost, target = self.config.step_cost, self.config.max_step_s
+        cost, target = self.step_cost, self.max_step_s
         fit = cost.tokens_within(target) if cost is not None and target is not None else None
         return budget if fit is None else min(budget, fit)
 
@@ -433,12 +425,12 @@ class Scheduler:
 
     # ------------------------------------------------------------------ VAE budget
     def _decode_bytes(self, st: RequestState) -> int:
-        vae = self.config.vae_budget
+        vae = self.vae_budget
         return 0 if vae is None else vae.grid_bytes(*st.cond.layout.slots("gen")[0].grid)
 
     def _vae_fits(self, st: RequestState) -> bool:
         """Admit one more image into this step's decode (the first always fits: any image gets through)."""
-        vae = self.config.vae_budget
+        vae = self.vae_budget
         cost = self._decode_bytes(st)
         if vae is not None and self._vae_decode_bytes and self._vae_decode_bytes + cost > vae.decode_bytes_left():
             return False
@@ -450,7 +442,7 @@ class Scheduler:
         stream) overlaps the step's decodes, so both share the one VAE budget the memory plan reserves; an inline
         encode runs before the step's decodes, one after the other, and each has the budget to itself. Decodes in
         flight are only ever earlier steps' asynchronous ones (an inline decode is reported by its own step)."""
-        if self.config.vae_budget is None:
+        if self.vae_budget is None:
             return 0
         encodes = sum(b for _, b in self.encoding.values()) if self.config.async_encode else 0
         return encodes + sum(self.decoding.values())
@@ -568,17 +560,17 @@ class Scheduler:
     def _blocks_needed(self, st: RequestState) -> int:
         """KV blocks the request needs at once in its current phase on one pool (every row up to its end; under
         CFG parallel its rows are on different groups' pools)."""
-        bs = self.config.block_size
+        bs = self.block_size
         if st.phase == "text":
             return -(-len(st.cond.token_ids) // bs)
         end = st.cond.layout.slots("gen")[0].end
-        rows = len({self._row_group(st, q) for q in st.rows}) if self.config.cfg_parallel_size > 1 else 1
+        rows = len({self._row_group(st, q) for q in st.rows}) if self.cfg_parallel_size > 1 else 1
         return len(st.rows) // rows * -(-end // bs)
 
     @property
     def blocks_per_pool(self) -> int:
         """Blocks one row's pool holds: the whole cache, or one CFG group's."""
-        return self.kv.blocks_per_group if self.config.cfg_parallel_size > 1 else self.kv.num_blocks
+        return self.kv.blocks_per_group if self.cfg_parallel_size > 1 else self.kv.num_blocks
 
     def _cannot_fit(self, st: RequestState, plan: SchedulerOutput, admitting: bool) -> int:
         """The request's blocks cannot be had this step: drop what it put in the plan, then wait
@@ -591,7 +583,7 @@ class Scheduler:
             self._failed_outputs.append(RequestOutput(
                 st, finish_reason=FinishReason.ERROR, status=400,
                 error=f"the request does not fit in the KV cache (it needs {need} blocks of "
-                      f"{self.config.block_size} tokens; the cache has {self.blocks_per_pool})"))
+                      f"{self.block_size} tokens; the cache has {self.blocks_per_pool})"))
             return -1 if admitting else 0
         if admitting:
             self.free_kv(st)
@@ -668,7 +660,7 @@ class Scheduler:
 
     def _record_computed(self, plan: SchedulerOutput) -> None:
         """Count the KV the forward wrote, and register blocks that just filled in the prefix cache."""
-        bs = self.config.block_size
+        bs = self.block_size
         kv = self.kv
         for c in plan.chunks:
             st = self.requests.get(c.request_id)

@@ -38,9 +38,9 @@ class Worker:
         self.heap_reuse_bytes = config.heap_reuse_bytes
         self.vae_budget = vae_budget  # the memory plan's VAE limits on a GPU; None: unbounded (CPU)
         self.reports_latents = True  # final latents ride along in the output (ranks other than group leaders: no)
-        self.runner = ModelRunner(model, num_blocks, config.block_size, config.enforce_eager, config.max_num_seqs,
-                                  vae_budget=vae_budget, async_encode=config.async_encode,
-                                  async_decode=config.async_decode)
+        self.runner = ModelRunner(model, num_blocks, config.block_size, config.enforce_eager,
+                                  config.scheduler.max_num_seqs, vae_budget=vae_budget,
+                                  async_encode=config.scheduler.async_encode, async_decode=config.async_decode)
         tokens = largest_step_tokens(config, model.config)[0]
         quant = None if config.quantization == "none" else config.quantization
         model.tune_kernels(tokens, flashinfer_moe_workspace_bytes(  # the plan's size of FlashInfer's MoE workspace

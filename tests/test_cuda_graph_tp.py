@@ -116,10 +116,11 @@ def test_real_config_captures_edit_contexts_on_every_layout(gpu, tp, quant, ep, 
     assert plan.fits, plan.problems
     paged = attn_impl == "flashinfer"
     keys = [tuple(k) for k in plan.graph_keys]  # what plan-memory lists
-    assert keys == list(graph_keys(config.max_num_seqs, cfg.max_position_embeddings, config.block_size, paged))
+    seqs = config.scheduler.max_num_seqs
+    assert keys == list(graph_keys(seqs, cfg.max_position_embeddings, config.block_size, paged))
     batches = sorted({b for b, _ in keys})
     widths = sorted({w for _, w in keys})
-    assert batches == list(batch_buckets(config.max_num_seqs)) == [1, 2, 4, 8, 16]
+    assert batches == list(batch_buckets(config.scheduler.max_num_seqs)) == [1, 2, 4, 8, 16]
     widest = math.ceil(cfg.max_position_embeddings / config.block_size)
     assert widths[-1] == widest == 1425
     assert widths == ([widest] if paged else [32, 64, 128, 256, 512, 1024, widest])
@@ -130,7 +131,7 @@ def test_real_config_captures_edit_contexts_on_every_layout(gpu, tp, quant, ep, 
         assert width is not None and (paged or width * config.block_size < 2 * context), (images, width)
         for b in (1, 3, 16):
             assert (pick_bucket(b, batches), width) in keys
-    assert plan.graph_pool_bytes == graph_pool_bytes(cfg, parallel, config.max_num_seqs, config.block_size,
+    assert plan.graph_pool_bytes == graph_pool_bytes(cfg, parallel, config.scheduler.max_num_seqs, config.block_size,
                                                      plan.moe_impl, plan.quantization if quant != "none" else None,
                                                      2, attn_impl) > 0
     assert plan_for(EngineConfig(quantization=quant, enforce_eager=True), cfg, parallel, gpu).graph_pool_bytes == 0

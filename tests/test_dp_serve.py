@@ -25,7 +25,7 @@ import zmq
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from diffgentor.engine.config import EngineConfig
+from diffgentor.engine.config import EngineConfig, SchedulerConfig
 from diffgentor.engine.core_proc import (
     AbortRequests,
     AddRequest,
@@ -145,7 +145,8 @@ def test_pool_balances_aborts_on_the_owner_and_fails_with_one_instance():
     async def run() -> None:
         deaths = []
         m = ServerMetrics("m")
-        pool = EnginePool(EngineConfig(device="cpu", max_num_seqs=2, max_waiting_requests=3), [[], []], metrics=m,
+        config = EngineConfig(device="cpu", scheduler=SchedulerConfig(max_num_seqs=2, max_waiting_requests=3))
+        pool = EnginePool(config, [[], []], metrics=m,
                           on_death=lambda: deaths.append(1))
         ctx = zmq.Context()
         readers = []

@@ -13,6 +13,7 @@ from diffgentor.engine.config import (
     EngineConfig,
     EnvVarError,
     HunyuanImage3Env,
+    SchedulerConfig,
     add_engine_args,
     parse_bool,
     parse_size,
@@ -202,9 +203,10 @@ def test_engine_defaults():
     c = EngineConfig.from_cli_and_env(parser().parse_args([]), environ={})
     assert c.model is None
     assert c.dtype == "auto" and c.device == "auto"
-    assert c.max_num_seqs == 16 and c.max_num_batched_tokens == 8192 and c.block_size == 16
+    assert c.scheduler.max_num_seqs == 16 and c.scheduler.max_num_batched_tokens == 8192 and c.block_size == 16
     assert c.num_kv_blocks is None and c.kv_cache_memory_bytes is None
-    assert c.enable_prefix_caching is True and c.max_waiting_requests == 1024
+    assert c.enable_prefix_caching is True and c.scheduler.max_waiting_requests == 1024
+    assert c.scheduler == SchedulerConfig()  # the scheduler's settings live in one place
     assert c.seed is None and c.default_num_inference_steps is None
     assert c.attn_impl == "sdpa" and c.moe_impl == "eager" and c.tensor_parallel_size == 0
     assert c.env == HunyuanImage3Env()
@@ -246,9 +248,9 @@ def test_all_flags_parsed():
     c = EngineConfig.from_cli_and_env(args, environ={})
     assert c.model == "/models/HunyuanImage-3-Instruct-Distil"
     assert c.dtype == "bfloat16" and c.device == "cuda:1"
-    assert (c.max_num_seqs, c.max_num_batched_tokens, c.block_size) == (8, 4096, 32)
+    assert (c.scheduler.max_num_seqs, c.scheduler.max_num_batched_tokens, c.block_size) == (8, 4096, 32)
     assert c.num_kv_blocks == 100 and c.kv_cache_memory_bytes == 512 * MiB
-    assert c.enable_prefix_caching is False and c.max_waiting_requests == 10
+    assert c.enable_prefix_caching is False and c.scheduler.max_waiting_requests == 10
     assert c.seed == 7 and c.default_num_inference_steps == 8
 
 
@@ -266,7 +268,7 @@ def test_flag_choices_rejected(capsys):
 
 def test_mapping_args_and_none_means_unset():
     c = EngineConfig.from_cli_and_env({"max_num_seqs": None, "block_size": 8, "kv_cache_memory": "1GiB"}, {})
-    assert c.max_num_seqs == 16 and c.block_size == 8 and c.kv_cache_memory_bytes == GiB
+    assert c.scheduler.max_num_seqs == 16 and c.block_size == 8 and c.kv_cache_memory_bytes == GiB
 
 
 def test_invalid_env_surfaces_from_engine_config():
@@ -401,7 +403,7 @@ def test_tensor_parallel_resolution():
 )
 def test_validation_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
-        EngineConfig(**kwargs)
+        EngineConfig.from_cli_and_env(kwargs, environ={})
 
 
 def test_validation_via_flags():
@@ -413,7 +415,9 @@ def test_validation_via_flags():
 
 def test_engine_config_frozen():
     with pytest.raises(AttributeError):
-        EngineConfig().max_num_seqs = 3
+        EngineConfig().block_size = 3
+    with pytest.raises(AttributeError):
+        EngineConfig().scheduler.max_num_seqs = 3
 
 
 # ---------------------------------------------- logging (request defaults: tests/test_request_defaults.py)
@@ -429,7 +433,7 @@ def test_describe_is_json_serialisable():
 def test_cpu_default_kv_cache_is_sized_by_what_the_scheduler_can_use():
     """Without an explicit size, a CPU engine holds at most max_num_seqs requests at the model's length with a CFG
     row each (the tiny model's 8192 tokens: 1024 blocks of 16 per request), not the whole 2 GiB default budget."""
-    c = EngineConfig(device="cpu", max_num_seqs=4)
+    c = EngineConfig(device="cpu", scheduler=SchedulerConfig(max_num_seqs=4))
     assert c.resolve_num_blocks(1024, max_model_len=8192) == 4 * 2 * 512
     assert c.resolve_num_blocks(MiB, max_model_len=10**7) == DEFAULT_CPU_KV_CACHE_BYTES // MiB  # the budget caps it
     assert EngineConfig(device="cpu", num_kv_blocks=7).resolve_num_blocks(1024, max_model_len=8192) == 7

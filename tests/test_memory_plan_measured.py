@@ -207,7 +207,8 @@ def test_graph_pool_matches_the_meta_measurement(real_cfg):
     config = EngineConfig(quantization="fp8")
     plan = plan_for(config, real_cfg, None, "h200")
     model = _two_layer_model(real_cfg, ParallelContext(), "fp8", plan.moe_impl)
-    runner = DecodeGraphRunner(model, model.make_kv_cache(2, BLOCK_SIZE), 1, config.max_num_seqs, use_graphs=False)
+    runner = DecodeGraphRunner(model, model.make_kv_cache(2, BLOCK_SIZE), 1, config.scheduler.max_num_seqs,
+                               use_graphs=False)
     tracker = MetaMemoryTracker()
     with torch.no_grad(), tracker:
         runner.forward(runner.buckets[-1], runner.widths[-1])

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from diffgentor.bench.engine_run import build_random_model
-from diffgentor.engine.config import EngineConfig
+from diffgentor.engine.config import EngineConfig, SchedulerConfig
 from diffgentor.engine.memory_plan import flashinfer_moe_workspace_bytes, largest_step_tokens
 from diffgentor.engine.models.hunyuan_image_3.backbone import MoEBlock
 from diffgentor.engine.parallel import ParallelContext
@@ -90,7 +90,7 @@ def test_one_workspace_sized_by_the_plan_serves_every_call(tmp_path, fake, quant
     then allocates its own, as before)."""
     model = build_random_model(write_tiny_metadata(tmp_path / "tiny"), "cpu", torch.float32, quantization, 0,
                                "sdpa", "flashinfer")
-    config = EngineConfig(device="cpu", dtype="float32", max_num_batched_tokens=256,
+    config = EngineConfig(device="cpu", dtype="float32", scheduler=SchedulerConfig(max_num_batched_tokens=256),
                           quantization=quantization or "none")
     Worker(model, config, 64)
     tokens = largest_step_tokens(config, model.config)[0]

@@ -21,12 +21,12 @@ from PIL import Image
 
 from diffgentor.engine import scheduler as scheduler_module
 from diffgentor.engine.cfg_groups import GroupedKVCacheManager
-from diffgentor.engine.config import EngineConfig
+from diffgentor.engine.config import SchedulerConfig
 from diffgentor.engine.input_processor import load_processor_context
 from diffgentor.engine.kv_cache_manager import KVCacheManager
 from diffgentor.engine.request import FinishReason, GenerationRequest, RequestStatus
 from diffgentor.engine.request_state import build_request_state
-from diffgentor.engine.scheduler import TRANSITIONS, IllegalTransition, Scheduler, SchedulerConfig, chunk_end, move
+from diffgentor.engine.scheduler import TRANSITIONS, IllegalTransition, Scheduler, chunk_end, move
 from diffgentor.engine.scheduler_output import FINAL_IMAGE, RunnerOutput, SchedulerOutput
 from diffgentor.engine.testing.tiny_model import write_tiny_metadata
 from diffgentor.engine.vae_budget import VaeBudget
@@ -101,10 +101,10 @@ class Harness:
         self.ratio_tokens = list(ctx.tokenizer.special.ratio)
         self.kv = KVCacheManager(num_blocks, block_size, prefix_caching) if cfg_groups == 1 else \
             GroupedKVCacheManager(cfg_groups, num_blocks, block_size, prefix_caching)
-        self.sched = Scheduler(SchedulerConfig(max_num_seqs, max_tokens, block_size, encoder_pixels, encoder_bytes,
-                                               image_tokens, vae_budget, async_encode=encode_delay > 0,
-                                               cfg_parallel_size=cfg_groups),
-                               self.kv, ctx.request_logic)
+        config = SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_tokens,
+                                 max_num_image_tokens=image_tokens, max_num_encoder_pixels=encoder_pixels,
+                                 async_encode=encode_delay > 0)
+        self.sched = Scheduler(config, self.kv, ctx.request_logic, encoder_bytes, vae_budget, cfg_groups)
         self.worker_encoded: set = set()  # what a real worker would hold in its encoder cache
         self.worker_requests: set[str] = set()
         self.plans: list[SchedulerOutput] = []
@@ -741,7 +741,7 @@ def test_denoising_blocks_have_their_own_budget(ctx_distil):
     assert widest(plans) == 4
     assert all(sum(c.end - c.start for c in p.chunks if not c.diffusion) <= budget for p in plans)
     with pytest.raises(ValueError, match="max_num_image_tokens"):
-        EngineConfig(max_num_image_tokens=0)
+        SchedulerConfig(max_num_image_tokens=0)
 
 
 def test_banned_ids_are_never_sampled_and_forcing_wins():
@@ -802,8 +802,8 @@ def test_step_time_target_bounds_every_step_by_the_cost_model(ctx_distil):
 
     def run(max_step_s):
         h = Harness(ctx_distil, max_tokens=4096)
-        h.sched.config.step_cost = StepCost(seconds_per_token=per_token)
-        h.sched.config.max_step_s = max_step_s
+        h.sched.step_cost = StepCost(seconds_per_token=per_token)
+        h.sched.max_step_s = max_step_s
         h.add("t2i", image_size="256x256", bot_task="think_recaption", max_new_tokens=60)
         h.step()  # its prefill alone
         h.add("edit", images=[IMG_A], image_size="256x256", bot_task="think_recaption", prompt="x " * 150)

@@ -64,7 +64,7 @@ def test_tp_engine_matches_single_process(ckpt, single, ep):
         assert isinstance(ex, MultiprocExecutor) and ex.expert_parallel is ep
         # the ranks report what they run and their VAE budget (None on CPU), and the one scheduler plans with it
         assert set(ex.kernel_impls) >= {"attention", "moe"}, ex.kernel_impls
-        assert eng.core.scheduler.config.vae_budget is ex.vae_budget is None
+        assert eng.core.scheduler.vae_budget is ex.vae_budget is None
         pids = list(ex.rank_pids)
         got = eng.generate(_requests())
         hwm = list(ex.rank_vm_hwm_kb)

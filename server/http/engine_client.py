@@ -116,7 +116,7 @@ class EngineClient:
         waiting: the core refuses an add while its waiting queue is full, and a burst arrives all waiting before
         the next step moves any to running, so more in flight could be refused by the core after the API admitted
         them (docs/decisions.md)."""
-        return self.config.max_waiting_requests
+        return self.config.scheduler.max_waiting_requests
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
