@@ -124,6 +124,9 @@ class EncodeStage:
         # higher-priority VAE work in flight (the decode stage's finished images): the encode thread pauses at its
         # next module while this says so (called under `cond`, which that stage notifies)
         self.yield_to: Callable[[], bool] | None = None
+        # CPU: a running request's denoising step holds the encode thread at its next module and takes every core
+        # (`hold_for_step`); a queued request's encode waits for it as it waits for a decode
+        self._step_holds = False
         if asynchronous and model.device.type == "cpu":
             parts = (model.vae.encoder, getattr(model, "vision_model", None), getattr(model, "vision_aligner", None))
             for part in parts:
@@ -177,12 +180,25 @@ class EncodeStage:
             self._pending.update(e.key for e in inputs)
         self._jobs.put(list(inputs))
 
+    def hold_for_step(self, on: bool) -> None:
+        """CPU: while `on`, the encode thread pauses at its next module and the step takes every core. The worker
+        holds it for steps that denoise: a running request's image step is compute-bound like an encode, so sharing
+        the cores only stretches it, while the queued request the encode is for cannot start before later steps
+        anyway (docs/decisions.md, "Image steps before queued encodes")."""
+        if self.model.device.type != "cpu" or not self.asynchronous or on == self._step_holds:
+            return
+        with self._cond:
+            self._step_holds = on
+            if not on:
+                self._cond.notify_all()
+
     def fit_step_threads(self, decoding: bool = False) -> None:
         """CPU: the step's intra-op team is what the background thread leaves while an encode or (`decoding`) a
-        decode is in flight (one of them runs at a time: an encode yields to a decode)."""
+        decode is in flight (one of them runs at a time: an encode yields to a decode); an encode the step holds
+        (`hold_for_step`) leaves it every core."""
         if self.model.device.type != "cpu" or not (self.asynchronous or decoding):
             return
-        busy = decoding or (self.asynchronous and self.num_pending)
+        busy = decoding or (self.asynchronous and self.num_pending and not self._step_holds)
         want = max(1, self.total_threads - self.encode_threads) if busy else self.total_threads
         if want != self._step_threads:
             torch.set_num_threads(want)
@@ -201,9 +217,8 @@ class EncodeStage:
         set its team size for the next op."""
         if threading.get_ident() != self._thread_ident:
             return
-        if self.yield_to is not None:
-            with self._cond:
-                self._cond.wait_for(lambda: not self.yield_to())
+        with self._cond:
+            self._cond.wait_for(lambda: not (self._step_holds or (self.yield_to is not None and self.yield_to())))
         if torch.get_num_threads() != self._encode_team:
             torch.set_num_threads(self._encode_team)
 
@@ -236,6 +251,7 @@ class EncodeStage:
 
     def close(self) -> None:
         """Stop the encode thread after its current job (idempotent)."""
+        self.hold_for_step(False)
         if self._thread is not None:
             self._jobs.put(None)
             self._thread.join(timeout=60)

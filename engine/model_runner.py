@@ -160,7 +160,6 @@ class ModelRunner:
             self.encoder_cache.pop(key, None)
         idle = not (plan.chunks or plan.diffusion_steps or plan.vae_decodes)
         self.encodes.submit(plan.encoder_inputs, step_idle=idle)
-        self.encodes.fit_step_threads(decoding=self.decodes.asynchronous and self.decodes.num_pending > 0)
         t_enc = time.perf_counter()
         for new in plan.new_requests:
             try:
@@ -182,11 +181,17 @@ class ModelRunner:
                 step_of[i] = st.step
         chunks = [(i, c) for i, c in enumerate(plan.chunks)
                   if c.request_id not in out.failed and self._runs(c.group)]
-        hidden = self._forward(chunks, step_of, out)
-        self.tokens_run += sum(c.end - c.start for _, c in chunks)
-        t1 = time.perf_counter()
-        self._sample(chunks, hidden, out)
-        previews = self._diffuse(plan, hidden, out)
+        self.encodes.hold_for_step(bool(plan.diffusion_steps))  # never while waiting for an encode (wait_for)
+        self.encodes.fit_step_threads(decoding=self.decodes.asynchronous and self.decodes.num_pending > 0)
+        try:
+            hidden = self._forward(chunks, step_of, out)
+            self.tokens_run += sum(c.end - c.start for _, c in chunks)
+            t1 = time.perf_counter()
+            self._sample(chunks, hidden, out)
+            previews = self._diffuse(plan, hidden, out)
+        finally:
+            self.encodes.hold_for_step(False)
+            self.encodes.fit_step_threads(decoding=self.decodes.asynchronous and self.decodes.num_pending > 0)
         t2 = time.perf_counter()
         self._decode(plan, out, previews)
         t3 = time.perf_counter()

@@ -442,14 +442,29 @@ def test_decodes_in_flight_change_no_image_and_aborts_drop_theirs(tiny_distil, m
     assert len(previews) == 1
 
 
+def _collect_background_work(runner, alive: set[str]):
+    """Wait for the encode / decode threads as a step with nothing else to run does, until an encode is reported."""
+    from diffgentor.engine.decode_stage import wait_for_vae
+    from diffgentor.engine.scheduler_output import RunnerOutput
+
+    out = RunnerOutput()
+    for _ in range(10):
+        if out.encoded:
+            break
+        wait_for_vae(runner.encodes, runner.decodes)
+        runner.encodes.collect(runner.encoder_cache, out)
+        runner.decodes.collect(out, alive)
+    return out
+
+
 def test_an_encode_pauses_while_a_decode_is_in_flight(tiny_distil):
     """CPU: the decode of a finished image has the background cores before a queued request's encode (the encode
     thread waits at its next module while a decode runs), and goes on once the decode has ended."""
     import threading
 
-    from diffgentor.engine.decode_stage import DecodeJob, wait_for_vae
+    from diffgentor.engine.decode_stage import DecodeJob
     from diffgentor.engine.request_state import build_request_state
-    from diffgentor.engine.scheduler_output import FINAL_IMAGE, RunnerOutput
+    from diffgentor.engine.scheduler_output import FINAL_IMAGE
 
     eng = _engine(tiny_distil)
     runner = eng.core.executor.worker.runner
@@ -473,15 +488,44 @@ def test_an_encode_pauses_while_a_decode_is_in_flight(tiny_distil):
     time.sleep(1.0)
     assert calls == ["decode"]  # the encode waits before its first encoder module
     release.set()
-    out = RunnerOutput()
-    for _ in range(10):
-        if out.encoded:
-            break
-        wait_for_vae(runner.encodes, runner.decodes)
-        runner.encodes.collect(runner.encoder_cache, out)
-        runner.decodes.collect(out, {"t"})
+    out = _collect_background_work(runner, alive={"t"})
     assert calls == ["decode", "encode"] and out.decoded == [("t", FINAL_IMAGE)] and "t" in out.images
     assert st.encoder_inputs[0].key in out.encoded
+    eng.close()
+
+
+def test_a_denoising_step_holds_queued_encodes(tiny_distil):
+    """CPU: while a step that denoises runs, a queued request's encode waits at its next encoder module and the step
+    has every core; the hold ends with the step (docs/decisions.md, "Image steps before queued encodes")."""
+    from diffgentor.engine.request_state import build_request_state
+
+    eng = _engine(tiny_distil)
+    runner = eng.core.executor.worker.runner
+    seen = []  # (the step denoises, the encode is held) per forward
+    forward = runner._forward
+
+    def recording_forward(chunks, step_of, out):
+        seen.append((bool(step_of), runner.encodes._step_holds))
+        return forward(chunks, step_of, out)
+
+    runner._forward = recording_forward
+    res = eng.generate([eng.make_request(dict(request_id="t", prompt="a cat", image_size="256x256", seed=1))])
+    assert res[0].error is None and (True, True) in seen and (False, False) in seen
+    assert all(denoises == held for denoises, held in seen) and not runner.encodes._step_holds
+
+    calls = []
+    runner.model.vae.encoder.register_forward_pre_hook(lambda m, a: calls.append("encode"))
+    st = build_request_state(eng.core.ctx, eng.make_request(
+        dict(request_id="e", prompt="x", images=[_img(64, 96, 1)], image_size="256x256")))
+    runner.encodes.hold_for_step(True)
+    runner.encodes.submit(st.encoder_inputs)
+    runner.encodes.fit_step_threads()
+    assert torch.get_num_threads() == runner.encodes.total_threads  # the held encode leaves the step every core
+    time.sleep(1.0)
+    assert calls == []  # the encode waits before its first encoder module
+    runner.encodes.hold_for_step(False)
+    out = _collect_background_work(runner, alive=set())
+    assert calls and st.encoder_inputs[0].key in out.encoded
     eng.close()
 
 
