@@ -206,7 +206,7 @@ class EngineCore:
             prefix_cache_hits=int(kv.stats.hits), num_preemptions=int(sched.num_preemptions),
             diffusion_steps=self.stats.diffusion_steps, encoder_cache_hits=enc.stats.hits,
             encoder_cache_misses=enc.stats.misses, encoder_cache_bytes=enc.num_bytes,
-            num_encoding=sched.num_encoding,
+            num_encoding=sched.num_encoding, num_decoding=sched.num_decoding,
         )
 
     # ------------------------------------------------------------------ the loop body

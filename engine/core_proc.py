@@ -77,6 +77,7 @@ class SchedulerStats(msgspec.Struct, kw_only=True, array_like=True):
     encoder_cache_bytes: int = 0  # bytes the encoder cache holds now
     step_s: list[float] = msgspec.field(default_factory=list)  # durations of every step in this message
     num_encoding: int = 0  # condition images being encoded now (the encode queue)
+    num_decoding: int = 0  # final images and previews being decoded now (the decode queue)
 
 
 class FinishedInfo(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -214,6 +215,7 @@ class EngineCoreProc:
             num_steps=self._num_steps, step_batch_sizes=self._batch_sizes, diffusion_step_s=self._diff_steps,
             encoder_cache_hits=s.encoder_cache_hits, encoder_cache_misses=s.encoder_cache_misses,
             encoder_cache_bytes=s.encoder_cache_bytes, step_s=self._step_s, num_encoding=s.num_encoding,
+            num_decoding=s.num_decoding,
         )
         self._batch_sizes, self._diff_steps, self._step_s, self._num_steps = [], [], [], 0
         return stats

@@ -149,6 +149,7 @@ class CoreSnapshot(msgspec.Struct, kw_only=True, array_like=True):
     encoder_cache_misses: int = 0  # condition images that had to be encoded
     encoder_cache_bytes: int = 0  # bytes the encoder cache holds now
     num_encoding: int = 0  # condition images the worker is encoding (the encode queue)
+    num_decoding: int = 0  # final images and previews the worker is decoding (the decode queue)
 
 
 class RequestResult(msgspec.Struct, kw_only=True):

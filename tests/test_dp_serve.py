@@ -99,7 +99,8 @@ def test_metrics_sum_gauges_and_keep_counters_per_instance():
     m.on_engine_ready(1, 300)
     assert val("diffgentor:kv_cache_free_blocks") == 400 and val("diffgentor:kv_cache_usage_perc") == 0
     m.on_stats(_stats(num_running=2, num_waiting=1, kv_usage=0.5, num_free_blocks=50, prefix_cache_queries=10,
-                      prefix_cache_hits=4, num_steps=3, step_s=[0.02, 0.03, 2.0], num_encoding=2),
+                      prefix_cache_hits=4, num_steps=3, step_s=[0.02, 0.03, 2.0], num_encoding=2,
+                      num_decoding=3),
                engine=0, num_blocks=100)
     m.on_stats(_stats(num_running=1, kv_usage=0.0, num_free_blocks=300, prefix_cache_queries=5, prefix_cache_hits=5,
                       num_preemptions=1, num_steps=2), engine=1, num_blocks=300)
@@ -111,12 +112,12 @@ def test_metrics_sum_gauges_and_keep_counters_per_instance():
     assert val("diffgentor:kv_cache_usage_perc") == pytest.approx(50 / 400)  # used blocks / all blocks
     assert val("diffgentor:prefix_cache_queries_total") == 17 and val("diffgentor:prefix_cache_hits_total") == 10
     assert val("diffgentor:num_preemptions_total") == 1 and val("diffgentor:engine_steps_total") == 6
-    # every step's duration, and the encode queue summed over instances (engine 0's latest says none now)
+    # every step's duration, and the encode and decode queues summed over instances (engine 0's latest says none now)
     assert val("diffgentor:engine_step_latency_seconds_count") == 3
     assert val("diffgentor:engine_step_latency_seconds_bucket", le="0.05") == 2
-    assert val("diffgentor:encode_queue_images") == 0
-    m.on_stats(_stats(num_encoding=1, num_free_blocks=300), engine=1, num_blocks=300)
-    assert val("diffgentor:encode_queue_images") == 1
+    assert val("diffgentor:encode_queue_images") == 0 and val("diffgentor:decode_queue_images") == 0
+    m.on_stats(_stats(num_encoding=1, num_decoding=2, num_free_blocks=300), engine=1, num_blocks=300)
+    assert val("diffgentor:encode_queue_images") == 1 and val("diffgentor:decode_queue_images") == 2
     m.on_routed(1)
     assert (val("diffgentor:engine_requests_total", engine="0"), val("diffgentor:engine_requests_total",
                                                                      engine="1")) == (0, 1)

@@ -419,6 +419,7 @@ def test_decodes_in_flight_change_no_image_and_aborts_drop_theirs(tiny_distil, m
     for _ in range(4):
         eng.process_outputs(core.step())
         assert "first" not in finished and core.scheduler.num_decoding > 0
+        assert core.snapshot().num_decoding == core.scheduler.num_decoding  # the decode queue /metrics shows
     assert core.stats.tokens > tokens  # the others stepped meanwhile
     gate.set()
     events = []

@@ -212,7 +212,7 @@ def test_metrics_parse_and_move(server, client):
     for name in ("diffgentor:num_requests_running", "diffgentor:num_requests_waiting", "diffgentor:kv_cache_usage_perc",
                  "diffgentor:num_preemptions_total", "diffgentor:request_queue_time_seconds_count",
                  "diffgentor:inter_token_latency_seconds_count", "diffgentor:generation_tokens_total",
-                 "diffgentor:kernel_impl"):
+                 "diffgentor:kernel_impl", "diffgentor:encode_queue_images", "diffgentor:decode_queue_images"):
         assert name in after, name
 
 

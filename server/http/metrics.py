@@ -50,6 +50,8 @@ class ServerMetrics:
         self.encoder_misses = c("diffgentor:encoder_cache_misses", "Condition images the encoder stage encoded.")
         self.encoder_bytes = g("diffgentor:encoder_cache_bytes", "Bytes held by the encoder cache.")
         self.encode_queue = g("diffgentor:encode_queue_images", "Condition images being encoded beside the steps.")
+        self.decode_queue = g("diffgentor:decode_queue_images", "Final images and previews being VAE-decoded beside "
+                              "the steps.")
         self.step_time = h("diffgentor:engine_step_latency_seconds", "Duration of every engine step (what a running "
                            "request waits between two of its steps).", TOKEN_STEP_BUCKETS)
         self.engine_steps = c("diffgentor:engine_steps", "Engine-core steps.")
@@ -117,6 +119,7 @@ class ServerMetrics:
         self.kv_free.set(sum(x.num_free_blocks for x, _ in latest))
         self.encoder_bytes.set(sum(x.encoder_cache_bytes for x, _ in latest))
         self.encode_queue.set(sum(x.num_encoding for x, _ in latest))
+        self.decode_queue.set(sum(x.num_decoding for x, _ in latest))
         if len(latest) == 1:
             self.kv_usage.set(s.kv_usage)
         else:
