@@ -329,8 +329,9 @@ class SchedulerConfig:
     the largest step as their sum)."""
     max_waiting_requests: int = 1024
     max_num_encoder_pixels: int = 1024 * 1024
-    """Encoder budget: condition-image pixels (VAE + ViT of one image) being encoded at once (scheduled and not yet
-    reported); at least one image is in flight even when it is larger, so any image gets through."""
+    """Encoder budget: the encodes in flight (scheduled and not yet reported) cost at most what encoding one image of
+    this many pixels costs, each image weighed by its FLOPs (VAE + ViT: the model's `encode_flops`); decodes in
+    flight likewise. At least one image is in flight even when it is larger, so any image gets through."""
     async_encode: bool = True
     """Condition-image encodes run beside the steps (a worker thread on CPU, a side stream on CUDA) and are picked
     up by a later step, instead of inside the step that schedules them (engine/encode_stage.py)."""
@@ -900,7 +901,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "--max-num-encoder-pixels",
         type=int,
         default=None,
-        help="condition-image pixels being encoded at once (default 1048576; at least one image at a time)",
+        help="encodes (and decodes) in flight cost at most one image of this many pixels, each image weighed by its "
+        "FLOPs (default 1048576; at least one image at a time)",
     )
     g.add_argument(
         "--no-async-encode",

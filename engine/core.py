@@ -77,7 +77,7 @@ class EngineCore:
         self.config = config
         self.ctx = ctx
         groups = executor.layout.cfg
-        self.step_cost = StepCost()  # measured seconds per token, for the step-time target (max_step_ms)
+        self.step_cost = StepCost()  # measured seconds per text and block token, for the step-time target
         kv: KVCacheManager | GroupedKVCacheManager = (
             KVCacheManager(executor.num_blocks, config.block_size, config.enable_prefix_caching) if groups == 1 else
             GroupedKVCacheManager(groups, executor.num_blocks, config.block_size, config.enable_prefix_caching))
@@ -244,7 +244,6 @@ class EngineCore:
         s.update_s += update_s
         forward = out.timings.get("forward", 0.0)
         s.forward_s += forward
-        self.step_cost.observe(plan.num_tokens, forward)
         s.post_s += out.timings.get("post", 0.0)
         s.vae_s += out.timings.get("vae", 0.0)
         s.encode_s += out.timings.get("encode", 0.0)
@@ -254,6 +253,8 @@ class EngineCore:
         for c in plan.chunks:
             kind = "diffuse" if c.diffusion else ("decode" if c.end - c.start == 1 and c.sample else "prefill")
             step_tokens[kind] += c.end - c.start
+        # the step-time target's rates: text tokens and denoising-block tokens apart (engine/step_cost.py)
+        self.step_cost.observe(step_tokens["prefill"] + step_tokens["decode"], forward, step_tokens["diffuse"])
         total = sum(step_tokens.values())
         for kind, n in step_tokens.items():
             s.phase_tokens[kind] += n

@@ -102,6 +102,15 @@ class ModelRequestLogic(Protocol):
         """Whether denoising step `step` runs the backbone (False: the model predicts it without one)."""
         ...
 
+    def encode_flops(self, height: int, width: int, vit_patches: int) -> float:
+        """What encoding one condition image costs (its VAE pixels, its vision-tower patch rows; 0: none): the
+        unit the scheduler's encode and decode admission weighs images by."""
+        ...
+
+    def decode_flops(self, height: int, width: int) -> float:
+        """What decoding one generated image of this size costs, in the unit of `encode_flops`."""
+        ...
+
 
 class TokenDecoder(Protocol):
     """Token ids -> text (the output side's detokenizer reads no other part of a tokenizer)."""

@@ -8,8 +8,9 @@ Every phase is a token range of a request's sequence(s), so one policy packs the
 over the running requests, then admissions from the waiting queue):
 
 * encoder stage: a waiting request's condition images are encoded (VAE posterior + SigLIP2) before it may
-  prefill, under a pixel budget of encodes in flight (`max_num_encoder_pixels`, at least one image), images shared
-  by several requests once; it does not hold a seat in the running batch, and requests behind it (text-to-image
+  prefill, under a compute budget of encodes in flight (what encoding one image of `max_num_encoder_pixels` pixels
+  costs, each image weighed by its FLOPs: the model's `encode_flops`; at least one image), images shared by
+  several requests once; it does not hold a seat in the running batch, and requests behind it (text-to-image
   ones, edits whose images are cached) are admitted meanwhile. The worker may finish an encode in a later step
   (engine/encode_stage.py): a key stays in flight until a `RunnerOutput` reports it, and only then may its
   requests prefill, so encodes never stall the decode and diffusion of others;
@@ -19,8 +20,9 @@ over the running requests, then admissions from the waiting queue):
   phase's KV), then every denoising step recomputes `<timestep>`.. last `<img>` of each row in place (CFG rows in
   the same forward); a Taylor-cache step needs no tokens at all;
 * VAE decode: no tokens; requests are decoded together, batched by size. The worker may finish a decode in a later
-  step (engine/decode_stage.py): its VAE bytes stay in flight (`decoding`) until a `RunnerOutput` reports it ended,
-  and the request keeps its seat until its image arrives.
+  step (engine/decode_stage.py): its VAE bytes and FLOPs stay in flight (`decoding`, `decode_flops`: at most what
+  decoding one image of `max_num_encoder_pixels` pixels costs, at least one image) until a `RunnerOutput` reports
+  it ended, and the request keeps its seat until its image arrives.
 
 A bidirectional image block is never split across forwards. When the KV blocks run out the most recently admitted
 running request is preempted (its blocks freed, recomputed later).
@@ -28,6 +30,7 @@ running request is preempted (its blocks freed, recomputed later).
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -133,7 +136,7 @@ class Scheduler:
     def __init__(self, config: SchedulerConfig, kv: KVCacheManager, model: ModelRequestLogic,
                  encoder_cache_bytes: int = 512 * 1024 * 1024, vae_budget: VaeBudget | None = None,
                  cfg_parallel_size: int = 1, step_cost: StepCost | None = None,
-                 max_step_s: float | None = None) -> None:
+                 max_step_s: float | None = None, image_cost: ModelRequestLogic | None = None) -> None:
         """`config`: `EngineConfig.scheduler` (with ``async_encode`` the worker encodes beside the steps, so an
         encode never delays a step and is never held back for other requests' first prefill); `kv` holds the block
         size; `model`: the model's answers about a request (engine/model_interface.py): its image-phase sequence
@@ -141,7 +144,9 @@ class Scheduler:
         (engine/vae_budget.py, from the GPU memory plan), None = unbounded; `cfg_parallel_size` 2: each request's
         rows are placed on CFG groups (engine/cfg_groups.py) and `kv` is a GroupedKVCacheManager; `max_step_s`:
         the step-time target, a step's tokens capped at what `step_cost` (engine/step_cost.py, kept up to date by
-        the core) says fits; None, or no `step_cost`: the target does not bind."""
+        the core) says fits; None, or no `step_cost`: the target does not bind; `image_cost`: what an image encode or
+        decode costs (`encode_flops`, `decode_flops`; default: `model`'s answers), the unit of the VAE work in flight
+        (see `_schedule_encodes`, `_vae_fits`)."""
         self.config = config
         self.kv = kv
         self.model = model
@@ -150,6 +155,9 @@ class Scheduler:
         self.cfg_parallel_size = cfg_parallel_size
         self.step_cost = step_cost
         self.max_step_s = max_step_s
+        self.image_cost = model if image_cost is None else image_cost
+        side = math.isqrt(config.max_num_encoder_pixels)  # the budget: what an image of this many pixels costs
+        self._budget_hw = (side, -(-config.max_num_encoder_pixels // side))  # at least that many pixels
         self.requests: dict[str, RequestState] = {}
         self.waiting: deque[RequestState] = deque()
         self.running: list[RequestState] = []
@@ -159,11 +167,16 @@ class Scheduler:
         self._failed_outputs: list[RequestOutput] = []  # requests failed while scheduling, reported next update
         self._image_left: int | None = config.max_num_image_tokens  # this step's denoising budget left
         self._slack = 0  # see schedule()
+        self._time_left: float | None = None  # this step's seconds left under the target (None: it does not bind)
+        self._reserve_s = 0.0  # of them, what running requests' think tokens not yet planned reserve
+        self._reserve_start = 0.0  # the reserve at the start of the step
         self._vae_decode_bytes = 0  # per-image decode bytes admitted into the step being planned
         self._vae_decodes: set[str] = set()  # the step's admitted final decodes
-        self.encoding: dict[EncoderKey, tuple[int, int]] = {}  # sent, not reported yet -> (pixels, VAE bytes)
+        self.encoding: dict[EncoderKey, tuple[float, int]] = {}  # sent, not reported yet -> (FLOPs, VAE bytes)
         self._encode_deferrals: dict[str, int] = {}  # request id -> steps its encode was held back
         self.decoding: dict[DecodeKey, int] = {}  # decodes sent, not reported ended yet -> VAE bytes
+        self.decode_flops: dict[DecodeKey, float] = {}  # the same decodes -> what each costs
+        self._step_decode_flops = 0.0  # decode FLOPs in flight, this step's admitted decodes included
 
     # ------------------------------------------------------------------ requests in and out
     def add_request(self, st: RequestState) -> None:
@@ -314,8 +327,10 @@ class Scheduler:
 
     def _schedule_encodes(self, needs_encode: list[tuple[RequestState, list[EncoderInput]]],
                           plan: SchedulerOutput) -> None:
-        """Encodes for waiting requests, within the pixel budget and the VAE budget of the encodes in flight (one
-        always fits when none is).
+        """Encodes for waiting requests, within the compute budget and the VAE budget of the encodes in flight (one
+        always fits when none is). The compute budget weighs each image by its cost (`image_cost.encode_flops`: its
+        VAE pixels and its vision-tower rows: a 256x256 image runs the same tower as a 1024x1024 one), up to what one
+        image of `max_num_encoder_pixels` pixels with the same tower rows costs.
 
         Inline encodes (not `async_encode`): a step that admits new requests (their prefill ends in their first
         think token) carries no encode, so an encode never delays another request's first token; a request is
@@ -324,7 +339,7 @@ class Scheduler:
         admitting = bool(plan.new_requests) and not self.config.async_encode
         vae = self.vae_budget
         encoding = self.encoding
-        pixels = sum(p for p, _ in encoding.values())
+        flops = sum(f for f, _ in encoding.values())
         vae_bytes = sum(b for _, b in encoding.values())
         busy = bool(encoding)  # one encode always fits when no VAE work is in flight
         if self.config.async_encode and vae is not None:
@@ -342,16 +357,21 @@ class Scheduler:
             for e in missing:
                 if e.key in encoding:
                     continue
-                if encoding and pixels + e.num_pixels > self.config.max_num_encoder_pixels:
+                cost_flops = self.image_cost.encode_flops(*e.vae.size_hw, e.vit_patches)
+                if encoding and flops + cost_flops > self._encode_budget(e):
                     return
                 cost = vae.image_bytes(*e.vae.pixels.shape[-2:]) if vae is not None else 0
                 if busy and vae is not None and vae_bytes + cost > vae.budget_bytes:
                     return
                 busy = True
-                pixels += e.num_pixels
+                flops += cost_flops
                 vae_bytes += cost
-                encoding[e.key] = (e.num_pixels, cost)
+                encoding[e.key] = (cost_flops, cost)
                 plan.encoder_inputs.append(e)
+
+    def _encode_budget(self, e: EncoderInput) -> float:
+        """What encoding an image of `max_num_encoder_pixels` pixels with `e`'s vision-tower rows costs."""
+        return self.image_cost.encode_flops(*self._budget_hw, e.vit_patches)
 
     # ------------------------------------------------------------------ one step
     def schedule(self) -> SchedulerOutput:
@@ -361,6 +381,7 @@ class Scheduler:
         # tokens the step-time target took off max_num_batched_tokens: an image block it cut may still run whole in
         # them (never split, and never left waiting for a step with nothing else to run)
         self._slack = self.config.max_num_batched_tokens - budget
+        self._start_step_clock()
         self._image_left = self.config.max_num_image_tokens
         self._admit_vae_decodes()
         for st in list(self.running):
@@ -410,6 +431,54 @@ class Scheduler:
         fit = cost.tokens_within(target) if cost is not None and target is not None else None
         return budget if fit is None else min(budget, fit)
 
+    # ------------------------------------------------------------------ step-time target
+    def _start_step_clock(self) -> None:
+        """The step's seconds under the target, and what the running requests' think tokens reserve of them: a
+        denoising block takes only what leaves every running request its next text token."""
+        cost, target = self.step_cost, self.max_step_s
+        self._time_left, self._reserve_s = None, 0.0
+        if cost is None or target is None or cost.seconds_per_token is None:
+            return
+        self._time_left = target
+        self._reserve_s = cost.seconds_per_token * sum(st.phase == "text" for st in self.running)
+        self._reserve_start = self._reserve_s
+
+    def _blocks_timed(self) -> bool:
+        """Denoising blocks are sized by their own measured rate (`StepCost.seconds_per_block_token`), apart from
+        the text tokens' budget."""
+        return self._time_left is not None and self.step_cost.seconds_per_block_token is not None
+
+    def _text_budget(self, st: RequestState, plan: SchedulerOutput, budget: int, admitting: bool) -> int:
+        """`budget`, or fewer text tokens where the step's seconds left bind (at least one in a step with nothing
+        else); with timed blocks also within `max_num_batched_tokens` (the blocks no longer count in `budget`)."""
+        if self._time_left is None:
+            return budget
+        per = self.step_cost.seconds_per_token
+        if not admitting and st.phase == "text":
+            self._reserve_s = max(0.0, self._reserve_s - per)  # its own reserved token is being planned
+        fit = int(self._time_left / per + 1e-9)
+        budget = min(budget, fit if plan.chunks else max(fit, 1))
+        if self._blocks_timed():
+            budget = min(budget, self.config.max_num_batched_tokens - plan.num_tokens)
+        return budget
+
+    def _block_fits(self, need: int, plan: SchedulerOutput) -> bool:
+        """A denoising block of `need` tokens fits the step's seconds left beside the reserved think tokens; one that
+        could never fit beside them runs when no other block is in the step (never left waiting)."""
+        if not need or not self._blocks_timed():
+            return True
+        seconds = need * self.step_cost.seconds_per_block_token
+        if seconds <= self._time_left - self._reserve_s + 1e-12:
+            return True
+        return seconds > self.max_step_s - self._reserve_start and not any(c.diffusion for c in plan.chunks)
+
+    def _charge(self, tokens: int, diffusion: bool) -> None:
+        """Take a planned chunk's estimated seconds off the step's time left."""
+        if self._time_left is None:
+            return
+        block = self.step_cost.seconds_per_block_token
+        self._time_left -= tokens * (block if diffusion and block is not None else self.step_cost.seconds_per_token)
+
     def unschedulable(self) -> list[RequestOutput]:
         """Nothing could run although work is queued: the first waiting request whose images are encoded can never
         fit the KV cache. It is failed (400) so the queue moves on."""
@@ -428,14 +497,29 @@ class Scheduler:
         vae = self.vae_budget
         return 0 if vae is None else vae.grid_bytes(*st.cond.layout.slots("gen")[0].grid)
 
+    def _decode_cost(self, st: RequestState) -> float:
+        return self.image_cost.decode_flops(*st.cond.layout.gen_image_size)
+
     def _vae_fits(self, st: RequestState) -> bool:
-        """Admit one more image into this step's decode (the first always fits: any image gets through)."""
+        """Admit one more image into this step's decode (the first always fits: any image gets through): within the
+        VAE budget (memory) and, with the decodes in flight, within what decoding one image of
+        `max_num_encoder_pixels` pixels costs (`image_cost.decode_flops`), the compute the encodes get too."""
         vae = self.vae_budget
         cost = self._decode_bytes(st)
         if vae is not None and self._vae_decode_bytes and self._vae_decode_bytes + cost > vae.decode_bytes_left():
             return False
+        flops, budget = self._decode_cost(st), self.image_cost.decode_flops(*self._budget_hw)
+        if self._step_decode_flops and self._step_decode_flops + flops > budget:
+            return False
         self._vae_decode_bytes += cost
+        self._step_decode_flops += flops
         return True
+
+    def _send_decode(self, st: RequestState, index: int) -> None:
+        """The worker decodes it beside the steps: its VAE bytes and cost stay in flight until it is reported."""
+        key = (st.request_id, index)
+        self.decoding[key] = self._decode_bytes(st)
+        self.decode_flops[key] = self._decode_cost(st)
 
     def _vae_bytes_in_flight(self) -> int:
         """VAE bytes of the encodes and decodes running beside the steps. An asynchronous encode (a side CUDA
@@ -451,6 +535,7 @@ class Scheduler:
         """Final decodes first, in queue order (running, then waiting), within the step's VAE budget; previews of
         this step's denoising steps take what is left."""
         self._vae_decode_bytes = self._vae_bytes_in_flight()
+        self._step_decode_flops = sum(self.decode_flops.values())
         self._vae_decodes = {st.request_id for st in (*self.running, *self.waiting)
                              if st.status is RequestStatus.VAE_DECODE
                              and (st.request_id, FINAL_IMAGE) not in self.decoding and self._vae_fits(st)}
@@ -460,13 +545,15 @@ class Scheduler:
         if st.status is RequestStatus.VAE_DECODE:
             if st.request_id in self._vae_decodes:  # else it waits for a step with VAE budget left (or its decode)
                 plan.vae_decodes.append(st.request_id)
-                self.decoding[(st.request_id, FINAL_IMAGE)] = self._decode_bytes(st)
+                self._send_decode(st, FINAL_IMAGE)
             return 0
+        budget = self._text_budget(st, plan, budget, admitting)
         if st.phase == "text":
             return self._schedule_text(st, plan, budget, admitting)
         return self._schedule_image(st, plan, budget, admitting)
 
     def _add_chunk(self, st, seq, start, end, plan, sample=None, diffusion=False) -> int:
+        self._charge(end - start, diffusion)
         plan.chunks.append(Chunk(st.request_id, seq.seq_id, seq.token_ids, seq.layout, start, end,
                                  self.kv.block_table(seq.seq_id), sample, diffusion, self._row_group(st, seq)))
         return end - start
@@ -523,8 +610,12 @@ class Scheduler:
         full_step = self.model.runs_backbone(st, st.step)
         need = (slot_end - ts) * len(st.rows) if full_step else 0
         cap = self.config.max_num_image_tokens
+        timed = self._blocks_timed()  # sized by its seconds, apart from the text tokens' budget
+        if not self._block_fits(need, plan):
+            return -1 if admitting else 0
         if cap is None:
-            if need > budget and (plan.chunks or budget < 0):
+            room = self.config.max_num_batched_tokens - plan.num_tokens if timed else budget
+            if need > room and (plan.chunks or room < 0):
                 return -1 if admitting else 0
         elif need > self._image_left and self._image_left < cap:  # its own budget, already partly spent
             return -1 if admitting else 0
@@ -549,13 +640,13 @@ class Scheduler:
         if preview is not None and not self._vae_fits(st):
             preview = None  # a preview never displaces a final image from the step's VAE budget
         if preview is not None:
-            self.decoding[(st.request_id, preview)] = self._decode_bytes(st)
+            self._send_decode(st, preview)
         plan.diffusion_steps.append(DiffusionStep(st.request_id, st.step, idx, preview))
         st.mark("first_scheduled")
         if cap is not None:
             self._image_left -= need
             return 0  # nothing taken from the prefill / text budget
-        return need
+        return 0 if timed else need
 
     def _blocks_needed(self, st: RequestState) -> int:
         """KV blocks the request needs at once in its current phase on one pool (every row up to its end; under
@@ -620,6 +711,7 @@ class Scheduler:
             self.encoding.pop(key, None)
         for key in out.decoded:
             self.decoding.pop(tuple(key), None)
+            self.decode_flops.pop(tuple(key), None)
         if out.encode_failed:
             for st in list(self.waiting):
                 bad = [out.encode_failed[e.key] for e in st.encoder_inputs if e.key in out.encode_failed]

@@ -26,10 +26,11 @@ class EncoderInput:
     vit: VitCondImage | None
 
     @property
-    def num_pixels(self) -> int:
-        """The budget unit: VAE pixels (the encode that dominates; the ViT sees at most as many)."""
-        _, h, w = self.vae.pixels.shape
-        return int(h) * int(w)
+    def vit_patches(self) -> int:
+        """Patch rows the vision tower runs on it, padding rows included (0: no ViT branch): with its VAE pixels,
+        what its encode costs (the scheduler asks the model: `ModelRequestLogic.encode_flops`)."""
+        return 0 if self.vit is None else int(self.vit.pixel_values.shape[0])
+
 
 DecodeKey = tuple[str, int]
 """One VAE decode: (request id, progressive preview index, or FINAL_IMAGE for the request's image)."""

@@ -86,7 +86,7 @@ class Harness:
     def __init__(self, ctx, num_blocks=512, block_size=16, max_num_seqs=8, max_tokens=4096,
                  encoder_pixels=1 << 20, encoder_bytes=1 << 20, prefix_caching=True, ratio_pick: int = 0,
                  ratio_in_text: bool = False, image_tokens: int | None = None, vae_budget: VaeBudget | None = None,
-                 encode_delay: int = 0, cfg_groups: int = 1, decode_delay: int = 0):
+                 encode_delay: int = 0, cfg_groups: int = 1, decode_delay: int = 0, image_cost=None):
         self.ctx = ctx
         # the fake worker reports an encode this many steps after the step that scheduled it (0: the same step, as
         # inline encodes do); a step that only waits for encodes gets the oldest one (engine/encode_stage.py)
@@ -104,7 +104,8 @@ class Harness:
         config = SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_tokens,
                                  max_num_image_tokens=image_tokens, max_num_encoder_pixels=encoder_pixels,
                                  async_encode=encode_delay > 0)
-        self.sched = Scheduler(config, self.kv, ctx.request_logic, encoder_bytes, vae_budget, cfg_groups)
+        self.sched = Scheduler(config, self.kv, ctx.request_logic, encoder_bytes, vae_budget, cfg_groups,
+                               image_cost=image_cost)
         self.worker_encoded: set = set()  # what a real worker would hold in its encoder cache
         self.worker_requests: set[str] = set()
         self.plans: list[SchedulerOutput] = []
@@ -654,6 +655,74 @@ def test_async_encodes_and_decodes_share_the_vae_budget(ctx_distil, decode_delay
     h.assert_no_leaks()
 
 
+class FakeImageCost:
+    """A cost model of a known shape (`Scheduler(image_cost=...)`): an encode costs its VAE pixels plus `per_image`
+    (standing in for the vision tower every condition image runs whatever its size), a decode its pixels."""
+
+    def __init__(self, per_image: float = 0.0) -> None:
+        self.per_image = per_image
+
+    def encode_flops(self, height: int, width: int, vit_patches: int) -> float:
+        return height * width + self.per_image
+
+    def decode_flops(self, height: int, width: int) -> float:
+        return float(height * width)
+
+
+@pytest.mark.parametrize("per_image", [0, 1])
+def test_encodes_in_flight_are_weighed_by_their_cost_not_their_pixels(ctx_distil, per_image):
+    """Eight condition images of one bucket under a budget of four such images' pixels: when an encode costs only
+    its pixels four are in flight at once; when each costs as much again per image, two (a pixel budget would let
+    four through either way); the cost in flight never exceeds the budget's, and every request gets its image."""
+    probe = Harness(ctx_distil)
+    probe.add("p", images=[png(64, 96, 100)], image_size="256x256")
+    (e,) = probe.step()[0].encoder_inputs
+    px = e.vae.size_hw[0] * e.vae.size_hw[1]
+    cost = FakeImageCost(per_image * px)
+    h = Harness(ctx_distil, encoder_pixels=4 * px, encode_delay=3, image_cost=cost)
+    for i in range(8):
+        h.add(f"e{i}", images=[png(64, 96, 100 + i)], image_size="256x256", seed=i)
+    budget = cost.encode_flops(*h.sched._budget_hw, e.vit_patches)
+    most = 0
+    while h.sched.has_requests():
+        h.step()
+        in_flight = [f for f, _ in h.sched.encoding.values()]
+        assert len(in_flight) <= 1 or sum(in_flight) <= budget
+        most = max(most, len(in_flight))
+    assert most == (4 if per_image == 0 else 2)
+    assert set(h.finished().values()) == {FinishReason.IMAGE} and len(h.finished()) == 8
+    h.assert_no_leaks()
+
+
+def test_decodes_in_flight_are_weighed_by_their_cost(ctx_distil):
+    """Four text-to-image requests reach their decode in the same step, decoded beside the steps: a budget of two
+    256x256 decodes' cost keeps at most two in flight (the others wait for a step with room), and each request
+    still ends with its image."""
+    h = Harness(ctx_distil, encoder_pixels=2 * 256 * 256, decode_delay=3, image_cost=FakeImageCost())
+    for i in range(4):
+        h.add(f"t{i}", image_size="256x256", bot_task="image", num_inference_steps=2, seed=i)
+    most = 0
+    while h.sched.has_requests():
+        h.step()
+        assert h.sched.num_decoding <= 2 and sum(h.sched.decode_flops.values()) <= 2 * 256 * 256
+        most = max(most, h.sched.num_decoding)
+    assert most == 2
+    assert set(h.finished().values()) == {FinishReason.IMAGE} and len(h.finished()) == 4
+    h.assert_no_leaks()
+
+
+def test_real_cost_model_weighs_the_vision_tower_per_image(ctx_distil):
+    """The checkpoint's cost model (the model's `encode_flops` / `decode_flops`, from its VAE and ViT shapes): the
+    tower's part is the same for every image size (it runs its padded patch rows), so four 256x256 encodes carry it
+    three times more than one 512x512 encode of the same pixels; the VAE grows faster than its pixels (its mid
+    attention over the latent cells)."""
+    cost = ctx_distil.request_logic
+    tower = cost.encode_flops(256, 256, 64) - cost.encode_flops(256, 256, 0)
+    assert tower > 0 and cost.encode_flops(512, 512, 64) - cost.encode_flops(512, 512, 0) == pytest.approx(tower)
+    assert cost.encode_flops(512, 512, 0) > 4 * cost.encode_flops(256, 256, 0) > 0
+    assert cost.decode_flops(512, 512) > 4 * cost.decode_flops(256, 256) > 0
+
+
 def test_a_request_that_can_never_fit_fails_alone(ctx_distil):
     h = Harness(ctx_distil, num_blocks=6)
     h.add("big", images=[IMG_A, IMG_B, IMG_C], image_size="256x256")
@@ -841,3 +910,54 @@ def test_step_cost_estimate_follows_the_measured_steps():
     assert c.seconds_per_token == pytest.approx(0.0015)
     c.observe(0, 1.0)  # a step without tokens says nothing about their cost
     assert c.seconds_per_token == pytest.approx(0.0015) and c.tokens_within(1e-9) == 1
+
+
+def test_step_cost_fits_text_and_block_rates_apart():
+    """Steps that mix think tokens and denoising blocks in varying proportions: the fit recovers each rate (a
+    block token here costs a twentieth of a text token); denoising steps alone give the block rate and no text
+    rate (the target then does not bind)."""
+    from diffgentor.engine.step_cost import StepCost
+
+    c = StepCost(weight=0.5)
+    c.observe(10, 10 * 0.002)  # text only
+    assert c.seconds_per_token == pytest.approx(0.002) and c.seconds_per_block_token is None
+    for t, b in ((1, 500), (4, 250), (2, 1000), (8, 300)):
+        c.observe(t, t * 0.002 + b * 0.0001, b)
+    assert c.seconds_per_token == pytest.approx(0.002) and c.seconds_per_block_token == pytest.approx(0.0001)
+    blocks = StepCost()
+    blocks.observe(0, 0.05, 500)
+    assert blocks.seconds_per_block_token == pytest.approx(0.0001) and blocks.seconds_per_token is None
+    assert blocks.tokens_within(1.0) is None
+
+
+def test_step_time_target_sizes_denoising_blocks_by_their_own_rate(ctx_distil):
+    """A thinking request beside four text-to-image requests, with a (fake) cost per text token and a ten times
+    smaller one per denoising-block token: every step that carries the thinking request's text is estimated within
+    the target (its think token and two 256x256 blocks fit, a third does not), so the images denoise beside the
+    think tokens; priced at the text rate (no block rate measured) a block never fits beside a think token."""
+    from diffgentor.engine.step_cost import StepCost
+
+    text_s, block_s, target = 0.001, 0.0001, 0.060
+
+    def run(block_rate):
+        h = Harness(ctx_distil)
+        h.sched.step_cost = StepCost(seconds_per_token=text_s, seconds_per_block_token=block_rate)
+        h.sched.max_step_s = target
+        h.add("thinker", image_size="256x256", bot_task="think_recaption", max_new_tokens=80)
+        for i in range(4):
+            h.add(f"t{i}", image_size="256x256", bot_task="image", num_inference_steps=6, seed=i)
+        blocks_beside = []
+        while h.sched.has_requests():
+            plan, _ = h.step()
+            if any(c.request_id == "thinker" and c.sample is not None for c in plan.chunks):
+                seconds = sum((c.end - c.start) * (block_rate if c.diffusion and block_rate else text_s)
+                              for c in plan.chunks)
+                assert seconds <= target + 1e-9, seconds
+                blocks_beside.append(len({c.request_id for c in plan.chunks if c.diffusion}))
+        assert set(h.finished().values()) == {FinishReason.IMAGE} and len(h.finished()) == 5
+        h.assert_no_leaks()
+        return blocks_beside
+
+    timed = run(block_s)
+    assert max(timed) == 2 and sum(timed) >= 8  # the images denoised beside the think tokens
+    assert max(run(None)) == 0

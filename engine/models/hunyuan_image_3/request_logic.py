@@ -1,6 +1,7 @@
 """HunyuanImage-3's answers to the scheduler about a request (engine/model_interface.py, `ModelRequestLogic`): the
-image-phase sequence a request switches to when its text phase ends, and which denoising steps the Taylor cache
-lets skip the backbone. The scheduler calls these without importing this package."""
+image-phase sequence a request switches to when its text phase ends, which denoising steps the Taylor cache
+lets skip the backbone, and what an image encode or decode costs (image_flops.py). The scheduler calls these
+without importing this package."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Any
 from diffgentor.engine.request_contract import RequestError
 
 from .config import HunyuanImage3Config
+from .image_flops import vae_decode_flops, vae_encode_flops, vit_flops
 from .prompt import BuiltPrompt, PromptBuilder, cond_layout
 from .taylor_cache import TaylorCacheConfig, full_step_schedule
 
@@ -34,6 +36,17 @@ class HunyuanImage3RequestLogic:
                                f"model allows {limit}: lower max_new_tokens, shorten the prompt or use fewer "
                                "condition images")
         return layout
+
+    def encode_flops(self, height: int, width: int, vit_patches: int) -> float:
+        """One condition image's encode: the VAE at `height` x `width` pixels and the vision tower over its
+        `vit_patches` patch rows (0: no ViT branch), as image_flops.py counts them."""
+        cfg = self.config
+        vae = vae_encode_flops(cfg.vae, height, width) if cfg.has_vae_cond else 0.0
+        return vae + (vit_flops(cfg.vit, vit_patches) if vit_patches and cfg.has_vision else 0.0)
+
+    def decode_flops(self, height: int, width: int) -> float:
+        """One generated image's VAE decode at `height` x `width` pixels."""
+        return vae_decode_flops(self.config.vae, height, width)
 
     def runs_backbone(self, st: Any, step: int) -> bool:
         """Every step without the Taylor cache; with it, the steps its schedule computes in full."""
