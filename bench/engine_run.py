@@ -122,7 +122,7 @@ class LayerTimer:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from diffgentor.engine.config import EngineConfig, SchedulerConfig
+    from diffgentor.engine.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
     from diffgentor.engine.core import EngineCore
     from diffgentor.engine.executor import UniProcExecutor
     from diffgentor.engine.input_processor import load_processor_context
@@ -149,11 +149,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             torch.cuda.synchronize()
         result["build_s"] = time.perf_counter() - t0
         result["param_bytes"] = sum(p.numel() * p.element_size() for p in model.parameters())
-        config = EngineConfig(model=str(ckpt), device=args.device, dtype=str(dtype).removeprefix("torch."),
-                              num_kv_blocks=args.kv_blocks, scheduler=SchedulerConfig(max_num_seqs=2),
-                              attn_impl=args.attn_impl,
-                              moe_impl=args.moe_impl, quantization=args.quantization or "none",
-                              enforce_eager=True)  # LayerTimer's per-layer hooks cannot time CUDA-graph replays
+        config = EngineConfig(
+            model=ModelConfig(checkpoint=str(ckpt), device=args.device, dtype=str(dtype).removeprefix("torch."),
+                              attn_impl=args.attn_impl, moe_impl=args.moe_impl,
+                              quantization=args.quantization or "none",
+                              enforce_eager=True),  # LayerTimer's per-layer hooks cannot time CUDA-graph replays
+            cache=CacheConfig(num_kv_blocks=args.kv_blocks), scheduler=SchedulerConfig(max_num_seqs=2))
         core = EngineCore(load_processor_context(ckpt, config), config,
                           UniProcExecutor(Worker(model, config, args.kv_blocks)))
         engine = Engine(core)
@@ -194,10 +195,10 @@ def _activation_check(model: Any, config: Any, kv_blocks: int) -> dict[str, int]
 
     par = ParallelContext()
     weights = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
-    kv = kv_blocks * kv_block_bytes(model.config, par, config.block_size)
+    kv = kv_blocks * kv_block_bytes(model.config, par, config.cache.block_size)
     peak = torch.cuda.max_memory_allocated()
     tokens, _ = largest_step_tokens(config, model.config)
-    quant = None if config.quantization == "none" else config.quantization
+    quant = None if config.model.quantization == "none" else config.model.quantization
     estimate, _ = activation_peak_bytes(model.config, par, tokens, config.scheduler.max_num_seqs, 2, quant)
     return {"max_memory_allocated": peak, "measured_activation_peak": peak - weights - kv,
             "planned_activation_peak": estimate}

@@ -490,7 +490,7 @@ def section_e2e_edit(chk: Check, gpu: bool, out: Path) -> dict[str, Any]:
     from PIL import Image
 
     from diffgentor.bench.engine_run import LayerTimer, build_random_model
-    from diffgentor.engine.config import EngineConfig, SchedulerConfig
+    from diffgentor.engine.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
     from diffgentor.engine.core import EngineCore
     from diffgentor.engine.executor import UniProcExecutor
     from diffgentor.engine.input_processor import load_processor_context
@@ -509,19 +509,21 @@ def section_e2e_edit(chk: Check, gpu: bool, out: Path) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = _model_dir(Path(tmp), gpu, layers=layers, distil=True)
         mc = HunyuanImage3Config.from_pretrained(ckpt)
-        base = EngineConfig(model=str(ckpt), device=dev, scheduler=SchedulerConfig(max_num_seqs=2),
-                            enforce_eager=not gpu,
-                            num_kv_blocks=4096 if gpu else 512, flashinfer_warmup_s=60)
+        base = EngineConfig(model=ModelConfig(checkpoint=str(ckpt), device=dev, enforce_eager=not gpu,
+                                              flashinfer_warmup_s=60),
+                            cache=CacheConfig(num_kv_blocks=4096 if gpu else 512),
+                            scheduler=SchedulerConfig(max_num_seqs=2))
         kernels = choose_kernels(base, mc)  # the default path: FlashInfer attention where proven
         res["kernels"] = kernels.labels
-        config = EngineConfig(model=str(ckpt), device=dev, scheduler=SchedulerConfig(max_num_seqs=2),
-                              attn_impl=kernels.attn_impl,
-                              moe_impl=kernels.moe_impl, enforce_eager=True, num_kv_blocks=4096 if gpu else 512)
+        config = EngineConfig(model=ModelConfig(checkpoint=str(ckpt), device=dev, attn_impl=kernels.attn_impl,
+                                                moe_impl=kernels.moe_impl, enforce_eager=True),
+                              cache=CacheConfig(num_kv_blocks=4096 if gpu else 512),
+                              scheduler=SchedulerConfig(max_num_seqs=2))
         t0 = time.perf_counter()
         model = build_random_model(ckpt, dev, dt, None, 0, kernels.attn_impl, kernels.moe_impl)
         res["build_s"] = time.perf_counter() - t0
         core = EngineCore(load_processor_context(ckpt, config), config,
-                          UniProcExecutor(Worker(model, config, config.num_kv_blocks)))
+                          UniProcExecutor(Worker(model, config, config.cache.num_kv_blocks)))
         engine = Engine(core)
         arr = (np.random.RandomState(0).rand(side, side, 3) * 255).astype(np.uint8)
         img = Image.fromarray(arr)
@@ -552,7 +554,7 @@ def section_e2e_edit(chk: Check, gpu: bool, out: Path) -> dict[str, Any]:
             spec = GpuSpec(card_name(), torch.cuda.get_device_properties(0).total_memory,
                            torch.cuda.get_device_capability(0))
             plan = plan_memory(mc, config, ParallelContext(), spec.total_bytes, spec.name, spec.capability)
-            kv = config.num_kv_blocks * plan.kv_block_bytes
+            kv = config.cache.num_kv_blocks * plan.kv_block_bytes
             planned = plan.weight_bytes + kv + plan.transient_bytes + plan.encoder_cache_bytes
             measured = torch.cuda.max_memory_allocated()
             res.update(peak_bytes=measured, planned_bytes=planned, plan_terms=plan.terms())

@@ -446,7 +446,7 @@ def run_once(ckpt: Path, engine_args: dict[str, Any], reqs: list[dict[str, Any]]
         slowest_steps=sorted(steps, key=lambda s: -s["wall_s"])[:5],
         requests=rows,
         errors=[f"{r.request_id}: {r.error}" for r in results if r.error],
-        heap_reuse_bytes=eng.core.config.heap_reuse_bytes, cpu=cpu, layout=layout,
+        heap_reuse_bytes=eng.core.config.cache.heap_reuse_bytes, cpu=cpu, layout=layout,
         image_steps=image_step_time(steps),
     )
 

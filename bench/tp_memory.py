@@ -140,7 +140,7 @@ def _child_engine(ckpt: str, tp: int, ep: bool) -> dict[str, Any]:
     t0 = time.monotonic()
     kw: dict[str, Any] = dict(ENGINE_ARGS)
     if tp > 1:
-        kw.update(tensor_parallel_size=tp, executor_args=dict(expert_parallel=ep))
+        kw.update(tensor_parallel_size=tp, expert_parallel=ep)
     with Engine.from_pretrained(ckpt, environ={}, **kw) as eng:
         t_load = time.monotonic() - t0
         (res,) = eng.generate([REQUEST])

@@ -148,7 +148,7 @@ class IdleRelease:
 
     @classmethod
     def from_config(cls, config: Any) -> IdleRelease:
-        return cls(config.heap_idle_release_s)
+        return cls(config.cache.heap_idle_release_s)
 
     def busy(self) -> None:
         if self._timer is not None:

@@ -8,9 +8,11 @@ mutable configuration.
   parsed with the diffgentor convention: booleans accept ``true/1/yes/on`` and ``false/0/no/off``
   (case-insensitive), surrounding whitespace is trimmed, an unset or empty variable takes the default, and an
   invalid value raises `EnvVarError` naming the variable, the value and the allowed values.
-* `EngineConfig` - scheduler limits, KV-cache sizing, dtype/device, tensor parallelism, kernel choices, plus the
-  env block. ``EngineConfig.from_cli_and_env(args, environ)`` builds it; flags win over env vars where both
-  exist (``--attn-impl`` / ``--moe-impl`` / ``--tensor-parallel-size`` vs the env block).
+* `EngineConfig` - one sub-config per concern, each setting in exactly one: `ModelConfig` (checkpoint, dtype,
+  device, kernels, quantization, request defaults), `CacheConfig` (KV and encoder caches, GPU share, host heap),
+  `SchedulerConfig` (how a step is filled), `ParallelConfig` (rank grid, executor timeouts), plus the env block.
+  ``EngineConfig.from_cli_and_env(args, environ)`` builds it; flags win over env vars where both exist
+  (``--attn-impl`` / ``--moe-impl`` / ``--tensor-parallel-size`` vs the env block).
 * `add_engine_args(parser)` - the engine flags, shared by the CLI and the server.
 
 ``DG_HUNYUAN_IMAGE_3_MOE_DROP_TOKENS`` is accepted and validated for compatibility but has no effect: our MoE is
@@ -26,11 +28,11 @@ import math
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 from typing import Any
 
 from diffgentor.engine.parallel_layout import ParallelLayout
-from diffgentor.engine.request_contract import BOT_TASKS
+from diffgentor.engine.request_contract import BOT_TASKS, MAX_COND_IMAGES
 from diffgentor.kernels.impl_names import ATTN_IMPLS, MOE_IMPLS, QUANTIZATIONS
 
 logger = logging.getLogger(__name__)
@@ -191,6 +193,10 @@ def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
 # ---------------------------------------------------------------------------------------------------- env block
 @dataclass(frozen=True)
 class _EnvSpec:
@@ -335,6 +341,14 @@ class SchedulerConfig:
     async_encode: bool = True
     """Condition-image encodes run beside the steps (a worker thread on CPU, a side stream on CUDA) and are picked
     up by a later step, instead of inside the step that schedules them (engine/encode_stage.py)."""
+    async_decode: bool = True
+    """VAE decodes of finished images and previews run beside the steps (a worker thread on CPU, a side stream on
+    CUDA) and are reported by a later step, instead of inside the step that schedules them (engine/decode_stage.py);
+    on CPU a decode in flight pauses the encode thread (a finished image before a queued request's encode)."""
+    max_step_ms: float | None = None
+    """Step-time target: the scheduler caps each step's tokens at what the measured cost per token says fits
+    (engine/step_cost.py), so a long prefill is chunked and running requests see bounded inter-token and
+    inter-step times; decode tokens go first, an image block still runs whole. None: only max_num_batched_tokens."""
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_waiting_requests", "max_num_encoder_pixels"):
@@ -346,8 +360,12 @@ class SchedulerConfig:
                 f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= max_num_seqs "
                 f"({self.max_num_seqs}): every running sequence needs at least one token per step"
             )
-        if not isinstance(self.async_encode, bool):
-            raise ValueError(f"async_encode must be a bool, got {self.async_encode!r}")
+        for name in ("async_encode", "async_decode"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        ms = self.max_step_ms
+        if ms is not None and (not _is_number(ms) or not 0 < ms < math.inf):
+            raise ValueError(f"max_step_ms must be a positive number of milliseconds, got {ms!r}")
 
 
 def _check_positive(name: str, v: Any) -> None:
@@ -355,54 +373,24 @@ def _check_positive(name: str, v: Any) -> None:
         raise ValueError(f"{name} must be a positive integer, got {v!r}")
 
 
+def _check_seconds(name: str, v: Any) -> None:
+    if not _is_number(v) or not 0 < v < math.inf:
+        raise ValueError(f"{name} must be a positive number of seconds, got {v!r}")
+
+
 SCHEDULER_KEYS = tuple(f.name for f in fields(SchedulerConfig))
 """The `from_cli_and_env` keys (flags) that go to `EngineConfig.scheduler`."""
 
 
-# ---------------------------------------------------------------------------------------------------- engine
+# ---------------------------------------------------------------------------------------------------- parallel
 @dataclass(frozen=True)
-class EngineConfig:
-    """How the engine runs. Build it with `from_cli_and_env`; every field is validated in ``__post_init__``.
+class ParallelConfig:
+    """The rank grid of one model instance and how the executor drives its rank processes (engine/tp/executor.py):
+    `EngineConfig.parallel`. ``tensor_parallel_size`` and ``expert_parallel`` given as ``None`` are taken from the
+    env block (GPUS_PER_MODEL, EXPERT_PARALLEL) by `EngineConfig`."""
 
-    ``attn_impl``, ``moe_impl`` and ``tensor_parallel_size`` given as ``None`` are taken from ``env``.
-    ``dtype`` aliases (bf16, fp16, half, fp32, float) are normalised to the canonical names.
-    """
-
-    model: str | None = None
-    dtype: str = "auto"
-    """float32 | bfloat16 | float16 | auto (auto = bfloat16 on CUDA, float32 on CPU)."""
-    device: str = "auto"
-    """cpu | cuda | cuda:N | auto (auto = cuda when available, else cpu)."""
-    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
-    """How the one scheduler fills a step (its own fields, not copies of these)."""
-    block_size: int = 16
-    num_kv_blocks: int | None = None
-    """Explicit KV block count; wins over every budget."""
-    kv_cache_memory_bytes: int | None = None
-    """Explicit KV budget in bytes; used when num_kv_blocks is not given."""
-    enable_prefix_caching: bool = True
-    max_step_ms: float | None = None
-    """Step-time target: the scheduler caps each step's tokens at what the measured cost per token says fits
-    (engine/step_cost.py), so a long prefill is chunked and running requests see bounded inter-token and
-    inter-step times; decode tokens go first, an image block still runs whole. None: only max_num_batched_tokens."""
-    async_decode: bool = True
-    """VAE decodes of finished images and previews run beside the steps (a worker thread on CPU, a side stream on
-    CUDA) and are reported by a later step, instead of inside the step that schedules them (engine/decode_stage.py);
-    on CPU a decode in flight pauses the encode thread (a finished image before a queued request's encode)."""
-    encoder_cache_bytes: int = 512 * 1024 * 1024
-    """Bound of the encoder cache (posterior parameters and ViT outputs by image digest and bucket), LRU."""
-    seed: int | None = None
-    """The seed of a request that gives none; None: 42 in the offline engine, a random seed per request when served."""
-    default_num_inference_steps: int | None = None
-    """None = the checkpoint's generation_config value."""
-    default_guidance_scale: float | None = None
-    """The guidance scale of a request that gives none (the batch CLI's ``--guidance_scale``); None = the
-    checkpoint's generation_config value."""
-    env: HunyuanImage3Env = field(default_factory=HunyuanImage3Env)
-    attn_impl: str | None = None
-    moe_impl: str | None = None
     tensor_parallel_size: int | None = None
-    """0 = all visible devices (see `resolve_tensor_parallel_size`)."""
+    """0 = all visible devices (see `EngineConfig.resolve_tensor_parallel_size`)."""
     cfg_parallel_size: int = 1
     """CFG groups (1 or 2), each a full tensor-parallel model copy: the conditional and unconditional rows of a
     request with classifier-free guidance run on different groups (engine/parallel_layout.py)."""
@@ -411,49 +399,94 @@ class EngineConfig:
     rank_endpoint: str | None = None
     """HOST:PORT this process binds for tensor-parallel ranks started elsewhere (torchrun, possibly on several
     nodes: `diffgentor tp-worker --connect HOST:PORT`) instead of spawning them; uses PORT .. PORT + size."""
-    quantization: str | None = None
-    """none | fp8 | fp8_block: expert weights quantised at load; None = the env block's QUANTIZATION."""
-    gpu_memory_utilization: float = 0.9
-    """Fraction of each GPU's TOTAL memory the engine may use (weights + activations + workspace + KV cache);
-    `engine.memory_plan` sizes the KV cache from it (vLLM's meaning of the name)."""
-    enforce_eager: bool = False
-    """Never use CUDA graphs (decode-only steps are captured per batch-size bucket and replayed on CUDA otherwise;
-    see `engine.cuda_graph`)."""
+    expert_parallel: bool | None = None
+    """Tensor-parallel MoE sharded by whole experts instead of by expert width; None = the env block's."""
+    ready_timeout_s: float = 600.0
+    """How long the executor waits for every rank to load its shard and report ready."""
+    step_timeout_s: float = 600.0
+    """A step the ranks do not answer within this fails its requests (a hung rank)."""
+    pg_timeout_s: float = 120.0
+    """torch.distributed's own timeout: ends collectives blocked on a dead peer."""
+    poll_s: float = 0.2
+    """How often the executor checks its rank processes while it waits for them."""
+    heartbeat_timeout_s: float = 5.0
+    """External ranks silent for longer than this are taken as dead."""
+    num_threads: int | None = None
+    """Torch threads of each rank process; None: on CPU this process's share (OMP_NUM_THREADS) split over the
+    ranks, on CUDA torch's default."""
+
+    def __post_init__(self) -> None:
+        tp = self.tensor_parallel_size
+        if tp is not None and (not _is_int(tp) or tp < 0):
+            raise ValueError(f"tensor_parallel_size must be an integer >= 0 (0 = all visible devices), got {tp!r}")
+        if self.expert_parallel is not None and not isinstance(self.expert_parallel, bool):
+            raise ValueError(f"expert_parallel must be a bool, got {self.expert_parallel!r}")
+        for name in ("ready_timeout_s", "step_timeout_s", "pg_timeout_s", "poll_s", "heartbeat_timeout_s"):
+            _check_seconds(name, getattr(self, name))
+        if self.num_threads is not None:
+            _check_positive("num_threads", self.num_threads)
+        layout = ParallelLayout(tp=max(tp or 0, 1), cfg=self.cfg_parallel_size, sp=self.sequence_parallel_size)
+        if self.rank_endpoint is not None:
+            host, port = parse_endpoint(self.rank_endpoint)
+            if tp is not None and (tp == 0 or layout.world_size < 2):
+                raise ValueError(f"rank_endpoint={self.rank_endpoint!r} needs an explicit layout of >= 2 ranks "
+                                 "(tensor_parallel_size x cfg_parallel_size x sequence_parallel_size; the ranks run "
+                                 "elsewhere, so the visible devices do not say how many)")
+            if port + layout.world_size > 65535:
+                raise ValueError(f"rank_endpoint port {port} + {layout.world_size} ranks is past 65535")
+
+
+PARALLEL_KEYS = tuple(f.name for f in fields(ParallelConfig))
+"""The `from_cli_and_env` keys (flags) that go to `EngineConfig.parallel`."""
+
+
+# ---------------------------------------------------------------------------------------------------- model
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which checkpoint runs, where, in what precision and with which kernels, and the defaults of requests that
+    leave a setting out: `EngineConfig.model`. ``attn_impl``, ``moe_impl`` and ``quantization`` given as ``None``
+    are the env block's (resolved by `EngineConfig`). ``dtype`` aliases (bf16, fp16, half, fp32, float) are
+    normalised to the canonical names."""
+
+    checkpoint: str | None = None
+    """A checkpoint folder, or a Hugging Face model id until `EngineConfig.with_local_checkpoint` resolves it."""
     revision: str | None = None
-    """A Hugging Face model id's branch, tag or commit (`model` is then resolved by `with_local_checkpoint`)."""
+    """A Hugging Face model id's branch, tag or commit."""
     download_dir: str | None = None
     """The Hugging Face cache folder for model ids (default: huggingface_hub's, e.g. ~/.cache/huggingface/hub)."""
     hf_offline: bool = False
     """Resolve model ids from the cache only (HF_HUB_OFFLINE)."""
+    dtype: str = "auto"
+    """float32 | bfloat16 | float16 | auto (auto = bfloat16 on CUDA, float32 on CPU)."""
+    device: str = "auto"
+    """cpu | cuda | cuda:N | auto (auto = cuda when available, else cpu)."""
+    quantization: str | None = None
+    """none | fp8 | fp8_block: expert weights quantised at load; None = the env block's QUANTIZATION."""
+    attn_impl: str | None = None
+    moe_impl: str | None = None
+    attn_impl_explicit: bool | None = field(default=None, compare=False)
+    """An attention implementation was asked for (argument, flag or DG_HUNYUAN_IMAGE_3_ATTN_IMPL); when not, CUDA
+    tries FlashInfer first (`wants_flashinfer_attention`). None: whether ``attn_impl`` was given."""
+    enforce_eager: bool = False
+    """Never use CUDA graphs (decode-only steps are captured per batch-size bucket and replayed on CUDA otherwise;
+    see `engine.cuda_graph`)."""
     flashinfer_warmup_s: float = 600.0
     """Start-up budget for building and running once every FlashInfer kernel the engine would use (its JIT
     compiles at first use); what is not proven by then runs on the torch path (`engine.kernel_warmup`)."""
-    attn_impl_explicit: bool = field(default=False, init=False, compare=False)
-    """An attention implementation was asked for (argument, flag or DG_HUNYUAN_IMAGE_3_ATTN_IMPL); when not, CUDA
-    tries FlashInfer first (`wants_flashinfer_attention`)."""
-    heap_reuse_bytes: int | None = None
-    """Freed host heap an engine process keeps for the next large CPU tensor instead of unmapping it (0 = glibc's
-    defaults: every large tensor is mapped and faulted in anew); None = the env block's HEAP_REUSE_MEMORY. See
-    `engine.allocator`."""
-    heap_idle_release_s: float = 1.0
-    """Seconds an engine stays idle before it hands its freed host heap back to the OS."""
+    seed: int | None = None
+    """The seed of a request that gives none; None: 42 in the offline engine, a random seed per request when served."""
+    default_num_inference_steps: int | None = None
+    """None = the checkpoint's generation_config value."""
+    default_guidance_scale: float | None = None
+    """The guidance scale of a request that gives none (the batch CLI's ``--guidance_scale``); None = the
+    checkpoint's generation_config value."""
 
     def __post_init__(self) -> None:
         set_ = lambda k, v: object.__setattr__(self, k, v)  # frozen dataclass: normalise in place
-        if not isinstance(self.env, HunyuanImage3Env):
-            raise TypeError(f"env must be a HunyuanImage3Env, got {type(self.env).__name__}")
-        set_("attn_impl_explicit", self.attn_impl is not None or "attn_impl" in self.env.explicit)
-        if self.attn_impl is None:
-            set_("attn_impl", self.env.attn_impl)
-        if self.moe_impl is None:
-            set_("moe_impl", self.env.moe_impl)
-        if self.quantization is None:
-            set_("quantization", self.env.quantization)
-        if self.tensor_parallel_size is None:
-            set_("tensor_parallel_size", self.env.gpus_per_model)
-        if self.heap_reuse_bytes is None:
-            set_("heap_reuse_bytes", self.env.heap_reuse_memory)
-
+        if self.attn_impl_explicit is None:
+            set_("attn_impl_explicit", self.attn_impl is not None)
+        if self.checkpoint is not None and not isinstance(self.checkpoint, str):
+            set_("checkpoint", os.fspath(self.checkpoint))
         dtype = self.dtype.strip().lower() if isinstance(self.dtype, str) else self.dtype
         dtype = _DTYPE_ALIASES.get(dtype, dtype)
         if dtype not in DTYPES:
@@ -463,173 +496,28 @@ class EngineConfig:
         if not isinstance(device, str) or not _DEVICE_RE.match(device):
             raise ValueError(f"device={self.device!r} is invalid; allowed: cpu, cuda, cuda:N, auto")
         set_("device", device)
-        if self.model is not None and not isinstance(self.model, str):
-            set_("model", os.fspath(self.model))
-
-        if not isinstance(self.scheduler, SchedulerConfig):
-            raise TypeError(f"scheduler must be a SchedulerConfig, got {type(self.scheduler).__name__}")
-        for name in ("block_size", "encoder_cache_bytes"):
-            _check_positive(name, getattr(self, name))
-        for name in ("num_kv_blocks", "kv_cache_memory_bytes", "default_num_inference_steps"):
-            if getattr(self, name) is not None:
-                _check_positive(name, getattr(self, name))
-        if self.block_size & (self.block_size - 1):
-            raise ValueError(f"block_size must be a power of two, got {self.block_size}")
-        tokens = self.scheduler.max_num_batched_tokens
-        if tokens < self.block_size:
-            raise ValueError(f"max_num_batched_tokens ({tokens}) must be >= block_size ({self.block_size})")
-        if self.seed is not None and (not _is_int(self.seed) or self.seed < 0):
-            raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
-        g = self.default_guidance_scale
-        if g is not None and (isinstance(g, bool) or not isinstance(g, (int, float)) or not 0 <= g < math.inf):
-            raise ValueError(f"default_guidance_scale must be a finite number >= 0, got {g!r}")
-        if not isinstance(self.enable_prefix_caching, bool):
-            raise ValueError(f"enable_prefix_caching must be a bool, got {self.enable_prefix_caching!r}")
-        if self.max_step_ms is not None and not (isinstance(self.max_step_ms, (int, float))
-                                                 and not isinstance(self.max_step_ms, bool) and self.max_step_ms > 0):
-            raise ValueError(f"max_step_ms must be a positive number of milliseconds, got {self.max_step_ms!r}")
-        if not isinstance(self.async_decode, bool):
-            raise ValueError(f"async_decode must be a bool, got {self.async_decode!r}")
+        if self.attn_impl is not None and self.attn_impl not in ATTN_IMPLS:
+            raise ValueError(f"attn_impl={self.attn_impl!r} is invalid; allowed: {', '.join(ATTN_IMPLS)}")
+        if self.moe_impl is not None and self.moe_impl not in MOE_IMPLS:
+            raise ValueError(f"moe_impl={self.moe_impl!r} is invalid; allowed: {', '.join(MOE_IMPLS)}")
+        if self.quantization is not None:
+            quant = self.quantization.strip().lower().replace("-", "_") if isinstance(self.quantization, str) else None
+            if quant not in QUANTIZATIONS:
+                raise ValueError(f"quantization={self.quantization!r} is invalid; allowed: {', '.join(QUANTIZATIONS)}")
+            set_("quantization", quant)
         if not isinstance(self.enforce_eager, bool):
             raise ValueError(f"enforce_eager must be a bool, got {self.enforce_eager!r}")
-        if self.attn_impl not in ATTN_IMPLS:
-            raise ValueError(f"attn_impl={self.attn_impl!r} is invalid; allowed: {', '.join(ATTN_IMPLS)}")
-        if self.moe_impl not in MOE_IMPLS:
-            raise ValueError(f"moe_impl={self.moe_impl!r} is invalid; allowed: {', '.join(MOE_IMPLS)}")
-        quant = self.quantization.strip().lower().replace("-", "_") if isinstance(self.quantization, str) else None
-        if quant not in QUANTIZATIONS:
-            raise ValueError(f"quantization={self.quantization!r} is invalid; allowed: {', '.join(QUANTIZATIONS)}")
-        set_("quantization", quant)
         budget = self.flashinfer_warmup_s
-        if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not budget >= 0:
+        if not _is_number(budget) or not budget >= 0:
             raise ValueError(f"flashinfer_warmup_s must be a number of seconds >= 0, got {budget!r}")
-        if not _is_int(self.heap_reuse_bytes) or self.heap_reuse_bytes < 0:
-            raise ValueError(f"heap_reuse_bytes must be a byte count >= 0 (0 = off), got {self.heap_reuse_bytes!r}")
-        idle = self.heap_idle_release_s
-        if isinstance(idle, bool) or not isinstance(idle, (int, float)) or not (0.0 <= idle < math.inf):
-            raise ValueError(f"heap_idle_release_s must be a number of seconds >= 0, got {idle!r}")
-        util = self.gpu_memory_utilization
-        if isinstance(util, bool) or not isinstance(util, (int, float)) or not (0.0 < util <= 1.0):
-            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {util!r}")
-        tp = self.tensor_parallel_size
-        if not _is_int(tp) or tp < 0:
-            raise ValueError(f"tensor_parallel_size must be an integer >= 0 (0 = all visible devices), got {tp!r}")
-        layout = ParallelLayout(tp=max(tp, 1), cfg=self.cfg_parallel_size, sp=self.sequence_parallel_size)
-        if self.rank_endpoint is not None:
-            host, port = parse_endpoint(self.rank_endpoint)
-            if tp == 0 or layout.world_size < 2:
-                raise ValueError(f"rank_endpoint={self.rank_endpoint!r} needs an explicit layout of >= 2 ranks "
-                                 "(tensor_parallel_size x cfg_parallel_size x sequence_parallel_size; the ranks run "
-                                 "elsewhere, so the visible devices do not say how many)")
-            if port + layout.world_size > 65535:
-                raise ValueError(f"rank_endpoint port {port} + {layout.world_size} ranks is past 65535")
+        if self.seed is not None and (not _is_int(self.seed) or self.seed < 0):
+            raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
+        if self.default_num_inference_steps is not None:
+            _check_positive("default_num_inference_steps", self.default_num_inference_steps)
+        g = self.default_guidance_scale
+        if g is not None and (not _is_number(g) or not 0 <= g < math.inf):
+            raise ValueError(f"default_guidance_scale must be a finite number >= 0, got {g!r}")
 
-    # ------------------------------------------------------------------ construction
-    @classmethod
-    def from_cli_and_env(
-        cls, args: argparse.Namespace | Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None
-    ) -> EngineConfig:
-        """Build the config from parsed flags (`add_engine_args`) and ``DG_HUNYUAN_IMAGE_3_*`` variables.
-
-        ``args`` may be an ``argparse.Namespace`` or a mapping; unknown keys are ignored and ``None`` means "not
-        given". Flags win over env vars: ``attn_impl``, ``moe_impl`` and ``tensor_parallel_size`` override the
-        env block's ATTN_IMPL, MOE_IMPL and GPUS_PER_MODEL (the env block itself keeps what the environment said),
-        and keys named like an env field (``bot_task``, ``max_new_tokens``, ...) override that field. The
-        `SchedulerConfig` keys (``max_num_seqs``, ``max_num_batched_tokens``, ``max_num_image_tokens``,
-        ``max_waiting_requests``, ``max_num_encoder_pixels``, ``async_encode``) go to ``scheduler``.
-        Recognised keys: ``model`` / ``model_name``, ``dtype`` / ``torch_dtype``, ``device``, ``max_num_seqs``,
-        ``max_num_batched_tokens``, ``block_size``, ``num_kv_blocks``, ``kv_cache_memory`` /
-        ``kv_cache_memory_bytes`` (int bytes or a size string),
-        ``enable_prefix_caching``, ``max_waiting_requests``, ``seed``, ``default_num_inference_steps`` /
-        ``num_inference_steps``, ``default_guidance_scale`` / ``guidance_scale``,
-        ``tensor_parallel_size``, ``cfg_parallel_size``, ``sequence_parallel_size``,
-        ``attn_impl``, ``moe_impl``, ``quantization``,
-        ``gpu_memory_utilization``, ``enforce_eager``, ``heap_reuse_memory`` / ``heap_reuse_bytes`` (int bytes
-        or a size string), ``heap_idle_release_s``.
-        """
-        if args is None:
-            a: dict[str, Any] = {}
-        elif isinstance(args, argparse.Namespace):
-            a = dict(vars(args))
-        else:
-            a = dict(args)
-        given = {k: v for k, v in a.items() if v is not None}
-
-        env = HunyuanImage3Env.from_environ(environ)
-        env_overrides = {}
-        for name, spec in _ENV_SPECS.items():
-            if name in ("gpus_per_model", "attn_impl", "moe_impl", "quantization", "heap_reuse_memory") \
-                    or name not in given:
-                continue  # these are overridden through EngineConfig's own fields
-            value = given[name]
-            if isinstance(value, str):
-                try:
-                    value = spec.parse(value)
-                except ValueError:
-                    raise ValueError(f"{name}={value!r} is invalid; allowed: {spec.allowed()}") from None
-            env_overrides[name] = value
-        if env_overrides:
-            env = HunyuanImage3Env(**{**asdict(env), **env_overrides, "explicit": env.explicit | set(env_overrides)})
-
-        def first(*keys: str) -> Any:
-            for k in keys:
-                if k in given:
-                    return given[k]
-            return None
-
-        kw: dict[str, Any] = {"env": env, "hf_offline": hf_offline(environ)}
-        model = first("model", "model_name")
-        if model is not None:
-            kw["model"] = os.fspath(model)
-        simple = {
-            "dtype": ("dtype", "torch_dtype"),
-            "device": ("device",),
-            "block_size": ("block_size",),
-            "num_kv_blocks": ("num_kv_blocks",),
-            "enable_prefix_caching": ("enable_prefix_caching",),
-            "async_decode": ("async_decode",),
-            "max_step_ms": ("max_step_ms",),
-            "seed": ("seed",),
-            "default_num_inference_steps": ("default_num_inference_steps", "num_inference_steps"),
-            "default_guidance_scale": ("default_guidance_scale", "guidance_scale"),
-            "tensor_parallel_size": ("tensor_parallel_size",),
-            "cfg_parallel_size": ("cfg_parallel_size",),
-            "sequence_parallel_size": ("sequence_parallel_size",),
-            "rank_endpoint": ("rank_endpoint",),
-            "attn_impl": ("attn_impl",),
-            "moe_impl": ("moe_impl",),
-            "quantization": ("quantization",),
-            "gpu_memory_utilization": ("gpu_memory_utilization",),
-            "enforce_eager": ("enforce_eager",),
-            "revision": ("revision",),
-            "download_dir": ("download_dir",),
-            "flashinfer_warmup_s": ("flashinfer_warmup_s", "flashinfer_warmup_timeout"),
-            "heap_idle_release_s": ("heap_idle_release_s",),
-        }
-        for fname, keys in simple.items():
-            v = first(*keys)
-            if v is not None:
-                kw[fname] = v
-        kw["scheduler"] = SchedulerConfig(**{k: given[k] for k in SCHEDULER_KEYS if k in given})
-        mem = first("kv_cache_memory", "kv_cache_memory_bytes")
-        if mem is not None:
-            kw["kv_cache_memory_bytes"] = parse_size(mem)
-        heap = first("heap_reuse_memory", "heap_reuse_bytes")
-        if heap is not None:
-            kw["heap_reuse_bytes"] = parse_size(heap)
-        enc = first("encoder_cache_memory", "encoder_cache_bytes")
-        if enc is not None:
-            kw["encoder_cache_bytes"] = parse_size(enc)
-        for k in ("attn_impl", "moe_impl"):
-            if isinstance(kw.get(k), str):
-                choices = ATTN_IMPLS if k == "attn_impl" else MOE_IMPLS
-                try:
-                    kw[k] = _parse_choice(kw[k], choices)
-                except ValueError:
-                    raise ValueError(f"{k}={kw[k]!r} is invalid; allowed: {', '.join(choices)}") from None
-        return cls(**kw)
-
-    # ------------------------------------------------------------------ resolution helpers
     def resolve_device(self, cuda_available: bool | None = None) -> str:
         """``auto`` -> ``cuda`` when CUDA is available, else ``cpu``; other values unchanged."""
         if self.device != "auto":
@@ -657,6 +545,289 @@ class EngineConfig:
 
         return getattr(torch, self.resolve_dtype(cuda_available))
 
+
+MODEL_KEYS = tuple(f.name for f in fields(ModelConfig) if f.name not in ("checkpoint", "attn_impl_explicit"))
+"""The `from_cli_and_env` keys (flags) that go to `EngineConfig.model` (``model`` / ``model_name`` is its
+``checkpoint``)."""
+
+
+# ---------------------------------------------------------------------------------------------------- cache
+@dataclass(frozen=True)
+class CacheConfig:
+    """What the engine keeps in memory and how much: the paged KV cache (engine/kv_cache_manager.py), the encoder
+    cache of condition images, the GPU share (engine/memory_plan.py) and the host heap an engine process reuses
+    (engine/allocator.py): `EngineConfig.cache`. ``heap_reuse_bytes`` given as ``None`` is the env block's."""
+
+    block_size: int = 16
+    """Tokens per KV block, a power of two."""
+    num_kv_blocks: int | None = None
+    """Explicit KV block count; wins over every budget."""
+    kv_cache_memory_bytes: int | None = None
+    """Explicit KV budget in bytes; used when num_kv_blocks is not given."""
+    gpu_memory_utilization: float = 0.9
+    """Fraction of each GPU's TOTAL memory the engine may use (weights + activations + workspace + KV cache);
+    `engine.memory_plan` sizes the KV cache from it (vLLM's meaning of the name)."""
+    enable_prefix_caching: bool = True
+    encoder_cache_bytes: int = 512 * 1024 * 1024
+    """Bound of the encoder cache (posterior parameters and ViT outputs by image digest and bucket), LRU."""
+    heap_reuse_bytes: int | None = None
+    """Freed host heap an engine process keeps for the next large CPU tensor instead of unmapping it (0 = glibc's
+    defaults: every large tensor is mapped and faulted in anew); None = the env block's HEAP_REUSE_MEMORY. See
+    `engine.allocator`."""
+    heap_idle_release_s: float = 1.0
+    """Seconds an engine stays idle before it hands its freed host heap back to the OS."""
+
+    def __post_init__(self) -> None:
+        for name in ("block_size", "encoder_cache_bytes"):
+            _check_positive(name, getattr(self, name))
+        for name in ("num_kv_blocks", "kv_cache_memory_bytes"):
+            if getattr(self, name) is not None:
+                _check_positive(name, getattr(self, name))
+        if self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a power of two, got {self.block_size}")
+        if not isinstance(self.enable_prefix_caching, bool):
+            raise ValueError(f"enable_prefix_caching must be a bool, got {self.enable_prefix_caching!r}")
+        heap = self.heap_reuse_bytes
+        if heap is not None and (not _is_int(heap) or heap < 0):
+            raise ValueError(f"heap_reuse_bytes must be a byte count >= 0 (0 = off), got {heap!r}")
+        idle = self.heap_idle_release_s
+        if not _is_number(idle) or not (0.0 <= idle < math.inf):
+            raise ValueError(f"heap_idle_release_s must be a number of seconds >= 0, got {idle!r}")
+        util = self.gpu_memory_utilization
+        if not _is_number(util) or not (0.0 < util <= 1.0):
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {util!r}")
+
+    def max_blocks_per_seq(self, max_tokens: int) -> int:
+        return math.ceil(max_tokens / self.block_size)
+
+
+CACHE_KEYS = tuple(f.name for f in fields(CacheConfig))
+"""The `from_cli_and_env` keys (flags) that go to `EngineConfig.cache`."""
+
+
+# ---------------------------------------------------------------------------------------------------- server
+MiB = 1 << 20
+DEFAULT_MAX_IMAGE_BYTES = 20 * MiB
+"""The largest image file taken by default, by either front end: one upload or fetched URL of the API server
+(`serve --max-upload-bytes`), one local or embedded image file of a batch row."""
+DEFAULT_MAX_UPLOAD_BYTES = DEFAULT_MAX_IMAGE_BYTES
+DEFAULT_MAX_IMAGE_PIXELS = 4096 * 4096
+DEFAULT_MAX_PROMPT_CHARS = 32000
+DEFAULT_MAX_REQUEST_BYTES = 64 * MiB
+DEFAULT_FETCH_DEADLINE_S = 20.0
+"""One image URL's whole download (server/url_fetch.py)."""
+DEFAULT_INFLIGHT_BYTES = 512 * MiB
+DEFAULT_BODY_IDLE_TIMEOUT_S = 30.0
+DEFAULT_BODY_DEADLINE_S = 300.0
+DEFAULT_HEAD_TIMEOUT_S = 10.0
+DEFAULT_MAX_REQUEST_COST_BYTES = 2048 * MiB
+DEFAULT_MAX_QUEUED_COST_BYTES = 8192 * MiB
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """What one client can make the API server hold or do (server/http/): `EngineConfig.server`, built from the
+    ``serve`` flags by `from_cli_and_env` like every other setting."""
+
+    max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES
+    """One image file (upload or fetched URL)."""
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
+    """One whole request body."""
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    """Decompression bombs are refused from the image header, before decoding."""
+    max_output_side: int = 4096
+    max_prompt_chars: int = DEFAULT_MAX_PROMPT_CHARS
+    max_images: int = MAX_COND_IMAGES
+    min_image_side: int = 4
+    """SigLIP2 preprocessing (transformers) takes a 1-pixel-high image for channels-first and fails on it."""
+    max_n: int = 10
+    allow_url_fetch: bool = False
+    """Image URLs are fetched only when allowed, under server/url_fetch.py's policy."""
+    allowed_url_hosts: tuple[str, ...] = ()
+    fetch_deadline_s: float = DEFAULT_FETCH_DEADLINE_S
+    """One image, the whole download."""
+    request_fetch_deadline_s: float = 2 * DEFAULT_FETCH_DEADLINE_S
+    """Every image of one request."""
+    max_inflight_bytes: int = DEFAULT_INFLIGHT_BYTES
+    """Uploads and downloads held by all requests in flight (server/http/limits.py)."""
+    body_idle_timeout_s: float = DEFAULT_BODY_IDLE_TIMEOUT_S
+    body_deadline_s: float = DEFAULT_BODY_DEADLINE_S
+    head_timeout_s: float = DEFAULT_HEAD_TIMEOUT_S
+    max_request_cost_bytes: int = DEFAULT_MAX_REQUEST_COST_BYTES
+    """The memory one request may cost (server/http/request_cost.py)."""
+    max_queued_cost_bytes: int = DEFAULT_MAX_QUEUED_COST_BYTES
+    """The memory cost of all admitted requests."""
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if f.name == "allow_url_fetch":
+                if not isinstance(v, bool):
+                    raise ValueError(f"allow_url_fetch must be a bool, got {v!r}")
+            elif f.name == "allowed_url_hosts":
+                object.__setattr__(self, f.name, tuple(v))
+            elif f.name.endswith("_s"):
+                _check_seconds(f.name, v)
+            else:
+                _check_positive(f.name, v)
+
+
+SERVER_KEYS = tuple(f.name for f in fields(ServerConfig))
+"""The `from_cli_and_env` keys that go to `EngineConfig.server` (the ``serve`` flags spell some differently:
+`SERVE_FLAG_KEYS`)."""
+SERVE_FLAG_KEYS = {"allowed_url_fetch": "allow_url_fetch", "header_timeout_s": "head_timeout_s",
+                   "body_timeout_s": "body_idle_timeout_s"}
+"""``serve`` flag -> `ServerConfig` field, where the names differ (``--url-fetch-timeout-s`` and the ``*_mib`` cost
+flags are converted in `from_cli_and_env`)."""
+
+
+# ---------------------------------------------------------------------------------------------------- engine
+@dataclass(frozen=True)
+class EngineConfig:
+    """How the engine runs: one frozen object of sub-configs, each setting in exactly one of them (the model, its
+    memory, the scheduler, the rank grid, the HTTP server's limits) plus the ``DG_HUNYUAN_IMAGE_3_*`` env block.
+    Build it with `from_cli_and_env`; every sub-config validates itself, and ``__post_init__`` resolves what a
+    sub-config leaves to the env block (attention, MoE and quantization, tensor-parallel size, expert parallelism,
+    heap reuse) and checks what involves two of them.
+    """
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The checkpoint, its device, dtype and kernels, and request defaults."""
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    """KV cache, encoder cache, GPU memory share and host heap reuse."""
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    """How the one scheduler fills a step."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """The rank grid and the executor's settings."""
+    server: ServerConfig = field(default_factory=ServerConfig)
+    """The API server's limits on what a client can make it hold or do."""
+    env: HunyuanImage3Env = field(default_factory=HunyuanImage3Env)
+
+    def __post_init__(self) -> None:
+        set_ = lambda k, v: object.__setattr__(self, k, v)  # frozen dataclass: resolve in place
+        for name, kind in (("model", ModelConfig), ("cache", CacheConfig), ("scheduler", SchedulerConfig),
+                           ("parallel", ParallelConfig), ("server", ServerConfig), ("env", HunyuanImage3Env)):
+            if not isinstance(getattr(self, name), kind):
+                raise TypeError(f"{name} must be a {kind.__name__}, got {type(getattr(self, name)).__name__}")
+        env, m = self.env, self.model
+        fill: dict[str, Any] = {}
+        if m.attn_impl is None:
+            fill.update(attn_impl=env.attn_impl, attn_impl_explicit="attn_impl" in env.explicit)
+        if m.moe_impl is None:
+            fill["moe_impl"] = env.moe_impl
+        if m.quantization is None:
+            fill["quantization"] = env.quantization
+        if fill:
+            set_("model", replace(m, **fill))
+        par = {}
+        if self.parallel.tensor_parallel_size is None:
+            par["tensor_parallel_size"] = env.gpus_per_model
+        if self.parallel.expert_parallel is None:
+            par["expert_parallel"] = env.expert_parallel
+        if par:
+            set_("parallel", replace(self.parallel, **par))
+        if self.cache.heap_reuse_bytes is None:
+            set_("cache", replace(self.cache, heap_reuse_bytes=env.heap_reuse_memory))
+        tokens, block = self.scheduler.max_num_batched_tokens, self.cache.block_size
+        if tokens < block:
+            raise ValueError(f"max_num_batched_tokens ({tokens}) must be >= block_size ({block})")
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_cli_and_env(
+        cls, args: argparse.Namespace | Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None
+    ) -> EngineConfig:
+        """Build the config from parsed flags (`add_engine_args`) and ``DG_HUNYUAN_IMAGE_3_*`` variables.
+
+        ``args`` may be an ``argparse.Namespace`` or a mapping; unknown keys are ignored and ``None`` means "not
+        given". Flags win over env vars: ``attn_impl``, ``moe_impl`` and ``tensor_parallel_size`` override the
+        env block's ATTN_IMPL, MOE_IMPL and GPUS_PER_MODEL (the env block itself keeps what the environment said),
+        and keys named like an env field (``bot_task``, ``max_new_tokens``, ...) override that field. The
+        `SchedulerConfig` keys (``max_num_seqs``, ``max_num_batched_tokens``, ``max_num_image_tokens``,
+        ``max_waiting_requests``, ``max_num_encoder_pixels``, ``async_encode``) go to ``scheduler``; the
+        `ParallelConfig` keys (``tensor_parallel_size``, ``cfg_parallel_size``, ``sequence_parallel_size``,
+        ``rank_endpoint``, ``expert_parallel`` and the executor's timeouts) go to ``parallel``; the `CacheConfig`
+        keys to ``cache`` and the `ModelConfig` keys to ``model`` (``model`` / ``model_name`` is its checkpoint).
+        Other spellings: ``torch_dtype`` (dtype), ``num_inference_steps`` / ``guidance_scale`` (the defaults),
+        ``flashinfer_warmup_timeout``, and sizes as bytes or strings: ``kv_cache_memory``, ``heap_reuse_memory``,
+        ``encoder_cache_memory``. The `ServerConfig` keys go to ``server``, with the ``serve`` flags' spellings
+        (`SERVE_FLAG_KEYS`, ``url_fetch_timeout_s``, ``max_request_cost_mib``, ``max_queued_cost_mib``).
+        """
+        if args is None:
+            a: dict[str, Any] = {}
+        elif isinstance(args, argparse.Namespace):
+            a = dict(vars(args))
+        else:
+            a = dict(args)
+        given = {k: v for k, v in a.items() if v is not None}
+
+        env = HunyuanImage3Env.from_environ(environ)
+        env_overrides = {}
+        for name, spec in _ENV_SPECS.items():
+            if name in ("gpus_per_model", "attn_impl", "moe_impl", "quantization", "heap_reuse_memory",
+                        "expert_parallel") or name not in given:
+                continue  # these are overridden through EngineConfig's own fields
+            value = given[name]
+            if isinstance(value, str):
+                try:
+                    value = spec.parse(value)
+                except ValueError:
+                    raise ValueError(f"{name}={value!r} is invalid; allowed: {spec.allowed()}") from None
+            env_overrides[name] = value
+        if env_overrides:
+            env = HunyuanImage3Env(**{**asdict(env), **env_overrides, "explicit": env.explicit | set(env_overrides)})
+
+        def first(*keys: str) -> Any:
+            for k in keys:
+                if k in given:
+                    return given[k]
+            return None
+
+        flat: dict[str, Any] = {k: v for k, v in given.items() if k in SCHEDULER_KEYS + PARALLEL_KEYS + CACHE_KEYS
+                                + MODEL_KEYS}
+        aliases = {  # a key's other spellings (the batch CLI's, sizes given as strings)
+            "dtype": ("torch_dtype",),
+            "default_num_inference_steps": ("num_inference_steps",),
+            "default_guidance_scale": ("guidance_scale",),
+            "flashinfer_warmup_s": ("flashinfer_warmup_timeout",),
+            "kv_cache_memory_bytes": ("kv_cache_memory",),
+            "heap_reuse_bytes": ("heap_reuse_memory",),
+            "encoder_cache_bytes": ("encoder_cache_memory",),
+        }
+        for key, others in aliases.items():
+            v = first(key, *others)
+            if v is not None:
+                flat[key] = v
+        for key in ("kv_cache_memory_bytes", "heap_reuse_bytes", "encoder_cache_bytes"):
+            if key in flat:
+                flat[key] = parse_size(flat[key])
+        for k, choices in (("attn_impl", ATTN_IMPLS), ("moe_impl", MOE_IMPLS)):
+            if isinstance(flat.get(k), str):
+                try:
+                    flat[k] = _parse_choice(flat[k], choices)
+                except ValueError:
+                    raise ValueError(f"{k}={flat[k]!r} is invalid; allowed: {', '.join(choices)}") from None
+        server = {SERVE_FLAG_KEYS.get(k, k): v for k, v in given.items()
+                  if SERVE_FLAG_KEYS.get(k, k) in SERVER_KEYS}
+        if "url_fetch_timeout_s" in given:
+            server["fetch_deadline_s"] = given["url_fetch_timeout_s"]
+            server["request_fetch_deadline_s"] = 2 * given["url_fetch_timeout_s"]
+        for flag, key in (("max_request_cost_mib", "max_request_cost_bytes"),
+                          ("max_queued_cost_mib", "max_queued_cost_bytes")):
+            if flag in given:
+                server[key] = given[flag] * MiB
+        model = first("model", "model_name")
+        return cls(
+            model=ModelConfig(checkpoint=None if model is None else os.fspath(model), hf_offline=hf_offline(environ),
+                              **{k: flat[k] for k in MODEL_KEYS if k in flat and k != "hf_offline"}),
+            cache=CacheConfig(**{k: flat[k] for k in CACHE_KEYS if k in flat}),
+            scheduler=SchedulerConfig(**{k: flat[k] for k in SCHEDULER_KEYS if k in flat}),
+            parallel=ParallelConfig(**{k: flat[k] for k in PARALLEL_KEYS if k in flat}),
+            server=ServerConfig(**server),
+            env=env,
+        )
+
+    # ------------------------------------------------------------------ resolution helpers
     def resolve_tensor_parallel_size(self, num_visible_devices: int | None = None) -> int:
         """Tensor-parallel ranks of each model copy: the configured size, or when it is 0 all visible devices over
         the CFG and sequence-parallel sizes (at least 1)."""
@@ -667,13 +838,14 @@ class EngineConfig:
 
         ``num_visible_devices`` defaults to ``torch.cuda.device_count()`` on CUDA and 1 on CPU. A layout of more
         ranks than visible devices is an error on CUDA (one GPU per rank), unless the ranks are external."""
-        cuda = self.on_cuda(None if num_visible_devices is None else num_visible_devices > 0)
+        cuda = self.model.on_cuda(None if num_visible_devices is None else num_visible_devices > 0)
         if num_visible_devices is None:
             num_visible_devices = _cuda_device_count() if cuda else 1
-        other = self.cfg_parallel_size * self.sequence_parallel_size
-        tp = self.tensor_parallel_size or max(1, num_visible_devices // other)
-        layout = ParallelLayout(tp=tp, cfg=self.cfg_parallel_size, sp=self.sequence_parallel_size)
-        if cuda and layout.world_size > num_visible_devices and self.rank_endpoint is None:
+        par = self.parallel
+        other = par.cfg_parallel_size * par.sequence_parallel_size
+        tp = par.tensor_parallel_size or max(1, num_visible_devices // other)
+        layout = ParallelLayout(tp=tp, cfg=par.cfg_parallel_size, sp=par.sequence_parallel_size)
+        if cuda and layout.world_size > num_visible_devices and par.rank_endpoint is None:
             raise ValueError(f"the layout {layout.describe()} (--tensor-parallel-size x --cfg-parallel-size x "
                              f"--sequence-parallel-size) needs one GPU per rank, but only {num_visible_devices} "
                              "device(s) are visible")
@@ -682,8 +854,9 @@ class EngineConfig:
     @property
     def ranks_per_instance(self) -> int:
         """GPUs (rank processes) one model instance takes: tp x cfg x sp, or 0 with tp 0 (all visible devices)."""
-        tp = self.tensor_parallel_size
-        return tp * self.cfg_parallel_size * self.sequence_parallel_size if tp else 0
+        par = self.parallel
+        tp = par.tensor_parallel_size
+        return tp * par.cfg_parallel_size * par.sequence_parallel_size if tp else 0
 
     def resolve_world_size(self, num_visible_devices: int | None = None) -> int:
         """Rank processes (GPUs) per model instance: tp x cfg x sp."""
@@ -696,9 +869,9 @@ class EngineConfig:
     def kv_cache_budget_bytes(self, cuda_available: bool | None = None) -> int:
         """Bytes for the KV cache when no explicit block count is given: ``kv_cache_memory_bytes`` if set, else on
         CPU `DEFAULT_CPU_KV_CACHE_BYTES`; on CUDA the memory plan sizes the cache instead (engine/memory_plan.py)."""
-        if self.kv_cache_memory_bytes is not None:
-            return self.kv_cache_memory_bytes
-        if self.on_cuda(cuda_available):
+        if self.cache.kv_cache_memory_bytes is not None:
+            return self.cache.kv_cache_memory_bytes
+        if self.model.on_cuda(cuda_available):
             raise ValueError("on CUDA the memory plan sizes the KV cache; set --kv-cache-memory or --num-kv-blocks "
                              "to size it yourself")
         return DEFAULT_CPU_KV_CACHE_BYTES
@@ -714,14 +887,15 @@ class EngineConfig:
         ``bytes_per_block`` is the size of one block across all layers (K and V) on one rank. Raises ValueError
         when the budget does not hold a single block.
         """
-        if self.num_kv_blocks is not None:
-            return self.num_kv_blocks
+        if self.cache.num_kv_blocks is not None:
+            return self.cache.num_kv_blocks
         if not _is_int(bytes_per_block) or bytes_per_block <= 0:
             raise ValueError(f"bytes_per_block must be a positive integer, got {bytes_per_block!r}")
         budget = self.kv_cache_budget_bytes(cuda_available)
         n = budget // bytes_per_block
-        if max_model_len is not None and self.kv_cache_memory_bytes is None and not self.on_cuda(cuda_available):
-            n = min(n, self.scheduler.max_num_seqs * CFG_ROWS * self.max_blocks_per_seq(max_model_len))
+        explicit = self.cache.kv_cache_memory_bytes is not None
+        if max_model_len is not None and not explicit and not self.model.on_cuda(cuda_available):
+            n = min(n, self.scheduler.max_num_seqs * CFG_ROWS * self.cache.max_blocks_per_seq(max_model_len))
         if n < 1:
             raise ValueError(
                 f"KV cache budget of {budget} bytes holds no block of {bytes_per_block} bytes; "
@@ -730,24 +904,21 @@ class EngineConfig:
         return n
 
     def with_local_checkpoint(self) -> EngineConfig:
-        """This config with `model` as a local folder: a Hugging Face repo id is resolved (and downloaded unless
-        offline) through engine/model_source.py; a folder stays as it is. Raises model_source.CheckpointNotFound."""
+        """This config with `model.checkpoint` as a local folder: a Hugging Face repo id is resolved (and downloaded
+        unless offline) through engine/model_source.py; a folder stays as it is. Raises CheckpointNotFound."""
         from diffgentor.engine.model_source import resolve_checkpoint
 
-        if self.model is None:
+        m = self.model
+        if m.checkpoint is None:
             return self
-        path = resolve_checkpoint(self.model, self.revision, self.download_dir, offline=self.hf_offline)
-        return self if str(path) == self.model else replace(self, model=str(path))
-
-    def max_blocks_per_seq(self, max_tokens: int) -> int:
-        return math.ceil(max_tokens / self.block_size)
+        path = resolve_checkpoint(m.checkpoint, m.revision, m.download_dir, offline=m.hf_offline)
+        return self if str(path) == m.checkpoint else replace(self, model=replace(m, checkpoint=str(path)))
 
     # ------------------------------------------------------------------ logging
     def describe(self) -> dict[str, Any]:
         """A plain, JSON-serialisable dict of every setting, for the startup log."""
-        out: dict[str, Any] = {f.name: getattr(self, f.name) for f in fields(self)
-                               if f.name not in ("env", "scheduler")}
-        out["scheduler"] = asdict(self.scheduler)
+        out: dict[str, Any] = {f.name: asdict(v) if is_dataclass(v) else v
+                               for f in fields(self) if f.name != "env" for v in (getattr(self, f.name),)}
         out["env"] = self.env.describe()
         out["moe_drop_tokens_effective"] = False  # dropless MoE (docs/decisions.md: MoE: dropless)
         return out

@@ -78,12 +78,12 @@ class EngineCore:
         self.ctx = ctx
         groups = executor.layout.cfg
         self.step_cost = StepCost()  # measured seconds per text and block token, for the step-time target
+        cache = config.cache
         kv: KVCacheManager | GroupedKVCacheManager = (
-            KVCacheManager(executor.num_blocks, config.block_size, config.enable_prefix_caching) if groups == 1 else
-            GroupedKVCacheManager(groups, executor.num_blocks, config.block_size, config.enable_prefix_caching))
-        self.scheduler = Scheduler(config.scheduler, kv, ctx.request_logic, config.encoder_cache_bytes,
-                                   vae_budget=executor.vae_budget, cfg_parallel_size=groups, step_cost=self.step_cost,
-                                   max_step_s=None if config.max_step_ms is None else config.max_step_ms / 1000.0)
+            KVCacheManager(executor.num_blocks, cache.block_size, cache.enable_prefix_caching) if groups == 1 else
+            GroupedKVCacheManager(groups, executor.num_blocks, cache.block_size, cache.enable_prefix_caching))
+        self.scheduler = Scheduler(config.scheduler, kv, ctx.request_logic, cache.encoder_cache_bytes,
+                                   vae_budget=executor.vae_budget, cfg_parallel_size=groups, step_cost=self.step_cost)
         self.executor = executor
         self.stats = StepStats()
         self._outputs = EngineCoreOutputs()  # what the next step() reports
@@ -99,22 +99,19 @@ class EngineCore:
         return self.scheduler.requests
 
     @classmethod
-    def from_config(cls, config: EngineConfig, **executor_args) -> EngineCore:
+    def from_config(cls, config: EngineConfig) -> EngineCore:
         """Read the checkpoint's tokenizer and metadata here, and load the model in the worker: in this process, or
-        with a resolved tensor-parallel size > 1 in one process per rank (``executor_args`` go to
-        `MultiprocExecutor`, e.g. expert_parallel, ready_timeout_s, step_timeout_s)."""
-        if config.model is None:
-            raise ValueError("EngineConfig.model (the checkpoint folder) is required")
-        ctx = load_processor_context(Path(config.model), config)
+        with a layout of more than one rank in one process per rank (`MultiprocExecutor`, set by
+        ``config.parallel``)."""
+        if config.model.checkpoint is None:
+            raise ValueError("EngineConfig.model.checkpoint (the checkpoint folder) is required")
+        ctx = load_processor_context(Path(config.model.checkpoint), config)
         layout = config.parallel_layout()
         check_layout_heads(ctx.config.num_attention_heads, ctx.config.num_key_value_heads, layout)
         if layout.world_size > 1:
             from diffgentor.engine.tp.executor import MultiprocExecutor
 
-            executor: Executor = MultiprocExecutor(config, layout=layout, **executor_args)
-        elif executor_args:
-            raise TypeError(f"multi-rank options {sorted(executor_args)} need a layout of more than one rank "
-                            "(tensor_parallel_size x cfg_parallel_size x sequence_parallel_size > 1)")
+            executor: Executor = MultiprocExecutor(config, layout=layout)
         else:
             executor = UniProcExecutor(Worker.load(config))
         return cls(ctx, config, executor)

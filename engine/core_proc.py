@@ -305,10 +305,10 @@ def run_engine_core(config: EngineConfig, input_addr: str, output_addr: str, par
         proc = EngineCoreProc(core, input_addr, output_addr, parent_pid)
         kernels = dict(core.kernel_impls)  # empty when the executor's ranks keep it (they log it)
         layout = config.parallel_layout()
-        proc.send(CoreReady(num_blocks=core.num_blocks, block_size=config.block_size,
+        proc.send(CoreReady(num_blocks=core.num_blocks, block_size=config.cache.block_size,
                             max_num_seqs=config.scheduler.max_num_seqs, pid=os.getpid(), kernels=kernels,
                             layout=layout.as_dict()))
-        logger.info("engine core ready: %d KV blocks of %d tokens, layout %s", core.num_blocks, config.block_size,
+        logger.info("engine core ready: %d KV blocks of %d tokens, layout %s", core.num_blocks, config.cache.block_size,
                     layout.describe())
         proc.run()
     except BaseException as e:  # noqa: BLE001 - report, then die with a non-zero status

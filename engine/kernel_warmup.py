@@ -6,7 +6,7 @@ about that build, and a build that fails inside a forward would fail every reque
 causal and bidirectional paged prefills of the configured variant, with the cascade merge when the variant is
 "cascade") and decode wrappers, and the fused CUTLASS MoE in the configured precision, each on a small input with
 the real head counts, head dim, page size, hidden and expert widths, compared with the torch reference. All
-builds start at once in threads and share one time budget (`EngineConfig.flashinfer_warmup_s`); a module that
+builds start at once in threads and share one time budget (`ModelConfig.flashinfer_warmup_s`); a module that
 fails, disagrees with the reference or is still building when the budget ends logs ONE warning naming it and the
 fallback, and that op runs on the torch path (sdpa / the grouped MoE). A build still running in its thread keeps
 going in the background (its result is ignored); the JIT cache makes the next start fast.
@@ -74,8 +74,8 @@ class WarmupShapes:
         inter = mc.moe_intermediate_size[layer]
         width = inter if par.expert_parallel or not par.is_parallel else len(par.shard_range(inter, "expert columns"))
         return cls(len(par.q_head_range(mc.num_attention_heads)), len(par.kv_head_range(mc.num_key_value_heads)),
-                   mc.head_dim, config.block_size, getattr(torch, config.resolve_dtype()), mc.hidden_size, width,
-                   mc.moe_topk[layer], parse_quantization(config.quantization))
+                   mc.head_dim, config.cache.block_size, getattr(torch, config.model.resolve_dtype()), mc.hidden_size,
+                   width, mc.moe_topk[layer], parse_quantization(config.model.quantization))
 
 
 @dataclass(frozen=True)
@@ -212,9 +212,9 @@ def prove(modules: list[str], shapes: WarmupShapes, device: torch.device, budget
 def choose_kernels(config: EngineConfig, model_config: BackboneShape,
                    parallel: ParallelContext | None = None) -> KernelChoice:
     """The attention and MoE implementations this replica runs (module docstring); logs the choice once."""
-    device = torch.device(config.resolve_device())
+    device = torch.device(config.model.resolve_device())
     shapes = WarmupShapes.of(config, model_config, parallel)
-    want = {"attention": config.wants_flashinfer_attention(), "moe": config.moe_impl == "flashinfer"}
+    want = {"attention": config.model.wants_flashinfer_attention(), "moe": config.model.moe_impl == "flashinfer"}
     modules: list[str] = []
     proofs: list[KernelProof] = []
     for op, wanted in want.items():
@@ -226,14 +226,14 @@ def choose_kernels(config: EngineConfig, model_config: BackboneShape,
         else:
             proofs.append(KernelProof(f"flashinfer {op}", False, 0.0, why))
     if modules:
-        proofs += prove(modules, shapes, device, config.flashinfer_warmup_s)
+        proofs += prove(modules, shapes, device, config.model.flashinfer_warmup_s)
         if device.type == "cuda":
             torch.cuda.empty_cache()  # the warm-up inputs; the plan counts the workspaces, not these
     failed = {p.module for p in proofs if not p.ok}
     attn_ok = want["attention"] and not failed & {*ATTENTION_MODULES, "flashinfer attention"}
     moe_ok = want["moe"] and not failed & {MOE_MODULE, "flashinfer moe"}
     attn = "flashinfer" if attn_ok else "sdpa"
-    moe = "flashinfer" if moe_ok else ("eager" if config.moe_impl == "flashinfer" else config.moe_impl)
+    moe = "flashinfer" if moe_ok else ("eager" if config.model.moe_impl == "flashinfer" else config.model.moe_impl)
     for p in proofs:
         if not p.ok:
             fallback = "sdpa attention" if "attention" in p.module else "the torch MoE"

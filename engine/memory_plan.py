@@ -641,38 +641,39 @@ def plan_memory(
 ) -> MemoryPlan:
     """The plan of `parallel`'s rank on a card of `total_memory_bytes` (dtype: the config's, bf16 when auto) and
     compute `capability` (which MoE path runs: `planned_moe_impl`)."""
-    dtype = getattr(torch, config.resolve_dtype(cuda_available=True))
+    m, cache, block = config.model, config.cache, config.cache.block_size
+    dtype = getattr(torch, m.resolve_dtype(cuda_available=True))
     elem = torch.finfo(dtype).bits // 8
-    quant = config.quantization if config.quantization != "none" else None
+    quant = m.quantization if m.quantization != "none" else None
     weights = weight_bytes_by_part(model_config, parallel, quant, dtype)
     tokens, why = largest_step_tokens(config, model_config)
-    impl = planned_moe_impl(quant, config.moe_impl, capability)
+    impl = planned_moe_impl(quant, m.moe_impl, capability)
     sched = config.scheduler
     act, detail = activation_peak_bytes(model_config, parallel, tokens, sched.max_num_seqs, elem, quant, impl,
-                                        sched.max_num_batched_tokens, config.block_size,
+                                        sched.max_num_batched_tokens, block,
                                         denoising_step_tokens(config, model_config, tokens))
     vae = vae_plan(model_config, act)
     ws = workspace_bytes(parallel)
     if impl == "flashinfer":  # its one reused scratch buffer, sized for the largest step
         ws["flashinfer_moe"] = flashinfer_moe_workspace_bytes(model_config, parallel, tokens, quant, elem)
-    attn = "flashinfer" if config.attn_impl == "flashinfer" else "sdpa"  # what the graphs capture (cuda_graph.py)
-    pool = 0 if config.enforce_eager else graph_pool_bytes(model_config, parallel, sched.max_num_seqs,
-                                                          config.block_size, impl, quant, elem, attn)
+    attn = "flashinfer" if m.attn_impl == "flashinfer" else "sdpa"  # what the graphs capture (cuda_graph.py)
+    pool = 0 if m.enforce_eager else graph_pool_bytes(model_config, parallel, sched.max_num_seqs, block, impl, quant,
+                                                     elem, attn)
     from diffgentor.engine.cuda_graph import graph_keys
 
-    keys = [] if config.enforce_eager else list(graph_keys(sched.max_num_seqs, model_config.max_position_embeddings,
-                                                           config.block_size, attn == "flashinfer"))
-    per_block = kv_block_bytes(model_config, parallel, config.block_size, elem)
+    keys = [] if m.enforce_eager else list(graph_keys(sched.max_num_seqs, model_config.max_position_embeddings,
+                                                      block, attn == "flashinfer"))
+    per_block = kv_block_bytes(model_config, parallel, block, elem)
     # under CFG parallel a request's conditional and unconditional rows live on different groups' caches
-    min_blocks = CFG_ROWS // parallel.cfg_size * math.ceil(model_config.max_position_embeddings / config.block_size)
+    min_blocks = CFG_ROWS // parallel.cfg_size * math.ceil(model_config.max_position_embeddings / block)
     plan = MemoryPlan(
         gpu=gpu_name, total_bytes=total_memory_bytes, tensor_parallel_size=parallel.tp_size,
-        expert_parallel=parallel.expert_parallel, quantization=config.quantization,
-        gpu_memory_utilization=config.gpu_memory_utilization, weights=weights, activation_peak=act,
+        expert_parallel=parallel.expert_parallel, quantization=m.quantization,
+        gpu_memory_utilization=cache.gpu_memory_utilization, weights=weights, activation_peak=act,
         activations=detail, largest_step_tokens=tokens, largest_step_reason=why, workspace=ws,
-        kv_block_bytes=per_block, block_size=config.block_size, min_kv_blocks=min_blocks, moe_impl=impl, vae=vae,
+        kv_block_bytes=per_block, block_size=block, min_kv_blocks=min_blocks, moe_impl=impl, vae=vae,
         cfg_parallel_size=parallel.cfg_size, sequence_parallel_size=parallel.sp_size,
-        encoder_cache_bytes=config.encoder_cache_bytes, graph_pool_bytes=pool, graph_keys=keys,
+        encoder_cache_bytes=cache.encoder_cache_bytes, graph_pool_bytes=pool, graph_keys=keys,
     )
     fixed = plan.weight_bytes + plan.transient_bytes + sum(ws.values()) + plan.encoder_cache_bytes + pool
     left = plan.usable_bytes - fixed
@@ -682,13 +683,13 @@ def plan_memory(
             f"weights {plan.weight_bytes / GiB:.2f} GiB + transients {plan.transient_bytes / GiB:.2f} GiB + "
             f"workspace, encoder cache and graph pool {(fixed - plan.weight_bytes - plan.transient_bytes) / GiB:.2f} "
             f"GiB exceed the usable {plan.usable_bytes / GiB:.2f} GiB "
-            f"({config.gpu_memory_utilization:.2f} x {total_memory_bytes / GiB:.1f} GiB) by {-left / GiB:.2f} GiB; "
+            f"({cache.gpu_memory_utilization:.2f} x {total_memory_bytes / GiB:.1f} GiB) by {-left / GiB:.2f} GiB; "
             f"the experts alone are {weights['experts'] / GiB:.2f} GiB: raise --tensor-parallel-size"
             + ("" if quant else " or use --quantization fp8"))
     elif plan.kv_blocks < min_blocks:
         plan.problems.append(
             f"the KV cache left ({left / GiB:.2f} GiB = {plan.kv_blocks} blocks) holds less than one request at the "
-            f"maximum length with their CFG row ({min_blocks} blocks of {config.block_size} tokens, "
+            f"maximum length with their CFG row ({min_blocks} blocks of {block} tokens, "
             f"{min_blocks * per_block / GiB:.2f} GiB); lower --max-num-batched-tokens, raise "
             f"--gpu-memory-utilization or --tensor-parallel-size")
     return plan

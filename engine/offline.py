@@ -53,11 +53,10 @@ class Engine:
         self.idle_release = IdleRelease.from_config(core.config)
 
     @classmethod
-    def from_config(cls, config: EngineConfig, **executor_args: Any) -> Engine:
-        """One engine core; when the resolved tensor-parallel size is > 1 (``tensor_parallel_size`` > 1, or 0 =
-        every visible GPU) its executor runs one process per rank (``executor_args`` go to `MultiprocExecutor`,
-        e.g. expert_parallel, ready_timeout_s, step_timeout_s)."""
-        return cls(EngineCore.from_config(config, **executor_args))
+    def from_config(cls, config: EngineConfig) -> Engine:
+        """One engine core; when the resolved layout has more than one rank (``tensor_parallel_size`` > 1, or 0 =
+        every visible GPU) its executor runs one process per rank, as ``config.parallel`` says."""
+        return cls(EngineCore.from_config(config))
 
     def close(self) -> None:
         """Stop the tensor-parallel ranks (a no-op for a single-process engine)."""
@@ -70,12 +69,11 @@ class Engine:
         self.close()
 
     @classmethod
-    def from_pretrained(cls, model: str | Path, environ: dict[str, str] | None = None,
-                        executor_args: dict[str, Any] | None = None, **engine_args: Any) -> Engine:
+    def from_pretrained(cls, model: str | Path, environ: dict[str, str] | None = None, **engine_args: Any) -> Engine:
         """`model`: a checkpoint folder or a Hugging Face model id (`revision=`, `download_dir=`; HF_HUB_OFFLINE=1
         in `environ` reads only the cache)."""
         config = EngineConfig.from_cli_and_env({"model": str(model), **engine_args}, environ=environ)
-        return cls.from_config(config.with_local_checkpoint(), **(executor_args or {}))
+        return cls.from_config(config.with_local_checkpoint())
 
     @property
     def stats(self) -> StepStats:

@@ -11,7 +11,7 @@ Sharding rules (as in vLLM / SGLang):
   replicated on tp / num_kv_heads consecutive ranks (rank r holds KV head r // (tp / num_kv_heads), which is
   exactly the KV group of its q heads);
 - MoE: tensor parallel on the expert width (every rank holds every expert, 1/tp of its width), or expert
-  parallel (`EngineConfig.env.expert_parallel`): whole experts, a contiguous range of num_experts / tp;
+  parallel (`EngineConfig.parallel.expert_parallel`): whole experts, a contiguous range of num_experts / tp;
 - vocabulary: contiguous row ranges of ceil(vocab / tp) (the last may be shorter).
 """
 

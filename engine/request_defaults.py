@@ -65,11 +65,11 @@ def resolve_request_defaults(generation: GenerationDefaults, config: EngineConfi
         bot_task=env_or_checkpoint("bot_task"), use_system_prompt=env_or_checkpoint("use_system_prompt"),
         max_new_tokens=env_or_checkpoint("max_new_tokens"),
         infer_align_image_size=env.infer_align_image_size, use_taylor_cache=env.use_taylor_cache,
-        num_inference_steps=config.default_num_inference_steps or generation.diff_infer_steps,
-        guidance_scale=(generation.diff_guidance_scale if config.default_guidance_scale is None
-                        else config.default_guidance_scale),
+        num_inference_steps=config.model.default_num_inference_steps or generation.diff_infer_steps,
+        guidance_scale=(generation.diff_guidance_scale if config.model.default_guidance_scale is None
+                        else config.model.default_guidance_scale),
         flow_shift=generation.flow_shift, do_sample=generation.do_sample, temperature=generation.temperature,
-        top_k=generation.top_k, top_p=generation.top_p, seed=config.seed)
+        top_k=generation.top_k, top_p=generation.top_p, seed=config.model.seed)
 
 
 __all__ = ["OFFLINE_DEFAULT_SEED", "RequestDefaults", "resolve_request_defaults"]

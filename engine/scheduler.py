@@ -136,17 +136,17 @@ class Scheduler:
     def __init__(self, config: SchedulerConfig, kv: KVCacheManager, model: ModelRequestLogic,
                  encoder_cache_bytes: int = 512 * 1024 * 1024, vae_budget: VaeBudget | None = None,
                  cfg_parallel_size: int = 1, step_cost: StepCost | None = None,
-                 max_step_s: float | None = None, image_cost: ModelRequestLogic | None = None) -> None:
+                 image_cost: ModelRequestLogic | None = None) -> None:
         """`config`: `EngineConfig.scheduler` (with ``async_encode`` the worker encodes beside the steps, so an
         encode never delays a step and is never held back for other requests' first prefill); `kv` holds the block
         size; `model`: the model's answers about a request (engine/model_interface.py): its image-phase sequence
         and which denoising steps run the backbone; `vae_budget`: the VAE work one step may carry
         (engine/vae_budget.py, from the GPU memory plan), None = unbounded; `cfg_parallel_size` 2: each request's
-        rows are placed on CFG groups (engine/cfg_groups.py) and `kv` is a GroupedKVCacheManager; `max_step_s`:
-        the step-time target, a step's tokens capped at what `step_cost` (engine/step_cost.py, kept up to date by
-        the core) says fits; None, or no `step_cost`: the target does not bind; `image_cost`: what an image encode or
-        decode costs (`encode_flops`, `decode_flops`; default: `model`'s answers), the unit of the VAE work in flight
-        (see `_schedule_encodes`, `_vae_fits`)."""
+        rows are placed on CFG groups (engine/cfg_groups.py) and `kv` is a GroupedKVCacheManager; the config's
+        ``max_step_ms``: the step-time target, a step's tokens capped at what `step_cost` (engine/step_cost.py, kept up
+        to date by the core) says fits; None, or no `step_cost`: the target does not bind; `image_cost`: what an image
+        encode or decode costs (`encode_flops`, `decode_flops`; default: `model`'s answers), the unit of the VAE work
+        in flight (see `_schedule_encodes`, `_vae_fits`)."""
         self.config = config
         self.kv = kv
         self.model = model
@@ -154,7 +154,7 @@ class Scheduler:
         self.vae_budget = vae_budget
         self.cfg_parallel_size = cfg_parallel_size
         self.step_cost = step_cost
-        self.max_step_s = max_step_s
+        self.max_step_s = None if config.max_step_ms is None else config.max_step_ms / 1000.0
         self.image_cost = model if image_cost is None else image_cost
         side = math.isqrt(config.max_num_encoder_pixels)  # the budget: what an image of this many pixels costs
         self._budget_hw = (side, -(-config.max_num_encoder_pixels // side))  # at least that many pixels

@@ -1,7 +1,7 @@
 """The engine's online estimate of what a step's work costs, so the scheduler can size a step to a time target.
 
 Why: a long prefill chunk (an edit's condition-image tokens) or several denoising blocks in the same step as other
-requests' think tokens make every one of them wait. With `EngineConfig.max_step_ms` the scheduler sizes each step
+requests' think tokens make every one of them wait. With `SchedulerConfig.max_step_ms` the scheduler sizes each step
 to what the estimate says fits the target: a text token (prefill or think decode) and a token of a denoising block
 cost differently (a block is one bidirectional, compute-bound pass over the whole image; a think token is
 bandwidth-bound), so the estimate keeps one rate for each. The rates are measured, never guessed: the core feeds

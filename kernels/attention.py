@@ -665,7 +665,7 @@ def get_attention_backend(
     variant: str | None = None,
 ) -> AttentionBackend:
     """THE selection point: name ("sdpa" = "torch", or "flashinfer"; the caller resolves it, e.g. from
-    `EngineConfig.attn_impl`: kernels read no environment) -> a backend object. `flashinfer` resolves its
+    `ModelConfig.attn_impl`: kernels read no environment) -> a backend object. `flashinfer` resolves its
     device at the first plan() and falls back to the torch backend (same variant) with one warning when CUDA or
     flashinfer is missing."""
     if not isinstance(name, str):

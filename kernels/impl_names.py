@@ -1,4 +1,4 @@
-"""The user-facing implementation names of the kernel selection points (`EngineConfig.attn_impl` / `moe_impl` /
+"""The user-facing implementation names of the kernel selection points (`ModelConfig.attn_impl` / `moe_impl` /
 `quantization`).
 
 One home, torch-free: the config validates its flags against these without importing torch, and the selection

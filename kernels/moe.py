@@ -609,7 +609,7 @@ def tune_flashinfer_moe(w13: Tensor | Fp8Weight, w2: Tensor | Fp8Weight, top_k: 
 def resolve_moe_impl(
     name: str | None = "eager", device: torch.device | str = "cpu", quantization: str | None = None
 ) -> str:
-    """THE selection point: the requested name (`EngineConfig.moe_impl`, passed down by the model's constructor;
+    """THE selection point: the requested name (`ModelConfig.moe_impl`, passed down by the model's constructor;
     None means eager) and the expert weights' quantization -> the path that will run:
 
     * unquantised: "grouped" (what `eager` means) or "flashinfer";

@@ -32,7 +32,7 @@ def _cmd_verify_golden(args: argparse.Namespace) -> int:
     from diffgentor.engine.config import EngineConfig
     from diffgentor.engine.models.hunyuan_image_3.golden import GoldenParallelError, verify_golden_set
 
-    configure_heap(EngineConfig.from_cli_and_env({}).heap_reuse_bytes)  # computes the way an engine process does
+    configure_heap(EngineConfig.from_cli_and_env({}).cache.heap_reuse_bytes)  # computes the way an engine process does
 
     try:
         report = verify_golden_set(args.golden_dir, atol=args.atol, tensor_parallel_size=args.tensor_parallel_size,

@@ -25,15 +25,13 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from urllib.parse import urljoin, urlsplit
 
+from diffgentor.engine.config import DEFAULT_FETCH_DEADLINE_S
+
 logger = logging.getLogger(__name__)
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 Resolver = Callable[[str, int], Awaitable[list[str]]]
 REDIRECT_STATUSES = (301, 302, 303, 307, 308)
-DEFAULT_MAX_IMAGE_BYTES = 20 << 20
-"""The largest image file taken by default, by either front end: one upload or fetched URL of the API server
-(`serve --max-upload-bytes`), one local or embedded image file of a batch row."""
-DEFAULT_FETCH_DEADLINE_S = 20.0
 DEFAULT_MAX_REDIRECTS = 3
 DEFAULT_FETCH_CONCURRENCY = 8
 USER_AGENT = "diffgentor"

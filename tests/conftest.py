@@ -18,7 +18,7 @@ def pytest_configure(config):
     torch.set_num_threads(min(2, torch.get_num_threads()))
     # the test process allocates like an engine process (engine/allocator.py), from its first test on, whatever the
     # order; DG_HUNYUAN_IMAGE_3_HEAP_REUSE_MEMORY=0 runs the suite with glibc's defaults instead
-    configure_heap(EngineConfig.from_cli_and_env({}).heap_reuse_bytes)
+    configure_heap(EngineConfig.from_cli_and_env({}).cache.heap_reuse_bytes)
 
 
 @pytest.fixture(autouse=True)

@@ -17,7 +17,7 @@ import pytest
 
 from diffgentor.engine import allocator
 from diffgentor.engine.allocator import IdleRelease
-from diffgentor.engine.config import DEFAULT_HEAP_REUSE_BYTES, EngineConfig, EnvVarError
+from diffgentor.engine.config import DEFAULT_HEAP_REUSE_BYTES, CacheConfig, EngineConfig, EnvVarError
 
 glibc = pytest.mark.skipif(allocator._LIBC is None or not hasattr(allocator._LIBC, "mallinfo2"),
                            reason="needs Linux glibc >= 2.33")
@@ -134,17 +134,18 @@ def test_release_after_idle_runs_on_a_timer_unless_the_driver_is_busy_first(monk
 
 
 def test_heap_reuse_config_from_flag_and_env():
-    assert EngineConfig().heap_reuse_bytes == DEFAULT_HEAP_REUSE_BYTES == 4 << 30
-    assert EngineConfig.from_cli_and_env({"heap_reuse_memory": "512MiB"}, environ={}).heap_reuse_bytes == 512 << 20
+    assert EngineConfig().cache.heap_reuse_bytes == DEFAULT_HEAP_REUSE_BYTES == 4 << 30
+    flag = EngineConfig.from_cli_and_env({"heap_reuse_memory": "512MiB"}, environ={})
+    assert flag.cache.heap_reuse_bytes == 512 << 20
     env = {"DG_HUNYUAN_IMAGE_3_HEAP_REUSE_MEMORY": "0"}
-    assert EngineConfig.from_cli_and_env({}, environ=env).heap_reuse_bytes == 0
-    assert EngineConfig.from_cli_and_env({"heap_reuse_memory": "1GiB"}, environ=env).heap_reuse_bytes == 1 << 30
+    assert EngineConfig.from_cli_and_env({}, environ=env).cache.heap_reuse_bytes == 0
+    assert EngineConfig.from_cli_and_env({"heap_reuse_memory": "1GiB"}, environ=env).cache.heap_reuse_bytes == 1 << 30
     with pytest.raises(EnvVarError, match="HEAP_REUSE_MEMORY"):
         EngineConfig.from_cli_and_env({}, environ={"DG_HUNYUAN_IMAGE_3_HEAP_REUSE_MEMORY": "lots"})
     with pytest.raises(ValueError, match="heap_reuse_bytes"):
-        EngineConfig(heap_reuse_bytes=-1)
+        EngineConfig(cache=CacheConfig(heap_reuse_bytes=-1))
     with pytest.raises(ValueError, match="heap_idle_release_s"):
-        EngineConfig(heap_idle_release_s=-1.0)
+        EngineConfig(cache=CacheConfig(heap_idle_release_s=-1.0))
 
 
 SEEDED = textwrap.dedent("""

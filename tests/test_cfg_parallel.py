@@ -113,7 +113,7 @@ def test_tp_layouts_match_single_process(ckpt, single, layout):
 
 
 def _kill_a_rank(ckpt, rank: int, **layout) -> None:
-    eng = Engine.from_pretrained(ckpt, environ={}, executor_args=dict(poll_s=0.1), **ENGINE_ARGS, **layout)
+    eng = Engine.from_pretrained(ckpt, environ={}, poll_s=0.1, **ENGINE_ARGS, **layout)
     try:
         kill_rank_mid_run(eng, [dict(r, num_inference_steps=50) for r in _requests()[:3]], rank)
     finally:

@@ -16,7 +16,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from diffgentor.engine.config import EngineConfig, add_engine_args
+from diffgentor.engine.config import EngineConfig, ModelConfig, add_engine_args
 from diffgentor.engine.cuda_graph import (
     DecodeGraphRunner,
     batch_buckets,
@@ -177,10 +177,10 @@ def test_graphs_only_on_cuda_and_never_with_enforce_eager(tiny):
     assert cuda_graphs_allowed("cuda:1", enforce_eager=True)[0] is False
     assert cuda_graphs_allowed("cpu", enforce_eager=False)[0] is False
     parser = add_engine_args(argparse.ArgumentParser())
-    assert EngineConfig.from_cli_and_env(parser.parse_args([]), environ={}).enforce_eager is False
-    assert EngineConfig.from_cli_and_env(parser.parse_args(["--enforce-eager"]), environ={}).enforce_eager is True
+    assert EngineConfig.from_cli_and_env(parser.parse_args([]), environ={}).model.enforce_eager is False
+    assert EngineConfig.from_cli_and_env(parser.parse_args(["--enforce-eager"]), environ={}).model.enforce_eager is True
     with pytest.raises(ValueError, match="enforce_eager"):
-        EngineConfig(enforce_eager="yes")
+        EngineConfig(model=ModelConfig(enforce_eager="yes"))
     for flag in (False, True):  # CPU: never a graph runner, whatever the flag
         runner = _engine(tiny, enforce_eager=flag).core.executor.worker.runner
         assert runner.decode_graphs is None

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from diffgentor.engine.config import EngineConfig
+from diffgentor.engine.config import EngineConfig, ModelConfig
 from diffgentor.engine.cuda_graph import batch_buckets, graph_keys, pick_bucket
 from diffgentor.engine.memory_plan import GPUS, graph_pool_bytes, plan_for
 from diffgentor.engine.models.hunyuan_image_3.config import HunyuanImage3Config
@@ -110,31 +110,33 @@ def test_real_config_captures_edit_contexts_on_every_layout(gpu, tp, quant, ep, 
     FlashInfer's paged kernel), the decode contexts of 2- and 3-image edits (past the old 8192-key limit) and the
     longest context the model allows fall into a captured width, and the plan reserves the graph pool."""
     cfg = HunyuanImage3Config.from_dict(PUBLISHED_INSTRUCT_CONFIG)
-    config = EngineConfig(quantization=quant, attn_impl=attn_impl)
+    config = EngineConfig(model=ModelConfig(quantization=quant, attn_impl=attn_impl))
     parallel = ParallelContext(tp, 0, expert_parallel=ep)
     plan = plan_for(config, cfg, parallel, gpu)
     assert plan.fits, plan.problems
     paged = attn_impl == "flashinfer"
     keys = [tuple(k) for k in plan.graph_keys]  # what plan-memory lists
     seqs = config.scheduler.max_num_seqs
-    assert keys == list(graph_keys(seqs, cfg.max_position_embeddings, config.block_size, paged))
+    assert keys == list(graph_keys(seqs, cfg.max_position_embeddings, config.cache.block_size, paged))
     batches = sorted({b for b, _ in keys})
     widths = sorted({w for _, w in keys})
     assert batches == list(batch_buckets(config.scheduler.max_num_seqs)) == [1, 2, 4, 8, 16]
-    widest = math.ceil(cfg.max_position_embeddings / config.block_size)
+    widest = math.ceil(cfg.max_position_embeddings / config.cache.block_size)
     assert widths[-1] == widest == 1425
     assert widths == ([widest] if paged else [32, 64, 128, 256, 512, 1024, widest])
     for images in (2, 3):
         context = images * IMAGE_TOKENS + PROMPT_AND_THINK
         assert 8192 < context <= cfg.max_position_embeddings
-        width = pick_bucket(math.ceil(context / config.block_size), widths)
-        assert width is not None and (paged or width * config.block_size < 2 * context), (images, width)
+        width = pick_bucket(math.ceil(context / config.cache.block_size), widths)
+        assert width is not None and (paged or width * config.cache.block_size < 2 * context), (images, width)
         for b in (1, 3, 16):
             assert (pick_bucket(b, batches), width) in keys
-    assert plan.graph_pool_bytes == graph_pool_bytes(cfg, parallel, config.scheduler.max_num_seqs, config.block_size,
+    assert plan.graph_pool_bytes == graph_pool_bytes(cfg, parallel, config.scheduler.max_num_seqs,
+                                                     config.cache.block_size,
                                                      plan.moe_impl, plan.quantization if quant != "none" else None,
                                                      2, attn_impl) > 0
-    assert plan_for(EngineConfig(quantization=quant, enforce_eager=True), cfg, parallel, gpu).graph_pool_bytes == 0
+    eager = EngineConfig(model=ModelConfig(quantization=quant, enforce_eager=True))
+    assert plan_for(eager, cfg, parallel, gpu).graph_pool_bytes == 0
     listed = "decode graphs for batches 1, 2, 4, 8, 16 x contexts up to " + \
         ("22800" if paged else "512, 1024, 2048, 4096, 8192, 16384, 22800") + " keys"
     assert GPUS[gpu].name in plan.render() and listed in plan.render()

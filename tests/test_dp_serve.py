@@ -25,7 +25,7 @@ import zmq
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from diffgentor.engine.config import EngineConfig, SchedulerConfig
+from diffgentor.engine.config import EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig
 from diffgentor.engine.core_proc import (
     AbortRequests,
     AddRequest,
@@ -53,19 +53,22 @@ MAX_PIXEL_DIFF = 1  # another batch composition may round one 8-bit level differ
 # ------------------------------------------------------------------------------------------------ planning
 def test_plan_splits_gpus_into_instances():
     gpus = [str(i) for i in range(8)]
-    tp4 = EngineConfig(device="cuda", tensor_parallel_size=4)
+    tp4 = EngineConfig(parallel=ParallelConfig(tensor_parallel_size=4), model=ModelConfig(device="cuda"))
     assert plan_engine_instances(tp4, gpus=gpus) == [["0", "1", "2", "3"], ["4", "5", "6", "7"]]
     assert plan_engine_instances(tp4, 1, gpus=gpus) == [["0", "1", "2", "3"]]  # the flag caps the count
-    assert plan_engine_instances(EngineConfig(device="cuda", tensor_parallel_size=0), gpus=gpus) == [gpus]
-    assert plan_engine_instances(EngineConfig(device="cuda", tensor_parallel_size=3), gpus=gpus) == [
+    cuda = ModelConfig(device="cuda")
+    assert plan_engine_instances(EngineConfig(model=cuda, parallel=ParallelConfig(tensor_parallel_size=0)),
+                                 gpus=gpus) == [gpus]
+    assert plan_engine_instances(EngineConfig(model=cuda, parallel=ParallelConfig(tensor_parallel_size=3)),
+                                 gpus=gpus) == [
         ["0", "1", "2"], ["3", "4", "5"]]  # 6, 7 idle
-    cpu = EngineConfig(device="cpu", tensor_parallel_size=2)
+    cpu = EngineConfig(parallel=ParallelConfig(tensor_parallel_size=2), model=ModelConfig(device="cpu"))
     assert plan_engine_instances(cpu) == [[]]
     assert plan_engine_instances(cpu, 3) == [[], [], []]
     with pytest.raises(ValueError, match="4 but only 2"):
         plan_engine_instances(tp4, gpus=["0", "1"])
     with pytest.raises(ValueError, match="data-parallel-size"):
-        plan_engine_instances(EngineConfig(device="cuda:1"), 2, gpus=gpus)
+        plan_engine_instances(EngineConfig(model=ModelConfig(device="cuda:1")), 2, gpus=gpus)
 
 
 def test_instance_env(monkeypatch):
@@ -76,7 +79,8 @@ def test_instance_env(monkeypatch):
     assert instance_env([], 2) == {"CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": str(max(1, os.cpu_count() // 2))}
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
     assert instance_env([], 2) == {"CUDA_VISIBLE_DEVICES": ""}
-    pool = EnginePool(EngineConfig(device="cuda", tensor_parallel_size=4), [["0", "1", "2", "3"], ["4", "5", "6", "7"]])
+    pool = EnginePool(EngineConfig(model=ModelConfig(device="cuda"), parallel=ParallelConfig(tensor_parallel_size=4)),
+                      [["0", "1", "2", "3"], ["4", "5", "6", "7"]])
     assert [(c.index, c.env) for c in pool.clients] == [(0, {"CUDA_VISIBLE_DEVICES": "0,1,2,3"}),
                                                          (1, {"CUDA_VISIBLE_DEVICES": "4,5,6,7"})]
     asyncio.run(pool.shutdown())
@@ -146,7 +150,8 @@ def test_pool_balances_aborts_on_the_owner_and_fails_with_one_instance():
     async def run() -> None:
         deaths = []
         m = ServerMetrics("m")
-        config = EngineConfig(device="cpu", scheduler=SchedulerConfig(max_num_seqs=2, max_waiting_requests=3))
+        config = EngineConfig(model=ModelConfig(device="cpu"),
+                              scheduler=SchedulerConfig(max_num_seqs=2, max_waiting_requests=3))
         pool = EnginePool(config, [[], []], metrics=m,
                           on_death=lambda: deaths.append(1))
         ctx = zmq.Context()

@@ -176,9 +176,9 @@ def test_prefix_cache_computes_shared_system_prompt_once(tiny_distil):
     assert all(r.finish_reason == FinishReason.IMAGE for r in results)
     stats = eng.core.kv.stats
     system_tokens = len(eng.core.ctx.tokenizer.encode(eng.core.ctx.system_prompts.resolve("en_unified", "image")))
-    shared_blocks = system_tokens // eng.core.config.block_size
+    shared_blocks = system_tokens // eng.core.config.cache.block_size
     assert shared_blocks >= 1
-    assert stats.hits >= 15 * shared_blocks * eng.core.config.block_size
+    assert stats.hits >= 15 * shared_blocks * eng.core.config.cache.block_size
     # computed once: prefill tokens fall well short of 16 full prompts
     assert eng.core.stats.phase_tokens["prefill"] < 16 * results[0].num_prompt_tokens - 15 * system_tokens // 2
 

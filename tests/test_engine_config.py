@@ -10,9 +10,12 @@ import pytest
 
 from diffgentor.engine.config import (
     DEFAULT_CPU_KV_CACHE_BYTES,
+    CacheConfig,
     EngineConfig,
     EnvVarError,
     HunyuanImage3Env,
+    ModelConfig,
+    ParallelConfig,
     SchedulerConfig,
     add_engine_args,
     parse_bool,
@@ -201,14 +204,14 @@ def test_env_is_frozen():
 # ------------------------------------------------------------------------------------------------ EngineConfig
 def test_engine_defaults():
     c = EngineConfig.from_cli_and_env(parser().parse_args([]), environ={})
-    assert c.model is None
-    assert c.dtype == "auto" and c.device == "auto"
-    assert c.scheduler.max_num_seqs == 16 and c.scheduler.max_num_batched_tokens == 8192 and c.block_size == 16
-    assert c.num_kv_blocks is None and c.kv_cache_memory_bytes is None
-    assert c.enable_prefix_caching is True and c.scheduler.max_waiting_requests == 1024
+    assert c.model.checkpoint is None
+    assert c.model.dtype == "auto" and c.model.device == "auto"
+    assert c.scheduler.max_num_seqs == 16 and c.scheduler.max_num_batched_tokens == 8192 and c.cache.block_size == 16
+    assert c.cache.num_kv_blocks is None and c.cache.kv_cache_memory_bytes is None
+    assert c.cache.enable_prefix_caching is True and c.scheduler.max_waiting_requests == 1024
     assert c.scheduler == SchedulerConfig()  # the scheduler's settings live in one place
-    assert c.seed is None and c.default_num_inference_steps is None
-    assert c.attn_impl == "sdpa" and c.moe_impl == "eager" and c.tensor_parallel_size == 0
+    assert c.model.seed is None and c.model.default_num_inference_steps is None
+    assert c.model.attn_impl == "sdpa" and c.model.moe_impl == "eager" and c.parallel.tensor_parallel_size == 0
     assert c.env == HunyuanImage3Env()
     assert c == EngineConfig()
 
@@ -216,14 +219,14 @@ def test_engine_defaults():
 def test_impls_and_tp_come_from_env():
     env = {P + "ATTN_IMPL": "flashinfer", P + "MOE_IMPL": "flashinfer", P + "GPUS_PER_MODEL": "4"}
     c = EngineConfig.from_cli_and_env({}, environ=env)
-    assert (c.attn_impl, c.moe_impl, c.tensor_parallel_size) == ("flashinfer", "flashinfer", 4)
+    assert (c.model.attn_impl, c.model.moe_impl, c.parallel.tensor_parallel_size) == ("flashinfer", "flashinfer", 4)
 
 
 def test_flags_override_env():
     env = {P + "ATTN_IMPL": "flashinfer", P + "MOE_IMPL": "flashinfer", P + "GPUS_PER_MODEL": "4"}
     args = parser().parse_args(["--attn-impl", "sdpa", "--moe-impl", "eager", "--tensor-parallel-size", "2"])
     c = EngineConfig.from_cli_and_env(args, environ=env)
-    assert (c.attn_impl, c.moe_impl, c.tensor_parallel_size) == ("sdpa", "eager", 2)
+    assert (c.model.attn_impl, c.model.moe_impl, c.parallel.tensor_parallel_size) == ("sdpa", "eager", 2)
     assert c.env.attn_impl == "flashinfer" and c.env.gpus_per_model == 4  # the env block keeps what env said
 
 
@@ -246,12 +249,12 @@ def test_all_flags_parsed():
     args.seed = 7
     args.num_inference_steps = 8
     c = EngineConfig.from_cli_and_env(args, environ={})
-    assert c.model == "/models/HunyuanImage-3-Instruct-Distil"
-    assert c.dtype == "bfloat16" and c.device == "cuda:1"
-    assert (c.scheduler.max_num_seqs, c.scheduler.max_num_batched_tokens, c.block_size) == (8, 4096, 32)
-    assert c.num_kv_blocks == 100 and c.kv_cache_memory_bytes == 512 * MiB
-    assert c.enable_prefix_caching is False and c.scheduler.max_waiting_requests == 10
-    assert c.seed == 7 and c.default_num_inference_steps == 8
+    assert c.model.checkpoint == "/models/HunyuanImage-3-Instruct-Distil"
+    assert c.model.dtype == "bfloat16" and c.model.device == "cuda:1"
+    assert (c.scheduler.max_num_seqs, c.scheduler.max_num_batched_tokens, c.cache.block_size) == (8, 4096, 32)
+    assert c.cache.num_kv_blocks == 100 and c.cache.kv_cache_memory_bytes == 512 * MiB
+    assert c.cache.enable_prefix_caching is False and c.scheduler.max_waiting_requests == 10
+    assert c.model.seed == 7 and c.model.default_num_inference_steps == 8
 
 
 def test_torch_dtype_alias_flag():
@@ -268,7 +271,7 @@ def test_flag_choices_rejected(capsys):
 
 def test_mapping_args_and_none_means_unset():
     c = EngineConfig.from_cli_and_env({"max_num_seqs": None, "block_size": 8, "kv_cache_memory": "1GiB"}, {})
-    assert c.scheduler.max_num_seqs == 16 and c.block_size == 8 and c.kv_cache_memory_bytes == GiB
+    assert c.scheduler.max_num_seqs == 16 and c.cache.block_size == 8 and c.cache.kv_cache_memory_bytes == GiB
 
 
 def test_invalid_env_surfaces_from_engine_config():
@@ -308,12 +311,12 @@ def test_parse_size_invalid(bad):
 
 # ------------------------------------------------------------------------------------------------ KV sizing
 def test_resolve_num_blocks_explicit_wins():
-    c = EngineConfig(num_kv_blocks=77, kv_cache_memory_bytes=GiB)
+    c = EngineConfig(cache=CacheConfig(num_kv_blocks=77, kv_cache_memory_bytes=GiB))
     assert c.resolve_num_blocks(1024, cuda_available=True) == 77
 
 
 def test_resolve_num_blocks_budget():
-    c = EngineConfig(kv_cache_memory_bytes=GiB)
+    c = EngineConfig(cache=CacheConfig(kv_cache_memory_bytes=GiB))
     assert c.resolve_num_blocks(MiB, cuda_available=True) == 1024
     assert c.resolve_num_blocks(3 * MiB) == 341  # floor
 
@@ -321,13 +324,13 @@ def test_resolve_num_blocks_budget():
 def test_resolve_num_blocks_on_cuda_needs_a_size():
     """On CUDA the memory plan sizes the KV cache (under --gpu-memory-utilization); without it a size is needed."""
     with pytest.raises(ValueError, match="memory plan sizes the KV cache"):
-        EngineConfig(device="cuda:0").resolve_num_blocks(MiB)
+        EngineConfig(model=ModelConfig(device="cuda:0")).resolve_num_blocks(MiB)
     with pytest.raises(ValueError, match="memory plan"):
-        EngineConfig(device="auto").resolve_num_blocks(MiB, cuda_available=True)
+        EngineConfig(model=ModelConfig(device="auto")).resolve_num_blocks(MiB, cuda_available=True)
 
 
 def test_resolve_num_blocks_cpu_default():
-    c = EngineConfig(device="cpu")
+    c = EngineConfig(model=ModelConfig(device="cpu"))
     assert c.resolve_num_blocks(MiB) == DEFAULT_CPU_KV_CACHE_BYTES // MiB == 2048
     assert EngineConfig().resolve_num_blocks(MiB, cuda_available=False) == 2048
 
@@ -340,7 +343,7 @@ def test_kv_cache_memory_fraction_is_gone():
 
 
 def test_resolve_num_blocks_errors():
-    c = EngineConfig(kv_cache_memory_bytes=1000)
+    c = EngineConfig(cache=CacheConfig(kv_cache_memory_bytes=1000))
     with pytest.raises(ValueError, match="holds no block"):
         c.resolve_num_blocks(4096)
     with pytest.raises(ValueError, match="bytes_per_block"):
@@ -350,28 +353,30 @@ def test_resolve_num_blocks_errors():
 # ------------------------------------------------------------------------------------------------ device/dtype/tp
 def test_resolve_device_and_dtype():
     c = EngineConfig()
-    assert c.resolve_device(cuda_available=True) == "cuda" and c.resolve_dtype(cuda_available=True) == "bfloat16"
-    assert c.resolve_device(cuda_available=False) == "cpu" and c.resolve_dtype(cuda_available=False) == "float32"
-    c = EngineConfig(device="cuda:3", dtype="float16")
-    assert c.resolve_device() == "cuda:3" and c.resolve_dtype() == "float16"
-    assert EngineConfig(device="cpu").resolve_dtype() == "float32"
-    assert EngineConfig(device="cuda").resolve_dtype() == "bfloat16"
+    m = c.model
+    assert m.resolve_device(cuda_available=True) == "cuda" and m.resolve_dtype(cuda_available=True) == "bfloat16"
+    assert m.resolve_device(cuda_available=False) == "cpu" and m.resolve_dtype(cuda_available=False) == "float32"
+    c = EngineConfig(model=ModelConfig(device="cuda:3", dtype="float16"))
+    assert c.model.resolve_device() == "cuda:3" and c.model.resolve_dtype() == "float16"
+    assert EngineConfig(model=ModelConfig(device="cpu")).model.resolve_dtype() == "float32"
+    assert EngineConfig(model=ModelConfig(device="cuda")).model.resolve_dtype() == "bfloat16"
     import torch
 
-    assert EngineConfig(device="cpu").torch_dtype() is torch.float32
-    assert EngineConfig(dtype="half").torch_dtype() is torch.float16
+    assert EngineConfig(model=ModelConfig(device="cpu")).model.torch_dtype() is torch.float32
+    assert EngineConfig(model=ModelConfig(dtype="half")).model.torch_dtype() is torch.float16
 
 
 def test_tensor_parallel_resolution():
-    assert EngineConfig(device="cuda").resolve_tensor_parallel_size(8) == 8  # 0 = all visible
-    c = EngineConfig(device="cuda", env=HunyuanImage3Env(gpus_per_model=4))
-    assert c.tensor_parallel_size == 4
+    assert EngineConfig(model=ModelConfig(device="cuda")).resolve_tensor_parallel_size(8) == 8  # 0 = all visible
+    c = EngineConfig(env=HunyuanImage3Env(gpus_per_model=4), model=ModelConfig(device="cuda"))
+    assert c.parallel.tensor_parallel_size == 4
     assert c.resolve_tensor_parallel_size(8) == 4 and c.num_instances(8) == 2
-    assert EngineConfig(device="cuda", tensor_parallel_size=2).num_instances(8) == 4
-    assert EngineConfig(device="cuda").num_instances(8) == 1
+    tp2 = EngineConfig(model=ModelConfig(device="cuda"), parallel=ParallelConfig(tensor_parallel_size=2))
+    assert tp2.num_instances(8) == 4
+    assert EngineConfig(model=ModelConfig(device="cuda")).num_instances(8) == 1
     with pytest.raises(ValueError, match="only 2 device"):
         c.resolve_tensor_parallel_size(2)
-    assert EngineConfig(device="cpu").resolve_tensor_parallel_size() == 1
+    assert EngineConfig(model=ModelConfig(device="cpu")).resolve_tensor_parallel_size() == 1
 
 
 # ------------------------------------------------------------------------------------------------ validation
@@ -415,17 +420,18 @@ def test_validation_via_flags():
 
 def test_engine_config_frozen():
     with pytest.raises(AttributeError):
-        EngineConfig().block_size = 3
+        EngineConfig().cache.block_size = 3
     with pytest.raises(AttributeError):
         EngineConfig().scheduler.max_num_seqs = 3
 
 
 # ---------------------------------------------- logging (request defaults: tests/test_request_defaults.py)
 def test_describe_is_json_serialisable():
-    c = EngineConfig(model="/m", kv_cache_memory_bytes=GiB)
+    c = EngineConfig(model=ModelConfig(checkpoint="/m"), cache=CacheConfig(kv_cache_memory_bytes=GiB))
     d = c.describe()
     json.dumps(d)
-    assert d["model"] == "/m" and d["kv_cache_memory_bytes"] == GiB and d["attn_impl"] == "sdpa"
+    assert d["model"]["checkpoint"] == "/m" and d["cache"]["kv_cache_memory_bytes"] == GiB
+    assert d["model"]["attn_impl"] == "sdpa"
     assert d["env"]["bot_task"] == "think_recaption" and d["env"]["moe_drop_tokens"] is True
     assert d["moe_drop_tokens_effective"] is False
 
@@ -433,11 +439,12 @@ def test_describe_is_json_serialisable():
 def test_cpu_default_kv_cache_is_sized_by_what_the_scheduler_can_use():
     """Without an explicit size, a CPU engine holds at most max_num_seqs requests at the model's length with a CFG
     row each (the tiny model's 8192 tokens: 1024 blocks of 16 per request), not the whole 2 GiB default budget."""
-    c = EngineConfig(device="cpu", scheduler=SchedulerConfig(max_num_seqs=4))
+    c = EngineConfig(scheduler=SchedulerConfig(max_num_seqs=4), model=ModelConfig(device="cpu"))
     assert c.resolve_num_blocks(1024, max_model_len=8192) == 4 * 2 * 512
     assert c.resolve_num_blocks(MiB, max_model_len=10**7) == DEFAULT_CPU_KV_CACHE_BYTES // MiB  # the budget caps it
-    assert EngineConfig(device="cpu", num_kv_blocks=7).resolve_num_blocks(1024, max_model_len=8192) == 7
-    explicit = EngineConfig(device="cpu", kv_cache_memory_bytes=64 * MiB)
+    seven = EngineConfig(model=ModelConfig(device="cpu"), cache=CacheConfig(num_kv_blocks=7))
+    assert seven.resolve_num_blocks(1024, max_model_len=8192) == 7
+    explicit = EngineConfig(model=ModelConfig(device="cpu"), cache=CacheConfig(kv_cache_memory_bytes=64 * MiB))
     assert explicit.resolve_num_blocks(1024, max_model_len=8192) == 64 * 1024  # an explicit budget is all used
-    gpu = EngineConfig(device="cuda", kv_cache_memory_bytes=GiB)
+    gpu = EngineConfig(model=ModelConfig(device="cuda"), cache=CacheConfig(kv_cache_memory_bytes=GiB))
     assert gpu.resolve_num_blocks(MiB, max_model_len=16) == 1024  # CUDA: the given budget, not the CPU cap

@@ -11,7 +11,7 @@ import torch
 from prometheus_client import generate_latest
 
 from diffgentor.engine import kernel_warmup
-from diffgentor.engine.config import EngineConfig
+from diffgentor.engine.config import EngineConfig, ModelConfig
 from diffgentor.engine.kernel_warmup import WarmupShapes, prove, warm_attention, warm_moe
 from diffgentor.engine.offline import Engine
 from diffgentor.engine.testing.tiny_model import make_tiny
@@ -83,14 +83,17 @@ def test_proven_flashinfer_is_chosen_and_cuda_defaults_to_it(tiny, monkeypatch):
     _pretend_flashinfer_is_there(monkeypatch)
     monkeypatch.setattr(kernel_warmup, "warm_module", lambda module, shapes, device: "max abs error 0")
     mc = HunyuanImage3Config.from_pretrained(tiny)
-    choice = kernel_warmup.choose_kernels(EngineConfig(model=str(tiny), device="cpu", attn_impl="flashinfer"), mc)
+    flashinfer = EngineConfig(model=ModelConfig(checkpoint=str(tiny), device="cpu", attn_impl="flashinfer"))
+    choice = kernel_warmup.choose_kernels(flashinfer, mc)
     assert choice.attn_impl == "flashinfer" and choice.moe_impl == "eager" and len(choice.proofs) == 2
     # not asked for: FlashInfer is wanted on CUDA only; asked for sdpa (flag or env var): never
-    assert EngineConfig(model=str(tiny)).wants_flashinfer_attention(cuda_available=True)
-    assert not EngineConfig(model=str(tiny)).wants_flashinfer_attention(cuda_available=False)
-    assert not EngineConfig(model=str(tiny), attn_impl="sdpa").wants_flashinfer_attention(cuda_available=True)
+    unset = EngineConfig(model=ModelConfig(checkpoint=str(tiny))).model
+    assert unset.wants_flashinfer_attention(cuda_available=True)
+    assert not unset.wants_flashinfer_attention(cuda_available=False)
+    sdpa = EngineConfig(model=ModelConfig(checkpoint=str(tiny), attn_impl="sdpa")).model
+    assert not sdpa.wants_flashinfer_attention(cuda_available=True)
     env = EngineConfig.from_cli_and_env({"model": str(tiny)}, environ={"DG_HUNYUAN_IMAGE_3_ATTN_IMPL": "sdpa"})
-    assert not env.wants_flashinfer_attention(cuda_available=True)
+    assert not env.model.wants_flashinfer_attention(cuda_available=True)
 
 
 def test_warm_up_inputs_check_a_backend_against_the_reference():

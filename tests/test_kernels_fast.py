@@ -129,7 +129,7 @@ def test_reference_rejects_out_of_range_ids():
 
 
 def test_moe_impl_selection(monkeypatch):
-    # the choice arrives as an argument (EngineConfig.moe_impl); the kernels never read the environment
+    # the choice arrives as an argument (ModelConfig.moe_impl); the kernels never read the environment
     monkeypatch.setenv("DG_HUNYUAN_IMAGE_3_MOE_IMPL", "FlashInfer")
     assert resolve_moe_impl(None) == "grouped"
     assert resolve_moe_impl("eager") == "grouped"
@@ -376,7 +376,7 @@ def test_flashinfer_moe_is_tuned_once_per_process_at_start_up(tmp_path, monkeypa
     issue: one call inside `flashinfer.autotune()` per weight shape (all layers share it), none again in the same
     process, and the steps that follow run untuned calls."""
     from diffgentor.bench.engine_run import build_random_model
-    from diffgentor.engine.config import EngineConfig, SchedulerConfig
+    from diffgentor.engine.config import EngineConfig, ModelConfig, SchedulerConfig
     from diffgentor.engine.memory_plan import largest_step_tokens
     from diffgentor.engine.models.hunyuan_image_3.backbone import MoEBlock
     from diffgentor.engine.testing.tiny_model import write_tiny_metadata
@@ -389,7 +389,8 @@ def test_flashinfer_moe_is_tuned_once_per_process_at_start_up(tmp_path, monkeypa
     monkeypatch.setattr(moe_mod, "_FLASHINFER_TUNED", set())
     model = build_random_model(write_tiny_metadata(tmp_path / "tiny"), "cpu", torch.float32, None, 0, "sdpa",
                                "flashinfer")
-    config = EngineConfig(device="cpu", dtype="float32", scheduler=SchedulerConfig(max_num_batched_tokens=256))
+    config = EngineConfig(model=ModelConfig(device="cpu", dtype="float32"),
+                          scheduler=SchedulerConfig(max_num_batched_tokens=256))
     Worker(model, config, 64)
     tokens = largest_step_tokens(config, model.config)[0]
     assert fake.calls == [(tokens, True)]

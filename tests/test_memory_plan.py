@@ -9,7 +9,7 @@ import math
 
 import pytest
 
-from diffgentor.engine.config import EngineConfig
+from diffgentor.engine.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig
 from diffgentor.engine.memory_plan import (
     GPUS,
     MemoryPlanError,
@@ -88,7 +88,8 @@ LAYOUTS = [  # gpu, tp, ep, quantization
 
 def _plan(cfg, gpu, tp, ep, quant, **kw):
     spec = GPUS[gpu]
-    config = EngineConfig(quantization=quant, tensor_parallel_size=tp, **kw)
+    config = EngineConfig(model=ModelConfig(quantization=quant), cache=CacheConfig(**kw),
+                          parallel=ParallelConfig(tensor_parallel_size=tp))
     return plan_memory(cfg, config, ParallelContext(tp, 0, expert_parallel=ep), spec.total_bytes, spec.name,
                        spec.capability)
 
@@ -134,7 +135,7 @@ def test_fp8_is_what_makes_one_h200_fit(real_cfg):
 
 
 def test_kv_blocks_for_is_the_plan(real_cfg):
-    config = EngineConfig(quantization="fp8", tensor_parallel_size=4)
+    config = EngineConfig(parallel=ParallelConfig(tensor_parallel_size=4), model=ModelConfig(quantization="fp8"))
     par = ParallelContext(4, 0)
     total = GPUS["h100"].total_bytes
     assert kv_blocks_for(config, real_cfg, par, total_memory_bytes=total) == \

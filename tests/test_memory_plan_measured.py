@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from diffgentor.engine.config import EngineConfig
+from diffgentor.engine.config import EngineConfig, ModelConfig, ParallelConfig
 from diffgentor.engine.memory_plan import (
     GPUS,
     attention_bytes,
@@ -105,7 +105,8 @@ def _metadata(chunks):
 def test_forward_terms_match_the_meta_measurement(real_cfg, gpu, tp, quant, monkeypatch):
     monkeypatch.setattr(ParallelContext, "all_reduce", lambda self, t: t)  # in place: no allocation either way
     parallel = ParallelContext(tp, 0)
-    plan = plan_for(EngineConfig(quantization=quant, tensor_parallel_size=tp), real_cfg, parallel, gpu)
+    config = EngineConfig(model=ModelConfig(quantization=quant), parallel=ParallelConfig(tensor_parallel_size=tp))
+    plan = plan_for(config, real_cfg, parallel, gpu)
     q = None if quant == "none" else quant
     backbone = _two_layer_model(real_cfg, parallel, quant, plan.moe_impl).model
     assert plan.fits and plan.moe_impl == ("grouped" if quant == "none" else "fp8_grouped")
@@ -189,7 +190,7 @@ def test_vae_terms_match_the_meta_measurement(real_cfg, meta_vae, images, height
 def test_vae_budget_of_the_h200_fp8_plan(real_cfg):
     """What plan-memory prints for one H200 with FP8 experts: the VAE budget holds one 1024x1024 decode (its fp16
     weight cache included) and the KV blocks are what is left after every term."""
-    plan = plan_for(EngineConfig(quantization="fp8"), real_cfg, None, "h200")
+    plan = plan_for(EngineConfig(model=ModelConfig(quantization="fp8")), real_cfg, None, "h200")
     v = plan.vae
     assert v["budget"] >= vae_decode_bytes(real_cfg, 1024, 1024) and v["decode_images_per_call"] >= 1
     assert v["budget"] < vae_decode_bytes(real_cfg, 1024, 1024, v["decode_images_per_call"] + 1)
@@ -204,7 +205,7 @@ def test_graph_pool_matches_the_meta_measurement(real_cfg):
     page table), measured here on the real-width model."""
     from diffgentor.engine.cuda_graph import DecodeGraphRunner
 
-    config = EngineConfig(quantization="fp8")
+    config = EngineConfig(model=ModelConfig(quantization="fp8"))
     plan = plan_for(config, real_cfg, None, "h200")
     model = _two_layer_model(real_cfg, ParallelContext(), "fp8", plan.moe_impl)
     runner = DecodeGraphRunner(model, model.make_kv_cache(2, BLOCK_SIZE), 1, config.scheduler.max_num_seqs,

@@ -52,8 +52,8 @@ def test_resolve_ids_folders_and_errors(cache, tmp_path):
 def test_engine_config_resolves_with_flags_and_offline_env(cache):
     assert hf_offline(OFFLINE) and not hf_offline({}) and not hf_offline({"HF_HUB_OFFLINE": "0"})
     c = EngineConfig.from_cli_and_env({"model": REPO_ID, "download_dir": str(cache), "revision": "main"}, OFFLINE)
-    assert (c.hf_offline, c.revision, c.download_dir) == (True, "main", str(cache))
-    assert Path(c.with_local_checkpoint().model).name == COMMIT
+    assert (c.model.hf_offline, c.model.revision, c.model.download_dir) == (True, "main", str(cache))
+    assert Path(c.with_local_checkpoint().model.checkpoint).name == COMMIT
 
 
 def test_offline_engine_by_id(cache):

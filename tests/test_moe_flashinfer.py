@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from diffgentor.bench.engine_run import build_random_model
-from diffgentor.engine.config import EngineConfig, SchedulerConfig
+from diffgentor.engine.config import EngineConfig, ModelConfig, SchedulerConfig
 from diffgentor.engine.memory_plan import flashinfer_moe_workspace_bytes, largest_step_tokens
 from diffgentor.engine.models.hunyuan_image_3.backbone import MoEBlock
 from diffgentor.engine.parallel import ParallelContext
@@ -90,8 +90,8 @@ def test_one_workspace_sized_by_the_plan_serves_every_call(tmp_path, fake, quant
     then allocates its own, as before)."""
     model = build_random_model(write_tiny_metadata(tmp_path / "tiny"), "cpu", torch.float32, quantization, 0,
                                "sdpa", "flashinfer")
-    config = EngineConfig(device="cpu", dtype="float32", scheduler=SchedulerConfig(max_num_batched_tokens=256),
-                          quantization=quantization or "none")
+    config = EngineConfig(model=ModelConfig(device="cpu", dtype="float32", quantization=quantization or "none"),
+                          scheduler=SchedulerConfig(max_num_batched_tokens=256))
     Worker(model, config, 64)
     tokens = largest_step_tokens(config, model.config)[0]
     planned = flashinfer_moe_workspace_bytes(model.config, ParallelContext(), tokens, quantization, 4)

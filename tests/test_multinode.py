@@ -76,7 +76,7 @@ def test_two_torchrun_nodes_match_single_process(ckpt, tmp_path):
     nodes = _start_nodes(tmp_path, master, endpoint)
     try:
         with Engine.from_pretrained(ckpt, environ={}, tensor_parallel_size=2, rank_endpoint=f"127.0.0.1:{endpoint}",
-                                    executor_args=dict(ready_timeout_s=600), **ARGS) as eng:
+                                    ready_timeout_s=600, **ARGS) as eng:
             assert isinstance(eng.core.executor, MultiprocExecutor) and eng.core.executor.endpoint is not None
             got = eng.generate(_requests())
         codes = _reap(nodes)
@@ -97,7 +97,7 @@ def test_killed_remote_rank_fails_in_flight_request(ckpt, tmp_path):
     nodes = _start_nodes(tmp_path, master, endpoint)
     try:
         eng = Engine.from_pretrained(ckpt, environ={}, tensor_parallel_size=2, rank_endpoint=f"127.0.0.1:{endpoint}",
-                                     executor_args=dict(ready_timeout_s=600), **ARGS)
+                                     ready_timeout_s=600, **ARGS)
         core = eng.core
         rank_pids = list(core.executor.rank_pids)
         eng.add_request(dict(request_id="long", prompt="a long one", bot_task="image",

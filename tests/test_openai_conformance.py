@@ -72,10 +72,11 @@ def test_size_pattern_is_the_numeric_range():
 
 
 def test_server_size_is_engine_height_by_width():
-    from diffgentor.server.http.api import ServerLimits, _parse_size
+    from diffgentor.engine.config import ServerConfig
+    from diffgentor.server.http.api import _parse_size
 
-    assert _parse_size("1536x1024", ServerLimits()) == "1024x1536"  # WIDTHxHEIGHT in, the engine's HxW out
-    assert _parse_size("auto", ServerLimits()) == "auto"
+    assert _parse_size("1536x1024", ServerConfig()) == "1024x1536"  # WIDTHxHEIGHT in, the engine's HxW out
+    assert _parse_size("auto", ServerConfig()) == "auto"
 
 
 def test_quality_steps():
@@ -151,11 +152,12 @@ _CANDIDATES = [None, True, False, -1, 0, 1, 2, 3, 4, 5.0, 10, 11, 50, 100, 101, 
                                          ("ImageEditForm", "CreateImageEditRequest"),
                                          ("ImageEditJSONRequest", "EditImageBodyJsonParam")])
 def test_request_fields_validate_against_openai(ours, theirs):
-    from diffgentor.server.http.api import AppState, ServerLimits, build_app
+    from diffgentor.engine.config import ServerConfig
+    from diffgentor.server.http.api import AppState, build_app
     from diffgentor.server.http.openapi import document
 
     app = build_app(AppState(ctx=None, client=None, metrics=None, model_names=[MODEL], model_root=MODEL))
-    doc = document(app, ServerLimits())
+    doc = document(app, ServerConfig())
     our_props = doc["components"]["schemas"][ours]["properties"]
     their_props = OPENAI_SCHEMA["$defs"][theirs]["properties"]
     shared = sorted(set(our_props) & set(their_props) - {"image", "images", "size"})
@@ -202,11 +204,11 @@ def test_openapi_document_is_a_valid_openapi_document():
     """/openapi.json passes openapi-spec-validator (a `type: string` field with `default: null` did not)."""
     from openapi_spec_validator import validate
 
-    from diffgentor.server.http.api import ServerLimits
+    from diffgentor.engine.config import ServerConfig
     from diffgentor.server.http.openapi import document
 
     for api_key in (False, True):
-        validate(document(_app(api_key="k" if api_key else None), ServerLimits(), api_key=api_key))
+        validate(document(_app(api_key="k" if api_key else None), ServerConfig(), api_key=api_key))
 
 
 def test_null_is_absent_where_openai_takes_it():
@@ -230,11 +232,11 @@ def test_unknown_parameters_are_400_unknown_parameter(body, param):
 
 def test_extensions_are_marked_in_the_document():
     """Every request field OpenAI does not define is marked `x-diffgentor-extension` (and only those)."""
-    from diffgentor.server.http.api import ServerLimits
+    from diffgentor.engine.config import ServerConfig
     from diffgentor.server.http.openai_schemas import EXTENSION_FIELDS, EXTENSION_MARK
     from diffgentor.server.http.openapi import document
 
-    doc = document(_app(), ServerLimits())
+    doc = document(_app(), ServerConfig())
     from openai.types.image_generate_params import ImageGenerateParamsBase
 
     # OpenAI's parameters: the published schema's, and the SDK's (newer: safety_identifier)

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from diffgentor.engine.config import EngineConfig
+from diffgentor.engine.config import EngineConfig, ModelConfig
 from diffgentor.engine.core_proc import CoreOutputs, FinishedInfo
 from diffgentor.engine.input_processor import process_request, unpack_image
 from diffgentor.engine.models.hunyuan_image_3.tokenizer import HunyuanTokenizer
@@ -109,7 +109,7 @@ def test_frontends_give_the_bytes_the_core_gave(engine, tmp_path):
     core, ctx = engine.core, engine.core.ctx
     processed = {r["request_id"]: process_request(ctx, engine.make_request(dict(r, request_id=f"b-{r['request_id']}")))
                  for r in REQUESTS}
-    client = EngineClient(EngineConfig(device="cpu"), ctx=ctx)  # the API server's output processing
+    client = EngineClient(EngineConfig(model=ModelConfig(device="cpu")), ctx=ctx)  # the API server's output processing
     for p in processed.values():
         engine.outputs.add_request(p)
         client.outputs.add_request(p)

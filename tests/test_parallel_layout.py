@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from diffgentor.engine.config import EngineConfig, add_engine_args
+from diffgentor.engine.config import EngineConfig, ModelConfig, ParallelConfig, add_engine_args
 from diffgentor.engine.parallel import init_distributed
 from diffgentor.engine.parallel_layout import ParallelLayout
 
@@ -44,7 +44,7 @@ def test_groups_partition_the_world(tp, cfg, sp):
 ])
 def test_config_refuses_bad_layouts(kw, match):
     with pytest.raises(ValueError, match=match):
-        EngineConfig(device="cpu", **kw)
+        EngineConfig(parallel=ParallelConfig(**kw), model=ModelConfig(device="cpu"))
 
 
 def test_config_flags_and_resolution():
@@ -54,18 +54,20 @@ def test_config_flags_and_resolution():
     assert cfg.parallel_layout().as_dict() == {"tp": 2, "cfg": 2, "sp": 1, "world": 4}
     assert cfg.resolve_world_size() == 4 and cfg.ranks_per_instance == 4
     # GPUs: tp 0 takes the visible devices left over by the other dimensions; too few devices is an error
-    auto = EngineConfig(device="cuda", tensor_parallel_size=0, cfg_parallel_size=2)
+    auto = EngineConfig(model=ModelConfig(device="cuda"),
+                        parallel=ParallelConfig(tensor_parallel_size=0, cfg_parallel_size=2))
     assert auto.parallel_layout(num_visible_devices=8).tp == 4
     assert auto.num_instances(8) == 1
+    tp2_cfg2 = ParallelConfig(tensor_parallel_size=2, cfg_parallel_size=2)
     with pytest.raises(ValueError, match="needs one GPU per rank, but only 2"):
-        EngineConfig(device="cuda", tensor_parallel_size=2, cfg_parallel_size=2).parallel_layout(2)
-    assert EngineConfig(device="cuda", tensor_parallel_size=2, cfg_parallel_size=2).num_instances(8) == 2
+        EngineConfig(parallel=tp2_cfg2, model=ModelConfig(device="cuda")).parallel_layout(2)
+    assert EngineConfig(parallel=tp2_cfg2, model=ModelConfig(device="cuda")).num_instances(8) == 2
     # external ranks: the layout's rank count decides the ports, and a single rank has nothing to connect
     with pytest.raises(ValueError, match="layout of >= 2 ranks"):
-        EngineConfig(device="cpu", tensor_parallel_size=1, rank_endpoint="127.0.0.1:29500")
-    EngineConfig(device="cpu", tensor_parallel_size=1, cfg_parallel_size=2, rank_endpoint="127.0.0.1:29500")
+        ParallelConfig(tensor_parallel_size=1, rank_endpoint="127.0.0.1:29500")
+    ParallelConfig(tensor_parallel_size=1, cfg_parallel_size=2, rank_endpoint="127.0.0.1:29500")
     with pytest.raises(ValueError, match="4 ranks is past 65535"):
-        EngineConfig(device="cpu", tensor_parallel_size=2, cfg_parallel_size=2, rank_endpoint="h:65533")
+        ParallelConfig(tensor_parallel_size=2, cfg_parallel_size=2, rank_endpoint="h:65533")
 
 
 def _group_rank(rank: int, init_file: str, out_dir: str) -> None:

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from diffgentor.engine import memory_plan
-from diffgentor.engine.config import EngineConfig
+from diffgentor.engine.config import EngineConfig, ModelConfig
 from diffgentor.engine.memory_plan import IMAGE_SIDE, plan_memory, planned_moe_impl, vae_decode_bytes
 from diffgentor.engine.models.hunyuan_image_3.config import HunyuanImage3Config
 from diffgentor.engine.parallel import ParallelContext
@@ -78,7 +78,7 @@ def real_cfg(tmp_path_factory):
 def test_plan_vae_counts_are_the_budgets_counts(real_cfg, quantization):
     """The counts `plan-memory` prints are the ones the worker and scheduler derive from `plan.vae_budget()`, and
     the planned bytes of a decode of that many images fit the budget while one more does not."""
-    config = EngineConfig(quantization=quantization)
+    config = EngineConfig(model=ModelConfig(quantization=quantization))
     plan = plan_memory(real_cfg, config, ParallelContext(), 141 * 2**30, "H200")
     v, b = plan.vae, plan.vae_budget()
     assert v["decode_images_per_call"] == b.decode_images(IMAGE_SIDE, IMAGE_SIDE)

@@ -9,7 +9,7 @@ import ast
 import json
 from pathlib import Path
 
-from diffgentor.engine.config import EngineConfig, HunyuanImage3Env
+from diffgentor.engine.config import EngineConfig, HunyuanImage3Env, ModelConfig
 from diffgentor.engine.input_processor import load_processor_context, process_request
 from diffgentor.engine.models.hunyuan_image_3.config import GenerationDefaults
 from diffgentor.engine.request import GenerationRequest
@@ -27,7 +27,7 @@ def _checkpoint(tmp_path, generation_config: dict) -> str:
 
 
 def _defaults(config: EngineConfig):
-    return resolve_request_defaults(GenerationDefaults.from_pretrained(config.model), config)
+    return resolve_request_defaults(GenerationDefaults.from_pretrained(config.model.checkpoint), config)
 
 
 def test_unset_variables_leave_the_checkpoint_values(tmp_path):
@@ -52,12 +52,13 @@ def test_explicit_variables_and_flags_win_over_the_checkpoint(tmp_path):
 
 def test_values_given_in_code_count_as_explicit(tmp_path):
     model = _checkpoint(tmp_path, {"bot_task": "image"})
-    assert _defaults(EngineConfig(model=model, env=HunyuanImage3Env(bot_task="think"))).bot_task == "think"
-    assert _defaults(EngineConfig(model=model)).bot_task == "image"
+    think = EngineConfig(model=ModelConfig(checkpoint=model), env=HunyuanImage3Env(bot_task="think"))
+    assert _defaults(think).bot_task == "think"
+    assert _defaults(EngineConfig(model=ModelConfig(checkpoint=model))).bot_task == "image"
 
 
 def test_no_checkpoint_file_means_every_default(tmp_path):
-    d = _defaults(EngineConfig(model=str(tmp_path)))
+    d = _defaults(EngineConfig(model=ModelConfig(checkpoint=str(tmp_path))))
     assert d.bot_task == "think_recaption" and d.use_system_prompt == "en_unified"
     assert d.num_inference_steps == 50 and d.guidance_scale == 2.5
 
@@ -94,7 +95,8 @@ def test_batch_flags_are_the_engine_config_and_reach_each_request(tmp_path):
                                       str(tmp_path / "out"), "--num_inference_steps", "3", "--guidance_scale",
                                       "4.5", "--seed", "9"])
     config = engine_config(args, environ={})
-    assert (config.default_num_inference_steps, config.default_guidance_scale, config.seed) == (3, 4.5, 9)
+    m = config.model
+    assert (m.default_num_inference_steps, m.default_guidance_scale, m.seed) == (3, 4.5, 9)
     ctx = load_processor_context(ckpt, config)
     st = state_from_processed(ctx, process_request(ctx, GenerationRequest(request_id="r", prompt="a cube",
                                                                           bot_task="image")))
@@ -103,7 +105,7 @@ def test_batch_flags_are_the_engine_config_and_reach_each_request(tmp_path):
 
 
 def test_seed_flag_is_the_default_seed_of_seedless_requests(tmp_path):
-    """`--seed` (EngineConfig.seed) seeds every request that gives none; a request's own seed wins; unset, the
+    """`--seed` (ModelConfig.seed) seeds every request that gives none; a request's own seed wins; unset, the
     offline default stays 42 (the served API draws a random one per request instead)."""
     ckpt = make_tiny(tmp_path / "tiny")
 
@@ -114,4 +116,4 @@ def test_seed_flag_is_the_default_seed_of_seedless_requests(tmp_path):
 
     seeded = EngineConfig.from_cli_and_env({"model": str(ckpt), "seed": 7}, environ={})
     assert seed_of(seeded) == 7 and seed_of(seeded, seed=3) == 3
-    assert seed_of(EngineConfig(model=str(ckpt))) == 42
+    assert seed_of(EngineConfig(model=ModelConfig(checkpoint=str(ckpt)))) == 42

@@ -111,11 +111,12 @@ def test_fetch_url_http(tmp_path):
     import http.server
     import threading
 
-    from diffgentor.server.http.api import ServerLimits, _fetch_url
+    from diffgentor.engine.config import ServerConfig
+    from diffgentor.server.http.api import _fetch_url
     from diffgentor.server.http.openai_schemas import OpenAIError
     from diffgentor.server.url_fetch import FetchPolicy, UrlFetcher
 
-    def fetch(url: str, limits: ServerLimits) -> bytes:  # loopback is refused unless allowed
+    def fetch(url: str, limits: ServerConfig) -> bytes:  # loopback is refused unless allowed
         policy = FetchPolicy.build(limits.max_upload_bytes, ["127.0.0.1"])
         return asyncio.run(_fetch_url(url, 0, limits, UrlFetcher(policy)))
 
@@ -129,10 +130,10 @@ def test_fetch_url_http(tmp_path):
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     base = f"http://127.0.0.1:{srv.server_address[1]}"
     try:
-        assert fetch(base + "/a.png", ServerLimits()) == _png()
-        cases = [(base + "/missing.png", ServerLimits(), 400, "invalid_image_url"),
-                 (base + "/a.png", ServerLimits(max_upload_bytes=100), 413, "file_too_large"),
-                 (f"http://127.0.0.1:{free_port()}/a.png", ServerLimits(), 400, "invalid_image_url")]
+        assert fetch(base + "/a.png", ServerConfig()) == _png()
+        cases = [(base + "/missing.png", ServerConfig(), 400, "invalid_image_url"),
+                 (base + "/a.png", ServerConfig(max_upload_bytes=100), 413, "file_too_large"),
+                 (f"http://127.0.0.1:{free_port()}/a.png", ServerConfig(), 400, "invalid_image_url")]
         for url, limits, status, code in cases:
             with pytest.raises(OpenAIError) as e:
                 fetch(url, limits)

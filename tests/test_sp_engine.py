@@ -78,7 +78,7 @@ def test_sp_engine_matches_single_process(ckpt, single, tp, cfg, sp):
 
 @pytest.mark.slow
 def test_killed_sequence_parallel_rank_fails_in_flight_requests(ckpt):
-    eng = Engine.from_pretrained(ckpt, environ={}, sequence_parallel_size=2, executor_args=dict(poll_s=0.1),
+    eng = Engine.from_pretrained(ckpt, environ={}, sequence_parallel_size=2, poll_s=0.1,
                                  **ENGINE_ARGS)
     try:
         kill_rank_mid_run(eng, _requests(steps=50), rank=1)  # rank 1 = (tp 0, sp 1): rank 0's sequence-parallel peer

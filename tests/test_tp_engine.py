@@ -58,7 +58,7 @@ def single(ckpt):
 
 @pytest.mark.parametrize("ep", [False, True], ids=["tp2", "ep2"])
 def test_tp_engine_matches_single_process(ckpt, single, ep):
-    with Engine.from_pretrained(ckpt, environ={}, tensor_parallel_size=2, executor_args=dict(expert_parallel=ep),
+    with Engine.from_pretrained(ckpt, environ={}, tensor_parallel_size=2, expert_parallel=ep,
                                 **ENGINE_ARGS) as eng:
         ex = eng.core.executor
         assert isinstance(ex, MultiprocExecutor) and ex.expert_parallel is ep
@@ -82,7 +82,7 @@ def test_tp_engine_matches_single_process(ckpt, single, ep):
 
 
 def test_killed_rank_fails_in_flight_requests(ckpt):
-    eng = Engine.from_pretrained(ckpt, environ={}, tensor_parallel_size=2, executor_args=dict(poll_s=0.1),
+    eng = Engine.from_pretrained(ckpt, environ={}, tensor_parallel_size=2, poll_s=0.1,
                                  **ENGINE_ARGS)
     try:
         took = kill_rank_mid_run(eng, _requests(steps=50), rank=1)
@@ -99,13 +99,13 @@ def test_rank_startup_failure_is_reported(ckpt, tmp_path):
         f.unlink()
     with pytest.raises(ExecutorError, match="rank .* failed"):
         Engine.from_pretrained(broken, environ={}, tensor_parallel_size=2,
-                               executor_args=dict(ready_timeout_s=300), **ENGINE_ARGS)
+                               ready_timeout_s=300, **ENGINE_ARGS)
 
 
 def test_hung_rank_is_noticed_and_stopped(ckpt):
     """A rank that stops answering (SIGSTOP) fails the in-flight requests after step_timeout_s; no rank remains."""
     eng = Engine.from_pretrained(ckpt, environ={}, tensor_parallel_size=2,
-                                 executor_args=dict(poll_s=0.1, step_timeout_s=3.0), **ENGINE_ARGS)
+                                 poll_s=0.1, step_timeout_s=3.0, **ENGINE_ARGS)
     ex = eng.core
     pids = list(ex.executor.rank_pids)
     try:

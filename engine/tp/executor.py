@@ -11,7 +11,8 @@ torch.distributed process group's own timeout, `pg_timeout_s`, ends collectives 
 failure the executor stops every rank (terminate, then kill, then join: no zombies), sets `failed` and raises
 `ExecutorError` (the engine core then fails its in-flight requests), and again on any later use.
 On CPU the ranks use gloo with a file:// rendezvous; on CUDA nccl, rank r on device r of the visible devices.
-External ranks (torchrun, multi-node) connect to `config.rank_endpoint` instead of being spawned.
+External ranks (torchrun, multi-node) connect to `config.parallel.rank_endpoint` instead of being spawned. Every
+setting (timeouts, polling, threads, expert parallelism) is the config's `ParallelConfig`.
 """
 
 from __future__ import annotations
@@ -55,13 +56,6 @@ class MultiprocExecutor(Executor):
         self,
         config: EngineConfig,
         layout: ParallelLayout | None = None,
-        expert_parallel: bool | None = None,
-        ready_timeout_s: float = 600.0,
-        step_timeout_s: float = 600.0,
-        pg_timeout_s: float = 120.0,
-        poll_s: float = 0.2,
-        num_threads: int | None = None,
-        heartbeat_timeout_s: float = 5.0,
     ) -> None:
         import torch.multiprocessing as mp
         import zmq
@@ -70,10 +64,12 @@ class MultiprocExecutor(Executor):
         self.layout = layout or config.parallel_layout()
         self.world_size = self.layout.world_size
         self.leaders = self.layout.group_leaders()  # the ranks whose outputs make the step's output
-        self.expert_parallel = config.env.expert_parallel if expert_parallel is None else bool(expert_parallel)
-        self.step_timeout_s = step_timeout_s
-        self.poll_ms = max(1, int(poll_s * 1000))
-        if num_threads is None and not config.on_cuda():  # this process's thread share (OMP_NUM_THREADS), split
+        par = config.parallel  # the rank grid and this executor's settings
+        self.expert_parallel = bool(par.expert_parallel)
+        self.step_timeout_s = par.step_timeout_s
+        self.poll_ms = max(1, int(par.poll_s * 1000))
+        num_threads = par.num_threads
+        if num_threads is None and not config.model.on_cuda():  # this process's thread share (OMP_NUM_THREADS), split
             num_threads = max(1, (omp_num_threads() or os.cpu_count() or 1) // self.world_size)
         self.failed: str | None = None
         self.num_blocks = 0
@@ -83,11 +79,10 @@ class MultiprocExecutor(Executor):
         self._seq = 0
         self._closed = False
 
-        self.endpoint = config.rank_endpoint  # external ranks (torchrun, multi-node) connect here
-        self.heartbeat_timeout_s = heartbeat_timeout_s
+        self.endpoint = par.rank_endpoint  # external ranks (torchrun, multi-node) connect here
+        self.heartbeat_timeout_s = par.heartbeat_timeout_s
         self._last_seen: dict[int, float] = {}  # external ranks: when each was last heard from
-        self._setup = RankSetup(config=config, layout=self.layout, expert_parallel=self.expert_parallel,
-                                pg_timeout_s=pg_timeout_s, num_threads=num_threads)
+        self._setup = RankSetup(config=config, layout=self.layout, rank_threads=num_threads)
         self._dir = tempfile.mkdtemp(prefix="dg-tp-")
         self._zctx = zmq.Context()
         if self.endpoint is None:
@@ -121,7 +116,7 @@ class MultiprocExecutor(Executor):
             spawn.Process(
                 target=rank_main, name=f"dg-tp-rank{r}", daemon=True,
                 args=(r, self.layout, config, init_method, in_addrs[r], out_addr,
-                      self.expert_parallel, pg_timeout_s, os.getpid(), num_threads),
+                      os.getpid(), num_threads),
             )
             for r in range(self.world_size)
         ]
@@ -134,7 +129,7 @@ class MultiprocExecutor(Executor):
             if self.endpoint is not None:
                 logger.info("waiting for %d tensor-parallel ranks to connect to %s (torchrun ... -m "
                             "diffgentor.server.cli tp-worker --connect HEAD:PORT)", self.world_size, self.endpoint)
-            self._wait_ready(ready_timeout_s)
+            self._wait_ready(par.ready_timeout_s)
         except BaseException:
             self.close()
             raise

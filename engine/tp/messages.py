@@ -38,9 +38,8 @@ class RankSetup(msgspec.Struct, tag="setup", kw_only=True):
 
     config: EngineConfig
     layout: ParallelLayout
-    expert_parallel: bool
-    pg_timeout_s: float
-    num_threads: int | None = None
+    rank_threads: int | None = None
+    """This rank's torch threads as the executor split them (`ParallelConfig.num_threads` or a share)."""
 
 
 RankInput = ExecuteModel | ShutdownCmd | RankSetup

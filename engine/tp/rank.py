@@ -48,8 +48,7 @@ DISCONNECT_GRACE_S = 10.0
 
 
 def rank_main(rank: int, layout: ParallelLayout, config: EngineConfig, init_method: str, in_addr: str,
-              out_addr: str, expert_parallel: bool, pg_timeout_s: float, parent_pid: int,
-              num_threads: int | None) -> None:
+              out_addr: str, parent_pid: int, num_threads: int | None) -> None:
     """Entry of one spawned rank: join the group, load the shard, announce readiness, then step on command."""
     import zmq
 
@@ -60,8 +59,7 @@ def rank_main(rank: int, layout: ParallelLayout, config: EngineConfig, init_meth
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s tp-rank{rank} %(levelname)s %(message)s")
     zctx = zmq.Context()
     out, inp = _rank_sockets(zctx, in_addr, out_addr)
-    _serve_rank(rank, layout, config, init_method, out, inp, expert_parallel, pg_timeout_s, num_threads,
-                device_index=rank, parent_pid=parent_pid)
+    _serve_rank(rank, layout, config, init_method, out, inp, num_threads, device_index=rank, parent_pid=parent_pid)
 
 
 def _rank_sockets(zctx, in_addr: str, out_addr: str):
@@ -77,7 +75,7 @@ def _rank_sockets(zctx, in_addr: str, out_addr: str):
 
 
 def _serve_rank(rank: int, layout: ParallelLayout, config: EngineConfig, init_method: str, out, inp,
-                expert_parallel: bool, pg_timeout_s: float, num_threads: int | None, device_index: int,
+                num_threads: int | None, device_index: int,
                 parent_pid: int | None, shutdown: threading.Event | None = None) -> None:
     """The rank's life after its sockets exist: join the group, load its shard, then execute plans until a
     shutdown (exit 0) or an error (reported as `RankFailed`, exit 1). Never returns."""
@@ -93,11 +91,12 @@ def _serve_rank(rank: int, layout: ParallelLayout, config: EngineConfig, init_me
 
         if num_threads:
             torch.set_num_threads(num_threads)
-        cuda = config.on_cuda()
+        cuda = config.model.on_cuda()
         if cuda:
             torch.cuda.set_device(device_index)
         ctx = init_distributed("nccl" if cuda else "gloo", init_method, rank, layout,
-                               expert_parallel=expert_parallel, timeout_s=pg_timeout_s)
+                               expert_parallel=bool(config.parallel.expert_parallel),
+                               timeout_s=config.parallel.pg_timeout_s)
         worker = Worker.load(config, parallel=ctx)
         # only the CFG groups' leaders' outputs reach the core: no device-to-host copy of latents elsewhere
         worker.reports_latents = reports = ctx.is_group_leader
@@ -218,13 +217,13 @@ def run_external_rank(connect: str, setup_timeout_s: float = 600.0, environ: dic
         return 1
     _heartbeat(zctx, out_addr, rank)
     logger.info("rank %d/%d (local %d) connected to %s; loading %s", rank, world_size, local_rank, connect,
-                setup.config.model)
+                setup.config.model.checkpoint)
     if setup.layout.world_size != world_size:
         logger.error("torchrun started %d ranks, but the executor's layout is %s", world_size,
                      setup.layout.describe())
         return 1
-    _serve_rank(rank, setup.layout, setup.config, "env://", out, inp, setup.expert_parallel, setup.pg_timeout_s,
-                setup.num_threads, device_index=local_rank, parent_pid=None, shutdown=shutdown)
+    _serve_rank(rank, setup.layout, setup.config, "env://", out, inp, setup.rank_threads, device_index=local_rank,
+                parent_pid=None, shutdown=shutdown)
     return 0  # not reached: _serve_rank exits the process
 
 

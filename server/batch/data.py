@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from diffgentor.server.url_fetch import DEFAULT_MAX_IMAGE_BYTES
+from diffgentor.engine.config import DEFAULT_MAX_IMAGE_BYTES
 
 MAX_INPUT_IMAGES = 3
 IMAGE_COLUMNS = ("input_images", "image_url")

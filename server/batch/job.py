@@ -300,7 +300,7 @@ def _run(args: argparse.Namespace, command: str) -> int:
         config = config.with_local_checkpoint()
     except FileNotFoundError as e:
         raise FatalError(str(e)) from None
-    args.model_name = config.model
+    args.model_name = config.model.checkpoint
     output_dir = Path(args.output_dir)
     output_csv = Path(args.output_csv) if args.output_csv else output_dir / "results.csv"
     log_dir = Path(args.log_dir) if args.log_dir else output_dir / "logs" / time.strftime("%Y%m%d_%H%M%S")
@@ -351,8 +351,8 @@ def _run(args: argparse.Namespace, command: str) -> int:
         elif pending:
             gpus = L.visible_gpus()
             # external (torchrun, multi-node) ranks: one instance here, its ranks bring their own GPUs
-            slices = [[]] if config.rank_endpoint else L.plan_instances(config.ranks_per_instance, gpus,
-                                                                        args.num_instances)
+            slices = [[]] if config.parallel.rank_endpoint else L.plan_instances(config.ranks_per_instance, gpus,
+                                                                                 args.num_instances)
             slices = slices[:max(1, min(len(slices), len(pending)))]
             if len(slices) == 1:
                 if slices[0]:

@@ -66,10 +66,10 @@ def resolve_kernels(config):
     """FlashInfer needs CUDA and flashinfer-python: without them fall back (with a warning) to eager / sdpa."""
     changes = {}
     for name, fallback in (("moe_impl", "eager"), ("attn_impl", "sdpa")):
-        if getattr(config, name) != "flashinfer":
+        if getattr(config.model, name) != "flashinfer":
             continue
         reason = None
-        if not config.on_cuda():
+        if not config.model.on_cuda():
             reason = "there is no CUDA device"
         elif importlib.util.find_spec("flashinfer") is None:
             reason = "flashinfer-python is not installed (pip install -e '.[gpu]', see docs/flashinfer.md)"
@@ -78,7 +78,7 @@ def resolve_kernels(config):
             logger.warning("%s=flashinfer (or --%s flashinfer) but %s; using %s", var, name.replace("_", "-"),
                            reason, fallback)
             changes[name] = fallback
-    return dataclasses.replace(config, **changes) if changes else config
+    return dataclasses.replace(config, model=dataclasses.replace(config.model, **changes)) if changes else config
 
 
 def record(task: Task, output_image: str = "", text: str = "", error: str = "") -> dict[str, str]:
@@ -134,9 +134,10 @@ class Worker:
             try:
                 self._engine = Engine.from_config(self.config)
             except Exception as e:
-                logger.exception("could not load %s", self.config.model)
-                raise FatalError(f"could not load the model {self.config.model}: {type(e).__name__}: {e}") from e
-            logger.info("loaded %s in %.1f s", self.config.model, time.perf_counter() - t0)
+                name = self.config.model.checkpoint
+                logger.exception("could not load %s", name)
+                raise FatalError(f"could not load the model {name}: {type(e).__name__}: {e}") from e
+            logger.info("loaded %s in %.1f s", self.config.model.checkpoint, time.perf_counter() - t0)
         return self._engine
 
     def close(self) -> None:

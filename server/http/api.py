@@ -39,16 +39,16 @@ from starlette.datastructures import Headers, UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from diffgentor.engine.config import ServerConfig
 from diffgentor.engine.core_proc import FinishedInfo
 from diffgentor.engine.input_processor import ProcessedRequest, ProcessorContext, check_request, process_request
 from diffgentor.engine.request import EngineEvent, GenerationRequest
-from diffgentor.engine.request_contract import MAX_COND_IMAGES, RequestError
+from diffgentor.engine.request_contract import RequestError
 from diffgentor.server.http import openapi
 from diffgentor.server.http.aio import unless
 from diffgentor.server.http.engine_client import EngineDeadError
 from diffgentor.server.http.engine_pool import EnginePool, plan_engine_instances
 from diffgentor.server.http.http_server import (
-    DEFAULT_HEAD_TIMEOUT_S,
     ConnectionLimiter,
     DrainingServer,
     fd_capped,
@@ -57,9 +57,6 @@ from diffgentor.server.http.http_server import (
 from diffgentor.server.http.image_store import ImageStore
 from diffgentor.server.http.limits import (
     CHARGE_SCOPE_KEY,
-    DEFAULT_BODY_DEADLINE_S,
-    DEFAULT_BODY_IDLE_TIMEOUT_S,
-    DEFAULT_INFLIGHT_BYTES,
     RETRY_AFTER_S,
     BodyLimit,
     BudgetExceeded,
@@ -90,51 +87,14 @@ from diffgentor.server.http.openai_schemas import (
     usage,
     validation_error,
 )
-from diffgentor.server.http.request_cost import (
-    DEFAULT_MAX_QUEUED_COST_BYTES,
-    DEFAULT_MAX_REQUEST_COST_BYTES,
-    ImageHeader,
-    RequestCost,
-    read_header,
-    request_cost,
-)
-from diffgentor.server.http.serve_args import (
-    DEFAULT_MAX_IMAGE_PIXELS,
-    DEFAULT_MAX_PROMPT_CHARS,
-    DEFAULT_MAX_UPLOAD_BYTES,
-)
-from diffgentor.server.url_fetch import DEFAULT_FETCH_DEADLINE_S, FetchError, FetchPolicy, UrlFetcher
+from diffgentor.server.http.request_cost import ImageHeader, RequestCost, read_header, request_cost
+from diffgentor.server.url_fetch import FetchError, FetchPolicy, UrlFetcher
 
 logger = logging.getLogger("diffgentor.server")
 
 MiB = 1 << 20
 _RECAPTION_RE = re.compile(r"<recaption>(.*?)(?:</recaption>|$)", re.S)
 _TAG_RE = re.compile(r"<[^<>\s]{1,40}>")
-
-
-@dataclass
-class ServerLimits:
-    max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES  # per image file
-    max_request_bytes: int = 64 * MiB  # whole body
-    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS  # bombs are refused from the header, before decoding
-    max_output_side: int = 4096
-    max_prompt_chars: int = DEFAULT_MAX_PROMPT_CHARS
-    max_images: int = MAX_COND_IMAGES
-    # SigLIP2 preprocessing (transformers) takes a 1-pixel-high image for channels-first and fails on it
-    min_image_side: int = 4
-    max_n: int = 10
-    # hardening: image URLs are fetched only when allowed, under `url_fetch`'s policy
-    allow_url_fetch: bool = False
-    allowed_url_hosts: tuple[str, ...] = ()
-    fetch_deadline_s: float = DEFAULT_FETCH_DEADLINE_S  # one image, the whole download
-    request_fetch_deadline_s: float = 2 * DEFAULT_FETCH_DEADLINE_S  # every image of one request
-    max_inflight_bytes: int = DEFAULT_INFLIGHT_BYTES  # uploads and downloads held by all requests in flight
-    body_idle_timeout_s: float = DEFAULT_BODY_IDLE_TIMEOUT_S
-    body_deadline_s: float = DEFAULT_BODY_DEADLINE_S
-    head_timeout_s: float = DEFAULT_HEAD_TIMEOUT_S
-    # memory a request will cost (server/http/request_cost.py): one request's limit, and all admitted requests' budget
-    max_request_cost_bytes: int = DEFAULT_MAX_REQUEST_COST_BYTES
-    max_queued_cost_bytes: int = DEFAULT_MAX_QUEUED_COST_BYTES
 
 
 @dataclass
@@ -145,7 +105,7 @@ class AppState:
     model_names: list[str]
     model_root: str
     api_key: str | None = None
-    limits: ServerLimits = field(default_factory=ServerLimits)
+    limits: ServerConfig = field(default_factory=ServerConfig)
     pool: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(4, thread_name_prefix="dg-input"))
     created: int = field(default_factory=now)
     fetcher: UrlFetcher | None = None  # built from `limits` when None and URL fetching is allowed
@@ -162,7 +122,7 @@ def _error_response(e: OpenAIError, headers: Mapping[str, str] | None = None) ->
     return JSONResponse(e.body(), status_code=e.status, headers={**extra, **(headers or {})} or None)
 
 
-def _parse_size(size: str | None, limits: ServerLimits) -> str:
+def _parse_size(size: str | None, limits: ServerConfig) -> str:
     """OpenAI's `size` (WIDTHxHEIGHT) as the engine's `image_size`, which is HEIGHTxWIDTH (the batch CLI's
     `--image_size` convention, engine/models/hunyuan_image_3/resolution.py); `auto` stays `auto`."""
     m = SIZE_RE.match(size or "")
@@ -207,7 +167,7 @@ def _request_error(e: RequestError) -> OpenAIError:
     return OpenAIError(400, str(e), e.param, e.code)
 
 
-async def _read_upload(f: UploadFile, i: int, limits: ServerLimits) -> bytes:
+async def _read_upload(f: UploadFile, i: int, limits: ServerConfig) -> bytes:
     data = await f.read(limits.max_upload_bytes + 1)
     if len(data) > limits.max_upload_bytes:
         raise OpenAIError(413, f"image {i} is larger than {limits.max_upload_bytes} bytes", "image", "file_too_large")
@@ -216,7 +176,7 @@ async def _read_upload(f: UploadFile, i: int, limits: ServerLimits) -> bytes:
     return data
 
 
-async def _fetch_url(url: str, i: int, limits: ServerLimits, fetcher: UrlFetcher | None = None, charge=None) -> bytes:
+async def _fetch_url(url: str, i: int, limits: ServerConfig, fetcher: UrlFetcher | None = None, charge=None) -> bytes:
     if url.startswith("data:"):
         head, _, payload = url.partition(",")
         if ";base64" not in head:
@@ -468,7 +428,7 @@ def _version() -> str:
         return "0"
 
 
-def _check_count(n: int, limits: ServerLimits) -> None:
+def _check_count(n: int, limits: ServerConfig) -> None:
     if n == 0:
         raise OpenAIError(400, "image is required: send 1 to 3 images as `image` or `image[]`", "image",
                           "missing_required_parameter")
@@ -699,7 +659,7 @@ def _steps(state: AppState, params) -> int | None:
     return steps_for_quality(params.quality, state.ctx.request_defaults.num_inference_steps)
 
 
-def _process(ctx: ProcessorContext, req: GenerationRequest, limits: ServerLimits) -> ProcessedRequest:
+def _process(ctx: ProcessorContext, req: GenerationRequest, limits: ServerConfig) -> ProcessedRequest:
     """`process_request` under the server's limits (the minimum image side is checked from the headers first)."""
     return process_request(ctx, req, limits.max_image_pixels, max_text_chars=limits.max_prompt_chars)
 
@@ -862,19 +822,10 @@ async def serve_async(args: argparse.Namespace, started: asyncio.Event | None = 
     except ValueError as e:
         logger.error("%s", e)
         return 1
-    ctx = load_processor_context(config.model, config)
+    ctx = load_processor_context(config.model.checkpoint, config)
     client = EnginePool(config, slices, metrics=metrics, on_death=on_death, ctx=ctx)
-    limits = ServerLimits(max_upload_bytes=args.max_upload_bytes, max_image_pixels=args.max_image_pixels,
-                          max_prompt_chars=args.max_prompt_chars, max_request_bytes=args.max_request_bytes,
-                          allow_url_fetch=args.allowed_url_fetch,
-                          allowed_url_hosts=tuple(args.allowed_url_hosts or ()),
-                          fetch_deadline_s=args.url_fetch_timeout_s,
-                          request_fetch_deadline_s=2 * args.url_fetch_timeout_s,
-                          max_inflight_bytes=args.max_inflight_bytes, head_timeout_s=args.header_timeout_s,
-                          body_idle_timeout_s=args.body_timeout_s,
-                          max_request_cost_bytes=args.max_request_cost_mib * MiB,
-                          max_queued_cost_bytes=args.max_queued_cost_mib * MiB)
-    state = AppState(ctx=ctx, client=client, metrics=metrics, model_names=names, model_root=config.model,
+    limits = config.server  # the serve flags' limits, built with the rest of the config
+    state = AppState(ctx=ctx, client=client, metrics=metrics, model_names=names, model_root=config.model.checkpoint,
                      api_key=args.api_key, limits=limits, playground=getattr(args, "playground", True),
                      allowed_origins=tuple(args.allowed_origins),
                      image_store=ImageStore(args.image_url_store_bytes, args.image_url_ttl_s))

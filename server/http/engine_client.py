@@ -122,7 +122,7 @@ class EngineClient:
     async def start(self) -> None:
         if self.outputs.ctx is None:
             self.outputs.ctx = await asyncio.get_running_loop().run_in_executor(
-                self._output_thread, load_processor_context, self.config.model, self.config)
+                self._output_thread, load_processor_context, self.config.model.checkpoint, self.config)
         self._in = self._ctx.socket(zmq.PUSH)
         self._in.setsockopt(zmq.LINGER, 0)
         self._in.bind(self.input_addr)

@@ -34,14 +34,14 @@ def plan_engine_instances(config: EngineConfig, data_parallel_size: int | None =
                           gpus: Sequence[str] | None = None) -> list[list[str]]:
     """Device slices of the server's instances (empty = CPU). ``gpus`` defaults to the visible GPUs when the engine
     runs on CUDA. A pinned device (``cuda:N``) or ranks started elsewhere (``rank_endpoint``) make one instance."""
-    pinned = config.device.startswith("cuda:") or getattr(config, "rank_endpoint", None) is not None
+    pinned = config.model.device.startswith("cuda:") or config.parallel.rank_endpoint is not None
     if pinned:
         if data_parallel_size not in (None, 1):
             raise ValueError("--data-parallel-size > 1 needs the engine's devices to be planned: drop --device "
                              "cuda:N / --rank-endpoint")
         return [[]]
     if gpus is None:
-        gpus = launcher.visible_gpus() if config.on_cuda() else []
+        gpus = launcher.visible_gpus() if config.model.on_cuda() else []
     return launcher.plan_instances(config.ranks_per_instance, gpus, data_parallel_size)
 
 

@@ -27,7 +27,8 @@ import h11
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-DEFAULT_HEAD_TIMEOUT_S = 10.0
+from diffgentor.engine.config import DEFAULT_HEAD_TIMEOUT_S
+
 DEFAULT_MAX_CONNECTIONS = 2048
 DEFAULT_MAX_PENDING_CONNECTIONS = 512
 RESERVED_FDS = 256  # descriptors kept for everything but client connections (engine sockets, files, URL fetches)
@@ -188,4 +189,4 @@ class DrainingServer(uvicorn.Server):
                 self._captured_signals.clear()  # uvicorn re-raises what is left here once the handlers are restored
 
 
-__all__ = ["DEFAULT_HEAD_TIMEOUT_S", "ConnectionLimiter", "DrainingServer", "fd_capped", "head_timeout_protocol"]
+__all__ = ["ConnectionLimiter", "DrainingServer", "fd_capped", "head_timeout_protocol"]

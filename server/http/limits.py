@@ -21,11 +21,9 @@ from dataclasses import dataclass
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-MiB = 1 << 20
+from diffgentor.engine.config import DEFAULT_BODY_DEADLINE_S, DEFAULT_BODY_IDLE_TIMEOUT_S
+
 CHARGE_SCOPE_KEY = "diffgentor.charge"  # an ASGI scope extension key: the request's `Charge`
-DEFAULT_INFLIGHT_BYTES = 512 * MiB
-DEFAULT_BODY_IDLE_TIMEOUT_S = 30.0
-DEFAULT_BODY_DEADLINE_S = 300.0
 RETRY_AFTER_S = 1
 
 

@@ -23,8 +23,6 @@ from diffgentor.engine.input_processor import ALLOWED_IMAGE_FORMATS, ProcessorCo
 from diffgentor.engine.models.hunyuan_image_3 import image_tokens
 
 MiB = 1 << 20
-DEFAULT_MAX_REQUEST_COST_BYTES = 2048 * MiB
-DEFAULT_MAX_QUEUED_COST_BYTES = 8192 * MiB
 F32 = 4
 PIPELINE_COPIES = 3  # the API's arrays, the ZeroMQ message, the engine core's arrays
 

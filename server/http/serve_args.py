@@ -4,12 +4,19 @@ from __future__ import annotations
 
 import argparse
 
-from diffgentor.server.url_fetch import DEFAULT_MAX_IMAGE_BYTES
-
-MiB = 1 << 20
-DEFAULT_MAX_UPLOAD_BYTES = DEFAULT_MAX_IMAGE_BYTES
-DEFAULT_MAX_IMAGE_PIXELS = 4096 * 4096
-DEFAULT_MAX_PROMPT_CHARS = 32000
+from diffgentor.engine.config import (
+    DEFAULT_BODY_IDLE_TIMEOUT_S,
+    DEFAULT_FETCH_DEADLINE_S,
+    DEFAULT_HEAD_TIMEOUT_S,
+    DEFAULT_INFLIGHT_BYTES,
+    DEFAULT_MAX_IMAGE_PIXELS,
+    DEFAULT_MAX_PROMPT_CHARS,
+    DEFAULT_MAX_QUEUED_COST_BYTES,
+    DEFAULT_MAX_REQUEST_BYTES,
+    DEFAULT_MAX_REQUEST_COST_BYTES,
+    DEFAULT_MAX_UPLOAD_BYTES,
+    MiB,
+)
 
 
 def _positive_int(text: str) -> int:
@@ -51,14 +58,14 @@ def add_serve_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    "public addresses are fetched, each redirect checked again, environment proxies ignored")
     g.add_argument("--allowed-url-hosts", nargs="+", default=None, metavar="HOST",
                    help="host names, addresses or CIDR networks that may be fetched although internal")
-    g.add_argument("--url-fetch-timeout-s", type=_positive_float, default=20.0,
+    g.add_argument("--url-fetch-timeout-s", type=_positive_float, default=DEFAULT_FETCH_DEADLINE_S,
                    help="whole-download deadline per image URL (a request's URLs together get twice this)")
-    g.add_argument("--max-request-bytes", type=_positive_int, default=64 * MiB,
+    g.add_argument("--max-request-bytes", type=_positive_int, default=DEFAULT_MAX_REQUEST_BYTES,
                    help="a whole request body (JSON or multipart, chunked or not), counted as it arrives; 413 beyond")
-    g.add_argument("--max-inflight-bytes", type=_positive_int, default=512 * MiB,
+    g.add_argument("--max-inflight-bytes", type=_positive_int, default=DEFAULT_INFLIGHT_BYTES,
                    help="request bodies and downloaded images all requests in flight may hold together; more is "
                    "answered 429 (default 512 MiB)")
-    g.add_argument("--header-timeout-s", type=_positive_float, default=10.0,
+    g.add_argument("--header-timeout-s", type=_positive_float, default=DEFAULT_HEAD_TIMEOUT_S,
                    help="close a connection whose request head is not complete this long after its first byte")
     g.add_argument("--max-connections", type=_positive_int, default=2048,
                    help="open client connections; lowered to fit the file-descriptor limit. A new connection past it "
@@ -66,12 +73,12 @@ def add_serve_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--max-pending-connections", type=_positive_int, default=512,
                    help="connections without a complete request head (half-sent or idle); past it the oldest one of "
                    "the client holding the most is closed")
-    g.add_argument("--body-timeout-s", type=_positive_float, default=30.0,
+    g.add_argument("--body-timeout-s", type=_positive_float, default=DEFAULT_BODY_IDLE_TIMEOUT_S,
                    help="answer 408 when a request body stalls this long between chunks")
-    g.add_argument("--max-request-cost-mib", type=_positive_int, default=2048,
+    g.add_argument("--max-request-cost-mib", type=_positive_int, default=DEFAULT_MAX_REQUEST_COST_BYTES // MiB,
                    help="the memory one request may cost (decoded and preprocessed images, encoder outputs, output "
                    "images; computed from its images' headers before any is decoded); more is answered 400")
-    g.add_argument("--max-queued-cost-mib", type=_positive_int, default=8192,
+    g.add_argument("--max-queued-cost-mib", type=_positive_int, default=DEFAULT_MAX_QUEUED_COST_BYTES // MiB,
                    help="the memory cost all queued and running requests may hold together; more is answered 429")
     p.add_argument("--allowed-origins", nargs="*", default=["*"], metavar="ORIGIN",
                    help="browser origins (scheme://host[:port]) that may call the API from their pages (CORS); "

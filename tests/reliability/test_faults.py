@@ -126,14 +126,14 @@ def test_request_arriving_after_an_unnoticed_engine_death_gets_its_error():
     (a fresh-clone CI run: the kill test's load thread never returned); it now gets the death's error event."""
     import zmq
 
-    from diffgentor.engine.config import EngineConfig
+    from diffgentor.engine.config import EngineConfig, ModelConfig
     from diffgentor.engine.core_proc import CoreReady, FinishedInfo
     from diffgentor.engine.input_processor import ProcessedRequest
     from diffgentor.engine.request import GenerationRequest
     from diffgentor.server.http.engine_client import EngineClient
 
     async def run() -> list:
-        client = EngineClient(EngineConfig(device="cpu"))
+        client = EngineClient(EngineConfig(model=ModelConfig(device="cpu")))
         client._in = client._ctx.socket(zmq.PUSH)
         client._in.setsockopt(zmq.LINGER, 0)
         client._in.setsockopt(zmq.SNDHWM, 1)

@@ -449,14 +449,15 @@ def test_stalled_body_is_a_408(hserver):
 
 
 def test_url_fetching_is_off_by_default():
+    from diffgentor.engine.config import ServerConfig
     from diffgentor.server.cli import build_parser
-    from diffgentor.server.http.api import ServerLimits, _fetch_url
+    from diffgentor.server.http.api import _fetch_url
     from diffgentor.server.http.openai_schemas import OpenAIError
 
     args = build_parser().parse_args(["serve", "some-model"])
-    assert args.allowed_url_fetch is False and ServerLimits().allow_url_fetch is False
+    assert args.allowed_url_fetch is False and ServerConfig().allow_url_fetch is False
     with pytest.raises(OpenAIError) as e:
-        asyncio.run(_fetch_url("http://example.com/a.png", 0, ServerLimits(), fetcher=None))
+        asyncio.run(_fetch_url("http://example.com/a.png", 0, ServerConfig(), fetcher=None))
     assert e.value.status == 400 and "--allowed-url-fetch" in e.value.message
 
 
@@ -483,7 +484,7 @@ def test_resolver_refuses_names_pointing_inside():
 def test_stream_pump_failure_still_ends_the_stream(tmp_path):
     """Not an engine death: the link to an engine core that never started fails with an ordinary exception. The
     stream still ends with an error event and [DONE] (it used to hang the client)."""
-    from diffgentor.engine.config import EngineConfig
+    from diffgentor.engine.config import EngineConfig, ModelConfig
     from diffgentor.engine.core_proc import CoreReady
     from diffgentor.engine.input_processor import ProcessedRequest
     from diffgentor.engine.request import GenerationRequest
@@ -491,7 +492,7 @@ def test_stream_pump_failure_still_ends_the_stream(tmp_path):
     from diffgentor.server.http.engine_pool import EnginePool
     from diffgentor.server.http.openai_schemas import ImageGenerationRequest
 
-    pool = EnginePool(EngineConfig(device="cpu"), [[]])
+    pool = EnginePool(EngineConfig(model=ModelConfig(device="cpu")), [[]])
     client = pool.clients[0]
     client.ready = CoreReady(num_blocks=10, block_size=16, max_num_seqs=2, pid=0)  # "ready", but never started
     state = AppState(ctx=None, client=pool, metrics=None, model_names=["m"], model_root="m")
@@ -518,7 +519,7 @@ def test_a_failed_sub_request_cancels_its_siblings():
     running to its end, and the failure is the answer."""
     import zmq
 
-    from diffgentor.engine.config import EngineConfig
+    from diffgentor.engine.config import EngineConfig, ModelConfig
     from diffgentor.engine.core_proc import (
         AbortRequests,
         AddRequest,
@@ -534,7 +535,7 @@ def test_a_failed_sub_request_cancels_its_siblings():
     from diffgentor.server.http.openai_schemas import OpenAIError
 
     async def run() -> list:
-        client = EngineClient(EngineConfig(device="cpu"))
+        client = EngineClient(EngineConfig(model=ModelConfig(device="cpu")))
         client._in = client._ctx.socket(zmq.PUSH)
         client._in.setsockopt(zmq.LINGER, 0)
         client._in.bind(client.input_addr)

@@ -33,8 +33,9 @@ from hypothesis import HealthCheck, Phase, given, settings
 from schemathesis import GenerationMode
 
 from diffgentor.bench.serve import run_load
+from diffgentor.engine.config import ServerConfig
 from diffgentor.engine.core_proc import FinishedInfo
-from diffgentor.server.http.api import AppState, ServerLimits, _raise_for, build_app
+from diffgentor.server.http.api import AppState, _raise_for, build_app
 from diffgentor.server.http.openai_schemas import IMAGE_URL_PATTERN, SIZE_RE, OpenAIError
 
 from .conftest import bad_spec, check_outcomes, png
@@ -70,7 +71,7 @@ def cap_body(body, documented: dict):
         body["size"] = f"{MAX_SIDE}x{MAX_SIDE}"
     elif m:
         w, h = int(m.group(2)), int(m.group(3))
-        if 16 <= min(w, h) and max(w, h) <= ServerLimits().max_output_side:
+        if 16 <= min(w, h) and max(w, h) <= ServerConfig().max_output_side:
             body["size"] = f"{min(w, MAX_SIDE)}x{min(h, MAX_SIDE)}"
     return body
 

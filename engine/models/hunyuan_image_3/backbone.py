@@ -99,7 +99,7 @@ class TopKRouter(nn.Module):
 class MoEBlock(nn.Module):
     """Routed experts (dropless, renormalised top-k) plus the unscaled shared expert.
 
-    `moe_impl` (EngineConfig.moe_impl; None = eager) is resolved by `kernels.moe.resolve_moe_impl` at the first
+    `moe_impl` (ModelConfig.moe_impl; None = eager) is resolved by `kernels.moe.resolve_moe_impl` at the first
     forward, when the device and the experts' quantization (FP8 weights attached at load, see
     `kernels.quantization`) are known. The fast paths need stacked [E, 2I, H] / [E, H, I] weights: they are
     stacked ONCE and every expert's parameter becomes a view of the stack (no second copy; checkpoint keys and
@@ -337,7 +337,7 @@ class HunyuanImage3Backbone(nn.Module):
     """wte + decoder layers + ln_f; `forward` runs the layers only (no ln_f).
 
     attn_backend / moe_impl: names for the kernel selection points (`kernels.attention.get_attention_backend`,
-    `kernels.moe.resolve_moe_impl`); the caller resolves attn_backend (EngineConfig.attn_impl); moe_impl None
+    `kernels.moe.resolve_moe_impl`); the caller resolves attn_backend (ModelConfig.attn_impl); moe_impl None
     reads $DG_HUNYUAN_IMAGE_3_MOE_IMPL.
     """
 

@@ -84,11 +84,11 @@ class HunyuanImage3ForCausalMM(nn.Module):
     ) -> HunyuanImage3ForCausalMM:
         """Build from `config.json` and load every tensor strictly (any folder name, dots included).
 
-        attn_backend / moe_impl name the kernel implementations (EngineConfig.attn_impl / moe_impl); the
+        attn_backend / moe_impl name the kernel implementations (ModelConfig.attn_impl / moe_impl); the
         fast paths fall back to the torch references, with one warning, where the device cannot run them.
         parallel: this process's tensor / expert parallel rank (`engine.parallel.init_distributed`); the rank
         then reads only its slices of the big tensors. None: the single-process model.
-        quantization: EngineConfig.quantization; "fp8" / "fp8_block" store the routed and shared expert weights
+        quantization: ModelConfig.quantization; "fp8" / "fp8_block" store the routed and shared expert weights
         as float8_e4m3fn (per-channel / 128x128 block scales), quantised tensor by tensor as they are read.
         """
         config = HunyuanImage3Config.from_pretrained(ckpt_dir)
