@@ -15,6 +15,7 @@ from pathlib import Path
 
 import httpx
 import jsonschema
+import numpy as np
 import openai
 import pytest
 from PIL import Image
@@ -458,11 +459,14 @@ def test_output_compression_is_jpeg_and_webp_quality():
     """OpenAI's `output_compression`: 0-100, default 100 (the least compression); png ignores it."""
     from diffgentor.server.http.api import _encode_output
 
-    png = _png(128, 128)
+    image = Image.open(io.BytesIO(_png(128, 128)))
+    image.load()
     for fmt in ("jpeg", "webp"):
-        default, top, low = (len(_encode_output(png, fmt, c)) for c in (None, 100, 5))
+        default, top, low = (len(_encode_output(image, fmt, c)) for c in (None, 100, 5))
         assert default == top > 2 * low, (fmt, default, top, low)
-    assert _encode_output(png, "png", 5) == png
+    png = _encode_output(image, "png", 5)
+    assert png == _encode_output(image, "png", None) and np.array_equal(np.asarray(Image.open(io.BytesIO(png))),
+                                                                          np.asarray(image))  # lossless
 
 
 @pytest.mark.parametrize("call,param,code", [
