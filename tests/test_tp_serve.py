@@ -111,7 +111,8 @@ class Server:
 
     def rank_pids(self) -> list[int]:
         """Rank pids in rank order, as the engine core logged them; they must be its children."""
-        m = re.search(r"tensor-parallel executor ready: 2 ranks .* rank pids \[(\d+), (\d+)\]", self.log())
+        m = re.search(r"parallel executor ready: tp2 x cfg1 x sp1 \(2 ranks\) .* rank pids \[(\d+), (\d+)\]",
+                      self.log())
         assert m, self.log()
         pids = [int(m.group(1)), int(m.group(2))]
         assert sorted(pids) == _children(self.core_pid()), (pids, _children(self.core_pid()))
@@ -197,7 +198,7 @@ def reference(ckpt, tp_server):
 def test_tp2_serve_matches_single_process(tp_server, reference):
     _, ref = reference
     tp_server.wait_ready()
-    assert "tensor-parallel executor ready: 2 ranks" in tp_server.log()
+    assert "parallel executor ready: tp2 x cfg1 x sp1 (2 ranks)" in tp_server.log()
     assert len(tp_server.rank_pids()) == 2
     for name in ("t2i", "edit"):
         r = _post(tp_server.base, *REQUESTS[name])
@@ -368,7 +369,8 @@ def test_edit_cli_two_tp2_cpu_instances_match_single_process(ckpt, tmp_path, mon
     assert tp.returncode == 0, err[-3000:]
     assert "2 instances: 0 on CPU (1 rows" in err and "1 on CPU (1 rows" in err, err[-2000:]
     for i in range(2):
-        assert "tensor-parallel executor ready: 2 ranks" in (tmp_path / "logs" / f"instance{i}.log").read_text()
+        log = (tmp_path / "logs" / f"instance{i}.log").read_text()
+        assert "parallel executor ready: tp2 x cfg1 x sp1 (2 ranks)" in log
     rows = {}
     for name in ("single", "tp"):
         with open(tmp_path / name / "results.csv", newline="") as f:
