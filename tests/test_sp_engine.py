@@ -2,8 +2,9 @@
 plans give the single-process engine's latents, images and text for a batch of mixed requests
 (Instruct text-to-image with CFG, a 3-image edit with CFG, a request without CFG whose image rows make the step's
 row count odd, a think-and-recaption request with a preview and the Taylor cache); a killed sequence-parallel rank
-fails the in-flight requests quickly; shutdown leaves no rank process behind. The SP2 comparison runs by default;
-the 4-rank layouts and the killed rank are `slow`."""
+fails the in-flight requests quickly; shutdown leaves no rank process behind. The engine comparisons and the killed
+rank are `slow` (about a minute even for SP2 on 2 cores); by default sequence parallelism is held at the model level
+(tests/test_sequence_parallel.py: SP2 ranks == one process) and the op level (tests/test_ulysses.py)."""
 
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ from helpers import alive_pids, kill_rank_mid_run, random_png
 
 ENGINE_ARGS = dict(num_kv_blocks=1024, device="cpu", dtype="float32", max_num_seqs=8, max_num_batched_tokens=4096)
 # CFG2 x SP2 is compared in tests/test_cfg_parallel.py
-LAYOUTS = [pytest.param(1, 1, 2, id="sp2"), pytest.param(2, 1, 2, id="tp2xsp2", marks=pytest.mark.slow)]
+LAYOUTS = [pytest.param(1, 1, 2, id="sp2", marks=pytest.mark.slow),
+           pytest.param(2, 1, 2, id="tp2xsp2", marks=pytest.mark.slow)]
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +50,7 @@ def single(ckpt):
         return eng.generate(_requests())
 
 
+@pytest.mark.slow
 def test_requests_cover_an_odd_row_count(single):
     """The request without CFG has one image chunk of 1 + 12 * 20 rows (timestep + grid): odd, so every step that
     batches it with CFG pairs splits an odd number of rows over 2 ranks (the last share padded)."""
