@@ -3,8 +3,10 @@
 `diffgentor bench offline` measures the engine it is part of; to compare against an earlier commit (whose
 harness may lack today's flags), each side runs a small driver that only uses the offline API every commit has
 (`Engine.from_pretrained`, `Engine.generate`, `RequestResult.timings`, `core.stats`), in a subprocess whose
-`diffgentor` package is that commit's tree (a `git worktree` for the base). Sides alternate (base, head, base,
-head, ...) so a change in the machine's load hits both alike; the JSON keeps every run, the means and the ratio.
+`diffgentor` package is that commit's tree (a `git worktree` for the base). `--engine-args` and
+`--head-engine-args` (JSON objects of `Engine.from_pretrained` keywords) set both sides and the head only: with
+`--base HEAD` one tree A/Bs two settings. Sides alternate (base, head, base, head, ...) so a change in the machine's
+load hits both alike; the JSON keeps every run, the means and the ratio.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ for i, line in enumerate(workload.read_text().splitlines()):
         r["request_id"] = f"w{i}"
         reqs.append(r)
 kw = dict(device="cpu", dtype="float32", max_num_seqs=mns, num_kv_blocks=4096, max_num_batched_tokens=8192)
+kw.update(json.loads(sys.argv[5]))
 eng = Engine.from_pretrained(model, environ={}, **kw)
 warm = [dict(r, request_id="warm" + r["request_id"], seed=r.get("seed", 0) + 999, max_new_tokens=2,
              num_inference_steps=1) for r in reqs[:2]]
@@ -86,9 +89,10 @@ def side_roots(base: str):
             _git("worktree", "remove", "--force", str(wt))
 
 
-def _run(pkg_root: Path, model: str, workload: str, mns: int, threads: int) -> dict:
+def _run(pkg_root: Path, model: str, workload: str, mns: int, threads: int, engine_args: dict) -> dict:
     env = dict(os.environ, PYTHONPATH=str(pkg_root))
-    proc = subprocess.run([sys.executable, "-c", DRIVER, model, workload, str(mns), str(threads)], env=env,
+    proc = subprocess.run([sys.executable, "-c", DRIVER, model, workload, str(mns), str(threads),
+                           json.dumps(engine_args)], env=env,
                           capture_output=True, text=True, cwd=pkg_root)
     for line in proc.stdout.splitlines():
         if line.startswith("AB-RESULT "):
@@ -127,13 +131,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-num-seqs", type=int, nargs="+", default=[16])
     ap.add_argument("--repeat", type=int, default=2, help="runs per side and max_num_seqs, alternating")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--engine-args", type=json.loads, default={}, metavar="JSON",
+                    help='Engine.from_pretrained keywords for both sides, e.g. \'{"max_step_ms": 200}\'')
+    ap.add_argument("--head-engine-args", type=json.loads, default={}, metavar="JSON",
+                    help="keywords for the head side only (on top of --engine-args)")
     ap.add_argument("--save-result", required=True)
     args = ap.parse_args(argv)
+    side_args = {"base": dict(args.engine_args), "head": {**args.engine_args, **args.head_engine_args}}
     base = _git("rev-parse", args.base)
     head = _git("rev-parse", "HEAD")
     dirty = _git("status", "--porcelain", "--untracked-files=no")
     out: dict = dict(base=base, head=head, head_dirty=bool(dirty), model=args.model, workload=args.workload,
-                     threads=args.threads, loadavg_before=os.getloadavg(), started=time.strftime("%Y-%m-%d %H:%M:%S"),
+                     threads=args.threads, engine_args=side_args, loadavg_before=os.getloadavg(),
+                     started=time.strftime("%Y-%m-%d %H:%M:%S"),
                      cpu=_cpu_model(), results={})
     with side_roots(base) as roots:
         workload = str(Path(args.workload).resolve())
@@ -141,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
             runs: dict[str, list[dict]] = {"base": [], "head": []}
             for i in range(args.repeat):
                 for side in ("base", "head"):
-                    res = _run(roots[side], args.model, workload, mns, args.threads)
+                    res = _run(roots[side], args.model, workload, mns, args.threads, side_args[side])
                     runs[side].append(res)
                     print(f"mns={mns} run {i} {side}: {60 * res['images'] / res['wall_s']:.1f} images/min "
                           f"({res['wall_s']:.1f} s)", flush=True)

@@ -221,7 +221,8 @@ def _attention_cases(scale: int) -> dict[str, tuple[list, int]]:
 
 
 def section_attention(chk: Check, gpu: bool, out: Path) -> dict[str, Any]:
-    from diffgentor.kernels.attention import AttentionMetadata, get_attention_backend, paged_attention_reference
+    from diffgentor.kernels.attention import AttentionMetadata, paged_attention_reference
+    from diffgentor.kernels.attention_select import get_attention_backend
     from diffgentor.kernels.kv_cache import PagedKVCache
 
     dev = torch.device("cuda" if gpu else "cpu")

@@ -31,7 +31,8 @@ from types import ModuleType
 
 import torch
 
-from diffgentor.kernels.attention import ATTN_VARIANTS, AttentionMetadata, SequenceChunk, get_attention_backend
+from diffgentor.kernels.attention import ATTN_VARIANTS, AttentionMetadata, SequenceChunk
+from diffgentor.kernels.attention_select import get_attention_backend
 from diffgentor.kernels.kv_cache import PagedKVCache
 from diffgentor.kernels.moe import flashinfer_moe_available, fused_experts, select_experts
 

@@ -33,9 +33,9 @@ from diffgentor.kernels.attention import (
     AttentionMetadata,
     SequenceChunk,
     flashinfer_attention_available,
-    get_attention_backend,
     paged_attention_reference,
 )
+from diffgentor.kernels.attention_select import get_attention_backend
 from diffgentor.kernels.kv_cache import PagedKVCache
 from diffgentor.kernels.moe import (
     flashinfer_moe_available,

@@ -1,4 +1,4 @@
-"""Attention metadata for a flat mixed batch, the pure-torch paged attention reference, and backend selection.
+"""Attention metadata for a flat mixed batch and the pure-torch paged attention reference.
 
 One engine step packs N query tokens from S sequences (prefill chunks, decode tokens, diffusion image tokens)
 into one flat batch. `AttentionMetadata` describes, per token, where its K/V is stored and which keys it sees:
@@ -16,7 +16,8 @@ step's metadata prepared on the host, no device read), then `backend.run(q, k, v
 every key, this step's included, from the pages. `backend.plan(metadata)` ran once before the first layer (host
 work: grouping, page lists, masks), so `kv_lens` already counts the step's stores. `k`, `v` are passed as well
 because the cascade variant reads a segment's own rows directly instead of from the cache.
-`get_attention_backend` is the one selection point (FlashInfer's plan/run contract, `AttentionBackend`).
+`kernels.attention_select.get_attention_backend` is the one selection point (FlashInfer's plan/run contract,
+`AttentionBackend`); it sits above this module and the FlashInfer one, so neither imports the other's importer.
 
 Variants (all exact re-statements of the same mask; the CPU tests prove they agree, the FlashInfer backend
 implements the same decompositions with kernels):
@@ -36,17 +37,22 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from .host_copy import to_device
-from .impl_names import ATTN_IMPLS
 
-if TYPE_CHECKING:
-    from .kv_cache import PagedKVCache
+
+class PagedKVCache(Protocol):
+    """What attention reads of the paged KV cache (kernels/kv_cache.py's `PagedKVCache`, which imports this
+    module's `AttentionMetadata`; a structural type here keeps the two modules out of an import circle)."""
+
+    def layer(self, layer: int) -> Tensor: ...
+
+    def gather(self, layer: int, block_table_row: Tensor, kv_len: int) -> tuple[Tensor, Tensor]: ...
 
 
 @dataclass(frozen=True)
@@ -654,27 +660,3 @@ def flashinfer_attention_available(device: torch.device | str) -> tuple[bool, st
     except Exception as e:  # noqa: BLE001 - any import failure means "not available"
         return False, f"flashinfer is not importable ({type(e).__name__}: {e})"
     return True, "ok"
-
-
-def get_attention_backend(
-    name: str = "sdpa",
-    num_qo_heads: int = 32,
-    num_kv_heads: int = 8,
-    head_dim: int = 128,
-    scale: float | None = None,
-    variant: str | None = None,
-) -> AttentionBackend:
-    """THE selection point: name ("sdpa" = "torch", or "flashinfer"; the caller resolves it, e.g. from
-    `ModelConfig.attn_impl`: kernels read no environment) -> a backend object. `flashinfer` resolves its
-    device at the first plan() and falls back to the torch backend (same variant) with one warning when CUDA or
-    flashinfer is missing."""
-    if not isinstance(name, str):
-        raise ValueError(f"attention backend name must be a string ({', '.join(ATTN_IMPLS)}), got {name!r}")
-    key = name.strip().lower()
-    if key in ("torch", "sdpa"):
-        return TorchPagedAttention(num_qo_heads, num_kv_heads, head_dim, scale, variant or "mask")
-    if key == "flashinfer":
-        from .flashinfer_attention import FlashInferPagedAttention
-
-        return FlashInferPagedAttention(num_qo_heads, num_kv_heads, head_dim, scale, variant or "segments")
-    raise ValueError(f"unknown attention backend {name!r}; available: torch, {', '.join(ATTN_IMPLS)}")

@@ -2,7 +2,7 @@
 `quantization`).
 
 One home, torch-free: the config validates its flags against these without importing torch, and the selection
-points (`kernels.attention.get_attention_backend`, `kernels.moe.resolve_moe_impl`) name them in their errors."""
+points (`kernels.attention_select.get_attention_backend`, `kernels.moe.resolve_moe_impl`) name them in their errors."""
 
 from __future__ import annotations
 

@@ -6,12 +6,10 @@ every layer (its `bench` subcommands), and no module of the package may import i
 
 Read with `ast`, so nothing is imported. Every `import` statement counts as an edge, including ones inside a
 function body: a function-local import is still a run-time dependency, and hiding a cycle inside a function only
-moves the failure from import time to call time. Not counted as cycles:
-* imports under `if TYPE_CHECKING:` (annotations only, never run); they still count as upward imports (a kernel
-  typed for an engine class depends on the engine's layout all the same);
-* the edges in `LAZY_PLUGIN_EDGES`: a selection point that loads an optional backend inside the function that
-  selects it, so that code without that backend's hardware never imports it. The test checks that each such edge
-  still exists and is function-local (never at module level).
+moves the failure from import time to call time. Imports under `if TYPE_CHECKING:` (annotations only, never run)
+count too: for cycles and for upward imports (a kernel typed for an engine class depends on the engine's layout all
+the same). There are no exemptions: an optional backend is loaded by a selection point above it
+(kernels/attention_select.py), never by the module it builds on.
 """
 
 from __future__ import annotations
@@ -25,11 +23,6 @@ SUBPACKAGES = ("bench", "engine", "kernels", "server")
 # a layer may not import the layers listed for it
 FORBIDDEN = {"kernels": ("engine", "server", "bench"), "engine": ("server", "bench"), "server": ("bench",)}
 ENTRY_POINTS = {"diffgentor.server.cli"}
-# `get_attention_backend("flashinfer")` imports the FlashInfer backend, which builds on the torch reference in
-# `kernels.attention`; the GPU module is loaded only when it is selected.
-LAZY_PLUGIN_EDGES = {
-    ("diffgentor.kernels.attention", "diffgentor.kernels.flashinfer_attention"),
-}
 
 
 def _module_name(path: Path) -> str:
@@ -90,16 +83,14 @@ def _imports(tree: ast.AST, module: str, is_package: bool, local: set[str] | Non
     return found
 
 
-def import_graph(with_lazy_plugins: bool = False, with_type_checking: bool = False) -> dict[str, set[str]]:
-    """module -> the package modules it imports (`LAZY_PLUGIN_EDGES` and `if TYPE_CHECKING:` imports left out
-    unless asked for)."""
+def import_graph(with_type_checking: bool = True) -> dict[str, set[str]]:
+    """module -> the package modules it imports (`if TYPE_CHECKING:` imports included unless left out)."""
     mods = package_modules()
     graph: dict[str, set[str]] = {}
     for name, path in mods.items():
         tree = ast.parse(path.read_text(), filename=str(path))
         targets = _imports(tree, name, path.name == "__init__.py", type_checking=with_type_checking)
-        graph[name] = {t for t in targets if t in mods and t != name
-                       and (with_lazy_plugins or (name, t) not in LAZY_PLUGIN_EDGES)}
+        graph[name] = {t for t in targets if t in mods and t != name}
     return graph
 
 
@@ -179,22 +170,12 @@ def test_no_import_cycles():
 
 def test_no_upward_imports():
     """Annotation-only imports included: a kernel typed for an engine class is an upward dependency too."""
-    graph = import_graph(with_lazy_plugins=True, with_type_checking=True)
+    graph = import_graph()
     bad = [f"{src} imports {dst}" for src, dsts in sorted(graph.items()) for dst in sorted(dsts)
            if src not in ENTRY_POINTS and _layer(dst) in FORBIDDEN.get(_layer(src), ())]
     bad += [f"{src} imports the entry point {dst}" for src, dsts in sorted(graph.items()) for dst in sorted(dsts)
             if dst in ENTRY_POINTS]
     assert not bad, "\n".join(bad)
-
-
-def test_lazy_plugin_edges_exist_and_stay_function_local():
-    mods = package_modules()
-    for src, dst in sorted(LAZY_PLUGIN_EDGES):
-        path = mods[src]
-        local: set[str] = set()
-        found = _imports(ast.parse(path.read_text()), src, path.name == "__init__.py", local=local)
-        assert dst in found, f"{src} no longer imports {dst}: drop the exemption"
-        assert dst in local, f"{src} imports {dst} at module level: that is a cycle, not a lazy plugin load"
 
 
 SERVER_CONCERNS = ("diffgentor.server.http", "diffgentor.server.batch")
@@ -207,7 +188,7 @@ def _concern(module: str) -> str | None:
 def test_server_concerns_do_not_import_each_other():
     """The HTTP API (`server/http/`) and the batch jobs (`server/batch/`) share only the modules at the root of
     `server/` (model-instance planning, URL fetching); the CLI root composes them."""
-    graph = import_graph(with_lazy_plugins=True)
+    graph = import_graph()
     bad = [f"{src} imports {dst}" for src, dsts in sorted(graph.items()) for dst in sorted(dsts)
            if _concern(src) and _concern(dst) and _concern(src) != _concern(dst)]
     assert not bad, "\n".join(bad)
@@ -231,7 +212,7 @@ def test_the_engine_reaches_the_model_through_a_handful_of_imports():
     """The scheduler, its plan's bookkeeping and the core know the model through engine/model_interface.py; the
     modules that do import a model package (input processing, request state, the plan's payload types, the worker
     side) do so through its faces. Annotation-only imports count."""
-    edges = engine_to_model_edges(import_graph(with_lazy_plugins=True, with_type_checking=True))
+    edges = engine_to_model_edges(import_graph())
     listing = "\n".join(f"{s} -> {d}" for s, d in edges)
     assert len(edges) <= MAX_ENGINE_TO_MODEL_EDGES, f"{len(edges)} engine -> model imports:\n{listing}"
     importers = {s for s, _ in edges}

@@ -19,10 +19,10 @@ from diffgentor.kernels.attention import (
     TorchPagedAttention,
     attention_with_lse,
     decompose_segments,
-    get_attention_backend,
     merge_state,
     paged_attention_reference,
 )
+from diffgentor.kernels.attention_select import get_attention_backend
 from diffgentor.kernels.kv_cache import PagedKVCache
 from diffgentor.kernels.moe import (
     MoEParallel,

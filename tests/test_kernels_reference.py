@@ -14,9 +14,9 @@ from diffgentor.kernels.activation import silu_and_mul
 from diffgentor.kernels.attention import (
     AttentionMetadata,
     SequenceChunk,
-    get_attention_backend,
     paged_attention_reference,
 )
+from diffgentor.kernels.attention_select import get_attention_backend
 from diffgentor.kernels.kv_cache import PagedKVCache
 from diffgentor.kernels.moe import (
     fused_experts_reference,

@@ -135,7 +135,8 @@ def test_gpu_attention_reads_a_head_slice_of_the_cache(impl):
     """What a sequence-parallel rank runs on a GPU: its backend over `PagedKVCache.head_slice` (pages whose head
     stride skips the other heads), after storing only its heads' K/V; compared with the reference on the same
     slice (bf16)."""
-    from diffgentor.kernels.attention import flashinfer_attention_available, get_attention_backend
+    from diffgentor.kernels.attention import flashinfer_attention_available
+    from diffgentor.kernels.attention_select import get_attention_backend
 
     if impl == "flashinfer" and not flashinfer_attention_available("cuda")[0]:
         pytest.skip(flashinfer_attention_available("cuda")[1])

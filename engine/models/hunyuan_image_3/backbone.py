@@ -39,7 +39,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from diffgentor.engine.parallel import ParallelContext
-from diffgentor.kernels.attention import AttentionBackend, AttentionMetadata, get_attention_backend
+from diffgentor.kernels.attention import AttentionBackend, AttentionMetadata
+from diffgentor.kernels.attention_select import get_attention_backend
 from diffgentor.kernels.kv_cache import PagedKVCache
 from diffgentor.kernels.moe import (
     MoEParallel,
@@ -336,7 +337,7 @@ class VocabParallelEmbedding(nn.Module):
 class HunyuanImage3Backbone(nn.Module):
     """wte + decoder layers + ln_f; `forward` runs the layers only (no ln_f).
 
-    attn_backend / moe_impl: names for the kernel selection points (`kernels.attention.get_attention_backend`,
+    attn_backend / moe_impl: names for the kernel selection points (`kernels.attention_select.get_attention_backend`,
     `kernels.moe.resolve_moe_impl`); the caller resolves attn_backend (ModelConfig.attn_impl); moe_impl None
     reads $DG_HUNYUAN_IMAGE_3_MOE_IMPL.
     """
