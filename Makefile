@@ -6,7 +6,7 @@ STAMP := $(VENV)/.diffgentor-installed
 GOLDEN ?= ../shared/golden
 DEMO_DIR ?= demo_out
 
-.PHONY: install test lint pytest verify-golden demo clean test-integration
+.PHONY: install test lint pytest verify-golden demo clean test-integration test-slow
 
 # torch: constraints-cpu.txt pins the CPU build (torch==X+cpu), which PyPI does not have (PyPI's Linux torch is the
 # CUDA build, ~20 nvidia packages with it). Where pip resolves the pin as configured (a local wheel or index: CI
@@ -48,6 +48,11 @@ verify-golden: $(STAMP)
 	else echo "SKIP verify-golden: $(GOLDEN) not found (../shared is absent)"; fi
 
 test: lint pytest verify-golden
+
+# The tests marked `slow` (left out of `make test` to keep it under 10 minutes on 2 cores; each says which default
+# test covers the same ground more cheaply). CI runs them after `make test`.
+test-slow: $(STAMP)
+	$(VENV)/bin/pytest -q -rs -m 'slow and not integration' --durations=10
 
 # The integration tests (tests/integration, marked `integration`, not part of `make test`): a real Ray cluster, a
 # real Prometheus server and a headless Chromium. Prometheus and Chromium come from the OS packages (.ci/run

@@ -168,6 +168,8 @@ SEEDED = textwrap.dedent("""
 """)
 
 
+# slow (CI runs it: make test-slow): ~21 s; the allocator's own tests and the golden sets run by default
+@pytest.mark.slow
 @glibc
 def test_seeded_requests_give_the_same_png_bytes_with_and_without_heap_reuse(tmp_path):
     from pathlib import Path

@@ -398,6 +398,9 @@ def test_killed_run_loses_nothing(tmp_path, tiny_distil, clean_env):
     assert not list(out.glob(".*.tmp"))
 
 
+# slow (CI runs it: make test-slow): ~11 s; instance planning and child failures:
+#   test_child_instance_failure_is_reported runs by default
+@pytest.mark.slow
 def test_two_cpu_instances(tmp_path, tiny_distil):
     p = _write_csv(tmp_path / "d.csv", [{"index": str(10 + i), "instruction": f"a cube {i}"} for i in range(3)])
     out = tmp_path / "out"

@@ -305,6 +305,9 @@ def servers(tmp_path_factory):
     ref.stop()
 
 
+# slow (CI runs it: make test-slow): ~23 s; DP serving: test_dp2_killed_instance_fails_its_requests_and_server_exits
+#   and test_pool_balances_... run by default
+@pytest.mark.slow
 def test_dp2_spreads_requests_and_matches_a_single_instance(servers):
     dp, ref = servers
     dp.wait_ready()

@@ -79,6 +79,9 @@ def test_batch_cli_by_id(cache, tmp_path, monkeypatch):
     assert main([*base, "--model_name", "tencent/not-cached", "--output_dir", str(tmp_path / "x")]) == 2
 
 
+# slow (CI runs it: make test-slow): ~14 s; resolving ids: test_offline_engine_by_id and test_batch_cli_by_id run by
+#   default
+@pytest.mark.slow
 def test_serve_by_id(cache, tmp_path, monkeypatch):
     """`diffgentor serve ID`: the id is the served model name (`models.retrieve(ID)` works with its slash)."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

@@ -92,6 +92,9 @@ def test_two_torchrun_nodes_match_single_process(ckpt, tmp_path):
     assert got[1].generated_ids  # the think_recaption request decoded text across the two nodes
 
 
+# slow (CI runs it: make test-slow): ~24 s; killed ranks:
+#   tests/test_tp_engine.py::test_killed_rank_fails_in_flight_requests runs by default
+@pytest.mark.slow
 def test_killed_remote_rank_fails_in_flight_request(ckpt, tmp_path):
     master, endpoint = free_port_block(1), free_port_block(3)
     nodes = _start_nodes(tmp_path, master, endpoint)

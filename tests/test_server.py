@@ -245,6 +245,9 @@ def test_disconnect_during_think_frees_blocks(server):
     assert m["diffgentor:kv_cache_free_blocks"] == 4096
 
 
+# slow (CI runs it: make test-slow): ~19 s; batching: tests/test_engine.py::test_batch_invariance and the served
+#   conformance tests run by default
+@pytest.mark.slow
 def test_32_concurrent_requests_batched(server):
     async def run():
         c = openai.AsyncOpenAI(base_url=server["base"] + "/v1", api_key=API_KEY, timeout=600, max_retries=0)

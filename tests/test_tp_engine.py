@@ -102,6 +102,8 @@ def test_rank_startup_failure_is_reported(ckpt, tmp_path):
                                ready_timeout_s=300, **ENGINE_ARGS)
 
 
+# slow (CI runs it: make test-slow): ~11 s; a dead rank: test_killed_rank_fails_in_flight_requests runs by default
+@pytest.mark.slow
 def test_hung_rank_is_noticed_and_stopped(ckpt):
     """A rank that stops answering (SIGSTOP) fails the in-flight requests after step_timeout_s; no rank remains."""
     eng = Engine.from_pretrained(ckpt, environ={}, tensor_parallel_size=2,

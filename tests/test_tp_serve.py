@@ -195,6 +195,9 @@ def reference(ckpt, tp_server):
 
 
 # ------------------------------------------------------------------------------------------------ the served engine
+# slow (CI runs it: make test-slow): ~14 s; tests/test_tp_engine.py::test_tp_engine_matches_single_process (TP=2 ==
+#   one process) runs by default
+@pytest.mark.slow
 def test_tp2_serve_matches_single_process(tp_server, reference):
     _, ref = reference
     tp_server.wait_ready()
@@ -293,6 +296,9 @@ def test_tp2_rank_exception_reaches_the_client(tp_server):
     print(f"\nrank exception reached the client in {took:.2f} s")
 
 
+# slow (CI runs it: make test-slow): ~19 s; tests/test_tp_engine.py::test_killed_rank_fails_in_flight_requests runs
+#   by default
+@pytest.mark.slow
 def test_tp2_killed_rank_fails_in_flight_and_server_exits(ckpt, tmp_path):
     """GPUS_PER_MODEL=2 (no flag): SIGKILL rank 1 with a streamed and a plain request in flight: both fail within
     10 s naming the dead rank (500 / an SSE error event), /health turns 503, the server exits non-zero, and neither

@@ -32,6 +32,8 @@ def _gone(pids: list[int]) -> bool:
     return True
 
 
+# slow (CI runs it: make test-slow): ~9 s; TP=2 == one process: tests/test_tp_engine.py runs by default
+@pytest.mark.slow
 def test_tp2_tiny_golden_set_passes(golden_tiny, capsys):
     """The whole tiny set (text logits, cached greedy decode with the single-token MoE quirk, CFG denoiser steps, a
     full generation, an edit with ViT + VAE conditions) at TP=2 through the CLI, within the 1e-4 tolerance."""
@@ -60,6 +62,9 @@ def test_hung_ranks_time_out_and_are_stopped(golden_tiny):
     assert _gone(pids)
 
 
+# slow (CI runs it: make test-slow): ~5 s; rank errors:
+#   tests/test_tp_engine.py::test_rank_startup_failure_is_reported runs by default
+@pytest.mark.slow
 def test_rank_error_is_reported_with_its_rank(tmp_path, golden_tiny):
     """A set whose checkpoint is missing: every rank fails while loading and says why."""
     (tmp_path / "manifest.json").write_text((golden_tiny / "manifest.json").read_text())

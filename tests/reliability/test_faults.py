@@ -38,6 +38,8 @@ def _load_in_thread(server, specs, results: dict) -> threading.Thread:
     return t
 
 
+# slow (CI runs it: make test-slow): ~14 s; tests/test_server.py::test_engine_death_is_detected runs by default
+@pytest.mark.slow
 def test_engine_kill_fails_in_flight_within_10s(make_server):
     server = make_server()
     res: dict = {}

@@ -8,6 +8,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
+import pytest
 
 from .conftest import GEN, png
 
@@ -33,6 +34,8 @@ def _settled_rss(server, pid: int, below: float, timeout_s: float) -> float:
     return rss
 
 
+# slow (CI runs it: make test-slow): ~26 s; heap reuse and release: tests/test_allocator.py runs by default
+@pytest.mark.slow
 def test_engine_core_returns_a_bursts_memory_when_idle(make_server):
     server = make_server(max_num_seqs=BURST)
     core = server.core_pid()

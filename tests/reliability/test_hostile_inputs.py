@@ -831,6 +831,9 @@ def test_an_860_byte_png_of_extreme_aspect_costs_little(hserver):
     assert growth < 100, growth
 
 
+# slow (CI runs it: make test-slow): ~26 s; cost-based admission: tests/test_scheduler.py (encode budget tests) runs
+#   by default
+@pytest.mark.slow
 def test_queued_edits_are_admitted_by_their_memory_cost(tiny_ckpt, make_server):
     """60 two-image edits of tiny PNGs at once: the queue has room for all of them, the memory budget for six. The
     rest are answered 429 with Retry-After at once, and the API's peak memory grows by less than the budget."""
@@ -886,6 +889,8 @@ def _fd_limit_1024() -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (1024, 1024))  # a common default: the flood can exhaust it
 
 
+# slow (CI runs it: make test-slow): ~12 s; test_slow_request_heads_are_closed runs by default
+@pytest.mark.slow
 def test_health_answers_under_a_flood_of_half_open_connections(make_server):
     """1,100 connections that each sent half a request head (no API key needed), held open, against a server whose
     descriptor limit is 1024: the oldest headless ones are closed to make room, /health still answers."""
@@ -907,6 +912,9 @@ def test_health_answers_under_a_flood_of_half_open_connections(make_server):
             c.close()
 
 
+# slow (CI runs it: make test-slow): ~14 s; body limits: test_stalled_body_is_a_408 and the schemathesis suite run
+#   by default
+@pytest.mark.slow
 def test_a_63_mb_json_body_does_not_stall_other_clients(make_server):
     """5.2 million keys in 63 MB: parsed on the event loop, it froze every client for seconds. The body is parsed in
     the worker pool, and refused from a count of its marks before that; /health answers all along."""
