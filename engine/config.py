@@ -345,6 +345,13 @@ class SchedulerConfig:
     """VAE decodes of finished images and previews run beside the steps (a worker thread on CPU, a side stream on
     CUDA) and are reported by a later step, instead of inside the step that schedules them (engine/decode_stage.py);
     on CPU a decode in flight pauses the encode thread (a finished image before a queued request's encode)."""
+    encode_defer_ms: float | None = None
+    """Latency first: a waiting request's condition encode is not scheduled while other requests are running, for
+    at most this many milliseconds after its arrival (then it goes ahead: no starvation). On a CPU, where an encode
+    and the steps only share the same cores, the running requests then finish on every core instead of beside a
+    multi-second encode; with ``max_num_image_tokens`` 1 (one image's denoising step at a time, first come first
+    served) text-to-image requests finish in turn (bench/results/cpu-mixed8-latency-policy.json). None: encodes
+    are scheduled as soon as the encoder budget allows."""
     max_step_ms: float | None = None
     """Step-time target: the scheduler caps each step's tokens at what the measured cost per token says fits
     (engine/step_cost.py), so a long prefill is chunked and running requests see bounded inter-token and
@@ -366,6 +373,9 @@ class SchedulerConfig:
         ms = self.max_step_ms
         if ms is not None and (not _is_number(ms) or not 0 < ms < math.inf):
             raise ValueError(f"max_step_ms must be a positive number of milliseconds, got {ms!r}")
+        ms = self.encode_defer_ms
+        if ms is not None and (not _is_number(ms) or not 0 <= ms < math.inf):
+            raise ValueError(f"encode_defer_ms must be a non-negative number of milliseconds, got {ms!r}")
 
 
 def _check_positive(name: str, v: Any) -> None:
@@ -1082,6 +1092,14 @@ def add_engine_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         default=None,
         help="encode condition images inside the engine step that schedules them (default: beside the steps, "
         "picked up by a later step)",
+    )
+    g.add_argument(
+        "--encode-defer-ms",
+        type=float,
+        default=None,
+        help="latency first: a queued request's condition encode waits while other requests run, at most this many "
+        "milliseconds after its arrival (with --max-num-image-tokens 1, text-to-image requests finish in turn; "
+        "default: encodes start as soon as the encoder budget allows)",
     )
     g.add_argument(
         "--max-step-ms",

@@ -11,8 +11,8 @@ Why the images are the same either way: a decode draws nothing at random and rea
 the step never writes again: the Euler step rebinds a request's latents) and the decoder's read-only weights.
 
 Priority over encodes: a finished image ends a request, an encode only lets a queued one start, so while a decode is
-in flight the encode thread pauses at its next module (`EncodeStage.yield_to`) and the decode runs on the cores the
-step leaves, or on every core while the step only waits for it (`wait_for_vae`). On CUDA the thread decodes on its
+in flight the encode thread pauses at its next module (`EncodeStage.yield_to`) and the decode runs on one core, the
+step on the rest (one thread per background team: engine/encode_stage.py says why). On CUDA the thread decodes on its
 own stream, which first waits for the step that produced the latents; the host copy of the uint8 image ends there.
 """
 
@@ -103,13 +103,16 @@ class DecodeStage:
         with self._cond:
             return len(self._pending)
 
-    def submit(self, jobs: list[DecodeJob]) -> None:
-        """Queue the step's decodes for the thread (asynchronous), or decode them now (inline)."""
+    def submit(self, jobs: list[DecodeJob], step_idle: bool = False) -> None:
+        """Queue the step's decodes for the thread (asynchronous), or decode them now (inline). `step_idle`: the step
+        ran no model work; on CPU with no encode or decode in flight either, the step decodes them itself with every
+        core (the thread has one: engine/encode_stage.py), as an inline stage would."""
         if not jobs:
             return
         with self._cond:
+            idle = step_idle and self.model.device.type == "cpu" and not (self.busy() or self.encodes.pending_keys())
             self._pending.update(j.key for j in jobs)
-        if not self.asynchronous:
+        if not self.asynchronous or idle:
             done = self._decode_now(jobs)
             with self._cond:
                 self._done += done
@@ -191,18 +194,15 @@ class DecodeStage:
 
 
 def wait_for_vae(encodes: EncodeStage, decodes: DecodeStage) -> None:
-    """Block until an encode or a decode in flight has finished (the step has nothing else to run); meanwhile the
-    background threads may take every core."""
+    """Block until an encode or a decode in flight has finished (the step has nothing else to run). The background
+    threads keep their one-thread teams: a larger team would throttle the step's OpenMP team for the rest of the
+    process (engine/encode_stage.py)."""
     cond = encodes.cond
     with cond:
         if not (encodes.pending_keys() or decodes._pending):
             return
-        encodes.set_team(encodes.total_threads)
-        decodes._team = encodes.total_threads
         cond.wait_for(lambda: encodes.has_done() or decodes.has_done()
                       or not (encodes.pending_keys() or decodes._pending))
-        encodes.set_team(encodes.encode_threads)
-        decodes._team = encodes.encode_threads
 
 
 __all__ = ["DecodeJob", "DecodeStage", "decode_groups", "wait_for_vae"]

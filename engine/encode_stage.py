@@ -13,11 +13,13 @@ The thread shares only read-only weights with the step (the VAE's encoder and th
 backbone and the VAE's decoder) and hands over fresh tensors that nothing else writes.
 
 Threads on CPU: the step and the encode thread each set their own OpenMP/MKL team size (torch.set_num_threads is
-per calling thread for both). While an encode is in flight the step runs on the cores the encode thread leaves
-(`total - encode_threads`, at least one) and gets all of them back once nothing is in flight, so the two never ask
-for more threads than there are cores: on 2 cores, one each while encoding, two for the step otherwise. While the
-step blocks waiting for an encode, the encode thread takes every core (a forward pre-hook on the encoder modules
-re-reads its team size before each module), and a step with nothing else to run encodes inline with every core.
+per calling thread for both). A background thread (this one, the decode thread) always runs with a team of one:
+libgomp counts every pooled thread of every team, and once that count exceeds the cores it throttles every team's
+spin-wait to almost nothing for the life of the process, so each later parallel region of the step pays a futex
+wake-up (measured on 2 cores: a lone text-to-image request's think and denoising phases 1.6-2x slower after one
+background decode had used a team of two; docs/decisions.md, "Background VAE threads run one thread each").
+While an encode is in flight the step runs on the cores the encode thread leaves (`total - 1`, at least one) and
+gets all of them back once nothing is in flight. A step with nothing else to run encodes inline with every core.
 The same hook pauses the encode while a decode of a finished image is in flight (engine/decode_stage.py): the
 decode ends a request, the encode only starts one, so on CPU the two never share the background cores.
 On CUDA the thread encodes on its own stream; the step's stream waits on the encode's event before it uses the
@@ -98,8 +100,10 @@ def enter_background_thread(model: HunyuanImage3ForCausalMM, team: int) -> int |
 
 
 def encode_thread_count(total: int) -> int:
-    """Intra-op threads of the encode thread: half the step's (at least one), the step keeps the rest meanwhile."""
-    return max(1, total // 2)
+    """Intra-op threads of a background VAE thread: one, whatever `total` is. A larger team keeps pooled OpenMP
+    threads alive beside the step's, and libgomp then throttles every team's spin-wait for good (module docstring);
+    the step keeps the other `total - 1` cores while the background thread works."""
+    return 1
 
 
 class EncodeStage:
@@ -124,9 +128,6 @@ class EncodeStage:
         # higher-priority VAE work in flight (the decode stage's finished images): the encode thread pauses at its
         # next module while this says so (called under `cond`, which that stage notifies)
         self.yield_to: Callable[[], bool] | None = None
-        # CPU: a running request's denoising step holds the encode thread at its next module and takes every core
-        # (`hold_for_step`); a queued request's encode waits for it as it waits for a decode
-        self._step_holds = False
         if asynchronous and model.device.type == "cpu":
             parts = (model.vae.encoder, getattr(model, "vision_model", None), getattr(model, "vision_aligner", None))
             for part in parts:
@@ -145,10 +146,6 @@ class EncodeStage:
     def has_done(self) -> bool:
         """Finished on the thread, not yet collected (call under `cond`)."""
         return bool(self._done)
-
-    def set_team(self, n: int) -> None:
-        """The encode thread's team from its next module on (call under `cond`)."""
-        self._encode_team = n
 
     @property
     def num_pending(self) -> int:
@@ -180,25 +177,15 @@ class EncodeStage:
             self._pending.update(e.key for e in inputs)
         self._jobs.put(list(inputs))
 
-    def hold_for_step(self, on: bool) -> None:
-        """CPU: while `on`, the encode thread pauses at its next module and the step takes every core. The worker
-        holds it for steps that denoise: a running request's image step is compute-bound like an encode, so sharing
-        the cores only stretches it, while the queued request the encode is for cannot start before later steps
-        anyway (docs/decisions.md, "Image steps before queued encodes")."""
-        if self.model.device.type != "cpu" or not self.asynchronous or on == self._step_holds:
-            return
-        with self._cond:
-            self._step_holds = on
-            if not on:
-                self._cond.notify_all()
-
     def fit_step_threads(self, decoding: bool = False) -> None:
         """CPU: the step's intra-op team is what the background thread leaves while an encode or (`decoding`) a
-        decode is in flight (one of them runs at a time: an encode yields to a decode); an encode the step holds
-        (`hold_for_step`) leaves it every core."""
+        decode is in flight (one of them runs at a time: an encode yields to a decode). No step holds an encode on
+        the step's behalf: the encode would still finish its current module beside a step on every core, and an
+        oversubscribed spinning team stretches the step far more (docs/decisions.md, "Background VAE threads run one
+        thread each")."""
         if self.model.device.type != "cpu" or not (self.asynchronous or decoding):
             return
-        busy = decoding or (self.asynchronous and self.num_pending and not self._step_holds)
+        busy = decoding or (self.asynchronous and self.num_pending)
         want = max(1, self.total_threads - self.encode_threads) if busy else self.total_threads
         if want != self._step_threads:
             torch.set_num_threads(want)
@@ -206,10 +193,8 @@ class EncodeStage:
 
     def wait_for(self, key: EncoderKey) -> list[_Done]:
         """Block until `key` is encoded (a rank behind rank 0 admitting a request); returns what finished."""
-        with self._cond:
-            self._encode_team = self.total_threads  # the step is idle meanwhile
+        with self._cond:  # the encode keeps its one thread (a larger team would throttle the step's for good)
             self._cond.wait_for(lambda: key not in self._pending or any(d.key == key for d in self._done))
-            self._encode_team = self.encode_threads
         return self._take()
 
     def _fit_encode_team(self, module, args) -> None:
@@ -218,7 +203,7 @@ class EncodeStage:
         if threading.get_ident() != self._thread_ident:
             return
         with self._cond:
-            self._cond.wait_for(lambda: not (self._step_holds or (self.yield_to is not None and self.yield_to())))
+            self._cond.wait_for(lambda: not (self.yield_to is not None and self.yield_to()))
         if torch.get_num_threads() != self._encode_team:
             torch.set_num_threads(self._encode_team)
 
@@ -251,7 +236,6 @@ class EncodeStage:
 
     def close(self) -> None:
         """Stop the encode thread after its current job (idempotent)."""
-        self.hold_for_step(False)
         if self._thread is not None:
             self._jobs.put(None)
             self._thread.join(timeout=60)

@@ -181,7 +181,6 @@ class ModelRunner:
                 step_of[i] = st.step
         chunks = [(i, c) for i, c in enumerate(plan.chunks)
                   if c.request_id not in out.failed and self._runs(c.group)]
-        self.encodes.hold_for_step(bool(plan.diffusion_steps))  # never while waiting for an encode (wait_for)
         self.encodes.fit_step_threads(decoding=self.decodes.asynchronous and self.decodes.num_pending > 0)
         try:
             hidden = self._forward(chunks, step_of, out)
@@ -190,7 +189,6 @@ class ModelRunner:
             self._sample(chunks, hidden, out)
             previews = self._diffuse(plan, hidden, out)
         finally:
-            self.encodes.hold_for_step(False)
             self.encodes.fit_step_threads(decoding=self.decodes.asynchronous and self.decodes.num_pending > 0)
         t2 = time.perf_counter()
         self._decode(plan, out, previews)
@@ -385,7 +383,7 @@ class ModelRunner:
                 jobs.append(DecodeJob((st.request_id, st.preview_index), previews[st.request_id][1]))
             else:
                 out.decoded.append((st.request_id, st.preview_index))
-        self.decodes.submit(jobs)
+        self.decodes.submit(jobs, step_idle=not (plan.chunks or plan.diffusion_steps))
 
     def final_latents(self, request_id: str) -> Tensor:
         return self.requests[request_id].diffusion.latents

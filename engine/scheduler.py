@@ -31,6 +31,7 @@ running request is preempted (its blocks freed, recomputed later).
 from __future__ import annotations
 
 import math
+import time
 from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -337,6 +338,10 @@ class Scheduler:
         deferred so at most `MAX_ENCODE_DEFERRALS` times, then its encode rides along anyway (no starvation under a
         stream of arrivals)."""
         admitting = bool(plan.new_requests) and not self.config.async_encode
+        defer_s = None if self.config.encode_defer_ms is None else self.config.encode_defer_ms / 1000.0
+        if defer_s is not None and (self.running or plan.has_model_work):  # latency first (SchedulerConfig)
+            now = time.perf_counter()
+            needs_encode = [(st, m) for st, m in needs_encode if now - st.arrival >= defer_s]
         vae = self.vae_budget
         encoding = self.encoding
         flops = sum(f for f, _ in encoding.values())

@@ -458,6 +458,35 @@ def _collect_background_work(runner, alive: set[str]):
     return out
 
 
+def test_background_vae_threads_keep_one_thread_and_an_idle_step_decodes_inline(tiny_distil):
+    """CPU: the encode and decode threads run every module with a team of one, also while the step only waits for
+    them (a larger team would throttle the step's OpenMP team for the rest of the process: docs/decisions.md,
+    "Background VAE threads run one thread each"); a lone request's final decode, with nothing else to run and no
+    VAE work in flight, runs on the step's thread with every core."""
+    import threading
+
+    from diffgentor.engine.encode_stage import encode_thread_count
+
+    assert encode_thread_count(2) == encode_thread_count(64) == 1
+    eng = _engine(tiny_distil)
+    runner = eng.core.executor.worker.runner
+    seen = []  # (thread name, intra-op team) before each VAE module
+    for part in (runner.model.vae.encoder, runner.model.vae.decoder):
+        part.register_forward_pre_hook(lambda m, a: seen.append((threading.current_thread().name,
+                                                                  torch.get_num_threads())))
+    total = torch.get_num_threads()
+    res = eng.generate([dict(prompt="a red cube", image_size="256x256", seed=5, num_inference_steps=2)])
+    assert res[0].error is None and seen and all(n == total for name, n in seen)
+    assert {name for name, _ in seen} == {threading.current_thread().name}  # inline, on every core
+    seen.clear()
+    reqs = [dict(r, output_type="pil") for r in _mixed_requests()[:4]]
+    assert all(r.error is None for r in eng.generate(reqs))
+    background = [n for name, n in seen if name.startswith("diffgentor-")]
+    assert background and set(background) == {1}
+    assert torch.get_num_threads() == total  # the step's team is whole again
+    eng.close()
+
+
 def test_an_encode_pauses_while_a_decode_is_in_flight(tiny_distil):
     """CPU: the decode of a finished image has the background cores before a queued request's encode (the encode
     thread waits at its next module while a decode runs), and goes on once the decode has ended."""
@@ -492,41 +521,6 @@ def test_an_encode_pauses_while_a_decode_is_in_flight(tiny_distil):
     out = _collect_background_work(runner, alive={"t"})
     assert calls == ["decode", "encode"] and out.decoded == [("t", FINAL_IMAGE)] and "t" in out.images
     assert st.encoder_inputs[0].key in out.encoded
-    eng.close()
-
-
-def test_a_denoising_step_holds_queued_encodes(tiny_distil):
-    """CPU: while a step that denoises runs, a queued request's encode waits at its next encoder module and the step
-    has every core; the hold ends with the step (docs/decisions.md, "Image steps before queued encodes")."""
-    from diffgentor.engine.request_state import build_request_state
-
-    eng = _engine(tiny_distil)
-    runner = eng.core.executor.worker.runner
-    seen = []  # (the step denoises, the encode is held) per forward
-    forward = runner._forward
-
-    def recording_forward(chunks, step_of, out):
-        seen.append((bool(step_of), runner.encodes._step_holds))
-        return forward(chunks, step_of, out)
-
-    runner._forward = recording_forward
-    res = eng.generate([eng.make_request(dict(request_id="t", prompt="a cat", image_size="256x256", seed=1))])
-    assert res[0].error is None and (True, True) in seen and (False, False) in seen
-    assert all(denoises == held for denoises, held in seen) and not runner.encodes._step_holds
-
-    calls = []
-    runner.model.vae.encoder.register_forward_pre_hook(lambda m, a: calls.append("encode"))
-    st = build_request_state(eng.core.ctx, eng.make_request(
-        dict(request_id="e", prompt="x", images=[_img(64, 96, 1)], image_size="256x256")))
-    runner.encodes.hold_for_step(True)
-    runner.encodes.submit(st.encoder_inputs)
-    runner.encodes.fit_step_threads()
-    assert torch.get_num_threads() == runner.encodes.total_threads  # the held encode leaves the step every core
-    time.sleep(1.0)
-    assert calls == []  # the encode waits before its first encoder module
-    runner.encodes.hold_for_step(False)
-    out = _collect_background_work(runner, alive=set())
-    assert calls and st.encoder_inputs[0].key in out.encoded
     eng.close()
 
 

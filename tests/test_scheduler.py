@@ -86,7 +86,8 @@ class Harness:
     def __init__(self, ctx, num_blocks=512, block_size=16, max_num_seqs=8, max_tokens=4096,
                  encoder_pixels=1 << 20, encoder_bytes=1 << 20, prefix_caching=True, ratio_pick: int = 0,
                  ratio_in_text: bool = False, image_tokens: int | None = None, vae_budget: VaeBudget | None = None,
-                 encode_delay: int = 0, cfg_groups: int = 1, decode_delay: int = 0, image_cost=None):
+                 encode_delay: int = 0, cfg_groups: int = 1, decode_delay: int = 0, image_cost=None,
+                 encode_defer_ms: float | None = None):
         self.ctx = ctx
         # the fake worker reports an encode this many steps after the step that scheduled it (0: the same step, as
         # inline encodes do); a step that only waits for encodes gets the oldest one (engine/encode_stage.py)
@@ -103,7 +104,7 @@ class Harness:
             GroupedKVCacheManager(cfg_groups, num_blocks, block_size, prefix_caching)
         config = SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_tokens,
                                  max_num_image_tokens=image_tokens, max_num_encoder_pixels=encoder_pixels,
-                                 async_encode=encode_delay > 0)
+                                 async_encode=encode_delay > 0, encode_defer_ms=encode_defer_ms)
         self.sched = Scheduler(config, self.kv, ctx.request_logic, encoder_bytes, vae_budget, cfg_groups,
                                image_cost=image_cost)
         self.worker_encoded: set = set()  # what a real worker would hold in its encoder cache
@@ -262,6 +263,42 @@ def test_encoder_stage_lets_text_to_image_requests_go_first(ctx_distil):
             assert any(c.request_id == "t2i" for c in plan.chunks)  # decode kept stepping during the encodes
     assert encodes == [1, 1, 1, 0]  # the budget: one image per step (always at least one)
     assert len(plan.new_requests[0].cond_keys) == 3
+    h.run()
+    assert set(h.finished().values()) == {FinishReason.IMAGE}
+    h.assert_no_leaks()
+
+
+def test_latency_first_encodes_wait_for_the_running_requests_then_their_deadline(ctx_distil):
+    """`encode_defer_ms`: a queued edit's encode is not scheduled while other requests run (they keep every core),
+    it is as soon as none runs, and one that has waited its deadline goes ahead beside them (no starvation); with
+    one image step at a time the text-to-image requests' denoising steps go first come first served."""
+    h = Harness(ctx_distil, encode_delay=2, encode_defer_ms=60_000, image_tokens=1)
+    h.add("t0", image_size="256x256", max_new_tokens=2)
+    h.add("edit", images=[IMG_A], image_size="256x256")
+    h.add("t1", image_size="256x256", max_new_tokens=2, seed=8)
+    first_image_step = {}
+    while not h.plans or h.sched.running:
+        plan, _ = h.step()
+        assert not plan.encoder_inputs  # others run: the edit's encode waits
+        for d in plan.diffusion_steps:
+            first_image_step.setdefault(d.request_id, len(h.plans))
+        assert len(plan.diffusion_steps) <= 1  # one image step per engine step
+    assert first_image_step["t0"] < first_image_step["t1"]
+    assert h.finished() == {"t0": FinishReason.IMAGE, "t1": FinishReason.IMAGE}
+    plan, _ = h.step()
+    assert [e.key for e in plan.encoder_inputs] and not h.sched.running  # nothing runs: the encode goes now
+    h.run()
+    assert h.finished()["edit"] is FinishReason.IMAGE
+    h.assert_no_leaks()
+
+    h = Harness(ctx_distil, encode_delay=2, encode_defer_ms=60_000)
+    h.add("edit", images=[IMG_A], image_size="256x256")
+    h.add("t0", image_size="256x256", max_new_tokens=4)
+    plan, _ = h.step()
+    assert not plan.encoder_inputs and [n.request_id for n in plan.new_requests] == ["t0"]
+    h.sched.waiting[0].arrival -= 61.0  # the edit has waited past its deadline
+    plan, _ = h.step()
+    assert plan.encoder_inputs and any(c.request_id == "t0" for c in plan.chunks)  # beside the running request
     h.run()
     assert set(h.finished().values()) == {FinishReason.IMAGE}
     h.assert_no_leaks()
