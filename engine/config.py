@@ -346,12 +346,13 @@ class SchedulerConfig:
     CUDA) and are reported by a later step, instead of inside the step that schedules them (engine/decode_stage.py);
     on CPU a decode in flight pauses the encode thread (a finished image before a queued request's encode)."""
     encode_defer_ms: float | None = None
-    """Latency first: a waiting request's condition encode is not scheduled while other requests are running, for
-    at most this many milliseconds after its arrival (then it goes ahead: no starvation). On a CPU, where an encode
-    and the steps only share the same cores, the running requests then finish on every core instead of beside a
-    multi-second encode; with ``max_num_image_tokens`` 1 (one image's denoising step at a time, first come first
-    served) text-to-image requests finish in turn (bench/results/cpu-mixed8-latency-policy.json). None: encodes
-    are scheduled as soon as the encoder budget allows."""
+    """Latency first: while requests without condition images run (short jobs: nothing to encode), a waiting
+    request's condition encode is not scheduled, for at most this many milliseconds after its arrival (then it goes
+    ahead: no starvation); edits do not wait for other edits. On a CPU, where an encode and the steps share the same
+    cores, the text-to-image requests then finish on every core instead of beside a multi-second encode; with
+    ``max_num_image_tokens`` 1 (one image's denoising step at a time, first come first served) they finish in turn
+    (bench/results/cpu-mixed8-latency-policy.json). None: encodes are scheduled as soon as the encoder budget
+    allows."""
     max_step_ms: float | None = None
     """Step-time target: the scheduler caps each step's tokens at what the measured cost per token says fits
     (engine/step_cost.py), so a long prefill is chunked and running requests see bounded inter-token and
@@ -1097,9 +1098,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "--encode-defer-ms",
         type=float,
         default=None,
-        help="latency first: a queued request's condition encode waits while other requests run, at most this many "
-        "milliseconds after its arrival (with --max-num-image-tokens 1, text-to-image requests finish in turn; "
-        "default: encodes start as soon as the encoder budget allows)",
+        help="latency first: a queued request's condition encode waits while requests without images run, at most "
+        "this many milliseconds after its arrival (with --max-num-image-tokens 1, text-to-image requests finish in "
+        "turn; default: encodes start as soon as the encoder budget allows)",
     )
     g.add_argument(
         "--max-step-ms",

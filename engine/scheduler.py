@@ -339,7 +339,9 @@ class Scheduler:
         stream of arrivals)."""
         admitting = bool(plan.new_requests) and not self.config.async_encode
         defer_s = None if self.config.encode_defer_ms is None else self.config.encode_defer_ms / 1000.0
-        if defer_s is not None and (self.running or plan.has_model_work):  # latency first (SchedulerConfig)
+        # latency first (SchedulerConfig.encode_defer_ms): while requests without condition images run (short jobs:
+        # no encode), a queued encode waits, at most until its deadline; edits do not wait for other edits
+        if defer_s is not None and any(not st.encoder_inputs for st in self.running):
             now = time.perf_counter()
             needs_encode = [(st, m) for st, m in needs_encode if now - st.arrival >= defer_s]
         vae = self.vae_budget

@@ -269,9 +269,10 @@ def test_encoder_stage_lets_text_to_image_requests_go_first(ctx_distil):
 
 
 def test_latency_first_encodes_wait_for_the_running_requests_then_their_deadline(ctx_distil):
-    """`encode_defer_ms`: a queued edit's encode is not scheduled while other requests run (they keep every core),
-    it is as soon as none runs, and one that has waited its deadline goes ahead beside them (no starvation); with
-    one image step at a time the text-to-image requests' denoising steps go first come first served."""
+    """`encode_defer_ms`: a queued edit's encode is not scheduled while text-to-image requests run (they keep every
+    core), it is as soon as none runs, one that has waited its deadline goes ahead beside them (no starvation), and
+    an edit does not wait for another edit; with one image step at a time the text-to-image requests' denoising
+    steps go first come first served."""
     h = Harness(ctx_distil, encode_delay=2, encode_defer_ms=60_000, image_tokens=1)
     h.add("t0", image_size="256x256", max_new_tokens=2)
     h.add("edit", images=[IMG_A], image_size="256x256")
@@ -301,6 +302,16 @@ def test_latency_first_encodes_wait_for_the_running_requests_then_their_deadline
     assert plan.encoder_inputs and any(c.request_id == "t0" for c in plan.chunks)  # beside the running request
     h.run()
     assert set(h.finished().values()) == {FinishReason.IMAGE}
+    h.assert_no_leaks()
+
+    h = Harness(ctx_distil, encode_delay=2, encode_defer_ms=60_000)
+    h.add("e0", images=[IMG_A], image_size="256x256", max_new_tokens=6)
+    while not h.sched.running:
+        h.step()
+    h.add("e1", images=[IMG_B], image_size="256x256")
+    plan, _ = h.step()
+    assert plan.encoder_inputs and h.sched.running  # beside an edit: no deferral
+    h.run()
     h.assert_no_leaks()
 
 
