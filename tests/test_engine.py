@@ -479,7 +479,7 @@ def test_background_vae_threads_keep_one_thread_and_an_idle_step_decodes_inline(
     assert res[0].error is None and seen and all(n == total for name, n in seen)
     assert {name for name, _ in seen} == {threading.current_thread().name}  # inline, on every core
     seen.clear()
-    reqs = [dict(r, output_type="pil") for r in _mixed_requests()[:4]]
+    reqs = [dict(r, output_type="pil") for r in _mixed_requests()[:3:2]]  # an edit and a text-to-image request
     assert all(r.error is None for r in eng.generate(reqs))
     background = [n for name, n in seen if name.startswith("diffgentor-")]
     assert background and set(background) == {1}

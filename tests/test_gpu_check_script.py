@@ -38,6 +38,8 @@ def test_script_is_valid_bash_and_lists_the_nine_sections():
         assert f"#   {i} {name}" in header
 
 
+# slow (CI runs it: make test-slow): ~9 s; test_script_is_valid_bash_and_lists_the_nine_sections runs by default
+@pytest.mark.slow
 def test_dry_run_of_two_sections(tmp_path):
     proc, result = _dry_run(tmp_path, "env_sdpa moe", timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -33,6 +33,10 @@ from diffgentor.server.cli import main as cli_main
 
 from helpers import free_port, random_png
 
+# slow as a whole (CI runs it: make test-slow): a two-rank server and a reference server (~25 s of setup); by default
+# tests/test_tp_engine.py holds TP=2 == one process, killed and failing ranks, and plans sent to ranks
+pytestmark = pytest.mark.slow
+
 REPO = Path(__file__).resolve().parents[1]
 MODEL = "tiny-Distil"
 ENGINE_ARGS = dict(device="cpu", dtype="float32", num_kv_blocks=1024, max_num_seqs=8, max_num_batched_tokens=16384)

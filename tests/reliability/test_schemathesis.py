@@ -40,7 +40,7 @@ from diffgentor.server.http.openai_schemas import IMAGE_URL_PATTERN, SIZE_RE, Op
 
 from .conftest import bad_spec, check_outcomes, png
 
-EXAMPLES = int(os.environ.get("DG_SCHEMATHESIS_EXAMPLES", "25"))
+EXAMPLES = int(os.environ.get("DG_SCHEMATHESIS_EXAMPLES", "15"))
 ENGINE_EXAMPLES = int(os.environ.get("DG_SCHEMATHESIS_EXAMPLES", "6"))
 CAPS = {"num_inference_steps": 1, "n": 1, "max_new_tokens": 4}  # the values that make a valid request expensive
 MAX_SIDE = 64
