@@ -52,7 +52,7 @@ test: lint pytest verify-golden
 # The tests marked `slow` (left out of `make test` to keep it under 10 minutes on 2 cores; each says which default
 # test covers the same ground more cheaply). CI runs them after `make test`.
 test-slow: $(STAMP)
-	$(VENV)/bin/pytest -q -rs -m 'slow and not integration' --durations=10
+	$(VENV)/bin/pytest -q -rs -m 'slow and not integration and not soak' --durations=10
 
 # The integration tests (tests/integration, marked `integration`, not part of `make test`): a real Ray cluster, a
 # real Prometheus server and a headless Chromium. Prometheus and Chromium come from the OS packages (.ci/run

@@ -62,6 +62,7 @@ def test_soak_small(server):
 
 
 @pytest.mark.slow
+@pytest.mark.soak  # 1000 requests, up to an hour: run by hand (bench/README.md), not by make test-slow
 def test_soak_large(server):
     n = int(os.environ.get("DG_SOAK_N", "1000"))
     rep = _soak(server, n=n, max_duration_s=float(os.environ.get("DG_SOAK_MAX_S", "3600")),
