@@ -350,9 +350,9 @@ class SchedulerConfig:
     request's condition encode is not scheduled, for at most this many milliseconds after its arrival (then it goes
     ahead: no starvation); edits do not wait for other edits. On a CPU, where an encode and the steps share the same
     cores, the text-to-image requests then finish on every core instead of beside a multi-second encode; with
-    ``max_num_image_tokens`` 1 (one image's denoising step at a time, first come first served) they finish in turn
-    (bench/results/cpu-mixed8-latency-policy.json). None: encodes are scheduled as soon as the encoder budget
-    allows."""
+    ``max_num_image_tokens`` 1 (one image's denoising step at a time, first come first served) and ``async_decode``
+    off they finish in turn (docs/decisions.md, "Latency first"). None: encodes are scheduled as soon as the encoder
+    budget allows."""
     max_step_ms: float | None = None
     """Step-time target: the scheduler caps each step's tokens at what the measured cost per token says fits
     (engine/step_cost.py), so a long prefill is chunked and running requests see bounded inter-token and

@@ -366,6 +366,16 @@ def _hold(monkeypatch, module, name: str):
     return gate
 
 
+def test_latency_first_setting_changes_no_result(tiny_distil):
+    """`--encode-defer-ms --max-num-image-tokens 1 --no-async-decode` (docs/decisions.md, "Latency first") only moves
+    when work runs: edits and text-to-image requests give what the default settings give."""
+    reqs = _mixed_requests()[:4]
+    want = _engine(tiny_distil).generate(reqs)
+    got = _engine(tiny_distil, encode_defer_ms=60_000, max_num_image_tokens=1, async_decode=False).generate(reqs)
+    for a, b in zip(got, want):
+        _assert_same(a, b)
+
+
 def test_encodes_in_flight_change_no_result(tiny_distil, monkeypatch):
     """The encode thread is held for several steps while the requests without images think and denoise: no
     request with images is admitted before its encode is reported, the step runs on the cores the encode thread
