@@ -548,7 +548,7 @@ def build_result(args: argparse.Namespace, info: dict[str, Any], load_before: tu
         "preset": args.preset, "description": preset.description, "preset_settings": asdict(preset),
         "workload": str(args.workload) if args.workload else None, "num_requests": len(reqs),
         "num_t2i": counts["t2i"], "num_edit": counts["edit"], "warmup_runs": args.warmup, "repeats": args.repeat,
-        "device": args.device, "dtype": args.dtype,
+        "device": args.device, "dtype": args.dtype, "scheduling": _scheduling_args(args),
         "max_num_seqs": list(dict.fromkeys(st.max_num_seqs for st in settings)),
         "settings": [st.key for st in settings],
         "images_per_min": summary[settings[0].key]["images_per_min"]["mean"] if settings[0] in by_setting else None,
@@ -602,6 +602,12 @@ ALLOCATOR_SIDES = ("glibc_default", "heap_reuse")
 """The two sides of `--compare-allocator`: ``--heap-reuse-memory 0``, and heap reuse at the run's ceiling."""
 
 
+def _scheduling_args(args: argparse.Namespace) -> dict:
+    """The scheduling settings given on the command line (engine keywords), the engine's defaults otherwise."""
+    keys = ("max_num_image_tokens", "encode_defer_ms", "max_step_ms")
+    return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
+
+
 def _side_argv(args: argparse.Namespace, model: Path, heap_reuse_bytes: int, out: Path) -> list[str]:
     """`bench offline` for one side of the allocator A/B: one timed run in a fresh process, same settings."""
     argv = [sys.executable, "-m", "diffgentor.server.cli", "bench", "offline", "--preset", args.preset,
@@ -609,7 +615,8 @@ def _side_argv(args: argparse.Namespace, model: Path, heap_reuse_bytes: int, out
             "--num-kv-blocks", str(args.num_kv_blocks), "--device", args.device, "--dtype", args.dtype,
             "--heap-reuse-memory", str(heap_reuse_bytes), "--save-result", str(out)]
     optional = {"--workload": args.workload, "--num-prompts": args.num_prompts, "--max-num-seqs": args.max_num_seqs,
-                "--max-num-batched-tokens": args.max_num_batched_tokens}
+                "--max-num-batched-tokens": args.max_num_batched_tokens,
+                **{f"--{k.replace('_', '-')}": v for k, v in _scheduling_args(args).items()}}
     for flag, value in optional.items():
         if value is not None:
             argv += [flag, str(value)]
@@ -759,7 +766,8 @@ def main(args: argparse.Namespace) -> int:
             engine_args = dict(device=args.device, dtype=args.dtype, max_num_seqs=st.max_num_seqs,
                                max_num_batched_tokens=args.max_num_batched_tokens or preset.max_num_batched_tokens,
                                num_kv_blocks=args.num_kv_blocks, heap_reuse_memory=args.heap_reuse_memory,
-                               async_encode=st.async_encode, async_decode=not args.no_async_decode)
+                               async_encode=st.async_encode, async_decode=not args.no_async_decode,
+                               **_scheduling_args(args))
             for rep in range(args.repeat):
                 runs.append(run_once(ckpt, engine_args, reqs, args.warmup, rep, st.layout))
                 print(render(runs[-1]), flush=True)
@@ -818,6 +826,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="parallel layouts to compare, e.g. tp1,cfg2,tp2,tp2xcfg2 (Instruct variant, every request "
                    "with CFG): per-step image time per layout")
     p.add_argument("--max-num-batched-tokens", type=int, default=None)
+    p.add_argument("--max-num-image-tokens", type=int, default=None,
+                   help="denoising-block tokens per step (1: one image's step at a time, first come first served)")
+    p.add_argument("--encode-defer-ms", type=float, default=None,
+                   help="latency first: queued encodes wait while text-to-image requests run, at most this long")
+    p.add_argument("--max-step-ms", type=float, default=None, help="the engine's step-time target")
     p.add_argument("--num-kv-blocks", type=int, default=4096)
     p.add_argument("--heap-reuse-memory", type=_size_arg, default=None, metavar="SIZE",
                    help="the engine's host heap ceiling (engine/allocator.py); 0 = glibc's defaults (default 4GiB)")

@@ -191,3 +191,17 @@ def test_layouts_parse_and_the_image_step_time():
     assert t["steps"] == 3 and t["mean_s"] == pytest.approx(3.1 / 3)
     assert t["per_denoising_step_s"] == pytest.approx(3.1 / 4)
     assert image_step_time([]) == {"steps": 0.0, "mean_s": 0.0, "per_denoising_step_s": 0.0}
+
+
+def test_bench_offline_takes_the_latency_first_settings(tmp_path):
+    """`--encode-defer-ms`, `--max-num-image-tokens` and `--max-step-ms` reach the engine and the result says so."""
+    ckpt = make_tiny(tmp_path / "ckpt", distil=True)
+    out = tmp_path / "result.json"
+    rc = cli(["bench", "offline", "--preset", "tiny", "--model", str(ckpt), "--workload", str(_workload(tmp_path)),
+              "--warmup", "0", "--encode-defer-ms", "5000", "--max-num-image-tokens", "1", "--max-step-ms", "500",
+              "--no-async-decode", "--save-result", str(out)])
+    assert rc == 0
+    d = json.loads(out.read_text())
+    assert d["scheduling"] == {"max_num_image_tokens": 1, "encode_defer_ms": 5000.0, "max_step_ms": 500.0}
+    (run,) = d["runs"]
+    assert run["errors"] == [] and run["num_images"] == 2
