@@ -74,7 +74,7 @@ def decode_groups(decode: DecodeFn, jobs: list[DecodeJob], vae_budget: VaeBudget
 class DecodeStage:
     def __init__(self, model: torch.nn.Module, decode: DecodeFn, encodes: EncodeStage, asynchronous: bool = True,
                  vae_budget: VaeBudget | None = None) -> None:
-        """`model`: its `vae.decoder` modules get the team-size hook on CPU; `decode` runs them."""
+        """`model`: its device picks the thread setup (engine/encode_stage.py); `decode` runs the VAE decoder."""
         self.model = model
         self.decode = decode
         self.encodes = encodes
@@ -86,13 +86,8 @@ class DecodeStage:
         self._jobs: queue.SimpleQueue[tuple[list[DecodeJob], Any] | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._stream = None
-        self._team = encodes.encode_threads  # the decode thread's intra-op team (see `wait_for_vae`)
-        self._thread_ident: int | None = None
         if asynchronous:  # an inline decode runs on the step's thread, the cores the step keeps
             encodes.yield_to = self.busy
-        if asynchronous and model.device.type == "cpu":
-            for m in model.vae.decoder.modules():
-                m.register_forward_pre_hook(self._fit_team)
 
     def busy(self) -> bool:
         """Decodes submitted and not yet finished (called under the shared lock by the encode thread)."""
@@ -163,16 +158,11 @@ class DecodeStage:
             self._thread = None
 
     # ------------------------------------------------------------------ the decode thread
-    def _fit_team(self, module, args) -> None:
-        """Forward pre-hook of the decoder modules: on the decode thread, its team size for the next op."""
-        if threading.get_ident() == self._thread_ident and torch.get_num_threads() != self._team:
-            torch.set_num_threads(self._team)
-
     def _start(self) -> None:
         self._thread, self._stream = start_background_thread(self.model, self._loop, "diffgentor-decode")
 
     def _loop(self) -> None:
-        self._thread_ident = enter_background_thread(self.model, self._team)
+        enter_background_thread(self.model)  # one thread on CPU (engine/encode_stage.py)
         while True:
             item = self._jobs.get()
             if item is None:

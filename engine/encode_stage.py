@@ -20,8 +20,9 @@ wake-up (measured on 2 cores: a lone text-to-image request's think and denoising
 background decode had used a team of two; docs/decisions.md, "Background VAE threads run one thread each").
 While an encode is in flight the step runs on the cores the encode thread leaves (`total - 1`, at least one) and
 gets all of them back once nothing is in flight. A step with nothing else to run encodes inline with every core.
-The same hook pauses the encode while a decode of a finished image is in flight (engine/decode_stage.py): the
-decode ends a request, the encode only starts one, so on CPU the two never share the background cores.
+A forward pre-hook on the encoder modules pauses the encode while a decode of a finished image is in flight
+(engine/decode_stage.py): the decode ends a request, the encode only starts one, so on CPU the two never share the
+background core.
 On CUDA the thread encodes on its own stream; the step's stream waits on the encode's event before it uses the
 tensors, which are marked as used by the step's stream so the allocator never hands their memory back to the encode
 stream early.
@@ -89,21 +90,20 @@ def start_background_thread(model: HunyuanImage3ForCausalMM, loop, name: str):
     return thread, stream
 
 
-def enter_background_thread(model: HunyuanImage3ForCausalMM, team: int) -> int | None:
-    """First thing on a background thread: its CUDA device, or on CPU its own intra-op team; returns the thread's
-    ident on CPU (the forward pre-hooks resize only that thread's team)."""
+BACKGROUND_THREADS = 1
+"""Intra-op threads of a background VAE thread (encode or decode), whatever the core count: a larger team keeps
+pooled OpenMP threads alive beside the step's, and libgomp then throttles every team's spin-wait for good (module
+docstring); the step keeps the other cores while a background thread works."""
+
+
+def enter_background_thread(model: HunyuanImage3ForCausalMM) -> int:
+    """First thing on a background thread: its CUDA device, or on CPU its intra-op team of `BACKGROUND_THREADS`
+    (set once: nothing changes it later); returns the thread's ident."""
     if model.device.type == "cuda":
         torch.cuda.set_device(model.device)
-        return None
-    torch.set_num_threads(team)
+    else:
+        torch.set_num_threads(BACKGROUND_THREADS)
     return threading.get_ident()
-
-
-def encode_thread_count(total: int) -> int:
-    """Intra-op threads of a background VAE thread: one, whatever `total` is. A larger team keeps pooled OpenMP
-    threads alive beside the step's, and libgomp then throttles every team's spin-wait for good (module docstring);
-    the step keeps the other `total - 1` cores while the background thread works."""
-    return 1
 
 
 class EncodeStage:
@@ -113,7 +113,6 @@ class EncodeStage:
         self.vae_budget = vae_budget
         self.asynchronous = asynchronous
         self.total_threads = torch.get_num_threads()
-        self.encode_threads = encode_thread_count(self.total_threads)
         self._pending: set[EncoderKey] = set()  # submitted, not yet collected
         self._done: list[_Done] = []  # finished on the thread, not yet collected
         self._cond = threading.Condition()
@@ -121,9 +120,6 @@ class EncodeStage:
         self._thread: threading.Thread | None = None
         self._stream = None
         self._step_threads = self.total_threads
-        # the encode thread's team: re-read before each encoder module runs, so it takes every core while the step
-        # waits for it and gives the step its share back when the step runs again
-        self._encode_team = self.encode_threads
         self._thread_ident: int | None = None
         # higher-priority VAE work in flight (the decode stage's finished images): the encode thread pauses at its
         # next module while this says so (called under `cond`, which that stage notifies)
@@ -132,7 +128,7 @@ class EncodeStage:
             parts = (model.vae.encoder, getattr(model, "vision_model", None), getattr(model, "vision_aligner", None))
             for part in parts:
                 for m in part.modules() if part is not None else ():
-                    m.register_forward_pre_hook(self._fit_encode_team)
+                    m.register_forward_pre_hook(self._yield_to_decode)
 
     @property
     def cond(self) -> threading.Condition:
@@ -186,7 +182,7 @@ class EncodeStage:
         if self.model.device.type != "cpu" or not (self.asynchronous or decoding):
             return
         busy = decoding or (self.asynchronous and self.num_pending)
-        want = max(1, self.total_threads - self.encode_threads) if busy else self.total_threads
+        want = max(1, self.total_threads - BACKGROUND_THREADS) if busy else self.total_threads
         if want != self._step_threads:
             torch.set_num_threads(want)
             self._step_threads = want
@@ -197,15 +193,12 @@ class EncodeStage:
             self._cond.wait_for(lambda: key not in self._pending or any(d.key == key for d in self._done))
         return self._take()
 
-    def _fit_encode_team(self, module, args) -> None:
-        """Forward pre-hook of the encoder modules: on the encode thread, wait while a decode has priority, then
-        set its team size for the next op."""
+    def _yield_to_decode(self, module, args) -> None:
+        """Forward pre-hook of the encoder modules: on the encode thread, wait while a decode has priority."""
         if threading.get_ident() != self._thread_ident:
             return
         with self._cond:
             self._cond.wait_for(lambda: not (self.yield_to is not None and self.yield_to()))
-        if torch.get_num_threads() != self._encode_team:
-            torch.set_num_threads(self._encode_team)
 
     def collect(self, cache: dict[EncoderKey, EncodedImage], out: RunnerOutput | None) -> None:
         """Move finished encodes into the worker's encoder cache and report them in `out`."""
@@ -246,8 +239,7 @@ class EncodeStage:
         self._thread, self._stream = start_background_thread(self.model, self._loop, "diffgentor-encode")
 
     def _loop(self) -> None:
-        # this thread's own team (see the module docstring)
-        self._thread_ident = enter_background_thread(self.model, self.encode_threads)
+        self._thread_ident = enter_background_thread(self.model)
         while True:
             inputs = self._jobs.get()
             if inputs is None:
@@ -270,5 +262,5 @@ class EncodeStage:
                 self._cond.notify_all()
 
 
-__all__ = ["EncodeStage", "encode_groups", "encode_thread_count", "enter_background_thread",
+__all__ = ["BACKGROUND_THREADS", "EncodeStage", "encode_groups", "enter_background_thread",
            "start_background_thread"]

@@ -46,9 +46,9 @@ from torch import Tensor
 from .host_copy import to_device
 
 
-class PagedKVCache(Protocol):
-    """What attention reads of the paged KV cache (kernels/kv_cache.py's `PagedKVCache`, which imports this
-    module's `AttentionMetadata`; a structural type here keeps the two modules out of an import circle)."""
+class PagedKVReader(Protocol):
+    """What attention reads of the paged KV cache. kernels/kv_cache.py's `PagedKVCache` satisfies it; that module
+    imports this one's `AttentionMetadata`, so a structural type here keeps the two out of an import circle."""
 
     def layer(self, layer: int) -> Tensor: ...
 
@@ -261,7 +261,7 @@ def attention_mask_rows(
 def paged_attention_reference(
     q: Tensor,
     metadata: AttentionMetadata,
-    kv_cache: PagedKVCache,
+    kv_cache: PagedKVReader,
     layer: int,
     scale: float,
 ) -> Tensor:
@@ -395,7 +395,7 @@ class AttentionBackend(Protocol):
     def plan(self, metadata: AttentionMetadata, q_dtype: torch.dtype | None = None,
              kv_dtype: torch.dtype | None = None) -> None: ...
 
-    def run(self, q: Tensor, k: Tensor, v: Tensor, kv_cache: PagedKVCache, layer: int) -> Tensor: ...
+    def run(self, q: Tensor, k: Tensor, v: Tensor, kv_cache: PagedKVReader, layer: int) -> Tensor: ...
 
 
 @dataclass(frozen=True)
@@ -585,7 +585,7 @@ class TorchPagedAttention:
         else:
             self._segments = decompose_segments(metadata)
 
-    def run(self, q: Tensor, k: Tensor | None, v: Tensor | None, kv_cache: PagedKVCache, layer: int) -> Tensor:
+    def run(self, q: Tensor, k: Tensor | None, v: Tensor | None, kv_cache: PagedKVReader, layer: int) -> Tensor:
         md = self._md
         if md is None:
             raise RuntimeError("run() before plan()")
@@ -608,7 +608,7 @@ class TorchPagedAttention:
             out[seg.row0 : seg.row1] = o.to(q.dtype)
         return out
 
-    def _run_groups(self, q: Tensor, kv_cache: PagedKVCache, layer: int) -> Tensor:
+    def _run_groups(self, q: Tensor, kv_cache: PagedKVReader, layer: int) -> Tensor:
         n_tok, hq, d = q.shape
         compute = torch.float32 if q.device.type == "cpu" else q.dtype
         pages = kv_cache.layer(layer)  # [num_blocks, 2, block_size, n_kv, D]

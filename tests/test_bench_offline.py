@@ -193,8 +193,14 @@ def test_layouts_parse_and_the_image_step_time():
     assert image_step_time([]) == {"steps": 0.0, "mean_s": 0.0, "per_denoising_step_s": 0.0}
 
 
-def test_bench_offline_takes_the_latency_first_settings(tmp_path):
+def test_bench_offline_takes_the_latency_first_settings(tmp_path, monkeypatch):
     """`--encode-defer-ms`, `--max-num-image-tokens` and `--max-step-ms` reach the engine and the result says so."""
+    from diffgentor.engine.config import EngineConfig
+
+    configs = []
+    from_cli_and_env = EngineConfig.from_cli_and_env
+    monkeypatch.setattr(EngineConfig, "from_cli_and_env", classmethod(
+        lambda cls, *a, **kw: configs.append(from_cli_and_env(*a, **kw)) or configs[-1]))
     ckpt = make_tiny(tmp_path / "ckpt", distil=True)
     out = tmp_path / "result.json"
     rc = cli(["bench", "offline", "--preset", "tiny", "--model", str(ckpt), "--workload", str(_workload(tmp_path)),
@@ -205,3 +211,6 @@ def test_bench_offline_takes_the_latency_first_settings(tmp_path):
     assert d["scheduling"] == {"max_num_image_tokens": 1, "encode_defer_ms": 5000.0, "max_step_ms": 500.0}
     (run,) = d["runs"]
     assert run["errors"] == [] and run["num_images"] == 2
+    sched = configs[-1].scheduler  # the engine the timed run used
+    assert (sched.encode_defer_ms, sched.max_num_image_tokens, sched.max_step_ms, sched.async_decode) == \
+        (5000.0, 1, 500.0, False)
